@@ -1,0 +1,41 @@
+# kiln: `make demo` runs the whole flow on the embedded default; `make test` runs the tests.
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+KILN    = $(VENV)/bin/kiln
+STAMP   = $(VENV)/.kiln-installed
+
+.PHONY: venv demo test test-fast bench clean
+
+# torch goes in first, from the CPU build on this disk: letting a resolver pick
+# torch would pull a multi-GB CUDA build. pyproject.toml deliberately omits it.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kiln.pipeline.testmodel build/demo-model
+	$(KILN) check recipes/demo.yaml
+	$(KILN) plan recipes/demo.yaml
+	$(KILN) build recipes/demo.yaml
+	rm -rf build/pulled/demo-fp8
+	$(KILN) pull demo-fp8@candidate --out build/pulled/demo-fp8
+	$(KILN) ls
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m kiln.pipeline.testmodel build/demo-model
+	$(PY) bench/build_time.py recipes/demo.yaml
+
+clean:
+	rm -rf build .pytest_cache

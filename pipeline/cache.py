@@ -1,0 +1,97 @@
+"""The content-addressed stage cache.
+
+An entry lives at `<root>/<stage>/<key>/`. It is written into a temporary
+folder beside it and renamed into place only when complete, with
+`kiln-entry.json` (the key material and a manifest of every file) written
+last inside it. An entry without that file, or whose files no longer match
+their recorded sizes and sha256, is not an entry: it is discarded with a
+warning and the stage runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from kiln.pipeline.digest import canonical_digest, file_sha256, tree_manifest
+from kiln.pipeline.fsutil import atomic_dir
+
+ENTRY_FILE = "kiln-entry.json"
+
+
+def stage_key(stage: str, stage_version: int, config: dict, input_digests: dict, tools: dict) -> tuple[str, dict]:
+    """(key, material): key = sha256 of the canonical JSON of the material."""
+    material = {
+        "stage": stage,
+        "stage_version": stage_version,
+        "config": config,
+        "input_digests": input_digests,
+        "tools": tools,
+    }
+    return canonical_digest(material), material
+
+
+@dataclass
+class StageCache:
+    root: Path
+    warn: Any = print
+
+    def entry_dir(self, stage: str, key: str) -> Path:
+        return Path(self.root) / stage / key
+
+    def lookup(self, stage: str, key: str) -> Path | None:
+        """The entry's folder if complete and intact; a damaged entry is removed."""
+        entry = self.entry_dir(stage, key)
+        if not entry.is_dir():
+            return None
+        problem = self._problem(entry)
+        if problem is None:
+            return entry
+        self.warn(f"warning: cache entry {stage}/{key[:12]} is damaged ({problem}); discarding and rebuilding")
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+    def peek(self, stage: str, key: str) -> bool:
+        """Whether an entry looks complete, without hashing (for `kiln plan`)."""
+        return (self.entry_dir(stage, key) / ENTRY_FILE).is_file()
+
+    @staticmethod
+    def _problem(entry: Path) -> str | None:
+        try:
+            record = json.loads((entry / ENTRY_FILE).read_text())
+        except (OSError, ValueError):
+            return f"no readable {ENTRY_FILE}"
+        for rel, info in record.get("files", {}).items():
+            path = entry / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            if path.stat().st_size != info["size"] or file_sha256(path) != info["sha256"]:
+                return f"{rel} was altered"
+        return None
+
+    @contextlib.contextmanager
+    def write(self, stage: str, key: str, material: dict) -> Iterator[Path]:
+        """Yield a temporary folder to fill; on success it becomes the entry, atomically."""
+        dest = self.entry_dir(stage, key)
+        with atomic_dir(dest) as tmp:
+            yield tmp
+            record = {"key": key, "material": material, "created": time.time(), "files": tree_manifest(tmp)}
+            (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            os.chmod(tmp, 0o755)
+
+    def clean_stale_temporaries(self, older_than_s: float = 24 * 3600) -> int:
+        """Remove temporary folders left by killed builds (never mistaken for entries)."""
+        removed = 0
+        now = time.time()
+        for tmp in Path(self.root).glob("*/.tmp-*"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > older_than_s:
+                    shutil.rmtree(tmp)
+                    removed += 1
+        return removed

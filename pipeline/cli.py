@@ -1,0 +1,186 @@
+"""The `kiln` command line: check, plan, build, ls, pull.
+
+Data (tables, JSON) goes to stdout; progress, warnings and errors to stderr.
+Exit codes: 0 ok, 1 failure (including verification), 2 bad input, 3 a gate failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from kiln.pipeline.errors import KilnError, RecipeErrors
+
+app = typer.Typer(
+    name="kiln",
+    help="Quantize Hugging Face models, check their accuracy, and publish verified artifacts.\n\n"
+    "Start with `kiln check recipes/demo.yaml`, then `kiln plan` and `kiln build`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+def kiln_home() -> Path:
+    return Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln").expanduser()
+
+
+@contextlib.contextmanager
+def _reported_errors() -> Iterator[None]:
+    """One line per problem on stderr and the error's exit code; --debug adds the traceback."""
+    try:
+        yield
+    except KilnError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        lines = exc.problems if isinstance(exc, RecipeErrors) else [str(exc)]
+        for line in lines:
+            print(f"kiln: {line}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print("kiln: interrupted; completed cache entries are kept, partial ones discarded", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _emit_json(document) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _plan_for(recipe: Path, progress=None):
+    from kiln.pipeline.cache import StageCache
+    from kiln.pipeline.plan import make_plan
+    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.registry import tracking_uri
+
+    home = kiln_home()
+    warn = progress.log if progress else (lambda message: print(message, file=sys.stderr))
+    cache = StageCache(home / "cache", warn=warn)
+    loaded = load_recipe(recipe)
+    return make_plan(loaded, home, cache, tracking_uri(home)), cache
+
+
+@app.command()
+def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", show_default=False)) -> None:
+    """Validate recipes: schema, names, sizes, and layer widths against each format's block size.
+
+    Prints one line per problem (file:line: field: message (fix: ...)) and exits 2, or exits 0.
+    """
+    from kiln.pipeline.fetch import local_model
+    from kiln.pipeline.plan import width_problems
+    from kiln.pipeline.recipe_loader import load_recipe
+
+    problems: list[str] = []
+    with _reported_errors():
+        for path in recipes:
+            try:
+                loaded = load_recipe(path)
+                source = loaded.recipe.model
+                if not source.is_hub:
+                    problems += width_problems(loaded, local_model(source, loaded.resolve(source.source)).path)
+            except RecipeErrors as exc:
+                problems += exc.problems
+            except KilnError as exc:
+                problems.append(f"{path}: {exc}")
+        if problems:
+            raise RecipeErrors(problems)
+    for path in recipes:
+        print(f"{path}: ok")
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
+) -> None:
+    """List every stage instance with its key and status (cached, will run, skipped: reason); runs nothing."""
+    from kiln.pipeline.report import plan_document, plan_table, stdout_console
+
+    with _reported_errors():
+        the_plan, _ = _plan_for(recipe)
+    if as_json:
+        _emit_json(plan_document(the_plan))
+    else:
+        stdout_console.print(plan_table(the_plan))
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of the table."),
+) -> None:
+    """Run what the plan needs (quantize, validate, publish), then print the summary.
+
+    Exits 3 when a variant fails its gate (it is then not published).
+    """
+    from kiln.pipeline.progress import ProgressReporter
+    from kiln.pipeline.report import build_document, build_table, stdout_console
+    from kiln.pipeline.runner import run_plan
+
+    progress = ProgressReporter(enabled=True)
+    with _reported_errors():
+        the_plan, cache = _plan_for(recipe, progress)
+        result = run_plan(the_plan, cache, progress)
+    if as_json:
+        _emit_json(build_document(result))
+    else:
+        stdout_console.print(build_table(result))
+        for v in result.variants:
+            for c in v.trtllm_corrections:
+                progress.log(f"note: {v.variant}: corrected TensorRT-LLM config {c['field']}: "
+                             f"{c['exported']!r} -> {c['corrected']!r} (from {c['evidence']})")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("ls")
+def list_registry(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List registered models, their versions, aliases and metrics."""
+    from kiln.pipeline.report import stdout_console, versions_table
+    from kiln.registry import list_versions
+
+    with _reported_errors():
+        rows = list_versions(kiln_home())
+    if as_json:
+        _emit_json(rows)
+    else:
+        stdout_console.print(versions_table(rows))
+
+
+@app.command()
+def pull(
+    ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION, e.g. demo-fp8@candidate.", show_default=False),
+    out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a line."),
+) -> None:
+    """Download a registry version and verify every file against its manifest (exit 1 on any mismatch)."""
+    from kiln.pipeline.progress import ProgressReporter
+    from kiln.registry import pull as pull_version
+
+    with _reported_errors():
+        pulled = pull_version(kiln_home(), ref, out, ProgressReporter())
+    if as_json:
+        _emit_json({"name": pulled.name, "version": pulled.version, "path": str(pulled.path),
+                    "files": pulled.files, "bytes": pulled.bytes, "verified": True})
+    else:
+        print(f"{pulled.name}/{pulled.version} -> {pulled.path}: {pulled.files} files, {pulled.bytes} bytes, all verified")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

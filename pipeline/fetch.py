@@ -1,0 +1,106 @@
+"""Fetch: turn a recipe's model source into a local folder and a content digest.
+
+hf:// sources go through `huggingface_hub.snapshot_download` at the pinned
+commit, so HF_HOME, HF_HUB_OFFLINE and HF_TOKEN behave as everywhere else
+(the token is read by huggingface_hub itself; kiln never logs or writes it).
+Only safetensors weights are fetched and loaded unless the recipe opts in to
+pickle weights, which can run code when loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.pipeline.digest import canonical_digest, tree_digest
+from kiln.pipeline.errors import KilnError, UserInputError
+from kiln.pipeline.recipe import ModelSource
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+ALWAYS_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*")
+REMOTE_CODE_PATTERNS = ("*.py",)
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    path: Path
+    digest: str
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def _pickle_files(folder: Path) -> list[str]:
+    return sorted({p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)})
+
+
+def _refuse_pickle_only(folder: Path, source: ModelSource, where: str) -> None:
+    if _has_safetensors(folder):
+        return
+    pickles = _pickle_files(folder)
+    if pickles and not source.allow_pickle:
+        raise UserInputError(
+            f"model.source: {where} has only pickle weights ({', '.join(pickles[:3])}), which can run code when "
+            "loaded (fix: use a safetensors revision, or set model.allow_pickle: true if you trust it)"
+        )
+    if not pickles:
+        raise UserInputError(f"model.source: {where} has no *.safetensors weights (fix: point it at a model folder)")
+
+
+def local_model(source: ModelSource, folder: Path) -> FetchedModel:
+    if not folder.is_dir():
+        raise UserInputError(f"model.source: '{folder}' is not a folder (fix: give a model folder or hf://org/name)")
+    if not (folder / "config.json").is_file():
+        raise UserInputError(f"model.source: '{folder}' has no config.json (fix: point it at a Hugging Face model folder)")
+    _refuse_pickle_only(folder, source, str(folder))
+    return FetchedModel(folder, tree_digest(folder))
+
+
+def hub_digest(source: ModelSource) -> str:
+    """A pinned commit fixes the content; the digest also records what kiln lets through."""
+    return canonical_digest({"repo": source.repo_id, "revision": source.revision, "allow_pickle": source.allow_pickle,
+                             "trust_remote_code": source.trust_remote_code})
+
+
+def _allow_patterns(source: ModelSource) -> list[str]:
+    patterns = list(ALWAYS_PATTERNS)
+    if source.allow_pickle:
+        patterns += PICKLE_PATTERNS
+    if source.trust_remote_code:
+        patterns += REMOTE_CODE_PATTERNS
+    return patterns
+
+
+def hub_model(source: ModelSource, local_only: bool = False) -> FetchedModel:
+    """Download (or find in the HF cache) the pinned snapshot."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{source.source}@{source.revision[:12]}"
+    try:
+        folder = snapshot_download(
+            repo_id=source.repo_id,
+            revision=source.revision,
+            allow_patterns=_allow_patterns(source),
+            local_files_only=local_only,
+        )
+    except GatedRepoError:
+        raise KilnError(f"model.source: {where} is gated (fix: accept its licence on the hub and set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise UserInputError(f"model.source: {source.source} not found on the hub (fix: check the name; private repos need HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise UserInputError(f"model.revision: {source.revision} is not a commit of {source.source} (fix: copy the full commit hash)") from None
+    except LocalEntryNotFoundError:
+        raise KilnError(
+            f"model.source: {where} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(fix: run once with network, or unset HF_HUB_OFFLINE)"
+        ) from None
+    folder = Path(folder)
+    _refuse_pickle_only(folder, source, where)
+    return FetchedModel(folder, hub_digest(source))

@@ -1,0 +1,140 @@
+"""The recipe schema: small frozen pydantic models, unknown keys refused.
+
+Loading YAML and turning validation errors into one line per problem lives in
+`recipe_loader.py`; this module only says what a valid recipe is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from kiln.quantize.formats import FORMATS, KVCacheFormat, QuantFormat
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+HF_SCHEME = "hf://"
+# Known SM names; GPU product names and per-format support arrive with compile's table.
+GPU_ARCHS = ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120")
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(Strict):
+    source: str = Field(description="hf://org/name (with revision) or a local folder, relative to the recipe")
+    revision: str | None = Field(default=None, description="40-hex commit; required for hf:// sources")
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(default=False, description="load *.bin/*.pt weights (pickle can run code)")
+
+    @property
+    def is_hub(self) -> bool:
+        return self.source.startswith(HF_SCHEME)
+
+    @property
+    def repo_id(self) -> str:
+        return self.source[len(HF_SCHEME):]
+
+    @model_validator(mode="after")
+    def _revision_matches_source(self) -> "ModelSource":
+        if self.is_hub:
+            repo = self.repo_id
+            if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
+                raise ValueError(f"'{self.source}' is not hf://org/name")
+            if self.revision is None:
+                raise ValueError("a hub source needs `revision`: the 40-hex commit to pin (see the model's 'Files' history)")
+            if not _COMMIT.match(self.revision):
+                raise ValueError(f"revision '{self.revision}' is not a 40-hex commit; branch and tag names move, pin the commit")
+        elif self.revision is not None:
+            raise ValueError("`revision` applies only to hf:// sources; remove it for a local folder")
+        return self
+
+
+class DataSpec(Strict):
+    """Text for calibration or evaluation: exactly one of builtin, file."""
+
+    builtin: Literal["python-docs-train", "python-docs-heldout"] | None = None
+    file: str | None = Field(default=None, description=".txt (blank-line separated) or .jsonl, relative to the recipe")
+    text_field: str = "text"
+    samples: PositiveInt = 32
+    seq_len: PositiveInt = 256
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.builtin is None) == (self.file is None):
+            raise ValueError("set exactly one of `builtin` or `file`")
+        if self.file is not None and Path(self.file).suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"file '{self.file}' must end in .txt or .jsonl")
+        return self
+
+
+class Gates(Strict):
+    max_ppl_increase_pct: float | None = Field(default=None, ge=0)
+    max_kl: float | None = Field(default=None, ge=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+
+
+class Variant(Strict):
+    quant: QuantFormat
+    kv_cache: KVCacheFormat = KVCacheFormat.none
+    group_size: PositiveInt | None = None
+    gpus: tuple[str, ...] = ()
+    gates: Gates = Gates()
+
+    @field_validator("gpus")
+    @classmethod
+    def _known_gpus(cls, gpus: tuple[str, ...]) -> tuple[str, ...]:
+        for gpu in gpus:
+            if gpu.lower() not in GPU_ARCHS:
+                raise ValueError(f"unknown GPU architecture '{gpu}'; use one of {', '.join(GPU_ARCHS)}")
+        return tuple(g.lower() for g in gpus)
+
+    @model_validator(mode="after")
+    def _group_size_applies(self) -> "Variant":
+        spec = FORMATS[self.quant]
+        if self.group_size is not None and not spec.group_sizes:
+            raise ValueError(f"group_size does not apply to {self.quant.value} (per-tensor scales); remove it")
+        if self.group_size is not None and self.group_size not in spec.group_sizes:
+            allowed = " or ".join(str(g) for g in spec.group_sizes)
+            raise ValueError(f"group_size {self.group_size} is not supported by {self.quant.value}; use {allowed}")
+        return self
+
+    @property
+    def effective_group_size(self) -> int | None:
+        return self.group_size or FORMATS[self.quant].default_group_size
+
+
+class BuildSizes(Strict):
+    max_batch_size: PositiveInt = 8
+    max_input_len: PositiveInt = 1024
+    max_seq_len: PositiveInt = 2048
+    max_num_tokens: PositiveInt = 4096
+    tp_size: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _input_fits(self) -> "BuildSizes":
+        if self.max_input_len > self.max_seq_len:
+            raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len ({self.max_seq_len})")
+        return self
+
+
+class Publish(Strict):
+    aliases: tuple[Name, ...] = ()
+
+
+class Recipe(Strict):
+    kiln: Literal[1] = Field(description="schema version")
+    name: Name
+    model: ModelSource
+    calibration: DataSpec
+    evaluation: DataSpec
+    variants: dict[Name, Variant] = Field(min_length=1)
+    build: BuildSizes = BuildSizes()
+    publish: Publish = Publish()

@@ -1,0 +1,194 @@
+"""Run a plan: each stage instance whose entry is missing runs into the cache.
+
+Stages meet only through their cache entries on disk: quantize writes hf/,
+trtllm/ and kiln.json; validate reads hf/ and writes report.json; publish
+uploads those files and records the registry version it created.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln import quantize, registry, validate
+from kiln.pipeline.cache import StageCache
+from kiln.pipeline.data import token_samples
+from kiln.pipeline.errors import RecipeErrors
+from kiln.pipeline.fetch import hub_model
+from kiln.pipeline.plan import PUBLISHED_RECORD, Plan, StageInstance, quantize_request, tool_versions, width_problems
+from kiln.pipeline.progress import ProgressReporter
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    quant: str
+    kv_cache: str
+    metrics: validate.Metrics | None = None
+    gate: validate.GateResult | None = None
+    published: registry.PublishedVersion | None = None
+    trtllm_corrections: list[dict] = field(default_factory=list)
+
+    @property
+    def format(self) -> str:
+        return self.quant + ("" if self.kv_cache == "none" else f" + kv {self.kv_cache}")
+
+    def as_dict(self) -> dict:
+        return {
+            "variant": self.variant,
+            "quant": self.quant,
+            "kv_cache": self.kv_cache,
+            "metrics": self.metrics.as_dict() if self.metrics else None,
+            "gate": {"passed": self.gate.passed, "failures": list(self.gate.failures)} if self.gate else None,
+            "registry": self.published.as_dict() if self.published else None,
+            "trtllm_corrections": self.trtllm_corrections,
+        }
+
+
+@dataclass
+class BuildResult:
+    plan: Plan
+    variants: list[VariantResult]
+    ran: list[StageInstance]
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if any(v.gate is not None and not v.gate.passed for v in self.variants) else 0
+
+
+class _Runner:
+    def __init__(self, plan: Plan, cache: StageCache, progress: ProgressReporter):
+        self.plan, self.cache, self.progress = plan, cache, progress
+        self.loaded = plan.loaded
+        self.ran: list[StageInstance] = []
+        self._model_dir: Path | None = None
+        self._samples: dict[str, object] = {}
+        self._baseline: validate.Baseline | None = None
+
+    # -- inputs shared by stages, made on first use so a cached build imports no torch --
+    def model_dir(self) -> Path:
+        if self._model_dir is None:
+            if self.plan.local_model is not None:
+                self._model_dir = self.plan.local_model.path
+            else:
+                fetch = self.plan.instance("fetch", "model")
+                with self.progress.task(f"fetch {self.loaded.recipe.model.source}", total=None):
+                    self._model_dir = hub_model(self.loaded.recipe.model).path
+                if fetch.status != "cached":
+                    self._ran(fetch)
+                problems = width_problems(self.loaded, self._model_dir)
+                if problems:
+                    raise RecipeErrors(problems)
+        return self._model_dir
+
+    def samples(self, which: str):
+        if which not in self._samples:
+            from transformers import AutoTokenizer
+
+            data = self.plan.calibration if which == "calibration" else self.plan.evaluation
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.model_dir(), trust_remote_code=self.loaded.recipe.model.trust_remote_code
+            )
+            self._samples[which] = token_samples(data.documents(), tokenizer, data.spec.samples, data.spec.seq_len)
+        return self._samples[which]
+
+    def baseline(self) -> validate.Baseline:
+        if self._baseline is None:
+            self._baseline = validate.Baseline(self.model_dir(), self.loaded.recipe.model.trust_remote_code)
+        return self._baseline
+
+    def _ran(self, instance: StageInstance) -> None:
+        instance.status = "ran"
+        self.ran.append(instance)
+
+    # -- stages --
+    def quantize(self, name: str, instance: StageInstance) -> Path:
+        entry = self.cache.lookup("quantize", instance.key)
+        if entry is not None:
+            return entry
+        request = quantize_request(self.loaded, self.loaded.recipe.variants[name])
+        with self.cache.write("quantize", instance.key, instance.material) as out:
+            quantize.run(request, self.model_dir(), self.samples("calibration"), out, self.progress)
+        self._ran(instance)
+        return self.cache.entry_dir("quantize", instance.key)
+
+    def validate(self, name: str, instance: StageInstance, checkpoint: Path) -> validate.Metrics:
+        entry = self.cache.lookup("validate", instance.key)
+        if entry is None:
+            metrics = validate.run(
+                checkpoint / quantize.HF_DIR, self.baseline(), self.samples("evaluation"), self.progress, name,
+                trust_remote_code=self.loaded.recipe.model.trust_remote_code,
+            )
+            with self.cache.write("validate", instance.key, instance.material) as out:
+                validate.write_metrics(metrics, out)
+            self._ran(instance)
+            entry = self.cache.entry_dir("validate", instance.key)
+        return validate.load_metrics(entry)
+
+    def publish(self, name: str, instance: StageInstance, checkpoint: Path, report: Path, metrics) -> registry.PublishedVersion:
+        home, aliases = self.plan.home, self.loaded.recipe.publish.aliases
+        entry = self.cache.lookup("publish", instance.key)
+        if entry is not None:
+            recorded = json.loads((entry / PUBLISHED_RECORD).read_text())
+            found = registry.find_version(home, recorded["name"], instance.key)
+            if found is not None and found.version == recorded["version"]:
+                registry.set_aliases(home, found.name, found.version, aliases)
+                return found
+            self.progress.log(f"warning: {recorded['name']}/{recorded['version']} is gone from the registry; publishing again")
+            shutil.rmtree(entry, ignore_errors=True)
+        files = _artifact_files(checkpoint, report)
+        tags = self._tags(name, instance, checkpoint, metrics)
+        published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress)
+        with self.cache.write("publish", instance.key, instance.material) as out:
+            (out / PUBLISHED_RECORD).write_text(json.dumps(published.as_dict(), indent=2) + "\n")
+        self._ran(instance)
+        return published
+
+    def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: validate.Metrics) -> dict[str, str]:
+        record = quantize.CheckpointRecord.load(checkpoint)
+        model = self.loaded.recipe.model
+        tags = {
+            registry.PUBLISH_KEY_TAG: instance.key,
+            "kiln.recipe": self.loaded.recipe.name,
+            "kiln.recipe_digest": self.loaded.digest,
+            "kiln.variant": name,
+            "kiln.source": model.source if model.is_hub else f"local:{self.plan.model_digest[:16]}",
+            "kiln.revision": model.revision or self.plan.model_digest,
+            "kiln.quant": record.quant,
+            "kiln.kv_cache": record.kv_cache,
+            "kiln.algorithm": record.algorithm,
+            "kiln.group_size": str(record.group_size or ""),
+            "kiln.gate": "pass",
+        }
+        tags.update({f"kiln.metric.{k}": repr(v) for k, v in metrics.as_dict().items()})
+        tags.update({f"kiln.tool.{k}": v for k, v in tool_versions(quantize.TOOLS).items()})
+        return tags
+
+
+def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
+    from kiln.pipeline.cache import ENTRY_FILE
+
+    files = {p.relative_to(checkpoint).as_posix(): p for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+    files.pop(ENTRY_FILE, None)
+    files["validation.json"] = report / validate.REPORT
+    return files
+
+
+def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter) -> BuildResult:
+    runner = _Runner(plan, cache, progress)
+    cache.clean_stale_temporaries()
+    results = []
+    for name, variant in plan.loaded.recipe.variants.items():
+        result = VariantResult(name, variant.quant.value, variant.kv_cache.value)
+        checkpoint = runner.quantize(name, plan.instance("quantize", name))
+        result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
+        v_instance = plan.instance("validate", name)
+        result.metrics = runner.validate(name, v_instance, checkpoint)
+        result.gate = validate.evaluate_gates(result.metrics, **variant.gates.model_dump())
+        if result.gate.passed:
+            report = cache.entry_dir("validate", v_instance.key)
+            result.published = runner.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics)
+        results.append(result)
+    return BuildResult(plan, results, runner.ran)

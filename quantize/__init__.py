@@ -1,0 +1,155 @@
+"""Quantize stage: calibrate a model with ModelOpt and export what ships.
+
+Public entry points:
+  run(request, model_dir, calibration, out_dir, progress) -> CheckpointRecord
+  layer_width_problems(model_dir, quant, group_size) -> list[str]
+Everything else in this folder is private to the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, QuantFormat
+
+CHECKPOINT_RECORD = "kiln.json"
+HF_DIR = "hf"
+TRTLLM_DIR = "trtllm"
+STAGE_VERSION = 1
+TOOLS = ("nvidia-modelopt", "torch", "transformers")
+
+__all__ = [
+    "FORMATS", "KV_CACHE_FORMATS", "FormatSpec", "KVCacheFormat", "QuantFormat",
+    "QuantizeRequest", "CheckpointRecord", "run", "layer_width_problems",
+    "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
+]
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    quant: QuantFormat
+    kv_cache: KVCacheFormat
+    group_size: int | None
+    dtype: str
+    tp_size: int
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """kiln's own description of an exported variant (kiln.json beside hf/ and trtllm/)."""
+
+    quant: str
+    kv_cache: str
+    algorithm: str
+    group_size: int | None
+    dtype: str
+    tp_size: int
+    calibration_samples: int
+    calibration_seq_len: int
+    tools: dict[str, str]
+    trtllm_corrections: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path) -> "CheckpointRecord":
+        return cls(**json.loads((Path(checkpoint_dir) / CHECKPOINT_RECORD).read_text()))
+
+
+def _linear_input_widths(model_dir: Path) -> dict[str, int]:
+    """Input width of every 2-D weight, read from safetensors headers (no tensor is loaded)."""
+    widths = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__" or not name.endswith(".weight") or len(info["shape"]) != 2:
+                continue
+            if "embed" in name or "lm_head" in name:  # ModelOpt leaves these unquantized
+                continue
+            widths[name[: -len(".weight")]] = info["shape"][1]
+    return widths
+
+
+def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | None) -> list[str]:
+    """Layers whose input width the format's block size does not divide, grouped by name pattern."""
+    spec = FORMATS[quant]
+    block = group_size or spec.default_group_size
+    if not block:
+        return []
+    import re
+
+    bad: dict[str, int] = {}
+    for name, width in _linear_input_widths(model_dir).items():
+        if width % block:
+            bad.setdefault(re.sub(r"\.\d+\.", ".*.", name), width)
+    return [f"{pattern} (input width {width})" for pattern, width in sorted(bad.items())]
+
+
+def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress) -> CheckpointRecord:
+    """Calibrate `model_dir` on `calibration` ([n, seq_len] token ids) and write hf/, trtllm/, kiln.json.
+
+    `progress` is a pipeline progress reporter (task(description, total) -> context with advance()).
+    """
+    from kiln.pipeline.progress import quiet_libraries
+
+    with quiet_libraries():
+        return _run(request, model_dir, calibration, Path(out_dir), progress)
+
+
+def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress) -> CheckpointRecord:
+    from importlib.metadata import version
+
+    from kiln.quantize import modelopt_adapter as adapter
+    from kiln.quantize.trtllm_checks import check_trtllm_checkpoint
+
+    seconds = {}
+    started = time.monotonic()
+    model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle)
+    config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size)
+    seconds["load"] = time.monotonic() - started
+
+    label = f"{request.quant.value}" + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
+    started = time.monotonic()
+    with progress.task(f"calibrate {label}", total=len(calibration)) as task:
+        adapter.calibrate(model, config, calibration, task.advance)
+    seconds["calibrate"] = time.monotonic() - started
+
+    started = time.monotonic()
+    with progress.task(f"export {label}", total=3) as task:
+        adapter.export_hf(model, out_dir / HF_DIR)
+        task.advance()
+        _save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
+        task.advance()
+        adapter.export_trtllm(model, out_dir / TRTLLM_DIR, request.dtype, request.tp_size)
+        task.advance()
+    seconds["export"] = time.monotonic() - started
+
+    source_config = json.loads((Path(model_dir) / "config.json").read_text())
+    corrections = check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size)
+    spec = FORMATS[request.quant]
+    record = CheckpointRecord(
+        quant=request.quant.value,
+        kv_cache=request.kv_cache.value,
+        algorithm=spec.algorithm,
+        group_size=request.group_size or spec.default_group_size,
+        dtype=request.dtype,
+        tp_size=request.tp_size,
+        calibration_samples=int(calibration.shape[0]),
+        calibration_seq_len=int(calibration.shape[1]),
+        tools={name: version(name) for name in TOOLS},
+        trtllm_corrections=[c.as_dict() for c in corrections],
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+    )
+    (out_dir / CHECKPOINT_RECORD).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def _save_tokenizer(model_dir: Path, dest: Path, trust_remote_code: bool) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(dest)

@@ -1,0 +1,90 @@
+"""The only module that calls ModelOpt: calibrate, then export both checkpoints.
+
+ModelOpt is imported here, lazily: its first import takes seconds and the
+CLI's planning paths must not pay for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
+
+TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
+
+
+def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None) -> dict:
+    """The ModelOpt quantization config for a format, group size and KV-cache format."""
+    import modelopt.torch.quantization as mtq
+
+    spec = FORMATS[quant]
+    config = copy.deepcopy(getattr(mtq, spec.modelopt_config))
+    if group_size is not None:
+        for entry in config["quant_cfg"]:
+            cfg = entry.get("cfg") if isinstance(entry, dict) else None
+            if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(cfg, dict) and "block_sizes" in cfg:
+                cfg["block_sizes"] = {**cfg["block_sizes"], -1: group_size}
+    kv_spec = KV_CACHE_FORMATS[kv_cache]
+    if kv_spec.modelopt_config is not None:
+        config = mtq.update_quant_cfg_with_kv_cache_quant(config, getattr(mtq, kv_spec.modelopt_config)["quant_cfg"])
+    return config
+
+
+def load_source_model(model_dir: Path, dtype: str, trust_remote_code: bool, allow_pickle: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=getattr(torch, TORCH_DTYPES[dtype]),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+    return model.eval()
+
+
+def calibrate(model, config: dict, samples, on_sample: Callable[[], None]) -> None:
+    """Run ModelOpt's calibration with the recipe's token windows ([n, seq_len])."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for row in samples:
+                m(input_ids=row.unsqueeze(0))
+                on_sample()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(model, config, forward_loop)
+
+
+def export_hf(model, export_dir: Path) -> None:
+    from modelopt.torch.export import export_hf_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(model, export_dir=str(export_dir))
+
+
+def export_trtllm(model, export_dir: Path, dtype: str, tp_size: int) -> None:
+    import torch
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from modelopt.torch.export.model_utils import get_model_type
+
+    decoder_type = get_model_type(model)
+    if decoder_type is None:
+        raise ValueError(f"ModelOpt has no TensorRT-LLM decoder type for {type(model).__name__}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # inference_tensor_parallel must be explicit: its default 0 raised ZeroDivisionError here.
+        export_tensorrt_llm_checkpoint(
+            model,
+            decoder_type=decoder_type,
+            dtype=getattr(torch, TORCH_DTYPES[dtype]),
+            export_dir=str(export_dir),
+            inference_tensor_parallel=tp_size,
+        )

@@ -1,0 +1,175 @@
+"""Check an exported TensorRT-LLM checkpoint against the source model.
+
+ModelOpt's TensorRT-LLM export has been seen to write a wrong `head_size` (INT4-AWQ)
+and to drop `rotary_base` / `rotary_scaling` under transformers 5. TensorRT-LLM
+would build a wrong engine from such a config without complaint. So kiln derives
+each field from the source `config.json`, compares, corrects what the source and
+the tensor shapes prove, and refuses everything else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.pipeline.errors import KilnError
+from kiln.pipeline.fsutil import atomic_write_text
+
+# TensorRT-LLM stores INT4 weights two to a byte, packed along the output dimension.
+_PACKED_INT4_ALGOS = {"W4A16_AWQ", "W4A16_GPTQ", "W4A8_AWQ", "W4A16"}
+
+
+class ExportCheckError(KilnError):
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Correction:
+    field: str
+    exported: Any
+    corrected: Any
+    evidence: str
+
+    def as_dict(self) -> dict:
+        return {"field": self.field, "exported": self.exported, "corrected": self.corrected, "evidence": self.evidence}
+
+
+def _rope(source: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either transformers 5's `rope_parameters` or 4.x's `rope_theta`/`rope_scaling`."""
+    params = dict(source.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or source.get("rope_theta") or 10000.0
+    scaling = params if params.get("rope_type", "default") != "default" else source.get("rope_scaling")
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    # TensorRT-LLM reads the HF 4.x dict as is and looks up `type` (older) or `rope_type`.
+    trt = {k: v for k, v in scaling.items() if k not in ("rope_theta",)}
+    trt["type"] = kind
+    trt["rope_type"] = kind
+    return float(theta), trt
+
+
+def expected_fields(source: dict) -> dict[str, Any]:
+    """The TensorRT-LLM config fields that must describe the source model."""
+    heads = source["num_attention_heads"]
+    theta, scaling = _rope(source)
+    return {
+        "hidden_size": source["hidden_size"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": source.get("num_key_value_heads") or heads,
+        "head_size": source.get("head_dim") or source["hidden_size"] // heads,
+        "intermediate_size": source["intermediate_size"],
+        "vocab_size": source["vocab_size"],
+        "num_hidden_layers": source["num_hidden_layers"],
+        "max_position_embeddings": source["max_position_embeddings"],
+        "norm_epsilon": source.get("rms_norm_eps", source.get("layer_norm_eps")),
+        "rotary_base": theta,
+        "rotary_scaling": scaling,
+    }
+
+
+# Fields that shape no tensor: the source config alone proves the right value.
+_FROM_SOURCE_ALONE = {"max_position_embeddings", "norm_epsilon", "rotary_base", "rotary_scaling"}
+
+
+def _logical_shape(shape: tuple[int, ...], dtype: str, quant_algo: str | None) -> tuple[int, ...]:
+    if quant_algo in _PACKED_INT4_ALGOS and dtype in ("I8", "U8") and len(shape) == 2:
+        return (shape[0] * 2, shape[1])
+    return shape
+
+
+def _read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor shapes and dtypes from a safetensors header, without loading data."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return {name: (tuple(info["shape"]), info["dtype"]) for name, info in header.items()}
+
+
+def _expected_shapes(fields: dict, tp: int, shared_embedding: bool) -> dict[str, tuple[int, int]]:
+    hidden, inter, vocab = fields["hidden_size"], fields["intermediate_size"], fields["vocab_size"]
+    q_width = fields["num_attention_heads"] * fields["head_size"]
+    qkv_rows = (fields["num_attention_heads"] + 2 * fields["num_key_value_heads"]) * fields["head_size"]
+    shapes = {"transformer.vocab_embedding.weight": (vocab, hidden)}
+    if not shared_embedding:
+        shapes["lm_head.weight"] = (vocab // tp, hidden)
+    for i in range(fields["num_hidden_layers"]):
+        layer = f"transformer.layers.{i}"
+        shapes[f"{layer}.attention.qkv.weight"] = (qkv_rows // tp, hidden)
+        shapes[f"{layer}.attention.dense.weight"] = (hidden, q_width // tp)
+        shapes[f"{layer}.mlp.fc.weight"] = (inter // tp, hidden)
+        shapes[f"{layer}.mlp.gate.weight"] = (inter // tp, hidden)
+        shapes[f"{layer}.mlp.proj.weight"] = (hidden, inter // tp)
+    return shapes
+
+
+def _shape_problems(exported: dict, fields: dict, tensors: dict, quant_algo: str | None, tp: int) -> list[str]:
+    shared = bool(exported.get("share_embedding_table"))
+    problems = []
+    for name, want in _expected_shapes(fields, tp, shared).items():
+        if name not in tensors:
+            problems.append(f"{name} is missing")
+            continue
+        shape, dtype = tensors[name]
+        if name == "transformer.vocab_embedding.weight" and exported.get("use_parallel_embedding"):
+            want = (want[0] // tp, want[1]) if exported.get("embedding_sharding_dim", 0) == 0 else (want[0], want[1] // tp)
+        got = _logical_shape(shape, dtype, quant_algo)
+        if tuple(got) != tuple(want):
+            problems.append(f"{name} has shape {list(got)}, the source model implies {list(want)}")
+    return problems
+
+
+def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: int) -> list[Correction]:
+    """Verify (and correct in place) `config.json` of an exported TensorRT-LLM checkpoint.
+
+    Returns the corrections made; raises ExportCheckError naming what cannot be proven.
+    """
+    config_path = Path(checkpoint_dir) / "config.json"
+    exported = json.loads(config_path.read_text())
+    fields = expected_fields(source_config)
+    quant_algo = (exported.get("quantization") or {}).get("quant_algo")
+    mapping = exported.get("mapping") or {}
+    if mapping.get("tp_size", 1) != tp_size:
+        raise ExportCheckError(
+            f"{config_path}: mapping.tp_size is {mapping.get('tp_size')}, the recipe asks for {tp_size}; "
+            "re-export (fix: report this ModelOpt behaviour, kiln will not guess a sharding)"
+        )
+    rank_files = sorted(Path(checkpoint_dir).glob("rank*.safetensors"))
+    if len(rank_files) != tp_size:
+        raise ExportCheckError(f"{checkpoint_dir}: {len(rank_files)} rank*.safetensors files for tp_size {tp_size}")
+    tensors = _read_shapes(Path(checkpoint_dir) / "rank0.safetensors")
+
+    if exported.get("share_embedding_table") and not source_config.get("tie_word_embeddings", False):
+        raise ExportCheckError(
+            f"{config_path}: share_embedding_table is true but the source model has a separate lm_head; "
+            "an engine built from it would use the wrong output projection"
+        )
+    # The tensors are what the engine is built from: they must agree with the source model.
+    problems = _shape_problems(exported, fields, tensors, quant_algo, tp_size)
+    if problems:
+        raise ExportCheckError(
+            f"{checkpoint_dir}: tensors disagree with the source model: " + "; ".join(problems[:4])
+            + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
+        )
+
+    corrections = []
+    for field, want in fields.items():
+        got = exported.get(field)
+        if got == want or (isinstance(want, float) and isinstance(got, (int, float)) and abs(got - want) <= 1e-12 * max(1.0, abs(want))):
+            continue
+        if field in _FROM_SOURCE_ALONE:
+            evidence = "source config.json"
+        else:
+            # The tensor shapes above were checked against the source's value of this field.
+            evidence = "source config.json and rank0.safetensors shapes"
+        if want is None and field == "rotary_scaling":
+            exported.pop(field, None)
+        else:
+            exported[field] = want
+        corrections.append(Correction(field, got, want, evidence))
+    if corrections:
+        atomic_write_text(config_path, json.dumps(exported, indent=4) + "\n")
+    return corrections

@@ -1,0 +1,59 @@
+"""MLflow model registry access: the only module that imports mlflow.
+
+Embedded default: SQLite plus a local artifact root under $KILN_HOME/registry.
+MLFLOW_TRACKING_URI points kiln at a team server instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+EXPERIMENT = "kiln"
+ARTIFACT_PATH = "artifact"
+
+
+def tracking_uri(home: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(home) / 'registry' / 'mlflow.db').resolve()}"
+
+
+def is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def client(home: Path):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(home)
+    if is_embedded(uri):
+        (Path(home) / "registry").mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(mlflow_client, home: Path) -> str:
+    existing = mlflow_client.get_experiment_by_name(EXPERIMENT)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if is_embedded(tracking_uri(home)):
+        # Without an explicit location MLflow would write ./mlruns under the current directory.
+        location = (Path(home) / "registry" / "artifacts").resolve().as_uri()
+    try:
+        return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
+    except Exception:  # created concurrently by another publisher
+        return mlflow_client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def ensure_registered_model(mlflow_client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise

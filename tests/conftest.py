@@ -1,0 +1,71 @@
+"""Shared fixtures: the trained test model (cached across runs), a private KILN_HOME, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KILN = Path(sys.executable).with_name("kiln")
+# The trained model is deterministic and costly (about 2 minutes), so it is kept between runs.
+TEST_MODEL_CACHE = Path(os.environ.get("KILN_TEST_MODEL_CACHE", REPO / ".cache" / "testmodels"))
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def test_model() -> Path:
+    from kiln.pipeline.testmodel import ensure_test_model
+
+    return ensure_test_model(TEST_MODEL_CACHE)
+
+
+@pytest.fixture()
+def kiln_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "kiln-home"
+    monkeypatch.setenv("KILN_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+def run_kiln(*args, env: dict | None = None, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """The installed `kiln` command, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(KILN), *map(str, args)], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout)
+
+
+def write_recipe(folder: Path, model_source: str, variants: str | None = None, extra: str = "", name: str = "t",
+                 samples: int = 16, seq_len: int = 128) -> Path:
+    variants = variants or """
+      fp8:
+        quant: fp8
+        kv_cache: fp8
+        gates: {max_ppl_increase_pct: 5, max_kl: 0.05, min_top1_agreement: 0.8}
+      int4-awq:
+        quant: int4_awq
+        gates: {max_ppl_increase_pct: 10, max_kl: 0.1, min_top1_agreement: 0.7}
+    """
+    text = textwrap.dedent(f"""\
+        kiln: 1
+        name: {name}
+        model:
+          source: {model_source}
+        calibration:
+          builtin: python-docs-train
+          samples: {samples}
+          seq_len: {seq_len}
+        evaluation:
+          builtin: python-docs-heldout
+          samples: {samples}
+          seq_len: {seq_len}
+        variants:
+        """) + textwrap.indent(textwrap.dedent(variants).strip("\n"), "  ") + "\n" + textwrap.dedent(extra)
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path

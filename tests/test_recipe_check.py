@@ -1,0 +1,142 @@
+"""`kiln check`: every refusal is one line naming file, line, field and fix, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO, run_kiln
+
+GOOD = """\
+kiln: 1
+name: good
+model:
+  source: hf://acme/tiny-llama
+  revision: 0123456789abcdef0123456789abcdef01234567
+calibration: {builtin: python-docs-train, samples: 8, seq_len: 64}
+evaluation: {builtin: python-docs-heldout, samples: 8, seq_len: 64}
+variants:
+  fp8: {quant: fp8, kv_cache: fp8, gpus: [sm90]}
+"""
+
+# (name, text replacement applied to GOOD, expected pattern in the one output line)
+CASES = [
+    ("unknown-key", ("  fp8: {quant: fp8,", "  fp8: {quantt: fp8, quant: fp8,"),
+     r":9: variants\.fp8\.quantt: unknown key \(fix: remove it"),
+    ("wrong-type", ("samples: 8, seq_len: 64}\nevaluation", "samples: many, seq_len: 64}\nevaluation"),
+     r":6: calibration\.samples: Input should be a valid integer"),
+    ("missing-revision", ("  revision: 0123456789abcdef0123456789abcdef01234567\n", ""),
+     r":3: model: a hub source needs `revision`"),
+    ("short-revision", ("0123456789abcdef0123456789abcdef01234567", "main"),
+     r":3: model: revision 'main' is not a 40-hex commit"),
+    ("bad-name", ("name: good", "name: Good Model"),
+     r":2: name: String should match pattern .*\(fix: use lower-case letters"),
+    ("bad-variant-name", ("  fp8: {quant", "  FP8!: {quant"),
+     r":9: variants\.FP8!\.\[key\]: String should match pattern"),
+    ("zero-size", ("samples: 8, seq_len: 64}\nvariants", "samples: 8, seq_len: 0}\nvariants"),
+     r":7: evaluation\.seq_len: Input should be greater than 0 \(fix: use a positive number\)"),
+    ("negative-build", ("variants:", "build: {max_batch_size: -4}\nvariants:"),
+     r":8: build\.max_batch_size: Input should be greater than 0"),
+    ("unknown-format", ("quant: fp8,", "quant: fp9,"),
+     r"variants\.fp8\.quant: Input should be 'fp8' or 'int4_awq'"),
+    ("group-size-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, group_size: 128,"),
+     r"variants\.fp8: group_size does not apply to fp8"),
+    ("schema-version", ("kiln: 1", "kiln: 2"), r":1: kiln: Input should be 1"),
+    ("unknown-gpu", ("gpus: [sm90]", "gpus: [sm91]"), r"variants\.fp8\.gpus: unknown GPU architecture 'sm91'"),
+]
+
+
+def test_demo_recipe_is_valid():
+    result = run_kiln("check", REPO / "recipes" / "demo.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_good_recipe_passes(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    result = run_kiln("check", path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_refusal_is_one_clear_line(tmp_path):
+    paths = {}
+    for name, (old, new), _ in CASES:
+        assert old in GOOD, name
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(GOOD.replace(old, new, 1))
+    result = run_kiln("check", *paths.values())
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    for name, _, pattern in CASES:
+        mine = [line for line in lines if f"{paths[name]}:" in line]
+        assert len(mine) == 1, (name, mine)
+        assert re.search(pattern, mine[0]), (name, mine[0])
+
+
+def test_several_problems_in_one_file_each_get_a_line(tmp_path):
+    path = tmp_path / "many.yaml"
+    path.write_text(GOOD.replace("name: good", "name: BAD").replace("seq_len: 64}\nvariants", "seq_len: -1}\nvariants"))
+    result = run_kiln("check", path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("kiln: 1\nname: [unclosed\n", r"not valid YAML"),
+    ("- just\n- a list\n", r":1: a recipe is a mapping"),
+])
+def test_unparseable_recipes(tmp_path, text, expected):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    result = run_kiln("check", path)
+    assert result.returncode == 2
+    assert re.search(expected, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file():
+    result = run_kiln("check", "/nonexistent/recipe.yaml")
+    assert result.returncode == 2
+    assert "/nonexistent/recipe.yaml: file not found" in result.stderr
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(GOOD.replace("kiln: 1", "kiln: 2"))
+    result = run_kiln("--debug", "check", path)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr
+
+
+def test_layer_widths_not_divisible_by_the_group_are_named(tmp_path):
+    """INT4 packs blocks of 128 inputs: a 688-wide MLP cannot be packed, and check says which layers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=688, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model_dir = tmp_path / "odd-model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    recipe = tmp_path / "odd.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        kiln: 1
+        name: odd
+        model: {{source: {model_dir}}}
+        calibration: {{builtin: python-docs-train}}
+        evaluation: {{builtin: python-docs-heldout}}
+        variants:
+          fp8: {{quant: fp8}}
+          int4: {{quant: int4_awq}}
+        """))
+    for command in ("check", "plan"):
+        result = run_kiln(command, recipe)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr  # fp8 has no block size: only int4 is refused
+        assert "variants.int4: int4_awq with group size 128 cannot pack model.layers.*.mlp.down_proj (input width 688)" in result.stderr
+        assert "Traceback" not in result.stderr
