@@ -159,12 +159,15 @@ def _publish_status(cache: StageCache, validate_instance: StageInstance, publish
 
 
 def _hub_status(source) -> str:
-    from kiln.pipeline.errors import KilnError
+    """cached when the pinned snapshot is in the local HF cache; refusals (pickle-only, ...) propagate."""
+    from kiln.pipeline.errors import KilnError, UserInputError
     from kiln.pipeline.fetch import hub_model
 
     try:
         hub_model(source, local_only=True)
         return "cached"
+    except UserInputError:
+        raise
     except KilnError:
         return "will run"
 

@@ -179,6 +179,8 @@ def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
 def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter) -> BuildResult:
     runner = _Runner(plan, cache, progress)
     cache.clean_stale_temporaries()
+    if any(i.status != "cached" for i in plan.instances if i.stage in ("quantize", "validate")):
+        runner.model_dir()  # fetch (and refuse) before any stage starts writing
     results = []
     for name, variant in plan.loaded.recipe.variants.items():
         result = VariantResult(name, variant.quant.value, variant.kv_cache.value)

@@ -10,6 +10,7 @@ Public entry points:
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -59,7 +60,7 @@ def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str],
             with progress.task(f"upload {name}", total=total) as task:
                 for rel, path in sorted(files.items()):
                     folder = "/".join([ARTIFACT_PATH] + rel.split("/")[:-1])
-                    mlflow.log_artifact(run_id, str(path), folder)
+                    mlflow.log_artifact(run_id, str(_named_as(path, rel, Path(tmp))), folder)
                     task.advance(path.stat().st_size)
                 mlflow.log_artifact(run_id, str(manifest_path), ARTIFACT_PATH)
         ensure_registered_model(mlflow, name)
@@ -74,6 +75,20 @@ def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str],
         mlflow.set_terminated(run_id, "FAILED")
         raise
     return PublishedVersion(name, str(version.version), run_id)
+
+
+def _named_as(path: Path, rel: str, scratch: Path) -> Path:
+    """MLflow names an uploaded file after its local name: give it the artifact's name if they differ."""
+    name = rel.rsplit("/", 1)[-1]
+    if path.name == name:
+        return path
+    renamed = scratch / "renamed" / rel
+    renamed.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, renamed)
+    except OSError:
+        shutil.copyfile(path, renamed)
+    return renamed
 
 
 def find_version(home: Path, name: str, publish_key: str) -> PublishedVersion | None:
@@ -116,7 +131,7 @@ def _resolve(mlflow, ref: str):
 
 def pull(home: Path, ref: str, out: Path, progress) -> PulledArtifact:
     """Download a version into `out` and verify every file; nothing lands in `out` unless all match."""
-    import mlflow.artifacts
+    from mlflow.artifacts import download_artifacts
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -127,7 +142,7 @@ def pull(home: Path, ref: str, out: Path, progress) -> PulledArtifact:
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         with progress.task(f"download {version.name}/{version.version}", total=None):
-            mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(staging), tracking_uri=tracking_uri(home))
+            download_artifacts(artifact_uri=version.source, dst_path=str(staging), tracking_uri=tracking_uri(home))
         root = staging / ARTIFACT_PATH if (staging / ARTIFACT_PATH).is_dir() else staging
         manifest = verify_tree(root, version.tags.get(MANIFEST_TAG))
         if out.exists():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -40,32 +39,29 @@ def run_kiln(*args, env: dict | None = None, cwd: Path | None = None, timeout: f
                           cwd=cwd, timeout=timeout)
 
 
-def write_recipe(folder: Path, model_source: str, variants: str | None = None, extra: str = "", name: str = "t",
-                 samples: int = 16, seq_len: int = 128) -> Path:
-    variants = variants or """
-      fp8:
-        quant: fp8
-        kv_cache: fp8
-        gates: {max_ppl_increase_pct: 5, max_kl: 0.05, min_top1_agreement: 0.8}
-      int4-awq:
-        quant: int4_awq
-        gates: {max_ppl_increase_pct: 10, max_kl: 0.1, min_top1_agreement: 0.7}
-    """
-    text = textwrap.dedent(f"""\
-        kiln: 1
-        name: {name}
-        model:
-          source: {model_source}
-        calibration:
-          builtin: python-docs-train
-          samples: {samples}
-          seq_len: {seq_len}
-        evaluation:
-          builtin: python-docs-heldout
-          samples: {samples}
-          seq_len: {seq_len}
-        variants:
-        """) + textwrap.indent(textwrap.dedent(variants).strip("\n"), "  ") + "\n" + textwrap.dedent(extra)
-    path = folder / f"{name}.yaml"
-    path.write_text(text)
+DEFAULT_VARIANTS = {
+    "fp8": {"quant": "fp8", "kv_cache": "fp8",
+            "gates": {"max_ppl_increase_pct": 5, "max_kl": 0.05, "min_top1_agreement": 0.8}},
+    "int4-awq": {"quant": "int4_awq",
+                 "gates": {"max_ppl_increase_pct": 10, "max_kl": 0.1, "min_top1_agreement": 0.7}},
+}
+
+
+def write_recipe(folder: Path, source: str, variants: dict | None = None, name: str = "t", samples: int = 16,
+                 seq_len: int = 128, **sections) -> Path:
+    """A recipe file; `sections` may override model fields (model={...}) or add build/publish."""
+    import yaml
+
+    model = {"source": source, **sections.pop("model", {})}
+    recipe = {
+        "kiln": 1,
+        "name": name,
+        "model": model,
+        "calibration": {"builtin": "python-docs-train", "samples": samples, "seq_len": seq_len},
+        "evaluation": {"builtin": "python-docs-heldout", "samples": samples, "seq_len": seq_len},
+        "variants": variants or DEFAULT_VARIANTS,
+        **sections,
+    }
+    path = Path(folder) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

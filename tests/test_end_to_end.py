@@ -1,0 +1,236 @@
+"""The spine end to end on CPU: a hub-pinned recipe (served offline from a local HF cache) is
+quantized with real ModelOpt, validated on the exported files, published to a real MLflow
+registry, pulled back and verified. One build is shared by the tests of this module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.conftest import run_kiln, write_recipe
+from tests.hub_cache import COMMIT, model_files, seed_hub_cache
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = {
+    "fp8": {"quant": "fp8", "kv_cache": "fp8", "gpus": ["sm90"],
+            "gates": {"max_ppl_increase_pct": 2.0, "max_kl": 0.02, "min_top1_agreement": 0.9}},
+    "int4-awq": {"quant": "int4_awq", "group_size": 128,
+                 "gates": {"max_ppl_increase_pct": 5.0, "max_kl": 0.05, "min_top1_agreement": 0.85}},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, test_model):
+    root = tmp_path_factory.mktemp("e2e")
+    env = {"KILN_HOME": str(root / "kiln-home"), "HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    seed_hub_cache(root / "hf-home", "kiln-tests/tiny-llama", model_files(test_model))
+    recipe = write_recipe(root, "hf://kiln-tests/tiny-llama", VARIANTS, name="spine", samples=32, seq_len=256,
+                          model={"revision": COMMIT}, publish={"aliases": ["candidate"]})
+    first = run_kiln("build", recipe, "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    return {"root": root, "env": env, "recipe": recipe, "build": json.loads(first.stdout), "stderr": first.stderr,
+            "home": root / "kiln-home"}
+
+
+def _variant(world, name):
+    return next(v for v in world["build"]["variants"] if v["variant"] == name)
+
+
+def _entry(world, stage, target):
+    key = next(s["key"] for s in world["build"]["stages"] if s["stage"] == stage and s["target"] == target)
+    return world["home"] / "cache" / stage / key
+
+
+def test_build_publishes_every_variant_with_metrics(world):
+    build = world["build"]
+    assert build["exit_code"] == 0
+    assert sorted(build["ran"]) == sorted(["fetch:model"] * 0 + [f"{s}:{v}" for s in ("quantize", "validate", "publish")
+                                                                 for v in VARIANTS])
+    for name in VARIANTS:
+        v = _variant(world, name)
+        assert v["gate"]["passed"] and v["registry"]["name"] == f"spine-{name}" and v["registry"]["version"] == "1"
+    # Progress bars go to stderr, stdout is pure JSON (parsed above).
+    for label in ("calibrate", "export", "evaluate", "upload"):
+        assert label in world["stderr"]
+
+
+def test_the_test_model_means_something(world):
+    fp8, int4 = (_variant(world, n)["metrics"] for n in ("fp8", "int4-awq"))
+    assert fp8["baseline_ppl"] * 5 <= 2048, "at least 5x below the uniform-vocabulary perplexity"
+    assert fp8["ppl_increase_pct"] != 0.0 and abs(fp8["ppl_increase_pct"]) < 1.0
+    assert int4["ppl_increase_pct"] > fp8["ppl_increase_pct"]
+    assert int4["mean_kl"] > fp8["mean_kl"] > 0
+    assert fp8["tokens"] == 32 * 255
+
+
+def test_fp8_export_has_the_documented_tensors(world, test_model):
+    entry = _entry(world, "quantize", "fp8")
+    quant = json.loads((entry / "hf" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "FP8" and quant["kv_cache_quant_algo"] == "FP8"
+    with safe_open(test_model / "model.safetensors", "pt") as source, safe_open(entry / "hf" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        linears = [n[: -len(".weight")] for n in source.keys() if ".layers." in n and n.endswith("proj.weight")]
+        assert len(linears) == 4 * 7
+        for layer in linears:
+            weight = f.get_tensor(f"{layer}.weight")
+            assert weight.dtype == torch.float8_e4m3fn
+            assert weight.shape == source.get_tensor(f"{layer}.weight").shape
+            for scale in ("weight_scale", "input_scale"):
+                tensor = f.get_tensor(f"{layer}.{scale}")
+                assert tensor.dtype == torch.float32 and tensor.shape == () and tensor.item() > 0
+        for i in range(4):
+            for kv in ("k", "v"):
+                scale = f.get_tensor(f"model.layers.{i}.self_attn.{kv}_proj.{kv}_scale")
+                assert scale.dtype == torch.float32 and scale.numel() == 1 and scale.item() > 0
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    assert "model.embed_tokens.weight" in names
+    assert (entry / "trtllm" / "rank0.safetensors").is_file()
+    assert (entry / "hf" / "tokenizer.json").is_file()
+
+
+def test_int4_awq_export_has_the_documented_tensors(world, test_model):
+    entry = _entry(world, "quantize", "int4-awq")
+    quant = json.loads((entry / "hf" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "W4A16_AWQ" and quant["group_size"] == 128
+    with safe_open(test_model / "model.safetensors", "pt") as source, safe_open(entry / "hf" / "model.safetensors", "pt") as f:
+        for name in source.keys():
+            if ".layers." not in name or not name.endswith("proj.weight"):
+                continue
+            layer = name[: -len(".weight")]
+            out_features, in_features = source.get_tensor(name).shape
+            weight, scale = f.get_tensor(f"{layer}.weight"), f.get_tensor(f"{layer}.weight_scale")
+            assert weight.dtype == torch.uint8 and weight.shape == (out_features // 2, in_features)
+            assert scale.shape == (out_features, in_features // 128)
+            if layer.endswith(("o_proj", "down_proj")):  # AWQ folds the others into the preceding norm
+                assert f.get_tensor(f"{layer}.pre_quant_scale").shape == (in_features,)
+    record = json.loads((entry / "kiln.json").read_text())
+    assert record["algorithm"] == "awq_lite" and record["group_size"] == 128
+
+
+def test_trtllm_configs_describe_the_source_model(world, test_model):
+    source = json.loads((test_model / "config.json").read_text())
+    for name in VARIANTS:
+        config = json.loads((_entry(world, "quantize", name) / "trtllm" / "config.json").read_text())
+        assert config["head_size"] == source["hidden_size"] // source["num_attention_heads"]
+        assert config["num_key_value_heads"] == source["num_key_value_heads"]
+        assert config["rotary_base"] == 500000.0
+        assert config["rotary_scaling"]["type"] == "llama3" and config["rotary_scaling"]["factor"] == 4.0
+        assert config["norm_epsilon"] == source["rms_norm_eps"]
+        # ModelOpt 0.47 with transformers 5 drops the RoPE fields: kiln must have said so.
+        corrected = {c["field"] for c in _variant(world, name)["trtllm_corrections"]}
+        assert {"rotary_base", "rotary_scaling"} <= corrected
+
+
+def test_rebuild_is_all_cached(world):
+    again = run_kiln("build", world["recipe"], "--json", env=world["env"])
+    assert again.returncode == 0, again.stderr
+    document = json.loads(again.stdout)
+    assert document["ran"] == []
+    assert {s["status"] for s in document["stages"]} == {"cached"}
+    assert [v["registry"] for v in document["variants"]] == [v["registry"] for v in world["build"]["variants"]]
+    plan = run_kiln("plan", world["recipe"], env=world["env"])
+    assert plan.returncode == 0 and "will run" not in plan.stdout
+
+
+def test_ls_and_registry_tags(world):
+    listed = run_kiln("ls", "--json", env=world["env"])
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["spine-fp8"]["aliases"] == ["candidate"] and rows["spine-fp8"]["quant"] == "fp8"
+    assert rows["spine-int4-awq"]["mean_kl"] == pytest.approx(_variant(world, "int4-awq")["metrics"]["mean_kl"])
+
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{world['home'] / 'registry' / 'mlflow.db'}"
+    tags = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("spine-fp8", "1").tags
+    assert tags["kiln.recipe_digest"] == world["build"]["recipe_digest"]
+    assert tags["kiln.source"] == "hf://kiln-tests/tiny-llama" and tags["kiln.revision"] == COMMIT
+    assert tags["kiln.quant"] == "fp8" and tags["kiln.kv_cache"] == "fp8"
+    assert float(tags["kiln.metric.mean_kl"]) > 0
+    for tool in ("kiln", "nvidia-modelopt", "torch", "transformers"):
+        assert tags[f"kiln.tool.{tool}"]
+
+
+def test_pull_verifies_every_file(world, tmp_path):
+    out = tmp_path / "pulled"
+    result = run_kiln("pull", "spine-fp8@candidate", "--out", out, "--json", env=world["env"])
+    assert result.returncode == 0, result.stderr
+    pulled = json.loads(result.stdout)
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    assert pulled["files"] == len(manifest) and pulled["verified"]
+    entry = _entry(world, "quantize", "fp8")
+    assert (out / "hf" / "model.safetensors").read_bytes() == (entry / "hf" / "model.safetensors").read_bytes()
+    assert {"hf/config.json", "hf/hf_quant_config.json", "trtllm/rank0.safetensors", "kiln.json",
+            "validation.json", "hf/tokenizer.json"} <= set(manifest)
+    by_version = run_kiln("pull", "spine-int4-awq/1", "--out", tmp_path / "v1", env=world["env"])
+    assert by_version.returncode == 0 and "all verified" in by_version.stdout
+
+
+def _stored_artifact(world, name):
+    uri = f"sqlite:///{world['home'] / 'registry' / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(name, "1").source
+    return Path(source.removeprefix("file://"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("alter", "hf/model.safetensors: sha256 differs from the manifest"),
+    ("remove", "trtllm/config.json: listed in manifest.json but missing"),
+    ("add", "extra.bin: present in the artifact but not listed"),
+])
+def test_pull_refuses_a_tampered_artifact(world, tmp_path, damage, message):
+    stored = _stored_artifact(world, "spine-int4-awq")
+    backup = tmp_path / "backup"
+    shutil.copytree(stored, backup)
+    try:
+        if damage == "alter":
+            target = stored / "hf" / "model.safetensors"
+            data = bytearray(target.read_bytes())
+            data[-1] ^= 0x01
+            target.write_bytes(bytes(data))
+        elif damage == "remove":
+            (stored / "trtllm" / "config.json").unlink()
+        else:
+            (stored / "extra.bin").write_bytes(b"not mine")
+        out = tmp_path / "pulled"
+        result = run_kiln("pull", "spine-int4-awq/1", "--out", out, env=world["env"])
+        assert result.returncode == 1
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert not out.exists()
+    finally:
+        shutil.rmtree(stored)
+        shutil.copytree(backup, stored)
+
+
+def test_pull_refuses_unknown_refs(world, tmp_path):
+    for ref, code, text in (("spine-fp8@production", 2, "has no alias 'production'"),
+                            ("Spine FP8", 2, "is not NAME@ALIAS or NAME/VERSION")):
+        result = run_kiln("pull", ref, "--out", tmp_path / "x", env=world["env"])
+        assert result.returncode == code and text in result.stderr
+
+
+def test_a_failed_gate_is_not_published_and_exits_3(world):
+    strict = {**VARIANTS, "int4-awq": {**VARIANTS["int4-awq"], "gates": {"max_kl": 1e-6, "min_top1_agreement": 0.5}}}
+    recipe = write_recipe(world["root"], "hf://kiln-tests/tiny-llama", strict, name="strict", samples=32, seq_len=256,
+                          model={"revision": COMMIT})
+    plan = run_kiln("plan", recipe, "--json", env=world["env"])
+    statuses = {(s["stage"], s["target"]): s["status"] for s in json.loads(plan.stdout)["stages"]}
+    # Same model, calibration and evaluation as the first build: only the gate and the name changed.
+    assert statuses[("quantize", "int4-awq")] == "cached" and statuses[("validate", "int4-awq")] == "cached"
+    assert statuses[("publish", "int4-awq")].startswith("skipped: gate failed (max_kl: ")
+    result = run_kiln("build", recipe, env=world["env"])
+    assert result.returncode == 3, result.stderr
+    kl = _variant(world, "int4-awq")["metrics"]["mean_kl"]
+    assert f"max_kl: {kl:.5f} > 1e-06 (over by {kl - 1e-6:.5f})" in result.stdout
+    assert "strict-fp8/1" in result.stdout and "not published" in result.stdout
+    names = {r["name"] for r in json.loads(run_kiln("ls", "--json", env=world["env"]).stdout)}
+    assert "strict-fp8" in names and "strict-int4-awq" not in names

@@ -1,0 +1,53 @@
+"""kiln installs under one namespace and never pulls TensorRT or a CUDA torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def test_imports_from_outside_the_repo(tmp_path):
+    code = (
+        "import importlib.util, kiln.pipeline, kiln.quantize, kiln.validate, kiln.registry, kiln.compile, kiln.serve;"
+        "print(kiln.pipeline.__version__);"
+        "print(all(importlib.util.find_spec(n) is None for n in ('pipeline', 'quantize', 'validate', 'registry')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    version, no_generic_names = result.stdout.split()
+    assert version.count(".") >= 2
+    assert no_generic_names == "True"
+
+
+def test_wheel_holds_only_the_kiln_namespace(tmp_path):
+    """What `pip install .` installs: every module under kiln/, no top-level pipeline/ or compile/."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    wheel = next(Path(tmp_path).glob("kiln-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    modules = [n for n in names if n.endswith(".py")]
+    assert "kiln/pipeline/cli.py" in modules and "kiln/quantize/formats.py" in modules
+    assert all(n.startswith("kiln/") for n in modules), [n for n in modules if not n.startswith("kiln/")]
+    metadata = next(n for n in names if n.endswith("METADATA"))
+    requires = [line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist")]
+    default = [r for r in requires if "extra ==" not in r]
+    assert not any(r.split(":")[1].strip().startswith(("torch", "tensorrt")) for r in default), default
+    assert any("typer" in r and "<" in r for r in default), "typer needs an upper bound"
+
+
+def test_cli_help_teaches():
+    from tests.conftest import run_kiln
+
+    result = run_kiln("--help")
+    assert result.returncode == 0
+    for command in ("check", "plan", "build", "ls", "pull"):
+        assert command in result.stdout
+    build_help = run_kiln("build", "--help").stdout
+    assert "--json" in build_help and "Exits 3" in build_help
