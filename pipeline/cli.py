@@ -52,8 +52,10 @@ def _reported_errors() -> Iterator[None]:
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library output.")) -> None:
     _state["debug"] = debug
+    if debug:
+        os.environ["KILN_DEBUG"] = "1"
 
 
 def _emit_json(document) -> None:
@@ -79,8 +81,7 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
 
     Prints one line per problem (file:line: field: message (fix: ...)) and exits 2, or exits 0.
     """
-    from kiln.pipeline.fetch import local_model
-    from kiln.pipeline.plan import width_problems
+    from kiln.pipeline.plan import checkable_model_folder, width_problems
     from kiln.pipeline.recipe_loader import load_recipe
 
     problems: list[str] = []
@@ -88,9 +89,9 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
         for path in recipes:
             try:
                 loaded = load_recipe(path)
-                source = loaded.recipe.model
-                if not source.is_hub:
-                    problems += width_problems(loaded, local_model(source, loaded.resolve(source.source)).path)
+                folder = checkable_model_folder(loaded)
+                if folder is not None:
+                    problems += width_problems(loaded, folder)
             except RecipeErrors as exc:
                 problems += exc.problems
             except KilnError as exc:
@@ -140,8 +141,9 @@ def build(
         stdout_console.print(build_table(result))
         for v in result.variants:
             for c in v.trtllm_corrections:
-                progress.log(f"note: {v.variant}: corrected TensorRT-LLM config {c['field']}: "
-                             f"{c['exported']!r} -> {c['corrected']!r} (from {c['evidence']})")
+                exported, corrected = (json.dumps(c[k], sort_keys=True) for k in ("exported", "corrected"))
+                progress.log(f"note: {v.variant}: ModelOpt's TensorRT-LLM config had {c['field']}={exported}; "
+                             f"kiln wrote {corrected} (proof: {c['evidence']})")
     raise typer.Exit(result.exit_code)
 
 

@@ -72,6 +72,14 @@ def _allow_patterns(source: ModelSource) -> list[str]:
     return patterns
 
 
+def cached_hub_config(source: ModelSource) -> Path | None:
+    """config.json of the pinned revision if the local HF cache has it (plan-time checks never wait on the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source.repo_id, "config.json", revision=source.revision)
+    return Path(found) if isinstance(found, str) else None
+
+
 def hub_model(source: ModelSource, local_only: bool = False) -> FetchedModel:
     """Download (or find in the HF cache) the pinned snapshot."""
     from huggingface_hub import snapshot_download
@@ -102,5 +110,8 @@ def hub_model(source: ModelSource, local_only: bool = False) -> FetchedModel:
             "(fix: run once with network, or unset HF_HUB_OFFLINE)"
         ) from None
     folder = Path(folder)
+    if local_only and not _has_safetensors(folder) and not _pickle_files(folder):
+        # A partial snapshot (config.json alone, say): not an error, just not fetched yet.
+        raise KilnError(f"model.source: {where} is only partly in the local Hugging Face cache")
     _refuse_pickle_only(folder, source, where)
     return FetchedModel(folder, hub_digest(source))

@@ -104,9 +104,10 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
     else:
         local = local_model(source, loaded.resolve(source.source))
         model_digest = local.digest
-        problems = width_problems(loaded, local.path)
-        if problems:
-            raise RecipeErrors(problems)
+    folder = local.path if local else checkable_model_folder(loaded)
+    problems = width_problems(loaded, folder) if folder else []
+    if problems:
+        raise RecipeErrors(problems)
     plan = Plan(
         loaded=loaded,
         home=home,
@@ -170,6 +171,27 @@ def _hub_status(source) -> str:
         raise
     except KilnError:
         return "will run"
+
+
+def checkable_model_folder(loaded: LoadedRecipe) -> Path | None:
+    """A local folder with the model's config.json (and weights, if present) for plan-time checks.
+
+    Local sources always have one; hub sources only when the HF cache does. Otherwise
+    the runner checks right after fetching, before any stage runs.
+    """
+    from kiln.pipeline.errors import KilnError, UserInputError
+    from kiln.pipeline.fetch import cached_hub_config, hub_model
+
+    source = loaded.recipe.model
+    if not source.is_hub:
+        return local_model(source, loaded.resolve(source.source)).path
+    try:
+        return hub_model(source, local_only=True).path
+    except UserInputError:
+        raise
+    except KilnError:
+        config = cached_hub_config(source)  # config.json alone is enough for the width check
+        return config.parent if config else None
 
 
 def _jsonable(request: quantize.QuantizeRequest) -> dict:

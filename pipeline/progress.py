@@ -39,10 +39,7 @@ class ProgressReporter:
             progress.update(task_id, completed=total)
 
     def log(self, message: str) -> None:
-        if self.enabled:
-            stderr_console.print(message)
-        else:
-            print(message, file=sys.stderr)
+        print(message, file=sys.stderr, flush=True)
 
 
 SILENT = ProgressReporter(enabled=False)
@@ -53,6 +50,7 @@ def quiet_libraries() -> Iterator[None]:
     """Keep library chatter (ModelOpt prints, HF progress bars, warnings) off stdout and out of the way.
 
     kiln's own progress bars report the work; stdout stays reserved for tables and JSON.
+    With `kiln --debug` the chatter goes to stderr instead of nowhere.
     """
     import os
     import warnings
@@ -63,9 +61,12 @@ def quiet_libraries() -> Iterator[None]:
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    debug = os.environ.get("KILN_DEBUG") == "1"
     try:
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stderr if debug else devnull), \
+                warnings.catch_warnings():
+            if not debug:
+                warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(previous)

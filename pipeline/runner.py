@@ -96,7 +96,8 @@ class _Runner:
 
     def baseline(self) -> validate.Baseline:
         if self._baseline is None:
-            self._baseline = validate.Baseline(self.model_dir(), self.loaded.recipe.model.trust_remote_code)
+            model = self.loaded.recipe.model
+            self._baseline = validate.Baseline(self.model_dir(), model.trust_remote_code, model.allow_pickle)
         return self._baseline
 
     def _ran(self, instance: StageInstance) -> None:

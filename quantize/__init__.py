@@ -75,16 +75,40 @@ def _linear_input_widths(model_dir: Path) -> dict[str, int]:
     return widths
 
 
+def _config_input_widths(config: dict) -> dict[str, int]:
+    """Input widths of a decoder's linear layers from config.json alone (before the weights are fetched)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    widths = {}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            widths[f"{layer}.self_attn.{proj}"] = hidden
+        widths[f"{layer}.self_attn.o_proj"] = heads * head_dim
+        widths[f"{layer}.mlp.gate_proj"] = widths[f"{layer}.mlp.up_proj"] = hidden
+        widths[f"{layer}.mlp.down_proj"] = inter
+    return widths
+
+
 def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | None) -> list[str]:
-    """Layers whose input width the format's block size does not divide, grouped by name pattern."""
+    """Layers whose input width the format's block size does not divide, grouped by name pattern.
+
+    Reads safetensors headers when the weights are there, else config.json.
+    """
     spec = FORMATS[quant]
     block = group_size or spec.default_group_size
     if not block:
         return []
     import re
 
+    model_dir = Path(model_dir)
+    if any(model_dir.glob("*.safetensors")):
+        widths = _linear_input_widths(model_dir)
+    else:
+        widths = _config_input_widths(json.loads((model_dir / "config.json").read_text()))
     bad: dict[str, int] = {}
-    for name, width in _linear_input_widths(model_dir).items():
+    for name, width in widths.items():
         if width % block:
             bad.setdefault(re.sub(r"\.\d+\.", ".*.", name), width)
     return [f"{pattern} (input width {width})" for pattern, width in sorted(bad.items())]

@@ -141,8 +141,9 @@ def pull(home: Path, ref: str, out: Path, progress) -> PulledArtifact:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        with progress.task(f"download {version.name}/{version.version}", total=None):
+        with progress.task(f"download {version.name}/{version.version}", total=1) as task:
             download_artifacts(artifact_uri=version.source, dst_path=str(staging), tracking_uri=tracking_uri(home))
+            task.advance()
         root = staging / ARTIFACT_PATH if (staging / ARTIFACT_PATH).is_dir() else staging
         manifest = verify_tree(root, version.tags.get(MANIFEST_TAG))
         if out.exists():

@@ -25,9 +25,11 @@ def is_embedded(uri: str) -> bool:
 def client(home: Path):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     from mlflow.tracking import MlflowClient
+
+    # MLflow sets its own loggers to INFO on import; its schema-migration chatter is not news here.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     uri = tracking_uri(home)
     if is_embedded(uri):

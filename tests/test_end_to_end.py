@@ -18,6 +18,8 @@ from tests.hub_cache import COMMIT, model_files, seed_hub_cache
 
 pytestmark = pytest.mark.slow
 
+SECRET = "hf_kilnEndToEndSecret9876543210"
+
 VARIANTS = {
     "fp8": {"quant": "fp8", "kv_cache": "fp8", "gpus": ["sm90"],
             "gates": {"max_ppl_increase_pct": 2.0, "max_kl": 0.02, "min_top1_agreement": 0.9}},
@@ -29,7 +31,8 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, test_model):
     root = tmp_path_factory.mktemp("e2e")
-    env = {"KILN_HOME": str(root / "kiln-home"), "HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    env = {"KILN_HOME": str(root / "kiln-home"), "HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1",
+           "HF_TOKEN": SECRET}
     seed_hub_cache(root / "hf-home", "kiln-tests/tiny-llama", model_files(test_model))
     recipe = write_recipe(root, "hf://kiln-tests/tiny-llama", VARIANTS, name="spine", samples=32, seq_len=256,
                           model={"revision": COMMIT}, publish={"aliases": ["candidate"]})
@@ -59,6 +62,13 @@ def test_build_publishes_every_variant_with_metrics(world):
     # Progress bars go to stderr, stdout is pure JSON (parsed above).
     for label in ("calibrate", "export", "evaluate", "upload"):
         assert label in world["stderr"]
+
+
+def test_the_hub_token_is_never_logged_or_written(world):
+    assert SECRET not in world["stderr"] and SECRET not in json.dumps(world["build"])
+    for path in world["home"].rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
 
 
 def test_the_test_model_means_something(world):

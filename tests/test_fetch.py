@@ -92,3 +92,18 @@ def test_remote_code_and_pickle_stay_out_by_default():
     assert "*.py" not in patterns and "*.bin" not in patterns and "*.safetensors" in patterns
     opted = _allow_patterns(ModelSource(source="hf://acme/m", revision=COMMIT, trust_remote_code=True, allow_pickle=True))
     assert "*.py" in opted and "*.bin" in opted
+
+
+def test_layer_widths_are_checked_from_a_cached_config_before_any_download(tmp_path, offline_hub, kiln_home):
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
+              "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 512}
+    seed_hub_cache(offline_hub, "acme/odd-widths", {"config.json": json.dumps(config).encode()})
+    recipe = write_recipe(tmp_path, "hf://acme/odd-widths", {"int4": {"quant": "int4_awq"}}, model={"revision": COMMIT})
+    for command in ("check", "plan"):
+        result = run_kiln(command, recipe)
+        assert result.returncode == 2, result.stderr
+        assert "cannot pack model.layers.*.mlp.down_proj (input width 688)" in result.stderr
+    fine = write_recipe(tmp_path, "hf://acme/odd-widths", {"fp8": {"quant": "fp8"}}, model={"revision": COMMIT}, name="t2")
+    result = run_kiln("plan", fine, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stages"][0]["status"] == "will run"  # config alone is not a fetched model

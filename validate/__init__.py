@@ -24,9 +24,10 @@ __all__ = ["Baseline", "run", "evaluate_gates", "GateResult", "Metrics", "load_m
 class Baseline:
     """The unquantized model and its logits per evaluation sample, computed once and shared by variants."""
 
-    def __init__(self, model_dir: Path, trust_remote_code: bool = False):
+    def __init__(self, model_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False):
         self.model_dir = Path(model_dir)
         self.trust_remote_code = trust_remote_code
+        self.allow_pickle = allow_pickle
         self._model = None
         self._logits: dict[tuple[int, bytes], object] = {}
 
@@ -38,7 +39,7 @@ class Baseline:
             key = (i, samples[i].numpy().tobytes())
             if key not in self._logits:
                 if self._model is None:
-                    self._model = load_baseline_model(self.model_dir, self.trust_remote_code)
+                    self._model = load_baseline_model(self.model_dir, self.trust_remote_code, self.allow_pickle)
                 self._logits[key] = logits_of(self._model, samples[i])
             return self._logits[key]
 

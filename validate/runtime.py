@@ -133,10 +133,11 @@ def _attach_kv_scales(model: nn.Module, tensors: dict, codec, consumed: set[str]
         raise ValueError("the checkpoint declares a quantized KV cache but carries no k_scale / v_scale")
 
 
-def load_baseline_model(model_dir: Path, trust_remote_code: bool = False) -> nn.Module:
+def load_baseline_model(model_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
     """The unquantized source model, float32, eval mode: what the variant is compared against."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
     ).eval()
