@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,8 +26,11 @@ def test_imports_from_outside_the_repo(tmp_path):
 
 def test_wheel_holds_only_the_kiln_namespace(tmp_path):
     """What `pip install .` installs: every module under kiln/, no top-level pipeline/ or compile/."""
+    # Build from a copy: setuptools writes build/ and *.egg-info into the source tree it builds.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".cache", ".git", "build", "*.egg-info"))
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from kiln.validate.gates import GateResult, evaluate_gates
-from kiln.validate.metrics import Metrics
+from kiln.validate.records import Metrics
 
 STAGE_VERSION = 1
 TOOLS = ("torch", "transformers")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.validate.metrics import Metrics
+from kiln.validate.records import Metrics
 
 
 @dataclass(frozen=True)

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Metrics:
-    tokens: int
-    baseline_ppl: float
-    quantized_ppl: float
-    ppl_increase_pct: float
-    mean_kl: float              # KL(baseline || quantized) per next-token distribution, nats
-    top1_agreement: float       # fraction of positions whose argmax agrees
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from kiln.validate.records import Metrics
 
 
 @torch.no_grad()
