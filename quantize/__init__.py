@@ -154,7 +154,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     seconds["export"] = time.monotonic() - started
 
     source_config = json.loads((Path(model_dir) / "config.json").read_text())
-    corrections = check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size)
+    corrections = check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size, label)
     spec = FORMATS[request.quant]
     record = CheckpointRecord(
         quant=request.quant.value,

@@ -14,6 +14,7 @@ from enum import Enum
 
 class QuantFormat(str, Enum):
     fp8 = "fp8"
+    nvfp4 = "nvfp4"
     int4_awq = "int4_awq"
 
 
@@ -48,6 +49,16 @@ FORMATS: dict[QuantFormat, FormatSpec] = {
         algorithm="max",
         weight_bits=8,
         activation_bits=8,
+    ),
+    QuantFormat.nvfp4: FormatSpec(
+        name=QuantFormat.nvfp4,
+        summary="FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
+        modelopt_config="NVFP4_DEFAULT_CFG",
+        algorithm="max",
+        weight_bits=4,
+        activation_bits=4,
+        group_sizes=(16,),
+        default_group_size=16,
     ),
     QuantFormat.int4_awq: FormatSpec(
         name=QuantFormat.int4_awq,

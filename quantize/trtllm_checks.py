@@ -17,8 +17,10 @@ from typing import Any
 from kiln.pipeline.errors import KilnError
 from kiln.pipeline.fsutil import atomic_write_text
 
-# TensorRT-LLM stores INT4 weights two to a byte, packed along the output dimension.
+# TensorRT-LLM stores INT4 weights two to a byte packed along the output dimension,
+# NVFP4 weights two to a byte packed along the input dimension.
 _PACKED_INT4_ALGOS = {"W4A16_AWQ", "W4A16_GPTQ", "W4A8_AWQ", "W4A16"}
+_PACKED_FP4_ALGOS = {"NVFP4"}
 
 
 class ExportCheckError(KilnError):
@@ -77,6 +79,8 @@ _FROM_SOURCE_ALONE = {"max_position_embeddings", "norm_epsilon", "rotary_base", 
 def _logical_shape(shape: tuple[int, ...], dtype: str, quant_algo: str | None) -> tuple[int, ...]:
     if quant_algo in _PACKED_INT4_ALGOS and dtype in ("I8", "U8") and len(shape) == 2:
         return (shape[0] * 2, shape[1])
+    if quant_algo in _PACKED_FP4_ALGOS and dtype in ("I8", "U8") and len(shape) == 2:
+        return (shape[0], shape[1] * 2)
     return shape
 
 
@@ -122,36 +126,38 @@ def _shape_problems(exported: dict, fields: dict, tensors: dict, quant_algo: str
     return problems
 
 
-def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: int) -> list[Correction]:
+def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: int, label: str = "") -> list[Correction]:
     """Verify (and correct in place) `config.json` of an exported TensorRT-LLM checkpoint.
 
     Returns the corrections made; raises ExportCheckError naming what cannot be proven.
+    `label` names the checkpoint in messages (the folder may still be a temporary one).
     """
     config_path = Path(checkpoint_dir) / "config.json"
+    where = f"{label}: TensorRT-LLM checkpoint" if label else str(checkpoint_dir)
     exported = json.loads(config_path.read_text())
     fields = expected_fields(source_config)
     quant_algo = (exported.get("quantization") or {}).get("quant_algo")
     mapping = exported.get("mapping") or {}
     if mapping.get("tp_size", 1) != tp_size:
         raise ExportCheckError(
-            f"{config_path}: mapping.tp_size is {mapping.get('tp_size')}, the recipe asks for {tp_size}; "
+            f"{where}: mapping.tp_size is {mapping.get('tp_size')}, the recipe asks for {tp_size}; "
             "re-export (fix: report this ModelOpt behaviour, kiln will not guess a sharding)"
         )
     rank_files = sorted(Path(checkpoint_dir).glob("rank*.safetensors"))
     if len(rank_files) != tp_size:
-        raise ExportCheckError(f"{checkpoint_dir}: {len(rank_files)} rank*.safetensors files for tp_size {tp_size}")
+        raise ExportCheckError(f"{where}: {len(rank_files)} rank*.safetensors files for tp_size {tp_size}")
     tensors = _read_shapes(Path(checkpoint_dir) / "rank0.safetensors")
 
     if exported.get("share_embedding_table") and not source_config.get("tie_word_embeddings", False):
         raise ExportCheckError(
-            f"{config_path}: share_embedding_table is true but the source model has a separate lm_head; "
+            f"{where}: share_embedding_table is true but the source model has a separate lm_head; "
             "an engine built from it would use the wrong output projection"
         )
     # The tensors are what the engine is built from: they must agree with the source model.
     problems = _shape_problems(exported, fields, tensors, quant_algo, tp_size)
     if problems:
         raise ExportCheckError(
-            f"{checkpoint_dir}: tensors disagree with the source model: " + "; ".join(problems[:4])
+            f"{where}: tensors disagree with the source model: " + "; ".join(problems[:4])
             + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
         )
 

@@ -40,7 +40,7 @@ CASES = [
     ("negative-build", ("variants:", "build: {max_batch_size: -4}\nvariants:"),
      r":8: build\.max_batch_size: Input should be greater than 0"),
     ("unknown-format", ("quant: fp8,", "quant: fp9,"),
-     r"variants\.fp8\.quant: Input should be 'fp8' or 'int4_awq'"),
+     r"variants\.fp8\.quant: Input should be 'fp8', 'nvfp4' or 'int4_awq'"),
     ("group-size-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, group_size: 128,"),
      r"variants\.fp8: group_size does not apply to fp8"),
     ("schema-version", ("kiln: 1", "kiln: 2"), r":1: kiln: Input should be 1"),

@@ -66,10 +66,24 @@ def _decode_int4_awq(prefix: str, tensors: dict[str, torch.Tensor], group_size: 
     return DecodedLinear(weight, transform)
 
 
+def _decode_nvfp4(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
+    from kiln.validate import nvfp4
+
+    if group_size not in (None, nvfp4.BLOCK):
+        raise ValueError(f"{prefix}: NVFP4 blocks are {nvfp4.BLOCK} wide, hf_quant_config.json says {group_size}")
+    weight = nvfp4.dequantize_weight(
+        tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"], tensors[f"{prefix}.weight_scale_2"]
+    )
+    input_scale = tensors.get(f"{prefix}.input_scale")
+    transform = (lambda x, s=input_scale: nvfp4.fake_quant_activation(x, s)) if input_scale is not None else None
+    return DecodedLinear(weight, transform)
+
+
 # Keyed by the `quant_algo` of hf_quant_config.json.
 WEIGHT_CODECS: dict[str, Callable[[str, dict, int | None], DecodedLinear]] = {
     "FP8": _decode_fp8,
     "W4A16_AWQ": _decode_int4_awq,
+    "NVFP4": _decode_nvfp4,
 }
 
 # Keyed by `kv_cache_quant_algo`: how K and V are rounded with k_scale / v_scale.

@@ -1,0 +1,66 @@
+"""NVFP4 in plain torch on the CPU: E2M1 values, FP8 E4M3 block scales of 16, an FP32 global scale.
+
+ModelOpt's own NVFP4 fake-quant needs CUDA, so the reference runtime decodes the
+exported weights and rounds activations itself. Layout of the HF export: `weight`
+uint8 [out, in/2], element 2i in the low nibble and 2i+1 in the high nibble;
+`weight_scale` float8_e4m3fn [out, in/16]; `weight_scale_2` and `input_scale`
+fp32 scalars (amax / (6 * 448)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+# Magnitudes of the eight E2M1 codes; bit 3 is the sign.
+E2M1_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_MIDPOINTS = (E2M1_MAGNITUDES[1:] + E2M1_MAGNITUDES[:-1]) / 2
+
+
+def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (0..15, in any integer tensor) -> float32 values."""
+    codes = codes.to(torch.int64)
+    magnitude = E2M1_MAGNITUDES[codes & 0x7]
+    return torch.where((codes & 0x8) != 0, -magnitude, magnitude)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., n/2] uint8 -> [..., n] codes: low nibble first."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed NVFP4 weight must be uint8, got {packed.dtype}")
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value (saturating at 6), ties to the even code, as the hardware does."""
+    magnitude = x.abs().clamp(max=E2M1_MAX)
+    index = torch.bucketize(magnitude, _MIDPOINTS)  # a value on a midpoint gets the lower neighbour
+    on_midpoint = magnitude == _MIDPOINTS[index.clamp(max=len(_MIDPOINTS) - 1)]
+    index = index + (on_midpoint & (index % 2 == 1)).to(index.dtype)  # the lower neighbour's code is odd
+    return torch.copysign(E2M1_MAGNITUDES[index], x)
+
+
+def dequantize_weight(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    values = decode_e2m1(unpack_fp4(packed))
+    scales = block_scale.to(torch.float32).repeat_interleave(BLOCK, dim=-1) * global_scale.to(torch.float32)
+    if scales.shape != values.shape:
+        raise ValueError(f"NVFP4 block scales {tuple(block_scale.shape)} do not cover weights {tuple(values.shape)}")
+    return values * scales
+
+
+def fake_quant_activation(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Dynamic NVFP4 activations: per block of 16, scale = amax/6 stored as E4M3 relative to the global scale."""
+    dtype, shape = x.dtype, x.shape
+    if shape[-1] % BLOCK:
+        raise ValueError(f"NVFP4 activations need a last dimension divisible by {BLOCK}, got {shape[-1]}")
+    blocks = x.to(torch.float32).reshape(-1, shape[-1] // BLOCK, BLOCK)
+    global_scale = global_scale.to(torch.float32)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    block_scale = (block_amax / E2M1_MAX / global_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    scale = block_scale * global_scale
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(scale > 0, round_to_e2m1(blocks / safe) * scale, torch.zeros_like(blocks))
+    return q.reshape(shape).to(dtype)
