@@ -79,6 +79,7 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.Quantiz
         tp_size=loaded.recipe.build.tp_size,
         trust_remote_code=model.trust_remote_code,
         allow_pickle=model.allow_pickle,
+        alpha=variant.alpha,
     )
 
 

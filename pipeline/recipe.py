@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from kiln.quantize.formats import FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -85,6 +85,7 @@ class Variant(Strict):
     quant: QuantFormat
     kv_cache: KVCacheFormat = KVCacheFormat.none
     group_size: PositiveInt | None = None
+    alpha: float | None = Field(default=None, gt=0, le=1, description="SmoothQuant migration strength (int8_sq)")
     gpus: tuple[str, ...] = ()
     gates: Gates = Gates()
 
@@ -104,6 +105,11 @@ class Variant(Strict):
         if self.group_size is not None and self.group_size not in spec.group_sizes:
             allowed = " or ".join(str(g) for g in spec.group_sizes)
             raise ValueError(f"group_size {self.group_size} is not supported by {self.quant.value}; use {allowed}")
+        if self.alpha is not None and not spec.takes_alpha:
+            raise ValueError(f"alpha applies only to int8_sq (SmoothQuant); remove it from this {self.quant.value} variant")
+        unsupported = KV_CACHE_FORMATS[self.kv_cache].unsupported
+        if unsupported:
+            raise ValueError(f"kv_cache {self.kv_cache.value}: {unsupported}")
         return self
 
     @property

@@ -160,6 +160,7 @@ class _Runner:
             "kiln.quant": record.quant,
             "kiln.kv_cache": record.kv_cache,
             "kiln.algorithm": record.algorithm,
+            "kiln.export_quant_algo": record.export_quant_algo or "",
             "kiln.group_size": str(record.group_size or ""),
             "kiln.gate": "pass",
         }

@@ -37,6 +37,7 @@ class QuantizeRequest:
     tp_size: int
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class CheckpointRecord:
     tools: dict[str, str]
     trtllm_corrections: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # The export format's own label can hide the algorithm (GPTQ exports say W4A16_AWQ): kiln keeps both.
+    export_quant_algo: str | None = None
+    alpha: float | None = None
 
     @classmethod
     def load(cls, checkpoint_dir: Path) -> "CheckpointRecord":
@@ -134,7 +138,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     seconds = {}
     started = time.monotonic()
     model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle)
-    config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size)
+    config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha)
     seconds["load"] = time.monotonic() - started
 
     label = f"{request.quant.value}" + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
@@ -168,6 +172,8 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
         tools={name: version(name) for name in TOOLS},
         trtllm_corrections=[c.as_dict() for c in corrections],
         seconds={k: round(v, 3) for k, v in seconds.items()},
+        export_quant_algo=json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())["quantization"].get("quant_algo"),
+        alpha=request.alpha,
     )
     (out_dir / CHECKPOINT_RECORD).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
     return record

@@ -1,26 +1,32 @@
 """The formats table: the one place that says what each quantization format is.
 
 Recipes validate against these enums, planning checks layer widths with the
-block sizes here, the ModelOpt adapter picks configs from here and the
-reference runtime picks its decoders from here. Adding a format means adding
-a row, not a branch in four files.
+block sizes here, the ModelOpt adapter picks configs from here and records the
+algorithm from here. Adding a format means adding a row, not a branch in four files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
 class QuantFormat(str, Enum):
     fp8 = "fp8"
+    fp8_pc_pt = "fp8_pc_pt"
     nvfp4 = "nvfp4"
     int4_awq = "int4_awq"
+    int4_gptq = "int4_gptq"
+    w4a8_awq = "w4a8_awq"
+    int8_sq = "int8_sq"
+    int8_wo = "int8_wo"
 
 
 class KVCacheFormat(str, Enum):
     none = "none"
     fp8 = "fp8"
+    int8 = "int8"
+    nvfp4 = "nvfp4"
 
 
 @dataclass(frozen=True)
@@ -28,51 +34,50 @@ class FormatSpec:
     name: QuantFormat
     summary: str
     modelopt_config: str            # attribute of modelopt.torch.quantization
-    algorithm: str                  # what produced the weights, recorded in kiln.json
-    weight_bits: int
+    algorithm: str                  # what produced the weights, recorded in kiln.json and registry tags
+    weight_bits: float              # storage bits per weight, scales included
     activation_bits: int            # 16: activations stay in the model dtype
-    group_sizes: tuple[int, ...] = ()  # allowed weight block sizes; () means per-tensor
+    group_sizes: tuple[int, ...] = ()  # allowed weight block sizes; () means per-tensor or per-channel
     default_group_size: int | None = None
+    # Overrides of the ModelOpt config's "algorithm" entry (GPTQ is an INT4 config run with method gptq).
+    algorithm_config: dict = field(default_factory=dict)
+    takes_alpha: bool = False       # SmoothQuant's migration strength, set in the recipe
 
 
 @dataclass(frozen=True)
 class KVCacheSpec:
     name: KVCacheFormat
     modelopt_config: str | None     # attribute of modelopt.torch.quantization
+    unsupported: str | None = None  # why kiln refuses it, when it does
 
 
-FORMATS: dict[QuantFormat, FormatSpec] = {
-    QuantFormat.fp8: FormatSpec(
-        name=QuantFormat.fp8,
-        summary="FP8 E4M3 weights and activations, per-tensor scales",
-        modelopt_config="FP8_DEFAULT_CFG",
-        algorithm="max",
-        weight_bits=8,
-        activation_bits=8,
-    ),
-    QuantFormat.nvfp4: FormatSpec(
-        name=QuantFormat.nvfp4,
-        summary="FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
-        modelopt_config="NVFP4_DEFAULT_CFG",
-        algorithm="max",
-        weight_bits=4,
-        activation_bits=4,
-        group_sizes=(16,),
-        default_group_size=16,
-    ),
-    QuantFormat.int4_awq: FormatSpec(
-        name=QuantFormat.int4_awq,
-        summary="INT4 weights (W4A16), AWQ, per-group scales",
-        modelopt_config="INT4_AWQ_CFG",
-        algorithm="awq_lite",
-        weight_bits=4,
-        activation_bits=16,
-        group_sizes=(64, 128),
-        default_group_size=128,
-    ),
-}
+FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
+    FormatSpec(QuantFormat.fp8, "FP8 E4M3 weights and activations, per-tensor scales",
+               "FP8_DEFAULT_CFG", "max", 8, 8),
+    FormatSpec(QuantFormat.fp8_pc_pt, "FP8 weights with per-channel scales, activations per token (dynamic)",
+               "FP8_PER_CHANNEL_PER_TOKEN_CFG", "max", 8, 8),
+    FormatSpec(QuantFormat.nvfp4, "FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
+               "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16),
+    FormatSpec(QuantFormat.int4_awq, "INT4 weights (W4A16), AWQ, per-group scales",
+               "INT4_AWQ_CFG", "awq_lite", 4.25, 16, group_sizes=(64, 128), default_group_size=128),
+    FormatSpec(QuantFormat.int4_gptq, "INT4 weights (W4A16), GPTQ, per-group scales",
+               "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq", 4.25, 16, group_sizes=(128,), default_group_size=128,
+               algorithm_config={"method": "gptq"}),
+    FormatSpec(QuantFormat.w4a8_awq, "INT4 weights, AWQ, per-group scales; FP8 activations",
+               "W4A8_AWQ_BETA_CFG", "awq_lite", 4.25, 8, group_sizes=(128,), default_group_size=128),
+    FormatSpec(QuantFormat.int8_sq, "INT8 weights (per channel) and activations (per tensor), SmoothQuant",
+               "INT8_SMOOTHQUANT_CFG", "smoothquant", 8, 8, algorithm_config={"method": "smoothquant"},
+               takes_alpha=True),
+    FormatSpec(QuantFormat.int8_wo, "INT8 weights (per channel), W8A16",
+               "INT8_WEIGHT_ONLY_CFG", "max", 8, 16),
+)}
 
-KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {
-    KVCacheFormat.none: KVCacheSpec(KVCacheFormat.none, None),
-    KVCacheFormat.fp8: KVCacheSpec(KVCacheFormat.fp8, "FP8_KV_CFG"),
-}
+KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec in (
+    KVCacheSpec(KVCacheFormat.none, None),
+    KVCacheSpec(KVCacheFormat.fp8, "FP8_KV_CFG"),
+    KVCacheSpec(KVCacheFormat.nvfp4, "NVFP4_KV_CFG"),
+    # Measured: ModelOpt 0.47 calibrates an INT8 KV cache but its HF export stops with
+    # "Invalid KV cache quantization format", so no checkpoint kiln could validate exists.
+    KVCacheSpec(KVCacheFormat.int8, None, unsupported="ModelOpt 0.47 cannot export an INT8 KV cache to the HF "
+                "checkpoint (\"Invalid KV cache quantization format\"); use fp8 or nvfp4"),
+)}

@@ -16,18 +16,26 @@ from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, Quan
 TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
-def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None) -> dict:
-    """The ModelOpt quantization config for a format, group size and KV-cache format."""
+def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None, alpha: float | None = None) -> dict:
+    """The ModelOpt quantization config for a format, group size, KV-cache format and SmoothQuant alpha."""
     import modelopt.torch.quantization as mtq
 
     spec = FORMATS[quant]
     config = copy.deepcopy(getattr(mtq, spec.modelopt_config))
+    if spec.algorithm_config:
+        config["algorithm"] = dict(spec.algorithm_config)
+    if spec.takes_alpha and alpha is not None:
+        config["algorithm"] = {**config.get("algorithm", {}), "alpha": alpha}
     if group_size is not None:
         for entry in config["quant_cfg"]:
             cfg = entry.get("cfg") if isinstance(entry, dict) else None
-            if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(cfg, dict) and "block_sizes" in cfg:
-                cfg["block_sizes"] = {**cfg["block_sizes"], -1: group_size}
+            # W4A8 chains two weight quantizers (INT4 blocks, then FP8): the block size sits on the first.
+            for stage in (cfg if isinstance(cfg, list) else [cfg]):
+                if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(stage, dict) and stage.get("block_sizes"):
+                    stage["block_sizes"] = {**stage["block_sizes"], -1: group_size}
     kv_spec = KV_CACHE_FORMATS[kv_cache]
+    if kv_spec.unsupported:
+        raise ValueError(f"kv_cache {kv_cache.value}: {kv_spec.unsupported}")
     if kv_spec.modelopt_config is not None:
         config = mtq.update_quant_cfg_with_kv_cache_quant(config, getattr(mtq, kv_spec.modelopt_config)["quant_cfg"])
     return config

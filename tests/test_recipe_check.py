@@ -40,9 +40,10 @@ CASES = [
     ("negative-build", ("variants:", "build: {max_batch_size: -4}\nvariants:"),
      r":8: build\.max_batch_size: Input should be greater than 0"),
     ("unknown-format", ("quant: fp8,", "quant: fp9,"),
-     r"variants\.fp8\.quant: Input should be 'fp8', 'nvfp4' or 'int4_awq'"),
+     r"variants\.fp8\.quant: Input should be 'fp8', 'fp8_pc_pt', 'nvfp4', 'int4_awq', 'int4_gptq', 'w4a8_awq', 'int8_sq' or 'int8_wo'"),
     ("group-size-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, group_size: 128,"),
      r"variants\.fp8: group_size does not apply to fp8"),
+    ("alpha-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, alpha: 0.5,"), r"variants\.fp8: alpha applies only to int8_sq"),
     ("schema-version", ("kiln: 1", "kiln: 2"), r":1: kiln: Input should be 1"),
     ("unknown-gpu", ("gpus: [sm90]", "gpus: [sm91]"), r"variants\.fp8\.gpus: unknown GPU architecture 'sm91'"),
 ]

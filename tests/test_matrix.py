@@ -1,0 +1,48 @@
+"""recipes/demo-matrix.yaml: every quantization and KV-cache format builds and validates offline."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import REPO, run_kiln
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "demo-model").symlink_to(test_model, target_is_directory=True)
+    recipe = tmp_path / "recipes" / "demo-matrix.yaml"
+    recipe.write_text((REPO / "recipes" / "demo-matrix.yaml").read_text())
+    result = run_kiln("build", recipe, "--json")
+    assert result.returncode == 0, result.stderr
+    variants = {v["variant"]: v for v in json.loads(result.stdout)["variants"]}
+    assert len(variants) == 11
+    for name, v in variants.items():
+        assert v["registry"]["version"] == "1", name
+        assert 0 <= v["metrics"]["mean_kl"] < 0.05, (name, v["metrics"])
+    # 8-bit weight-only is all but lossless; 4-bit weights and activations cost the most.
+    assert variants["int8-wo"]["metrics"]["mean_kl"] < variants["fp8"]["metrics"]["mean_kl"]
+    assert variants["nvfp4-kv-nvfp4"]["metrics"]["mean_kl"] > variants["nvfp4"]["metrics"]["mean_kl"]
+
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{kiln_home / 'registry' / 'mlflow.db'}"
+    tags = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("matrix-int4-gptq", "1").tags
+    # The export labels GPTQ weights W4A16_AWQ; kiln's own records must not.
+    assert tags["kiln.algorithm"] == "gptq" and tags["kiln.quant"] == "int4_gptq"
+    record = json.loads(next(kiln_home.glob("cache/quantize/*/kiln.json")).read_text())
+    assert "export_quant_algo" in record
+
+
+def test_int8_kv_is_refused_with_the_reason(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((REPO / "recipes" / "demo.yaml").read_text().replace("kv_cache: fp8", "kv_cache: int8"))
+    result = run_kiln("check", recipe)
+    assert result.returncode == 2
+    assert "variants.fp8: kv_cache int8: ModelOpt 0.47 cannot export an INT8 KV cache" in result.stderr
