@@ -17,8 +17,6 @@ from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, Quan
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 HF_SCHEME = "hf://"
-# Known SM names; GPU product names and per-format support arrive with compile's table.
-GPU_ARCHS = ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 
@@ -92,10 +90,17 @@ class Variant(Strict):
     @field_validator("gpus")
     @classmethod
     def _known_gpus(cls, gpus: tuple[str, ...]) -> tuple[str, ...]:
+        from kiln.compile import resolve_gpu
+
         for gpu in gpus:
-            if gpu.lower() not in GPU_ARCHS:
-                raise ValueError(f"unknown GPU architecture '{gpu}'; use one of {', '.join(GPU_ARCHS)}")
-        return tuple(g.lower() for g in gpus)
+            resolve_gpu(gpu)  # ValueError names the known SMs and GPUs
+        return gpus
+
+    @property
+    def sms(self) -> tuple[str, ...]:
+        from kiln.compile import resolve_gpu
+
+        return tuple(dict.fromkeys(resolve_gpu(gpu).sm for gpu in self.gpus))
 
     @model_validator(mode="after")
     def _group_size_applies(self) -> "Variant":
@@ -110,6 +115,11 @@ class Variant(Strict):
         unsupported = KV_CACHE_FORMATS[self.kv_cache].unsupported
         if unsupported:
             raise ValueError(f"kv_cache {self.kv_cache.value}: {unsupported}")
+        from kiln.compile import support_problem
+
+        problems = [p for p in (support_problem(self.quant, self.kv_cache, gpu) for gpu in self.gpus) if p]
+        if problems:
+            raise ValueError("; ".join(problems) + " (fix: drop that GPU or choose a format it runs)")
         return self
 
     @property

@@ -45,7 +45,7 @@ CASES = [
      r"variants\.fp8: group_size does not apply to fp8"),
     ("alpha-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, alpha: 0.5,"), r"variants\.fp8: alpha applies only to int8_sq"),
     ("schema-version", ("kiln: 1", "kiln: 2"), r":1: kiln: Input should be 1"),
-    ("unknown-gpu", ("gpus: [sm90]", "gpus: [sm91]"), r"variants\.fp8\.gpus: unknown GPU architecture 'sm91'"),
+    ("unknown-gpu", ("gpus: [sm90]", "gpus: [sm91]"), r"variants\.fp8\.gpus: unknown GPU 'sm91'; use an SM or GPU name: sm80 \(A100/A30\)"),
 ]
 
 

@@ -1,0 +1,86 @@
+"""The GPU-architecture table: the only place kiln looks up what a GPU can run.
+
+Sources (TensorRT-LLM; cited per cell below):
+  [doc]     docs/source/features/quantization.md, "Hardware Support Matrix" (read at commit 09d4c79):
+            NVFP4 on Blackwell only; FP8 per tensor on Ada, Hopper, Blackwell; FP8 rowwise on Hopper only;
+            W4A8 AWQ/GPTQ on Ada and Hopper; W4A16 AWQ/GPTQ on Ampere, Ada and Hopper, and "." (none)
+            for both Blackwell rows, sm100/103 and sm120.
+  [builder] the TensorRT engine builder raises RuntimeError for INT8/INT4 weight-only, INT8 KV cache and
+            SmoothQuant when 100 <= SM < 120 (design card).
+  [modelopt] ModelOpt's fp8_compatible (SM >= 8.9) and fp4_compatible (SM >= 10.0).
+The design card's "check" cells for sm120 (INT4 AWQ/GPTQ, W4A8-AWQ, INT8-SQ, INT8 KV) are resolved
+as "no": the builder does not forbid them there, but [doc] lists no sm120 kernels for W4A16 or W4A8,
+and none of INT8-SQ or INT8 KV for Blackwell. kiln refuses what no source says works.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kiln.quantize.formats import KVCacheFormat, QuantFormat
+
+Q, KV = QuantFormat, KVCacheFormat
+
+
+@dataclass(frozen=True)
+class GpuArch:
+    sm: str
+    gpus: tuple[str, ...]
+    formats: frozenset[QuantFormat]
+    kv_caches: frozenset[KVCacheFormat]
+
+    def describe(self) -> str:
+        formats = ", ".join(sorted(f.value for f in self.formats))
+        kv = ", ".join(sorted(k.value for k in self.kv_caches))
+        return f"{self.sm} runs {formats}; KV cache {kv}"
+
+
+_AMPERE_FORMATS = frozenset({Q.int4_awq, Q.int4_gptq, Q.int8_sq, Q.int8_wo})       # [doc] W4A16; [builder] INT8
+_ADA_FORMATS = _AMPERE_FORMATS | {Q.fp8, Q.w4a8_awq}                                  # [doc], [modelopt] FP8 >= 8.9
+_PRE_BLACKWELL_KV = frozenset({KV.none, KV.fp8, KV.int8})
+
+ARCHS: dict[str, GpuArch] = {arch.sm: arch for arch in (
+    GpuArch("sm80", ("A100", "A30"), _AMPERE_FORMATS, _PRE_BLACKWELL_KV),
+    GpuArch("sm86", ("A10", "A40", "RTX 3090", "RTX 3080", "RTX A6000"), _AMPERE_FORMATS, _PRE_BLACKWELL_KV),
+    GpuArch("sm89", ("L4", "L40", "L40S", "RTX 4090", "RTX 6000 Ada"), _ADA_FORMATS, _PRE_BLACKWELL_KV),
+    # FP8 rowwise (per-channel weights, per-token activations) has Hopper kernels only [doc].
+    GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_FORMATS | {Q.fp8_pc_pt}, _PRE_BLACKWELL_KV),
+    # [builder]: no INT8/INT4 weight-only, SmoothQuant or INT8 KV on 100 <= SM < 120; [doc]: no W4A16/W4A8.
+    GpuArch("sm100", ("B200", "GB200", "B100"), frozenset({Q.fp8, Q.nvfp4}), frozenset({KV.none, KV.fp8, KV.nvfp4})),
+    GpuArch("sm120", ("RTX 5090", "RTX 5080", "RTX PRO 6000"), frozenset({Q.fp8, Q.nvfp4}),
+            frozenset({KV.none, KV.fp8, KV.nvfp4})),
+)}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[\s_-]+", " ", name.strip().lower())
+
+
+_BY_NAME = {_normalise(gpu): arch for arch in ARCHS.values() for gpu in (arch.sm, *arch.gpus)}
+
+
+def known_names() -> str:
+    return ", ".join(f"{arch.sm} ({'/'.join(arch.gpus)})" for arch in ARCHS.values())
+
+
+def resolve_gpu(name: str) -> GpuArch:
+    """An SM name (sm90) or a GPU name (H100, 'RTX 5090'), any case."""
+    arch = _BY_NAME.get(_normalise(name))
+    if arch is None:
+        raise ValueError(f"unknown GPU '{name}'; use an SM or GPU name: {known_names()}")
+    return arch
+
+
+def support_problem(quant: QuantFormat, kv_cache: KVCacheFormat, gpu: str) -> str | None:
+    """Why `gpu` cannot run this format and KV format, or None when it can."""
+    arch = resolve_gpu(gpu)
+    label = gpu if _normalise(gpu) == arch.sm else f"{gpu} ({arch.sm})"
+    missing = []
+    if quant not in arch.formats:
+        missing.append(quant.value)
+    if kv_cache not in arch.kv_caches:
+        missing.append(f"a {kv_cache.value} KV cache")
+    if not missing:
+        return None
+    return f"{label} cannot run {' with '.join(missing)}; {arch.describe()}"
