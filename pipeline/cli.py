@@ -139,12 +139,20 @@ def build(
         _emit_json(build_document(result))
     else:
         stdout_console.print(build_table(result))
-        for v in result.variants:
-            for c in v.trtllm_corrections:
-                exported, corrected = (json.dumps(c[k], sort_keys=True) for k in ("exported", "corrected"))
-                progress.log(f"note: {v.variant}: ModelOpt's TensorRT-LLM config had {c['field']}={exported}; "
-                             f"kiln wrote {corrected} (proof: {c['evidence']})")
+        _report_corrections(result, progress)
     raise typer.Exit(result.exit_code)
+
+
+def _report_corrections(result, progress) -> None:
+    """One note per distinct correction of ModelOpt's TensorRT-LLM configs, naming the variants it touched."""
+    seen: dict[tuple, list[str]] = {}
+    for v in result.variants:
+        for c in v.trtllm_corrections:
+            exported, corrected = (json.dumps(c[k], sort_keys=True) for k in ("exported", "corrected"))
+            seen.setdefault((c["field"], exported, corrected, c["evidence"]), []).append(v.variant)
+    for (field, exported, corrected, evidence), variants in seen.items():
+        progress.log(f"note: ModelOpt's TensorRT-LLM config had {field}={exported}; kiln wrote {corrected} "
+                     f"(proof: {evidence}) for {', '.join(variants)}")
 
 
 @app.command("ls")

@@ -80,6 +80,7 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.Quantiz
         trust_remote_code=model.trust_remote_code,
         allow_pickle=model.allow_pickle,
         alpha=variant.alpha,
+        exclude=variant.exclude,
     )
 
 
@@ -87,7 +88,7 @@ def width_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     """Variants whose block size does not divide some layer's input width, naming the layers."""
     problems = []
     for name, variant in loaded.recipe.variants.items():
-        layers = quantize.layer_width_problems(model_dir, variant.quant, variant.effective_group_size)
+        layers = quantize.layer_width_problems(model_dir, variant.quant, variant.effective_group_size, variant.exclude)
         if layers:
             problems.append(
                 f"{loaded.path}: variants.{name}: {variant.quant.value} with group size {variant.effective_group_size} "
@@ -196,4 +197,7 @@ def checkable_model_folder(loaded: LoadedRecipe) -> Path | None:
 
 
 def _jsonable(request: quantize.QuantizeRequest) -> dict:
-    return json.loads(json.dumps(request.__dict__, default=lambda v: v.value))
+    def encode(value):
+        return list(value) if isinstance(value, tuple) else value.value
+
+    return json.loads(json.dumps(request.__dict__, default=encode))

@@ -85,6 +85,8 @@ class Variant(Strict):
     group_size: PositiveInt | None = None
     alpha: float | None = Field(default=None, gt=0, le=1, description="SmoothQuant migration strength (int8_sq)")
     gpus: tuple[str, ...] = ()
+    exclude: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        default=(), description="module name patterns kept unquantized, e.g. lm_head, *.mlp.down_proj")
     gates: Gates = Gates()
 
     @field_validator("gpus")

@@ -66,6 +66,7 @@ class _Runner:
         self._model_dir: Path | None = None
         self._samples: dict[str, object] = {}
         self._baseline: validate.Baseline | None = None
+        self._sources = quantize.SourceModels()  # the model is read from disk once per build
 
     # -- inputs shared by stages, made on first use so a cached build imports no torch --
     def model_dir(self) -> Path:
@@ -111,7 +112,7 @@ class _Runner:
             return entry
         request = quantize_request(self.loaded, self.loaded.recipe.variants[name])
         with self.cache.write("quantize", instance.key, instance.material) as out:
-            quantize.run(request, self.model_dir(), self.samples("calibration"), out, self.progress)
+            quantize.run(request, self.model_dir(), self.samples("calibration"), out, self.progress, self._sources)
         self._ran(instance)
         return self.cache.entry_dir("quantize", instance.key)
 

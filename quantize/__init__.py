@@ -23,7 +23,7 @@ TOOLS = ("nvidia-modelopt", "torch", "transformers")
 
 __all__ = [
     "FORMATS", "KV_CACHE_FORMATS", "FormatSpec", "KVCacheFormat", "QuantFormat",
-    "QuantizeRequest", "CheckpointRecord", "run", "layer_width_problems",
+    "QuantizeRequest", "CheckpointRecord", "SourceModels", "run", "layer_width_problems",
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
 ]
 
@@ -38,6 +38,7 @@ class QuantizeRequest:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     alpha: float | None = None
+    exclude: tuple[str, ...] = ()   # module name patterns kept unquantized
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class CheckpointRecord:
     # The export format's own label can hide the algorithm (GPTQ exports say W4A16_AWQ): kiln keeps both.
     export_quant_algo: str | None = None
     alpha: float | None = None
+    exclude: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, checkpoint_dir: Path) -> "CheckpointRecord":
@@ -95,11 +97,15 @@ def _config_input_widths(config: dict) -> dict[str, int]:
     return widths
 
 
-def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | None) -> list[str]:
+def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | None,
+                         exclude: tuple[str, ...] = ()) -> list[str]:
     """Layers whose input width the format's block size does not divide, grouped by name pattern.
 
-    Reads safetensors headers when the weights are there, else config.json.
+    Reads safetensors headers when the weights are there, else config.json. Excluded layers
+    stay unquantized, so their widths do not matter.
     """
+    from fnmatch import fnmatchcase
+
     spec = FORMATS[quant]
     block = group_size or spec.default_group_size
     if not block:
@@ -113,23 +119,52 @@ def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | 
         widths = _config_input_widths(json.loads((model_dir / "config.json").read_text()))
     bad: dict[str, int] = {}
     for name, width in widths.items():
+        if any(fnmatchcase(name, pattern) for pattern in exclude):
+            continue
         if width % block:
             bad.setdefault(re.sub(r"\.\d+\.", ".*.", name), width)
     return [f"{pattern} (input width {width})" for pattern, width in sorted(bad.items())]
 
 
-def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress) -> CheckpointRecord:
+class SourceModels:
+    """The source model, read from disk once per build and copied in memory for each variant.
+
+    ModelOpt quantizes a model in place, so every variant needs a fresh copy; a
+    deep copy in memory costs far less than parsing the checkpoint again. The
+    price is one extra copy of the weights in memory while a build runs.
+    """
+
+    def __init__(self):
+        self._pristine: dict[tuple, object] = {}
+
+    def fresh(self, model_dir: Path, request: QuantizeRequest):
+        import copy
+
+        from kiln.quantize import modelopt_adapter as adapter
+
+        key = (str(model_dir), request.dtype, request.trust_remote_code, request.allow_pickle)
+        if key not in self._pristine:
+            self._pristine[key] = adapter.load_source_model(
+                model_dir, request.dtype, request.trust_remote_code, request.allow_pickle
+            )
+        return copy.deepcopy(self._pristine[key])
+
+
+def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
+        sources: SourceModels | None = None) -> CheckpointRecord:
     """Calibrate `model_dir` on `calibration` ([n, seq_len] token ids) and write hf/, trtllm/, kiln.json.
 
-    `progress` is a pipeline progress reporter (task(description, total) -> context with advance()).
+    `progress` is a pipeline progress reporter (task(description, total) -> context with advance());
+    pass the same `sources` for every variant of a build so the model is read from disk once.
     """
     from kiln.pipeline.progress import quiet_libraries
 
     with quiet_libraries():
-        return _run(request, model_dir, calibration, Path(out_dir), progress)
+        return _run(request, model_dir, calibration, Path(out_dir), progress, sources or SourceModels())
 
 
-def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress) -> CheckpointRecord:
+def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
+         sources: SourceModels) -> CheckpointRecord:
     from importlib.metadata import version
 
     from kiln.quantize import modelopt_adapter as adapter
@@ -137,8 +172,8 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
 
     seconds = {}
     started = time.monotonic()
-    model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle)
-    config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha)
+    model = sources.fresh(model_dir, request)
+    config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha, request.exclude)
     seconds["load"] = time.monotonic() - started
 
     label = f"{request.quant.value}" + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
@@ -174,6 +209,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
         seconds={k: round(v, 3) for k, v in seconds.items()},
         export_quant_algo=json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())["quantization"].get("quant_algo"),
         alpha=request.alpha,
+        exclude=list(request.exclude),
     )
     (out_dir / CHECKPOINT_RECORD).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
     return record

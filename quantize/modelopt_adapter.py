@@ -16,8 +16,10 @@ from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, Quan
 TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
-def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None, alpha: float | None = None) -> dict:
-    """The ModelOpt quantization config for a format, group size, KV-cache format and SmoothQuant alpha."""
+def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None, alpha: float | None = None,
+                    exclude: tuple[str, ...] = ()) -> dict:
+    """The ModelOpt quantization config for a format, group size, KV-cache format, SmoothQuant alpha
+    and the module name patterns to keep unquantized."""
     import modelopt.torch.quantization as mtq
 
     spec = FORMATS[quant]
@@ -38,6 +40,10 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
         raise ValueError(f"kv_cache {kv_cache.value}: {kv_spec.unsupported}")
     if kv_spec.modelopt_config is not None:
         config = mtq.update_quant_cfg_with_kv_cache_quant(config, getattr(mtq, kv_spec.modelopt_config)["quant_cfg"])
+    # Later entries win in ModelOpt's list: exclusions go last, disabling every quantizer under the module.
+    config["quant_cfg"] = list(config["quant_cfg"]) + [
+        {"quantizer_name": f"{pattern}.*", "enable": False} for pattern in exclude
+    ]
     return config
 
 

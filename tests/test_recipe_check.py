@@ -147,3 +147,7 @@ def test_layer_widths_not_divisible_by_the_group_are_named(tmp_path):
         assert result.stderr.count("\n") == 1, result.stderr  # fp8 has no block size: only int4 is refused
         assert "variants.int4: int4_awq with group size 128 cannot pack model.layers.*.mlp.down_proj (input width 688)" in result.stderr
         assert "Traceback" not in result.stderr
+    # Excluded layers stay unquantized, so their widths do not matter.
+    recipe.write_text(recipe.read_text().replace("int4: {quant: int4_awq}", "int4: {quant: int4_awq, exclude: ['*.mlp.down_proj']}"))
+    result = run_kiln("check", recipe)
+    assert result.returncode == 0, result.stderr
