@@ -21,7 +21,7 @@ def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
     result = run_kiln("build", recipe, "--json")
     assert result.returncode == 0, result.stderr
     variants = {v["variant"]: v for v in json.loads(result.stdout)["variants"]}
-    assert len(variants) == 11
+    assert len(variants) == 12
     for name, v in variants.items():
         assert v["registry"]["version"] == "1", name
         assert 0 <= v["metrics"]["mean_kl"] < 0.05, (name, v["metrics"])
