@@ -106,7 +106,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
     else:
         local = local_model(source, loaded.resolve(source.source))
         model_digest = local.digest
-    folder = local.path if local else checkable_model_folder(loaded)
+    folder, fetched = (local.path, True) if local else _probe_hub_cache(source)
     problems = width_problems(loaded, folder) if folder else []
     if problems:
         raise RecipeErrors(problems)
@@ -122,7 +122,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
 
     fetch_key, fetch_material = stage_key("fetch", FETCH_VERSION, {"source": source.model_dump(mode="json")},
                                           {"model": model_digest}, {})
-    fetch = StageInstance("fetch", "model", fetch_key, fetch_material, "cached" if local else _hub_status(source))
+    fetch = StageInstance("fetch", "model", fetch_key, fetch_material, "cached" if fetched else "will run")
     plan.instances.append(fetch)
 
     for name, variant in recipe.variants.items():
@@ -161,18 +161,22 @@ def _publish_status(cache: StageCache, validate_instance: StageInstance, publish
     return "cached" if cache.peek("publish", publish_instance.key) else "will run"
 
 
-def _hub_status(source) -> str:
-    """cached when the pinned snapshot is in the local HF cache; refusals (pickle-only, ...) propagate."""
+def _probe_hub_cache(source) -> tuple[Path | None, bool]:
+    """(folder for plan-time checks, whether the pinned snapshot is fully in the HF cache).
+
+    The folder is the cached snapshot, or the one holding a cached config.json alone,
+    or None; the network is never asked. Refusals (pickle-only weights) propagate.
+    """
     from kiln.pipeline.errors import KilnError, UserInputError
-    from kiln.pipeline.fetch import hub_model
+    from kiln.pipeline.fetch import cached_hub_config, hub_model
 
     try:
-        hub_model(source, local_only=True)
-        return "cached"
+        return hub_model(source, local_only=True).path, True
     except UserInputError:
         raise
     except KilnError:
-        return "will run"
+        config = cached_hub_config(source)  # config.json alone is enough for the width check
+        return (config.parent if config else None), False
 
 
 def checkable_model_folder(loaded: LoadedRecipe) -> Path | None:
@@ -181,19 +185,10 @@ def checkable_model_folder(loaded: LoadedRecipe) -> Path | None:
     Local sources always have one; hub sources only when the HF cache does. Otherwise
     the runner checks right after fetching, before any stage runs.
     """
-    from kiln.pipeline.errors import KilnError, UserInputError
-    from kiln.pipeline.fetch import cached_hub_config, hub_model
-
     source = loaded.recipe.model
     if not source.is_hub:
         return local_model(source, loaded.resolve(source.source)).path
-    try:
-        return hub_model(source, local_only=True).path
-    except UserInputError:
-        raise
-    except KilnError:
-        config = cached_hub_config(source)  # config.json alone is enough for the width check
-        return config.parent if config else None
+    return _probe_hub_cache(source)[0]
 
 
 def _jsonable(request: quantize.QuantizeRequest) -> dict:

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.errors import KilnError, UserInputError, VerificationError
+from kiln.pipeline.errors import UserInputError, VerificationError
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.store import ARTIFACT_PATH, client, ensure_registered_model, experiment_id, tracking_uri
 
@@ -185,7 +185,3 @@ def _float(value):
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-class RegistryError(KilnError):
-    exit_code = 1

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from kiln.validate import nvfp4
+
 FP8_E4M3_MAX = 448.0
 
 
@@ -135,8 +137,6 @@ def _decode_int8_smoothquant(prefix: str, tensors: dict[str, torch.Tensor], grou
 
 
 def _decode_nvfp4(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
-    from kiln.validate import nvfp4
-
     if group_size not in (None, nvfp4.BLOCK):
         raise ValueError(f"{prefix}: NVFP4 blocks are {nvfp4.BLOCK} wide, hf_quant_config.json says {group_size}")
     weight = nvfp4.dequantize_weight(
@@ -159,14 +159,8 @@ WEIGHT_CODECS: dict[str, Callable[[str, dict, int | None], DecodedLinear]] = {
 }
 
 
-def _kv_nvfp4(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    from kiln.validate import nvfp4
-
-    return nvfp4.fake_quant_activation(x, scale)
-
-
 # Keyed by `kv_cache_quant_algo`: how K and V are rounded with k_scale / v_scale.
 KV_CODECS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "FP8": fake_quant_fp8,
-    "NVFP4": _kv_nvfp4,
+    "NVFP4": nvfp4.fake_quant_activation,  # dynamic blocks of 16 under the exported global k/v scale
 }
