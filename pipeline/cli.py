@@ -77,7 +77,7 @@ def _plan_for(recipe: Path, progress=None):
 
 @app.command()
 def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", show_default=False)) -> None:
-    """Validate recipes: schema, names, sizes, and layer widths against each format's block size.
+    """Validate recipes: schema, names, sizes, what each named GPU can run, and layer widths against block sizes.
 
     Prints one line per problem (file:line: field: message (fix: ...)) and exits 2, or exits 0.
     """
