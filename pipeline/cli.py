@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List
 
 import typer
 

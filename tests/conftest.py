@@ -39,6 +39,18 @@ def run_kiln(*args, env: dict | None = None, cwd: Path | None = None, timeout: f
                           cwd=cwd, timeout=timeout)
 
 
+def repo_recipe_beside_model(tmp_path: Path, model_dir: Path, recipe: str) -> Path:
+    """A copy of recipes/<recipe> whose ../build/demo-model points at `model_dir`, as `make demo` lays it out."""
+    (tmp_path / "recipes").mkdir(exist_ok=True)
+    (tmp_path / "build").mkdir(exist_ok=True)
+    link = tmp_path / "build" / "demo-model"
+    if not link.exists():
+        link.symlink_to(model_dir, target_is_directory=True)
+    copy = tmp_path / "recipes" / recipe
+    copy.write_text((REPO / "recipes" / recipe).read_text())
+    return copy
+
+
 DEFAULT_VARIANTS = {
     "fp8": {"quant": "fp8", "kv_cache": "fp8",
             "gates": {"max_ppl_increase_pct": 5, "max_kl": 0.05, "min_top1_agreement": 0.8}},

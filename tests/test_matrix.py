@@ -7,18 +7,13 @@ import os
 
 import pytest
 
-from tests.conftest import REPO, run_kiln
+from tests.conftest import REPO, repo_recipe_beside_model, run_kiln
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
-    (tmp_path / "recipes").mkdir()
-    (tmp_path / "build").mkdir()
-    (tmp_path / "build" / "demo-model").symlink_to(test_model, target_is_directory=True)
-    recipe = tmp_path / "recipes" / "demo-matrix.yaml"
-    recipe.write_text((REPO / "recipes" / "demo-matrix.yaml").read_text())
-    result = run_kiln("build", recipe, "--json")
+    result = run_kiln("build", repo_recipe_beside_model(tmp_path, test_model, "demo-matrix.yaml"), "--json")
     assert result.returncode == 0, result.stderr
     variants = {v["variant"]: v for v in json.loads(result.stdout)["variants"]}
     assert len(variants) == 12

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO, run_kiln
+from tests.conftest import repo_recipe_beside_model, run_kiln
 
 GOOD = """\
 kiln: 1
@@ -51,12 +51,7 @@ CASES = [
 
 def test_demo_recipe_is_valid(tmp_path, test_model):
     # The demo recipe points at ../build/demo-model, which `make demo` links to the same trained model.
-    (tmp_path / "recipes").mkdir()
-    (tmp_path / "build").mkdir()
-    (tmp_path / "build" / "demo-model").symlink_to(test_model, target_is_directory=True)
-    recipe = tmp_path / "recipes" / "demo.yaml"
-    recipe.write_text((REPO / "recipes" / "demo.yaml").read_text())
-    result = run_kiln("check", recipe)
+    result = run_kiln("check", repo_recipe_beside_model(tmp_path, test_model, "demo.yaml"))
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
 
