@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from kiln.quantize.headers import safetensors_header
+
 REPO = Path(__file__).resolve().parents[1]
 FOUR_BIT = ("nvfp4", "int4_awq", "int4_gptq", "w4a8_awq")
 
@@ -42,19 +44,12 @@ def _build(home: Path, model: Path) -> dict:
     return json.loads(result.stdout)
 
 
-def _header(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    header.pop("__metadata__", None)
-    return header
-
-
 def _bits_per_weight(checkpoint: Path, source: Path) -> float:
     """Bytes of every tensor belonging to the decoder's linear layers (weights and scales), per weight."""
     linears = {name[: -len(".weight")]: info["shape"][0] * info["shape"][1]
-               for name, info in _header(source / "model.safetensors").items()
+               for name, info in safetensors_header(source / "model.safetensors").items()
                if ".layers." in name and name.endswith("proj.weight")}
-    exported = _header(checkpoint / "hf" / "model.safetensors")
+    exported = safetensors_header(checkpoint / "hf" / "model.safetensors")
     stored = sum(info["data_offsets"][1] - info["data_offsets"][0] for name, info in exported.items()
                  if name.rsplit(".", 1)[0] in linears)
     return stored * 8 / sum(linears.values())

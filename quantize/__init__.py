@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, QuantFormat
+from kiln.quantize.headers import safetensors_header
 
 CHECKPOINT_RECORD = "kiln.json"
 HF_DIR = "hf"
@@ -70,10 +71,8 @@ def _linear_input_widths(model_dir: Path) -> dict[str, int]:
     """Input width of every 2-D weight, read from safetensors headers (no tensor is loaded)."""
     widths = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(path, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        for name, info in header.items():
-            if name == "__metadata__" or not name.endswith(".weight") or len(info["shape"]) != 2:
+        for name, info in safetensors_header(path).items():
+            if not name.endswith(".weight") or len(info["shape"]) != 2:
                 continue
             if "embed" in name or "lm_head" in name:  # ModelOpt leaves these unquantized
                 continue

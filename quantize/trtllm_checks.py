@@ -16,6 +16,7 @@ from typing import Any
 
 from kiln.pipeline.errors import KilnError
 from kiln.pipeline.fsutil import atomic_write_text
+from kiln.quantize.headers import safetensors_header
 
 # TensorRT-LLM stores INT4 weights two to a byte packed along the output dimension,
 # NVFP4 weights two to a byte packed along the input dimension.
@@ -86,11 +87,7 @@ def _logical_shape(shape: tuple[int, ...], dtype: str, quant_algo: str | None) -
 
 def _read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor shapes and dtypes from a safetensors header, without loading data."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return {name: (tuple(info["shape"]), info["dtype"]) for name, info in header.items()}
+    return {name: (tuple(info["shape"]), info["dtype"]) for name, info in safetensors_header(path).items()}
 
 
 def _expected_shapes(fields: dict, tp: int, shared_embedding: bool) -> dict[str, tuple[int, int]]:
