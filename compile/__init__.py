@@ -1,10 +1,108 @@
 """Compile stage: TensorRT-LLM artifacts per GPU architecture.
 
-Public now: the GPU-architecture table (`resolve_gpu`, `support_problem`, `ARCHS`),
-the one source kiln consults for what each GPU can run. The engine builds per SM
-(trtllm-build / PyTorch-backend options) arrive with the compile issue.
+Public entry points:
+  detect_host() -> Host                         GPUs by SM and NVIDIA tool versions, without CUDA
+  run(request, checkpoint_dir, out, host, progress) -> dict   engines/<sm>/ with engine.json
+  resolve_gpu / support_problem / ARCHS         the GPU-architecture table, the one source of truth
+
+Targets are registered by type in BUILDERS: trtllm-engine runs `trtllm-build`;
+trtllm-pytorch writes the LLM-API options the PyTorch backend reads.
 """
 
-from kiln.compile.gpus import ARCHS, GpuArch, known_names, resolve_gpu, support_problem
+from __future__ import annotations
 
-__all__ = ["ARCHS", "GpuArch", "known_names", "resolve_gpu", "support_problem"]
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from kiln.compile.gpus import ARCHS, GpuArch, known_names, resolve_gpu, support_problem
+from kiln.compile.host import Host, HostGpu, detect_host, installed_version
+from kiln.compile.targets import (
+    CHECK_REPORT, ENGINE_RECORD, LLM_API_OPTIONS, SM_DIR, CheckpointQuant, CompileRequest, Target,
+)
+from kiln.pipeline.errors import KilnError
+from kiln.quantize import HF_DIR, TRTLLM_DIR   # the checkpoint layout the quantize stage writes
+
+STAGE_VERSION = 1
+
+__all__ = [
+    "ARCHS", "GpuArch", "known_names", "resolve_gpu", "support_problem", "Host", "HostGpu", "detect_host",
+    "installed_version", "CompileRequest", "Target", "run", "tools", "sm_folder", "STAGE_VERSION", "SM_DIR",
+    "ENGINE_RECORD", "CHECK_REPORT", "LLM_API_OPTIONS",
+]
+
+
+def sm_folder(sm: str) -> str:
+    """The artifact-relative folder holding one SM's files."""
+    return f"{SM_DIR}/{sm}"
+
+
+def tools(host: Host, target: Target) -> dict[str, str]:
+    """Tool versions that go into the compile key: an engine is only valid for the TensorRT that built it."""
+    found = {"tensorrt_llm": host.tensorrt_llm or "absent"}
+    if target is Target.trtllm_engine:
+        found["tensorrt"] = host.tensorrt or "absent"
+    return found
+
+
+def _build_engine(request: CompileRequest, checkpoint_dir: Path, sm_dir: Path, host: Host, progress) -> dict:
+    from kiln.compile.engine import build_engine
+
+    gpus = tuple(g.index for g in host.gpus_of(request.sm))
+    argv = build_engine(request, checkpoint_dir / TRTLLM_DIR, sm_dir, gpus, progress)
+    return {"command": argv, "inputs": TRTLLM_DIR}
+
+
+def _write_llm_api_options(request: CompileRequest, checkpoint_dir: Path, sm_dir: Path, host: Host, progress) -> dict:
+    import yaml
+
+    from kiln.compile.llmapi import llm_api_options
+    from kiln.pipeline.fsutil import atomic_write_text
+
+    options = llm_api_options(request, CheckpointQuant.of_hf(checkpoint_dir / HF_DIR, request.tp_size))
+    sm_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sm_dir / LLM_API_OPTIONS, yaml.safe_dump(options, sort_keys=False))
+    serve = ["trtllm-serve", HF_DIR, "--backend", "pytorch", "--extra_llm_api_options",
+             f"{sm_folder(request.sm)}/{LLM_API_OPTIONS}"]
+    return {"command": serve, "inputs": HF_DIR}
+
+
+BUILDERS: dict[Target, Callable[..., dict]] = {
+    Target.trtllm_engine: _build_engine,
+    Target.trtllm_pytorch: _write_llm_api_options,
+}
+
+
+def run(request: CompileRequest, checkpoint_dir: Path, out: Path, host: Host, progress) -> dict:
+    """Build one SM's artifact from the quantize stage's checkpoint into `out/engines/<sm>/`."""
+    from kiln.pipeline.digest import tree_manifest
+
+    problem = host.compile_problem(request.sm, request.target, request.tp_size)
+    if problem:
+        raise KilnError(f"cannot compile for {request.sm} here: {problem} (see `kiln doctor`)")
+    sm_dir = Path(out) / sm_folder(request.sm)
+    started = time.monotonic()
+    built = BUILDERS[request.target](request, Path(checkpoint_dir), sm_dir, host, progress)
+    inputs_dir = Path(checkpoint_dir) / built["inputs"]
+    gpu = host.gpus_of(request.sm)[0]
+    record = {
+        "format": 1,
+        "sm": request.sm,
+        "gpu": gpu.name,
+        "target": request.target.value,
+        "tensorrt": host.tensorrt if request.target is Target.trtllm_engine else None,
+        "tensorrt_llm": host.tensorrt_llm,
+        "cuda_driver": host.driver,
+        "command": built["command"],
+        "build_seconds": round(time.monotonic() - started, 3),
+        "request": request.key_config(),
+        # The checkpoint files this SM's artifact was built from: the registry refuses to pair it with others.
+        "inputs": {f"{built['inputs']}/{rel}": info["sha256"] for rel, info in tree_manifest(inputs_dir).items()},
+    }
+    (sm_dir / ENGINE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def load_record(sm_dir: Path) -> dict:
+    return json.loads((Path(sm_dir) / ENGINE_RECORD).read_text())

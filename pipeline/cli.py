@@ -1,4 +1,4 @@
-"""The `kiln` command line: check, plan, build, ls, pull.
+"""The `kiln` command line: check, plan, build, ls, pull, doctor.
 
 Data (tables, JSON) goes to stdout; progress, warnings and errors to stderr.
 Exit codes: 0 ok, 1 failure (including verification), 2 bad input, 3 a gate failed.
@@ -21,7 +21,8 @@ from kiln.pipeline.errors import KilnError, RecipeErrors
 app = typer.Typer(
     name="kiln",
     help="Quantize Hugging Face models, check their accuracy, and publish verified artifacts.\n\n"
-    "Start with `kiln check recipes/demo.yaml`, then `kiln plan` and `kiln build`.",
+    "Start with `kiln check recipes/demo.yaml`, then `kiln plan` and `kiln build`. "
+    "`kiln doctor` says what this host can build.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -62,7 +63,11 @@ def _emit_json(document) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _plan_for(recipe: Path, progress=None):
+_GPU_OPTION_HELP = ("Build only this GPU architecture (an SM such as sm90, or a GPU name such as H100), "
+                    "as a CI runner with that GPU does; other SMs are skipped.")
+
+
+def _plan_for(recipe: Path, progress=None, gpu: str | None = None):
     from kiln.pipeline.cache import StageCache
     from kiln.pipeline.plan import make_plan
     from kiln.pipeline.recipe_loader import load_recipe
@@ -72,7 +77,12 @@ def _plan_for(recipe: Path, progress=None):
     warn = progress.log if progress else (lambda message: print(message, file=sys.stderr))
     cache = StageCache(home / "cache", warn=warn)
     loaded = load_recipe(recipe)
-    return make_plan(loaded, home, cache, tracking_uri(home)), cache
+    the_plan = make_plan(loaded, home, cache, tracking_uri(home), gpu=gpu)
+    if gpu is not None:
+        problem = the_plan.host.compile_problem(the_plan.gpu, loaded.recipe.build.target, loaded.recipe.build.tp_size)
+        if problem:
+            warn(f"warning: --gpu {gpu}: this host cannot build {the_plan.gpu} ({problem}); only CPU stages will run")
+    return the_plan, cache
 
 
 @app.command()
@@ -105,13 +115,18 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
+    gpu: str = typer.Option(None, "--gpu", help=_GPU_OPTION_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
-    """List every stage instance with its key and status (cached, will run, skipped: reason); runs nothing."""
+    """List every stage instance with its key and status (cached, will run, skipped: reason); runs nothing.
+
+    GPU stages (compile, engine-check and their publish, one per variant and SM) show
+    `skipped: needs an sm90 GPU host with tensorrt_llm` where this host cannot run them.
+    """
     from kiln.pipeline.report import plan_document, plan_table, stdout_console
 
     with _reported_errors():
-        the_plan, _ = _plan_for(recipe)
+        the_plan, _ = _plan_for(recipe, gpu=gpu)
     if as_json:
         _emit_json(plan_document(the_plan))
     else:
@@ -121,24 +136,28 @@ def plan(
 @app.command()
 def build(
     recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
+    gpu: str = typer.Option(None, "--gpu", help=_GPU_OPTION_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of the table."),
 ) -> None:
-    """Run what the plan needs (quantize, validate, publish), then print the summary.
+    """Run what the plan needs (quantize, validate, publish; on a GPU host also compile and the
+    engine check per SM), then print the summary.
 
-    Exits 3 when a variant fails its gate (it is then not published).
+    Exits 3 when a variant or an engine fails its gate (it is then not published).
     """
     from kiln.pipeline.progress import ProgressReporter
-    from kiln.pipeline.report import build_document, build_table, stdout_console
+    from kiln.pipeline.report import build_document, build_table, engines_table, stdout_console
     from kiln.pipeline.runner import run_plan
 
     progress = ProgressReporter(enabled=True)
     with _reported_errors():
-        the_plan, cache = _plan_for(recipe, progress)
+        the_plan, cache = _plan_for(recipe, progress, gpu)
         result = run_plan(the_plan, cache, progress)
     if as_json:
         _emit_json(build_document(result))
     else:
         stdout_console.print(build_table(result))
+        if any(v.engines for v in result.variants):
+            stdout_console.print(engines_table(result))
         _report_corrections(result, progress)
     raise typer.Exit(result.exit_code)
 
@@ -173,19 +192,67 @@ def list_registry(as_json: bool = typer.Option(False, "--json", help="Print JSON
 def pull(
     ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION, e.g. demo-fp8@candidate.", show_default=False),
     out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
+    gpu: str = typer.Option(None, "--gpu", show_default=False,
+                            help="Whose engines to fetch: an SM (sm90) or GPU name; `none` for the checkpoint only. "
+                                 "Default: this host's GPU, or none on a host without one."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a line."),
 ) -> None:
-    """Download a registry version and verify every file against its manifest (exit 1 on any mismatch)."""
+    """Download a registry version and verify every file against its manifest (exit 1 on any mismatch).
+
+    Fetches the checkpoint, tokenizer and reports, plus the engines of one SM only. Refuses (exit 2)
+    an SM the version holds no engines for, and engines built with another TensorRT than this host's.
+    """
+    from kiln.compile import detect_host, resolve_gpu
+    from kiln.pipeline.errors import UserInputError
     from kiln.pipeline.progress import ProgressReporter
     from kiln.registry import pull as pull_version
 
     with _reported_errors():
-        pulled = pull_version(kiln_home(), ref, out, ProgressReporter())
+        host = detect_host()
+        if gpu is None:
+            sm = host.sms[0] if host.sms else None
+        elif gpu.lower() == "none":
+            sm = None
+        else:
+            try:
+                sm = resolve_gpu(gpu).sm
+            except ValueError as exc:
+                raise UserInputError(f"--gpu: {exc}") from None
+        pulled = pull_version(kiln_home(), ref, out, ProgressReporter(), sm=sm, installed_tensorrt=host.tensorrt)
     if as_json:
-        _emit_json({"name": pulled.name, "version": pulled.version, "path": str(pulled.path),
+        _emit_json({"name": pulled.name, "version": pulled.version, "path": str(pulled.path), "sm": pulled.sm,
                     "files": pulled.files, "bytes": pulled.bytes, "verified": True})
     else:
-        print(f"{pulled.name}/{pulled.version} -> {pulled.path}: {pulled.files} files, {pulled.bytes} bytes, all verified")
+        engines = f" with {pulled.sm} engines" if pulled.sm else " (checkpoint only)"
+        print(f"{pulled.name}/{pulled.version}{engines} -> {pulled.path}: {pulled.files} files, {pulled.bytes} bytes, "
+              "all verified")
+
+
+@app.command()
+def doctor(
+    recipes: List[Path] = typer.Argument(None, help="Recipes to check against this host (optional).",
+                                         show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Print what this host can build: its GPUs and their SM, the CUDA driver, TensorRT,
+    TensorRT-LLM and ModelOpt versions, and which targets (and recipe variants) it can compile.
+
+    GPUs are found through NVML or nvidia-smi; CUDA is never initialised.
+    """
+    from kiln.compile import detect_host
+    from kiln.pipeline.doctor import doctor_document, doctor_tables
+    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.pipeline.report import stdout_console
+
+    with _reported_errors():
+        host = detect_host()
+        loaded = [load_recipe(path) for path in recipes or ()]
+    document = doctor_document(host, loaded)
+    if as_json:
+        _emit_json(document)
+    else:
+        for table in doctor_tables(document):
+            stdout_console.print(table)
 
 
 def main() -> None:

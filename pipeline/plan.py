@@ -1,6 +1,10 @@
 """Planning: the DAG of stage instances for a recipe, each with its content key.
 
 fetch(model) -> quantize(variant) -> validate(variant) -> publish(variant)
+                                  -> compile(variant@sm) -> engine-check(variant@sm) -> publish(variant@sm)
+
+GPU stages run only on a host with that SM and TensorRT-LLM; elsewhere they are
+planned as skipped, with the reason, and the rest of the build still publishes.
 
 A stage's input digests are the keys of the stages it reads from (and the
 model's content digest), so every key is known before anything runs and
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from kiln import compile as compile_stage
 from kiln import quantize, validate
 from kiln.pipeline.cache import StageCache, stage_key
 from kiln.pipeline.data import ResolvedData, resolve_data
@@ -60,6 +65,8 @@ class Plan:
     local_model: FetchedModel | None
     calibration: ResolvedData
     evaluation: ResolvedData
+    host: compile_stage.Host = field(default_factory=compile_stage.Host)
+    gpu: str | None = None          # --gpu: the one SM this run builds
     instances: list[StageInstance] = field(default_factory=list)
 
     def instance(self, stage: str, target: str) -> StageInstance:
@@ -67,6 +74,32 @@ class Plan:
 
     def registered_name(self, variant: str) -> str:
         return f"{self.loaded.recipe.name}-{variant}"
+
+    def sm_instances(self, variant: str) -> list[tuple[str, StageInstance, StageInstance, StageInstance]]:
+        """(sm, compile, engine-check, publish) for each SM the variant targets."""
+        sms = self.loaded.recipe.variants[variant].sms
+        return [(sm, *(self.instance(stage, f"{variant}@{sm}") for stage in ("compile", "engine-check", "publish")))
+                for sm in sms]
+
+
+def compile_request(loaded: LoadedRecipe, sm: str) -> compile_stage.CompileRequest:
+    build = loaded.recipe.build
+    return compile_stage.CompileRequest(
+        target=build.target,
+        sm=sm,
+        tp_size=build.tp_size,
+        max_batch_size=build.max_batch_size,
+        max_input_len=build.max_input_len,
+        max_seq_len=build.max_seq_len,
+        max_num_tokens=build.max_num_tokens,
+        kv_cache_reuse=build.kv_cache_reuse,
+        free_gpu_memory_fraction=build.free_gpu_memory_fraction,
+        cuda_graph_batch_sizes=build.cuda_graph_batch_sizes,
+        lora_target_modules=build.lora.target_modules if build.lora else (),
+        max_lora_rank=build.lora.max_rank if build.lora else 64,
+        speculative_mode=build.speculative.mode if build.speculative else None,
+        max_draft_len=build.speculative.max_draft_len if build.speculative else 0,
+    )
 
 
 def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.QuantizeRequest:
@@ -97,8 +130,10 @@ def width_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     return problems
 
 
-def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri: str) -> Plan:
+def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri: str,
+              gpu: str | None = None, host: compile_stage.Host | None = None) -> Plan:
     recipe = loaded.recipe
+    gpu = _selected_sm(loaded, gpu)
     source = recipe.model
     local = None
     if source.is_hub:
@@ -118,6 +153,8 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         local_model=local,
         calibration=resolve_data(recipe.calibration, loaded.resolve, "calibration"),
         evaluation=resolve_data(recipe.evaluation, loaded.resolve, "evaluation"),
+        host=host if host is not None else compile_stage.detect_host(),
+        gpu=gpu,
     )
 
     fetch_key, fetch_material = stage_key("fetch", FETCH_VERSION, {"source": source.model_dump(mode="json")},
@@ -149,7 +186,64 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         v.status = "cached" if cache.peek("validate", v_key) else "will run"
         p.status = _publish_status(cache, v, p, variant)
         plan.instances += [q, v, p]
+        for sm in variant.sms:
+            plan.instances += _gpu_instances(plan, cache, name, sm, q, p)
     return plan
+
+
+def _selected_sm(loaded: LoadedRecipe, gpu: str | None) -> str | None:
+    if gpu is None:
+        return None
+    try:
+        sm = compile_stage.resolve_gpu(gpu).sm
+    except ValueError as exc:
+        raise RecipeErrors([f"--gpu: {exc}"]) from None
+    targeted = sorted({s for v in loaded.recipe.variants.values() for s in v.sms})
+    if sm not in targeted:
+        listed = ", ".join(targeted) or "none (add `gpus:` to a variant)"
+        raise RecipeErrors([f"--gpu {gpu}: no variant of {loaded.path} targets {sm}; its variants target {listed}"])
+    return sm
+
+
+def _gpu_instances(plan: Plan, cache: StageCache, name: str, sm: str, quantize_instance: StageInstance,
+                   publish_instance: StageInstance) -> list[StageInstance]:
+    """compile -> engine-check -> publish for one (variant, SM), each skipped with its reason where it cannot run."""
+    loaded, target = plan.loaded, f"{name}@{sm}"
+    request = compile_request(loaded, sm)
+    c_key, c_material = stage_key(
+        "compile", compile_stage.STAGE_VERSION, {"request": request.key_config()},
+        {"checkpoint": quantize_instance.key}, compile_stage.tools(plan.host, request.target),
+    )
+    e_key, e_material = stage_key(
+        "engine-check", validate.STAGE_VERSION,
+        {"evaluation": plan.evaluation.key_config(), "trust_remote_code": loaded.recipe.model.trust_remote_code},
+        {"engine": c_key, "model": plan.model_digest}, tool_versions(validate.TOOLS),
+    )
+    p_key, p_material = stage_key(
+        "publish", PUBLISH_VERSION, {"registry": plan.registry_uri, "name": plan.registered_name(name), "sm": sm},
+        {"version": publish_instance.key, "engine": c_key, "report": e_key}, tool_versions(()),
+    )
+    c = StageInstance("compile", target, c_key, c_material, depends_on=(quantize_instance.key,))
+    e = StageInstance("engine-check", target, e_key, e_material, depends_on=(c_key,))
+    p = StageInstance("publish", target, p_key, p_material, depends_on=(e_key, publish_instance.key))
+    skip = _gpu_skip_reason(plan, sm, request, publish_instance)
+    for instance in (c, e, p):
+        instance.status = skip or ("cached" if cache.peek(instance.stage, instance.key) else "will run")
+    if e.status == "cached":
+        gate = validate.evaluate_gates(validate.load_metrics(cache.entry_dir("engine-check", e_key)),
+                                       **loaded.recipe.variants[name].gates.model_dump())
+        if not gate.passed:
+            p.status = f"skipped: engine gate failed ({'; '.join(gate.failures)})"
+    return [c, e, p]
+
+
+def _gpu_skip_reason(plan: Plan, sm: str, request, publish_instance: StageInstance) -> str | None:
+    if plan.gpu is not None and sm != plan.gpu:
+        return f"skipped: not selected (--gpu {plan.gpu})"
+    if publish_instance.status.startswith("skipped"):
+        return "skipped: the checkpoint is not published (gate failed)"
+    problem = plan.host.compile_problem(sm, request.target, request.tp_size)
+    return f"skipped: {problem}" if problem else None
 
 
 def _publish_status(cache: StageCache, validate_instance: StageInstance, publish_instance: StageInstance, variant: Variant) -> str:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -129,17 +130,48 @@ class Variant(Strict):
         return self.group_size or FORMATS[self.quant].default_group_size
 
 
+class LoraSpec(Strict):
+    """LoRA serving support built into the artifact (adapters are loaded at run time)."""
+
+    target_modules: tuple[Literal[LORA_MODULES], ...] = Field(min_length=1)  # type: ignore[valid-type]
+    max_rank: PositiveInt = 64
+
+
+class SpeculativeSpec(Strict):
+    mode: Literal[SPECULATIVE_MODES]  # type: ignore[valid-type]
+    max_draft_len: PositiveInt
+
+
 class BuildSizes(Strict):
+    """How the per-GPU artifacts are built (`build:` in the recipe)."""
+
+    target: Target = Field(default=Target.trtllm_engine,
+                           description="trtllm-engine (TensorRT engines, TRT-LLM 0.17-1.2) or trtllm-pytorch (TRT-LLM 1.0+)")
     max_batch_size: PositiveInt = 8
     max_input_len: PositiveInt = 1024
     max_seq_len: PositiveInt = 2048
     max_num_tokens: PositiveInt = 4096
     tp_size: PositiveInt = 1
+    kv_cache_reuse: bool = Field(default=False, description="prefix caching: reuse KV blocks across requests")
+    free_gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="share of free GPU memory for the KV cache")
+    cuda_graph_batch_sizes: tuple[PositiveInt, ...] | None = Field(
+        default=None, description="trtllm-pytorch: batch sizes captured as CUDA graphs (default: powers of 2 up to max_batch_size)")
+    lora: LoraSpec | None = None
+    speculative: SpeculativeSpec | None = None
 
     @model_validator(mode="after")
     def _input_fits(self) -> "BuildSizes":
         if self.max_input_len > self.max_seq_len:
             raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len ({self.max_seq_len})")
+        too_big = [b for b in self.cuda_graph_batch_sizes or () if b > self.max_batch_size]
+        if too_big:
+            raise ValueError(f"cuda_graph_batch_sizes {too_big} exceed max_batch_size ({self.max_batch_size}); "
+                             "drop them or raise max_batch_size")
+        if self.cuda_graph_batch_sizes is not None and self.target is not Target.trtllm_pytorch:
+            raise ValueError("cuda_graph_batch_sizes applies to target trtllm-pytorch; remove it or change the target")
+        if self.speculative is not None and self.target is not Target.trtllm_engine:
+            raise ValueError("speculative applies to target trtllm-engine (trtllm-build's draft-token modes); "
+                             "remove it or set target: trtllm-engine")
         return self
 
 

@@ -56,6 +56,21 @@ def build_table(result: BuildResult) -> Table:
     return table
 
 
+def engines_table(result: BuildResult) -> Table:
+    """One row per (variant, SM): the engine check's metrics and gate, or why the SM was skipped."""
+    table = Table(title=f"engines ({result.plan.loaded.recipe.build.target.value})", title_justify="left")
+    for column, justify in (("variant", "left"), ("sm", "left"), ("status", "left"), ("ppl change %", "right"),
+                            ("KL", "right"), ("top-1 agree", "right"), ("gate", "left"), ("registry", "left")):
+        table.add_column(column, justify=justify)
+    for v in result.variants:
+        for e in v.engines:
+            m = e.metrics
+            where = f"{v.published.name}/{v.published.version}" if e.published and v.published else "not published"
+            table.add_row(v.variant, e.sm, e.status, _fmt(m and m.ppl_increase_pct, "+.3f"), _fmt(m and m.mean_kl, ".5f"),
+                          _fmt(m and m.top1_agreement, ".4f"), e.gate.summary() if e.gate else "-", where)
+    return table
+
+
 def build_document(result: BuildResult) -> dict:
     return {
         **plan_document(result.plan),
@@ -68,11 +83,11 @@ def build_document(result: BuildResult) -> dict:
 def versions_table(rows: list[dict]) -> Table:
     table = Table(title="registry", title_justify="left")
     for column, justify in (("name", "left"), ("version", "right"), ("aliases", "left"), ("format", "left"),
-                            ("ppl change %", "right"), ("KL", "right"), ("top-1 agree", "right")):
+                            ("engines", "left"), ("ppl change %", "right"), ("KL", "right"), ("top-1 agree", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
         fmt = (row["quant"] or "-") + ("" if row["kv_cache"] in (None, "none") else f" + kv {row['kv_cache']}")
-        table.add_row(row["name"], row["version"], ", ".join(row["aliases"]) or "-", fmt,
+        table.add_row(row["name"], row["version"], ", ".join(row["aliases"]) or "-", fmt, ", ".join(row["sms"]) or "-",
                       _fmt(row["ppl_increase_pct"], "+.3f"), _fmt(row["mean_kl"], ".5f"),
                       _fmt(row["top1_agreement"], ".4f"))
     return table

@@ -2,7 +2,9 @@
 
 Stages meet only through their cache entries on disk: quantize writes hf/,
 trtllm/ and kiln.json; validate reads hf/ and writes report.json; publish
-uploads those files and records the registry version it created.
+uploads those files and records the registry version it created. On a GPU
+host, compile writes engines/<sm>/, the engine check measures it, and its
+publish adds that SM's folder to the variant's version.
 """
 
 from __future__ import annotations
@@ -12,13 +14,34 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln import compile as compile_stage
 from kiln import quantize, registry, validate
 from kiln.pipeline.cache import StageCache
 from kiln.pipeline.data import token_samples
 from kiln.pipeline.errors import RecipeErrors
 from kiln.pipeline.fetch import hub_model
-from kiln.pipeline.plan import PUBLISHED_RECORD, Plan, StageInstance, quantize_request, tool_versions, width_problems
+from kiln.pipeline.plan import (
+    PUBLISHED_RECORD, Plan, StageInstance, compile_request, quantize_request, tool_versions, width_problems,
+)
 from kiln.pipeline.progress import ProgressReporter
+
+
+@dataclass
+class EngineResult:
+    sm: str
+    status: str                      # built, cached, or "skipped: reason"
+    metrics: validate.Metrics | None = None
+    gate: validate.GateResult | None = None
+    published: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "sm": self.sm,
+            "status": self.status,
+            "metrics": self.metrics.as_dict() if self.metrics else None,
+            "gate": {"passed": self.gate.passed, "failures": list(self.gate.failures)} if self.gate else None,
+            "published": self.published,
+        }
 
 
 @dataclass
@@ -30,6 +53,7 @@ class VariantResult:
     gate: validate.GateResult | None = None
     published: registry.PublishedVersion | None = None
     trtllm_corrections: list[dict] = field(default_factory=list)
+    engines: list[EngineResult] = field(default_factory=list)
 
     @property
     def format(self) -> str:
@@ -44,6 +68,7 @@ class VariantResult:
             "gate": {"passed": self.gate.passed, "failures": list(self.gate.failures)} if self.gate else None,
             "registry": self.published.as_dict() if self.published else None,
             "trtllm_corrections": self.trtllm_corrections,
+            "engines": [e.as_dict() for e in self.engines],
         }
 
 
@@ -55,7 +80,8 @@ class BuildResult:
 
     @property
     def exit_code(self) -> int:
-        return 3 if any(v.gate is not None and not v.gate.passed for v in self.variants) else 0
+        gates = [v.gate for v in self.variants] + [e.gate for v in self.variants for e in v.engines]
+        return 3 if any(g is not None and not g.passed for g in gates) else 0
 
 
 class _Runner:
@@ -143,10 +169,53 @@ class _Runner:
         files = _artifact_files(checkpoint, report)
         tags = self._tags(name, instance, checkpoint, metrics)
         published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress)
+        if not published.created:
+            self.progress.log(f"{published.name}/{published.version} already holds this checkpoint; not published again")
         with self.cache.write("publish", instance.key, instance.material) as out:
             (out / PUBLISHED_RECORD).write_text(json.dumps(published.as_dict(), indent=2) + "\n")
         self._ran(instance)
         return published
+
+    def compile(self, sm: str, instance: StageInstance, checkpoint: Path) -> Path:
+        entry = self.cache.lookup("compile", instance.key)
+        if entry is None:
+            with self.cache.write("compile", instance.key, instance.material) as out:
+                compile_stage.run(compile_request(self.loaded, sm), checkpoint, out, self.plan.host, self.progress)
+            self._ran(instance)
+            entry = self.cache.entry_dir("compile", instance.key)
+        return entry / compile_stage.sm_folder(sm)
+
+    def engine_check(self, target: str, instance: StageInstance, sm_dir: Path, checkpoint: Path) -> validate.Metrics:
+        entry = self.cache.lookup("engine-check", instance.key)
+        if entry is None:
+            build, model = self.loaded.recipe.build, self.loaded.recipe.model
+            metrics = validate.check_engine(
+                build.target.value, sm_dir, checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
+                self.progress, target, tp_size=build.tp_size, trust_remote_code=model.trust_remote_code,
+            )
+            with self.cache.write("engine-check", instance.key, instance.material) as out:
+                validate.write_metrics(metrics, out)
+            self._ran(instance)
+            entry = self.cache.entry_dir("engine-check", instance.key)
+        return validate.load_metrics(entry)
+
+    def publish_sm(self, sm: str, instance: StageInstance, version: registry.PublishedVersion, sm_dir: Path,
+                   report: Path, metrics: validate.Metrics) -> None:
+        if self.cache.lookup("publish", instance.key) is not None and sm in registry.held_sms_of(self.plan.home, version):
+            return
+        folder = compile_stage.sm_folder(sm)
+        files = {f"{folder}/{p.relative_to(sm_dir).as_posix()}": p for p in sorted(sm_dir.rglob("*")) if p.is_file()}
+        files[f"{folder}/{compile_stage.CHECK_REPORT}"] = report / validate.REPORT
+        record = compile_stage.load_record(sm_dir)
+        tags = {"target": record["target"], "tensorrt": record["tensorrt"] or "", "tensorrt_llm": record["tensorrt_llm"],
+                "gpu": record["gpu"], "gate": "pass"}
+        tags.update({f"metric.{k}": repr(v) for k, v in metrics.as_dict().items()})
+        added = registry.add_sm(self.plan.home, version, sm, files, tags, instance.key, record, self.progress)
+        if not added:
+            self.progress.log(f"{version.name}/{version.version} already holds these {sm} engines")
+        with self.cache.write("publish", instance.key, instance.material) as out:
+            (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "sm": sm}, indent=2) + "\n")
+        self._ran(instance)
 
     def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: validate.Metrics) -> dict[str, str]:
         record = quantize.CheckpointRecord.load(checkpoint)
@@ -182,7 +251,7 @@ def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
 def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter) -> BuildResult:
     runner = _Runner(plan, cache, progress)
     cache.clean_stale_temporaries()
-    if any(i.status != "cached" for i in plan.instances if i.stage in ("quantize", "validate")):
+    if any(i.status == "will run" for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
         runner.model_dir()  # fetch (and refuse) before any stage starts writing
     results = []
     for name, variant in plan.loaded.recipe.variants.items():
@@ -195,5 +264,26 @@ def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter) -> Build
         if result.gate.passed:
             report = cache.entry_dir("validate", v_instance.key)
             result.published = runner.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics)
+        for sm, c, e, p in plan.sm_instances(name):
+            result.engines.append(_build_sm(runner, variant, sm, (c, e, p), checkpoint, result.published))
         results.append(result)
     return BuildResult(plan, results, runner.ran)
+
+
+def _build_sm(runner: _Runner, variant, sm: str, instances, checkpoint: Path, version) -> EngineResult:
+    """compile -> engine check -> gate -> publish into the variant's version, for one SM."""
+    compile_instance, check_instance, publish_instance = instances
+    if compile_instance.status.startswith("skipped"):
+        return EngineResult(sm, compile_instance.status)
+    if version is None:
+        return EngineResult(sm, "skipped: the checkpoint is not published (gate failed)")
+    status = "cached" if compile_instance.status == "cached" and check_instance.status == "cached" else "built"
+    sm_dir = runner.compile(sm, compile_instance, checkpoint)
+    metrics = runner.engine_check(check_instance.target, check_instance, sm_dir, checkpoint)
+    gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
+    result = EngineResult(sm, status, metrics, gate)
+    if gate.passed:
+        report = runner.cache.entry_dir("engine-check", check_instance.key)
+        runner.publish_sm(sm, publish_instance, version, sm_dir, report, metrics)
+        result.published = True
+    return result

@@ -1,16 +1,20 @@
 """Registry stage: publish verified artifacts to MLflow, list them, pull them back verified.
 
 Public entry points:
-  publish(home, name, files, tags, aliases, progress) -> PublishedVersion
+  publish(home, name, files, tags, aliases, progress) -> PublishedVersion   (finds, never duplicates)
+  add_sm(home, version, sm, files, tags, publish_key, progress)            one SM's engines into a version
   find_version(home, name, publish_key) -> PublishedVersion | None
-  pull(home, ref, out, progress) -> PulledArtifact
+  pull(home, ref, out, progress, sm=..., installed_tensorrt=...) -> PulledArtifact
   list_versions(home) -> list[dict]
+
+Layout of a version's artifact: the checkpoint and reports with manifest.json at
+the top; one folder per SM under engines/, each with its own manifest.json,
+added by whichever host built it, and tagged kiln.sm.<sm>.* on the version.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -18,23 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.pipeline.errors import UserInputError, VerificationError
+from kiln.registry.engines import SM_ROOT, add_sm, held_sms, sm_tag
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
-from kiln.registry.store import ARTIFACT_PATH, client, ensure_registered_model, experiment_id, tracking_uri
+from kiln.registry.store import (
+    ARTIFACT_PATH, MANIFEST_TAG, PUBLISH_KEY_TAG, PublishedVersion, client, download, ensure_registered_model,
+    experiment_id, tracking_uri, upload_files,
+)
 
-PUBLISH_KEY_TAG = "kiln.publish_key"
-MANIFEST_TAG = "kiln.manifest_sha256"
-
-__all__ = ["publish", "find_version", "pull", "list_versions", "parse_ref", "tracking_uri", "PublishedVersion"]
-
-
-@dataclass(frozen=True)
-class PublishedVersion:
-    name: str
-    version: str
-    run_id: str
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "run_id": self.run_id}
+__all__ = ["publish", "add_sm", "held_sms_of", "find_version", "pull", "list_versions", "parse_ref", "tracking_uri",
+           "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG"]
 
 
 @dataclass(frozen=True)
@@ -44,51 +40,55 @@ class PulledArtifact:
     path: Path
     files: int
     bytes: int
+    sm: str | None = None
 
 
 def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str], aliases, progress) -> PublishedVersion:
-    """Upload `files` (artifact path -> local file) plus manifest.json as a new version of `name`."""
+    """Upload `files` (artifact path -> local file) plus manifest.json as a version of `name`.
+
+    A version with the same publish key (tags[PUBLISH_KEY_TAG]) is found, not duplicated; when two
+    publishers race, both create one and the lowest version number wins: the other is deleted.
+    """
+    publish_key = tags[PUBLISH_KEY_TAG]
+    existing = find_version(home, name, publish_key)
+    if existing is not None:
+        set_aliases(home, name, existing.version, aliases)
+        return PublishedVersion(existing.name, existing.version, existing.run_id, created=False)
     mlflow = client(home)
     manifest = build_manifest(files)
     run = mlflow.create_run(experiment_id(mlflow, home), run_name=name, tags={"kiln.registered_model": name})
     run_id = run.info.run_id
-    total = sum(path.stat().st_size for path in files.values())
     try:
         with tempfile.TemporaryDirectory(prefix="kiln-manifest-") as tmp:
             manifest_path = Path(tmp) / MANIFEST
             manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            with progress.task(f"upload {name}", total=total) as task:
-                for rel, path in sorted(files.items()):
-                    folder = "/".join([ARTIFACT_PATH] + rel.split("/")[:-1])
-                    mlflow.log_artifact(run_id, str(_named_as(path, rel, Path(tmp))), folder)
-                    task.advance(path.stat().st_size)
-                mlflow.log_artifact(run_id, str(manifest_path), ARTIFACT_PATH)
+            upload_files(mlflow, run_id, {**files, MANIFEST: manifest_path}, progress, f"upload {name}")
         ensure_registered_model(mlflow, name)
         version_tags = {**tags, MANIFEST_TAG: manifest_digest(manifest)}
         version = mlflow.create_model_version(
             name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id=run_id, tags=version_tags
         )
-        for alias in aliases:
-            mlflow.set_registered_model_alias(name, alias, version.version)
         mlflow.set_terminated(run_id, "FINISHED")
     except BaseException:
         mlflow.set_terminated(run_id, "FAILED")
         raise
-    return PublishedVersion(name, str(version.version), run_id)
+    winner = _converge(mlflow, name, publish_key, str(version.version))
+    set_aliases(home, name, winner.version, aliases)
+    return winner
 
 
-def _named_as(path: Path, rel: str, scratch: Path) -> Path:
-    """MLflow names an uploaded file after its local name: give it the artifact's name if they differ."""
-    name = rel.rsplit("/", 1)[-1]
-    if path.name == name:
-        return path
-    renamed = scratch / "renamed" / rel
-    renamed.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(path, renamed)
-    except OSError:
-        shutil.copyfile(path, renamed)
-    return renamed
+def _converge(mlflow, name: str, publish_key: str, mine: str) -> PublishedVersion:
+    """Of the versions carrying this publish key, keep the lowest; delete ours if it is not that one."""
+    twins = sorted((v for v in mlflow.search_model_versions(f"name='{name}'")
+                    if v.tags.get(PUBLISH_KEY_TAG) == publish_key), key=lambda v: int(v.version))
+    winner = twins[0]
+    if str(winner.version) != mine:
+        mlflow.delete_model_version(name, mine)
+    return PublishedVersion(name, str(winner.version), winner.run_id, created=str(winner.version) == mine)
+
+
+def held_sms_of(home: Path, version: PublishedVersion) -> list[str]:
+    return held_sms(client(home).get_model_version(version.name, version.version).tags)
 
 
 def find_version(home: Path, name: str, publish_key: str) -> PublishedVersion | None:
@@ -129,32 +129,59 @@ def _resolve(mlflow, ref: str):
         raise UserInputError(f"{ref}: registered model '{name}' has no {what} (fix: see `kiln ls`)") from None
 
 
-def pull(home: Path, ref: str, out: Path, progress) -> PulledArtifact:
-    """Download a version into `out` and verify every file; nothing lands in `out` unless all match."""
-    from mlflow.artifacts import download_artifacts
+def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
+         installed_tensorrt: str | None = None) -> PulledArtifact:
+    """Download a version (checkpoint, reports and, with `sm`, that SM's engines only) and verify every file.
 
+    Nothing lands in `out` unless all files match their manifests. Refuses an SM the version does not
+    hold, and engines built with another TensorRT than `installed_tensorrt` (when one is installed).
+    """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"--out {out}: exists and is not empty (fix: choose a new folder)")
     mlflow = client(home)
     version = _resolve(mlflow, ref)
+    label = f"{version.name}/{version.version}"
+    if sm is not None:
+        _check_sm_pullable(label, version.tags, sm, installed_tensorrt)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    root = staging / ARTIFACT_PATH
     try:
-        with progress.task(f"download {version.name}/{version.version}", total=1) as task:
-            download_artifacts(artifact_uri=version.source, dst_path=str(staging), tracking_uri=tracking_uri(home))
-            task.advance()
-        root = staging / ARTIFACT_PATH if (staging / ARTIFACT_PATH).is_dir() else staging
-        manifest = verify_tree(root, version.tags.get(MANIFEST_TAG))
+        entries = [e.path.rsplit("/", 1)[-1] for e in mlflow.list_artifacts(version.run_id, ARTIFACT_PATH)]
+        wanted = [(e, root) for e in entries if e != SM_ROOT]
+        if sm is not None:
+            wanted.append((f"{SM_ROOT}/{sm}", root / SM_ROOT))
+        with progress.task(f"download {label}" + (f" ({sm})" if sm else ""), total=len(wanted)) as task:
+            for entry, dst in wanted:
+                dst.mkdir(parents=True, exist_ok=True)
+                download(home, f"{version.source}/{entry}", dst)
+                task.advance()
+        manifest = verify_tree(root, version.tags.get(MANIFEST_TAG), excluded_scopes=(SM_ROOT,))
+        files = dict(manifest["files"])
+        if sm is not None:
+            files.update(verify_tree(root, version.tags.get(sm_tag(sm, "manifest_sha256")), scope=f"{SM_ROOT}/{sm}")["files"])
         if out.exists():
             out.rmdir()
         root.rename(out)
     except VerificationError as exc:
-        raise VerificationError(f"{version.name}/{version.version}: {exc}; nothing was written to {out}") from None
+        raise VerificationError(f"{label}: {exc}; nothing was written to {out}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    files = manifest["files"]
-    return PulledArtifact(version.name, str(version.version), out, len(files), sum(f["size"] for f in files.values()))
+    return PulledArtifact(version.name, str(version.version), out, len(files), sum(f["size"] for f in files.values()), sm)
+
+
+def _check_sm_pullable(label: str, tags: dict[str, str], sm: str, installed_tensorrt: str | None) -> None:
+    held = held_sms(tags)
+    if sm not in held:
+        has = f"it holds {', '.join(held)}" if held else "it holds no engines yet"
+        raise UserInputError(f"{label} has no engines for {sm}; {has} (fix: pull with --gpu "
+                             f"{held[0] if held else 'none'}, or build them on an {sm} host with `kiln build --gpu {sm}`)")
+    built_with = tags.get(sm_tag(sm, "tensorrt"))
+    if built_with and installed_tensorrt and built_with != installed_tensorrt:
+        raise UserInputError(f"{label}: the {sm} engines were built with TensorRT {built_with}, but this host has "
+                             f"TensorRT {installed_tensorrt}; TensorRT engines run only on the version that built "
+                             f"them (fix: install TensorRT {built_with}, or rebuild with `kiln build --gpu {sm}` here)")
 
 
 def list_versions(home: Path) -> list[dict]:
@@ -170,6 +197,7 @@ def list_versions(home: Path) -> list[dict]:
                 "name": model.name,
                 "version": str(version.version),
                 "aliases": sorted(aliases_by_version.get(str(version.version), [])),
+                "sms": held_sms(tags),
                 "quant": tags.get("kiln.quant"),
                 "kv_cache": tags.get("kiln.kv_cache"),
                 "ppl_increase_pct": _float(tags.get("kiln.metric.ppl_increase_pct")),

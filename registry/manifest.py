@@ -23,21 +23,30 @@ def manifest_digest(manifest: dict) -> str:
     return canonical_digest(manifest)
 
 
-def verify_tree(root: Path, expected_manifest_digest: str | None = None) -> dict:
-    """Check a downloaded artifact against its manifest; raise VerificationError naming the first bad file."""
+def verify_tree(root: Path, expected_manifest_digest: str | None = None, scope: str | None = None,
+                excluded_scopes: tuple[str, ...] = ()) -> dict:
+    """Check a downloaded artifact against a manifest; raise VerificationError naming the first bad file.
+
+    The base manifest (`scope` None) covers every file outside `excluded_scopes` (the per-SM folders);
+    a per-SM manifest lives at `<scope>/manifest.json` and covers exactly the files under `scope`.
+    """
     root = Path(root)
+    manifest_rel = MANIFEST if scope is None else f"{scope}/{MANIFEST}"
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = json.loads((root / manifest_rel).read_text())
     except (OSError, ValueError):
-        raise VerificationError(f"{MANIFEST} is missing or unreadable: the artifact cannot be verified") from None
+        raise VerificationError(f"{manifest_rel} is missing or unreadable: the artifact cannot be verified") from None
     if expected_manifest_digest is not None and manifest_digest(manifest) != expected_manifest_digest:
-        raise VerificationError(f"{MANIFEST} was altered: its digest differs from the one recorded at publish time")
+        raise VerificationError(f"{manifest_rel} was altered: its digest differs from the one recorded at publish time")
     listed = manifest.get("files", {})
-    present = {p.relative_to(root).as_posix() for p in list_files(root)} - {MANIFEST}
+    base = root if scope is None else root / scope
+    present = {p.relative_to(root).as_posix() for p in list_files(base)} if base.is_dir() else set()
+    present -= {manifest_rel}
+    present = {rel for rel in present if not any(rel.startswith(f"{s}/") for s in excluded_scopes)}
     for rel in sorted(set(listed) - present):
-        raise VerificationError(f"{rel}: listed in {MANIFEST} but missing from the artifact")
+        raise VerificationError(f"{rel}: listed in {manifest_rel} but missing from the artifact")
     for rel in sorted(present - set(listed)):
-        raise VerificationError(f"{rel}: present in the artifact but not listed in {MANIFEST}")
+        raise VerificationError(f"{rel}: present in the artifact but not listed in {manifest_rel}")
     for rel in sorted(listed):
         info, path = listed[rel], root / rel
         if path.stat().st_size != info["size"]:

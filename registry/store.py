@@ -8,10 +8,26 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 EXPERIMENT = "kiln"
 ARTIFACT_PATH = "artifact"
+PUBLISH_KEY_TAG = "kiln.publish_key"
+MANIFEST_TAG = "kiln.manifest_sha256"
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    name: str
+    version: str
+    run_id: str
+    created: bool = True   # False when an identical earlier publish was found instead
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "run_id": self.run_id}
 
 
 def tracking_uri(home: Path) -> str:
@@ -59,3 +75,33 @@ def ensure_registered_model(mlflow_client, name: str) -> None:
     except MlflowException as exc:
         if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
             raise
+
+
+def upload_files(mlflow_client, run_id: str, files: dict[str, Path], progress, label: str) -> None:
+    """Upload `files` (artifact-relative path -> local file) under the run's artifact folder."""
+    total = sum(path.stat().st_size for path in files.values())
+    with tempfile.TemporaryDirectory(prefix="kiln-upload-") as scratch, progress.task(label, total=total) as task:
+        for rel, path in sorted(files.items()):
+            folder = "/".join([ARTIFACT_PATH] + rel.split("/")[:-1])
+            mlflow_client.log_artifact(run_id, str(_named_as(path, rel, Path(scratch))), folder)
+            task.advance(path.stat().st_size)
+
+
+def _named_as(path: Path, rel: str, scratch: Path) -> Path:
+    """MLflow names an uploaded file after its local name: give it the artifact's name if they differ."""
+    name = rel.rsplit("/", 1)[-1]
+    if path.name == name:
+        return path
+    renamed = scratch / rel
+    renamed.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, renamed)
+    except OSError:
+        shutil.copyfile(path, renamed)
+    return renamed
+
+
+def download(home: Path, artifact_uri: str, dst: Path) -> Path:
+    from mlflow.artifacts import download_artifacts
+
+    return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking_uri(home)))

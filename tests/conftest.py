@@ -77,3 +77,56 @@ def write_recipe(folder: Path, source: str, variants: dict | None = None, name: 
     path = Path(folder) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+STANDINS = REPO / "tests" / "standins"
+GPU_LINES = {
+    "sm80": "NVIDIA A100-SXM4-80GB, 8.0", "sm86": "NVIDIA A10, 8.6", "sm89": "NVIDIA L40S, 8.9",
+    "sm90": "NVIDIA H100 80GB HBM3, 9.0", "sm100": "NVIDIA B200, 10.0", "sm120": "NVIDIA GeForce RTX 5090, 12.0",
+}
+
+
+class GpuHost:
+    """Environment that makes this CPU machine look like a GPU build host to kiln, for contract tests.
+
+    Stand-ins (tests/standins/): `nvidia-smi` answering kiln's query with the given SMs, `trtllm-build`
+    recording its argv and writing an engine-shaped folder, and a `tensorrt_llm` package whose runtime
+    API returns logits computed on the CPU. They prove kiln's side of the interface, not TensorRT.
+    """
+
+    def __init__(self, root: Path, sms=("sm90",), trtllm="1.2.0", tensorrt="10.14.1", model: Path | None = None):
+        self.root = root
+        site = root / "site"
+        site.mkdir(parents=True, exist_ok=True)
+        (site / "tensorrt_llm").symlink_to(STANDINS / "site" / "tensorrt_llm", target_is_directory=True)
+        for dist, ver in (("tensorrt_llm", trtllm), ("tensorrt", tensorrt)):
+            if ver is None:
+                continue
+            info = site / f"{dist}-{ver}.dist-info"
+            info.mkdir()
+            (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {ver}\n")
+        self.log = root / "standin-calls.jsonl"
+        gpus = "\n".join(f"{i}, {GPU_LINES[sm]}, 81559, 570.86.15" for i, sm in enumerate(sms))
+        self.env = {
+            "PATH": f"{STANDINS / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(site),
+            "KILN_STANDIN_GPUS": gpus,
+            "KILN_STANDIN_LOG": str(self.log),
+            "KILN_STANDIN_TRTLLM": trtllm or "",
+            "KILN_STANDIN_MODEL": str(model or ""),
+        }
+
+    def calls(self, tool: str) -> list[dict]:
+        import json
+
+        if not self.log.is_file():
+            return []
+        return [c for c in map(json.loads, self.log.read_text().splitlines()) if c["tool"] == tool]
+
+
+@pytest.fixture()
+def gpu_host(tmp_path, test_model):
+    def make(sms=("sm90",), trtllm="1.2.0", tensorrt="10.14.1", name="gpu-host") -> GpuHost:
+        return GpuHost(tmp_path / name, sms, trtllm, tensorrt, test_model)
+
+    return make

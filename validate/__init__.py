@@ -4,6 +4,7 @@ Public entry points:
   Baseline(model_dir, trust_remote_code)   the unquantized model, loaded once per build
   run(hf_dir, baseline, samples, progress) -> Metrics
   evaluate_gates(metrics, **gates) -> GateResult
+  check_engine(target, sm_dir, hf_dir, model_dir, samples, progress, label) -> Metrics   (GPU hosts)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kiln.validate.engine_check import check_engine
 from kiln.validate.gates import GateResult, evaluate_gates
 from kiln.validate.records import Metrics
 
@@ -18,7 +20,7 @@ STAGE_VERSION = 1
 TOOLS = ("torch", "transformers")
 REPORT = "report.json"
 
-__all__ = ["Baseline", "run", "evaluate_gates", "GateResult", "Metrics", "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS"]
+__all__ = ["Baseline", "run", "check_engine", "evaluate_gates", "GateResult", "Metrics", "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS"]
 
 
 class Baseline:

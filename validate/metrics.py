@@ -16,14 +16,24 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare(baseline_logits, quantized: nn.Module, samples: torch.Tensor, on_sample=lambda: None) -> Metrics:
-    """`baseline_logits(i)` gives the baseline's logits for sample i (so they can be cached)."""
+def compare(baseline_logits, candidate, samples: torch.Tensor, on_sample=lambda: None) -> Metrics:
+    """`baseline_logits(i)` gives the baseline's logits for sample i (so they can be cached).
+
+    `candidate` is a model, or a function from token ids to logits [seq, vocab] (a TensorRT-LLM engine).
+    """
+    candidate_logits = candidate if not isinstance(candidate, nn.Module) else (lambda ids: logits_of(candidate, ids))
     nll_base = nll_quant = kl_sum = agree = 0.0
     count = 0
     for i, ids in enumerate(samples):
         targets = ids[1:]
-        base = torch.log_softmax(baseline_logits(i)[:-1], dim=-1)
-        quant = torch.log_softmax(logits_of(quantized, ids)[:-1], dim=-1)
+        reference = baseline_logits(i)
+        logits = candidate_logits(ids).to(torch.float32)
+        # Engines may pad the vocabulary (to a multiple of the TP size); the padded columns are not tokens.
+        if logits.shape[0] != reference.shape[0] or logits.shape[1] < reference.shape[1]:
+            raise ValueError(f"sample {i}: logits of shape {tuple(logits.shape)} cannot be compared with the "
+                             f"baseline's {tuple(reference.shape)}")
+        base = torch.log_softmax(reference[:-1], dim=-1)
+        quant = torch.log_softmax(logits[:-1, : reference.shape[1]], dim=-1)
         nll_base += -base.gather(1, targets[:, None]).sum().item()
         nll_quant += -quant.gather(1, targets[:, None]).sum().item()
         kl_sum += (base.exp() * (base - quant)).sum().item()

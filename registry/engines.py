@@ -1,0 +1,73 @@
+"""Per-SM engines inside one registry version, added by separate hosts without clobbering.
+
+Each SM has its own folder (engines/<sm>/) with its own manifest.json, and its
+own tags on the version (kiln.sm.<sm>.*). The manifest tag is set last: a version
+holds an SM only once every file and tag of it is in place. Engines are paired
+only with the checkpoint they were built from: engine.json lists its input files'
+sha256, which must match the version's own manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from kiln.pipeline.errors import KilnError
+from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest
+from kiln.registry.store import ARTIFACT_PATH, PublishedVersion, client, download, upload_files
+
+SM_ROOT = "engines"
+_TAG = "kiln.sm."
+
+
+def sm_tag(sm: str, field: str) -> str:
+    return f"{_TAG}{sm}.{field}"
+
+
+def held_sms(tags: dict[str, str]) -> list[str]:
+    """The SMs whose engines are completely in the version (their manifest tag is set)."""
+    suffix = ".manifest_sha256"
+    return sorted(key[len(_TAG):-len(suffix)] for key in tags if key.startswith(_TAG) and key.endswith(suffix))
+
+
+def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path], tags: dict[str, str],
+           publish_key: str, engine_record: dict, progress) -> bool:
+    """Add one SM's files (artifact paths under engines/<sm>/) to `version`; False if already there."""
+    mlflow = client(home)
+    current = mlflow.get_model_version(version.name, version.version).tags
+    if current.get(sm_tag(sm, "publish_key")) == publish_key and sm in held_sms(current):
+        return False
+    _check_built_from(home, version, sm, engine_record)
+    scope = f"{SM_ROOT}/{sm}"
+    outside = [rel for rel in files if not rel.startswith(f"{scope}/")]
+    if outside:
+        raise KilnError(f"internal: {', '.join(outside)} is not under {scope}/")
+    manifest = build_manifest(files)
+    with tempfile.TemporaryDirectory(prefix="kiln-sm-manifest-") as tmp:
+        manifest_path = Path(tmp) / MANIFEST
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        upload_files(mlflow, version.run_id, {**files, f"{scope}/{MANIFEST}": manifest_path}, progress,
+                     f"upload {version.name}/{version.version} {sm}")
+    for field, value in {**tags, "publish_key": publish_key}.items():
+        mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, field), value)
+    mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, "manifest_sha256"), manifest_digest(manifest))
+    return True
+
+
+def _check_built_from(home: Path, version: PublishedVersion, sm: str, engine_record: dict) -> None:
+    """Refuse engines built from other checkpoint bytes than the version holds."""
+    mlflow = client(home)
+    source = mlflow.get_model_version(version.name, version.version).source
+    with tempfile.TemporaryDirectory(prefix="kiln-base-manifest-") as tmp:
+        listed = json.loads(download(home, f"{source}/{MANIFEST}", Path(tmp)).read_text())["files"]
+    differing = sorted(rel for rel, sha in engine_record["inputs"].items() if listed.get(rel, {}).get("sha256") != sha)
+    if differing:
+        raise KilnError(
+            f"{version.name}/{version.version} holds other bytes for {', '.join(differing[:3])} than the checkpoint "
+            f"the {sm} artifact was built from (another host quantized this variant differently); its engines "
+            f"were not added (fix: `kiln pull {version.name}/{version.version}` and build {sm} from that checkpoint)"
+        )
+
+
+__all__ = ["SM_ROOT", "ARTIFACT_PATH", "sm_tag", "held_sms", "add_sm"]
