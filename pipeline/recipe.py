@@ -133,8 +133,16 @@ class Variant(Strict):
 class LoraSpec(Strict):
     """LoRA serving support built into the artifact (adapters are loaded at run time)."""
 
-    target_modules: tuple[Literal[LORA_MODULES], ...] = Field(min_length=1)  # type: ignore[valid-type]
+    target_modules: tuple[str, ...] = Field(min_length=1, description="TensorRT-LLM LoRA module names")
     max_rank: PositiveInt = 64
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, modules: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in modules if m not in LORA_MODULES]
+        if unknown:
+            raise ValueError(f"unknown LoRA module {', '.join(unknown)}; use TensorRT-LLM's names: {', '.join(LORA_MODULES)}")
+        return modules
 
 
 class SpeculativeSpec(Strict):

@@ -48,9 +48,24 @@ def client(home: Path):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     uri = tracking_uri(home)
-    if is_embedded(uri):
-        (Path(home) / "registry").mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not is_embedded(uri) or uri in _initialised:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Create or migrate the SQLite schema under a file lock: two first-time publishers would otherwise
+    # run MLflow's migrations at once and one fails. Later writes rely on SQLite's own locking.
+    import fcntl
+
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with database.with_name(database.name + ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        mlflow_client.search_experiments(max_results=1)          # the tracking store migrates on first use
+        mlflow_client.search_registered_models(max_results=1)    # and so does the model registry
+    _initialised.add(uri)
+    return mlflow_client
+
+
+_initialised: set[str] = set()
 
 
 def experiment_id(mlflow_client, home: Path) -> str:

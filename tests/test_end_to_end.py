@@ -143,7 +143,10 @@ def test_rebuild_is_all_cached(world):
     assert again.returncode == 0, again.stderr
     document = json.loads(again.stdout)
     assert document["ran"] == []
-    assert {s["status"] for s in document["stages"]} == {"cached"}
+    cpu_stages = [s for s in document["stages"] if "@" not in s["target"]]
+    assert {s["status"] for s in cpu_stages} == {"cached"}
+    assert {s["status"] for s in document["stages"] if "@" in s["target"]} <= {
+        f"skipped: needs an {sm} GPU host with tensorrt_llm (0.17 to 1.2)" for sm in ("sm89", "sm90")}
     assert [v["registry"] for v in document["variants"]] == [v["registry"] for v in world["build"]["variants"]]
     plan = run_kiln("plan", world["recipe"], env=world["env"])
     assert plan.returncode == 0 and "will run" not in plan.stdout

@@ -1,0 +1,177 @@
+"""Contract tests of the whole GPU path on stand-ins: compile, engine check, per-SM publish, pull by SM.
+
+The stand-ins (tests/conftest.py GpuHost) make this CPU machine look like a host with the given
+GPUs and TensorRT-LLM; everything after `trtllm-build` runs for real: engine.json, the engine
+check's metrics and gates, manifests, the MLflow registry, pull. They prove kiln's side only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from pathlib import Path
+
+from kiln.registry.manifest import verify_tree
+from tests.conftest import KILN, GpuHost, run_kiln, write_recipe
+
+pytestmark = pytest.mark.slow
+
+GATES = {"max_ppl_increase_pct": 5, "max_kl": 0.05, "min_top1_agreement": 0.8}
+VARIANTS = {"fp8": {"quant": "fp8", "kv_cache": "fp8", "gpus": ["sm89", "sm90"], "gates": GATES}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, test_model):
+    """A kiln home whose quantize and validate entries are already built (on this CPU host)."""
+    root = tmp_path_factory.mktemp("compile")
+    home = root / "kiln-home"
+    recipe = write_recipe(root, str(test_model), VARIANTS, name="t", publish={"aliases": ["candidate"]})
+    warm = run_kiln("build", recipe, env={"KILN_HOME": str(home), "PATH": "/usr/bin:/bin"})
+    assert warm.returncode == 0, warm.stderr
+    return {"root": root, "home": home, "recipe": recipe, "model": test_model}
+
+
+def host_env(world, name: str, sms=("sm89", "sm90"), tensorrt="10.14.1", home: Path | None = None,
+             **extra) -> tuple[GpuHost, dict]:
+    """A stand-in GPU host with a registry of its own and a kiln home holding only the CPU stages' entries."""
+    host = GpuHost(world["root"] / name, sms, tensorrt=tensorrt, model=world["model"])
+    registry = world["root"] / name / "mlflow.db"
+    if home is None:
+        home = world["root"] / name / "kiln-home"
+        for stage in ("fetch", "quantize", "validate"):
+            if (world["home"] / "cache" / stage).is_dir():
+                shutil.copytree(world["home"] / "cache" / stage, home / "cache" / stage, copy_function=os.link)
+    return host, {**host.env, "KILN_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{registry}", **extra}
+
+
+def listed(env) -> dict:
+    rows = json.loads(run_kiln("ls", "--json", env=env).stdout)
+    return {(r["name"], r["version"]): r for r in rows}
+
+
+def test_gpu_host_builds_checks_and_publishes_each_sm(world, tmp_path):
+    host, env = host_env(world, "both")
+    built = run_kiln("build", world["recipe"], "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    variant = json.loads(built.stdout)["variants"][0]
+    engines = {e["sm"]: e for e in variant["engines"]}
+    assert set(engines) == {"sm89", "sm90"}
+    for engine in engines.values():
+        assert engine["status"] == "built" and engine["gate"]["passed"] and engine["published"]
+        # The stand-in engine runs the exported checkpoint through the reference runtime: same numbers.
+        assert engine["metrics"]["mean_kl"] == pytest.approx(variant["metrics"]["mean_kl"], rel=1e-6)
+        assert engine["metrics"]["tokens"] == variant["metrics"]["tokens"]
+
+    calls = host.calls("trtllm-build")
+    assert [c["cuda_visible_devices"] for c in calls] == ["0", "1"]   # each SM's build sees only its GPU
+    assert len(host.calls("ModelRunnerCpp.from_dir")) == 2
+    assert listed(env)[("t-fp8", "1")]["sms"] == ["sm89", "sm90"]
+
+    out = tmp_path / "pulled"
+    pulled = run_kiln("pull", "t-fp8@candidate", "--out", out, "--gpu", "sm90", "--json", env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert json.loads(pulled.stdout)["sm"] == "sm90"
+    assert sorted(p.name for p in (out / "engines").iterdir()) == ["sm90"]
+    assert verify_tree(out, scope="engines/sm90")["files"]
+    record = json.loads((out / "engines" / "sm90" / "engine.json").read_text())
+    assert record["sm"] == "sm90" and record["gpu"] == "NVIDIA H100 80GB HBM3" and record["target"] == "trtllm-engine"
+    assert (record["tensorrt"], record["tensorrt_llm"]) == ("10.14.1", "1.2.0")
+    assert record["command"][1:] == calls[1]["argv"] and record["build_seconds"] >= 0
+    trtllm_files = {f"trtllm/{p.name}" for p in (out / "trtllm").iterdir()}
+    assert set(record["inputs"]) == trtllm_files
+    report = json.loads((out / "engines" / "sm90" / "validation.json").read_text())
+    assert report["mean_kl"] == engines["sm90"]["metrics"]["mean_kl"]
+    assert (out / "engines" / "sm90" / "rank0.engine").is_file() and (out / "hf" / "tokenizer.json").is_file()
+
+    again = run_kiln("build", world["recipe"], "--json", env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["ran"] == []
+    assert len(host.calls("trtllm-build")) == 2 and list(listed(env)) == [("t-fp8", "1")]
+
+
+def test_pull_refuses_a_missing_sm_and_a_tensorrt_mismatch(world, tmp_path):
+    _, env = host_env(world, "refusals", sms=("sm90",))
+    assert run_kiln("build", world["recipe"], "--gpu", "sm90", env=env).returncode == 0
+    missing = run_kiln("pull", "t-fp8@candidate", "--out", tmp_path / "a", "--gpu", "sm89", env=env)
+    assert missing.returncode == 2
+    assert "t-fp8/1 has no engines for sm89; it holds sm90" in missing.stderr
+    _, other_trt = host_env(world, "refusals-old-trt", sms=("sm90",), tensorrt="10.9.0", home=Path(env["KILN_HOME"]))
+    other_trt["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    mismatch = run_kiln("pull", "t-fp8@candidate", "--out", tmp_path / "b", env=other_trt)  # default: this host's SM
+    assert mismatch.returncode == 2
+    assert "built with TensorRT 10.14.1, but this host has TensorRT 10.9.0" in mismatch.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    checkpoint_only = run_kiln("pull", "t-fp8@candidate", "--out", tmp_path / "c", "--gpu", "none", env=other_trt)
+    assert checkpoint_only.returncode == 0 and not (tmp_path / "c" / "engines").exists()
+
+
+def test_gpu_option_builds_one_sm_and_a_second_run_adds_the_other(world):
+    _, env = host_env(world, "one-by-one")
+    first = run_kiln("build", world["recipe"], "--gpu", "sm90", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    engines = {e["sm"]: e for e in json.loads(first.stdout)["variants"][0]["engines"]}
+    assert engines["sm89"]["status"] == "skipped: not selected (--gpu sm90)" and not engines["sm89"]["published"]
+    assert engines["sm90"]["published"]
+    assert listed(env)[("t-fp8", "1")]["sms"] == ["sm90"]
+    second = run_kiln("build", world["recipe"], "--gpu", "sm89", env=env)
+    assert second.returncode == 0, second.stderr
+    assert list(listed(env)) == [("t-fp8", "1")] and listed(env)[("t-fp8", "1")]["sms"] == ["sm89", "sm90"]
+
+
+def test_an_engine_failing_its_gate_is_not_published(world):
+    _, env = host_env(world, "noisy", KILN_STANDIN_LOGIT_NOISE="4.0")
+    result = run_kiln("build", world["recipe"], "--json", env=env)
+    assert result.returncode == 3, result.stderr
+    engines = json.loads(result.stdout)["variants"][0]["engines"]
+    assert all(not e["gate"]["passed"] and not e["published"] for e in engines)
+    assert any("max_kl" in f for f in engines[0]["gate"]["failures"])
+    assert listed(env)[("t-fp8", "1")]["sms"] == []   # the checkpoint itself passed and is published
+
+
+def test_a_failed_trtllm_build_names_its_log_and_publishes_nothing_for_it(world):
+    _, env = host_env(world, "broken", sms=("sm90",), KILN_STANDIN_BUILD_FAIL="1")
+    result = run_kiln("build", world["recipe"], "--gpu", "sm90", env=env)
+    assert result.returncode == 1
+    assert "trtllm-build for sm90 exited 1" in result.stderr and "stand-in asked to fail" in result.stderr
+    assert "build.log" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pytorch_target_publishes_llm_api_options_per_sm(world, tmp_path):
+    recipe = write_recipe(tmp_path, str(world["model"]), VARIANTS, name="t",
+                          build={"target": "trtllm-pytorch", "kv_cache_reuse": True})
+    host, env = host_env(world, "pytorch", sms=("sm90",))
+    built = run_kiln("build", recipe, "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    out = tmp_path / "pulled"
+    assert run_kiln("pull", "t-fp8/1", "--out", out, "--gpu", "sm90", env=env).returncode == 0
+    import yaml
+
+    options = yaml.safe_load((out / "engines" / "sm90" / "llm_api_options.yaml").read_text())
+    assert options["kv_cache_config"] == {"dtype": "fp8", "enable_block_reuse": True, "free_gpu_memory_fraction": 0.9}
+    (llm_call,) = host.calls("LLM")
+    assert llm_call["kwargs"] == options and llm_call["model"].endswith("/hf")
+    record = json.loads((out / "engines" / "sm90" / "engine.json").read_text())
+    assert record["command"] == ["trtllm-serve", "hf", "--backend", "pytorch", "--extra_llm_api_options",
+                                 "engines/sm90/llm_api_options.yaml"]
+    assert record["tensorrt"] is None and not list((out / "engines" / "sm90").glob("*.engine"))
+
+
+def test_two_concurrent_publishers_of_different_sms_end_in_one_version(world):
+    """Two CI runners (an sm89 host and an sm90 host) publish the same variant at once to a new registry."""
+    _, env89 = host_env(world, "race-89", sms=("sm89",))
+    _, env90 = host_env(world, "race-90", sms=("sm90",))   # separate hosts: separate caches, one registry
+    env90["MLFLOW_TRACKING_URI"] = env89["MLFLOW_TRACKING_URI"]
+    runners = [subprocess.Popen([str(KILN), "build", str(world["recipe"]), "--gpu", sm], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for sm, env in (("sm89", env89), ("sm90", env90))]
+    for runner in runners:
+        _, stderr = runner.communicate(timeout=600)
+        assert runner.returncode == 0, stderr
+    versions = listed(env89)
+    assert list(versions) == [("t-fp8", "1")] or len(versions) == 1, versions
+    (row,) = versions.values()
+    assert row["sms"] == ["sm89", "sm90"]
