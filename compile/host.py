@@ -8,8 +8,10 @@ versions come from installed distributions' metadata, so nothing is imported.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -150,12 +152,34 @@ def detect_host() -> Host:
     for gpu in gpus:
         if gpu.sm not in ARCHS:
             notes.append(f"GPU {gpu.index} ({gpu.name}, {gpu.sm}) is not in kiln's GPU table")
-    return Host(
-        gpus=gpus,
-        probe=probe,
-        driver=driver,
-        tensorrt=installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
-        tensorrt_llm=installed_version("tensorrt_llm", module="tensorrt_llm"),
-        modelopt=installed_version("nvidia-modelopt"),
-        notes=tuple(notes),
-    )
+    tools = _nvidia_tool_versions(notes)
+    return Host(gpus=gpus, probe=probe, driver=driver, tensorrt=tools["tensorrt"], tensorrt_llm=tools["tensorrt_llm"],
+                modelopt=installed_version("nvidia-modelopt"), notes=tuple(notes))
+
+
+def _local_nvidia_tool_versions() -> dict[str, str | None]:
+    return {"tensorrt": installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+            "tensorrt_llm": installed_version("tensorrt_llm", module="tensorrt_llm")}
+
+
+def _nvidia_tool_versions(notes: list[str]) -> dict[str, str | None]:
+    """TensorRT and TensorRT-LLM versions, asked of the Python that has them (KILN_TRTLLM_PYTHON)."""
+    from kiln.pipeline.foreign_python import TRTLLM_PYTHON_ENV, env_for, is_foreign, trtllm_python
+
+    python = trtllm_python()
+    if not is_foreign(python):
+        return _local_nvidia_tool_versions()
+    try:
+        done = subprocess.run([python, "-m", "kiln.compile.host"], capture_output=True, text=True, timeout=120,
+                              env=env_for(python), check=True)
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        notes.append(f"{TRTLLM_PYTHON_ENV}={python} did not report its TensorRT-LLM version ({exc})")
+        return {"tensorrt": None, "tensorrt_llm": None}
+    notes.append(f"TensorRT and TensorRT-LLM versions are those of {python} ({TRTLLM_PYTHON_ENV})")
+    return found
+
+
+if __name__ == "__main__":  # run by kiln in KILN_TRTLLM_PYTHON: report what that environment has
+    print(json.dumps(_local_nvidia_tool_versions()))
+    sys.exit(0)

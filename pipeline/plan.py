@@ -187,7 +187,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         p.status = _publish_status(cache, v, p, variant)
         plan.instances += [q, v, p]
         for sm in variant.sms:
-            plan.instances += _gpu_instances(plan, cache, name, sm, q, p)
+            plan.instances += gpu_instances(plan, cache, name, sm, q.key, p)
     return plan
 
 
@@ -205,14 +205,18 @@ def _selected_sm(loaded: LoadedRecipe, gpu: str | None) -> str | None:
     return sm
 
 
-def _gpu_instances(plan: Plan, cache: StageCache, name: str, sm: str, quantize_instance: StageInstance,
-                   publish_instance: StageInstance) -> list[StageInstance]:
-    """compile -> engine-check -> publish for one (variant, SM), each skipped with its reason where it cannot run."""
+def gpu_instances(plan: Plan, cache: StageCache, name: str, sm: str, checkpoint_key: str,
+                  publish_instance: StageInstance) -> list[StageInstance]:
+    """compile -> engine-check -> publish for one (variant, SM), each skipped with its reason where it cannot run.
+
+    `checkpoint_key` names the checkpoint compiled: the quantize stage's key, or the registry's
+    manifest digest when this host builds from a checkpoint another host published.
+    """
     loaded, target = plan.loaded, f"{name}@{sm}"
     request = compile_request(loaded, sm)
     c_key, c_material = stage_key(
         "compile", compile_stage.STAGE_VERSION, {"request": request.key_config()},
-        {"checkpoint": quantize_instance.key}, compile_stage.tools(plan.host, request.target),
+        {"checkpoint": checkpoint_key}, compile_stage.tools(plan.host, request.target),
     )
     e_key, e_material = stage_key(
         "engine-check", validate.STAGE_VERSION,
@@ -223,7 +227,7 @@ def _gpu_instances(plan: Plan, cache: StageCache, name: str, sm: str, quantize_i
         "publish", PUBLISH_VERSION, {"registry": plan.registry_uri, "name": plan.registered_name(name), "sm": sm},
         {"version": publish_instance.key, "engine": c_key, "report": e_key}, tool_versions(()),
     )
-    c = StageInstance("compile", target, c_key, c_material, depends_on=(quantize_instance.key,))
+    c = StageInstance("compile", target, c_key, c_material, depends_on=(checkpoint_key,))
     e = StageInstance("engine-check", target, e_key, e_material, depends_on=(c_key,))
     p = StageInstance("publish", target, p_key, p_material, depends_on=(e_key, publish_instance.key))
     skip = _gpu_skip_reason(plan, sm, request, publish_instance)

@@ -21,7 +21,8 @@ from kiln.pipeline.data import token_samples
 from kiln.pipeline.errors import RecipeErrors
 from kiln.pipeline.fetch import hub_model
 from kiln.pipeline.plan import (
-    PUBLISHED_RECORD, Plan, StageInstance, compile_request, quantize_request, tool_versions, width_problems,
+    PUBLISHED_RECORD, Plan, StageInstance, compile_request, gpu_instances, quantize_request, tool_versions,
+    width_problems,
 )
 from kiln.pipeline.progress import ProgressReporter
 
@@ -217,6 +218,16 @@ class _Runner:
             (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "sm": sm}, indent=2) + "\n")
         self._ran(instance)
 
+    def registry_checkpoint(self, version: registry.PublishedVersion) -> tuple[Path, str]:
+        """The checkpoint a version holds, pulled (verified) into the cache: (folder, its manifest digest)."""
+        digest = registry.checkpoint_digest(self.plan.home, version)
+        entry = self.cache.lookup("registry-checkpoint", digest)
+        if entry is None:
+            with self.cache.write("registry-checkpoint", digest, {"version": version.as_dict()}) as out:
+                registry.pull(self.plan.home, f"{version.name}/{version.version}", out, self.progress, sm=None)
+            entry = self.cache.entry_dir("registry-checkpoint", digest)
+        return entry, digest
+
     def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: validate.Metrics) -> dict[str, str]:
         record = quantize.CheckpointRecord.load(checkpoint)
         model = self.loaded.recipe.model
@@ -265,19 +276,34 @@ def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter) -> Build
             report = cache.entry_dir("validate", v_instance.key)
             result.published = runner.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics)
         for sm, c, e, p in plan.sm_instances(name):
-            result.engines.append(_build_sm(runner, variant, sm, (c, e, p), checkpoint, result.published))
+            result.engines.append(_build_sm(runner, name, variant, sm, (c, e, p), checkpoint, result.published))
         results.append(result)
     return BuildResult(plan, results, runner.ran)
 
 
-def _build_sm(runner: _Runner, variant, sm: str, instances, checkpoint: Path, version) -> EngineResult:
-    """compile -> engine check -> gate -> publish into the variant's version, for one SM."""
-    compile_instance, check_instance, publish_instance = instances
+def _build_sm(runner: _Runner, name: str, variant, sm: str, instances, checkpoint: Path, version) -> EngineResult:
+    """compile -> engine check -> gate -> publish into the variant's version, for one SM.
+
+    The registry's checkpoint wins: if another host published this variant from other bytes
+    (quantization is not bit-reproducible across machines), this SM is rebuilt from those.
+    """
+    compile_instance, check_instance, _ = instances
     if compile_instance.status.startswith("skipped"):
         return EngineResult(sm, compile_instance.status)
     if version is None:
         return EngineResult(sm, "skipped: the checkpoint is not published (gate failed)")
     status = "cached" if compile_instance.status == "cached" and check_instance.status == "cached" else "built"
+    try:
+        return _compile_check_publish(runner, variant, sm, instances, checkpoint, version, status)
+    except registry.CheckpointMismatch as exc:
+        runner.progress.log(f"note: {exc}; building {sm} from the checkpoint in the registry instead")
+    published, digest = runner.registry_checkpoint(version)
+    instances = gpu_instances(runner.plan, runner.cache, name, sm, digest, runner.plan.instance("publish", name))
+    return _compile_check_publish(runner, variant, sm, instances, published, version, "built from the registry's checkpoint")
+
+
+def _compile_check_publish(runner: _Runner, variant, sm: str, instances, checkpoint: Path, version, status: str) -> EngineResult:
+    compile_instance, check_instance, publish_instance = instances
     sm_dir = runner.compile(sm, compile_instance, checkpoint)
     metrics = runner.engine_check(check_instance.target, check_instance, sm_dir, checkpoint)
     gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.pipeline.errors import UserInputError, VerificationError
-from kiln.registry.engines import SM_ROOT, add_sm, held_sms, sm_tag
+from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_tag
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.store import (
     ARTIFACT_PATH, MANIFEST_TAG, PUBLISH_KEY_TAG, PublishedVersion, client, download, ensure_registered_model,
     experiment_id, tracking_uri, upload_files,
 )
 
-__all__ = ["publish", "add_sm", "held_sms_of", "find_version", "pull", "list_versions", "parse_ref", "tracking_uri",
-           "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG"]
+__all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "pull", "list_versions", "parse_ref", "tracking_uri",
+           "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,11 @@ def _converge(mlflow, name: str, publish_key: str, mine: str) -> PublishedVersio
 
 def held_sms_of(home: Path, version: PublishedVersion) -> list[str]:
     return held_sms(client(home).get_model_version(version.name, version.version).tags)
+
+
+def checkpoint_digest(home: Path, version: PublishedVersion) -> str:
+    """The digest of the version's own manifest: names the checkpoint bytes it holds."""
+    return client(home).get_model_version(version.name, version.version).tags[MANIFEST_TAG]
 
 
 def find_version(home: Path, name: str, publish_key: str) -> PublishedVersion | None:

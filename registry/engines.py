@@ -21,6 +21,10 @@ SM_ROOT = "engines"
 _TAG = "kiln.sm."
 
 
+class CheckpointMismatch(KilnError):
+    """The version holds other checkpoint bytes than the ones an SM's artifact was built from."""
+
+
 def sm_tag(sm: str, field: str) -> str:
     return f"{_TAG}{sm}.{field}"
 
@@ -63,11 +67,10 @@ def _check_built_from(home: Path, version: PublishedVersion, sm: str, engine_rec
         listed = json.loads(download(home, f"{source}/{MANIFEST}", Path(tmp)).read_text())["files"]
     differing = sorted(rel for rel, sha in engine_record["inputs"].items() if listed.get(rel, {}).get("sha256") != sha)
     if differing:
-        raise KilnError(
+        raise CheckpointMismatch(
             f"{version.name}/{version.version} holds other bytes for {', '.join(differing[:3])} than the checkpoint "
-            f"the {sm} artifact was built from (another host quantized this variant differently); its engines "
-            f"were not added (fix: `kiln pull {version.name}/{version.version}` and build {sm} from that checkpoint)"
+            f"the {sm} artifact was built from (another host quantized this variant differently)"
         )
 
 
-__all__ = ["SM_ROOT", "ARTIFACT_PATH", "sm_tag", "held_sms", "add_sm"]
+__all__ = ["SM_ROOT", "ARTIFACT_PATH", "CheckpointMismatch", "sm_tag", "held_sms", "add_sm"]

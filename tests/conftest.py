@@ -94,7 +94,10 @@ class GpuHost:
     API returns logits computed on the CPU. They prove kiln's side of the interface, not TensorRT.
     """
 
-    def __init__(self, root: Path, sms=("sm90",), trtllm="1.2.0", tensorrt="10.14.1", model: Path | None = None):
+    def __init__(self, root: Path, sms=("sm90",), trtllm="1.2.0", tensorrt="10.14.1", model: Path | None = None,
+                 foreign_python: bool = False):
+        """With `foreign_python`, TensorRT-LLM is visible only to a separate interpreter (KILN_TRTLLM_PYTHON),
+        as on a GPU host where TensorRT-LLM's pins keep it out of kiln's environment."""
         self.root = root
         site = root / "site"
         site.mkdir(parents=True, exist_ok=True)
@@ -115,6 +118,19 @@ class GpuHost:
             "KILN_STANDIN_TRTLLM": trtllm or "",
             "KILN_STANDIN_MODEL": str(model or ""),
         }
+        if foreign_python:
+            # -S: no site processing, so kiln's editable-install hook is not loaded and `import kiln` must
+            # resolve through the links kiln puts on PYTHONPATH; torch and transformers come from purelib.
+            import sysconfig
+
+            wrapper = root / "trtllm-python"
+            wrapper.write_text(
+                "#!/bin/sh\n"
+                f"echo '{{\"tool\": \"trtllm-python\"}}' >> '{self.log}'\n"
+                f"PYTHONPATH=\"$PYTHONPATH:{site}:{sysconfig.get_paths()['purelib']}\" exec '{sys.executable}' -S \"$@\"\n")
+            wrapper.chmod(0o755)
+            del self.env["PYTHONPATH"]
+            self.env["KILN_TRTLLM_PYTHON"] = str(wrapper)
 
     def calls(self, tool: str) -> list[dict]:
         import json

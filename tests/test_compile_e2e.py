@@ -37,9 +37,9 @@ def world(tmp_path_factory, test_model):
 
 
 def host_env(world, name: str, sms=("sm89", "sm90"), tensorrt="10.14.1", home: Path | None = None,
-             **extra) -> tuple[GpuHost, dict]:
+             foreign_python: bool = False, **extra) -> tuple[GpuHost, dict]:
     """A stand-in GPU host with a registry of its own and a kiln home holding only the CPU stages' entries."""
-    host = GpuHost(world["root"] / name, sms, tensorrt=tensorrt, model=world["model"])
+    host = GpuHost(world["root"] / name, sms, tensorrt=tensorrt, model=world["model"], foreign_python=foreign_python)
     registry = world["root"] / name / "mlflow.db"
     if home is None:
         home = world["root"] / name / "kiln-home"
@@ -175,3 +175,54 @@ def test_two_concurrent_publishers_of_different_sms_end_in_one_version(world):
     assert list(versions) == [("t-fp8", "1")] or len(versions) == 1, versions
     (row,) = versions.values()
     assert row["sms"] == ["sm89", "sm90"]
+
+
+def test_tensorrt_llm_in_another_python(world):
+    """kiln's environment has no tensorrt_llm; KILN_TRTLLM_PYTHON has it (as in NVIDIA's container)."""
+    host, env = host_env(world, "foreign", sms=("sm90",), foreign_python=True)
+    doctor = json.loads(run_kiln("doctor", "--json", env=env).stdout)
+    assert doctor["host"]["tensorrt_llm"] == "1.2.0"
+    assert any("KILN_TRTLLM_PYTHON" in note for note in doctor["host"]["notes"])
+    built = run_kiln("build", world["recipe"], "--gpu", "sm90", "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    engines = {e["sm"]: e for e in json.loads(built.stdout)["variants"][0]["engines"]}
+    assert engines["sm90"]["published"] and engines["sm90"]["gate"]["passed"]
+    assert len(host.calls("ModelRunnerCpp.from_dir")) == 1   # the engine check ran in the other Python
+    assert len(host.calls("trtllm-python")) >= 3             # doctor's and build's version probes, the check
+
+
+def _alter_quantize_entry(home: Path) -> None:
+    """Make this host's checkpoint differ from the published one, as another CPU's rounding might."""
+    from kiln.pipeline.cache import ENTRY_FILE
+    from kiln.pipeline.digest import file_sha256
+
+    (entry,) = (home / "cache" / "quantize").iterdir()
+    config = entry / "trtllm" / "config.json"
+    altered = json.loads(config.read_text()) | {"kiln_test_marker": 1}
+    fresh = config.with_suffix(".new")
+    fresh.write_text(json.dumps(altered))
+    os.replace(fresh, config)  # a new inode: the world's hard-linked copy stays as it was
+    record = json.loads((entry / ENTRY_FILE).read_text())
+    record["files"]["trtllm/config.json"] = {"size": config.stat().st_size, "sha256": file_sha256(config)}
+    (entry / ENTRY_FILE).unlink()
+    (entry / ENTRY_FILE).write_text(json.dumps(record))
+
+
+def test_an_sm_is_built_from_the_registry_checkpoint_when_this_host_quantized_differently(world, tmp_path):
+    _, env89 = host_env(world, "first-runner", sms=("sm89",))
+    assert run_kiln("build", world["recipe"], "--gpu", "sm89", env=env89).returncode == 0
+    _, env90 = host_env(world, "second-runner", sms=("sm90",))
+    env90["MLFLOW_TRACKING_URI"] = env89["MLFLOW_TRACKING_URI"]
+    _alter_quantize_entry(Path(env90["KILN_HOME"]))
+    result = run_kiln("build", world["recipe"], "--gpu", "sm90", env=env90)
+    assert result.returncode == 0, result.stderr
+    assert "t-fp8/1 already holds this checkpoint" in result.stderr
+    assert "building sm90 from the checkpoint in the registry instead" in result.stderr
+    assert list(listed(env89)) == [("t-fp8", "1")] and listed(env89)[("t-fp8", "1")]["sms"] == ["sm89", "sm90"]
+    out = tmp_path / "pulled"
+    assert run_kiln("pull", "t-fp8/1", "--out", out, "--gpu", "sm90", env=env90).returncode == 0
+    from kiln.pipeline.digest import file_sha256
+
+    record = json.loads((out / "engines" / "sm90" / "engine.json").read_text())
+    assert record["inputs"]["trtllm/config.json"] == file_sha256(out / "trtllm" / "config.json")
+    assert "kiln_test_marker" not in (out / "trtllm" / "config.json").read_text()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kiln.pipeline.errors import KilnError
+from kiln.pipeline.foreign_python import env_for, trtllm_python
 from kiln.validate.records import Metrics
 
 
@@ -33,8 +34,8 @@ class EngineCheckRequest:
     trust_remote_code: bool = False
 
 
-def check_command(request_path: Path, target: str, tp_size: int) -> list[str]:
-    command = [sys.executable, "-m", "kiln.validate.engine_check", str(request_path)]
+def check_command(request_path: Path, target: str, tp_size: int, python: str = sys.executable) -> list[str]:
+    command = [python, "-m", "kiln.validate.engine_check", str(request_path)]
     if target == "trtllm-engine" and tp_size > 1:
         # The C++ runtime wants one MPI rank per GPU of the engine.
         command = ["mpirun", "-n", str(tp_size), "--allow-run-as-root", *command]
@@ -53,9 +54,10 @@ def check_engine(target: str, sm_dir: Path, hf_dir: Path, model_dir: Path, sampl
         request_path = tmp_path / "request.json"
         request_path.write_text(json.dumps(asdict(request), indent=2))
         log_path = tmp_path / "engine-check.log"
+        python = trtllm_python()  # the Python that has tensorrt_llm, maybe not kiln's own
         with progress.task(f"engine check {label}", total=None), log_path.open("w") as log:
-            returncode = subprocess.run(check_command(request_path, target, tp_size), stdout=log,
-                                        stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+            returncode = subprocess.run(check_command(request_path, target, tp_size, python), stdout=log,
+                                        stderr=subprocess.STDOUT, env=env_for(python)).returncode
         if returncode != 0 or not Path(request.report).is_file():
             kept = Path(tempfile.mkdtemp(prefix="kiln-engine-check-log-")) / "engine-check.log"
             kept.write_bytes(log_path.read_bytes())
