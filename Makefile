@@ -26,6 +26,8 @@ demo: $(STAMP)
 	rm -rf build/pulled/demo-fp8
 	$(KILN) pull demo-fp8@candidate --out build/pulled/demo-fp8
 	$(KILN) ls
+	$(KILN) serve demo-fp8@candidate --http-port 0 --grpc-port 0 --metrics-port 0 \
+		--prompt "def parse_args(argv):" --max-tokens 24
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -36,6 +38,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m kiln.pipeline.testmodel build/demo-model
 	$(PY) bench/build_time.py recipes/demo.yaml
+	$(PY) bench/serve.py recipes/demo.yaml
 
 clean:
 	rm -rf build .pytest_cache

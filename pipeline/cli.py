@@ -1,4 +1,4 @@
-"""The `kiln` command line: check, plan, build, ls, pull, doctor.
+"""The `kiln` command line: check, plan, build, ls, pull, doctor, triton-repo, serve.
 
 Data (tables, JSON) goes to stdout; progress, warnings and errors to stderr.
 Exit codes: 0 ok, 1 failure (including verification), 2 bad input, 3 a gate failed.
@@ -253,6 +253,9 @@ def doctor(
     else:
         for table in doctor_tables(document):
             stdout_console.print(table)
+
+
+from kiln.pipeline import cli_serve  # noqa: E402,F401  (registers triton-repo and serve on `app`)
 
 
 def main() -> None:

@@ -1,0 +1,158 @@
+"""Start and stop a real `tritonserver` on 127.0.0.1: the one nvidia-pytriton ships (CPU, python backend).
+
+The python backend's stub is a binary that links the system libpython and imports numpy and
+kiln from this environment: kiln hands it the running interpreter's lib directory and the
+wheel's bundled libraries on LD_LIBRARY_PATH, and this environment's bin first on PATH.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.pipeline.errors import KilnError
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    http: int
+    grpc: int
+    metrics: int
+
+    def describe(self) -> str:
+        return (f"HTTP http://127.0.0.1:{self.http}  gRPC 127.0.0.1:{self.grpc}  "
+                f"metrics http://127.0.0.1:{self.metrics}/metrics")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def pytriton_server_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    server = Path(spec.submodule_search_locations[0]) / "tritonserver" if spec else None
+    if server is None or not (server / "bin" / "tritonserver").is_file():
+        raise KilnError("no tritonserver for the CPU runtime: it comes with nvidia-pytriton "
+                        "(fix: `make venv`, or `pip install --no-deps nvidia-pytriton==0.7.0`)")
+    return server
+
+
+def _backend_directory(server: Path, home: Path) -> Path:
+    """A backend directory whose python backend carries the stub built for this Python version."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise KilnError(f"nvidia-pytriton ships no python backend stub for Python {version} (it has "
+                        f"{', '.join(sorted(p.name for p in (server / 'python_backend_stubs').iterdir()))})")
+    backends = Path(home) / "triton" / f"backends-py{version}"
+    if not (backends / "python" / "triton_python_backend_stub").is_file():
+        staging = backends.with_name(backends.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(server / "backends", staging, symlinks=True)
+        shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
+        shutil.rmtree(backends, ignore_errors=True)
+        staging.rename(backends)
+    return backends
+
+
+def _server_env(server: Path) -> dict[str, str]:
+    env = os.environ.copy()
+    libs = [sysconfig.get_config_var("LIBDIR"), str(server.parent.parent / "nvidia_pytriton.libs"),
+            str(server / "external_libs"), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+class TritonServer:
+    """A tritonserver process on loopback ports; a context manager that always stops it."""
+
+    def __init__(self, repo: Path, home: Path, models: tuple[str, ...], endpoints: Endpoints | None = None,
+                 log_path: Path | None = None):
+        self.repo, self.home, self.models = Path(repo), Path(home), models
+        self.endpoints = endpoints or Endpoints(free_port(), free_port(), free_port())
+        self.log_path = log_path or self.home / "triton" / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        server = pytriton_server_dir()
+        return [
+            str(server / "bin" / "tritonserver"),
+            "--model-repository", str(self.repo),
+            "--backend-directory", str(_backend_directory(server, self.home)),
+            "--http-address", "127.0.0.1", "--http-port", str(self.endpoints.http),
+            "--grpc-address", "127.0.0.1", "--grpc-port", str(self.endpoints.grpc),
+            "--metrics-address", "127.0.0.1", "--metrics-port", str(self.endpoints.metrics),
+            "--allow-metrics", "true", "--log-verbose", "0",
+            # Load exactly kiln's models (the artifact folder beside them is not a model) and
+            # give in-flight requests 5 s on shutdown instead of the default 30.
+            "--model-control-mode", "explicit", *(f"--load-model={m}" for m in self.models),
+            "--exit-timeout-secs", "5",
+        ]
+
+    def start(self, timeout_s: float = 180, progress=None) -> "TritonServer":
+        command = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("w")
+        # Its own process group: the python stubs are its children and must go when it goes.
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        env=_server_env(pytriton_server_dir()), start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        ready = f"http://127.0.0.1:{self.endpoints.http}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise KilnError(f"tritonserver exited {self.process.returncode} while starting; "
+                                f"last lines:\n  {self._log_tail()}\n  full log: {self.log_path}")
+            try:
+                with urllib.request.urlopen(ready, timeout=2) as answer:
+                    if answer.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise KilnError(f"tritonserver was not ready after {timeout_s:.0f} s; last lines:\n  {self._log_tail()}"
+                        f"\n  full log: {self.log_path}")
+
+    def _log_tail(self, lines: int = 6) -> str:
+        try:
+            return "\n  ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30) -> int | None:
+        """SIGTERM (Triton unloads models and exits), then SIGKILL for whatever is left of the group."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()  # the server only: it unloads its models and stops their stubs
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # stubs that outlived the server
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self if self.process is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

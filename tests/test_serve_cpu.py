@@ -1,0 +1,192 @@
+"""The real tritonserver (nvidia-pytriton's) serving kiln artifacts on the CPU, driven with tritonclient."""
+
+from __future__ import annotations
+
+import ast
+import os
+import queue
+import re
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from kiln.pipeline.progress import ProgressReporter
+from kiln.serve import TritonServer, write_repository
+from kiln.serve.generation import ReferenceGenerator, greedy_without_cache
+from kiln.serve.pbtxt import read_config
+from tests.conftest import run_kiln, write_recipe
+
+pytestmark = pytest.mark.slow
+
+GATES = {"max_ppl_increase_pct": 10, "max_kl": 0.1, "min_top1_agreement": 0.7}
+VARIANTS = {"fp8": {"quant": "fp8", "kv_cache": "fp8", "gates": GATES}, "int4-awq": {"quant": "int4_awq", "gates": GATES}}
+PROMPTS = ["def add(a, b):", "The os module", "import sys\n", "Return the", "class Foo:", "A list is"]
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, test_model):
+    root = tmp_path_factory.mktemp("serve")
+    home = root / "kiln-home"
+    recipe = write_recipe(root, str(test_model), VARIANTS, name="s", publish={"aliases": ["candidate"]})
+    built = run_kiln("build", recipe, env={"KILN_HOME": str(home)})
+    assert built.returncode == 0, built.stderr
+    os.environ["KILN_HOME"] = str(home)  # for this process's registry client
+    return home
+
+
+def expected_tokens(repo_path: Path, prompt: str) -> list[int]:
+    """Greedy tokens from the reference runtime called directly, recomputing the sequence (no KV cache)."""
+    generator = ReferenceGenerator(repo_path / "artifact" / "hf")
+    return greedy_without_cache(generator.model, generator.encode(prompt), MAX_TOKENS, generator.eos_token_id)
+
+
+@pytest.fixture(scope="module")
+def fp8_server(home, tmp_path_factory):
+    repo = write_repository(home, "s-fp8@candidate", tmp_path_factory.mktemp("repo") / "fp8", "cpu", ProgressReporter())
+    server = TritonServer(repo.path, home, repo.models).start()
+    yield server, repo
+    server.stop()
+
+
+def _inputs(module, prompt: str, stream: bool | None = None):
+    text = module.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+    limit = module.InferInput("max_tokens", [1, 1], "INT32")
+    limit.set_data_from_numpy(np.array([[MAX_TOKENS]], dtype=np.int32))
+    inputs = [text, limit]
+    if stream is not None:
+        flag = module.InferInput("stream", [1, 1], "BOOL")
+        flag.set_data_from_numpy(np.array([[stream]]))
+        inputs.append(flag)
+    return inputs
+
+
+def test_repository_configs_parse_against_tritons_schema(fp8_server):
+    _, repo = fp8_server
+    plain = read_config(repo.path / "kiln_llm" / "config.pbtxt")
+    streaming = read_config(repo.path / "kiln_llm_stream" / "config.pbtxt")
+    assert plain.backend == streaming.backend == "python" and plain.max_batch_size == 8
+    assert not plain.model_transaction_policy.decoupled and streaming.model_transaction_policy.decoupled
+    assert plain.dynamic_batching.max_queue_delay_microseconds == 1000
+    assert [i.name for i in streaming.input] == ["text_input", "max_tokens", "stream"]
+    assert plain.parameters["artifact"].string_value == "../artifact"
+    assert (repo.path / "artifact" / "manifest.json").is_file()
+
+
+def test_ready_and_metadata_over_http_and_grpc(fp8_server):
+    server, repo = fp8_server
+    with httpclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.http}") as http:
+        assert http.is_server_live() and http.is_server_ready() and http.is_model_ready("kiln_llm")
+        metadata = http.get_model_metadata("kiln_llm")
+    assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {"text_input": "BYTES", "max_tokens": "INT32"}
+    assert {o["name"]: o["datatype"] for o in metadata["outputs"]} == {"text_output": "BYTES", "output_ids": "INT32"}
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.grpc}") as grpc:
+        assert grpc.is_server_ready() and grpc.is_model_ready("kiln_llm_stream")
+        assert grpc.get_model_metadata("kiln_llm_stream").platform == "python"
+
+
+def test_one_request_gives_the_reference_runtimes_greedy_tokens(fp8_server):
+    server, repo = fp8_server
+    expected = expected_tokens(repo.path, PROMPTS[0])
+    with httpclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.http}") as http:
+        over_http = http.infer("kiln_llm", _inputs(httpclient, PROMPTS[0]))
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.grpc}") as grpc:
+        over_grpc = grpc.infer("kiln_llm", _inputs(grpcclient, PROMPTS[0]))
+    assert over_http.as_numpy("output_ids")[0].tolist() == expected
+    assert over_grpc.as_numpy("output_ids")[0].tolist() == expected
+    generator = ReferenceGenerator(repo.path / "artifact" / "hf")
+    assert over_http.as_numpy("text_output")[0][0].decode() == generator.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_streaming_sends_one_response_per_token(fp8_server):
+    server, repo = fp8_server
+    responses: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.grpc}") as grpc:
+        grpc.start_stream(callback=lambda result, error: responses.put((result, error)))
+        grpc.async_stream_infer("kiln_llm_stream", _inputs(grpcclient, PROMPTS[1], stream=True),
+                                enable_empty_final_response=True)
+        tokens, pieces = [], []
+        while True:
+            result, error = responses.get(timeout=120)
+            assert error is None, error
+            response = result.get_response()
+            if response.parameters["triton_final_response"].bool_param and not response.outputs:
+                break
+            tokens += result.as_numpy("output_ids")[0].tolist()
+            pieces.append(result.as_numpy("text_output")[0][0].decode())
+        grpc.stop_stream()
+    expected = expected_tokens(repo.path, PROMPTS[1])
+    assert tokens == expected and len(pieces) == len(expected)
+    generator = ReferenceGenerator(repo.path / "artifact" / "hf")
+    assert "".join(pieces) == generator.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_concurrent_clients_each_get_their_own_tokens_and_metrics_count_them(fp8_server):
+    server, repo = fp8_server
+    before = _successes(server, "kiln_llm")
+    results: dict[int, list[int]] = {}
+
+    def ask(index: int) -> None:
+        module = httpclient if index % 2 else grpcclient
+        port = server.endpoints.http if index % 2 else server.endpoints.grpc
+        with module.InferenceServerClient(f"127.0.0.1:{port}") as client:
+            results[index] = client.infer("kiln_llm", _inputs(module, PROMPTS[index])).as_numpy("output_ids")[0].tolist()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert {i: results.get(i) for i in range(len(PROMPTS))} == {i: expected_tokens(repo.path, p) for i, p in enumerate(PROMPTS)}
+    assert _successes(server, "kiln_llm") - before == len(PROMPTS)
+
+
+def test_a_bad_request_is_an_error_response_and_the_server_stays_up(fp8_server):
+    server, _ = fp8_server
+    with httpclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.http}") as http:
+        inputs = _inputs(httpclient, "x")
+        inputs[1].set_data_from_numpy(np.array([[0]], dtype=np.int32))
+        with pytest.raises(InferenceServerException, match="max_tokens must be at least 1"):
+            http.infer("kiln_llm", inputs)
+        assert http.is_model_ready("kiln_llm")
+
+
+def _successes(server, model: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.endpoints.metrics}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    match = re.search(rf'nv_inference_request_success\{{model="{model}",version="1"\}} (\d+)', text)
+    return int(match[1]) if match else 0
+
+
+def test_int4_awq_serves_too_and_shutdown_leaves_no_process(home, tmp_path):
+    repo = write_repository(home, "s-int4-awq/1", tmp_path / "repo", "cpu", ProgressReporter())
+    server = TritonServer(repo.path, home, repo.models).start()
+    try:
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.grpc}") as grpc:
+            tokens = grpc.infer("kiln_llm", _inputs(grpcclient, PROMPTS[2])).as_numpy("output_ids")[0].tolist()
+        assert tokens == expected_tokens(repo.path, PROMPTS[2])
+    finally:
+        code = server.stop()
+    assert code == 0
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.process.pid, 0)   # neither the server nor a python stub is left
+
+
+def test_kiln_serve_answers_a_prompt_and_stops(home, fp8_server):
+    _, repo = fp8_server
+    result = run_kiln("serve", "s-fp8@candidate", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+                      "--prompt", PROMPTS[3], "--max-tokens", str(MAX_TOKENS), env={"KILN_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    assert "serving s-fp8/1 (cpu): HTTP http://127.0.0.1:" in result.stdout
+    completion = ast.literal_eval(re.search(r"completion: (.*)", result.stdout)[1])
+    generator = ReferenceGenerator(repo.path / "artifact" / "hf")
+    assert completion == generator.tokenizer.decode(expected_tokens(repo.path, PROMPTS[3]), skip_special_tokens=True)
+    assert "tritonserver stopped (exit 0)" in result.stderr
+    assert not list((home / "serve").iterdir())   # the temporary repository is gone
