@@ -38,6 +38,7 @@ def test_wheel_holds_only_the_kiln_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     modules = [n for n in names if n.endswith(".py")]
     assert "kiln/pipeline/cli.py" in modules and "kiln/quantize/formats.py" in modules
+    assert "kiln/serve/cpu_model/model.py" in modules   # copied into every CPU Triton repository
     assert all(n.startswith("kiln/") for n in modules), [n for n in modules if not n.startswith("kiln/")]
     metadata = next(n for n in names if n.endswith("METADATA"))
     requires = [line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist")]
