@@ -32,6 +32,16 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def require_empty_folder(path: Path, option: str = "--out") -> Path:
+    """A destination that is new or an empty folder; anything else is the user's to resolve."""
+    from kiln.pipeline.errors import UserInputError
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserInputError(f"{option} {path}: exists and is not empty (fix: choose a new folder)")
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.pipeline.errors import UserInputError, VerificationError
+from kiln.pipeline.fsutil import atomic_dir, require_empty_folder
 from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_tag
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.store import (
@@ -141,38 +141,30 @@ def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
     Nothing lands in `out` unless all files match their manifests. Refuses an SM the version does not
     hold, and engines built with another TensorRT than `installed_tensorrt` (when one is installed).
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"--out {out}: exists and is not empty (fix: choose a new folder)")
+    out = require_empty_folder(out)
     mlflow = client(home)
     version = _resolve(mlflow, ref)
     label = f"{version.name}/{version.version}"
     if sm is not None:
         _check_sm_pullable(label, version.tags, sm, installed_tensorrt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    root = staging / ARTIFACT_PATH
     try:
-        entries = [e.path.rsplit("/", 1)[-1] for e in mlflow.list_artifacts(version.run_id, ARTIFACT_PATH)]
-        wanted = [(e, root) for e in entries if e != SM_ROOT]
-        if sm is not None:
-            wanted.append((f"{SM_ROOT}/{sm}", root / SM_ROOT))
-        with progress.task(f"download {label}" + (f" ({sm})" if sm else ""), total=len(wanted)) as task:
-            for entry, dst in wanted:
-                dst.mkdir(parents=True, exist_ok=True)
-                download(home, f"{version.source}/{entry}", dst)
-                task.advance()
-        manifest = verify_tree(root, version.tags.get(MANIFEST_TAG), excluded_scopes=(SM_ROOT,))
-        files = dict(manifest["files"])
-        if sm is not None:
-            files.update(verify_tree(root, version.tags.get(sm_tag(sm, "manifest_sha256")), scope=f"{SM_ROOT}/{sm}")["files"])
-        if out.exists():
-            out.rmdir()
-        root.rename(out)
+        with atomic_dir(out) as root:
+            entries = [e.path.rsplit("/", 1)[-1] for e in mlflow.list_artifacts(version.run_id, ARTIFACT_PATH)]
+            wanted = [(e, root) for e in entries if e != SM_ROOT]
+            if sm is not None:
+                wanted.append((f"{SM_ROOT}/{sm}", root / SM_ROOT))
+            with progress.task(f"download {label}" + (f" ({sm})" if sm else ""), total=len(wanted)) as task:
+                for entry, dst in wanted:
+                    dst.mkdir(parents=True, exist_ok=True)
+                    download(home, f"{version.source}/{entry}", dst)
+                    task.advance()
+            manifest = verify_tree(root, version.tags.get(MANIFEST_TAG), excluded_scopes=(SM_ROOT,))
+            files = dict(manifest["files"])
+            if sm is not None:
+                files.update(verify_tree(root, version.tags.get(sm_tag(sm, "manifest_sha256")),
+                                         scope=f"{SM_ROOT}/{sm}")["files"])
     except VerificationError as exc:
         raise VerificationError(f"{label}: {exc}; nothing was written to {out}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return PulledArtifact(version.name, str(version.version), out, len(files), sum(f["size"] for f in files.values()), sm)
 
 

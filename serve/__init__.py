@@ -13,12 +13,11 @@ Layouts, by runtime and artifact target:
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.pipeline.errors import UserInputError
+from kiln.pipeline.fsutil import atomic_dir, require_empty_folder
 from kiln.serve.cpu_repo import ARTIFACT_DIR, CPU_MODEL, CPU_STREAM_MODEL, CpuServeOptions, write_cpu_repository
 from kiln.serve.triton import Endpoints, TritonServer
 
@@ -42,19 +41,10 @@ def write_repository(home: Path, ref: str, out: Path, runtime: str, progress,
     """Pull `ref` (verified) and write a complete Triton model repository at `out`, atomically."""
     from kiln.registry import pull
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"--out {out}: exists and is not empty (fix: choose a new folder)")
+    out = require_empty_folder(out)
     if runtime != "cpu":
         raise UserInputError(f"--runtime {runtime}: only `cpu` repositories are written so far")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as staging:
         pulled = pull(home, ref, staging / ARTIFACT_DIR, progress, sm=None)
         models = write_cpu_repository(staging, cpu_options)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return Repository(out, pulled.name, pulled.version, runtime, models, CPU_MODEL, CPU_STREAM_MODEL)

@@ -63,8 +63,10 @@ def _backend_directory(server: Path, home: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(server / "backends", staging, symlinks=True)
         shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
-        shutil.rmtree(backends, ignore_errors=True)
-        staging.rename(backends)
+        try:
+            staging.rename(backends)   # atomic; a server may already be running from `backends`
+        except OSError:                # another kiln made it first
+            shutil.rmtree(staging, ignore_errors=True)
     return backends
 
 
