@@ -40,7 +40,7 @@ class EngineResult:
             "sm": self.sm,
             "status": self.status,
             "metrics": self.metrics.as_dict() if self.metrics else None,
-            "gate": {"passed": self.gate.passed, "failures": list(self.gate.failures)} if self.gate else None,
+            "gate": self.gate.as_dict() if self.gate else None,
             "published": self.published,
         }
 
@@ -66,7 +66,7 @@ class VariantResult:
             "quant": self.quant,
             "kv_cache": self.kv_cache,
             "metrics": self.metrics.as_dict() if self.metrics else None,
-            "gate": {"passed": self.gate.passed, "failures": list(self.gate.failures)} if self.gate else None,
+            "gate": self.gate.as_dict() if self.gate else None,
             "registry": self.published.as_dict() if self.published else None,
             "trtllm_corrections": self.trtllm_corrections,
             "engines": [e.as_dict() for e in self.engines],

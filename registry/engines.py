@@ -39,10 +39,10 @@ def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path
            publish_key: str, engine_record: dict, progress) -> bool:
     """Add one SM's files (artifact paths under engines/<sm>/) to `version`; False if already there."""
     mlflow = client(home)
-    current = mlflow.get_model_version(version.name, version.version).tags
-    if current.get(sm_tag(sm, "publish_key")) == publish_key and sm in held_sms(current):
+    current = mlflow.get_model_version(version.name, version.version)
+    if current.tags.get(sm_tag(sm, "publish_key")) == publish_key and sm in held_sms(current.tags):
         return False
-    _check_built_from(home, version, sm, engine_record)
+    _check_built_from(home, version, current.source, sm, engine_record)
     scope = f"{SM_ROOT}/{sm}"
     outside = [rel for rel in files if not rel.startswith(f"{scope}/")]
     if outside:
@@ -59,10 +59,8 @@ def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path
     return True
 
 
-def _check_built_from(home: Path, version: PublishedVersion, sm: str, engine_record: dict) -> None:
-    """Refuse engines built from other checkpoint bytes than the version holds."""
-    mlflow = client(home)
-    source = mlflow.get_model_version(version.name, version.version).source
+def _check_built_from(home: Path, version: PublishedVersion, source: str, sm: str, engine_record: dict) -> None:
+    """Refuse engines built from other checkpoint bytes than the version holds (its artifact at `source`)."""
     with tempfile.TemporaryDirectory(prefix="kiln-base-manifest-") as tmp:
         listed = json.loads(download(home, f"{source}/{MANIFEST}", Path(tmp)).read_text())["files"]
     differing = sorted(rel for rel, sha in engine_record["inputs"].items() if listed.get(rel, {}).get("sha256") != sha)

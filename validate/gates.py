@@ -12,6 +12,9 @@ class GateResult:
     passed: bool
     failures: tuple[str, ...]
 
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "failures": list(self.failures)}
+
     def summary(self) -> str:
         return "pass" if self.passed else "FAIL " + "; ".join(self.failures)
 
