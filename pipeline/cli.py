@@ -202,22 +202,13 @@ def pull(
     Fetches the checkpoint, tokenizer and reports, plus the engines of one SM only. Refuses (exit 2)
     an SM the version holds no engines for, and engines built with another TensorRT than this host's.
     """
-    from kiln.compile import detect_host, resolve_gpu
-    from kiln.pipeline.errors import UserInputError
+    from kiln.compile import detect_host
     from kiln.pipeline.progress import ProgressReporter
     from kiln.registry import pull as pull_version
 
     with _reported_errors():
         host = detect_host()
-        if gpu is None:
-            sm = host.sms[0] if host.sms else None
-        elif gpu.lower() == "none":
-            sm = None
-        else:
-            try:
-                sm = resolve_gpu(gpu).sm
-            except ValueError as exc:
-                raise UserInputError(f"--gpu: {exc}") from None
+        sm = None if gpu is not None and gpu.lower() == "none" else selected_sm(gpu, host)
         pulled = pull_version(kiln_home(), ref, out, ProgressReporter(), sm=sm, installed_tensorrt=host.tensorrt)
     if as_json:
         _emit_json({"name": pulled.name, "version": pulled.version, "path": str(pulled.path), "sm": pulled.sm,
@@ -226,6 +217,19 @@ def pull(
         engines = f" with {pulled.sm} engines" if pulled.sm else " (checkpoint only)"
         print(f"{pulled.name}/{pulled.version}{engines} -> {pulled.path}: {pulled.files} files, {pulled.bytes} bytes, "
               "all verified")
+
+
+def selected_sm(gpu: str | None, host) -> str | None:
+    """--gpu as an SM (sm90, H100, ...); default: this host's first GPU's SM, or None without one."""
+    from kiln.compile import resolve_gpu
+    from kiln.pipeline.errors import UserInputError
+
+    if gpu is None:
+        return host.sms[0] if host.sms else None
+    try:
+        return resolve_gpu(gpu).sm
+    except ValueError as exc:
+        raise UserInputError(f"--gpu: {exc}") from None
 
 
 @app.command()

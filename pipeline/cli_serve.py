@@ -10,9 +10,13 @@ from pathlib import Path
 
 import typer
 
-from kiln.pipeline.cli import _emit_json, _reported_errors, app, kiln_home
+from kiln.pipeline.cli import _emit_json, _reported_errors, app, kiln_home, selected_sm
 
-_RUNTIME_HELP = "cpu: kiln's reference runtime in Triton's python backend (any artifact, any host)."
+_RUNTIME_HELP = ("cpu: kiln's reference runtime in Triton's python backend (any artifact, any host). "
+                 "gpu: TensorRT-LLM's own Triton models for the artifact's target (engines: the in-flight-batching "
+                 "ensemble; trtllm-pytorch: the llmapi model), filled from --templates.")
+_TEMPLATES_HELP = ("GPU runtime: TensorRT-LLM's triton_backend/all_models of the release that built the artifact "
+                   "(git clone --branch v<version> https://github.com/NVIDIA/TensorRT-LLM).")
 
 
 def _cpu_options(max_batch_size: int, max_queue_delay_us: int, instances: int, max_tokens: int):
@@ -22,32 +26,87 @@ def _cpu_options(max_batch_size: int, max_queue_delay_us: int, instances: int, m
                            instances=instances, default_max_tokens=max_tokens)
 
 
+def _gpu_options(templates: Path | None, decoupled: bool, instances: int, max_queue_delay_us: int,
+                 max_queue_size: int, container: str | None):
+    from kiln.serve import GpuServeOptions
+    from kiln.serve.gpu_repo import CONTAINER
+
+    return GpuServeOptions(templates=templates, decoupled=decoupled, instances=instances,
+                           max_queue_delay_microseconds=max_queue_delay_us, max_queue_size=max_queue_size,
+                           container=container or CONTAINER)
+
+
+def _print_gpu_start(repo) -> None:
+    from kiln.serve.gpu_repo import CONTAINER
+
+    layout = repo.gpu_layout
+    dropped = sorted({name for names in layout.dropped.values() for name in names})
+    if dropped:
+        print(f"optional parameters left unset (the backend's defaults apply): {', '.join(dropped)}")
+    print("start it in NVIDIA's TensorRT-LLM Triton container (it must see the repository at the same path):")
+    print(f"  {repo.container_command}")
+    if CONTAINER in repo.container_command:
+        print(f"  <yy.mm>: the container release whose TensorRT-LLM is {layout.tensorrt_llm or 'the one that built it'}"
+              " (NVIDIA's Triton/TensorRT-LLM support matrix); or kiln serve --runtime gpu inside it")
+
+
 @app.command("triton-repo")
 def triton_repo(
     ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION.", show_default=False),
     out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
     runtime: str = typer.Option("cpu", "--runtime", help=_RUNTIME_HELP),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1, help="Triton max_batch_size."),
+    gpu: str = typer.Option(None, "--gpu", show_default=False,
+                            help="GPU runtime: whose engines, as an SM (sm90) or GPU name. Default: this host's GPU."),
+    templates: Path = typer.Option(None, "--templates", envvar="KILN_TRTLLM_TEMPLATES", show_default=False,
+                                   help=_TEMPLATES_HELP),
+    decoupled: bool = typer.Option(False, "--decoupled/--no-decoupled",
+                                   help="GPU runtime: stream responses (decoupled models; gRPC streaming)."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
+                                       help="CPU runtime: Triton max_batch_size (GPU: the engine's own)."),
     max_queue_delay_us: int = typer.Option(1000, "--max-queue-delay-us", min=0,
                                            help="Dynamic batching: how long a request may wait for others."),
-    instances: int = typer.Option(1, "--instances", min=1, help="Model instances (processes) per model."),
-    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated when a request names none."),
+    max_queue_size: int = typer.Option(0, "--max-queue-size", min=0,
+                                       help="GPU runtime: requests queued before new ones are refused (0: no limit)."),
+    instances: int = typer.Option(1, "--instances", min=1,
+                                  help="Instances per model (GPU: of pre/postprocessing and BLS)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1,
+                                   help="CPU runtime: tokens generated when a request names none."),
+    container: str = typer.Option(None, "--container", show_default=False,
+                                  help="GPU runtime: the image in the printed command "
+                                       "(default nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
 ) -> None:
-    """Pull an artifact (verified, as `kiln pull` does) and write a Triton model repository for it."""
+    """Pull an artifact (verified, as `kiln pull` does) and write a Triton model repository for it.
+
+    The GPU layouts are TensorRT-LLM's own models, with every config.pbtxt filled (engine path,
+    tokenizer, the engine's max_batch_size, KV-cache settings, queueing, instance counts) and parsed
+    with Triton's schema; kiln then prints the `docker run` that serves it.
+    """
+    from kiln.compile import detect_host
     from kiln.pipeline.progress import ProgressReporter
     from kiln.serve import write_repository
 
     with _reported_errors():
+        sm = selected_sm(gpu, detect_host()) if runtime == "gpu" else None
         repo = write_repository(kiln_home(), ref, out, runtime, ProgressReporter(),
-                                _cpu_options(max_batch_size, max_queue_delay_us, instances, max_tokens))
+                                _cpu_options(max_batch_size, max_queue_delay_us, instances, max_tokens),
+                                _gpu_options(templates, decoupled, instances, max_queue_delay_us, max_queue_size,
+                                             container), sm=sm)
     if as_json:
+        layout = repo.gpu_layout
         _emit_json({"path": str(repo.path), "name": repo.name, "version": repo.version, "runtime": repo.runtime,
-                    "models": list(repo.models), "entry_model": repo.entry_model, "stream_model": repo.stream_model})
+                    "sm": repo.sm, "models": list(repo.models), "entry_model": repo.entry_model,
+                    "stream_model": repo.stream_model, "container_command": repo.container_command,
+                    "world_size": layout.world_size if layout else 1,
+                    "dropped_parameters": {m: list(d) for m, d in layout.dropped.items()} if layout else {}})
         return
-    print(f"{repo.name}/{repo.version} -> {repo.path}: models {', '.join(repo.models)}")
-    print(f"start it with: kiln serve {ref} --runtime {runtime}   (or tritonserver --model-repository {repo.path} "
-          f"--model-control-mode explicit {' '.join('--load-model=' + m for m in repo.models)})")
+    where = f" ({repo.sm})" if repo.sm else ""
+    print(f"{repo.name}/{repo.version}{where} -> {repo.path}: models {', '.join(repo.models)}")
+    if repo.gpu_layout:
+        _print_gpu_start(repo)
+    else:
+        print(f"start it with: kiln serve {ref} --runtime {runtime}   (or tritonserver --model-repository {repo.path} "
+              f"--model-control-mode explicit {' '.join('--load-model=' + m for m in repo.models)})")
 
 
 def _complete(endpoints, model: str, prompt: str, max_tokens: int) -> tuple[list[int], str]:
@@ -63,6 +122,34 @@ def _complete(endpoints, model: str, prompt: str, max_tokens: int) -> tuple[list
     return result.as_numpy("output_ids")[0].tolist(), result.as_numpy("text_output")[0][0].decode()
 
 
+def _complete_over_http(endpoints, repo, prompt: str, max_tokens: int) -> str:
+    """The GPU layouts' generate endpoint, as NVIDIA's docs call it."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"text_input": prompt, repo.gpu_layout.max_tokens_input: max_tokens}).encode()
+    url = f"http://127.0.0.1:{endpoints.http}/v2/models/{repo.entry_model}/generate"
+    with urllib.request.urlopen(urllib.request.Request(url, body, method="POST"), timeout=600) as answer:
+        text = json.loads(answer.read())["text_output"]
+    return text[0] if isinstance(text, list) else text
+
+
+def _start_server(home: Path, repo, endpoints, log_path: Path, binary: Path | None):
+    from kiln.serve import TritonServer
+    from kiln.serve.triton import TrtllmTritonServer
+
+    if repo.gpu_layout is None:
+        return TritonServer(repo.path, home, repo.models, endpoints, log_path=log_path)
+    return TrtllmTritonServer(repo.path, home, repo.gpu_layout, binary, endpoints, log_path=log_path)
+
+
+def _gpu_host_problem(host) -> str | None:
+    if not host.sms:
+        return ("--runtime gpu: this host has no NVIDIA GPU (fix: --runtime cpu, or prepare a repository for a GPU "
+                "host with `kiln triton-repo REF --runtime gpu --gpu sm90 --templates DIR`)")
+    return None
+
+
 @app.command()
 def serve(
     ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION.", show_default=False),
@@ -70,37 +157,61 @@ def serve(
     http_port: int = typer.Option(8000, "--http-port", help="HTTP port on 127.0.0.1 (0: any free port)."),
     grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port on 127.0.0.1 (0: any free port)."),
     metrics_port: int = typer.Option(8002, "--metrics-port", help="Metrics port on 127.0.0.1 (0: any free port)."),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1, help="Triton max_batch_size."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
+                                       help="CPU runtime: Triton max_batch_size (GPU: the engine's own)."),
     max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated when a request names none."),
+    templates: Path = typer.Option(None, "--templates", envvar="KILN_TRTLLM_TEMPLATES", show_default=False,
+                                   help=_TEMPLATES_HELP),
+    decoupled: bool = typer.Option(False, "--decoupled/--no-decoupled",
+                                   help="GPU runtime: stream responses (decoupled models; gRPC streaming)."),
     prompt: str = typer.Option(None, "--prompt", show_default=False,
                                help="Send this one prompt once the server is ready, print the completion, stop."),
 ) -> None:
     """Write the model repository for an artifact and run tritonserver on 127.0.0.1 until Ctrl-C.
 
-    Prints the endpoints once the server is ready; Ctrl-C (or SIGTERM) stops it cleanly.
+    CPU: nvidia-pytriton's tritonserver with kiln's reference runtime. GPU: NVIDIA's tritonserver
+    with TensorRT-LLM's backend (inside its container), serving this host's SM only; engines built
+    for another SM or another TensorRT are refused (exit 2). Prints the endpoints once the server
+    is ready; Ctrl-C (or SIGTERM) stops it cleanly.
     """
+    from kiln.compile import detect_host
+    from kiln.pipeline.errors import UserInputError
     from kiln.pipeline.progress import ProgressReporter
-    from kiln.serve import Endpoints, TritonServer, write_repository
-    from kiln.serve.triton import free_port
+    from kiln.serve import Endpoints, write_repository
+    from kiln.serve.triton import free_port, trtllm_tritonserver
 
     home = kiln_home()
     progress = ProgressReporter()
     with _reported_errors(), tempfile.TemporaryDirectory(prefix="kiln-serve-", dir=_serve_root(home)) as tmp:
+        sm, tensorrt, binary = None, None, None
+        if runtime == "gpu":
+            host = detect_host()
+            problem = _gpu_host_problem(host)
+            if problem:
+                raise UserInputError(problem)
+            sm, tensorrt = host.sms[0], host.tensorrt
         repo = write_repository(home, ref, Path(tmp) / "repository", runtime, progress,
-                                _cpu_options(max_batch_size, 1000, 1, max_tokens))
+                                _cpu_options(max_batch_size, 1000, 1, max_tokens),
+                                _gpu_options(templates, decoupled, 1, 1000, 0, None), sm=sm,
+                                installed_tensorrt=tensorrt)
+        if repo.gpu_layout is not None:
+            binary = trtllm_tritonserver(target_needs_backend=repo.gpu_layout.disable_auto_complete)
         endpoints = Endpoints(*(port or free_port() for port in (http_port, grpc_port, metrics_port)))
-        server = TritonServer(repo.path, home, repo.models, endpoints, log_path=Path(tmp) / "tritonserver.log")
+        server = _start_server(home, repo, endpoints, Path(tmp) / "tritonserver.log", binary)
         with progress.task(f"start tritonserver for {repo.name}/{repo.version}", total=None):
-            server.start()
+            server.start(timeout_s=180 if runtime == "cpu" else 1800)
         stop = threading.Event()
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            print(f"serving {repo.name}/{repo.version} ({runtime}): {endpoints.describe()}")
-            print(f"models: {repo.entry_model} (one response per request), {repo.stream_model} "
-                  "(gRPC streaming, stream=true)")
+            print(f"serving {repo.name}/{repo.version} ({runtime}{', ' + sm if sm else ''}): {endpoints.describe()}")
+            streaming = f", {repo.stream_model} (gRPC streaming, stream=true)" if repo.stream_model else ""
+            print(f"models: {repo.entry_model} (one response per request){streaming}")
             sys.stdout.flush()
             if prompt is not None:
-                _, completion = _complete(endpoints, repo.entry_model, prompt, max_tokens)
+                if repo.gpu_layout is None:
+                    _, completion = _complete(endpoints, repo.entry_model, prompt, max_tokens)
+                else:
+                    completion = _complete_over_http(endpoints, repo, prompt, max_tokens)
                 print(f"prompt: {prompt!r}\ncompletion: {completion!r}")
             else:
                 while not stop.wait(0.5):

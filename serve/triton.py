@@ -105,13 +105,16 @@ class TritonServer:
             "--exit-timeout-secs", "5",
         ]
 
+    def env(self) -> dict[str, str]:
+        return _server_env(pytriton_server_dir())
+
     def start(self, timeout_s: float = 180, progress=None) -> "TritonServer":
         command = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w")
         # Its own process group: the python stubs are its children and must go when it goes.
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        env=_server_env(pytriton_server_dir()), start_new_session=True)
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                                        start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s
         ready = f"http://127.0.0.1:{self.endpoints.http}/v2/health/ready"
@@ -158,3 +161,40 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def trtllm_tritonserver(target_needs_backend: bool) -> Path:
+    """NVIDIA's tritonserver with TensorRT-LLM's backend ($KILN_TRITONSERVER, else the container's path)."""
+    from kiln.serve.gpu_repo import TRITONSERVER
+
+    binary = Path(os.environ.get("KILN_TRITONSERVER", TRITONSERVER))
+    problem = None
+    if not binary.is_file():
+        problem = f"no tritonserver at {binary}"
+    elif target_needs_backend and not (binary.parent.parent / "backends" / "tensorrtllm").is_dir():
+        problem = f"{binary} has no tensorrtllm backend beside it"
+    elif shutil.which("mpirun") is None:
+        problem = "no mpirun on PATH"
+    if problem:
+        raise KilnError(f"{problem}: the GPU runtime runs in NVIDIA's TensorRT-LLM Triton container "
+                        "(fix: run `kiln triton-repo ... --runtime gpu`, which prints its `docker run`, or run "
+                        "kiln inside that container, or set KILN_TRITONSERVER)")
+    return binary
+
+
+class TrtllmTritonServer(TritonServer):
+    """NVIDIA's tritonserver under mpirun (one rank per GPU), on loopback, for a GPU layout."""
+
+    def __init__(self, repo: Path, home: Path, layout, binary: Path, endpoints: Endpoints | None = None,
+                 log_path: Path | None = None):
+        super().__init__(repo, home, layout.models, endpoints, log_path)
+        self.layout, self.binary = layout, binary
+
+    def command(self) -> list[str]:
+        from kiln.serve.gpu_repo import server_argv
+
+        ports = (self.endpoints.http, self.endpoints.grpc, self.endpoints.metrics)
+        return server_argv(self.repo, self.layout, ports, str(self.binary), address="127.0.0.1")
+
+    def env(self) -> dict[str, str]:
+        return os.environ.copy()

@@ -159,6 +159,14 @@ def test_pytorch_target_publishes_llm_api_options_per_sm(world, tmp_path):
                                  "engines/sm90/llm_api_options.yaml"]
     assert record["tensorrt"] is None and not list((out / "engines" / "sm90").glob("*.engine"))
 
+    repo = tmp_path / "repo"
+    made = run_kiln("triton-repo", "t-fp8/1", "--runtime", "gpu", "--gpu", "sm90", "--templates", TEMPLATES,
+                    "--out", repo, env=env)
+    assert made.returncode == 0, made.stderr
+    model_yaml = yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())
+    assert {k: model_yaml[k] for k in options} == options   # the published options, unchanged
+    assert model_yaml["model"] == str(repo / "artifact" / "hf") and model_yaml["backend"] == "pytorch"
+
 
 def test_two_concurrent_publishers_of_different_sms_end_in_one_version(world):
     """Two CI runners (an sm89 host and an sm90 host) publish the same variant at once to a new registry."""
@@ -226,3 +234,59 @@ def test_an_sm_is_built_from_the_registry_checkpoint_when_this_host_quantized_di
     record = json.loads((out / "engines" / "sm90" / "engine.json").read_text())
     assert record["inputs"]["trtllm/config.json"] == file_sha256(out / "trtllm" / "config.json")
     assert "kiln_test_marker" not in (out / "trtllm" / "config.json").read_text()
+
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "trtllm_templates"
+
+
+def test_triton_repo_for_engines_and_serve_refuses_engines_this_host_cannot_run(world, tmp_path):
+    from kiln.serve.pbtxt import read_config
+
+    _, env = host_env(world, "serve-gpu", sms=("sm90",))
+    assert run_kiln("build", world["recipe"], "--gpu", "sm90", env=env).returncode == 0
+    out = tmp_path / "repo"
+    made = run_kiln("triton-repo", "t-fp8@candidate", "--runtime", "gpu", "--templates", TEMPLATES, "--out", out,
+                    "--decoupled", "--json", env=env)   # --gpu defaults to this host's SM
+    assert made.returncode == 0, made.stderr
+    answer = json.loads(made.stdout)
+    assert (answer["sm"], answer["entry_model"], answer["world_size"]) == ("sm90", "ensemble", 1)
+    engine_dir = out / "artifact" / "engines" / "sm90"
+    assert (engine_dir / "rank0.engine").is_file() and verify_tree(out / "artifact", scope="engines/sm90")["files"]
+    engine_config = json.loads((engine_dir / "config.json").read_text())
+    trtllm = read_config(out / "tensorrt_llm" / "config.pbtxt")
+    assert trtllm.max_batch_size == engine_config["build_config"]["max_batch_size"]
+    assert trtllm.parameters["gpt_model_path"].string_value == str(engine_dir)
+    assert trtllm.parameters["enable_kv_cache_reuse"].string_value == "false"   # the recipe's default
+    assert read_config(out / "preprocessing" / "config.pbtxt").parameters["tokenizer_dir"].string_value == \
+        str(out / "artifact" / "hf")
+    assert answer["container_command"].startswith(f"docker run --rm --gpus all")
+    text = run_kiln("triton-repo", "t-fp8@candidate", "--runtime", "gpu", "--templates", TEMPLATES,
+                    "--out", tmp_path / "again", env=env)
+    assert "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3 mpirun --allow-run-as-root -n 1" in text.stdout
+    assert "whose TensorRT-LLM is 1.2.0" in text.stdout
+
+    refused = {
+        "no templates": run_kiln("triton-repo", "t-fp8@candidate", "--runtime", "gpu", "--out", tmp_path / "a",
+                                 env={**env, "KILN_TRTLLM_TEMPLATES": ""}),
+        "no sm89 engines": run_kiln("triton-repo", "t-fp8@candidate", "--runtime", "gpu", "--gpu", "L4",
+                                    "--templates", TEMPLATES, "--out", tmp_path / "b", env=env),
+    }
+    assert refused["no templates"].returncode == 2 and "--branch v1.2.0" in refused["no templates"].stderr
+    assert refused["no sm89 engines"].returncode == 2
+    assert "t-fp8/1 has no engines for sm89; it holds sm90" in refused["no sm89 engines"].stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    registry = {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"], "KILN_HOME": env["KILN_HOME"]}
+    serve = ("serve", "t-fp8@candidate", "--runtime", "gpu", "--templates", TEMPLATES, "--http-port", "0")
+    _, l4_host = host_env(world, "serve-l4", sms=("sm89",), **registry)
+    _, old_trt = host_env(world, "serve-old-trt", sms=("sm90",), tensorrt="10.9.0", **registry)
+    _, same = host_env(world, "serve-same", sms=("sm90",), **registry)
+    other_sm, other_trt = run_kiln(*serve, env=l4_host), run_kiln(*serve, env=old_trt)
+    assert other_sm.returncode == 2 and "has no engines for sm89; it holds sm90" in other_sm.stderr
+    assert other_trt.returncode == 2 and "built with TensorRT 10.14.1, but this host has TensorRT 10.9.0" in \
+        other_trt.stderr
+    no_server = run_kiln(*serve, env={**same, "KILN_TRITONSERVER": str(tmp_path / "none")})
+    assert no_server.returncode == 1 and "no tritonserver at" in no_server.stderr
+    no_gpu = run_kiln(*serve, env={**registry, "PATH": "/usr/bin:/bin"})
+    assert no_gpu.returncode == 2 and "this host has no NVIDIA GPU" in no_gpu.stderr
+    assert not list((Path(env["KILN_HOME"]) / "serve").iterdir())   # no repository left behind
