@@ -114,19 +114,37 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
 
 @app.command()
 def plan(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
+    recipes: List[Path] = typer.Argument(None, help="Recipe YAML file (with --changed-since: any number; default "
+                                                    "recipes/*.yaml of the repository).", show_default=False),
     gpu: str = typer.Option(None, "--gpu", help=_GPU_OPTION_HELP, show_default=False),
+    changed_since: str = typer.Option(None, "--changed-since", show_default=False,
+                                      help="A git commit, branch or tag: list only what changed since it (recipe "
+                                           "edits, kiln version, tool pins), with a recipe x GPU matrix for CI."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
     """List every stage instance with its key and status (cached, will run, skipped: reason); runs nothing.
 
     GPU stages (compile, engine-check and their publish, one per variant and SM) show
     `skipped: needs an sm90 GPU host with tensorrt_llm` where this host cannot run them.
+    With --changed-since REF: the recipes and stage instances a merge since REF invalidates.
     """
-    from kiln.pipeline.report import plan_document, plan_table, stdout_console
+    from kiln.pipeline.errors import UserInputError
+    from kiln.pipeline.report import changes_table, plan_document, plan_table, stdout_console
 
+    if changed_since is not None:
+        from kiln.pipeline.changes import changed_since as changes
+
+        with _reported_errors():
+            document = changes(changed_since, list(recipes or []), lambda path: _plan_for(path, gpu=gpu)[0])
+        if as_json:
+            _emit_json(document)
+        else:
+            stdout_console.print(changes_table(document))
+        return
     with _reported_errors():
-        the_plan, _ = _plan_for(recipe, gpu=gpu)
+        if not recipes or len(recipes) != 1:
+            raise UserInputError("plan takes one recipe (fix: kiln plan RECIPE, or --changed-since REF for many)")
+        the_plan, _ = _plan_for(recipes[0], gpu=gpu)
     if as_json:
         _emit_json(plan_document(the_plan))
     else:
@@ -138,11 +156,15 @@ def build(
     recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
     gpu: str = typer.Option(None, "--gpu", help=_GPU_OPTION_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of the table."),
+    publish_failed: bool = typer.Option(False, "--publish-failed",
+                                        help="Publish what fails its gates too, tagged failed and without aliases, "
+                                             "for inspection and `kiln diff`; `kiln promote` refuses it."),
 ) -> None:
     """Run what the plan needs (quantize, validate, publish; on a GPU host also compile and the
     engine check per SM), then print the summary.
 
-    Exits 3 when a variant or an engine fails its gate (it is then not published).
+    Exits 3 when a variant or an engine fails its gate (it is then not published, unless
+    --publish-failed).
     """
     from kiln.pipeline.progress import ProgressReporter
     from kiln.pipeline.report import build_document, build_table, engines_table, stdout_console
@@ -151,7 +173,7 @@ def build(
     progress = ProgressReporter(enabled=True)
     with _reported_errors():
         the_plan, cache = _plan_for(recipe, progress, gpu)
-        result = run_plan(the_plan, cache, progress)
+        result = run_plan(the_plan, cache, progress, publish_failed=publish_failed)
     if as_json:
         _emit_json(build_document(result))
     else:
@@ -260,6 +282,7 @@ def doctor(
 
 
 from kiln.pipeline import cli_serve  # noqa: E402,F401  (registers triton-repo and serve on `app`)
+from kiln.pipeline import cli_registry  # noqa: E402,F401  (registers `registry`, promote and diff)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from kiln.pipeline.recipe import Variant
 from kiln.pipeline.recipe_loader import LoadedRecipe
 
 FETCH_VERSION = 1
-PUBLISH_VERSION = 1
+PUBLISH_VERSION = 2   # 2: files go to the content-addressed blob store (kiln.registry.blobs)
 PUBLISHED_RECORD = "published.json"
 
 

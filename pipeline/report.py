@@ -91,3 +91,60 @@ def versions_table(rows: list[dict]) -> Table:
                       _fmt(row["ppl_increase_pct"], "+.3f"), _fmt(row["mean_kl"], ".5f"),
                       _fmt(row["top1_agreement"], ".4f"))
     return table
+
+
+def diff_tables(document: dict) -> list[Table]:
+    """`kiln diff`: one table per section that changed; a line saying so for those that did not."""
+    first, second = document["versions"]
+    tables = []
+    sections = [("recipe", "recipe field"), ("tools", "tool"), ("gates", "gate"), ("files", "file (sha256)")]
+    for key, label in sections[:3]:
+        changes = document[key]
+        table = Table(title=f"{document['name']} {first} -> {second}: {key}", title_justify="left")
+        for column in (label, first, second):
+            table.add_column(column)
+        if isinstance(changes, str):
+            table.add_row(changes, "", "")
+        for field, (a, b) in (changes.items() if isinstance(changes, dict) else []):
+            table.add_row(field, _shown(a), _shown(b))
+        if changes == {}:
+            table.add_row("(unchanged)", "", "")
+        tables.append(table)
+    metrics = Table(title=f"{document['name']} {first} -> {second}: metrics", title_justify="left")
+    for column in ("metric", first, second, "change"):
+        metrics.add_column(column, justify="right" if column != "metric" else "left")
+    for field, (a, b, delta) in document["metrics"].items():
+        metrics.add_row(field, _fmt(a, ".5g"), _fmt(b, ".5g"), _fmt(delta, "+.5g"))
+    tables.append(metrics)
+    sms = document["sms"]
+    held = Table(title=f"{document['name']} {first} -> {second}: SMs", title_justify="left")
+    for column in ("only in " + first, "only in " + second, "in both"):
+        held.add_column(column)
+    held.add_row(", ".join(sms["only_in_first"]) or "-", ", ".join(sms["only_in_second"]) or "-",
+                 ", ".join(sms["both"]) or "-")
+    tables.append(held)
+    files = Table(title=f"{document['name']} {first} -> {second}: files ({len(document['same_bytes'])} identical)",
+                  title_justify="left")
+    for column in (sections[3][1], first, second):
+        files.add_column(column)
+    for rel, (a, b) in document["files"].items():
+        files.add_row(rel, (a or "-")[:12], (b or "-")[:12])
+    tables.append(files)
+    return tables
+
+
+def _shown(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def changes_table(document: dict) -> Table:
+    """`kiln plan --changed-since`: one row per invalidated stage instance."""
+    table = Table(title=f"changed since {document['since']} ({document['commit'][:12]})", title_justify="left")
+    for column in ("recipe", "stage", "target", "why", "status"):
+        table.add_column(column)
+    for recipe in document["recipes"]:
+        for instance in recipe["invalidated"]:
+            table.add_row(recipe["path"], instance["stage"], instance["target"], instance["why"], instance["status"])
+    for path in document["unchanged"]:
+        table.add_row(path, "-", "-", "unchanged", "-")
+    return table

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class VariantResult:
             "metrics": self.metrics.as_dict() if self.metrics else None,
             "gate": self.gate.as_dict() if self.gate else None,
             "registry": self.published.as_dict() if self.published else None,
+            "upload": self.published.transfer.as_dict() if self.published and self.published.transfer else None,
             "trtllm_corrections": self.trtllm_corrections,
             "engines": [e.as_dict() for e in self.engines],
         }
@@ -86,8 +88,9 @@ class BuildResult:
 
 
 class _Runner:
-    def __init__(self, plan: Plan, cache: StageCache, progress: ProgressReporter):
+    def __init__(self, plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False):
         self.plan, self.cache, self.progress = plan, cache, progress
+        self.publish_failed = publish_failed   # publish what fails its gates too, tagged so, with no alias
         self.loaded = plan.loaded
         self.ran: list[StageInstance] = []
         self._model_dir: Path | None = None
@@ -156,8 +159,10 @@ class _Runner:
             entry = self.cache.entry_dir("validate", instance.key)
         return validate.load_metrics(entry)
 
-    def publish(self, name: str, instance: StageInstance, checkpoint: Path, report: Path, metrics) -> registry.PublishedVersion:
-        home, aliases = self.plan.home, self.loaded.recipe.publish.aliases
+    def publish(self, name: str, instance: StageInstance, checkpoint: Path, report: Path, metrics,
+                gate: validate.GateResult) -> registry.PublishedVersion:
+        home = self.plan.home
+        aliases = self.loaded.recipe.publish.aliases if gate.passed else ()
         entry = self.cache.lookup("publish", instance.key)
         if entry is not None:
             recorded = json.loads((entry / PUBLISHED_RECORD).read_text())
@@ -167,11 +172,17 @@ class _Runner:
                 return found
             self.progress.log(f"warning: {recorded['name']}/{recorded['version']} is gone from the registry; publishing again")
             shutil.rmtree(entry, ignore_errors=True)
-        files = _artifact_files(checkpoint, report)
-        tags = self._tags(name, instance, checkpoint, metrics)
-        published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress)
+        tags = {**self._tags(name, instance, checkpoint, metrics), **gate_tags("kiln.gate", gate)}
+        with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
+            files = _artifact_files(checkpoint, report)
+            files[registry.RECIPE_FILE] = self._variant_recipe(name, Path(scratch))
+            published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress)
         if not published.created:
             self.progress.log(f"{published.name}/{published.version} already holds this checkpoint; not published again")
+        elif published.transfer is not None and published.transfer.reused_files:
+            sent = published.transfer
+            self.progress.log(f"{published.name}/{published.version}: uploaded {sent.files} files ({sent.bytes} bytes); "
+                              f"{sent.reused_files} files ({sent.reused_bytes} bytes) were already stored")
         with self.cache.write("publish", instance.key, instance.material) as out:
             (out / PUBLISHED_RECORD).write_text(json.dumps(published.as_dict(), indent=2) + "\n")
         self._ran(instance)
@@ -201,7 +212,7 @@ class _Runner:
         return validate.load_metrics(entry)
 
     def publish_sm(self, sm: str, instance: StageInstance, version: registry.PublishedVersion, sm_dir: Path,
-                   report: Path, metrics: validate.Metrics) -> None:
+                   report: Path, metrics: validate.Metrics, gate: validate.GateResult) -> None:
         if self.cache.lookup("publish", instance.key) is not None and sm in registry.held_sms_of(self.plan.home, version):
             return
         folder = compile_stage.sm_folder(sm)
@@ -209,10 +220,10 @@ class _Runner:
         files[f"{folder}/{compile_stage.CHECK_REPORT}"] = report / validate.REPORT
         record = compile_stage.load_record(sm_dir)
         tags = {"target": record["target"], "tensorrt": record["tensorrt"] or "", "tensorrt_llm": record["tensorrt_llm"],
-                "gpu": record["gpu"], "gate": "pass"}
+                "gpu": record["gpu"], **gate_tags("gate", gate)}
         tags.update({f"metric.{k}": repr(v) for k, v in metrics.as_dict().items()})
         added = registry.add_sm(self.plan.home, version, sm, files, tags, instance.key, record, self.progress)
-        if not added:
+        if added is None:
             self.progress.log(f"{version.name}/{version.version} already holds these {sm} engines")
         with self.cache.write("publish", instance.key, instance.material) as out:
             (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "sm": sm}, indent=2) + "\n")
@@ -227,6 +238,14 @@ class _Runner:
                 registry.pull(self.plan.home, f"{version.name}/{version.version}", out, self.progress, sm=None)
             entry = self.cache.entry_dir("registry-checkpoint", digest)
         return entry, digest
+
+    def _variant_recipe(self, name: str, folder: Path) -> Path:
+        """The recipe as it applies to this variant (its own variant section only): what `kiln diff` compares."""
+        recipe = self.loaded.recipe.model_dump(mode="json")
+        recipe["variants"] = {name: recipe["variants"][name]}
+        path = folder / registry.RECIPE_FILE
+        path.write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+        return path
 
     def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: validate.Metrics) -> dict[str, str]:
         record = quantize.CheckpointRecord.load(checkpoint)
@@ -243,7 +262,6 @@ class _Runner:
             "kiln.algorithm": record.algorithm,
             "kiln.export_quant_algo": record.export_quant_algo or "",
             "kiln.group_size": str(record.group_size or ""),
-            "kiln.gate": "pass",
         }
         tags.update({f"kiln.metric.{k}": repr(v) for k, v in metrics.as_dict().items()})
         tags.update({f"kiln.tool.{k}": v for k, v in tool_versions(quantize.TOOLS).items()})
@@ -259,8 +277,16 @@ def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
     return files
 
 
-def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter) -> BuildResult:
-    runner = _Runner(plan, cache, progress)
+def gate_tags(key: str, gate: validate.GateResult) -> dict[str, str]:
+    """`key`: pass|fail, and `key`.failures naming each failed gate; read back by `kiln promote`."""
+    tags = {key: "pass" if gate.passed else "fail"}
+    if not gate.passed:
+        tags[f"{key}.failures"] = "; ".join(gate.failures)
+    return tags
+
+
+def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False) -> BuildResult:
+    runner = _Runner(plan, cache, progress, publish_failed)
     cache.clean_stale_temporaries()
     if any(i.status == "will run" for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
         runner.model_dir()  # fetch (and refuse) before any stage starts writing
@@ -272,9 +298,10 @@ def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter) -> Build
         v_instance = plan.instance("validate", name)
         result.metrics = runner.validate(name, v_instance, checkpoint)
         result.gate = validate.evaluate_gates(result.metrics, **variant.gates.model_dump())
-        if result.gate.passed:
+        if result.gate.passed or publish_failed:
             report = cache.entry_dir("validate", v_instance.key)
-            result.published = runner.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics)
+            result.published = runner.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics,
+                                              result.gate)
         for sm, c, e, p in plan.sm_instances(name):
             result.engines.append(_build_sm(runner, name, variant, sm, (c, e, p), checkpoint, result.published))
         results.append(result)
@@ -308,8 +335,8 @@ def _compile_check_publish(runner: _Runner, variant, sm: str, instances, checkpo
     metrics = runner.engine_check(check_instance.target, check_instance, sm_dir, checkpoint)
     gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
     result = EngineResult(sm, status, metrics, gate)
-    if gate.passed:
+    if gate.passed or runner.publish_failed:
         report = runner.cache.entry_dir("engine-check", check_instance.key)
-        runner.publish_sm(sm, publish_instance, version, sm_dir, report, metrics)
+        runner.publish_sm(sm, publish_instance, version, sm_dir, report, metrics, gate)
         result.published = True
     return result

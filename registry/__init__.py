@@ -6,6 +6,8 @@ Public entry points:
   find_version(home, name, publish_key) -> PublishedVersion | None
   pull(home, ref, out, progress, sm=..., installed_tensorrt=...) -> PulledArtifact
   list_versions(home) -> list[dict]
+  promote(home, name, version, alias, force, reason) -> Promotion   only past the gates, or forced with a reason
+  diff(home, name, v1, v2) -> dict                                   recipe, tools, metrics, gates, SMs, files
 
 Layout of a version's artifact: the checkpoint and reports with manifest.json at
 the top; one folder per SM under engines/, each with its own manifest.json,
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,17 @@ from kiln.pipeline.errors import UserInputError, VerificationError
 from kiln.pipeline.fsutil import atomic_dir, require_empty_folder
 from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_tag
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
+from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, gate_failures, promote
+from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, download_blobs, upload_blobs
 from kiln.registry.store import (
-    ARTIFACT_PATH, MANIFEST_TAG, PUBLISH_KEY_TAG, PublishedVersion, client, download, ensure_registered_model,
-    experiment_id, tracking_uri, upload_files,
+    ARTIFACT_PATH, MANIFEST_TAG, PUBLISH_KEY_TAG, PublishedVersion, client, create_model_version, download,
+    ensure_registered_model, experiment_id, tracking_uri, upload_manifest,
 )
 
-__all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "pull", "list_versions", "parse_ref", "tracking_uri",
-           "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG"]
+__all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "pull", "list_versions",
+           "parse_ref", "tracking_uri",
+           "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG",
+           "Transfer", "RECIPE_FILE", "Promotion", "promote", "diff", "gate_failures"]
 
 
 @dataclass(frozen=True)
@@ -53,28 +58,25 @@ def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str],
     existing = find_version(home, name, publish_key)
     if existing is not None:
         set_aliases(home, name, existing.version, aliases)
-        return PublishedVersion(existing.name, existing.version, existing.run_id, created=False)
+        return PublishedVersion(existing.name, existing.version, existing.run_id, created=False, transfer=Transfer())
     mlflow = client(home)
     manifest = build_manifest(files)
     run = mlflow.create_run(experiment_id(mlflow, home), run_name=name, tags={"kiln.registered_model": name})
     run_id = run.info.run_id
     try:
-        with tempfile.TemporaryDirectory(prefix="kiln-manifest-") as tmp:
-            manifest_path = Path(tmp) / MANIFEST
-            manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            upload_files(mlflow, run_id, {**files, MANIFEST: manifest_path}, progress, f"upload {name}")
+        # The bytes first (only those the store lacks), then the manifest, then the version that names them.
+        transfer = upload_blobs(mlflow, home, files, manifest["files"], progress, f"upload {name}")
+        upload_manifest(mlflow, run_id, manifest, MANIFEST)
         ensure_registered_model(mlflow, name)
-        version_tags = {**tags, MANIFEST_TAG: manifest_digest(manifest)}
-        version = mlflow.create_model_version(
-            name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id=run_id, tags=version_tags
-        )
+        version_tags = {**tags, MANIFEST_TAG: manifest_digest(manifest), STORAGE_TAG: STORAGE}
+        version = create_model_version(mlflow, name, f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id, version_tags)
         mlflow.set_terminated(run_id, "FINISHED")
     except BaseException:
         mlflow.set_terminated(run_id, "FAILED")
         raise
     winner = _converge(mlflow, name, publish_key, str(version.version))
     set_aliases(home, name, winner.version, aliases)
-    return winner
+    return PublishedVersion(winner.name, winner.version, winner.run_id, winner.created, transfer)
 
 
 def _converge(mlflow, name: str, publish_key: str, mine: str) -> PublishedVersion:
@@ -149,15 +151,10 @@ def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
         _check_sm_pullable(label, version.tags, sm, installed_tensorrt)
     try:
         with atomic_dir(out) as root:
-            entries = [e.path.rsplit("/", 1)[-1] for e in mlflow.list_artifacts(version.run_id, ARTIFACT_PATH)]
-            wanted = [(e, root) for e in entries if e != SM_ROOT]
-            if sm is not None:
-                wanted.append((f"{SM_ROOT}/{sm}", root / SM_ROOT))
-            with progress.task(f"download {label}" + (f" ({sm})" if sm else ""), total=len(wanted)) as task:
-                for entry, dst in wanted:
-                    dst.mkdir(parents=True, exist_ok=True)
-                    download(home, f"{version.source}/{entry}", dst)
-                    task.advance()
+            if version.tags.get(STORAGE_TAG) == STORAGE:
+                _download_from_blobs(mlflow, home, version, root, sm, progress, label)
+            else:
+                _download_run_files(mlflow, home, version, root, sm, progress, label)
             manifest = verify_tree(root, version.tags.get(MANIFEST_TAG), excluded_scopes=(SM_ROOT,))
             files = dict(manifest["files"])
             if sm is not None:
@@ -166,6 +163,35 @@ def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
     except VerificationError as exc:
         raise VerificationError(f"{label}: {exc}; nothing was written to {out}") from None
     return PulledArtifact(version.name, str(version.version), out, len(files), sum(f["size"] for f in files.values()), sm)
+
+
+def _download_from_blobs(mlflow, home: Path, version, root: Path, sm: str | None, progress, label: str) -> None:
+    """The version's manifests from its run, checked against their tags, then every file they list."""
+    manifests = [(MANIFEST, version.tags.get(MANIFEST_TAG))]
+    if sm is not None:
+        manifests.append((f"{SM_ROOT}/{sm}/{MANIFEST}", version.tags.get(sm_tag(sm, "manifest_sha256"))))
+    wanted: dict[str, dict] = {}
+    for rel, digest in manifests:
+        dst = (root / rel).parent
+        dst.mkdir(parents=True, exist_ok=True)
+        manifest = json.loads(download(home, f"{version.source}/{rel}", dst).read_text())
+        if manifest_digest(manifest) != digest:   # an altered manifest must not even direct the downloads
+            raise VerificationError(f"{rel} was altered: its digest differs from the one recorded at publish time")
+        wanted.update(manifest["files"])
+    download_blobs(mlflow, home, wanted, root, progress, f"download {label}" + (f" ({sm})" if sm else ""))
+
+
+def _download_run_files(mlflow, home: Path, version, root: Path, sm: str | None, progress, label: str) -> None:
+    """Versions published before the blob store hold their files in their own run."""
+    entries = [e.path.rsplit("/", 1)[-1] for e in mlflow.list_artifacts(version.run_id, ARTIFACT_PATH)]
+    wanted = [(e, root) for e in entries if e != SM_ROOT]
+    if sm is not None:
+        wanted.append((f"{SM_ROOT}/{sm}", root / SM_ROOT))
+    with progress.task(f"download {label}" + (f" ({sm})" if sm else ""), total=len(wanted)) as task:
+        for entry, dst in wanted:
+            dst.mkdir(parents=True, exist_ok=True)
+            download(home, f"{version.source}/{entry}", dst)
+            task.advance()
 
 
 def _check_sm_pullable(label: str, tags: dict[str, str], sm: str, installed_tensorrt: str | None) -> None:

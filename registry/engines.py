@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kiln.pipeline.errors import KilnError
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest
-from kiln.registry.store import ARTIFACT_PATH, PublishedVersion, client, download, upload_files
+from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, upload_blobs
+from kiln.registry.store import ARTIFACT_PATH, PublishedVersion, client, download, upload_manifest
 
 SM_ROOT = "engines"
 _TAG = "kiln.sm."
@@ -36,27 +37,28 @@ def held_sms(tags: dict[str, str]) -> list[str]:
 
 
 def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path], tags: dict[str, str],
-           publish_key: str, engine_record: dict, progress) -> bool:
-    """Add one SM's files (artifact paths under engines/<sm>/) to `version`; False if already there."""
+           publish_key: str, engine_record: dict, progress) -> Transfer | None:
+    """Add one SM's files (artifact paths under engines/<sm>/) to `version`; None if already there."""
     mlflow = client(home)
     current = mlflow.get_model_version(version.name, version.version)
     if current.tags.get(sm_tag(sm, "publish_key")) == publish_key and sm in held_sms(current.tags):
-        return False
+        return None
     _check_built_from(home, version, current.source, sm, engine_record)
     scope = f"{SM_ROOT}/{sm}"
     outside = [rel for rel in files if not rel.startswith(f"{scope}/")]
     if outside:
         raise KilnError(f"internal: {', '.join(outside)} is not under {scope}/")
     manifest = build_manifest(files)
-    with tempfile.TemporaryDirectory(prefix="kiln-sm-manifest-") as tmp:
-        manifest_path = Path(tmp) / MANIFEST
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        upload_files(mlflow, version.run_id, {**files, f"{scope}/{MANIFEST}": manifest_path}, progress,
-                     f"upload {version.name}/{version.version} {sm}")
+    label = f"upload {version.name}/{version.version} {sm}"
+    if current.tags.get(STORAGE_TAG) != STORAGE:
+        raise KilnError(f"{version.name}/{version.version} was published before kiln's blob store and takes no "
+                        "engines (fix: `kiln build` the recipe again: it publishes a new version in the blob store)")
+    transfer = upload_blobs(mlflow, home, files, manifest["files"], progress, label)
+    upload_manifest(mlflow, version.run_id, manifest, f"{scope}/{MANIFEST}")
     for field, value in {**tags, "publish_key": publish_key}.items():
         mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, field), value)
     mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, "manifest_sha256"), manifest_digest(manifest))
-    return True
+    return transfer
 
 
 def _check_built_from(home: Path, version: PublishedVersion, source: str, sm: str, engine_record: dict) -> None:

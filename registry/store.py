@@ -6,12 +6,16 @@ MLFLOW_TRACKING_URI points kiln at a team server instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kiln.registry.blobs import Transfer
 
 EXPERIMENT = "kiln"
 ARTIFACT_PATH = "artifact"
@@ -25,6 +29,7 @@ class PublishedVersion:
     version: str
     run_id: str
     created: bool = True   # False when an identical earlier publish was found instead
+    transfer: Transfer | None = None   # bytes sent and reused (kiln.registry.blobs), when known
 
     def as_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}
@@ -41,6 +46,8 @@ def is_embedded(uri: str) -> bool:
 def client(home: Path):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Against a server MLflow prints run links on stdout, where kiln's tables and JSON go.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
     # MLflow sets its own loggers to INFO on import; its schema-migration chatter is not news here.
@@ -92,28 +99,28 @@ def ensure_registered_model(mlflow_client, name: str) -> None:
             raise
 
 
-def upload_files(mlflow_client, run_id: str, files: dict[str, Path], progress, label: str) -> None:
-    """Upload `files` (artifact-relative path -> local file) under the run's artifact folder."""
-    total = sum(path.stat().st_size for path in files.values())
-    with tempfile.TemporaryDirectory(prefix="kiln-upload-") as scratch, progress.task(label, total=total) as task:
-        for rel, path in sorted(files.items()):
-            folder = "/".join([ARTIFACT_PATH] + rel.split("/")[:-1])
-            mlflow_client.log_artifact(run_id, str(_named_as(path, rel, Path(scratch))), folder)
-            task.advance(path.stat().st_size)
+def upload_manifest(mlflow_client, run_id: str, manifest: dict, rel: str) -> None:
+    """Write a manifest into the run's artifact folder at `rel` (manifest.json or engines/<sm>/manifest.json)."""
+    with tempfile.TemporaryDirectory(prefix="kiln-manifest-") as scratch:
+        path = Path(scratch) / "manifest.json"
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        mlflow_client.log_artifact(run_id, str(path), "/".join([ARTIFACT_PATH] + rel.split("/")[:-1]))
 
 
-def _named_as(path: Path, rel: str, scratch: Path) -> Path:
-    """MLflow names an uploaded file after its local name: give it the artifact's name if they differ."""
-    name = rel.rsplit("/", 1)[-1]
-    if path.name == name:
-        return path
-    renamed = scratch / rel
-    renamed.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(path, renamed)
-    except OSError:
-        shutil.copyfile(path, renamed)
-    return renamed
+def create_model_version(mlflow_client, name: str, source: str, run_id: str, tags: dict[str, str], attempts: int = 8):
+    """create_model_version, retried: concurrent creators on one database can collide on the next number."""
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
 
 
 def download(home: Path, artifact_uri: str, dst: Path) -> Path:

@@ -15,13 +15,11 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.pipeline.errors import KilnError
+from kiln.pipeline.processes import wait_until_ready
 
 
 @dataclass(frozen=True)
@@ -116,19 +114,12 @@ class TritonServer:
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
                                         start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout_s
-        ready = f"http://127.0.0.1:{self.endpoints.http}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise KilnError(f"tritonserver exited {self.process.returncode} while starting; "
-                                f"last lines:\n  {self._log_tail()}\n  full log: {self.log_path}")
-            try:
-                with urllib.request.urlopen(ready, timeout=2) as answer:
-                    if answer.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
+        state = wait_until_ready(self.process, f"http://127.0.0.1:{self.endpoints.http}/v2/health/ready", timeout_s)
+        if state == "ready":
+            return self
+        if state == "exited":
+            raise KilnError(f"tritonserver exited {self.process.returncode} while starting; "
+                            f"last lines:\n  {self._log_tail()}\n  full log: {self.log_path}")
         self.stop()
         raise KilnError(f"tritonserver was not ready after {timeout_s:.0f} s; last lines:\n  {self._log_tail()}"
                         f"\n  full log: {self.log_path}")

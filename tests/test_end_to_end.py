@@ -188,40 +188,46 @@ def test_pull_verifies_every_file(world, tmp_path):
 
 
 def _stored_artifact(world, name):
+    """The version's own folder (its manifest) and the blob store beside it (the bytes, by sha256)."""
     uri = f"sqlite:///{world['home'] / 'registry' / 'mlflow.db'}"
     from mlflow.tracking import MlflowClient
 
-    source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(name, "1").source
-    return Path(source.removeprefix("file://"))
+    source = Path(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(name, "1").source
+                  .removeprefix("file://"))
+    return source, world["home"] / "registry" / "artifacts" / "blobs"
 
 
 @pytest.mark.parametrize("damage, message", [
     ("alter", "hf/model.safetensors: sha256 differs from the manifest"),
-    ("remove", "trtllm/config.json: listed in manifest.json but missing"),
-    ("add", "extra.bin: present in the artifact but not listed"),
+    ("remove", "trtllm/config.json: listed in the manifest, but its bytes"),
+    ("manifest", "manifest.json was altered: its digest differs from the one recorded at publish time"),
 ])
 def test_pull_refuses_a_tampered_artifact(world, tmp_path, damage, message):
-    stored = _stored_artifact(world, "spine-int4-awq")
+    stored, blobs = _stored_artifact(world, "spine-int4-awq")
+    listed = json.loads((stored / "manifest.json").read_text())["files"]
+    target = {"alter": "hf/model.safetensors", "remove": "trtllm/config.json"}.get(damage)
+    victim = stored / "manifest.json" if target is None else \
+        blobs / listed[target]["sha256"][:2] / listed[target]["sha256"]
     backup = tmp_path / "backup"
-    shutil.copytree(stored, backup)
+    shutil.copyfile(victim, backup)
     try:
         if damage == "alter":
-            target = stored / "hf" / "model.safetensors"
-            data = bytearray(target.read_bytes())
+            data = bytearray(victim.read_bytes())
             data[-1] ^= 0x01
-            target.write_bytes(bytes(data))
+            victim.write_bytes(bytes(data))
         elif damage == "remove":
-            (stored / "trtllm" / "config.json").unlink()
-        else:
-            (stored / "extra.bin").write_bytes(b"not mine")
+            victim.unlink()
+        else:   # one more file listed: the manifest no longer matches the digest tagged on the version
+            manifest = json.loads(victim.read_text())
+            manifest["files"]["extra.bin"] = {"size": 8, "sha256": "0" * 64}
+            victim.write_text(json.dumps(manifest))
         out = tmp_path / "pulled"
         result = run_kiln("pull", "spine-int4-awq/1", "--out", out, env=world["env"])
         assert result.returncode == 1
         assert message in result.stderr and "Traceback" not in result.stderr
         assert not out.exists()
     finally:
-        shutil.rmtree(stored)
-        shutil.copytree(backup, stored)
+        shutil.copyfile(backup, victim)
 
 
 def test_pull_refuses_unknown_refs(world, tmp_path):

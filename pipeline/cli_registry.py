@@ -1,0 +1,131 @@
+"""`kiln registry …` (a team registry: PostgreSQL + mlflow server), `kiln promote` and `kiln diff`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import typer
+
+from kiln.pipeline.cli import _emit_json, _reported_errors, app, kiln_home
+
+registry_app = typer.Typer(help="Run a team registry: PostgreSQL plus `mlflow server` with proxied artifacts. "
+                                "Point kiln at it with MLFLOW_TRACKING_URI=http://HOST:PORT.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("postgres")
+def postgres(
+    data: Path = typer.Option(..., "--data", help="The database's folder (created and initialised on first use)."),
+    port: int = typer.Option(5432, "--port", help="Port on --host."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address PostgreSQL listens on."),
+    stop: bool = typer.Option(False, "--stop", help="Stop the server of that folder instead."),
+) -> None:
+    """Start Debian's PostgreSQL in a folder of its own and create the `mlflow` database.
+
+    Prints the --backend-store-uri for `kiln registry serve`. Use your own PostgreSQL instead if
+    you have one: any database `mlflow server` accepts works.
+    """
+    from kiln.registry.team import LocalPostgres
+
+    with _reported_errors():
+        database = LocalPostgres(data.resolve(), port, host)
+        if stop:
+            database.stop()
+            print(f"PostgreSQL in {database.data} stopped")
+            return
+        database.start()
+    print(f"PostgreSQL running from {database.data} on {host}:{port}")
+    print(f"backend store: {database.uri}")
+
+
+@registry_app.command("serve")
+def serve_registry(
+    backend_store_uri: str = typer.Option(..., "--backend-store-uri",
+                                          help="Where versions and tags live, e.g. postgresql://kiln@db:5432/mlflow."),
+    artifacts_destination: str = typer.Option(..., "--artifacts-destination",
+                                              help="Where the files live (a folder, s3://…, gs://…); clients "
+                                                   "reach them through this server only."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for a team network)."),
+    port: int = typer.Option(5000, "--port", help="Port to listen on."),
+    workers: int = typer.Option(4, "--workers", min=1, help="Server worker processes."),
+    log: Path = typer.Option(None, "--log", help="Append the server's log here (default: discard)."),
+) -> None:
+    """Run `mlflow server` with proxied artifacts until Ctrl-C; kiln needs only MLFLOW_TRACKING_URI.
+
+    Example: kiln registry postgres --data /srv/kiln/db, then
+    kiln registry serve --backend-store-uri postgresql://kiln@127.0.0.1:5432/mlflow
+    --artifacts-destination /srv/kiln/artifacts --host 0.0.0.0
+    """
+    from kiln.registry.team import MlflowServer
+
+    destination = artifacts_destination
+    if "://" not in destination:
+        destination = str(Path(destination).resolve())
+    with _reported_errors():
+        server = MlflowServer(backend_store_uri, destination, host, port, workers, log).start()
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        shown = "127.0.0.1" if host == "0.0.0.0" else host
+        print(f"registry ready: export MLFLOW_TRACKING_URI=http://{shown}:{port}")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                print(f"mlflow server exited {server.process.returncode}", file=sys.stderr)
+                raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.stop()
+
+
+@app.command()
+def promote(
+    name: str = typer.Argument(..., help="Registered model, e.g. demo-fp8.", show_default=False),
+    version: str = typer.Argument(..., help="Version number.", show_default=False),
+    alias: str = typer.Option(..., "--alias", help="The alias to move, e.g. production or candidate."),
+    force: bool = typer.Option(False, "--force", help="Move it even past failed gates (needs --reason)."),
+    reason: str = typer.Option(None, "--reason", help="Why you force it; recorded on the version with your name."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a line."),
+) -> None:
+    """Point an alias at a version, only if its checkpoint and every SM it holds passed their gates.
+
+    A failed or missing gate result refuses it (exit 3). --force --reason "why" overrides and
+    records who, when, why and what it overrode as kiln.promotion.<alias>.* tags on the version.
+    """
+    from kiln.registry import promote as promote_version
+
+    with _reported_errors():
+        done = promote_version(kiln_home(), name, version, alias, force, reason)
+    if as_json:
+        _emit_json({"name": done.name, "version": done.version, "alias": done.alias, "previous": done.previous,
+                    "forced": done.forced, "overridden": list(done.overridden)})
+        return
+    was = f" (was {done.previous})" if done.previous and done.previous != done.version else ""
+    forced = f"; forced past: {'; '.join(done.overridden)}" if done.forced else ""
+    print(f"{done.name}@{done.alias} -> {done.version}{was}{forced}")
+
+
+@app.command()
+def diff(
+    name: str = typer.Argument(..., help="Registered model, e.g. demo-fp8.", show_default=False),
+    first: str = typer.Argument(..., help="The older version.", show_default=False),
+    second: str = typer.Argument(..., help="The newer version.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+) -> None:
+    """What changed between two versions: recipe fields, tool versions, metrics, gates, SMs, file digests."""
+    from kiln.pipeline.report import diff_tables, stdout_console
+    from kiln.registry import diff as diff_versions
+
+    with _reported_errors():
+        document = diff_versions(kiln_home(), name, first, second)
+    if as_json:
+        _emit_json(document)
+        return
+    for table in diff_tables(document):
+        stdout_console.print(table)

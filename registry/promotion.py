@@ -1,0 +1,154 @@
+"""Promotion past the gates, and what changed between two versions.
+
+promote(): an alias moves to a version only if its checkpoint and every SM it holds passed
+their gates (tags kiln.gate and kiln.sm.<sm>.gate); --force with a reason overrides, and who,
+when, why and what was overridden stay on the version as kiln.promotion.<alias>.* tags.
+diff(): recipe fields (recipe.json), tool versions, metrics, gates, SMs and file digests.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kiln.pipeline.errors import GateFailed, UserInputError
+from kiln.pipeline.progress import SILENT
+from kiln.registry.blobs import STORAGE, STORAGE_TAG, download_blobs
+from kiln.registry.engines import SM_ROOT, held_sms, sm_tag
+from kiln.registry.manifest import MANIFEST
+from kiln.registry.store import client, download
+
+RECIPE_FILE = "recipe.json"      # the recipe as it applies to the version's variant
+PROMOTION = "kiln.promotion"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    name: str
+    version: str
+    alias: str
+    previous: str | None
+    forced: bool
+    overridden: tuple[str, ...]
+
+
+def actor() -> str:
+    """Who promotes: KILN_ACTOR, else the CI system's user, else the login name."""
+    return os.environ.get("KILN_ACTOR") or os.environ.get("GITHUB_ACTOR") or os.environ.get("GITLAB_USER_LOGIN") \
+        or getpass.getuser()
+
+
+def gate_failures(tags: dict[str, str]) -> list[str]:
+    """Every gate the version did not pass: its checkpoint's, then each SM's it holds."""
+    failures = []
+    checks = [("checkpoint", "kiln.gate")] + [(sm, sm_tag(sm, "gate")) for sm in held_sms(tags)]
+    for what, key in checks:
+        if tags.get(key) != "pass":
+            failures.append(f"{what}: {tags.get(key + '.failures') or 'no gate result recorded'}")
+    return failures
+
+
+def _version(mlflow, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.get_model_version(name, version)
+    except MlflowException:
+        raise UserInputError(f"{name}/{version}: no such version (fix: see `kiln ls`)") from None
+
+
+def promote(home: Path, name: str, version: str, alias: str, force: bool = False,
+            reason: str | None = None) -> Promotion:
+    mlflow = client(home)
+    found = _version(mlflow, name, version)
+    if force and not (reason or "").strip():
+        raise UserInputError("--force needs --reason \"why\": the reason is recorded on the version")
+    failures = gate_failures(found.tags)
+    if failures and not force:
+        raise GateFailed(f"{name}/{version} is not promoted to {alias}: {'; '.join(failures)} (fix: promote a "
+                         "version that passed, or override with --force --reason \"why\")")
+    try:
+        previous = str(mlflow.get_model_version_by_alias(name, alias).version)
+    except Exception:  # no such alias yet
+        previous = None
+    record = {"by": actor(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "from": previous or "", "forced": "true" if force and failures else "false"}
+    if force and failures:
+        record.update({"reason": reason.strip(), "overrode": "; ".join(failures)})
+    for field, value in record.items():
+        mlflow.set_model_version_tag(name, version, f"{PROMOTION}.{alias}.{field}", value)
+    mlflow.set_registered_model_alias(name, alias, version)   # last: the record is in place first
+    return Promotion(name, version, alias, previous, bool(force and failures), tuple(failures))
+
+
+def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict], dict | None]:
+    """A version's files (base and every SM it holds: path -> sha256, size) and its recipe.json, if any."""
+    files: dict[str, dict] = {}
+    for rel in [MANIFEST] + [f"{SM_ROOT}/{sm}/{MANIFEST}" for sm in held_sms(found.tags)]:
+        dst = scratch / found.version / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        files.update(json.loads(download(home, f"{found.source}/{rel}", dst.parent).read_text())["files"])
+    recipe = None
+    if RECIPE_FILE in files and found.tags.get(STORAGE_TAG) == STORAGE:
+        out = scratch / found.version / "files"
+        download_blobs(mlflow, home, {RECIPE_FILE: files[RECIPE_FILE]}, out, SILENT, "recipe")
+        recipe = json.loads((out / RECIPE_FILE).read_text())
+    return files, recipe
+
+
+def _flatten(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        flat: dict[str, object] = {}
+        for key, inner in value.items():
+            flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _changed(a: dict, b: dict) -> dict[str, list]:
+    return {key: [a.get(key), b.get(key)] for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
+
+
+def diff(home: Path, name: str, first: str, second: str) -> dict:
+    mlflow = client(home)
+    a, b = _version(mlflow, name, first), _version(mlflow, name, second)
+    with tempfile.TemporaryDirectory(prefix="kiln-diff-") as scratch:
+        files_a, recipe_a = _artifact(mlflow, home, a, Path(scratch) / "a")
+        files_b, recipe_b = _artifact(mlflow, home, b, Path(scratch) / "b")
+
+    def tagged(tags, prefix):
+        return {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)}
+
+    def engine_tools(tags):
+        return {f"{sm}.{tool}": tags.get(sm_tag(sm, tool))
+                for sm in held_sms(tags) for tool in ("tensorrt", "tensorrt_llm")}
+
+    def metrics(tags):
+        found = {f"checkpoint.{k}": v for k, v in tagged(tags, "kiln.metric.").items()}
+        for sm in held_sms(tags):
+            found.update({f"{sm}.{k}": v for k, v in tagged(tags, sm_tag(sm, "metric.")).items()})
+        return {k: float(v) for k, v in found.items()}
+
+    def gates(tags):
+        return {"checkpoint": tags.get("kiln.gate"), **{sm: tags.get(sm_tag(sm, "gate")) for sm in held_sms(tags)}}
+
+    sms_a, sms_b = set(held_sms(a.tags)), set(held_sms(b.tags))
+    return {
+        "name": name, "versions": [first, second],
+        "recipe": (_changed(_flatten(recipe_a), _flatten(recipe_b)) if recipe_a is not None and recipe_b is not None
+                   else "not recorded for both versions"),
+        "tools": _changed({**tagged(a.tags, "kiln.tool."), **engine_tools(a.tags)},
+                          {**tagged(b.tags, "kiln.tool."), **engine_tools(b.tags)}),
+        "metrics": {k: [x, y, None if x is None or y is None else y - x]
+                    for k, (x, y) in _changed(metrics(a.tags), metrics(b.tags)).items()},
+        "gates": _changed(gates(a.tags), gates(b.tags)),
+        "sms": {"only_in_first": sorted(sms_a - sms_b), "only_in_second": sorted(sms_b - sms_a),
+                "both": sorted(sms_a & sms_b)},
+        "files": _changed({k: v["sha256"] for k, v in files_a.items()}, {k: v["sha256"] for k, v in files_b.items()}),
+        "same_bytes": sorted(k for k in set(files_a) & set(files_b) if files_a[k]["sha256"] == files_b[k]["sha256"]),
+    }
