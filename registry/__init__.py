@@ -9,9 +9,11 @@ Public entry points:
   promote(home, name, version, alias, force, reason) -> Promotion   only past the gates, or forced with a reason
   diff(home, name, v1, v2) -> dict                                   recipe, tools, metrics, gates, SMs, files
 
-Layout of a version's artifact: the checkpoint and reports with manifest.json at
-the top; one folder per SM under engines/, each with its own manifest.json,
-added by whichever host built it, and tagged kiln.sm.<sm>.* on the version.
+Layout of a version's artifact: the checkpoint, reports and recipe.json with
+manifest.json at the top; one folder per SM under engines/, each with its own
+manifest, added by whichever host built it, and tagged kiln.sm.<sm>.* on the
+version. The version's run holds the manifests; the bytes they list live in the
+blob store by sha256 (kiln.registry.blobs).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from pathlib import Path
 
 from kiln.pipeline.errors import UserInputError, VerificationError
 from kiln.pipeline.fsutil import atomic_dir, require_empty_folder
-from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_tag
+from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_manifest, sm_tag
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, gate_failures, promote
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, download_blobs, upload_blobs
 from kiln.registry.store import (
     ARTIFACT_PATH, MANIFEST_TAG, PUBLISH_KEY_TAG, PublishedVersion, client, create_model_version, download,
-    ensure_registered_model, experiment_id, tracking_uri, upload_manifest,
+    download_file, ensure_registered_model, experiment_id, tracking_uri, upload_manifest,
 )
 
 __all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "pull", "list_versions",
@@ -167,14 +169,14 @@ def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
 
 def _download_from_blobs(mlflow, home: Path, version, root: Path, sm: str | None, progress, label: str) -> None:
     """The version's manifests from its run, checked against their tags, then every file they list."""
-    manifests = [(MANIFEST, version.tags.get(MANIFEST_TAG))]
+    manifests = [(MANIFEST, MANIFEST, version.tags.get(MANIFEST_TAG))]
     if sm is not None:
-        manifests.append((f"{SM_ROOT}/{sm}/{MANIFEST}", version.tags.get(sm_tag(sm, "manifest_sha256"))))
+        digest = version.tags.get(sm_tag(sm, "manifest_sha256"))
+        manifests.append((sm_manifest(sm, digest), f"{SM_ROOT}/{sm}/{MANIFEST}", digest))
     wanted: dict[str, dict] = {}
-    for rel, digest in manifests:
-        dst = (root / rel).parent
-        dst.mkdir(parents=True, exist_ok=True)
-        manifest = json.loads(download(home, f"{version.source}/{rel}", dst).read_text())
+    for stored, rel, digest in manifests:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        manifest = json.loads(download_file(home, f"{version.source}/{stored}", root / rel).read_text())
         if manifest_digest(manifest) != digest:   # an altered manifest must not even direct the downloads
             raise VerificationError(f"{rel} was altered: its digest differs from the one recorded at publish time")
         wanted.update(manifest["files"])

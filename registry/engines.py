@@ -1,8 +1,11 @@
 """Per-SM engines inside one registry version, added by separate hosts without clobbering.
 
-Each SM has its own folder (engines/<sm>/) with its own manifest.json, and its
-own tags on the version (kiln.sm.<sm>.*). The manifest tag is set last: a version
-holds an SM only once every file and tag of it is in place. Engines are paired
+Each SM has its own folder (engines/<sm>/) with its own manifest, and its own
+tags on the version (kiln.sm.<sm>.*). The manifest tag is set last: a version
+holds an SM only once every file and tag of it is in place. The manifest is stored
+under its own digest (engines/<sm>/manifest-<sha256>.json), so two hosts adding the
+same SM at once cannot leave a tag naming one manifest beside a file of the other:
+the last tag wins, and the manifest and blobs it names are all there. Engines are paired
 only with the checkpoint they were built from: engine.json lists its input files'
 sha256, which must match the version's own manifest.
 """
@@ -30,6 +33,11 @@ def sm_tag(sm: str, field: str) -> str:
     return f"{_TAG}{sm}.{field}"
 
 
+def sm_manifest(sm: str, digest: str) -> str:
+    """Where the version's run keeps the SM's manifest with this digest (pulled as engines/<sm>/manifest.json)."""
+    return f"{SM_ROOT}/{sm}/manifest-{digest}.json"
+
+
 def held_sms(tags: dict[str, str]) -> list[str]:
     """The SMs whose engines are completely in the version (their manifest tag is set)."""
     suffix = ".manifest_sha256"
@@ -54,7 +62,7 @@ def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path
         raise KilnError(f"{version.name}/{version.version} was published before kiln's blob store and takes no "
                         "engines (fix: `kiln build` the recipe again: it publishes a new version in the blob store)")
     transfer = upload_blobs(mlflow, home, files, manifest["files"], progress, label)
-    upload_manifest(mlflow, version.run_id, manifest, f"{scope}/{MANIFEST}")
+    upload_manifest(mlflow, version.run_id, manifest, sm_manifest(sm, manifest_digest(manifest)))
     for field, value in {**tags, "publish_key": publish_key}.items():
         mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, field), value)
     mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, "manifest_sha256"), manifest_digest(manifest))
@@ -73,4 +81,4 @@ def _check_built_from(home: Path, version: PublishedVersion, source: str, sm: st
         )
 
 
-__all__ = ["SM_ROOT", "ARTIFACT_PATH", "CheckpointMismatch", "sm_tag", "held_sms", "add_sm"]
+__all__ = ["SM_ROOT", "ARTIFACT_PATH", "CheckpointMismatch", "sm_tag", "sm_manifest", "held_sms", "add_sm"]

@@ -19,9 +19,9 @@ from pathlib import Path
 from kiln.pipeline.errors import GateFailed, UserInputError
 from kiln.pipeline.progress import SILENT
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, download_blobs
-from kiln.registry.engines import SM_ROOT, held_sms, sm_tag
+from kiln.registry.engines import held_sms, sm_manifest, sm_tag
 from kiln.registry.manifest import MANIFEST
-from kiln.registry.store import client, download
+from kiln.registry.store import client, download_file
 
 RECIPE_FILE = "recipe.json"      # the recipe as it applies to the version's variant
 PROMOTION = "kiln.promotion"
@@ -89,10 +89,11 @@ def promote(home: Path, name: str, version: str, alias: str, force: bool = False
 def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict], dict | None]:
     """A version's files (base and every SM it holds: path -> sha256, size) and its recipe.json, if any."""
     files: dict[str, dict] = {}
-    for rel in [MANIFEST] + [f"{SM_ROOT}/{sm}/{MANIFEST}" for sm in held_sms(found.tags)]:
-        dst = scratch / found.version / rel
+    stored = [MANIFEST] + [sm_manifest(sm, found.tags[sm_tag(sm, "manifest_sha256")]) for sm in held_sms(found.tags)]
+    for index, rel in enumerate(stored):
+        dst = scratch / found.version / f"manifest-{index}.json"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        files.update(json.loads(download(home, f"{found.source}/{rel}", dst.parent).read_text())["files"])
+        files.update(json.loads(download_file(home, f"{found.source}/{rel}", dst).read_text())["files"])
     recipe = None
     if RECIPE_FILE in files and found.tags.get(STORAGE_TAG) == STORAGE:
         out = scratch / found.version / "files"

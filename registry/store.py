@@ -100,9 +100,9 @@ def ensure_registered_model(mlflow_client, name: str) -> None:
 
 
 def upload_manifest(mlflow_client, run_id: str, manifest: dict, rel: str) -> None:
-    """Write a manifest into the run's artifact folder at `rel` (manifest.json or engines/<sm>/manifest.json)."""
+    """Write a manifest into the run's artifact folder at `rel` (manifest.json, engines/<sm>/manifest-<sha>.json)."""
     with tempfile.TemporaryDirectory(prefix="kiln-manifest-") as scratch:
-        path = Path(scratch) / "manifest.json"
+        path = Path(scratch) / rel.rsplit("/", 1)[-1]
         path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         mlflow_client.log_artifact(run_id, str(path), "/".join([ARTIFACT_PATH] + rel.split("/")[:-1]))
 
@@ -121,6 +121,13 @@ def create_model_version(mlflow_client, name: str, source: str, run_id: str, tag
             if attempt == attempts - 1:
                 raise
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+
+
+def download_file(home: Path, artifact_uri: str, dest: Path) -> Path:
+    """One artifact file, saved as `dest` (whatever its stored name)."""
+    with tempfile.TemporaryDirectory(prefix="kiln-get-", dir=Path(dest).parent) as scratch:
+        os.replace(download(home, artifact_uri, Path(scratch)), dest)
+    return Path(dest)
 
 
 def download(home: Path, artifact_uri: str, dst: Path) -> Path:

@@ -93,9 +93,17 @@ def test_gpu_host_builds_checks_and_publishes_each_sm(world, tmp_path):
     assert len(host.calls("trtllm-build")) == 2 and list(listed(env)) == [("t-fp8", "1")]
 
 
-def test_pull_refuses_a_missing_sm_and_a_tensorrt_mismatch(world, tmp_path):
-    _, env = host_env(world, "refusals", sms=("sm90",))
-    assert run_kiln("build", world["recipe"], "--gpu", "sm90", env=env).returncode == 0
+@pytest.fixture(scope="module")
+def sm90_host(world) -> dict:
+    """An sm90 host's environment after it built and published t-fp8 with sm90 engines."""
+    _, env = host_env(world, "sm90-only", sms=("sm90",))
+    built = run_kiln("build", world["recipe"], "--gpu", "sm90", env=env)
+    assert built.returncode == 0, built.stderr
+    return env
+
+
+def test_pull_refuses_a_missing_sm_and_a_tensorrt_mismatch(world, sm90_host, tmp_path):
+    env = sm90_host
     missing = run_kiln("pull", "t-fp8@candidate", "--out", tmp_path / "a", "--gpu", "sm89", env=env)
     assert missing.returncode == 2
     assert "t-fp8/1 has no engines for sm89; it holds sm90" in missing.stderr
@@ -239,11 +247,10 @@ def test_an_sm_is_built_from_the_registry_checkpoint_when_this_host_quantized_di
 TEMPLATES = Path(__file__).parent / "fixtures" / "trtllm_templates"
 
 
-def test_triton_repo_for_engines_and_serve_refuses_engines_this_host_cannot_run(world, tmp_path):
+def test_triton_repo_for_engines_and_serve_refuses_engines_this_host_cannot_run(world, sm90_host, tmp_path):
     from kiln.serve.pbtxt import read_config
 
-    _, env = host_env(world, "serve-gpu", sms=("sm90",))
-    assert run_kiln("build", world["recipe"], "--gpu", "sm90", env=env).returncode == 0
+    env = sm90_host
     out = tmp_path / "repo"
     made = run_kiln("triton-repo", "t-fp8@candidate", "--runtime", "gpu", "--templates", TEMPLATES, "--out", out,
                     "--decoupled", "--json", env=env)   # --gpu defaults to this host's SM
