@@ -141,7 +141,8 @@ def test_republishing_identical_artifacts_creates_no_version_and_uploads_nothing
 
 
 def test_two_times_twenty_concurrent_publishes_lose_and_duplicate_nothing(team, tmp_path):
-    """20 different artifacts, each published by two publishers at once: 40 concurrent publishes."""
+    """20 different artifacts of 4 registered models (recipes) that do not exist yet, each artifact
+    published by two publishers at once: 40 concurrent publishes."""
     from kiln.registry import PUBLISH_KEY_TAG, list_versions, publish, pull
 
     registry = team["registry"]
@@ -152,33 +153,36 @@ def test_two_times_twenty_concurrent_publishes_lose_and_duplicate_nothing(team, 
         folder = tmp_path / f"a{index}"
         folder.mkdir()
         (folder / "weights.bin").write_bytes(os.urandom(32 * 1024))
-        artifacts.append((f"key-{index:02d}", {"hf/tokenizer.json": shared, "hf/weights.bin": folder / "weights.bin"}))
+        artifacts.append((f"crowd-{index % 4}", f"key-{index:02d}",
+                          {"hf/tokenizer.json": shared, "hf/weights.bin": folder / "weights.bin"}))
+    jobs = [job for job in artifacts for _ in range(2)]
     os.environ["MLFLOW_TRACKING_URI"] = registry.uri
     home = tmp_path / "home"
     blobs_before = len(registry.blobs())
     try:
         with ThreadPoolExecutor(40) as pool:
-            results = list(pool.map(
-                lambda job: publish(home, "crowd", job[1], {PUBLISH_KEY_TAG: job[0]}, [], SILENT),
-                [job for job in artifacts for _ in range(2)]))
-        versions = [row for row in list_versions(home) if row["name"] == "crowd"]
+            results = list(pool.map(lambda job: publish(home, job[0], job[2], {PUBLISH_KEY_TAG: job[1]}, [], SILENT),
+                                    jobs))
+        versions = [(row["name"], row["version"]) for row in list_versions(home) if row["name"].startswith("crowd-")]
         assert len(versions) == 20   # nothing lost, nothing duplicated
-        by_key = {}
-        for (key, _), result in zip([job for job in artifacts for _ in range(2)], results):
-            by_key.setdefault(key, set()).add(result.version)
+        assert sorted({name for name, _ in versions}) == ["crowd-0", "crowd-1", "crowd-2", "crowd-3"]
+        by_key: dict[str, set] = {}
+        for (name, key, _), result in zip(jobs, results):
+            by_key.setdefault(key, set()).add((result.name, result.version))
         assert all(len(found) == 1 for found in by_key.values())   # both publishers of a key got one version
-        assert sorted(v for found in by_key.values() for v in found) == sorted(r["version"] for r in versions)
+        assert sorted(v for found in by_key.values() for v in found) == sorted(versions)
         # The database agrees: one live version per key (MLflow keeps deleted versions' rows, marked so).
         tagged = registry.query(
             "SELECT t.value FROM model_version_tags t JOIN model_versions v ON v.name = t.name AND "
-            "v.version = t.version WHERE t.key = 'kiln.publish_key' AND t.name = 'crowd' AND "
+            "v.version = t.version WHERE t.key = 'kiln.publish_key' AND t.name LIKE 'crowd-%' AND "
             "v.current_stage != 'Deleted_Internal' ORDER BY t.value")
-        assert [t[0] for t in tagged] == [key for key, _ in artifacts]
+        assert [t[0] for t in tagged] == [key for _, key, _ in artifacts]
         # Each distinct file stored once: the shared tokenizer once, plus one weights file per artifact.
         assert len(registry.blobs()) - blobs_before == 21
-        for key, files in artifacts[:3]:
+        for name, key, files in artifacts[:4]:
+            ((_, version),) = by_key[key]
             out = tmp_path / "pulled" / key
-            pull(home, f"crowd/{next(iter(by_key[key]))}", out, SILENT)
+            pull(home, f"{name}/{version}", out, SILENT)
             assert (out / "hf" / "weights.bin").read_bytes() == files["hf/weights.bin"].read_bytes()
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
