@@ -143,13 +143,6 @@ def _start_server(home: Path, repo, endpoints, log_path: Path, binary: Path | No
     return TrtllmTritonServer(repo.path, home, repo.gpu_layout, binary, endpoints, log_path=log_path)
 
 
-def _gpu_host_problem(host) -> str | None:
-    if not host.sms:
-        return ("--runtime gpu: this host has no NVIDIA GPU (fix: --runtime cpu, or prepare a repository for a GPU "
-                "host with `kiln triton-repo REF --runtime gpu --gpu sm90 --templates DIR`)")
-    return None
-
-
 @app.command()
 def serve(
     ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION.", show_default=False),
@@ -186,9 +179,10 @@ def serve(
         sm, tensorrt, binary = None, None, None
         if runtime == "gpu":
             host = detect_host()
-            problem = _gpu_host_problem(host)
-            if problem:
-                raise UserInputError(problem)
+            if not host.sms:
+                raise UserInputError("--runtime gpu: this host has no NVIDIA GPU (fix: --runtime cpu, or prepare a "
+                                     "repository for a GPU host with `kiln triton-repo REF --runtime gpu --gpu sm90 "
+                                     "--templates DIR`)")
             sm, tensorrt = host.sms[0], host.tensorrt
         repo = write_repository(home, ref, Path(tmp) / "repository", runtime, progress,
                                 _cpu_options(max_batch_size, 1000, 1, max_tokens),

@@ -35,10 +35,6 @@ class Transfer:
     reused_files: int = 0
     reused_bytes: int = 0
 
-    def add(self, other: "Transfer") -> "Transfer":
-        return Transfer(self.files + other.files, self.bytes + other.bytes, self.reused_files + other.reused_files,
-                        self.reused_bytes + other.reused_bytes)
-
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 

@@ -51,21 +51,22 @@ def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path
     current = mlflow.get_model_version(version.name, version.version)
     if current.tags.get(sm_tag(sm, "publish_key")) == publish_key and sm in held_sms(current.tags):
         return None
+    if current.tags.get(STORAGE_TAG) != STORAGE:
+        raise KilnError(f"{version.name}/{version.version} was published before kiln's blob store and takes no "
+                        "engines (fix: `kiln build` the recipe again: it publishes a new version in the blob store)")
     _check_built_from(home, version, current.source, sm, engine_record)
     scope = f"{SM_ROOT}/{sm}"
     outside = [rel for rel in files if not rel.startswith(f"{scope}/")]
     if outside:
         raise KilnError(f"internal: {', '.join(outside)} is not under {scope}/")
     manifest = build_manifest(files)
-    label = f"upload {version.name}/{version.version} {sm}"
-    if current.tags.get(STORAGE_TAG) != STORAGE:
-        raise KilnError(f"{version.name}/{version.version} was published before kiln's blob store and takes no "
-                        "engines (fix: `kiln build` the recipe again: it publishes a new version in the blob store)")
-    transfer = upload_blobs(mlflow, home, files, manifest["files"], progress, label)
-    upload_manifest(mlflow, version.run_id, manifest, sm_manifest(sm, manifest_digest(manifest)))
+    digest = manifest_digest(manifest)
+    transfer = upload_blobs(mlflow, home, files, manifest["files"], progress,
+                            f"upload {version.name}/{version.version} {sm}")
+    upload_manifest(mlflow, version.run_id, manifest, sm_manifest(sm, digest))
     for field, value in {**tags, "publish_key": publish_key}.items():
         mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, field), value)
-    mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, "manifest_sha256"), manifest_digest(manifest))
+    mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, "manifest_sha256"), digest)
     return transfer
 
 
