@@ -184,6 +184,11 @@ def serve(
                                      "repository for a GPU host with `kiln triton-repo REF --runtime gpu --gpu sm90 "
                                      "--templates DIR`)")
             sm, tensorrt = host.sms[0], host.tensorrt
+            # Refuse what this host cannot serve before downloading gigabytes of engines.
+            from kiln.registry import check_pullable
+
+            check_pullable(home, ref, sm, tensorrt)
+            trtllm_tritonserver(target_needs_backend=False)
         repo = write_repository(home, ref, Path(tmp) / "repository", runtime, progress,
                                 _cpu_options(max_batch_size, 1000, 1, max_tokens),
                                 _gpu_options(templates, decoupled, 1, 1000, 0, None), sm=sm,

@@ -34,7 +34,8 @@ from kiln.registry.store import (
     download_file, ensure_registered_model, experiment_id, tracking_uri, upload_manifest,
 )
 
-__all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "pull", "list_versions",
+__all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "pull", "check_pullable",
+           "list_versions",
            "parse_ref", "tracking_uri",
            "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG",
            "Transfer", "RECIPE_FILE", "Promotion", "promote", "diff", "gate_failures"]
@@ -194,6 +195,12 @@ def _download_run_files(mlflow, home: Path, version, root: Path, sm: str | None,
             dst.mkdir(parents=True, exist_ok=True)
             download(home, f"{version.source}/{entry}", dst)
             task.advance()
+
+
+def check_pullable(home: Path, ref: str, sm: str, installed_tensorrt: str | None) -> None:
+    """What `pull(..., sm=sm)` refuses before it downloads (a missing SM, another TensorRT), without pulling."""
+    version = _resolve(client(home), ref)
+    _check_sm_pullable(f"{version.name}/{version.version}", version.tags, sm, installed_tensorrt)
 
 
 def _check_sm_pullable(label: str, tags: dict[str, str], sm: str, installed_tensorrt: str | None) -> None:

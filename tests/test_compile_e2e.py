@@ -294,6 +294,7 @@ def test_triton_repo_for_engines_and_serve_refuses_engines_this_host_cannot_run(
         other_trt.stderr
     no_server = run_kiln(*serve, env={**same, "KILN_TRITONSERVER": str(tmp_path / "none")})
     assert no_server.returncode == 1 and "no tritonserver at" in no_server.stderr
+    assert "download" not in no_server.stderr   # refused before any engine was fetched
     no_gpu = run_kiln(*serve, env={**registry, "PATH": "/usr/bin:/bin"})
     assert no_gpu.returncode == 2 and "this host has no NVIDIA GPU" in no_gpu.stderr
     assert not list((Path(env["KILN_HOME"]) / "serve").iterdir())   # no repository left behind
