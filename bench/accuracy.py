@@ -99,7 +99,10 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(model), **recipe_eval)
-    rtn = compare(Baseline(model).logits(samples), _rtn_int4(model), samples)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        rtn = compare(Baseline(model, Path(scratch)).logits(samples), _rtn_int4(model), samples)
     source_size = (model / "model.safetensors").stat().st_size
     rows.append({"variant": "(bench) RTN int4 g128", "format": "int4_rtn", "kv": "none", "group": 128,
                  "bits": 4 + 32 / 128, "size": None, **rtn.as_dict()})

@@ -87,21 +87,29 @@ def _plan_for(recipe: Path, progress=None, gpu: str | None = None):
 
 @app.command()
 def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", show_default=False)) -> None:
-    """Validate recipes: schema, names, sizes, what each named GPU can run, and layer widths against block sizes.
+    """Validate recipes: schema, names, sizes, what each named GPU can run, layer widths against block sizes,
+    and whether the model fits this host's memory and GPUs (with CPU offload) at each stage's peak.
 
     Prints one line per problem (file:line: field: message (fix: ...)) and exits 2, or exits 0.
     """
+    from kiln.compile import detect_host
+    from kiln.pipeline.memory import recipe_estimate
     from kiln.pipeline.plan import checkable_model_folder, width_problems
     from kiln.pipeline.recipe_loader import load_recipe
 
     problems: list[str] = []
     with _reported_errors():
+        host = detect_host()
         for path in recipes:
             try:
                 loaded = load_recipe(path)
                 folder = checkable_model_folder(loaded)
                 if folder is not None:
                     problems += width_problems(loaded, folder)
+                    memory = recipe_estimate(loaded, folder, host)
+                    refusal = memory and memory.refusal(str(path))
+                    if refusal:
+                        problems.append(refusal)
             except RecipeErrors as exc:
                 problems += exc.problems
             except KilnError as exc:
@@ -122,7 +130,8 @@ def plan(
                                            "edits, kiln version, tool pins), with a recipe x GPU matrix for CI."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
-    """List every stage instance with its key and status (cached, will run, skipped: reason); runs nothing.
+    """List every stage instance with its key and status (cached, will run, skipped: reason), and each
+    stage's estimated peak host and GPU memory for the recipe's model against this host; runs nothing.
 
     GPU stages (compile, engine-check and their publish, one per variant and SM) show
     `skipped: needs an sm90 GPU host with tensorrt_llm` where this host cannot run them.
@@ -145,10 +154,15 @@ def plan(
         if not recipes or len(recipes) != 1:
             raise UserInputError("plan takes one recipe (fix: kiln plan RECIPE, or --changed-since REF for many)")
         the_plan, _ = _plan_for(recipes[0], gpu=gpu)
+    memory = the_plan.memory()
     if as_json:
-        _emit_json(plan_document(the_plan))
+        _emit_json({**plan_document(the_plan), "memory": memory.as_dict() if memory else None})
     else:
         stdout_console.print(plan_table(the_plan))
+        if memory is not None:
+            from kiln.pipeline.memory import memory_table
+
+            stdout_console.print(memory_table(memory, the_plan.loaded.recipe.name))
 
 
 @app.command()
@@ -173,6 +187,7 @@ def build(
     progress = ProgressReporter(enabled=True)
     with _reported_errors():
         the_plan, cache = _plan_for(recipe, progress, gpu)
+        _refuse_what_cannot_fit(the_plan)
         result = run_plan(the_plan, cache, progress, publish_failed=publish_failed)
     if as_json:
         _emit_json(build_document(result))
@@ -182,6 +197,18 @@ def build(
             stdout_console.print(engines_table(result))
         _report_corrections(result, progress)
     raise typer.Exit(result.exit_code)
+
+
+def _refuse_what_cannot_fit(the_plan) -> None:
+    """Before anything runs: a model that cannot fit this host even with offload is refused (exit 2)."""
+    from kiln.pipeline.errors import UserInputError
+
+    if not any(i.status == "will run" for i in the_plan.instances if i.stage in ("quantize", "validate")):
+        return
+    memory = the_plan.memory()
+    refusal = memory and memory.refusal(str(the_plan.loaded.path))
+    if refusal:
+        raise UserInputError(refusal)
 
 
 def _report_corrections(result, progress) -> None:
@@ -261,7 +288,8 @@ def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Print what this host can build: its GPUs and their SM, the CUDA driver, TensorRT,
-    TensorRT-LLM and ModelOpt versions, and which targets (and recipe variants) it can compile.
+    TensorRT-LLM and ModelOpt versions, which targets (and recipe variants) it can compile, and
+    each recipe's estimated peak memory per stage against this host's memory and GPUs.
 
     GPUs are found through NVML or nvidia-smi; CUDA is never initialised.
     """
@@ -270,15 +298,23 @@ def doctor(
     from kiln.pipeline.recipe_loader import load_recipe
     from kiln.pipeline.report import stdout_console
 
+    from kiln.pipeline.memory import memory_table, recipe_estimate
+    from kiln.pipeline.plan import checkable_model_folder
+
     with _reported_errors():
         host = detect_host()
         loaded = [load_recipe(path) for path in recipes or ()]
+        estimates = {str(r.path): recipe_estimate(r, checkable_model_folder(r), host) for r in loaded}
     document = doctor_document(host, loaded)
+    document["memory"] = {path: e.as_dict() if e else None for path, e in estimates.items()}
     if as_json:
         _emit_json(document)
     else:
         for table in doctor_tables(document):
             stdout_console.print(table)
+        for path, estimate in estimates.items():
+            if estimate is not None:
+                stdout_console.print(memory_table(estimate, path))
 
 
 from kiln.pipeline import cli_serve  # noqa: E402,F401  (registers triton-repo and serve on `app`)

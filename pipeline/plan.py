@@ -50,10 +50,14 @@ class StageInstance:
     material: dict
     status: str = "will run"
     depends_on: tuple[str, ...] = ()
+    seconds: float | None = None    # wall time, once it ran
 
     def as_dict(self) -> dict:
-        return {"stage": self.stage, "target": self.target, "key": self.key, "status": self.status,
-                "depends_on": list(self.depends_on)}
+        document = {"stage": self.stage, "target": self.target, "key": self.key, "status": self.status,
+                    "depends_on": list(self.depends_on)}
+        if self.seconds is not None:
+            document["seconds"] = self.seconds
+        return document
 
 
 @dataclass
@@ -68,6 +72,13 @@ class Plan:
     host: compile_stage.Host = field(default_factory=compile_stage.Host)
     gpu: str | None = None          # --gpu: the one SM this run builds
     instances: list[StageInstance] = field(default_factory=list)
+    model_folder: Path | None = None   # where config.json is readable now (a local model, or the HF cache)
+
+    def memory(self):
+        """The plan-time memory estimate for this recipe on this host (None before config.json is at hand)."""
+        from kiln.pipeline.memory import recipe_estimate
+
+        return recipe_estimate(self.loaded, self.model_folder, self.host)
 
     def instance(self, stage: str, target: str) -> StageInstance:
         return next(i for i in self.instances if i.stage == stage and i.target == target)
@@ -114,6 +125,7 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.Quantiz
         allow_pickle=model.allow_pickle,
         alpha=variant.alpha,
         exclude=variant.exclude,
+        max_shard_size=loaded.recipe.build.max_shard_size,
     )
 
 
@@ -155,6 +167,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         evaluation=resolve_data(recipe.evaluation, loaded.resolve, "evaluation"),
         host=host if host is not None else compile_stage.detect_host(),
         gpu=gpu,
+        model_folder=folder,
     )
 
     fetch_key, fetch_material = stage_key("fetch", FETCH_VERSION, {"source": source.model_dump(mode="json")},

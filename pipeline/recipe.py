@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize.placement import Device
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -72,6 +73,15 @@ class DataSpec(Strict):
         if self.file is not None and Path(self.file).suffix not in (".txt", ".jsonl"):
             raise ValueError(f"file '{self.file}' must end in .txt or .jsonl")
         return self
+
+
+class CalibrationSpec(DataSpec):
+    """Calibration text, and where calibration, export and validation run."""
+
+    device: Device = Field(default=Device.auto, description="auto (every visible GPU, else the CPU) | cpu | cuda")
+    gpu_memory_fraction: float = Field(default=0.8, gt=0, le=1,
+                                       description="share of each GPU's memory the model may take; the rest is "
+                                                   "offloaded to CPU memory")
 
 
 class Gates(Strict):
@@ -160,6 +170,9 @@ class BuildSizes(Strict):
     max_seq_len: PositiveInt = 2048
     max_num_tokens: PositiveInt = 4096
     tp_size: PositiveInt = 1
+    max_shard_size: str = Field(default="5GB", pattern=r"^[1-9][0-9]*(B|KB|MB|GB|KiB|MiB|GiB)$",
+                                description="largest safetensors file of the exported HF checkpoint; larger "
+                                            "exports are sharded with model.safetensors.index.json")
     kv_cache_reuse: bool = Field(default=False, description="prefix caching: reuse KV blocks across requests")
     free_gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="share of free GPU memory for the KV cache")
     cuda_graph_batch_sizes: tuple[PositiveInt, ...] | None = Field(
@@ -191,7 +204,7 @@ class Recipe(Strict):
     kiln: Literal[1] = Field(description="schema version")
     name: Name
     model: ModelSource
-    calibration: DataSpec
+    calibration: CalibrationSpec
     evaluation: DataSpec
     variants: dict[Name, Variant] = Field(min_length=1)
     build: BuildSizes = BuildSizes()

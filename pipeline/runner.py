@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from kiln import compile as compile_stage
 from kiln import quantize, registry, validate
 from kiln.pipeline.cache import StageCache
 from kiln.pipeline.data import token_samples
-from kiln.pipeline.errors import RecipeErrors
+from kiln.pipeline.errors import RecipeErrors, UserInputError
 from kiln.pipeline.fetch import hub_model
 from kiln.pipeline.plan import (
     PUBLISHED_RECORD, Plan, StageInstance, compile_request, gpu_instances, quantize_request, tool_versions,
@@ -96,7 +97,9 @@ class _Runner:
         self._model_dir: Path | None = None
         self._samples: dict[str, object] = {}
         self._baseline: validate.Baseline | None = None
-        self._sources = quantize.SourceModels()  # the model is read from disk once per build
+        self._scratch: tempfile.TemporaryDirectory | None = None   # the baseline's logits, for this build only
+        self._placement: quantize.Placement | None = None
+        self._clock = time.monotonic()
 
     # -- inputs shared by stages, made on first use so a cached build imports no torch --
     def model_dir(self) -> Path:
@@ -125,14 +128,41 @@ class _Runner:
             self._samples[which] = token_samples(data.documents(), tokenizer, data.spec.samples, data.spec.seq_len)
         return self._samples[which]
 
+    def placement(self) -> quantize.Placement:
+        """Where calibration, export and validation run, decided once per build (this initialises CUDA)."""
+        if self._placement is None:
+            from kiln.quantize.placement import host_memory_bytes, visible_gpus
+
+            calibration = self.loaded.recipe.calibration
+            try:
+                self._placement = quantize.plan_placement(calibration.device, visible_gpus(),
+                                                          calibration.gpu_memory_fraction, host_memory_bytes())
+            except ValueError as exc:
+                raise UserInputError(f"{self.loaded.path}: {exc}") from None
+            if self._placement.on_gpu:
+                names = ", ".join(g.name for g in self._placement.gpus)
+                self.progress.log(f"calibrating and validating on {len(self._placement.gpus)} GPU(s): {names}")
+        return self._placement
+
     def baseline(self) -> validate.Baseline:
         if self._baseline is None:
             model = self.loaded.recipe.model
-            self._baseline = validate.Baseline(self.model_dir(), model.trust_remote_code, model.allow_pickle)
+            Path(self.cache.root).mkdir(parents=True, exist_ok=True)
+            self._scratch = tempfile.TemporaryDirectory(prefix="kiln-baseline-", dir=self.cache.root)
+            self._baseline = validate.Baseline(self.model_dir(), Path(self._scratch.name), model.trust_remote_code,
+                                               model.allow_pickle, self.placement())
         return self._baseline
 
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
     def _ran(self, instance: StageInstance) -> None:
-        instance.status = "ran"
+        """Mark a stage done; its seconds are the wall time since the previous stage finished, so work done
+        lazily for it (fetching, tokenizing, the baseline's logits) counts where it was needed."""
+        now = time.monotonic()
+        instance.status, instance.seconds = "ran", round(now - self._clock, 3)
+        self._clock = now
         self.ran.append(instance)
 
     # -- stages --
@@ -142,7 +172,7 @@ class _Runner:
             return entry
         request = quantize_request(self.loaded, self.loaded.recipe.variants[name])
         with self.cache.write("quantize", instance.key, instance.material) as out:
-            quantize.run(request, self.model_dir(), self.samples("calibration"), out, self.progress, self._sources)
+            quantize.run(request, self.model_dir(), self.samples("calibration"), out, self.progress, self.placement())
         self._ran(instance)
         return self.cache.entry_dir("quantize", instance.key)
 
@@ -151,8 +181,9 @@ class _Runner:
         if entry is None:
             metrics = validate.run(
                 checkpoint / quantize.HF_DIR, self.baseline(), self.samples("evaluation"), self.progress, name,
-                trust_remote_code=self.loaded.recipe.model.trust_remote_code,
+                trust_remote_code=self.loaded.recipe.model.trust_remote_code, placement=self.placement(),
             )
+            quantize.release_memory()
             with self.cache.write("validate", instance.key, instance.material) as out:
                 validate.write_metrics(metrics, out)
             self._ran(instance)
@@ -166,6 +197,9 @@ class _Runner:
         entry = self.cache.lookup("publish", instance.key)
         if entry is not None:
             recorded = json.loads((entry / PUBLISHED_RECORD).read_text())
+            # The common cached case is confirmed without importing MLflow (about 3 s).
+            if registry.version_confirmed(home, recorded["name"], recorded["version"], instance.key, aliases):
+                return registry.PublishedVersion(recorded["name"], recorded["version"], recorded["run_id"])
             found = registry.find_version(home, recorded["name"], instance.key)
             if found is not None and found.version == recorded["version"]:
                 registry.set_aliases(home, found.name, found.version, aliases)
@@ -288,6 +322,14 @@ def gate_tags(key: str, gate: validate.GateResult) -> dict[str, str]:
 def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False) -> BuildResult:
     runner = _Runner(plan, cache, progress, publish_failed)
     cache.clean_stale_temporaries()
+    try:
+        return _run_variants(runner, plan, cache, publish_failed)
+    finally:
+        runner.close()
+
+
+def _run_variants(runner: _Runner, plan: Plan, cache: StageCache, publish_failed: bool) -> BuildResult:
+    progress = runner.progress
     if any(i.status == "will run" for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
         runner.model_dir()  # fetch (and refuse) before any stage starts writing
     results = []

@@ -1,8 +1,9 @@
 """Quantize stage: calibrate a model with ModelOpt and export what ships.
 
 Public entry points:
-  run(request, model_dir, calibration, out_dir, progress) -> CheckpointRecord
+  run(request, model_dir, calibration, out_dir, progress, placement) -> CheckpointRecord
   layer_width_problems(model_dir, quant, group_size) -> list[str]
+  plan_placement(device, gpus, gpu_memory_fraction, host_memory) -> Placement   (CPU, or GPUs + offload)
 Everything else in this folder is private to the stage.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, QuantFormat
 from kiln.quantize.headers import safetensors_header
+from kiln.quantize.placement import Device, Placement, VisibleGpu, gpu_peak_bytes, plan_placement, reset_gpu_peaks
 
 CHECKPOINT_RECORD = "kiln.json"
 HF_DIR = "hf"
@@ -24,7 +26,8 @@ TOOLS = ("nvidia-modelopt", "torch", "transformers")
 
 __all__ = [
     "FORMATS", "KV_CACHE_FORMATS", "FormatSpec", "KVCacheFormat", "QuantFormat",
-    "QuantizeRequest", "CheckpointRecord", "SourceModels", "run", "layer_width_problems",
+    "QuantizeRequest", "CheckpointRecord", "run", "release_memory", "layer_width_problems",
+    "Device", "Placement", "VisibleGpu", "plan_placement", "gpu_peak_bytes", "reset_gpu_peaks",
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
 ]
 
@@ -40,6 +43,7 @@ class QuantizeRequest:
     allow_pickle: bool = False
     alpha: float | None = None
     exclude: tuple[str, ...] = ()   # module name patterns kept unquantized
+    max_shard_size: str = "5GB"     # the HF export's largest safetensors file
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class CheckpointRecord:
     export_quant_algo: str | None = None
     alpha: float | None = None
     exclude: list[str] = field(default_factory=list)
+    # Where it was calibrated: {"device": "cpu" | "cuda", "gpus": [names], "peak_gpu_memory_bytes": {gpu: bytes}}.
+    placement: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, checkpoint_dir: Path) -> "CheckpointRecord":
@@ -125,45 +131,39 @@ def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | 
     return [f"{pattern} (input width {width})" for pattern, width in sorted(bad.items())]
 
 
-class SourceModels:
-    """The source model, read from disk once per build and copied in memory for each variant.
-
-    ModelOpt quantizes a model in place, so every variant needs a fresh copy; a
-    deep copy in memory costs far less than parsing the checkpoint again. The
-    price is one extra copy of the weights in memory while a build runs.
-    """
-
-    def __init__(self):
-        self._pristine: dict[tuple, object] = {}
-
-    def fresh(self, model_dir: Path, request: QuantizeRequest):
-        import copy
-
-        from kiln.quantize import modelopt_adapter as adapter
-
-        key = (str(model_dir), request.dtype, request.trust_remote_code, request.allow_pickle)
-        if key not in self._pristine:
-            self._pristine[key] = adapter.load_source_model(
-                model_dir, request.dtype, request.trust_remote_code, request.allow_pickle
-            )
-        return copy.deepcopy(self._pristine[key])
-
-
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
-        sources: SourceModels | None = None) -> CheckpointRecord:
+        placement: Placement = Placement("cpu")) -> CheckpointRecord:
     """Calibrate `model_dir` on `calibration` ([n, seq_len] token ids) and write hf/, trtllm/, kiln.json.
 
-    `progress` is a pipeline progress reporter (task(description, total) -> context with advance());
-    pass the same `sources` for every variant of a build so the model is read from disk once.
+    `progress` is a pipeline progress reporter (task(description, total) -> context with advance()).
+    Each call reads the weights from disk (memory-mapped safetensors) and releases them on return:
+    one copy of the model in memory, whatever the number of variants. `placement` says where the
+    model lives while it is calibrated and exported (the CPU, or GPUs with CPU offload).
     """
     from kiln.pipeline.progress import quiet_libraries
 
     with quiet_libraries():
-        return _run(request, model_dir, calibration, Path(out_dir), progress, sources or SourceModels())
+        try:
+            return _run(request, model_dir, calibration, Path(out_dir), progress, placement)
+        finally:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Collect the finished model and hand freed heap pages back to the OS, so the next model's peak
+    does not sit on top of this one's (glibc keeps freed arenas otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
-         sources: SourceModels) -> CheckpointRecord:
+         placement: Placement) -> CheckpointRecord:
     from importlib.metadata import version
 
     from kiln.quantize import modelopt_adapter as adapter
@@ -171,7 +171,9 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
 
     seconds = {}
     started = time.monotonic()
-    model = sources.fresh(model_dir, request)
+    reset_gpu_peaks(placement)
+    model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle,
+                                      placement)
     config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha, request.exclude)
     seconds["load"] = time.monotonic() - started
 
@@ -183,7 +185,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
 
     started = time.monotonic()
     with progress.task(f"export {label}", total=3) as task:
-        adapter.export_hf(model, out_dir / HF_DIR)
+        adapter.export_hf(model, out_dir / HF_DIR, request.max_shard_size)
         task.advance()
         _save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
         task.advance()
@@ -209,6 +211,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
         export_quant_algo=json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())["quantization"].get("quant_algo"),
         alpha=request.alpha,
         exclude=list(request.exclude),
+        placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement)},
     )
     (out_dir / CHECKPOINT_RECORD).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
     return record

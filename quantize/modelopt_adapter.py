@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize.placement import Placement
 
 TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
@@ -47,7 +48,10 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
     return config
 
 
-def load_source_model(model_dir: Path, dtype: str, trust_remote_code: bool, allow_pickle: bool):
+def load_source_model(model_dir: Path, dtype: str, trust_remote_code: bool, allow_pickle: bool,
+                      placement: Placement | None = None):
+    """The source model in `dtype`, read from its (memory-mapped) safetensors; on GPUs, spread over them by
+    accelerate's device map with the placement's caps, the rest offloaded to CPU memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -56,8 +60,17 @@ def load_source_model(model_dir: Path, dtype: str, trust_remote_code: bool, allo
         dtype=getattr(torch, TORCH_DTYPES[dtype]),
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
+        **(placement.load_kwargs() if placement else {}),
     )
     return model.eval()
+
+
+def input_device(model):
+    """Where token ids go in: the input embedding's device (a GPU under a device map)."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
 def calibrate(model, config: dict, samples, on_sample: Callable[[], None]) -> None:
@@ -65,10 +78,12 @@ def calibrate(model, config: dict, samples, on_sample: Callable[[], None]) -> No
     import modelopt.torch.quantization as mtq
     import torch
 
+    device = input_device(model)
+
     def forward_loop(m):
         with torch.no_grad():
             for row in samples:
-                m(input_ids=row.unsqueeze(0))
+                m(input_ids=row.unsqueeze(0).to(device))
                 on_sample()
 
     with warnings.catch_warnings():
@@ -76,12 +91,13 @@ def calibrate(model, config: dict, samples, on_sample: Callable[[], None]) -> No
         mtq.quantize(model, config, forward_loop)
 
 
-def export_hf(model, export_dir: Path) -> None:
+def export_hf(model, export_dir: Path, max_shard_size: str = "5GB") -> None:
+    """The HF unified checkpoint; past `max_shard_size` it is sharded with model.safetensors.index.json."""
     from modelopt.torch.export import export_hf_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_hf_checkpoint(model, export_dir=str(export_dir))
+        export_hf_checkpoint(model, export_dir=str(export_dir), max_shard_size=max_shard_size)
 
 
 def export_trtllm(model, export_dir: Path, dtype: str, tp_size: int) -> None:

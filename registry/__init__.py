@@ -4,6 +4,7 @@ Public entry points:
   publish(home, name, files, tags, aliases, progress) -> PublishedVersion   (finds, never duplicates)
   add_sm(home, version, sm, files, tags, publish_key, progress)            one SM's engines into a version
   find_version(home, name, publish_key) -> PublishedVersion | None
+  version_confirmed(home, name, version, publish_key, aliases) -> bool | None   without importing MLflow
   pull(home, ref, out, progress, sm=..., installed_tensorrt=...) -> PulledArtifact
   list_versions(home) -> list[dict]
   promote(home, name, version, alias, force, reason) -> Promotion   only past the gates, or forced with a reason
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from kiln.pipeline.errors import UserInputError, VerificationError
 from kiln.pipeline.fsutil import atomic_dir, require_empty_folder
+from kiln.registry.lookup import version_confirmed
 from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_manifest, sm_tag
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, gate_failures, promote
@@ -34,7 +36,8 @@ from kiln.registry.store import (
     download_file, ensure_registered_model, experiment_id, tracking_uri, upload_manifest,
 )
 
-__all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "pull", "check_pullable",
+__all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "version_confirmed", "pull",
+           "check_pullable",
            "list_versions",
            "parse_ref", "tracking_uri",
            "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG",

@@ -27,7 +27,7 @@ def test_int4_awq_dequantizes_with_group_scales_and_pre_quant_scale():
     decoded = WEIGHT_CODECS["W4A16_AWQ"]("l", tensors, 2)
     assert torch.equal(decoded.weight, torch.tensor([[0.5, -1.0, 6.0, -8.0], [7.0, -8.0, 0.0, 1.25]]))
     x = torch.ones(1, 4)
-    assert torch.equal(decoded.input_transform(x), torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert torch.equal(decoded.transform_input(x), torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
 
 
 def test_fp8_weights_and_activations():
@@ -37,7 +37,7 @@ def test_fp8_weights_and_activations():
     assert torch.equal(decoded.weight, torch.tensor([[0.5, -1.0], [0.25, 224.0]]))
     # 1.0 / 0.01 = 100 -> E4M3 rounds to 96 (spacing 8 in [64, 128)); 10.0 saturates at 448 * 0.01;
     # -0.0001 / 0.01 = -0.01 is subnormal (spacing 2^-9): -5 * 2^-9.
-    out = decoded.input_transform(torch.tensor([1.0, 10.0, -0.0001]))
+    out = decoded.transform_input(torch.tensor([1.0, 10.0, -0.0001]))
     assert torch.allclose(out, torch.tensor([0.96, 4.48, -5 * 2**-9 * 0.01]), atol=1e-9)
 
 

@@ -96,6 +96,20 @@ def test_publish_ls_pull_against_postgres_and_an_mlflow_server(team, tmp_path):
     assert registry.query("SELECT name, version FROM model_versions") == [("tm-fp8", 1)]
     assert registry.query("SELECT name, alias, version FROM registered_model_aliases") == [("tm-fp8", "candidate", 1)]
 
+    # The cached-rebuild check reads the server's REST API without MLflow, and decides as MLflow would.
+    from kiln.registry import version_confirmed
+
+    key = next(s["key"] for s in first["stages"] if s["stage"] == "publish")
+    home = Path(runner_env(team, "runner-a")["KILN_HOME"])
+    os.environ["MLFLOW_TRACKING_URI"] = registry.uri
+    try:
+        assert version_confirmed(home, "tm-fp8", "1", key, ["candidate"]) is True
+        assert version_confirmed(home, "tm-fp8", "1", "0" * 64, ["candidate"]) is False
+        assert version_confirmed(home, "tm-fp8", "1", key, ["production"]) is None   # an alias to move: MLflow's job
+        assert version_confirmed(home, "tm-fp8", "7", key, []) is False
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
     env = runner_env(team, "reader")
     rows = json.loads(run_kiln("ls", "--json", env=env).stdout)
     assert [(r["name"], r["version"], r["aliases"]) for r in rows] == [("tm-fp8", "1", ["candidate"])]

@@ -1,7 +1,7 @@
 """Validate stage: measure the accuracy of what ships.
 
 Public entry points:
-  Baseline(model_dir, trust_remote_code)   the unquantized model, loaded once per build
+  Baseline(model_dir, scratch, trust_remote_code)   the unquantized model's logits, computed once per build
   run(hf_dir, baseline, samples, progress) -> Metrics
   evaluate_gates(metrics, **gates) -> GateResult
   check_engine(target, sm_dir, hf_dir, model_dir, samples, progress, label) -> Metrics   (GPU hosts)
@@ -9,6 +9,7 @@ Public entry points:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,40 +25,80 @@ __all__ = ["Baseline", "run", "check_engine", "evaluate_gates", "GateResult", "M
 
 
 class Baseline:
-    """The unquantized model and its logits per evaluation sample, computed once and shared by variants."""
+    """The unquantized model's logits on the evaluation samples, computed once and shared by variants.
 
-    def __init__(self, model_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False):
+    The model is loaded as stored (16-bit) with float32 math, runs every sample once, and is released
+    before any variant is loaded: validation never holds two models. The logits (float32, exact) go
+    to files in `scratch`, one per sample, and are read back one at a time, so an 8B model with a
+    128k vocabulary does not keep gigabytes of logits in memory.
+    """
+
+    def __init__(self, model_dir: Path, scratch: Path, trust_remote_code: bool = False, allow_pickle: bool = False,
+                 placement=None):
         self.model_dir = Path(model_dir)
+        self.scratch = Path(scratch)
+        self.placement = placement
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
-        self._model = None
-        self._logits: dict[tuple[int, bytes], object] = {}
+        self._files: dict[bytes, Path] = {}
 
-    def logits(self, samples):
-        from kiln.validate.metrics import logits_of
-        from kiln.validate.runtime import load_baseline_model
+    def logits(self, samples, progress=None):
+        """A function i -> the baseline's float32 logits [seq, vocab] for samples[i]."""
+        import torch
+
+        key = samples.numpy().tobytes()
+        if key not in self._files:
+            self._files[key] = self._compute(samples, progress)
+        folder = self._files[key]
 
         def for_sample(i: int):
-            key = (i, samples[i].numpy().tobytes())
-            if key not in self._logits:
-                if self._model is None:
-                    self._model = load_baseline_model(self.model_dir, self.trust_remote_code, self.allow_pickle)
-                self._logits[key] = logits_of(self._model, samples[i])
-            return self._logits[key]
+            return torch.load(folder / f"{i}.pt", weights_only=True)
 
         return for_sample
 
+    def _compute(self, samples, progress) -> Path:
+        import gc
 
-def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", trust_remote_code: bool = False) -> Metrics:
-    """Load the exported checkpoint in the reference runtime and compare it with the baseline."""
+        import torch
+
+        from kiln.pipeline.progress import quiet_libraries
+        from kiln.validate.metrics import logits_of
+        from kiln.validate.runtime import load_baseline_model, place
+
+        folder = self.scratch / f"baseline-{len(self._files)}"
+        folder.mkdir(parents=True)
+        with quiet_libraries():
+            model = load_baseline_model(self.model_dir, self.trust_remote_code, self.allow_pickle)
+            if self.placement is not None:
+                model = place(model, self.placement)
+        task = progress.task("evaluate baseline", total=len(samples)) if progress else contextlib.nullcontext()
+        with task as bar:
+            for i, ids in enumerate(samples):
+                torch.save(logits_of(model, ids), folder / f"{i}.pt")
+                if progress:
+                    bar.advance()
+        del model
+        gc.collect()
+        return folder
+
+
+def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", trust_remote_code: bool = False,
+        placement=None) -> Metrics:
+    """Load the exported checkpoint in the reference runtime and compare it with the baseline.
+
+    `placement` (kiln.quantize.Placement, or None for the CPU) says where the models run.
+    """
     from kiln.pipeline.progress import quiet_libraries
     from kiln.validate.metrics import compare
-    from kiln.validate.runtime import load_reference_model
+    from kiln.validate.runtime import load_reference_model, place
 
+    reference = baseline.logits(samples, progress)  # before the variant loads: one model at a time
     with quiet_libraries():
         model = load_reference_model(hf_dir, trust_remote_code)
+        if placement is not None:
+            model = place(model, placement)
         with progress.task(f"evaluate {label}".strip(), total=len(samples)) as task:
-            return compare(baseline.logits(samples), model, samples, task.advance)
+            return compare(reference, model, samples, task.advance)
 
 
 def write_metrics(metrics: Metrics, out_dir: Path) -> None:

@@ -1,9 +1,13 @@
 """Decoders for the exported checkpoint formats, in plain torch on the CPU.
 
 One codec per `quant_algo` that ModelOpt writes into hf_quant_config.json. A
-codec turns a linear layer's stored tensors into float weights plus what the
-layer does to its input at run time (AWQ's pre-quant scale, FP8 activation
-quantization with the exported scale).
+codec checks a linear layer's stored tensors and returns how to decode them into
+float32 weights, plus what the layer does to its input at run time (AWQ's
+pre-quant scale, FP8 activation quantization with the exported scale).
+
+Decoding is deferred: the reference runtime keeps the stored bytes (1 byte per
+weight for FP8, half that for INT4) and decodes a layer's weight when that layer
+runs, so an 8B model validates in about its exported size, not in 4 bytes per weight.
 """
 
 from __future__ import annotations
@@ -57,94 +61,147 @@ def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q * scale).to(x.dtype)
 
 
-def _then(*steps):
+Stored = dict[str, torch.Tensor]   # a layer's tensors by short name: weight, weight_scale, input_scale, ...
+Transform = Callable[[torch.Tensor, Stored], torch.Tensor]
+
+
+def _then(*steps: Transform | None) -> Transform | None:
     """Compose input transforms, skipping absent ones."""
     steps = [step for step in steps if step is not None]
     if not steps:
         return None
 
-    def apply(x):
+    def apply(x, stored):
         for step in steps:
-            x = step(x)
+            x = step(x, stored)
         return x
 
     return apply
 
 
-def _pre_quant(prefix: str, tensors: dict[str, torch.Tensor]):
+def _pre_quant(stored: Stored) -> Transform | None:
     """AWQ / SmoothQuant input scaling that could not be folded into the preceding layer."""
-    scale = tensors.get(f"{prefix}.pre_quant_scale")
-    return (lambda x, s=scale: x * s.to(x.dtype)) if scale is not None else None
+    return (lambda x, s: x * s["pre_quant_scale"].to(x.dtype)) if "pre_quant_scale" in stored else None
 
 
-def _per_channel(prefix: str, tensors: dict[str, torch.Tensor], stored: torch.dtype) -> torch.Tensor:
-    weight = tensors[f"{prefix}.weight"]
-    if weight.dtype != stored:
-        raise ValueError(f"{prefix}.weight: stored as {weight.dtype}, the format stores {stored}")
-    scale = tensors[f"{prefix}.weight_scale"].to(torch.float32)
-    return weight.to(torch.float32) * scale.reshape(-1, 1)
+def _fp8_input(x, s):
+    return fake_quant_fp8(x, s["input_scale"])
 
 
-def _group_scales(prefix: str, q: torch.Tensor, tensors: dict[str, torch.Tensor], group_size: int | None) -> torch.Tensor:
-    scale = tensors[f"{prefix}.weight_scale"].to(torch.float32)  # [out, in / group]
-    group = q.shape[1] // scale.shape[1]
-    if group_size and group != group_size:
-        raise ValueError(f"{prefix}.weight_scale implies group {group}, hf_quant_config.json says {group_size}")
-    return scale.repeat_interleave(group, dim=1)
+def _int8_input(x, s):
+    return fake_quant_int8(x, s["input_scale"])
 
 
 @dataclass
 class DecodedLinear:
-    weight: torch.Tensor                      # float32 [out, in]
-    input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A linear layer's stored tensors and how to use them.
+
+    `decode(stored)` gives the float32 [out, in] weight; `input_transform(x, stored)` is what the
+    layer does to its input. The tensors travel with the module that holds them (buffers), so the
+    functions take them as an argument instead of closing over them.
+    """
+
+    stored: Stored
+    decode: Callable[[Stored], torch.Tensor]
+    input_transform: Transform | None = None
+    in_features: int = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.decode(self.stored)
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_transform is None else self.input_transform(x, self.stored)
+
+
+def _layer_tensors(prefix: str, tensors: dict[str, torch.Tensor], *names: str) -> Stored:
+    optional = ("input_scale", "pre_quant_scale")
+    return {n: tensors[f"{prefix}.{n}"] for n in (*names, *optional) if n in names or f"{prefix}.{n}" in tensors}
+
+
+def _check_dtype(prefix: str, weight: torch.Tensor, stored: torch.dtype) -> None:
+    if weight.dtype != stored:
+        raise ValueError(f"{prefix}.weight: stored as {weight.dtype}, the format stores {stored}")
+
+
+def _per_channel_weight(s: Stored) -> torch.Tensor:
+    # A per-tensor scale broadcasts the same way as a per-channel one.
+    return s["weight"].to(torch.float32) * s["weight_scale"].to(torch.float32).reshape(-1, 1)
+
+
+def _per_channel(prefix: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype, transform=None) -> DecodedLinear:
+    stored = _layer_tensors(prefix, tensors, "weight", "weight_scale")
+    _check_dtype(prefix, stored["weight"], dtype)
+    return DecodedLinear(stored, _per_channel_weight, transform(stored) if transform else None, stored["weight"].shape[1])
+
+
+def _int4_group_weight(s: Stored) -> torch.Tensor:
+    q = unpack_int4(s["weight"]).to(torch.float32)
+    return q * s["weight_scale"].to(torch.float32).repeat_interleave(q.shape[1] // s["weight_scale"].shape[1], dim=1)
+
+
+def _int4_groups(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None, *extra: str) -> Stored:
+    stored = _layer_tensors(prefix, tensors, "weight", "weight_scale", *extra)
+    _check_dtype(prefix, stored["weight"], torch.uint8)
+    group = stored["weight"].shape[1] // stored["weight_scale"].shape[1]  # weight_scale: [out, in / group]
+    if group_size and group != group_size:
+        raise ValueError(f"{prefix}.weight_scale implies group {group}, hf_quant_config.json says {group_size}")
+    return stored
 
 
 def _decode_fp8(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
-    weight = _per_channel(prefix, tensors, torch.float8_e4m3fn)  # a per-tensor scale broadcasts the same way
-    input_scale = tensors.get(f"{prefix}.input_scale")
-    transform = (lambda x, s=input_scale: fake_quant_fp8(x, s)) if input_scale is not None else None
-    return DecodedLinear(weight, transform)
+    return _per_channel(prefix, tensors, torch.float8_e4m3fn, lambda s: _fp8_input if "input_scale" in s else None)
 
 
 def _decode_int4_awq(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
     """W4A16 (AWQ, and GPTQ, which ModelOpt exports under the same label without pre-quant scales)."""
-    q = unpack_int4(tensors[f"{prefix}.weight"]).to(torch.float32)
-    return DecodedLinear(q * _group_scales(prefix, q, tensors, group_size), _pre_quant(prefix, tensors))
+    stored = _int4_groups(prefix, tensors, group_size)
+    return DecodedLinear(stored, _int4_group_weight, _pre_quant(stored), stored["weight"].shape[1])
+
+
+def _w4a8_weight(s: Stored) -> torch.Tensor:
+    return fake_quant_fp8(_int4_group_weight(s), s["weight_scale_2"])
 
 
 def _decode_w4a8_awq(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
     """INT4 groups dequantized to FP8 with the per-tensor weight_scale_2, FP8 activations."""
-    q = unpack_int4(tensors[f"{prefix}.weight"]).to(torch.float32)
-    weight = fake_quant_fp8(q * _group_scales(prefix, q, tensors, group_size), tensors[f"{prefix}.weight_scale_2"])
-    input_scale = tensors[f"{prefix}.input_scale"]
-    return DecodedLinear(weight, _then(_pre_quant(prefix, tensors), lambda x, s=input_scale: fake_quant_fp8(x, s)))
+    stored = _int4_groups(prefix, tensors, group_size, "weight_scale_2", "input_scale")
+    return DecodedLinear(stored, _w4a8_weight, _then(_pre_quant(stored), _fp8_input), stored["weight"].shape[1])
 
 
 def _decode_fp8_per_channel_per_token(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
-    return DecodedLinear(_per_channel(prefix, tensors, torch.float8_e4m3fn), fake_quant_fp8_per_token)
+    return _per_channel(prefix, tensors, torch.float8_e4m3fn, lambda s: lambda x, _: fake_quant_fp8_per_token(x))
 
 
 def _decode_int8_weight_only(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
-    return DecodedLinear(_per_channel(prefix, tensors, torch.int8))
+    return _per_channel(prefix, tensors, torch.int8)
 
 
 def _decode_int8_smoothquant(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
-    input_scale = tensors[f"{prefix}.input_scale"]
-    return DecodedLinear(
-        _per_channel(prefix, tensors, torch.int8),
-        _then(_pre_quant(prefix, tensors), lambda x, s=input_scale: fake_quant_int8(x, s)),
-    )
+    tensors[f"{prefix}.input_scale"]  # required: a KeyError names the missing tensor
+    return _per_channel(prefix, tensors, torch.int8, lambda s: _then(_pre_quant(s), _int8_input))
+
+
+def _nvfp4_weight(s: Stored) -> torch.Tensor:
+    return nvfp4.dequantize_weight(s["weight"], s["weight_scale"], s["weight_scale_2"])
+
+
+def _nvfp4_input(x, s):
+    return nvfp4.fake_quant_activation(x, s["input_scale"])
 
 
 def _decode_nvfp4(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
     if group_size not in (None, nvfp4.BLOCK):
         raise ValueError(f"{prefix}: NVFP4 blocks are {nvfp4.BLOCK} wide, hf_quant_config.json says {group_size}")
-    weight = nvfp4.dequantize_weight(
-        tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"], tensors[f"{prefix}.weight_scale_2"]
-    )
-    input_scale = tensors.get(f"{prefix}.input_scale")
-    transform = (lambda x, s=input_scale: nvfp4.fake_quant_activation(x, s)) if input_scale is not None else None
-    return DecodedLinear(weight, transform)
+    stored = _layer_tensors(prefix, tensors, "weight", "weight_scale", "weight_scale_2")
+    nvfp4.check_weight_layout(stored["weight"], stored["weight_scale"])
+    transform = _nvfp4_input if "input_scale" in stored else None
+    return DecodedLinear(stored, _nvfp4_weight, transform, stored["weight"].shape[-1] * 2)
+
+
+def plain_linear(weight: torch.Tensor) -> DecodedLinear:
+    """An unquantized layer: the stored 16-bit weight, upcast exactly."""
+    return DecodedLinear({"weight": weight}, lambda s: s["weight"].to(torch.float32), None, weight.shape[1])
 
 
 # Keyed by the `quant_algo` of hf_quant_config.json.

@@ -85,8 +85,9 @@ def main(argv: list[str]) -> int:
         for ids in samples:  # every rank takes part in each generate; only the leader gets logits
             engine(ids)
         return 0
-    baseline = Baseline(Path(request.model_dir), request.trust_remote_code)
-    metrics = compare(baseline.logits(samples), engine, samples)
+    with tempfile.TemporaryDirectory(prefix="kiln-baseline-") as scratch:
+        baseline = Baseline(Path(request.model_dir), Path(scratch), request.trust_remote_code)
+        metrics = compare(baseline.logits(torch.stack(samples)), engine, samples)
     Path(request.report).write_text(json.dumps(metrics.as_dict(), indent=2, sort_keys=True) + "\n")
     return 0
 

@@ -9,10 +9,15 @@ from torch import nn
 
 from kiln.validate.records import Metrics
 
+_POSITIONS_PER_BLOCK = 64
+
 
 @torch.no_grad()
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids.unsqueeze(0)).logits[0].to(torch.float32)
+    """Float32 logits [seq, vocab] on the CPU, wherever the model runs."""
+    embedding = model.get_input_embeddings().weight
+    device = embedding.device if embedding.device.type != "meta" else ids.device
+    return model(input_ids=ids.unsqueeze(0).to(device)).logits[0].to(device="cpu", dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -32,12 +37,16 @@ def compare(baseline_logits, candidate, samples: torch.Tensor, on_sample=lambda:
         if logits.shape[0] != reference.shape[0] or logits.shape[1] < reference.shape[1]:
             raise ValueError(f"sample {i}: logits of shape {tuple(logits.shape)} cannot be compared with the "
                              f"baseline's {tuple(reference.shape)}")
-        base = torch.log_softmax(reference[:-1], dim=-1)
-        quant = torch.log_softmax(logits[:-1, : reference.shape[1]], dim=-1)
-        nll_base += -base.gather(1, targets[:, None]).sum().item()
-        nll_quant += -quant.gather(1, targets[:, None]).sum().item()
-        kl_sum += (base.exp() * (base - quant)).sum().item()
-        agree += (base.argmax(-1) == quant.argmax(-1)).sum().item()
+        # In blocks of positions: a 128k vocabulary makes each [seq, vocab] temporary hundreds of MB.
+        for start in range(0, targets.numel(), _POSITIONS_PER_BLOCK):
+            stop = min(start + _POSITIONS_PER_BLOCK, targets.numel())
+            base = torch.log_softmax(reference[start:stop], dim=-1)
+            quant = torch.log_softmax(logits[start:stop, : reference.shape[1]], dim=-1)
+            block_targets = targets[start:stop, None]
+            nll_base += -base.gather(1, block_targets).sum().item()
+            nll_quant += -quant.gather(1, block_targets).sum().item()
+            kl_sum += (base.exp() * (base - quant)).sum().item()
+            agree += (base.argmax(-1) == quant.argmax(-1)).sum().item()
         count += targets.numel()
         on_sample()
     base_ppl = math.exp(nll_base / count)

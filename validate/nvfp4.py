@@ -43,12 +43,18 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     return torch.copysign(E2M1_MAGNITUDES[index], x)
 
 
+def check_weight_layout(packed: torch.Tensor, block_scale: torch.Tensor) -> None:
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed NVFP4 weight must be uint8, got {packed.dtype}")
+    values = (*packed.shape[:-1], packed.shape[-1] * 2)
+    if (*block_scale.shape[:-1], block_scale.shape[-1] * BLOCK) != values:
+        raise ValueError(f"NVFP4 block scales {tuple(block_scale.shape)} do not cover weights {values}")
+
+
 def dequantize_weight(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    check_weight_layout(packed, block_scale)
     values = decode_e2m1(unpack_fp4(packed))
-    scales = block_scale.to(torch.float32).repeat_interleave(BLOCK, dim=-1) * global_scale.to(torch.float32)
-    if scales.shape != values.shape:
-        raise ValueError(f"NVFP4 block scales {tuple(block_scale.shape)} do not cover weights {tuple(values.shape)}")
-    return values * scales
+    return values * (block_scale.to(torch.float32).repeat_interleave(BLOCK, dim=-1) * global_scale.to(torch.float32))
 
 
 def fake_quant_activation(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:

@@ -14,24 +14,84 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear
+from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear, plain_linear
 
 _KV_ATTENTION = "kiln_kv_fake_quant"
 
 
 class ReferenceLinear(nn.Module):
-    """A linear layer with decoded weights and the exported input transform."""
+    """A linear layer that keeps its weight as stored and computes in float32.
+
+    The weight is decoded when the layer runs (a quantized code with its scales, or a
+    bf16/fp16 tensor upcast exactly), so a model holds its stored bytes, not 4 per weight.
+    The stored tensors are buffers, so moving the module to a GPU moves them.
+    """
 
     def __init__(self, decoded: DecodedLinear, bias: torch.Tensor | None):
         super().__init__()
-        self.weight = nn.Parameter(decoded.weight, requires_grad=False)
+        self._decode, self._transform = decoded.decode, decoded.input_transform
+        self._stored_names = tuple(decoded.stored)
+        for key, tensor in decoded.stored.items():
+            self.register_buffer(f"stored_{key}", tensor, persistent=False)
+        self.in_features = decoded.in_features
         self.bias = nn.Parameter(bias.to(torch.float32), requires_grad=False) if bias is not None else None
-        self.input_transform = decoded.input_transform
+
+    def _stored(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, f"stored_{key}") for key in self._stored_names}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._decode(self._stored())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        return nn.functional.linear(x, self.weight, self.bias)
+        stored = self._stored()
+        if self._transform is not None:
+            x = self._transform(x, stored)
+        return nn.functional.linear(x, self._decode(stored), self.bias)
+
+
+class Float32Embedding(nn.Module):
+    """An embedding table kept as stored (bf16/fp16) whose rows come out float32 (an exact upcast)."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).to(torch.float32)
+
+
+def float32_math(model: nn.Module) -> nn.Module:
+    """Keep a loaded model's large tensors in their stored 16-bit dtype but compute in float32.
+
+    Linear and embedding weights stay as loaded and are upcast per use (bf16 -> fp32 is exact);
+    the small tensors (norms, biases, buffers) become float32. The logits equal those of the same
+    model loaded in float32, at half the memory.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            replacement = ReferenceLinear(plain_linear(module.weight.data), module.bias)
+        elif isinstance(module, nn.Embedding) and type(module) is nn.Embedding:
+            replacement = Float32Embedding(module.weight.data, module.padding_idx)
+        else:
+            continue
+        _replace(model, name, replacement)
+    for module in model.modules():
+        if isinstance(module, (ReferenceLinear, Float32Embedding)):
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                setattr(module, key, nn.Parameter(param.data.to(torch.float32), requires_grad=False))
+        for key, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != torch.float32:
+                module._buffers[key] = buffer.to(torch.float32)
+    return model
+
+
+def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
 
 def _kv_fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
@@ -51,6 +111,7 @@ def _register_attention() -> None:
 
 
 def _load_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, sharded or not, as stored (no dtype conversion)."""
     from safetensors.torch import load_file
 
     files = sorted(hf_dir.glob("*.safetensors"))
@@ -68,7 +129,12 @@ def read_quant_config(hf_dir: Path) -> dict:
 
 
 def load_reference_model(hf_dir: Path, trust_remote_code: bool = False) -> nn.Module:
-    """Build the exported checkpoint's model with decoded weights, float32, eval mode."""
+    """Build the exported checkpoint's model: weights as stored, decoded per layer, float32 math, eval mode.
+
+    The architecture is built on the meta device (no memory, no random init); every weight then
+    comes from the checkpoint, and nothing is left on meta but what transformers initialises
+    itself from the config (RoPE frequencies).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_dir = Path(hf_dir)
@@ -82,18 +148,25 @@ def load_reference_model(hf_dir: Path, trust_remote_code: bool = False) -> nn.Mo
     config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are decoded here, not by a transformers quantizer
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tensors = _load_tensors(hf_dir)
     consumed: set[str] = set()
 
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or f"{name}.weight_scale" not in tensors:
-            continue
-        decoded = WEIGHT_CODECS[algo](name, tensors, quant.get("group_size"))
-        bias = tensors.get(f"{name}.bias")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, ReferenceLinear(decoded, bias))
-        consumed.update(k for k in tensors if k.startswith(f"{name}.") and not k.endswith(("k_scale", "v_scale")))
+        if isinstance(module, nn.Linear) and f"{name}.weight" in tensors:
+            if f"{name}.weight_scale" in tensors:
+                decoded = WEIGHT_CODECS[algo](name, tensors, quant.get("group_size"))
+            else:
+                decoded = plain_linear(tensors[f"{name}.weight"])
+            _replace(model, name, ReferenceLinear(decoded, tensors.get(f"{name}.bias")))
+            consumed.update(k for k in tensors if k.startswith(f"{name}.") and not k.endswith(("k_scale", "v_scale")))
+        elif type(module) is nn.Embedding and f"{name}.weight" in tensors:
+            _replace(model, name, Float32Embedding(tensors[f"{name}.weight"], module.padding_idx))
+            consumed.add(f"{name}.weight")
+
+    if getattr(config, "tie_word_embeddings", False):
+        _tie_output_embeddings(model)
 
     if kv_algo is not None:
         _attach_kv_scales(model, tensors, KV_CODECS[kv_algo], consumed)
@@ -101,20 +174,64 @@ def load_reference_model(hf_dir: Path, trust_remote_code: bool = False) -> nn.Mo
         model.set_attn_implementation(_KV_ATTENTION)
 
     plain = {k: v.to(torch.float32) for k, v in tensors.items() if k not in consumed}
-    missing, unexpected = model.load_state_dict(plain, strict=False)
+    missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
     missing = [k for k in missing if not _is_decoded_param(model, k)]
-    if getattr(config, "tie_word_embeddings", False):
-        missing = [k for k in missing if k != "lm_head.weight"]
-        model.tie_weights()
     if missing or unexpected:
         raise ValueError(f"{hf_dir}: checkpoint does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _materialise_derived_buffers(model)
     return model.eval()
 
 
+def place(model: nn.Module, placement) -> nn.Module:
+    """Put a model built on the CPU where the placement says: unchanged on the CPU; on GPUs, spread by
+    accelerate's device map under the placement's caps, with what does not fit offloaded to CPU memory.
+    Inputs may stay on the CPU: accelerate's hooks move them, and the logits come back to the CPU."""
+    if not placement.on_gpu:
+        return model
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = device_map_for(model, placement)
+    if set(device_map.values()) == {0}:
+        return model.to("cuda:0")
+    return dispatch_model(model, device_map=device_map, offload_buffers=True)
+
+
+def device_map_for(model: nn.Module, placement) -> dict:
+    """accelerate's device map for a CPU-built model under the placement's caps (whole decoder layers per device)."""
+    from accelerate import infer_auto_device_map
+
+    return infer_auto_device_map(model, no_split_module_classes=list(model._no_split_modules or ()),
+                                 **placement.dispatch_kwargs())
+
+
+def _tie_output_embeddings(model: nn.Module) -> None:
+    """Tied embeddings: the output projection reads the input embedding table (exported once)."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(embedding, Float32Embedding) and not isinstance(output, ReferenceLinear):
+        name = next(n for n, m in model.named_modules() if m is output)
+        _replace(model, name, ReferenceLinear(plain_linear(embedding.weight.data), None))
+
+
+def _materialise_derived_buffers(model: nn.Module) -> None:
+    """Buffers no checkpoint holds (RoPE frequencies) are computed from the config, as transformers does."""
+    for name, module in model.named_modules():
+        on_meta = [k for k, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if not on_meta:
+            continue
+        module.to_empty(device="cpu", recurse=False)
+        model._init_weights(module)
+        if any(module._buffers[k].is_meta for k in on_meta):
+            raise ValueError(f"{name}: buffers {on_meta} could not be computed from the config")
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise ValueError(f"the checkpoint has no values for {leftover[:5]}")
+
+
 def _is_decoded_param(model: nn.Module, key: str) -> bool:
+    """Whether `key` belongs to a layer already filled from the checkpoint (decoded or kept as stored)."""
     owner, _, _ = key.rpartition(".")
     try:
-        return isinstance(model.get_submodule(owner), ReferenceLinear)
+        return isinstance(model.get_submodule(owner), (ReferenceLinear, Float32Embedding))
     except AttributeError:
         return False
 
@@ -134,10 +251,12 @@ def _attach_kv_scales(model: nn.Module, tensors: dict, codec, consumed: set[str]
 
 
 def load_baseline_model(model_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
-    """The unquantized source model, float32, eval mode: what the variant is compared against."""
+    """The unquantized source model, its weights exactly as stored, computing in float32, eval mode:
+    what the variant is compared against."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
-    ).eval()
+    )
+    return float32_math(model).eval()

@@ -1,0 +1,193 @@
+"""kiln at real sizes: random-initialised Llama models, one FP8 + FP8-KV variant each, against the
+bare ModelOpt calls on the same model and calibration tokens.
+
+    python bench/scale.py                 # three sizes, the largest about 1.1B parameters
+    python bench/scale.py --sizes small   # one size (small | medium | large)
+
+For each size it prints parameters and bf16 bytes; kiln's wall time per stage and in total; the
+bare calls' wall time (load, calibrate, both exports) and the ratio; the peak RSS of each and RSS
+divided by the model's bf16 bytes. Each run is its own process, measured with wait4(), so one
+run's peak is not another's. Both run in one go on this machine: compare the ratios of one run
+(timings swing when other work shares the cores). Tokens: 8 x 256 calibration, 8 x 256 evaluation.
+
+Targets at the largest size: kiln's peak RSS and total time (validation included) at most 1.5x the
+bare run's, and kiln's peak RSS at most 1.5x bf16 bytes + 1.5 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# hidden, layers, MLP width, heads, KV heads; vocabulary 32000 (Llama-2's). Widths are multiples of 128.
+SIZES = {
+    "small": (1024, 8, 2816, 8, 8),
+    "medium": (1536, 14, 4096, 12, 4),
+    "large": (2048, 20, 5632, 16, 8),
+}
+VOCAB = 32000
+SAMPLES, SEQ_LEN = 8, 256
+GB = 1e9
+
+BARE = r"""
+# The bare ModelOpt calls, as a hand-written script makes them: load, calibrate, both exports.
+import sys, time, json, copy, warnings
+warnings.simplefilter("ignore")
+import torch
+import modelopt.torch.quantization as mtq
+from modelopt.torch.export import export_hf_checkpoint, export_tensorrt_llm_checkpoint
+from transformers import AutoModelForCausalLM
+model_dir, samples_path, out = sys.argv[1:4]
+samples = torch.load(samples_path)
+seconds = {}
+t = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+seconds["load"] = time.perf_counter() - t
+config = mtq.update_quant_cfg_with_kv_cache_quant(copy.deepcopy(mtq.FP8_DEFAULT_CFG), mtq.FP8_KV_CFG["quant_cfg"])
+def forward_loop(m):
+    with torch.no_grad():
+        for row in samples:
+            m(input_ids=row.unsqueeze(0))
+t = time.perf_counter()
+mtq.quantize(model, config, forward_loop)
+seconds["calibrate"] = time.perf_counter() - t
+t = time.perf_counter()
+export_hf_checkpoint(model, export_dir=out + "/hf")
+export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.bfloat16, export_dir=out + "/trtllm",
+                               inference_tensor_parallel=1)
+seconds["export"] = time.perf_counter() - t
+print(json.dumps(seconds))
+"""
+
+
+def make_model(folder: Path, size: str) -> int:
+    """A random-initialised Llama of this size in bf16, with the demo model's tokenizer; returns its parameters."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kiln.pipeline.testmodel import ensure_test_model
+
+    hidden, layers, mlp, heads, kv_heads = SIZES[size]
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                         architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder, max_shard_size="5GB")
+    # The demo tokenizer's ids (< 2048) are valid tokens of this vocabulary.
+    AutoTokenizer.from_pretrained(ensure_test_model(Path(os.environ.get("KILN_TEST_MODEL_CACHE",
+                                                                         Path.home() / ".kiln" / "testmodels")))).save_pretrained(folder)
+    del model
+    return params
+
+
+def run_measured(command: list[str], env: dict) -> tuple[float, int, str, str]:
+    """(wall seconds, peak RSS bytes of that process tree's largest process, stdout, stderr)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - started
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"{' '.join(command)} failed ({code}):\n{stderr[-3000:]}")
+    return elapsed, usage.ru_maxrss * 1024, stdout, stderr
+
+
+def recipe_for(folder: Path, model: Path) -> Path:
+    recipe = folder / "scale.yaml"
+    recipe.write_text(
+        "kiln: 1\nname: scale\n"
+        f"model: {{source: {model}, dtype: bfloat16}}\n"
+        f"calibration: {{builtin: python-docs-train, samples: {SAMPLES}, seq_len: {SEQ_LEN}, device: cpu}}\n"
+        f"evaluation: {{builtin: python-docs-heldout, samples: {SAMPLES}, seq_len: {SEQ_LEN}}}\n"
+        "variants:\n  fp8: {quant: fp8, kv_cache: fp8}\n")
+    return recipe
+
+
+def calibration_tokens(model: Path, path: Path) -> None:
+    """The very token windows kiln's recipe gives (same corpus, tokenizer, samples, length)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kiln.pipeline.corpus import BUILTIN_CORPORA
+    from kiln.pipeline.data import token_samples
+
+    tokens = token_samples(BUILTIN_CORPORA["python-docs-train"](), AutoTokenizer.from_pretrained(model), SAMPLES, SEQ_LEN)
+    torch.save(tokens, path)
+
+
+def measure(size: str, root: Path) -> dict:
+    model = root / f"llama-{size}"
+    started = time.perf_counter()
+    params = make_model(model, size)
+    print(f"{size}: {params / 1e9:.2f}B parameters written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    samples = root / f"samples-{size}.pt"
+    calibration_tokens(model, samples)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "KILN_HOME": str(root / f"home-{size}")}
+
+    bare_s, bare_rss, bare_out, _ = run_measured([sys.executable, "-c", BARE, str(model), str(samples),
+                                                 str(root / f"bare-{size}")], env)
+    bare_stages = json.loads(bare_out.strip().splitlines()[-1])
+    kiln = str(Path(sys.executable).with_name("kiln"))
+    kiln_s, kiln_rss, kiln_out, _ = run_measured([kiln, "build", str(recipe_for(root, model)), "--json"], env)
+    document = json.loads(kiln_out)
+    stages = {s["stage"]: s.get("seconds") or 0.0 for s in document["stages"] if s["stage"] != "fetch"}
+    quantize_key = next(s["key"] for s in document["stages"] if s["stage"] == "quantize")
+    record = json.loads((root / f"home-{size}" / "cache" / "quantize" / quantize_key / "kiln.json").read_text())
+    bf16 = params * 2
+    return {"size": size, "params": params, "bf16_bytes": bf16,
+            "bare": {"seconds": bare_s, "stages": bare_stages, "peak_rss": bare_rss},
+            "kiln": {"seconds": kiln_s, "stages": stages, "quantize_stages": record["seconds"], "peak_rss": kiln_rss,
+                     "metrics": document["variants"][0]["metrics"]}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| size | parameters | bf16 GB | kiln quantize s (load / calibrate / export) | kiln validate s | kiln publish s "
+        "| kiln total s | bare s (load / calibrate / export) | time ratio | kiln peak RSS GB (x bf16) "
+        "| bare peak RSS GB (x bf16) | RSS ratio | budget 1.5 x bf16 + 1.5 GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        k, b, bf16 = r["kiln"], r["bare"], r["bf16_bytes"]
+        q = k["quantize_stages"]
+        budget = 1.5 * bf16 + 1.5 * GB
+        lines.append(
+            f"| {r['size']} | {r['params'] / 1e9:.2f}B | {bf16 / GB:.2f} "
+            f"| {k['stages']['quantize']:.0f} ({q['load']:.0f} / {q['calibrate']:.0f} / {q['export']:.0f}) "
+            f"| {k['stages']['validate']:.0f} | {k['stages']['publish']:.0f} | {k['seconds']:.0f} "
+            f"| {b['seconds']:.0f} ({b['stages']['load']:.0f} / {b['stages']['calibrate']:.0f} / {b['stages']['export']:.0f}) "
+            f"| {k['seconds'] / b['seconds']:.2f} | {k['peak_rss'] / GB:.2f} ({k['peak_rss'] / bf16:.2f}) "
+            f"| {b['peak_rss'] / GB:.2f} ({b['peak_rss'] / bf16:.2f}) | {k['peak_rss'] / b['peak_rss']:.2f} "
+            f"| {budget / GB:.2f}: {'met' if k['peak_rss'] <= budget else 'MISSED'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kiln-scale-") as tmp:
+        for size in args.sizes:
+            rows.append(measure(size, Path(tmp)))
+            print(table(rows[-1:]), file=sys.stderr)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Where calibration, export and validation run: the CPU, or every visible GPU with CPU offload.
+
+One small record, `Placement`, decided once per build from the recipe's `calibration.device`
+and the GPUs torch can see, then handed to the quantize and validate stages. What kiln hands
+transformers and accelerate is computed here and nowhere else, so a contract test can pin it
+for any set of GPUs without one being present.
+
+The anchor is ModelOpt's own `examples/llm_ptq`: accelerate's `device_map="auto"` over all
+visible GPUs, with a per-GPU memory cap (a fraction of each GPU), spilling what does not fit
+to CPU memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+# Host memory kept back from the CPU offload budget: the interpreter, torch, ModelOpt and the
+# calibration activations live there too.
+HOST_RESERVE_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class VisibleGpu:
+    index: int            # torch's index, after CUDA_VISIBLE_DEVICES
+    name: str
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str                                   # "cpu" or "cuda": where the math runs
+    gpus: tuple[VisibleGpu, ...] = ()
+    max_memory: dict = field(default_factory=dict)   # accelerate's {gpu index: bytes, "cpu": bytes}
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def load_kwargs(self) -> dict:
+        """What `from_pretrained` gets beyond the dtype: nothing on the CPU; a device map with caps on GPUs."""
+        if not self.on_gpu:
+            return {}
+        return {"device_map": "auto", "max_memory": dict(self.max_memory)}
+
+    def dispatch_kwargs(self) -> dict:
+        """accelerate's `infer_auto_device_map` caps for a model built on the CPU (the reference runtime)."""
+        return {"max_memory": dict(self.max_memory)} if self.on_gpu else {}
+
+    def record(self) -> dict:
+        """What kiln.json keeps: the device and the GPUs' names (the caps are this host's business)."""
+        return {"device": self.device, "gpus": [g.name for g in self.gpus]}
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "max_memory": {str(k): v for k, v in self.max_memory.items()}}
+
+
+def plan_placement(device: Device | str, gpus: list[VisibleGpu] | tuple[VisibleGpu, ...], gpu_memory_fraction: float,
+                   host_memory_bytes: int) -> Placement:
+    """The placement for a recipe's `device` on a host with these GPUs and this much memory.
+
+    `auto` takes every visible GPU when there is one, else the CPU; `cuda` without a GPU is an
+    input error (ValueError, naming the fix). Each GPU is capped at `gpu_memory_fraction` of its
+    memory; CPU offload may use the host's memory less a reserve.
+    """
+    device = Device(device)
+    if device is Device.cuda and not gpus:
+        raise ValueError("calibration.device is cuda, but torch sees no CUDA GPU on this host "
+                         "(fix: set calibration.device: auto or cpu, or check CUDA_VISIBLE_DEVICES and the driver)")
+    if device is Device.cpu or not gpus:
+        return Placement("cpu")
+    if not 0 < gpu_memory_fraction <= 1:
+        raise ValueError(f"gpu_memory_fraction {gpu_memory_fraction} must be in (0, 1]")
+    max_memory: dict = {g.index: int(g.total_bytes * gpu_memory_fraction) for g in gpus}
+    max_memory["cpu"] = max(host_memory_bytes - HOST_RESERVE_BYTES, 0)
+    return Placement("cuda", tuple(gpus), max_memory)
+
+
+def visible_gpus() -> list[VisibleGpu]:
+    """The CUDA GPUs torch can use here (none with a CPU build of torch). Initialises CUDA: call it only
+    when a stage is about to run, never from planning."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [VisibleGpu(i, torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
+            for i in range(torch.cuda.device_count())]
+
+
+def host_memory_bytes() -> int:
+    """Memory available to this process now (MemAvailable), which is what offload can count on."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def gpu_peak_bytes(placement: Placement) -> dict[str, int]:
+    """Peak memory allocated on each GPU since the last reset, by GPU name and index."""
+    if not placement.on_gpu:
+        return {}
+    import torch
+
+    return {f"{g.index}:{g.name}": int(torch.cuda.max_memory_allocated(g.index)) for g in placement.gpus}
+
+
+def reset_gpu_peaks(placement: Placement) -> None:
+    if placement.on_gpu:
+        import torch
+
+        for g in placement.gpus:
+            torch.cuda.reset_peak_memory_stats(g.index)

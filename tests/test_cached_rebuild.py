@@ -1,0 +1,56 @@
+"""A fully cached rebuild confirms its registry versions without importing MLflow (or torch), and still
+notices a version that was deleted: it then publishes again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kiln.registry import version_confirmed
+from tests.conftest import write_recipe
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = {"fp8": {"quant": "fp8", "gates": {"max_kl": 0.05}}}
+# Runs the CLI in this interpreter and reports, at exit, which heavy libraries the run imported.
+PROBE = ("import atexit, sys\n"
+         "atexit.register(lambda: print('imported:', sorted(m for m in ('mlflow', 'torch', 'modelopt') if m in sys.modules),"
+         " file=sys.stderr))\n"
+         "sys.argv = ['kiln', *sys.argv[1:]]\n"
+         "from kiln.pipeline.cli import main\n"
+         "main()\n")
+
+
+def kiln_probed(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+def test_cached_rebuild_skips_mlflow_and_republishes_a_deleted_version(tmp_path, test_model, kiln_home):
+    recipe = write_recipe(tmp_path, str(test_model), VARIANTS, name="cr", samples=8, seq_len=128,
+                          publish={"aliases": ["candidate"]})
+    first = kiln_probed("build", recipe, "--json")
+    assert first.returncode == 0, first.stderr
+    key = next(s["key"] for s in json.loads(first.stdout)["stages"] if s["stage"] == "publish")
+
+    assert version_confirmed(kiln_home, "cr-fp8", "1", key, ["candidate"]) is True
+    assert version_confirmed(kiln_home, "cr-fp8", "1", "0" * 64, ["candidate"]) is False
+    assert version_confirmed(kiln_home, "cr-fp8", "1", key, ["production"]) is None
+
+    cached = kiln_probed("build", recipe, "--json")
+    assert cached.returncode == 0, cached.stderr
+    assert json.loads(cached.stdout)["ran"] == []
+    assert "imported: []" in cached.stderr, cached.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{kiln_home / 'registry' / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri, registry_uri=uri).delete_model_version("cr-fp8", "1")
+    assert version_confirmed(kiln_home, "cr-fp8", "1", key, ["candidate"]) is False
+    again = kiln_probed("build", recipe, "--json")
+    assert again.returncode == 0, again.stderr
+    assert "cr-fp8/1 is gone from the registry; publishing again" in again.stderr
+    (variant,) = json.loads(again.stdout)["variants"]
+    assert variant["registry"]["version"] == "2"
