@@ -153,7 +153,7 @@ def measure(size: str, root: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| size | parameters | bf16 GB | kiln quantize s (load / calibrate / export) | kiln validate s | kiln publish s "
+        "| size | parameters | bf16 GB | kiln quantize s (load / baseline / calibrate / export) | kiln validate s | kiln publish s "
         "| kiln total s | bare s (load / calibrate / export) | time ratio | kiln peak RSS GB (x bf16) "
         "| bare peak RSS GB (x bf16) | RSS ratio | budget 1.5 x bf16 + 1.5 GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -164,7 +164,7 @@ def table(rows: list[dict]) -> str:
         budget = 1.5 * bf16 + 1.5 * GB
         lines.append(
             f"| {r['size']} | {r['params'] / 1e9:.2f}B | {bf16 / GB:.2f} "
-            f"| {k['stages']['quantize']:.0f} ({q['load']:.0f} / {q['calibrate']:.0f} / {q['export']:.0f}) "
+            f"| {k['stages']['quantize']:.0f} ({q['load']:.0f} / {q.get('before_calibration', 0):.0f} / {q['calibrate']:.0f} / {q['export']:.0f}) "
             f"| {k['stages']['validate']:.0f} | {k['stages']['publish']:.0f} | {k['seconds']:.0f} "
             f"| {b['seconds']:.0f} ({b['stages']['load']:.0f} / {b['stages']['calibrate']:.0f} / {b['stages']['export']:.0f}) "
             f"| {k['seconds'] / b['seconds']:.2f} | {k['peak_rss'] / GB:.2f} ({k['peak_rss'] / bf16:.2f}) "

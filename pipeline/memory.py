@@ -1,11 +1,11 @@
 """Plan-time memory estimate: each stage's peak host and GPU memory, from config.json alone.
 
-The numbers follow what the stages hold (measured in bench/scale.py):
-- quantize: the source weights in the recipe's dtype, the exported state dict being written
-  (quantized linear layers at the format's bits, the rest at 16), and one calibration window's
-  activations and logits;
+The numbers follow what the stages hold, fitted to bench/scale.py's peaks (0.17B-1.07B Llama, FP8):
+- quantize: the source weights in the recipe's dtype and one calibration window's activations;
+  then ModelOpt's exports, which hold the quantized state dict (linear layers at the format's
+  bits, the rest at 16) and its serialised copy beside the model: weights + 2 x exported;
 - validate: the baseline (stored 16-bit, float32 math), then the exported checkpoint as stored
-  (never both), and blocks of float32 logits;
+  (never both), and a batch of float32 logits;
 - every process: the interpreter, torch, transformers and ModelOpt (`RUNTIME_BYTES`).
 On GPUs the weights go to the GPUs up to each one's cap and the rest to CPU memory (offload).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from kiln.quantize import FORMATS
 
-RUNTIME_BYTES = int(1.0 * 2**30)   # measured: a 5M-parameter build peaks at 0.7 GB
+RUNTIME_BYTES = int(0.6e9)   # fitted: peak = weights + 2 x exported + 0.6 GB at 0.17B-1.07B
 GB = 1e9
 
 
@@ -95,7 +95,7 @@ class MemoryEstimate:
         return (f"{where}: the model ({self.shape.params_label} parameters) needs about "
                 f"{(peak.host_bytes + peak.gpu_bytes) / GB:.1f} GB at its peak ({peak.stage}: {peak.detail}), but this "
                 f"host has {self.host_total / GB:.1f} GB of memory{gpus} (fix: build on a host with more memory or "
-                "GPUs, or use fewer evaluation tokens)")
+                "GPUs; `kiln plan` shows each stage's estimate)")
 
     def as_dict(self) -> dict:
         return {
@@ -124,8 +124,10 @@ def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, 
     exported = max(_quantized_bytes(shape, FORMATS[f].weight_bits) for f in formats)
     # One window through the model: a few float activations of the widest layer, and the logits.
     calib_work = calibration_seq_len * (4 * shape.max_hidden * 4 + shape.vocab * dtype_bytes)
-    # Validation: the model's float32 logits for a window, the baseline's read back, and blocks of 64 rows.
-    eval_work = evaluation_seq_len * (shape.vocab * 4 * 2 + 4 * shape.max_hidden * 4) + 64 * shape.vocab * 4 * 4
+    # Validation: a batch of float32 logits (kiln.validate.metrics.BATCH_LOGITS_BYTES, or one window's when
+    # larger), the baseline's read back, activations, and the comparison's blocks of 64 rows.
+    window = evaluation_seq_len * shape.vocab * 4
+    eval_work = max(window, 256 << 20) + window + evaluation_seq_len * 4 * shape.max_hidden * 4 + 64 * shape.vocab * 16
     gpu_total = sum(gpu_caps)
 
     def split(on_device: int, host_only: int) -> tuple[int, int]:
@@ -137,9 +139,9 @@ def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, 
     host, gpu = split(weights + calib_work, 0)
     stages.append(StageMemory("quantize (calibrate)", host, gpu,
                               f"{weights / GB:.2f} GB of weights + {calib_work / GB:.2f} GB of activations"))
-    host, gpu = split(weights, exported)
+    host, gpu = split(weights, 2 * exported)
     stages.append(StageMemory("quantize (export)", host, gpu,
-                              f"{weights / GB:.2f} GB of weights + {exported / GB:.2f} GB exported state"))
+                              f"{weights / GB:.2f} GB of weights + 2 x {exported / GB:.2f} GB exported state"))
     held = max(weights, exported)
     host, gpu = split(held, eval_work)
     stages.append(StageMemory("validate", host, gpu,

@@ -171,8 +171,14 @@ class _Runner:
         if entry is not None:
             return entry
         request = quantize_request(self.loaded, self.loaded.recipe.variants[name])
+        on_loaded = None
+        if self.plan.instance("validate", name).status == "will run":
+            # The baseline's logits from this very load, before calibration: one read of the weights for both.
+            def on_loaded(model):
+                self.baseline().compute_from(model, self.samples("evaluation"), self.progress)
         with self.cache.write("quantize", instance.key, instance.material) as out:
-            quantize.run(request, self.model_dir(), self.samples("calibration"), out, self.progress, self.placement())
+            quantize.run(request, self.model_dir(), self.samples("calibration"), out, self.progress, self.placement(),
+                         on_loaded)
         self._ran(instance)
         return self.cache.entry_dir("quantize", instance.key)
 

@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, QuantFormat
 from kiln.quantize.headers import safetensors_header
@@ -132,19 +133,21 @@ def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | 
 
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
-        placement: Placement = Placement("cpu")) -> CheckpointRecord:
+        placement: Placement = Placement("cpu"), on_loaded: Callable[[object], None] | None = None) -> CheckpointRecord:
     """Calibrate `model_dir` on `calibration` ([n, seq_len] token ids) and write hf/, trtllm/, kiln.json.
 
     `progress` is a pipeline progress reporter (task(description, total) -> context with advance()).
     Each call reads the weights from disk (memory-mapped safetensors) and releases them on return:
     one copy of the model in memory, whatever the number of variants. `placement` says where the
     model lives while it is calibrated and exported (the CPU, or GPUs with CPU offload).
+    `on_loaded(model)` sees the source model as loaded, before calibration changes it, and must
+    give it back unchanged (the pipeline takes the baseline's logits there: one read of the weights).
     """
     from kiln.pipeline.progress import quiet_libraries
 
     with quiet_libraries():
         try:
-            return _run(request, model_dir, calibration, Path(out_dir), progress, placement)
+            return _run(request, model_dir, calibration, Path(out_dir), progress, placement, on_loaded)
         finally:
             release_memory()
 
@@ -163,7 +166,7 @@ def release_memory() -> None:
 
 
 def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
-         placement: Placement) -> CheckpointRecord:
+         placement: Placement, on_loaded) -> CheckpointRecord:
     from importlib.metadata import version
 
     from kiln.quantize import modelopt_adapter as adapter
@@ -176,6 +179,11 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
                                       placement)
     config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha, request.exclude)
     seconds["load"] = time.monotonic() - started
+    if on_loaded is not None:
+        started = time.monotonic()
+        on_loaded(model)
+        release_memory()   # what on_loaded computed with is gone before calibration grows the heap again
+        seconds["before_calibration"] = time.monotonic() - started
 
     label = f"{request.quant.value}" + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
     started = time.monotonic()
@@ -192,6 +200,9 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
         adapter.export_trtllm(model, out_dir / TRTLLM_DIR, request.dtype, request.tp_size)
         task.advance()
     seconds["export"] = time.monotonic() - started
+    # Measured: a frame captured while ModelOpt first imports keeps this frame, and with it the model, alive
+    # after return; dropping the name here is what lets the next stage's memory replace this one's.
+    del model
 
     source_config = json.loads((Path(model_dir) / "config.json").read_text())
     corrections = check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size, label)

@@ -35,8 +35,9 @@ def test_estimate_per_stage_for_an_8b_model_on_cpu_and_on_gpus():
     by_stage = {s.stage: s for s in cpu.stages}
     assert set(by_stage) == {"quantize (calibrate)", "quantize (export)", "validate"}
     assert all(s.gpu_bytes == 0 for s in cpu.stages)
-    # Export holds the bf16 model and the FP8 state dict: between 1.5x and 1.75x the weights, plus the runtime.
-    assert 1.5 * weights < by_stage["quantize (export)"].host_bytes < 1.75 * weights + 1.5 * GiB
+    # Export holds the bf16 model, the FP8 state dict and its serialised copy: 2.1-2.3x the weights, as
+    # bench/scale.py measured for ModelOpt's own calls (2.26x at 1.07B).
+    assert 2.1 * weights < by_stage["quantize (export)"].host_bytes < 2.3 * weights
     # Validation holds one model, never two.
     assert weights < by_stage["validate"].host_bytes < 1.2 * weights
     assert cpu.peak.stage == "quantize (export)" and cpu.fits()
@@ -44,14 +45,17 @@ def test_estimate_per_stage_for_an_8b_model_on_cpu_and_on_gpus():
     # Two 80 GB GPUs at 0.8: the weights go there, the host keeps the runtime and the export state.
     gpus = estimate(LLAMA_3_1_8B, 2, [QuantFormat.fp8], 512, 512, 64 * GiB, 60 * GiB, (int(0.8 * 80 * GiB),) * 2)
     calibrate = next(s for s in gpus.stages if s.stage == "quantize (calibrate)")
-    assert calibrate.gpu_bytes > weights and calibrate.host_bytes < 2 * GiB
+    assert calibrate.gpu_bytes > weights and calibrate.host_bytes < 1 * GiB
 
 
 def test_a_70b_model_that_cannot_fit_even_with_offload_is_refused():
     small_host = estimate(LLAMA_3_3_70B, 2, [QuantFormat.int4_awq], 512, 512, 24 * GiB, 20 * GiB)
     assert not small_host.fits()
     message = small_host.refusal("r.yaml")
-    assert message.startswith("r.yaml: the model (70.55B parameters) needs about 1")
+    import re
+
+    needed = float(re.match(r"r\.yaml: the model \(70\.55B parameters\) needs about ([0-9.]+) GB at its peak", message)[1])
+    assert 1.5 * 141 < needed < 1.7 * 141   # bf16 weights, then twice the INT4 export state (4.25 bits a weight)
     assert "this host has 25.8 GB of memory and no GPU" in message and "(fix:" in message
     # Eight 80 GB GPUs take it, with the host holding what is offloaded.
     assert estimate(LLAMA_3_3_70B, 2, [QuantFormat.int4_awq], 512, 512, 24 * GiB, 20 * GiB,
@@ -131,3 +135,18 @@ def test_build_with_device_cuda_on_a_cpu_host_exits_2(tmp_path, test_model, kiln
     assert result.returncode == 2, result.stderr
     assert "calibration.device is cuda, but torch sees no CUDA GPU" in result.stderr
     assert not list((kiln_home / "cache").glob("quantize/*/kiln.json"))
+
+
+def test_where_calibration_runs_is_not_part_of_the_stage_keys(tmp_path, test_model, kiln_home):
+    """The device and the GPU-memory share say where the same computation runs, not what it computes;
+    the device used is recorded in kiln.json instead (see the quantize stage)."""
+    keys = []
+    for device, fraction in (("auto", 0.8), ("cpu", 0.8), ("cuda", 0.5)):
+        recipe = write_recipe(tmp_path, str(test_model), name=f"k{len(keys)}")
+        recipe.write_text(recipe.read_text().replace(
+            "calibration:\n", f"calibration:\n  device: {device}\n  gpu_memory_fraction: {fraction}\n"))
+        plan = run_kiln("plan", recipe, "--json")
+        assert plan.returncode == 0, plan.stderr
+        keys.append({(s["stage"], s["target"]): s["key"] for s in json.loads(plan.stdout)["stages"]
+                     if s["stage"] in ("quantize", "validate")})
+    assert keys[0] == keys[1] == keys[2]

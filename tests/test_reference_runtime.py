@@ -23,7 +23,7 @@ from kiln.pipeline.corpus import python_docs
 from kiln.pipeline.data import token_samples
 from kiln.quantize import KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter
-from kiln.validate.runtime import load_reference_model
+from kiln.validate.runtime import ReferenceLinear, load_reference_model
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +84,10 @@ def test_reference_runtime_matches_modelopt(tmp_path, test_model, texts, quant, 
         return sum(k for k, _ in pairs) / len(pairs), sum(t for _, t in pairs) / len(pairs)
 
     reference = load_reference_model(tmp_path / "hf")
+    # The layers hold the export as stored (FP8 codes, packed INT4, INT8), decoded only when they run.
+    quantized = [m for m in reference.modules() if isinstance(m, ReferenceLinear) and "weight_scale" in m._stored_names]
+    assert len(quantized) == 4 * 7
+    assert {m.stored_weight.dtype for m in quantized} <= {torch.float8_e4m3fn, torch.uint8, torch.int8}
     generator = torch.Generator().manual_seed(0)
     for i in range(4):
         for layer in (f"model.layers.{i}.self_attn.o_proj", f"model.layers.{i}.mlp.down_proj"):

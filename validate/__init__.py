@@ -56,29 +56,46 @@ class Baseline:
 
         return for_sample
 
-    def _compute(self, samples, progress) -> Path:
+    def has(self, samples) -> bool:
+        return samples.numpy().tobytes() in self._files
+
+    def compute_from(self, model, samples, progress=None) -> None:
+        """The logits from a source model someone else loaded (the quantize stage, before calibration), so the
+        weights are read from disk once for both. The model is given back unchanged. Skipped when some of
+        its weights are offloaded (accelerate hooks fetch them per module; the baseline then loads itself)."""
+        if self.has(samples) or any(p.is_meta for p in model.parameters()):
+            return
+        from kiln.validate.runtime import float32_math_view
+
+        with float32_math_view(model):
+            self._files[samples.numpy().tobytes()] = self._compute(samples, progress, model)
+
+    def _compute(self, samples, progress, model=None) -> Path:
         import gc
 
         import torch
 
         from kiln.pipeline.progress import quiet_libraries
-        from kiln.validate.metrics import logits_of
+        from kiln.validate.metrics import batched_logits
         from kiln.validate.runtime import load_baseline_model, place
 
         folder = self.scratch / f"baseline-{len(self._files)}"
         folder.mkdir(parents=True)
-        with quiet_libraries():
-            model = load_baseline_model(self.model_dir, self.trust_remote_code, self.allow_pickle)
-            if self.placement is not None:
-                model = place(model, self.placement)
+        loaded_here = model is None
+        if loaded_here:
+            with quiet_libraries():
+                model = load_baseline_model(self.model_dir, self.trust_remote_code, self.allow_pickle)
+                if self.placement is not None:
+                    model = place(model, self.placement)
         task = progress.task("evaluate baseline", total=len(samples)) if progress else contextlib.nullcontext()
         with task as bar:
-            for i, ids in enumerate(samples):
-                torch.save(logits_of(model, ids), folder / f"{i}.pt")
+            for i, logits in batched_logits(model, samples):
+                torch.save(logits.clone(), folder / f"{i}.pt")
                 if progress:
                     bar.advance()
-        del model
-        gc.collect()
+        if loaded_here:
+            del model
+            gc.collect()
         return folder
 
 
@@ -98,7 +115,9 @@ def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", tr
         if placement is not None:
             model = place(model, placement)
         with progress.task(f"evaluate {label}".strip(), total=len(samples)) as task:
-            return compare(reference, model, samples, task.advance)
+            metrics = compare(reference, model, samples, task.advance)
+        del model   # not left to this frame's lifetime (see kiln.quantize._run)
+    return metrics
 
 
 def write_metrics(metrics: Metrics, out_dir: Path) -> None:

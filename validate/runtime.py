@@ -8,8 +8,10 @@ scales. Nothing comes from ModelOpt's in-memory model, so an export bug shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -69,6 +71,26 @@ def float32_math(model: nn.Module) -> nn.Module:
     the small tensors (norms, biases, buffers) become float32. The logits equal those of the same
     model loaded in float32, at half the memory.
     """
+    _to_float32_math(model)
+    return model
+
+
+@contextlib.contextmanager
+def float32_math_view(model: nn.Module) -> Iterator[nn.Module]:
+    """`float32_math` for the duration of a `with`, then the model exactly as it was (the same module
+    and tensor objects): the quantize stage's freshly loaded model gives the baseline's logits
+    before ModelOpt touches it, so the weights are read from disk once for both."""
+    undo = _to_float32_math(model)
+    try:
+        yield model
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def _to_float32_math(model: nn.Module) -> list:
+    """Swap in the float32-math modules and tensors; returns how to put each original back."""
+    undo = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             replacement = ReferenceLinear(plain_linear(module.weight.data), module.bias)
@@ -77,16 +99,18 @@ def float32_math(model: nn.Module) -> nn.Module:
         else:
             continue
         _replace(model, name, replacement)
+        undo.append(lambda name=name, module=module: _replace(model, name, module))
     for module in model.modules():
         if isinstance(module, (ReferenceLinear, Float32Embedding)):
             continue
-        for key, param in module.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != torch.float32:
-                setattr(module, key, nn.Parameter(param.data.to(torch.float32), requires_grad=False))
-        for key, buffer in module.named_buffers(recurse=False):
-            if buffer.is_floating_point() and buffer.dtype != torch.float32:
-                module._buffers[key] = buffer.to(torch.float32)
-    return model
+        for table in (module._parameters, module._buffers):
+            for key, tensor in list(table.items()):
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float32:
+                    continue
+                upcast = tensor.data.to(torch.float32)
+                table[key] = nn.Parameter(upcast, requires_grad=False) if table is module._parameters else upcast
+                undo.append(lambda table=table, key=key, tensor=tensor: table.__setitem__(key, tensor))
+    return undo
 
 
 def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
@@ -218,8 +242,13 @@ def _materialise_derived_buffers(model: nn.Module) -> None:
         on_meta = [k for k, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
         if not on_meta:
             continue
-        module.to_empty(device="cpu", recurse=False)
+        loaded = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        for key in on_meta:
+            module._buffers[key] = torch.empty_like(module._buffers[key], device="cpu")
         model._init_weights(module)
+        for key, tensor in loaded.items():   # what came from the checkpoint stays as it came
+            if not tensor.is_meta:
+                getattr(module, "_parameters" if key in module._parameters else "_buffers")[key] = tensor
         if any(module._buffers[k].is_meta for k in on_meta):
             raise ValueError(f"{name}: buffers {on_meta} could not be computed from the config")
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
@@ -242,8 +271,9 @@ def _attach_kv_scales(model: nn.Module, tensors: dict, codec, consumed: set[str]
         k_key, v_key = f"{name}.k_proj.k_scale", f"{name}.v_proj.v_scale"
         if k_key in tensors and v_key in tensors:
             module.kiln_kv_codec = codec
-            module.kiln_k_scale = tensors[k_key].to(torch.float32)
-            module.kiln_v_scale = tensors[v_key].to(torch.float32)
+            # Buffers, so that placing the model on a GPU moves them with the attention module.
+            module.register_buffer("kiln_k_scale", tensors[k_key].to(torch.float32), persistent=False)
+            module.register_buffer("kiln_v_scale", tensors[v_key].to(torch.float32), persistent=False)
             consumed.update((k_key, v_key))
             attached += 1
     if attached == 0:

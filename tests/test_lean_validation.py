@@ -1,0 +1,78 @@
+"""Validation without two float32 models: 16-bit storage with float32 math gives the float32 logits bit for
+bit, the exported model is built on the meta device from the checkpoint alone, and the baseline's logits
+can be taken from a model someone else loaded and then given back untouched."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.validate import Baseline
+from kiln.validate.metrics import logits_of
+from kiln.validate.runtime import (
+    Float32Embedding, ReferenceLinear, float32_math_view, load_baseline_model, load_reference_model,
+)
+
+IDS = torch.arange(0, 2048, 16)   # 128 tokens across the vocabulary
+
+
+def _float32_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _float32_logits(model_dir):
+    return logits_of(_float32_model(model_dir), IDS)
+
+
+def _bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_baseline_keeps_16_bit_weights_and_gives_the_float32_logits(test_model):
+    model = load_baseline_model(test_model)
+    assert torch.equal(logits_of(model, IDS), _float32_logits(test_model))
+    linears = [m for m in model.modules() if isinstance(m, ReferenceLinear)]
+    assert len(linears) == 4 * 7 + 1 and all(m.stored_weight.dtype == torch.bfloat16 for m in linears)
+    assert isinstance(model.get_input_embeddings(), Float32Embedding)
+    float32_bytes = _bytes(_float32_model(test_model))
+    assert _bytes(model) < 0.55 * float32_bytes   # about 2 bytes per weight where a float32 load takes 4
+
+
+def test_reference_model_is_built_from_the_checkpoint_alone(test_model):
+    """An unquantized checkpoint through the reference runtime: meta construction, RoPE frequencies
+    computed from the config, every weight from the files; the logits are the float32 load's exactly."""
+    model = load_reference_model(test_model)
+    assert torch.equal(logits_of(model, IDS), _float32_logits(test_model))
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_the_view_gives_float32_logits_and_restores_the_model_exactly(test_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(test_model, dtype=torch.bfloat16).eval()
+    before = {name: (id(m), type(m)) for name, m in model.named_modules()}
+    tensors = {name: (id(t), t.dtype) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    with torch.no_grad():
+        bf16_logits = model(input_ids=IDS[None]).logits
+    with float32_math_view(model) as viewed:
+        assert torch.equal(logits_of(viewed, IDS), _float32_logits(test_model))
+    assert {name: (id(m), type(m)) for name, m in model.named_modules()} == before
+    assert {name: (id(t), t.dtype) for name, t in [*model.named_parameters(), *model.named_buffers()]} == tensors
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS[None]).logits, bf16_logits)
+
+
+def test_baseline_from_a_loaded_model_equals_its_own_load_and_is_read_back_from_disk(tmp_path, test_model):
+    from transformers import AutoModelForCausalLM
+
+    samples = torch.stack([IDS, IDS.flip(0)])
+    own = Baseline(test_model, tmp_path / "own")
+    given = Baseline(test_model, tmp_path / "given")
+    given.compute_from(AutoModelForCausalLM.from_pretrained(test_model, dtype=torch.bfloat16).eval(), samples)
+    assert given.has(samples) and not own.has(samples)
+    for i in range(2):
+        assert torch.equal(own.logits(samples)(i), given.logits(samples)(i))
+    files = sorted(p.name for p in (tmp_path / "given").rglob("*.pt"))
+    assert files == ["0.pt", "1.pt"]
