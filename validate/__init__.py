@@ -63,12 +63,20 @@ class Baseline:
         """The logits from a source model someone else loaded (the quantize stage, before calibration), so the
         weights are read from disk once for both. The model is given back unchanged. Skipped when some of
         its weights are offloaded (accelerate hooks fetch them per module; the baseline then loads itself)."""
-        if self.has(samples) or any(p.is_meta for p in model.parameters()):
-            return
+        if self.has(samples) or any(p.is_meta for p in model.parameters()) or model.dtype != self._stored_dtype():
+            return   # offloaded, or loaded in another dtype than stored: the baseline loads itself
         from kiln.validate.runtime import float32_math_view
 
         with float32_math_view(model):
             self._files[samples.numpy().tobytes()] = self._compute(samples, progress, model)
+
+    def _stored_dtype(self):
+        """The dtype the source's config.json says its weights are stored in (what the baseline runs on)."""
+        import torch
+
+        config = json.loads((self.model_dir / "config.json").read_text())
+        name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        return getattr(torch, name, None) if isinstance(name, str) else None
 
     def _compute(self, samples, progress, model=None) -> Path:
         import gc
