@@ -212,7 +212,7 @@ def place(model: nn.Module, placement) -> nn.Module:
     Inputs may stay on the CPU: accelerate's hooks move them, and the logits come back to the CPU."""
     if not placement.on_gpu:
         return model
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import dispatch_model
 
     device_map = device_map_for(model, placement)
     if set(device_map.values()) == {0}:
