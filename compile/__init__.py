@@ -22,7 +22,7 @@ from kiln.compile.targets import (
     CHECK_REPORT, ENGINE_RECORD, LLM_API_OPTIONS, SM_DIR, CheckpointQuant, CompileRequest, Target,
 )
 from kiln.pipeline.errors import KilnError
-from kiln.quantize import HF_DIR, TRTLLM_DIR   # the checkpoint layout the quantize stage writes
+from kiln.quantize import HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, family_of   # the checkpoint the quantize stage writes
 
 STAGE_VERSION = 1
 
@@ -48,10 +48,26 @@ def tools(host: Host, target: Target) -> dict[str, str]:
 
 def _build_engine(request: CompileRequest, checkpoint_dir: Path, sm_dir: Path, host: Host, progress) -> dict:
     from kiln.compile.engine import build_engine
+    from kiln.compile.trtllm_config import check_against_trtllm
 
+    checked = check_against_trtllm(checkpoint_dir / TRTLLM_DIR, *_source_family_fields(checkpoint_dir), request.tp_size)
     gpus = tuple(g.index for g in host.gpus_of(request.sm))
     argv = build_engine(request, checkpoint_dir / TRTLLM_DIR, sm_dir, gpus, progress)
-    return {"command": argv, "inputs": TRTLLM_DIR}
+    return {"command": argv, "inputs": TRTLLM_DIR, "trtllm_config_checked": checked}
+
+
+def _source_family_fields(checkpoint_dir: Path) -> tuple[dict, tuple[str, ...]]:
+    """The source config the checkpoint was made from, and the fields TensorRT-LLM must agree on."""
+    path = checkpoint_dir / SOURCE_CONFIG
+    if not path.is_file():
+        raise KilnError(f"{checkpoint_dir} has no {SOURCE_CONFIG}: it was quantized by an older kiln, whose "
+                        "TensorRT-LLM config kiln cannot check (fix: rebuild the variant's checkpoint)")
+    source = json.loads(path.read_text())
+    family = family_of(source)
+    if family is None or family.trtllm is None:
+        raise KilnError(f"{checkpoint_dir}: model_type {source.get('model_type')!r} has no TensorRT-LLM checkpoint "
+                        "in kiln's family table (fix: build.target: trtllm-pytorch)")
+    return source, family.trtllm_field_names
 
 
 def _write_llm_api_options(request: CompileRequest, checkpoint_dir: Path, sm_dir: Path, host: Host, progress) -> dict:
@@ -95,6 +111,7 @@ def run(request: CompileRequest, checkpoint_dir: Path, out: Path, host: Host, pr
         "tensorrt_llm": host.tensorrt_llm,
         "cuda_driver": host.driver,
         "command": built["command"],
+        "trtllm_config_checked": built.get("trtllm_config_checked"),
         "build_seconds": round(time.monotonic() - started, 3),
         "request": request.key_config(),
         # The checkpoint files this SM's artifact was built from: the registry refuses to pair it with others.

@@ -94,7 +94,7 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
     """
     from kiln.compile import detect_host
     from kiln.pipeline.memory import recipe_estimate
-    from kiln.pipeline.plan import checkable_model_folder, width_problems
+    from kiln.pipeline.plan import checkable_model_folder, model_problems
     from kiln.pipeline.recipe_loader import load_recipe
 
     problems: list[str] = []
@@ -105,7 +105,7 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
                 loaded = load_recipe(path)
                 folder = checkable_model_folder(loaded)
                 if folder is not None:
-                    problems += width_problems(loaded, folder)
+                    problems += model_problems(loaded, folder)
                     memory = recipe_estimate(loaded, folder, host)
                     refusal = memory and memory.refusal(str(path))
                     if refusal:

@@ -129,6 +129,21 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.Quantiz
     )
 
 
+def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
+    """What the model folder's config and weights say this recipe cannot build: a family (or family x format)
+    the family table does not hold, then block sizes that do not divide some layer's input width."""
+    problems = family_problems(loaded, model_dir)
+    return problems or width_problems(loaded, model_dir)
+
+
+def family_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
+    source_config = json.loads((Path(model_dir) / "config.json").read_text())
+    recipe = loaded.recipe
+    variants = {name: (v.quant, v.kv_cache) for name, v in recipe.variants.items()}
+    found = quantize.family_problems(source_config, variants, recipe.build.target.value, recipe.build.max_seq_len)
+    return [f"{loaded.path}: {f'variants.{name}' if name else 'model'}: {problem}" for name, problem in found]
+
+
 def width_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     """Variants whose block size does not divide some layer's input width, naming the layers."""
     problems = []
@@ -154,7 +169,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         local = local_model(source, loaded.resolve(source.source))
         model_digest = local.digest
     folder, fetched = (local.path, True) if local else _probe_hub_cache(source)
-    problems = width_problems(loaded, folder) if folder else []
+    problems = model_problems(loaded, folder) if folder else []
     if problems:
         raise RecipeErrors(problems)
     plan = Plan(

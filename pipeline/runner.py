@@ -24,7 +24,7 @@ from kiln.pipeline.errors import RecipeErrors, UserInputError
 from kiln.pipeline.fetch import hub_model
 from kiln.pipeline.plan import (
     PUBLISHED_RECORD, Plan, StageInstance, compile_request, gpu_instances, quantize_request, tool_versions,
-    width_problems,
+    model_problems,
 )
 from kiln.pipeline.progress import ProgressReporter
 
@@ -112,7 +112,7 @@ class _Runner:
                     self._model_dir = hub_model(self.loaded.recipe.model).path
                 if fetch.status != "cached":
                     self._ran(fetch)
-                problems = width_problems(self.loaded, self._model_dir)
+                problems = model_problems(self.loaded, self._model_dir)
                 if problems:
                     raise RecipeErrors(problems)
         return self._model_dir

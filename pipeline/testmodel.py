@@ -1,6 +1,6 @@
-"""A small Llama trained on real offline text: the demo model and the test model.
+"""Small models trained on real offline text: the demo model (a Llama) and one per model family.
 
-It is tiny (layer widths multiples of 128, so every 4-bit format can pack it),
+They are tiny (layer widths multiples of 64, so every 4-bit format can pack them),
 but trained long enough that perplexity means something and quantization error
 shows. Training is deterministic for a given corpus and seed; the result is
 cached in a folder named by the digest of everything that shapes it.
@@ -91,9 +91,40 @@ def _llama_config(spec: TestModelSpec, tokenizer):
     )
 
 
-def _train(spec: TestModelSpec, out: Path, log) -> None:
+# One small model per family of the family table, each with the feature that family's TensorRT-LLM
+# fields or reference-runtime quirks are about. The widths divide INT4-AWQ's group 64 and NVFP4's 16.
+FAMILY_SPEC = TestModelSpec(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                            steps=160, spec_version=3)
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {"head_dim": 64}),                           # head_dim != hidden / heads
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),              # qkv bias, tied embeddings
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),                           # q/k norms
+    "mistral": ("MistralConfig", {"sliding_window": 64}),                 # sliding window under seq_len
+    "gemma2": ("Gemma2Config", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 64,
+                                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "phi3": ("Phi3Config", {}),                                           # fused qkv_proj and gate_up_proj
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),   # sparse MoE
+}
+
+
+def _family_config(spec: TestModelSpec, tokenizer, family: str):
+    import transformers
+
+    class_name, extra = FAMILY_CONFIGS[family]
+    config_class = getattr(transformers, class_name)
+    architecture = class_name.replace("Config", "ForCausalLM")
+    return config_class(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        architectures=[architecture], **{"tie_word_embeddings": False, **extra},
+    )
+
+
+def _train(spec: TestModelSpec, out: Path, log, family: str | None = None) -> None:
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from kiln.pipeline.corpus import BUILTIN_CORPORA
 
@@ -107,7 +138,8 @@ def _train(spec: TestModelSpec, out: Path, log) -> None:
     n_windows = (len(stream) - 1) // spec.seq_len
     windows = stream[: n_windows * spec.seq_len].view(n_windows, spec.seq_len)
 
-    model = LlamaForCausalLM(_llama_config(spec, tokenizer))
+    config = _llama_config(spec, tokenizer) if family is None else _family_config(spec, tokenizer, family)
+    model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, spec.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -130,22 +162,27 @@ def _train(spec: TestModelSpec, out: Path, log) -> None:
     model.eval()
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "kiln-testmodel.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
+    record = {**asdict(spec), **({"family": family} if family else {})}
+    (out / "kiln-testmodel.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def spec_digest(spec: TestModelSpec) -> str:
-    return canonical_digest({"spec": asdict(spec), "python": sys.version})
+def spec_digest(spec: TestModelSpec, family: str | None = None) -> str:
+    material = {"spec": asdict(spec), "python": sys.version}
+    if family is not None:   # the demo model's digest stays what it was
+        material["family"] = [family, FAMILY_CONFIGS[family]]
+    return canonical_digest(material)
 
 
-def ensure_test_model(cache_root: Path, spec: TestModelSpec = TestModelSpec(), log=None) -> Path:
-    """Return the folder of the trained model, training it once per spec."""
+def ensure_test_model(cache_root: Path, spec: TestModelSpec = TestModelSpec(), log=None,
+                      family: str | None = None) -> Path:
+    """Return the folder of the trained model (the demo Llama, or `family`'s small model), training it once."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    dest = Path(cache_root) / f"llama-{spec_digest(spec)[:16]}"
+    dest = Path(cache_root) / f"{family or 'llama'}-{spec_digest(spec, family)[:16]}"
     if (dest / "kiln-testmodel.json").is_file():
         return dest
-    log(f"training the test model into {dest} (once; cached afterwards)")
+    log(f"training the {family or 'test'} model into {dest} (once; cached afterwards)")
     with atomic_dir(dest) as tmp:
-        _train(spec, tmp, log)
+        _train(spec, tmp, log, family)
     return dest
 
 

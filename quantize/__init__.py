@@ -4,25 +4,29 @@ Public entry points:
   run(request, model_dir, calibration, out_dir, progress, placement) -> CheckpointRecord
   layer_width_problems(model_dir, quant, group_size) -> list[str]
   plan_placement(device, gpus, gpu_memory_fraction, host_memory) -> Placement   (CPU, or GPUs + offload)
+  FAMILIES / family_of / family_problems        the model-family table (what TensorRT-LLM supports per family)
 Everything else in this folder is private to the stage.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from kiln.quantize.families import COMMON_TRTLLM_FIELDS, FAMILIES, Family, family_of, family_problems
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, QuantFormat
 from kiln.quantize.headers import safetensors_header
 from kiln.quantize.placement import Device, Placement, VisibleGpu, gpu_peak_bytes, plan_placement, reset_gpu_peaks
 
 CHECKPOINT_RECORD = "kiln.json"
+SOURCE_CONFIG = "source-config.json"   # the source model's config.json, verbatim: compile hands it to TensorRT-LLM
 HF_DIR = "hf"
 TRTLLM_DIR = "trtllm"
-STAGE_VERSION = 1
+STAGE_VERSION = 2   # 2: family fields filled in trtllm/config.json; kiln.json records the family
 TOOLS = ("nvidia-modelopt", "torch", "transformers")
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "QuantizeRequest", "CheckpointRecord", "run", "release_memory", "layer_width_problems",
     "Device", "Placement", "VisibleGpu", "plan_placement", "gpu_peak_bytes", "reset_gpu_peaks",
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
+    "FAMILIES", "Family", "family_of", "family_problems", "COMMON_TRTLLM_FIELDS", "SOURCE_CONFIG",
 ]
 
 
@@ -68,6 +73,10 @@ class CheckpointRecord:
     exclude: list[str] = field(default_factory=list)
     # Where it was calibrated: {"device": "cpu" | "cuda", "gpus": [names], "peak_gpu_memory_bytes": {gpu: bytes}}.
     placement: dict = field(default_factory=dict)
+    # The family-table row (model_type) and whether a TensorRT-LLM checkpoint (trtllm/) was written:
+    # families without one publish the HF checkpoint for TensorRT-LLM's PyTorch backend only.
+    family: str | None = None
+    trtllm_checkpoint: bool = True
 
     @classmethod
     def load(cls, checkpoint_dir: Path) -> "CheckpointRecord":
@@ -172,6 +181,10 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     from kiln.quantize import modelopt_adapter as adapter
     from kiln.quantize.trtllm_checks import check_trtllm_checkpoint
 
+    source_config = json.loads((Path(model_dir) / "config.json").read_text())
+    family = family_of(source_config)
+    if family is None:   # `kiln check` refuses these first; this guards direct callers
+        raise ValueError(f"{model_dir}: model_type '{source_config.get('model_type')}' is not in kiln's family table")
     seconds = {}
     started = time.monotonic()
     reset_gpu_peaks(placement)
@@ -192,20 +205,21 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     seconds["calibrate"] = time.monotonic() - started
 
     started = time.monotonic()
-    with progress.task(f"export {label}", total=3) as task:
+    with progress.task(f"export {label}", total=3 if family.trtllm else 2) as task:
         adapter.export_hf(model, out_dir / HF_DIR, request.max_shard_size)
         task.advance()
         _save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
         task.advance()
-        adapter.export_trtllm(model, out_dir / TRTLLM_DIR, request.dtype, request.tp_size)
-        task.advance()
+        if family.trtllm:
+            adapter.export_trtllm(model, out_dir / TRTLLM_DIR, request.dtype, request.tp_size)
+            task.advance()
     seconds["export"] = time.monotonic() - started
     # Measured: a frame captured while ModelOpt first imports keeps this frame, and with it the model, alive
     # after return; dropping the name here is what lets the next stage's memory replace this one's.
     del model
 
-    source_config = json.loads((Path(model_dir) / "config.json").read_text())
-    corrections = check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size, label)
+    corrections = (check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size, label)
+                   if family.trtllm else [])
     spec = FORMATS[request.quant]
     record = CheckpointRecord(
         quant=request.quant.value,
@@ -223,7 +237,10 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
         alpha=request.alpha,
         exclude=list(request.exclude),
         placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement)},
+        family=family.model_type,
+        trtllm_checkpoint=family.trtllm is not None,
     )
+    shutil.copyfile(Path(model_dir) / "config.json", out_dir / SOURCE_CONFIG)
     (out_dir / CHECKPOINT_RECORD).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
     return record
 

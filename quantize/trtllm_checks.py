@@ -1,10 +1,12 @@
 """Check an exported TensorRT-LLM checkpoint against the source model.
 
 ModelOpt's TensorRT-LLM export has been seen to write a wrong `head_size` (INT4-AWQ)
-and to drop `rotary_base` / `rotary_scaling` under transformers 5. TensorRT-LLM
-would build a wrong engine from such a config without complaint. So kiln derives
-each field from the source `config.json`, compares, corrects what the source and
-the tensor shapes prove, and refuses everything else.
+and to drop `rotary_base` / `rotary_scaling` under transformers 5, and it writes none
+of a family's own fields (Qwen's `qwen_type`, ...) unless `tensorrt_llm` imports beside
+it. TensorRT-LLM would build a wrong engine from such a config without complaint. So kiln
+derives each field from the source `config.json` as TensorRT-LLM's `from_hugging_face`
+does (the family table lists them), compares, corrects what the source and the tensor
+shapes prove, and refuses everything else.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from kiln.pipeline.errors import KilnError
 from kiln.pipeline.fsutil import atomic_write_text
+from kiln.quantize.families import COMMON_TRTLLM_FIELDS, Family, family_of
 from kiln.quantize.headers import safetensors_header
 
 # TensorRT-LLM stores INT4 weights two to a byte packed along the output dimension,
@@ -39,10 +42,10 @@ class Correction:
         return {"field": self.field, "exported": self.exported, "corrected": self.corrected, "evidence": self.evidence}
 
 
-def _rope(source: dict) -> tuple[float, dict | None]:
+def _rope(source: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """(theta, scaling) from either transformers 5's `rope_parameters` or 4.x's `rope_theta`/`rope_scaling`."""
     params = dict(source.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", None) or source.get("rope_theta") or 10000.0
+    theta = params.pop("rope_theta", None) or source.get("rope_theta") or default_theta
     scaling = params if params.get("rope_type", "default") != "default" else source.get("rope_scaling")
     if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
         return float(theta), None
@@ -54,11 +57,12 @@ def _rope(source: dict) -> tuple[float, dict | None]:
     return float(theta), trt
 
 
-def expected_fields(source: dict) -> dict[str, Any]:
-    """The TensorRT-LLM config fields that must describe the source model."""
+def expected_fields(source: dict, family: Family | None = None) -> dict[str, Any]:
+    """The TensorRT-LLM config fields that must describe the source model: the common ones, then the family's."""
     heads = source["num_attention_heads"]
-    theta, scaling = _rope(source)
-    return {
+    checkpoint = family.trtllm if family else None
+    theta, scaling = _rope(source, checkpoint.rope_theta_default if checkpoint else 10000.0)
+    common = {
         "hidden_size": source["hidden_size"],
         "num_attention_heads": heads,
         "num_key_value_heads": source.get("num_key_value_heads") or heads,
@@ -71,10 +75,32 @@ def expected_fields(source: dict) -> dict[str, Any]:
         "rotary_base": theta,
         "rotary_scaling": scaling,
     }
+    return {**common, **{f.name: f.value(source) for f in (checkpoint.fields if checkpoint else ())}}
 
 
 # Fields that shape no tensor: the source config alone proves the right value.
 _FROM_SOURCE_ALONE = {"max_position_embeddings", "norm_epsilon", "rotary_base", "rotary_scaling"}
+
+
+def _agrees(got: Any, want: Any) -> bool:
+    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        return abs(got - want) <= 1e-12 * max(1.0, abs(want))
+    if isinstance(want, dict) and isinstance(got, dict):   # e.g. moe: TensorRT-LLM fills the keys kiln leaves out
+        return all(_agrees(got.get(key), value) for key, value in want.items())
+    return got == want
+
+
+def _tensor_problems(family: Family, fields: dict, tensors: dict) -> list[str]:
+    """Boolean family fields that the checkpoint's tensors contradict (present where the field says absent, ...)."""
+    problems = []
+    for spec in family.trtllm.fields:
+        if spec.tensor is None:
+            continue
+        present = [spec.tensor.format(i=i) in tensors for i in range(fields["num_hidden_layers"])]
+        if any(p != bool(fields[spec.name]) for p in present):
+            problems.append(f"{spec.name} is {fields[spec.name]} by TensorRT-LLM's rule ({spec.source}), but "
+                            f"{spec.tensor.format(i='*')} is {'present' if any(present) else 'absent'} in the checkpoint")
+    return problems
 
 
 def _logical_shape(shape: tuple[int, ...], dtype: str, quant_algo: str | None) -> tuple[int, ...]:
@@ -132,7 +158,14 @@ def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: 
     config_path = Path(checkpoint_dir) / "config.json"
     where = f"{label}: TensorRT-LLM checkpoint" if label else str(checkpoint_dir)
     exported = json.loads(config_path.read_text())
-    fields = expected_fields(source_config)
+    family = family_of(source_config)
+    if family is None or family.trtllm is None:
+        raise ExportCheckError(f"{where}: kiln's family table has no TensorRT-LLM checkpoint for model_type "
+                               f"'{source_config.get('model_type')}'; it cannot prove this config")
+    if exported.get("architecture") != family.trtllm.architecture:
+        raise ExportCheckError(f"{where}: architecture is {exported.get('architecture')!r}, the family table says "
+                               f"{family.trtllm.architecture!r} for model_type {family.model_type}")
+    fields = expected_fields(source_config, family)
     quant_algo = (exported.get("quantization") or {}).get("quant_algo")
     mapping = exported.get("mapping") or {}
     if mapping.get("tp_size", 1) != tp_size:
@@ -152,6 +185,7 @@ def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: 
         )
     # The tensors are what the engine is built from: they must agree with the source model.
     problems = _shape_problems(exported, fields, tensors, quant_algo, tp_size)
+    problems += _tensor_problems(family, fields, tensors)
     if problems:
         raise ExportCheckError(
             f"{where}: tensors disagree with the source model: " + "; ".join(problems[:4])
@@ -159,15 +193,21 @@ def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: 
         )
 
     corrections = []
+    family_fields = {spec.name: spec for spec in family.trtllm.fields}
     for field, want in fields.items():
         got = exported.get(field)
-        if got == want or (isinstance(want, float) and isinstance(got, (int, float)) and abs(got - want) <= 1e-12 * max(1.0, abs(want))):
+        if _agrees(got, want):
             continue
         if field in _FROM_SOURCE_ALONE:
             evidence = "source config.json"
-        else:
+        elif field in COMMON_TRTLLM_FIELDS:
             # The tensor shapes above were checked against the source's value of this field.
             evidence = "source config.json and rank0.safetensors shapes"
+        else:
+            spec = family_fields[field]
+            evidence = f"source config.json {spec.source}, as {family.trtllm.config_source} derives it"
+            if spec.tensor:
+                evidence += f"; rank0.safetensors {spec.tensor.format(i='*')} {'present' if want else 'absent'}"
         if want is None and field == "rotary_scaling":
             exported.pop(field, None)
         else:

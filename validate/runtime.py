@@ -16,7 +16,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from kiln.quantize import family_of
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear, plain_linear
+from kiln.validate.experts import exported_block_names, replace_experts
 
 _KV_ATTENTION = "kiln_kv_fake_quant"
 
@@ -53,15 +55,28 @@ class ReferenceLinear(nn.Module):
 
 
 class Float32Embedding(nn.Module):
-    """An embedding table kept as stored (bf16/fp16) whose rows come out float32 (an exact upcast)."""
+    """An embedding table kept as stored (bf16/fp16) whose rows come out float32 (an exact upcast),
+    times the model's embedding scale where it has one (Gemma: sqrt(hidden_size))."""
 
-    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None):
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None, scale: float | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.padding_idx = padding_idx
+        self.scale = scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight).to(torch.float32)
+        rows = nn.functional.embedding(ids, self.weight).to(torch.float32)
+        return rows if self.scale is None else rows * torch.tensor(self.scale, dtype=torch.float32)
+
+
+def _is_plain_embedding(module: nn.Module) -> bool:
+    """nn.Embedding itself, or a subclass that only scales its rows by `scalar_embed_scale` (Gemma's)."""
+    return type(module) is nn.Embedding or (isinstance(module, nn.Embedding) and hasattr(module, "scalar_embed_scale"))
+
+
+def _float32_embedding(module: nn.Embedding, weight: torch.Tensor) -> Float32Embedding:
+    scale = getattr(module, "scalar_embed_scale", None)
+    return Float32Embedding(weight, module.padding_idx, None if scale is None else float(scale))
 
 
 def float32_math(model: nn.Module) -> nn.Module:
@@ -94,8 +109,8 @@ def _to_float32_math(model: nn.Module) -> list:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             replacement = ReferenceLinear(plain_linear(module.weight.data), module.bias)
-        elif isinstance(module, nn.Embedding) and type(module) is nn.Embedding:
-            replacement = Float32Embedding(module.weight.data, module.padding_idx)
+        elif _is_plain_embedding(module):
+            replacement = _float32_embedding(module, module.weight.data)
         else:
             continue
         _replace(model, name, replacement)
@@ -119,19 +134,34 @@ def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
 
 
 def _kv_fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     codec = getattr(module, "kiln_kv_codec", None)
     if codec is not None:
         key = codec(key, module.kiln_k_scale)
         value = codec(value, module.kiln_v_scale)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return module.kiln_attention(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register_attention() -> None:
+def _use_kv_fake_quant_attention(model: nn.Module) -> None:
+    """Route attention through the KV-cache rounding, then into the attention function the model would use
+    itself: its modeling file's eager one (soft-capping families: SDPA has no soft-cap) or a registered one.
+
+    The mask function is registered under the same name: transformers builds no mask at all for an attention
+    name it has no mask function for, which would drop sliding windows (Mistral) and, under eager, causality.
+    """
+    import sys
+
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(_KV_ATTENTION, _kv_fake_quant_attention)
+    implementation = model.config._attn_implementation or "eager"
+    for module in model.modules():
+        if hasattr(module, "kiln_kv_codec"):
+            module.kiln_attention = (sys.modules[type(module).__module__].eager_attention_forward
+                                     if implementation == "eager" else AttentionInterface()[implementation])
+    name = f"{_KV_ATTENTION}_{implementation}"
+    AttentionInterface.register(name, _kv_fake_quant_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    model.set_attn_implementation(name)
 
 
 def _load_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -177,16 +207,25 @@ def load_reference_model(hf_dir: Path, trust_remote_code: bool = False) -> nn.Mo
     tensors = _load_tensors(hf_dir)
     consumed: set[str] = set()
 
+    def reference_linear(name: str) -> ReferenceLinear:
+        if f"{name}.weight_scale" in tensors:
+            decoded = WEIGHT_CODECS[algo](name, tensors, quant.get("group_size"))
+        else:
+            decoded = plain_linear(tensors[f"{name}.weight"])
+        return ReferenceLinear(decoded, tensors.get(f"{name}.bias"))
+
+    family = family_of(config.to_dict())
+    if family is not None and family.experts is not None:
+        replace_experts(model, tensors, family.experts, reference_linear, consumed)
+        for old, new in exported_block_names(tensors, family.experts).items():
+            if old not in consumed:
+                tensors[new] = tensors.pop(old)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.weight" in tensors:
-            if f"{name}.weight_scale" in tensors:
-                decoded = WEIGHT_CODECS[algo](name, tensors, quant.get("group_size"))
-            else:
-                decoded = plain_linear(tensors[f"{name}.weight"])
-            _replace(model, name, ReferenceLinear(decoded, tensors.get(f"{name}.bias")))
+            _replace(model, name, reference_linear(name))
             consumed.update(k for k in tensors if k.startswith(f"{name}.") and not k.endswith(("k_scale", "v_scale")))
-        elif type(module) is nn.Embedding and f"{name}.weight" in tensors:
-            _replace(model, name, Float32Embedding(tensors[f"{name}.weight"], module.padding_idx))
+        elif _is_plain_embedding(module) and f"{name}.weight" in tensors:
+            _replace(model, name, _float32_embedding(module, tensors[f"{name}.weight"]))
             consumed.add(f"{name}.weight")
 
     if getattr(config, "tie_word_embeddings", False):
@@ -194,8 +233,7 @@ def load_reference_model(hf_dir: Path, trust_remote_code: bool = False) -> nn.Mo
 
     if kv_algo is not None:
         _attach_kv_scales(model, tensors, KV_CODECS[kv_algo], consumed)
-        _register_attention()
-        model.set_attn_implementation(_KV_ATTENTION)
+        _use_kv_fake_quant_attention(model)
 
     plain = {k: v.to(torch.float32) for k, v in tensors.items() if k not in consumed}
     missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)

@@ -1,0 +1,70 @@
+"""Sparse-MoE blocks in the reference runtime.
+
+transformers 5 keeps a block's experts fused (3-D `gate_up_proj` / `down_proj` parameters), while
+ModelOpt's HF export writes them one tensor set per expert, in the transformers 4 layout that
+TensorRT-LLM's PyTorch backend reads (`block_sparse_moe.experts.3.w1.weight`, ...). The family
+table says which names a family uses; each expert becomes three ReferenceLinear layers decoded
+from their stored format, run by the same routing as the fused module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ReferenceExperts(nn.Module):
+    """Drop-in for a transformers 5 experts module: forward(hidden, top_k_index, top_k_weights)."""
+
+    def __init__(self, experts: list[tuple[nn.Module, nn.Module, nn.Module]], act_fn):
+        super().__init__()
+        self.num_experts = len(experts)
+        self.gate = nn.ModuleList(gate for gate, _, _ in experts)
+        self.up = nn.ModuleList(up for _, up, _ in experts)
+        self.down = nn.ModuleList(down for _, _, down in experts)
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == expert)
+            x = hidden_states[token]
+            y = self.down[expert](self.act_fn(self.gate[expert](x)) * self.up[expert](x))
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    weight = getattr(module, "gate_up_proj", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 3 and hasattr(module, "down_proj")
+
+
+def exported_block_names(tensors: dict, layout) -> dict[str, str]:
+    """Renames from the export's MoE block prefix to the architecture's (`block_sparse_moe.` -> `mlp.`)."""
+    if layout.block == "mlp":
+        return {}
+    old, new = f".{layout.block}.", ".mlp."
+    return {key: key.replace(old, new) for key in tensors if old in key}
+
+
+def replace_experts(model: nn.Module, tensors: dict, layout, make_linear, consumed: set[str]) -> int:
+    """Swap every fused experts module for per-expert ReferenceLinear layers built by
+    `make_linear(exported_prefix)`; returns how many blocks were replaced."""
+    from kiln.validate.runtime import _replace
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not is_fused_experts(module):
+            continue
+        prefix = name.replace(".mlp.experts", f".{layout.block}.experts")
+        experts = []
+        for e in range(module.num_experts):
+            names = [f"{prefix}.{e}.{proj}" for proj in (layout.gate, layout.up, layout.down)]
+            missing = [n for n in names if f"{n}.weight" not in tensors]
+            if missing:
+                raise ValueError(f"the checkpoint has no {missing[0]}.weight for the experts of {name}")
+            experts.append(tuple(make_linear(n) for n in names))
+            consumed.update(k for n in names for k in tensors if k.startswith(f"{n}."))
+        _replace(model, name, ReferenceExperts(experts, module.act_fn))
+        replaced += 1
+    return replaced
