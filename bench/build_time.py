@@ -33,7 +33,7 @@ data = resolve_data(recipe.calibration, loaded.resolve, "calibration")
 samples = token_samples(data.documents(), AutoTokenizer.from_pretrained(model_dir), data.spec.samples, data.spec.seq_len)
 for name, variant in recipe.variants.items():
     model = adapter.load_source_model(model_dir, recipe.model.dtype, False, False)
-    adapter.calibrate(model, adapter.modelopt_config(variant.quant, variant.kv_cache, variant.effective_group_size), samples, lambda: None)
+    adapter.calibrate(model, adapter.modelopt_config(variant.quant, variant.kv_cache, variant.effective_group_size), samples, lambda n: None)
     adapter.export_hf(model, out / name / "hf")
     adapter.export_trtllm(model, out / name / "trtllm", recipe.model.dtype, recipe.build.tp_size)
 """

@@ -63,7 +63,7 @@ def _calibrated(model_dir: Path, config_name: str, calibration, device):
     from kiln.quantize import modelopt_adapter as adapter
 
     model = adapter.load_source_model(model_dir, "bfloat16", False, False).to(device)
-    adapter.calibrate(model, copy.deepcopy(getattr(mtq, config_name)), calibration.to(device), lambda: None)
+    adapter.calibrate(model, copy.deepcopy(getattr(mtq, config_name)), calibration.to(device), lambda n: None)
     return model
 
 

@@ -1,4 +1,4 @@
-"""The `kiln` command line: check, plan, build, ls, pull, doctor, triton-repo, serve.
+"""The `kiln` command line: check, plan, build, ls, pull, doctor, families, triton-repo, serve.
 
 Data (tables, JSON) goes to stdout; progress, warnings and errors to stderr.
 Exit codes: 0 ok, 1 failure (including verification), 2 bad input, 3 a gate failed.
@@ -138,7 +138,7 @@ def plan(
     With --changed-since REF: the recipes and stage instances a merge since REF invalidates.
     """
     from kiln.pipeline.errors import UserInputError
-    from kiln.pipeline.report import changes_table, plan_document, plan_table, stdout_console
+    from kiln.pipeline.report import changes_table, family_line, plan_document, plan_table, stdout_console
 
     if changed_since is not None:
         from kiln.pipeline.changes import changed_since as changes
@@ -159,6 +159,8 @@ def plan(
         _emit_json({**plan_document(the_plan), "memory": memory.as_dict() if memory else None})
     else:
         stdout_console.print(plan_table(the_plan))
+        if family_line(the_plan):
+            stdout_console.print(family_line(the_plan), soft_wrap=True)
         if memory is not None:
             from kiln.pipeline.memory import memory_table
 
@@ -315,6 +317,26 @@ def doctor(
         for path, estimate in estimates.items():
             if estimate is not None:
                 stdout_console.print(memory_table(estimate, path))
+
+
+@app.command()
+def families(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the README's Markdown table."),
+) -> None:
+    """Print the model-family table: per Hugging Face model_type, whether kiln writes a TensorRT-LLM
+    checkpoint (target trtllm-engine) and which family fields it fills, the formats TensorRT-LLM
+    supports per target, the KV-cache formats, and where each fact comes from.
+
+    `kiln check` refuses any family or family x format this table does not hold.
+    """
+    from kiln.pipeline.families_doc import families_markdown, family_document
+    from kiln.quantize import FAMILIES
+
+    if as_json:
+        _emit_json([family_document(f) for f in FAMILIES.values()])
+    else:
+        sys.stdout.write(families_markdown())
 
 
 from kiln.pipeline import cli_serve  # noqa: E402,F401  (registers triton-repo and serve on `app`)

@@ -74,6 +74,19 @@ class Plan:
     instances: list[StageInstance] = field(default_factory=list)
     model_folder: Path | None = None   # where config.json is readable now (a local model, or the HF cache)
 
+    def family_summary(self) -> dict | None:
+        """The model's family row and what its variants publish (None before config.json is at hand)."""
+        if self.model_folder is None:
+            return None
+        family = quantize.family_of(json.loads((Path(self.model_folder) / "config.json").read_text()))
+        if family is None:
+            return None
+        publishes = ("hf/ (TensorRT-LLM PyTorch backend) and trtllm/ (TensorRT-LLM checkpoint)" if family.trtllm
+                     else "hf/ only, for target trtllm-pytorch (no TensorRT-LLM checkpoint: "
+                          f"{family.no_trtllm_reason})")
+        return {"model_type": family.model_type, "title": family.title, "trtllm_checkpoint": bool(family.trtllm),
+                "publishes": publishes}
+
     def memory(self):
         """The plan-time memory estimate for this recipe on this host (None before config.json is at hand)."""
         from kiln.pipeline.memory import recipe_estimate
@@ -126,6 +139,7 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.Quantiz
         alpha=variant.alpha,
         exclude=variant.exclude,
         max_shard_size=loaded.recipe.build.max_shard_size,
+        calibration_batch_size=loaded.recipe.calibration.batch_size,
     )
 
 

@@ -23,6 +23,13 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
+def family_line(plan: Plan) -> str | None:
+    family = plan.family_summary()
+    if family is None:
+        return None
+    return f"model family {family['title']} ({family['model_type']}): each variant publishes {family['publishes']}"
+
+
 def plan_document(plan: Plan) -> dict:
     return {
         "recipe": plan.loaded.recipe.name,
@@ -30,6 +37,7 @@ def plan_document(plan: Plan) -> dict:
         "recipe_digest": plan.loaded.digest,
         "registry": plan.registry_uri,
         "stages": [instance.as_dict() for instance in plan.instances],
+        "family": plan.family_summary(),
     }
 
 

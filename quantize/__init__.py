@@ -50,6 +50,7 @@ class QuantizeRequest:
     alpha: float | None = None
     exclude: tuple[str, ...] = ()   # module name patterns kept unquantized
     max_shard_size: str = "5GB"     # the HF export's largest safetensors file
+    calibration_batch_size: int = 1  # samples per calibration forward pass
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     label = f"{request.quant.value}" + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
     started = time.monotonic()
     with progress.task(f"calibrate {label}", total=len(calibration)) as task:
-        adapter.calibrate(model, config, calibration, task.advance)
+        adapter.calibrate(model, config, calibration, task.advance, request.calibration_batch_size)
     seconds["calibrate"] = time.monotonic() - started
 
     started = time.monotonic()

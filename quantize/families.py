@@ -2,25 +2,14 @@
 
 One row per Hugging Face `model_type`, like compile/gpus.py is for GPUs. Each row says:
 - whether kiln writes a TensorRT-LLM checkpoint for the family (the `trtllm-engine` target), and if so
-  the TensorRT-LLM architecture, ModelOpt's decoder type and every family field TensorRT-LLM's
+  the TensorRT-LLM architecture and model class and every family field TensorRT-LLM's
   `config_class.from_hugging_face` derives from the source `config.json` beyond the common ones;
   ModelOpt fills those only when `tensorrt_llm` imports beside it, which it never does on a
   quantize host, so kiln fills and proves them itself (quantize/trtllm_checks.py);
 - the formats TensorRT-LLM supports for the family, per target, and the KV-cache formats;
 - what the reference runtime must know (the MoE tensor layout of ModelOpt's HF export).
 
-Sources (TensorRT-LLM unless said otherwise):
-  [llama-cfg] tensorrt_llm/models/llama/config.py, LLaMAConfig.from_hugging_face
-  [qwen-cfg]  tensorrt_llm/models/qwen/config.py, QWenConfig.from_hugging_face
-  [model-map] tensorrt_llm/models/__init__.py, MODEL_MAP (architecture -> engine-flow model class)
-  [precision] docs/source/reference/precision.md, per-model matrix of the engine flow
-              (FP8, W8A8 SQ, W8A16, W4A16 AWQ, W4A16 GPTQ)
-  [pt-matrix] docs/source/features/quantization.md, "Model Supported Matrix" of the PyTorch backend
-              (NVFP4, FP8 per tensor, FP8 rowwise, FP8 KV, W4A8 AWQ, W4A16 AWQ, W4A16 GPTQ)
-  [modelopt]  ModelOpt 0.47 convert_to_tensorrt_llm_config: without tensorrt_llm it knows the family
-              fields of gpt, gemma (1), llama, qwen, mpt, dbrx, mllama and a few encoder-decoders, and
-              raises NotImplementedError for the rest ("deploy ... with TensorRT-LLM pytorch backend")
-  [measured]  kiln on this machine kind (ModelOpt 0.47, transformers 5.24): what ModelOpt exports
+Sources: SOURCES below, cited per row by tag.
 A format set marked "inferred" has no row in TensorRT-LLM's matrices: kiln allows the formats of the
 nearest documented row whose modules the family's TensorRT-LLM model reuses, and says so in the README.
 """
@@ -34,6 +23,21 @@ from kiln.quantize.formats import KVCacheFormat, QuantFormat
 
 Q, KV = QuantFormat, KVCacheFormat
 
+
+# What each tag in a row cites (TensorRT-LLM unless said otherwise).
+SOURCES = {
+    "[llama-cfg]": "tensorrt_llm/models/llama/config.py, LLaMAConfig.from_hugging_face",
+    "[qwen-cfg]": "tensorrt_llm/models/qwen/config.py, QWenConfig.from_hugging_face",
+    "[model-map]": "tensorrt_llm/models/__init__.py, MODEL_MAP (architecture -> engine-flow model class)",
+    "[precision]": "docs/source/reference/precision.md, per-model matrix of the engine flow (FP8, W8A8 SQ, W8A16, "
+                   "W4A16 AWQ, W4A16 GPTQ)",
+    "[pt-matrix]": "docs/source/features/quantization.md, \"Model Supported Matrix\" of the PyTorch backend (NVFP4, "
+                   "FP8 per tensor, FP8 rowwise, FP8 KV, W4A8 AWQ, W4A16 AWQ, W4A16 GPTQ)",
+    "[modelopt]": "ModelOpt 0.47 convert_to_tensorrt_llm_config: without tensorrt_llm it knows the family fields of "
+                  "gpt, gemma (1), llama, qwen, mpt, dbrx, mllama and some encoder-decoders, and raises "
+                  "NotImplementedError for the rest",
+    "[measured]": "kiln on a CPU host with ModelOpt 0.47 and transformers 5.24 (tests/test_families.py)",
+}
 
 # The TensorRT-LLM config fields every decoder family shares (checked for every family with a checkpoint).
 COMMON_TRTLLM_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_size", "intermediate_size",

@@ -73,8 +73,8 @@ def input_device(model):
     return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
-def calibrate(model, config: dict, samples, on_sample: Callable[[], None]) -> None:
-    """Run ModelOpt's calibration with the recipe's token windows ([n, seq_len])."""
+def calibrate(model, config: dict, samples, on_samples: Callable[[int], None], batch_size: int = 1) -> None:
+    """Run ModelOpt's calibration with the recipe's token windows ([n, seq_len]), `batch_size` per forward."""
     import modelopt.torch.quantization as mtq
     import torch
 
@@ -82,9 +82,10 @@ def calibrate(model, config: dict, samples, on_sample: Callable[[], None]) -> No
 
     def forward_loop(m):
         with torch.no_grad():
-            for row in samples:
-                m(input_ids=row.unsqueeze(0).to(device))
-                on_sample()
+            for start in range(0, len(samples), batch_size):
+                batch = samples[start:start + batch_size]
+                m(input_ids=batch.to(device))
+                on_samples(len(batch))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -146,3 +146,11 @@ def gpu_host(tmp_path, test_model):
         return GpuHost(tmp_path / name, sms, trtllm, tensorrt, test_model)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def family_models() -> dict[str, Path]:
+    """One small trained model per family of the family table (trained once, cached like test_model)."""
+    from kiln.pipeline.testmodel import FAMILY_CONFIGS, FAMILY_SPEC, ensure_test_model
+
+    return {family: ensure_test_model(TEST_MODEL_CACHE, FAMILY_SPEC, family=family) for family in FAMILY_CONFIGS}

@@ -162,3 +162,87 @@ def test_llm_api_options_with_reuse_graphs_and_lora():
     assert options["lora_config"] == {"lora_target_modules": ["attn_qkv"], "max_lora_rank": 8}
     explicit = request_for("sm90", Target.trtllm_pytorch, cuda_graph_batch_sizes=(1, 3, 8))
     assert llm_api_options(explicit, CheckpointQuant("FP8", None, 1))["cuda_graph_config"] == {"batch_sizes": [1, 3, 8]}
+
+
+# --- Item 3 of the family issue: TensorRT-LLM's own from_hugging_face decides the checkpoint config. ---
+# The stand-in (tests/standins/site/tensorrt_llm/models) answers per family as the real classes do,
+# each line citing tensorrt_llm/models/{llama,qwen}/config.py.
+
+STANDIN_SITE = Path(__file__).parent / "standins" / "site"
+QWEN2_SOURCE = {
+    "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": True,
+    # written by transformers 5: TensorRT-LLM's transformers 4.57 would not see this rope_theta
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+}
+
+
+@pytest.fixture()
+def standin_trtllm(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(STANDIN_SITE))
+    monkeypatch.delenv("KILN_TRTLLM_PYTHON", raising=False)
+    monkeypatch.delenv("KILN_STANDIN_TRTLLM_OVERRIDE", raising=False)
+
+
+def _kiln_checkpoint(tmp_path, source: dict, **changes) -> Path:
+    """The TensorRT-LLM config kiln's quantize stage leaves: ModelOpt's, with every family field filled."""
+    from kiln.quantize import family_of
+    from kiln.quantize.trtllm_checks import expected_fields
+
+    family = family_of(source)
+    config = {"architecture": family.trtllm.architecture, "dtype": "bfloat16", **expected_fields(source, family)}
+    config.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del config[key]
+    folder = tmp_path / "trtllm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_transformers5_rope_is_handed_to_trtllm_in_the_4x_layout():
+    from kiln.compile.trtllm_config import transformers4_config
+
+    legacy = transformers4_config({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}})
+    assert legacy["rope_theta"] == 500000.0 and legacy["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0}
+    assert "rope_scaling" not in transformers4_config(QWEN2_SOURCE)
+
+
+def test_a_faithful_checkpoint_agrees_with_trtllm_field_by_field(tmp_path, standin_trtllm):
+    from kiln.compile.trtllm_config import check_against_trtllm
+    from kiln.quantize import family_of
+
+    family = family_of(QWEN2_SOURCE)
+    checked = check_against_trtllm(_kiln_checkpoint(tmp_path, QWEN2_SOURCE), QWEN2_SOURCE,
+                                   family.trtllm_field_names, tp_size=1)
+    assert checked["qwen_type"] == "qwen2" and checked["attn_bias"] is True and checked["rotary_base"] == 1000000.0
+    assert set(checked) == set(family.trtllm_field_names)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"qwen_type": None}, "qwen_type"),            # what ModelOpt writes without tensorrt_llm
+    ({"rotary_base": 10000.0}, "rotary_base"),
+    ({"attn_bias": False}, "attn_bias"),
+])
+def test_a_field_trtllm_derives_differently_stops_the_build(tmp_path, standin_trtllm, changes, field):
+    from kiln.compile.trtllm_config import check_against_trtllm
+    from kiln.pipeline.errors import KilnError
+    from kiln.quantize import family_of
+
+    checkpoint = _kiln_checkpoint(tmp_path, QWEN2_SOURCE, **changes)
+    with pytest.raises(KilnError, match=rf"config.json: {field} is .*but TensorRT-LLM's own from_hugging_face gives"):
+        check_against_trtllm(checkpoint, QWEN2_SOURCE, family_of(QWEN2_SOURCE).trtllm_field_names, tp_size=1)
+
+
+def test_trtllm_disagreeing_with_kiln_stops_the_build(tmp_path, standin_trtllm, monkeypatch):
+    """The other direction: a TensorRT-LLM version whose mapping differs (here: a changed moe default)."""
+    from kiln.compile.trtllm_config import check_against_trtllm
+    from kiln.pipeline.errors import KilnError
+    from kiln.quantize import family_of
+
+    monkeypatch.setenv("KILN_STANDIN_TRTLLM_OVERRIDE", json.dumps({"moe": {"num_experts": 0, "top_k": 0,
+                                                                             "normalization_mode": 1}}))
+    with pytest.raises(KilnError, match="moe is .* gives"):
+        check_against_trtllm(_kiln_checkpoint(tmp_path, QWEN2_SOURCE), QWEN2_SOURCE,
+                             family_of(QWEN2_SOURCE).trtllm_field_names, tp_size=1)

@@ -82,6 +82,10 @@ def test_gpu_host_builds_checks_and_publishes_each_sm(world, tmp_path):
     assert record["sm"] == "sm90" and record["gpu"] == "NVIDIA H100 80GB HBM3" and record["target"] == "trtllm-engine"
     assert (record["tensorrt"], record["tensorrt_llm"]) == ("10.14.1", "1.2.0")
     assert record["command"][1:] == calls[1]["argv"] and record["build_seconds"] >= 0
+    # TensorRT-LLM's own from_hugging_face (the stand-in's Llama row) agreed on every field first.
+    assert record["trtllm_config_checked"]["rotary_base"] == 500000.0
+    assert record["trtllm_config_checked"]["rotary_scaling"]["rope_type"] == "llama3"
+    assert record["trtllm_config_checked"]["head_size"] == 64 and record["trtllm_config_checked"]["attn_bias"] is False
     trtllm_files = {f"trtllm/{p.name}" for p in (out / "trtllm").iterdir()}
     assert set(record["inputs"]) == trtllm_files
     report = json.loads((out / "engines" / "sm90" / "validation.json").read_text())

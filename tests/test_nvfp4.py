@@ -75,7 +75,7 @@ def test_round_trip_against_modelopts_export(tmp_path, test_model):
 
     samples = token_samples(python_docs("train"), AutoTokenizer.from_pretrained(test_model), 8, 128)
     model = adapter.load_source_model(test_model, "bfloat16", False, False)
-    adapter.calibrate(model, adapter.modelopt_config(QuantFormat.nvfp4, KVCacheFormat.none, None), samples, lambda: None)
+    adapter.calibrate(model, adapter.modelopt_config(QuantFormat.nvfp4, KVCacheFormat.none, None), samples, lambda n: None)
     adapter.export_hf(model, tmp_path / "hf")
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     source = load_file(test_model / "model.safetensors")

@@ -70,7 +70,7 @@ CPU_FORMATS = [
 @pytest.mark.parametrize("quant, kv", CPU_FORMATS, ids=[f"{q.value}-kv-{k.value}" for q, k in CPU_FORMATS])
 def test_reference_runtime_matches_modelopt(tmp_path, test_model, texts, quant, kv):
     model = adapter.load_source_model(test_model, "bfloat16", False, False)
-    adapter.calibrate(model, adapter.modelopt_config(quant, kv, None), texts["calibration"], lambda: None)
+    adapter.calibrate(model, adapter.modelopt_config(quant, kv, None), texts["calibration"], lambda n: None)
     in_memory = copy.deepcopy(model).float()  # compare formats, not bf16 arithmetic
     with torch.no_grad():
         expected = [in_memory(input_ids=ids[None]).logits[0] for ids in texts["evaluation"]]

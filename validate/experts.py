@@ -35,8 +35,20 @@ class ReferenceExperts(nn.Module):
 
 
 def is_fused_experts(module: nn.Module) -> bool:
+    """transformers 5's fused experts (Mixtral, Qwen3-MoE): 3-D gate_up_proj and down_proj, no biases."""
     weight = getattr(module, "gate_up_proj", None)
-    return isinstance(weight, nn.Parameter) and weight.dim() == 3 and hasattr(module, "down_proj")
+    return (isinstance(weight, nn.Parameter) and weight.dim() == 3 and hasattr(module, "down_proj")
+            and getattr(module, "gate_up_proj_bias", None) is None)
+
+
+def fused_as_reference(module: nn.Module, make_linear) -> ReferenceExperts:
+    """The same experts as per-expert layers over views of the fused weights (gate rows first, then up),
+    so that float32 math upcasts one expert at a time instead of copying every expert to float32."""
+    width = module.gate_up_proj.shape[1] // 2
+    fused, down = module.gate_up_proj.data, module.down_proj.data
+    experts = [(make_linear(fused[e, :width]), make_linear(fused[e, width:]), make_linear(down[e]))
+               for e in range(module.num_experts)]
+    return ReferenceExperts(experts, module.act_fn)
 
 
 def exported_block_names(tensors: dict, layout) -> dict[str, str]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from kiln.quantize import family_of
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear, plain_linear
-from kiln.validate.experts import exported_block_names, replace_experts
+from kiln.validate.experts import ReferenceExperts, exported_block_names, fused_as_reference, is_fused_experts, replace_experts
 
 _KV_ATTENTION = "kiln_kv_fake_quant"
 
@@ -111,12 +111,14 @@ def _to_float32_math(model: nn.Module) -> list:
             replacement = ReferenceLinear(plain_linear(module.weight.data), module.bias)
         elif _is_plain_embedding(module):
             replacement = _float32_embedding(module, module.weight.data)
+        elif is_fused_experts(module):   # MoE: per-expert views of the 16-bit weights, not a float32 copy
+            replacement = fused_as_reference(module, lambda w: ReferenceLinear(plain_linear(w), None))
         else:
             continue
         _replace(model, name, replacement)
         undo.append(lambda name=name, module=module: _replace(model, name, module))
     for module in model.modules():
-        if isinstance(module, (ReferenceLinear, Float32Embedding)):
+        if isinstance(module, (ReferenceLinear, Float32Embedding, ReferenceExperts)):
             continue
         for table in (module._parameters, module._buffers):
             for key, tensor in list(table.items()):
