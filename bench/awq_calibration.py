@@ -87,12 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for quant, batch_size in ((QuantFormat.fp8, 1), (QuantFormat.int4_awq, 1), (QuantFormat.int4_awq, args.samples)):
             model, seconds, passes = _calibrate(model_dir, quant, samples, batch_size)
-            if quant is QuantFormat.int4_awq:
-                scales[batch_size] = {n: m.awq_lite.best_scale.float().clone() for n, m in model.named_modules()
-                                      if getattr(getattr(m, "awq_lite", None), "best_scale", None) is not None}
             out = Path(scratch) / f"{quant.value}-{batch_size}"
             adapter.export_hf(model, out)
             del model
+            if quant is QuantFormat.int4_awq:   # AWQ's chosen per-channel scales, as exported
+                from safetensors.torch import load_file
+
+                scales[batch_size] = {k: v.float() for path in out.glob("*.safetensors")
+                                      for k, v in load_file(path).items() if k.endswith("pre_quant_scale")}
             rows.append({"format": quant.value, "batch_size": batch_size, "calibrate_s": round(seconds, 1),
                          "passes_s": [round(p, 1) for p in passes], "kl_to_source": _kl_to_source(model_dir, out, evaluation)})
     changed = [((scales[1][n] - scales[args.samples][n]).abs().max() / scales[1][n].abs().max()).item()

@@ -94,7 +94,7 @@ def _llama_config(spec: TestModelSpec, tokenizer):
 # One small model per family of the family table, each with the feature that family's TensorRT-LLM
 # fields or reference-runtime quirks are about. The widths divide INT4-AWQ's group 64 and NVFP4's 16.
 FAMILY_SPEC = TestModelSpec(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                            steps=160, spec_version=3)
+                            steps=120, spec_version=3)
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {"head_dim": 64}),                           # head_dim != hidden / heads
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),              # qkv bias, tied embeddings
