@@ -54,7 +54,29 @@ def local_model(source: ModelSource, folder: Path) -> FetchedModel:
     if not (folder / "config.json").is_file():
         raise UserInputError(f"model.source: '{folder}' has no config.json (fix: point it at a Hugging Face model folder)")
     _refuse_pickle_only(folder, source, str(folder))
+    refuse_outside_links(folder)
     return FetchedModel(folder, tree_digest(folder))
+
+
+def refuse_outside_links(folder: Path) -> None:
+    """A link inside a model folder must stay inside it: kiln reads, digests and publishes what the links
+    point to (a chat_template.jinja -> /etc/shadow would be published). Hub snapshots are links into the
+    repo's own blob store (snapshots/<rev>/f -> ../../blobs/<sha>), which is allowed."""
+    import os
+
+    root = Path(folder).resolve()
+    hub_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    for directory, dirs, files in os.walk(folder):   # does not descend into linked folders
+        for name in sorted(dirs + files):
+            path = Path(directory) / name
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if target.is_relative_to(root) or (hub_blobs is not None and target.is_relative_to(hub_blobs)):
+                continue
+            raise UserInputError(f"model.source: {path} links to {target}, outside the model folder (fix: copy the "
+                                 "file into the folder; kiln publishes what a model folder holds, never what it "
+                                 "points to)")
 
 
 def hub_digest(source: ModelSource) -> str:
@@ -114,4 +136,5 @@ def hub_model(source: ModelSource, local_only: bool = False) -> FetchedModel:
         # A partial snapshot (config.json alone, say): not an error, just not fetched yet.
         raise KilnError(f"model.source: {where} is only partly in the local Hugging Face cache")
     _refuse_pickle_only(folder, source, where)
+    refuse_outside_links(folder)
     return FetchedModel(folder, hub_digest(source))

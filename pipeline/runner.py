@@ -217,6 +217,9 @@ class _Runner:
             files = _artifact_files(checkpoint, report)
             files[registry.RECIPE_FILE] = self._variant_recipe(name, Path(scratch))
             published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress)
+        if published.transfer is not None and published.transfer.repaired_files:
+            self.progress.log(f"warning: {published.transfer.repaired_files} stored blob(s) no longer matched their "
+                              "sha256 and were uploaded again from this build's verified copy")
         if not published.created:
             self.progress.log(f"{published.name}/{published.version} already holds this checkpoint; not published again")
         elif published.transfer is not None and published.transfer.reused_files:

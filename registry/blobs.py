@@ -6,7 +6,9 @@ variants and unchanged engines cost nothing to publish again. Works the same on 
 store (a folder) and on a team server with proxied artifacts (mlflow-artifacts:/...).
 
 Two publishers may upload the same blob at once: they write the same bytes. Whatever a pull
-reads is verified against the manifest's sha256 before it is trusted.
+reads is verified against the manifest's sha256 before it is trusted, and a publish verifies every
+blob it reuses: a stored blob whose bytes no longer match its name is uploaded again from the
+publisher's own (verified) copy, so a new version is never built on a corrupt blob.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Transfer:
     bytes: int = 0
     reused_files: int = 0
     reused_bytes: int = 0
+    repaired_files: int = 0     # stored blobs whose bytes did not match their sha256, uploaded again
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -56,15 +59,36 @@ def _stored(store, shas: set[str]) -> set[str]:
     return found & shas
 
 
+def _intact(store, sha: str, size: int) -> bool:
+    """Whether the stored blob still holds the bytes its name promises: hashed where it lies on an embedded
+    store, downloaded and hashed from a server."""
+    from kiln.pipeline.digest import file_sha256
+
+    local_root = getattr(store, "artifact_dir", None)
+    if local_root is not None:
+        path = Path(local_root) / sha[:2] / sha
+        return path.is_file() and path.stat().st_size == size and file_sha256(path) == sha
+    with tempfile.TemporaryDirectory(prefix="kiln-verify-") as scratch:
+        try:
+            fetched = Path(store.download_artifacts(f"{sha[:2]}/{sha}", dst_path=scratch))
+        except Exception:   # listed but unreadable: as good as missing
+            return False
+        return fetched.stat().st_size == size and file_sha256(fetched) == sha
+
+
 def upload_blobs(mlflow, home: Path, files: dict[str, Path], manifest_files: dict[str, dict], progress,
                  label: str) -> Transfer:
-    """Upload the bytes of `files` that the store lacks; returns what was sent and what was reused."""
+    """Upload the bytes of `files` that the store lacks or holds corrupt; returns what was sent and reused."""
     store = _blob_store(mlflow, home)
     by_sha = {manifest_files[rel]["sha256"]: path for rel, path in files.items()}
-    present = _stored(store, set(by_sha))
-    missing = {sha: path for sha, path in by_sha.items() if sha not in present}
     sizes = {sha: by_sha[sha].stat().st_size for sha in by_sha}
-    transfer = Transfer(len(missing), sum(sizes[s] for s in missing), len(present), sum(sizes[s] for s in present))
+    listed = _stored(store, set(by_sha))
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        intact = dict(zip(sorted(listed), pool.map(lambda sha: _intact(store, sha, sizes[sha]), sorted(listed))))
+    present = {sha for sha, ok in intact.items() if ok}
+    missing = {sha: path for sha, path in by_sha.items() if sha not in present}
+    transfer = Transfer(len(missing), sum(sizes[s] for s in missing), len(present), sum(sizes[s] for s in present),
+                        repaired_files=len(listed) - len(present))
     with tempfile.TemporaryDirectory(prefix="kiln-blobs-") as scratch, \
             progress.task(label, total=transfer.bytes) as task:
         def send(item):

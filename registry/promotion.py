@@ -91,12 +91,12 @@ def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict]
     files: dict[str, dict] = {}
     stored = [MANIFEST] + [sm_manifest(sm, found.tags[sm_tag(sm, "manifest_sha256")]) for sm in held_sms(found.tags)]
     for index, rel in enumerate(stored):
-        dst = scratch / found.version / f"manifest-{index}.json"
+        dst = scratch / str(found.version) / f"manifest-{index}.json"
         dst.parent.mkdir(parents=True, exist_ok=True)
         files.update(json.loads(download_file(home, f"{found.source}/{rel}", dst).read_text())["files"])
     recipe = None
     if RECIPE_FILE in files and found.tags.get(STORAGE_TAG) == STORAGE:
-        out = scratch / found.version / "files"
+        out = scratch / str(found.version) / "files"
         download_blobs(mlflow, home, {RECIPE_FILE: files[RECIPE_FILE]}, out, SILENT, "recipe")
         recipe = json.loads((out / RECIPE_FILE).read_text())
     return files, recipe

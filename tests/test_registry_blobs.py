@@ -61,3 +61,22 @@ def test_two_hosts_adding_the_same_sm_at_once_leave_a_pullable_version(kiln_home
         thread.join()
     pull(kiln_home, "e/1", tmp_path / "pulled", SILENT, sm="sm90")   # verifies against the winning manifest
     assert (tmp_path / "pulled" / "engines" / "sm90" / "rank0.engine").read_bytes() in (engines["a"], engines["b"])
+
+
+def test_a_corrupt_stored_blob_is_repaired_not_reused(kiln_home, tmp_path):
+    """Issue 13.1: one flipped byte in a stored blob; the next version reused it by name and could not be pulled."""
+    shared = os.urandom(64 * 1024)
+    publish(kiln_home, "m", files_in(tmp_path / "a", {"hf/tokenizer.json": shared, "hf/w.bin": b"one"}),
+            {PUBLISH_KEY_TAG: "a"}, [], SILENT)
+    sha = file_sha256(tmp_path / "a" / "hf" / "tokenizer.json")
+    (stored,) = (kiln_home / "registry" / "artifacts" / "blobs").rglob(sha)
+    damaged = bytearray(stored.read_bytes())
+    damaged[100] ^= 0xFF
+    stored.write_bytes(bytes(damaged))
+    second = publish(kiln_home, "m", files_in(tmp_path / "b", {"hf/tokenizer.json": shared, "hf/w.bin": b"two"}),
+                     {PUBLISH_KEY_TAG: "b"}, [], SILENT)
+    assert (second.transfer.repaired_files, second.transfer.reused_files, second.transfer.files) == (1, 0, 2)
+    assert file_sha256(stored) == sha
+    for ref in ("m/2", "m/1"):   # the repair heals the older version too
+        pull(kiln_home, ref, tmp_path / ref.replace("/", "-"), SILENT)
+    assert (tmp_path / "m-2" / "hf" / "tokenizer.json").read_bytes() == shared

@@ -136,7 +136,7 @@ def test_republishing_identical_artifacts_creates_no_version_and_uploads_nothing
     again = build_json(team["recipe"], runner_env(team, "runner-b", seed_from=seed))   # fresh cache, same bytes
     (variant,) = again["variants"]
     assert again["ran"] == ["publish:fp8"] and variant["registry"]["version"] == "1"
-    assert variant["upload"] == {"files": 0, "bytes": 0, "reused_files": 0, "reused_bytes": 0}
+    assert variant["upload"] == {"files": 0, "bytes": 0, "reused_files": 0, "reused_bytes": 0, "repaired_files": 0}
     after = (registry.uploads(), registry.stored(), registry.query("SELECT count(*) FROM model_versions"))
     assert after == before   # no PUT reached the server, no byte was stored, no version was made
 
