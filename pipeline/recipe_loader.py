@@ -49,6 +49,25 @@ def _line_index(node: yaml.Node, path: tuple = (), index: dict | None = None) ->
     return index
 
 
+def _duplicate_keys(node: yaml.Node, where: str, path: tuple = ()) -> list[str]:
+    """YAML keeps the last of two equal keys without a word: two `fp8:` variants would silently become one."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = key_node.value, key_node.start_mark.line + 1
+            dotted = ".".join(str(p) for p in path + (key,))
+            if key in first_line:
+                problems.append(f"{where}:{line}: {dotted}: duplicate key; YAML would silently drop the one at line "
+                                f"{first_line[key]} (fix: rename or remove one)")
+            first_line.setdefault(key, line)
+            problems += _duplicate_keys(value_node, where, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, where, path + (i,))
+    return problems
+
+
 _FIXES = {
     "extra_forbidden": "remove it, or check its spelling against the recipe reference in README.md",
     "missing": "add it",
@@ -102,6 +121,9 @@ def load_recipe(path: Path) -> LoadedRecipe:
         raise RecipeErrors([f"{where}{line}: not valid YAML: {problem} (fix: check indentation and quoting)"]) from None
     if not isinstance(data, dict):
         raise RecipeErrors([f"{where}:1: a recipe is a mapping starting with `kiln: 1` (fix: see recipes/demo.yaml)"])
+    duplicates = _duplicate_keys(node, where) if node is not None else []
+    if duplicates:
+        raise RecipeErrors(duplicates)
     lines = _line_index(node) if node is not None else {}
     try:
         recipe = Recipe.model_validate(data)

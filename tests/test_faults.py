@@ -70,3 +70,14 @@ def test_kiln_diff_runs_from_the_command_line(kiln_home, tmp_path):
     result = run_kiln("diff", "m", "1", "2", "--json", env={"KILN_HOME": str(kiln_home)})
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "hf/w.bin" in result.stdout
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    """Issue 13.14: two `fp8:` blocks under variants silently kept the last one."""
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("kiln: 1\nname: dup\nmodel: {source: ../m}\n"
+                      "calibration: {builtin: python-docs-train}\nevaluation: {builtin: python-docs-heldout}\n"
+                      "variants:\n  fp8:\n    quant: fp8\n  fp8:\n    quant: int4_awq\n")
+    result = run_kiln("check", recipe)
+    assert result.returncode == 2
+    assert f"{recipe}:9: variants.fp8: duplicate key; YAML would silently drop the one at line 7" in result.stderr
