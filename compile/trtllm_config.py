@@ -18,9 +18,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from kiln.pipeline.errors import KilnError
+from kiln.quantize import trtllm_values_agree
 
 
 def transformers4_config(source: dict) -> dict:
@@ -32,23 +32,6 @@ def transformers4_config(source: dict) -> dict:
         if params.get("rope_type", "default") != "default" and "rope_scaling" not in config:
             config["rope_scaling"] = params
     return config
-
-
-def _normalised(field: str, value: Any) -> Any:
-    if field == "rotary_scaling" and isinstance(value, dict):   # TensorRT-LLM reads `type` or `rope_type`
-        kind = value.get("rope_type", value.get("type"))
-        return {**{k: v for k, v in value.items() if k not in ("type", "rope_type")}, "rope_type": kind}
-    return value
-
-
-def _agree(field: str, ours: Any, theirs: Any) -> bool:
-    ours, theirs = _normalised(field, ours), _normalised(field, theirs)
-    if field != "rotary_scaling" and isinstance(ours, dict) and isinstance(theirs, dict):
-        # e.g. moe: TensorRT-LLM's to_dict adds keys at their defaults that the checkpoint leaves out
-        return all(_agree(f"{field}.{key}", value, theirs.get(key)) for key, value in ours.items())
-    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and not isinstance(ours, bool):
-        return abs(ours - theirs) <= 1e-9 * max(1.0, abs(theirs))
-    return ours == theirs
 
 
 def trtllm_mapping(source_config: dict, dtype: str, tp_size: int) -> dict:
@@ -76,7 +59,7 @@ def check_against_trtllm(trtllm_dir: Path, source_config: dict, field_names: tup
         if field not in theirs:
             raise KilnError(f"TensorRT-LLM's {checkpoint.get('architecture')} config has no field {field!r}; kiln's "
                             "family table lists it (fix: update the family table for this TensorRT-LLM version)")
-        if not _agree(field, checkpoint.get(field), theirs[field]):
+        if not trtllm_values_agree(field, checkpoint.get(field), theirs[field]):
             raise KilnError(f"{trtllm_dir}/config.json: {field} is {checkpoint.get(field)!r}, but TensorRT-LLM's own "
                             f"from_hugging_face gives {theirs[field]!r} for the source model; the engine would not be "
                             "the model that was validated (fix: rebuild the checkpoint with this kiln, or report it)")

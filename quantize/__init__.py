@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kiln.quantize.families import COMMON_TRTLLM_FIELDS, FAMILIES, Family, family_of, family_problems
+from kiln.quantize.families import (
+    COMMON_TRTLLM_FIELDS, FAMILIES, Family, family_of, family_problems, trtllm_values_agree,
+)
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, QuantFormat
 from kiln.quantize.headers import safetensors_header
 from kiln.quantize.placement import Device, Placement, VisibleGpu, gpu_peak_bytes, plan_placement, reset_gpu_peaks
@@ -35,6 +37,7 @@ __all__ = [
     "Device", "Placement", "VisibleGpu", "plan_placement", "gpu_peak_bytes", "reset_gpu_peaks",
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "COMMON_TRTLLM_FIELDS", "SOURCE_CONFIG",
+    "trtllm_values_agree",
 ]
 
 

@@ -45,6 +45,23 @@ COMMON_TRTLLM_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_hea
                         "rotary_scaling")
 
 
+def trtllm_values_agree(field: str, written: Any, reference: Any) -> bool:
+    """Whether a TensorRT-LLM config value kiln wrote (or wants written) matches a reference value: floats
+    within rounding, RoPE scaling whether it names its kind `type` or `rope_type`, and dicts such as `moe`
+    key by key over what kiln writes (the reference may fill more keys at their defaults)."""
+    if field == "rotary_scaling" and isinstance(written, dict) and isinstance(reference, dict):
+        def kinds(value: dict) -> dict:
+            kind = value.get("rope_type", value.get("type"))
+            return {**{k: v for k, v in value.items() if k not in ("type", "rope_type")}, "rope_type": kind}
+        return kinds(written) == kinds(reference)
+    if isinstance(written, dict) and isinstance(reference, dict):
+        return all(trtllm_values_agree(f"{field}.{key}", value, reference.get(key)) for key, value in written.items())
+    if isinstance(written, float) or isinstance(reference, float):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (written, reference))
+        return numbers and abs(written - reference) <= 1e-12 * max(1.0, abs(reference))
+    return written == reference
+
+
 @dataclass(frozen=True)
 class FamilyField:
     """One TensorRT-LLM config field and how TensorRT-LLM's own converter derives it from the source config."""

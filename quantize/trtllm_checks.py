@@ -18,7 +18,7 @@ from typing import Any
 
 from kiln.pipeline.errors import KilnError
 from kiln.pipeline.fsutil import atomic_write_text
-from kiln.quantize.families import COMMON_TRTLLM_FIELDS, Family, family_of
+from kiln.quantize.families import COMMON_TRTLLM_FIELDS, Family, family_of, trtllm_values_agree
 from kiln.quantize.headers import safetensors_header
 
 # TensorRT-LLM stores INT4 weights two to a byte packed along the output dimension,
@@ -80,14 +80,6 @@ def expected_fields(source: dict, family: Family | None = None) -> dict[str, Any
 
 # Fields that shape no tensor: the source config alone proves the right value.
 _FROM_SOURCE_ALONE = {"max_position_embeddings", "norm_epsilon", "rotary_base", "rotary_scaling"}
-
-
-def _agrees(got: Any, want: Any) -> bool:
-    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        return abs(got - want) <= 1e-12 * max(1.0, abs(want))
-    if isinstance(want, dict) and isinstance(got, dict):   # e.g. moe: TensorRT-LLM fills the keys kiln leaves out
-        return all(_agrees(got.get(key), value) for key, value in want.items())
-    return got == want
 
 
 def _tensor_problems(family: Family, fields: dict, tensors: dict) -> list[str]:
@@ -196,7 +188,7 @@ def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: 
     family_fields = {spec.name: spec for spec in family.trtllm.fields}
     for field, want in fields.items():
         got = exported.get(field)
-        if _agrees(got, want):
+        if trtllm_values_agree(field, want, got):
             continue
         if field in _FROM_SOURCE_ALONE:
             evidence = "source config.json"
