@@ -159,8 +159,9 @@ def plan(
         _emit_json({**plan_document(the_plan), "memory": memory.as_dict() if memory else None})
     else:
         stdout_console.print(plan_table(the_plan))
-        if family_line(the_plan):
-            stdout_console.print(family_line(the_plan), soft_wrap=True)
+        line = family_line(the_plan)
+        if line:
+            stdout_console.print(line, soft_wrap=True)
         if memory is not None:
             from kiln.pipeline.memory import memory_table
 
