@@ -135,33 +135,38 @@ def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
 
-def _kv_fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
-    codec = getattr(module, "kiln_kv_codec", None)
-    if codec is not None:
-        key = codec(key, module.kiln_k_scale)
-        value = codec(value, module.kiln_v_scale)
-    return module.kiln_attention(module, query, key, value, attention_mask, **kwargs)
+def _kv_fake_quant_attention(implementation: str):
+    """Attention that rounds K and V with the exported scales, then runs the attention function the model
+    would use itself: its modeling file's eager one (soft-capping families: SDPA has no soft-cap) or a
+    registered one. Layers without scales pass through unrounded."""
+    import sys
+
+    from transformers import AttentionInterface
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        codec = getattr(module, "kiln_kv_codec", None)
+        if codec is not None:
+            key = codec(key, module.kiln_k_scale)
+            value = codec(value, module.kiln_v_scale)
+        inner = (sys.modules[type(module).__module__].eager_attention_forward if implementation == "eager"
+                 else AttentionInterface()[implementation])
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
 
 
 def _use_kv_fake_quant_attention(model: nn.Module) -> None:
-    """Route attention through the KV-cache rounding, then into the attention function the model would use
-    itself: its modeling file's eager one (soft-capping families: SDPA has no soft-cap) or a registered one.
+    """Route the model's attention through the KV-cache rounding.
 
     The mask function is registered under the same name: transformers builds no mask at all for an attention
     name it has no mask function for, which would drop sliding windows (Mistral) and, under eager, causality.
     """
-    import sys
-
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     implementation = model.config._attn_implementation or "eager"
-    for module in model.modules():
-        if hasattr(module, "kiln_kv_codec"):
-            module.kiln_attention = (sys.modules[type(module).__module__].eager_attention_forward
-                                     if implementation == "eager" else AttentionInterface()[implementation])
     name = f"{_KV_ATTENTION}_{implementation}"
-    AttentionInterface.register(name, _kv_fake_quant_attention)
+    AttentionInterface.register(name, _kv_fake_quant_attention(implementation))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
     model.set_attn_implementation(name)
 
