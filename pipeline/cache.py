@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,6 +41,8 @@ def stage_key(stage: str, stage_version: int, config: dict, input_digests: dict,
 class StageCache:
     root: Path
     warn: Any = print
+    # Entries this process hashed and found intact: `kiln build` verifies in its plan, then looks up.
+    _verified: set = field(default_factory=set, repr=False)
 
     def entry_dir(self, stage: str, key: str) -> Path:
         return Path(self.root) / stage / key
@@ -53,16 +55,38 @@ class StageCache:
         problem = self._problem(entry)
         if problem is None:
             return entry
+        self._verified.discard(entry)
         self.warn(f"warning: cache entry {stage}/{key[:12]} is damaged ({problem}); discarding and rebuilding")
         shutil.rmtree(entry, ignore_errors=True)
         return None
 
-    def peek(self, stage: str, key: str) -> bool:
-        """Whether an entry looks complete, without hashing (for `kiln plan`)."""
-        return (self.entry_dir(stage, key) / ENTRY_FILE).is_file()
+    def intact(self, stage: str, key: str) -> bool:
+        """Whether a complete entry with intact files exists, hashed as lookup does, but never removed
+        (for `kiln plan`, which writes nothing): a damaged one is reported and counts as missing."""
+        entry = self.entry_dir(stage, key)
+        if not entry.is_dir():
+            return False
+        problem = self._problem(entry)
+        if problem is not None:
+            self.warn(f"warning: cache entry {stage}/{key[:12]} is damaged ({problem}); a build discards it and "
+                      "runs the stage again")
+        return problem is None
 
     @staticmethod
-    def _problem(entry: Path) -> str | None:
+    def recorded_files(entry: Path) -> dict[str, dict]:
+        """{relative path: {size, sha256}} as recorded when the entry was written (verified by lookup)."""
+        return json.loads((Path(entry) / ENTRY_FILE).read_text())["files"]
+
+    def _problem(self, entry: Path) -> str | None:
+        if entry in self._verified:
+            return None
+        problem = self._hash_problem(entry)
+        if problem is None:
+            self._verified.add(entry)
+        return problem
+
+    @staticmethod
+    def _hash_problem(entry: Path) -> str | None:
         try:
             record = json.loads((entry / ENTRY_FILE).read_text())
         except (OSError, ValueError):

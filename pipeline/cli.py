@@ -50,6 +50,16 @@ def _reported_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         print("kiln: interrupted; completed cache entries are kept, partial ones discarded", file=sys.stderr)
         raise typer.Exit(130) from None
+    except Exception as exc:
+        from kiln.pipeline.failures import known_failure
+
+        known = known_failure(exc)
+        if known is None:
+            raise
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"kiln: {known}", file=sys.stderr)
+        raise typer.Exit(known.exit_code) from None
 
 
 @app.callback()
@@ -176,6 +186,9 @@ def build(
     publish_failed: bool = typer.Option(False, "--publish-failed",
                                         help="Publish what fails its gates too, tagged failed and without aliases, "
                                              "for inspection and `kiln diff`; `kiln promote` refuses it."),
+    share_registry_name: bool = typer.Option(False, "--share-registry-name",
+                                             help="Publish even where another recipe/variant already owns the "
+                                                  "registry name <recipe>-<variant> (refused by default)."),
 ) -> None:
     """Run what the plan needs (quantize, validate, publish; on a GPU host also compile and the
     engine check per SM), then print the summary.
@@ -191,7 +204,7 @@ def build(
     with _reported_errors():
         the_plan, cache = _plan_for(recipe, progress, gpu)
         _refuse_what_cannot_fit(the_plan)
-        result = run_plan(the_plan, cache, progress, publish_failed=publish_failed)
+        result = run_plan(the_plan, cache, progress, publish_failed=publish_failed, share_names=share_registry_name)
     if as_json:
         _emit_json(build_document(result))
     else:

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from kiln.pipeline.errors import KilnError
+
 
 @contextlib.contextmanager
 def atomic_dir(dest: Path) -> Iterator[Path]:
@@ -21,7 +23,14 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            # Writers deep in torch or ModelOpt report a full disk as "iostream error" and the like; what
+            # the disk looks like right now, before the partial folder is removed, says what happened.
+            if not isinstance(exc, KilnError) and free_bytes(tmp) < _NEARLY_FULL:
+                raise DiskFull(dest) from exc
+            raise
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -32,13 +41,38 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_NEARLY_FULL = 16 * 2**20
+
+
+def free_bytes(path: Path) -> int:
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return 2**62
+    return stats.f_bavail * stats.f_frsize
+
+
+class DiskFull(KilnError):
+    def __init__(self, dest: Path):
+        super().__init__(f"{dest.parent}: no space left on device while writing {dest.name}; the partial "
+                         "folder was discarded and completed cache entries are kept (fix: free space on that disk, "
+                         "or set KILN_HOME to a larger one)")
+
+
 def require_empty_folder(path: Path, option: str = "--out") -> Path:
     """A destination that is new or an empty folder; anything else is the user's to resolve."""
     from kiln.pipeline.errors import UserInputError
 
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UserInputError(f"{option} {path}: exists and is not empty (fix: choose a new folder)")
+    try:
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserInputError(f"{option} {path}: exists and is not empty (fix: choose a new folder)")
+        if not path.exists():   # can it be created? Probe now rather than fail after the download
+            path.mkdir(parents=True)
+            path.rmdir()
+    except OSError as exc:
+        raise UserInputError(f"{option} {path}: cannot create a folder there ({exc.strerror}) "
+                             "(fix: choose a writable location)") from None
     return path
 
 

@@ -218,19 +218,26 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         )
         p_key, p_material = stage_key(
             "publish", PUBLISH_VERSION,
-            {"registry": registry_uri, "name": plan.registered_name(name), "recipe_digest": loaded.digest},
+            {"registry": registry_identity(registry_uri), "name": plan.registered_name(name),
+             "recipe_digest": loaded.digest},
             {"checkpoint": q_key, "report": v_key}, tool_versions(()),
         )
         q = StageInstance("quantize", name, q_key, q_material, depends_on=(fetch_key,))
         v = StageInstance("validate", name, v_key, v_material, depends_on=(q_key,))
         p = StageInstance("publish", name, p_key, p_material, depends_on=(v_key,))
-        q.status = "cached" if cache.peek("quantize", q_key) else "will run"
-        v.status = "cached" if cache.peek("validate", v_key) else "will run"
+        q.status = "cached" if cache.intact("quantize", q_key) else "will run"
+        v.status = "cached" if cache.intact("validate", v_key) else "will run"
         p.status = _publish_status(cache, v, p, variant)
         plan.instances += [q, v, p]
         for sm in variant.sms:
             plan.instances += gpu_instances(plan, cache, name, sm, q.key, p)
     return plan
+
+
+def registry_identity(registry_uri: str) -> str:
+    """The registry as publish keys name it: the embedded one is the one in this $KILN_HOME wherever that
+    folder lives (a moved home keeps its keys); a server by its URI."""
+    return "embedded" if registry_uri.startswith("sqlite:") else registry_uri
 
 
 def _selected_sm(loaded: LoadedRecipe, gpu: str | None) -> str | None:
@@ -266,7 +273,8 @@ def gpu_instances(plan: Plan, cache: StageCache, name: str, sm: str, checkpoint_
         {"engine": c_key, "model": plan.model_digest}, tool_versions(validate.TOOLS),
     )
     p_key, p_material = stage_key(
-        "publish", PUBLISH_VERSION, {"registry": plan.registry_uri, "name": plan.registered_name(name), "sm": sm},
+        "publish", PUBLISH_VERSION,
+        {"registry": registry_identity(plan.registry_uri), "name": plan.registered_name(name), "sm": sm},
         {"version": publish_instance.key, "engine": c_key, "report": e_key}, tool_versions(()),
     )
     c = StageInstance("compile", target, c_key, c_material, depends_on=(checkpoint_key,))
@@ -274,7 +282,7 @@ def gpu_instances(plan: Plan, cache: StageCache, name: str, sm: str, checkpoint_
     p = StageInstance("publish", target, p_key, p_material, depends_on=(e_key, publish_instance.key))
     skip = _gpu_skip_reason(plan, sm, request, publish_instance)
     for instance in (c, e, p):
-        instance.status = skip or ("cached" if cache.peek(instance.stage, instance.key) else "will run")
+        instance.status = skip or ("cached" if cache.intact(instance.stage, instance.key) else "will run")
     if e.status == "cached":
         gate = validate.evaluate_gates(validate.load_metrics(cache.entry_dir("engine-check", e_key)),
                                        **loaded.recipe.variants[name].gates.model_dump())
@@ -298,7 +306,7 @@ def _publish_status(cache: StageCache, validate_instance: StageInstance, publish
         gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
         if not gate.passed:
             return f"skipped: gate failed ({'; '.join(gate.failures)})"
-    return "cached" if cache.peek("publish", publish_instance.key) else "will run"
+    return "cached" if cache.intact("publish", publish_instance.key) else "will run"
 
 
 def _probe_hub_cache(source) -> tuple[Path | None, bool]:

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.pipeline.plan import Plan
-from kiln.pipeline.runner import BuildResult
+from kiln.pipeline.results import BuildResult
 
 # Wide enough for the summary when stdout is a file or a CI log, not a terminal.
 stdout_console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -48,10 +48,14 @@ def _fmt(value, spec: str) -> str:
 def build_table(result: BuildResult) -> Table:
     table = Table(title=f"build: {result.plan.loaded.recipe.name}", title_justify="left")
     for column, justify in (("variant", "left"), ("format", "left"), ("ppl change %", "right"), ("KL", "right"),
-                            ("top-1 agree", "right"), ("gate", "left"), ("registry version", "left")):
+                            ("top-1 agree", "right"), ("gate", "left"), ("registry version", "left"),
+                            ("ran", "left")):
         table.add_column(column, justify=justify)
+    table.caption = _work_summary(result)
+    table.caption_justify = "left"
     for v in result.variants:
         m = v.metrics
+        ran = [i.stage for i in result.ran if i.target == v.variant]
         table.add_row(
             v.variant,
             v.format,
@@ -60,8 +64,18 @@ def build_table(result: BuildResult) -> Table:
             _fmt(m and m.top1_agreement, ".4f"),
             v.gate.summary() if v.gate else "-",
             f"{v.published.name}/{v.published.version}" if v.published else "not published",
+            ", ".join(ran) if ran else "cached",
         )
     return table
+
+
+def _work_summary(result: BuildResult) -> str:
+    """Whether this build computed anything: a cached rebuild says so in as many words."""
+    if not result.ran:
+        return ("nothing was recomputed: every stage came from the verified cache and every version was "
+                "confirmed in the registry")
+    seconds = sum(i.seconds or 0 for i in result.ran)
+    return f"ran {len(result.ran)} stage(s) in {seconds:.0f} s; the rest came from the verified cache"
 
 
 def engines_table(result: BuildResult) -> Table:

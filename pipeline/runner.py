@@ -13,13 +13,13 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln import compile as compile_stage
 from kiln import quantize, registry, validate
 from kiln.pipeline.cache import StageCache
 from kiln.pipeline.data import token_samples
+from kiln.pipeline.digest import file_sha256
 from kiln.pipeline.errors import RecipeErrors, UserInputError
 from kiln.pipeline.fetch import hub_model
 from kiln.pipeline.plan import (
@@ -27,71 +27,15 @@ from kiln.pipeline.plan import (
     model_problems,
 )
 from kiln.pipeline.progress import ProgressReporter
-
-
-@dataclass
-class EngineResult:
-    sm: str
-    status: str                      # built, cached, or "skipped: reason"
-    metrics: validate.Metrics | None = None
-    gate: validate.GateResult | None = None
-    published: bool = False
-
-    def as_dict(self) -> dict:
-        return {
-            "sm": self.sm,
-            "status": self.status,
-            "metrics": self.metrics.as_dict() if self.metrics else None,
-            "gate": self.gate.as_dict() if self.gate else None,
-            "published": self.published,
-        }
-
-
-@dataclass
-class VariantResult:
-    variant: str
-    quant: str
-    kv_cache: str
-    metrics: validate.Metrics | None = None
-    gate: validate.GateResult | None = None
-    published: registry.PublishedVersion | None = None
-    trtllm_corrections: list[dict] = field(default_factory=list)
-    engines: list[EngineResult] = field(default_factory=list)
-
-    @property
-    def format(self) -> str:
-        return self.quant + ("" if self.kv_cache == "none" else f" + kv {self.kv_cache}")
-
-    def as_dict(self) -> dict:
-        return {
-            "variant": self.variant,
-            "quant": self.quant,
-            "kv_cache": self.kv_cache,
-            "metrics": self.metrics.as_dict() if self.metrics else None,
-            "gate": self.gate.as_dict() if self.gate else None,
-            "registry": self.published.as_dict() if self.published else None,
-            "upload": self.published.transfer.as_dict() if self.published and self.published.transfer else None,
-            "trtllm_corrections": self.trtllm_corrections,
-            "engines": [e.as_dict() for e in self.engines],
-        }
-
-
-@dataclass
-class BuildResult:
-    plan: Plan
-    variants: list[VariantResult]
-    ran: list[StageInstance]
-
-    @property
-    def exit_code(self) -> int:
-        gates = [v.gate for v in self.variants] + [e.gate for v in self.variants for e in v.engines]
-        return 3 if any(g is not None and not g.passed for g in gates) else 0
+from kiln.pipeline.results import BuildResult, EngineResult, VariantResult
 
 
 class _Runner:
-    def __init__(self, plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False):
+    def __init__(self, plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,
+                 share_names: bool = False):
         self.plan, self.cache, self.progress = plan, cache, progress
         self.publish_failed = publish_failed   # publish what fails its gates too, tagged so, with no alias
+        self.share_names = share_names         # publish into registry names another recipe/variant owns
         self.loaded = plan.loaded
         self.ran: list[StageInstance] = []
         self._model_dir: Path | None = None
@@ -203,20 +147,17 @@ class _Runner:
         entry = self.cache.lookup("publish", instance.key)
         if entry is not None:
             recorded = json.loads((entry / PUBLISHED_RECORD).read_text())
-            # The common cached case is confirmed without importing MLflow (about 3 s).
-            if registry.version_confirmed(home, recorded["name"], recorded["version"], instance.key, aliases):
-                return registry.PublishedVersion(recorded["name"], recorded["version"], recorded["run_id"])
-            found = registry.find_version(home, recorded["name"], instance.key)
-            if found is not None and found.version == recorded["version"]:
-                registry.set_aliases(home, found.name, found.version, aliases)
+            found = self._confirmed(recorded, instance.key, aliases)
+            if found is not None:
+                self._check_stored_blobs(name, found, checkpoint, report)
                 return found
             self.progress.log(f"warning: {recorded['name']}/{recorded['version']} is gone from the registry; publishing again")
             shutil.rmtree(entry, ignore_errors=True)
         tags = {**self._tags(name, instance, checkpoint, metrics), **gate_tags("kiln.gate", gate)}
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
-            files = _artifact_files(checkpoint, report)
-            files[registry.RECIPE_FILE] = self._variant_recipe(name, Path(scratch))
-            published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress)
+            files = self._artifact_files(name, checkpoint, report, Path(scratch))
+            published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress,
+                                         share_name=self.share_names)
         if published.transfer is not None and published.transfer.repaired_files:
             self.progress.log(f"warning: {published.transfer.repaired_files} stored blob(s) no longer matched their "
                               "sha256 and were uploaded again from this build's verified copy")
@@ -230,6 +171,43 @@ class _Runner:
             (out / PUBLISHED_RECORD).write_text(json.dumps(published.as_dict(), indent=2) + "\n")
         self._ran(instance)
         return published
+
+    def _confirmed(self, recorded: dict, publish_key: str, aliases) -> registry.PublishedVersion | None:
+        """The version a cached publish recorded, if it still exists with this key (aliases set again)."""
+        home = self.plan.home
+        # The common cached case is confirmed without importing MLflow (about 3 s).
+        if registry.version_confirmed(home, recorded["name"], recorded["version"], publish_key, aliases):
+            return registry.PublishedVersion(recorded["name"], recorded["version"], recorded["run_id"])
+        found = registry.find_version(home, recorded["name"], publish_key)
+        if found is None or found.version != recorded["version"]:
+            return None
+        registry.set_aliases(home, found.name, found.version, aliases)
+        return found
+
+    def _check_stored_blobs(self, name: str, version: registry.PublishedVersion, checkpoint: Path,
+                            report: Path) -> None:
+        """A cached publish still stands on intact bytes: the embedded blob store is hashed against this
+        build's verified cache entries, and whatever is missing or altered is uploaded again from them."""
+        with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
+            files = self._artifact_files(name, checkpoint, report, Path(scratch))
+            recorded = {**self.cache.recorded_files(checkpoint),
+                        "validation.json": self.cache.recorded_files(report)[validate.REPORT]}
+            expected = {}
+            for rel, path in files.items():
+                info = recorded.get(rel) or {"size": path.stat().st_size, "sha256": file_sha256(path)}
+                expected[info["sha256"]] = info["size"]
+            damaged = registry.embedded_damage(self.plan.home, expected)
+            if not damaged:
+                return
+            self.progress.log(f"warning: {len(damaged)} stored blob(s) of {version.name}/{version.version} are missing "
+                              "or no longer match their sha256; uploading them again from this build's verified copy")
+            registry.repair_blobs(self.plan.home, files, self.progress)
+
+    def _artifact_files(self, name: str, checkpoint: Path, report: Path, scratch: Path) -> dict[str, Path]:
+        """What a variant's version holds: the checkpoint, validation.json and its recipe.json (in `scratch`)."""
+        files = _artifact_files(checkpoint, report)
+        files[registry.RECIPE_FILE] = self._variant_recipe(name, scratch)
+        return files
 
     def compile(self, sm: str, instance: StageInstance, checkpoint: Path) -> Path:
         entry = self.cache.lookup("compile", instance.key)
@@ -295,9 +273,9 @@ class _Runner:
         model = self.loaded.recipe.model
         tags = {
             registry.PUBLISH_KEY_TAG: instance.key,
-            "kiln.recipe": self.loaded.recipe.name,
+            registry.RECIPE_TAG: self.loaded.recipe.name,
             "kiln.recipe_digest": self.loaded.digest,
-            "kiln.variant": name,
+            registry.VARIANT_TAG: name,
             "kiln.source": model.source if model.is_hub else f"local:{self.plan.model_digest[:16]}",
             "kiln.revision": model.revision or self.plan.model_digest,
             "kiln.quant": record.quant,
@@ -328,9 +306,14 @@ def gate_tags(key: str, gate: validate.GateResult) -> dict[str, str]:
     return tags
 
 
-def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False) -> BuildResult:
-    runner = _Runner(plan, cache, progress, publish_failed)
+def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,
+             share_names: bool = False) -> BuildResult:
+    runner = _Runner(plan, cache, progress, publish_failed, share_names)
     cache.clean_stale_temporaries()
+    if not share_names:   # before hours of calibration, not at the end
+        for name in plan.loaded.recipe.variants:
+            if plan.instance("publish", name).status == "will run":
+                registry.check_owner(plan.home, plan.registered_name(name), plan.loaded.recipe.name, name)
     try:
         return _run_variants(runner, plan, cache, publish_failed)
     finally:

@@ -30,16 +30,16 @@ from kiln.registry.lookup import version_confirmed
 from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_manifest, sm_tag
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, gate_failures, promote
-from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, download_blobs, upload_blobs
+from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, download_blobs, embedded_damage, upload_blobs
 from kiln.registry.store import (
     ARTIFACT_PATH, MANIFEST_TAG, PUBLISH_KEY_TAG, PublishedVersion, client, create_model_version, download,
-    download_file, ensure_registered_model, experiment_id, tracking_uri, upload_manifest,
+    download_file, ensure_registered_model, experiment_id, is_missing, tracking_uri, unreachable, upload_manifest,
 )
 
-__all__ = ["publish", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "version_confirmed", "pull",
+__all__ = ["publish", "check_owner", "embedded_damage", "repair_blobs", "RECIPE_TAG", "VARIANT_TAG", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "version_confirmed", "pull",
            "check_pullable",
            "list_versions",
-           "parse_ref", "tracking_uri",
+           "parse_ref", "tracking_uri", "unreachable",
            "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG",
            "Transfer", "RECIPE_FILE", "Promotion", "promote", "diff", "gate_failures"]
 
@@ -54,13 +54,18 @@ class PulledArtifact:
     sm: str | None = None
 
 
-def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str], aliases, progress) -> PublishedVersion:
+def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str], aliases, progress,
+            share_name: bool = False) -> PublishedVersion:
     """Upload `files` (artifact path -> local file) plus manifest.json as a version of `name`.
 
     A version with the same publish key (tags[PUBLISH_KEY_TAG]) is found, not duplicated; when two
     publishers race, both create one and the lowest version number wins: the other is deleted.
+    A name whose versions another recipe/variant published (tags kiln.recipe, kiln.variant) is refused
+    unless `share_name`.
     """
     publish_key = tags[PUBLISH_KEY_TAG]
+    if not share_name:
+        check_owner(home, name, tags.get(RECIPE_TAG), tags.get(VARIANT_TAG))
     existing = find_version(home, name, publish_key)
     if existing is not None:
         set_aliases(home, name, existing.version, aliases)
@@ -85,6 +90,12 @@ def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str],
     return PublishedVersion(winner.name, winner.version, winner.run_id, winner.created, transfer)
 
 
+def repair_blobs(home: Path, files: dict[str, Path], progress) -> Transfer:
+    """Upload again whatever of `files` the blob store lacks or holds altered (verified like a publish)."""
+    manifest = build_manifest(files)
+    return upload_blobs(client(home), home, files, manifest["files"], progress, "repair blobs")
+
+
 def _converge(mlflow, name: str, publish_key: str, mine: str) -> PublishedVersion:
     """Of the versions carrying this publish key, keep the lowest; delete ours if it is not that one."""
     twins = sorted((v for v in mlflow.search_model_versions(f"name='{name}'")
@@ -93,6 +104,26 @@ def _converge(mlflow, name: str, publish_key: str, mine: str) -> PublishedVersio
     if str(winner.version) != mine:
         mlflow.delete_model_version(name, mine)
     return PublishedVersion(name, str(winner.version), winner.run_id, created=str(winner.version) == mine)
+
+
+RECIPE_TAG, VARIANT_TAG = "kiln.recipe", "kiln.variant"   # who owns a registered model's name
+
+
+def check_owner(home: Path, name: str, recipe: str | None, variant: str | None) -> None:
+    """Refuse to publish into `name` when its versions came from another recipe or variant.
+
+    Names are <recipe>-<variant>, so recipe `a-b` with variant `c` and recipe `a` with variant `b-c`
+    both map to `a-b-c`; without this check the second would move the first's aliases to its format.
+    """
+    if recipe is None:
+        return
+    for version in client(home).search_model_versions(f"name='{name}'"):
+        owner = (version.tags.get(RECIPE_TAG), version.tags.get(VARIANT_TAG))
+        if owner[0] is not None and owner != (recipe, variant):
+            raise UserInputError(
+                f"registry model '{name}' belongs to recipe '{owner[0]}' variant '{owner[1]}' ({name}/{version.version});"
+                f" recipe '{recipe}' variant '{variant}' would publish into it (fix: rename the recipe or the "
+                "variant, or pass --share-registry-name to publish there anyway)")
 
 
 def held_sms_of(home: Path, version: PublishedVersion) -> list[str]:
@@ -137,7 +168,9 @@ def _resolve(mlflow, ref: str):
         if alias:
             return mlflow.get_model_version_by_alias(name, alias)
         return mlflow.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_missing(exc):
+            raise
         what = f"alias '{alias}'" if alias else f"version {version}"
         raise UserInputError(f"{ref}: registered model '{name}' has no {what} (fix: see `kiln ls`)") from None
 

@@ -66,14 +66,30 @@ def _intact(store, sha: str, size: int) -> bool:
 
     local_root = getattr(store, "artifact_dir", None)
     if local_root is not None:
-        path = Path(local_root) / sha[:2] / sha
-        return path.is_file() and path.stat().st_size == size and file_sha256(path) == sha
+        return _file_intact(Path(local_root) / sha[:2] / sha, sha, size)
     with tempfile.TemporaryDirectory(prefix="kiln-verify-") as scratch:
         try:
             fetched = Path(store.download_artifacts(f"{sha[:2]}/{sha}", dst_path=scratch))
         except Exception:   # listed but unreadable: as good as missing
             return False
         return fetched.stat().st_size == size and file_sha256(fetched) == sha
+
+
+def _file_intact(path: Path, sha: str, size: int) -> bool:
+    from kiln.pipeline.digest import file_sha256
+
+    return path.is_file() and path.stat().st_size == size and file_sha256(path) == sha
+
+
+def embedded_damage(home: Path, expected: dict[str, int]) -> list[str] | None:
+    """Which blobs (sha256 -> size) the embedded store lacks or holds altered, checked without MLflow;
+    None for a registry server (its blobs are verified when a publish reuses them and when pulled)."""
+    from kiln.registry.store import is_embedded, tracking_uri
+
+    if not is_embedded(tracking_uri(home)):
+        return None
+    root = Path(home) / "registry" / "artifacts" / BLOBS
+    return [sha for sha, size in sorted(expected.items()) if not _file_intact(root / sha[:2] / sha, sha, size)]
 
 
 def upload_blobs(mlflow, home: Path, files: dict[str, Path], manifest_files: dict[str, dict], progress,

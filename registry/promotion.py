@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,10 +22,11 @@ from kiln.pipeline.progress import SILENT
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, download_blobs
 from kiln.registry.engines import held_sms, sm_manifest, sm_tag
 from kiln.registry.manifest import MANIFEST
-from kiln.registry.store import client, download_file
+from kiln.registry.store import client, download_file, is_missing
 
 RECIPE_FILE = "recipe.json"      # the recipe as it applies to the version's variant
 PROMOTION = "kiln.promotion"
+_ALIAS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")   # what NAME@ALIAS references can name
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,17 @@ def _version(mlflow, name: str, version: str):
 
     try:
         return mlflow.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_missing(exc):
+            raise
         raise UserInputError(f"{name}/{version}: no such version (fix: see `kiln ls`)") from None
 
 
 def promote(home: Path, name: str, version: str, alias: str, force: bool = False,
             reason: str | None = None) -> Promotion:
+    if not _ALIAS.fullmatch(alias):
+        raise UserInputError(f"--alias {alias!r}: an alias is lower-case letters, digits, '.', '_' and '-', "
+                             "starting with a letter or digit (fix: e.g. --alias production)")
     mlflow = client(home)
     found = _version(mlflow, name, version)
     if force and not (reason or "").strip():

@@ -6,6 +6,7 @@ MLFLOW_TRACKING_URI points kiln at a team server instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from kiln.pipeline.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.registry.blobs import Transfer
@@ -35,8 +38,31 @@ class PublishedVersion:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}
 
 
+# What MLFLOW_TRACKING_URI may name: a registry server, or a database MLflow opens itself.
+_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+# A registry that does not answer must fail in seconds, not after MLflow's default of 7 retries with
+# exponential backoff (about 270 s per request). The user's own settings win.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
 def tracking_uri(home: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(home) / 'registry' / 'mlflow.db').resolve()}"
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if not configured:
+        return f"sqlite:///{(Path(home) / 'registry' / 'mlflow.db').resolve()}"
+    scheme = configured.split("://", 1)[0].split("+", 1)[0].lower() if "://" in configured else ""
+    if scheme not in _SCHEMES:
+        from kiln.pipeline.errors import UserInputError
+
+        raise UserInputError(f"MLFLOW_TRACKING_URI={configured}: not a registry kiln can use (fix: "
+                             "http://HOST:PORT of a `kiln registry serve`, or unset it for the embedded registry "
+                             "in $KILN_HOME)")
+    return configured
+
+
+def artifact_root(home: Path) -> str:
+    """Where the embedded registry keeps files: always under the current $KILN_HOME."""
+    return (Path(home) / "registry" / "artifacts").resolve().as_uri()
 
 
 def is_embedded(uri: str) -> bool:
@@ -48,6 +74,8 @@ def client(home: Path):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Against a server MLflow prints run links on stdout, where kiln's tables and JSON go.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for variable, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(variable, value)
     from mlflow.tracking import MlflowClient
 
     # MLflow sets its own loggers to INFO on import; its schema-migration chatter is not news here.
@@ -55,21 +83,115 @@ def client(home: Path):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     uri = tracking_uri(home)
-    if not is_embedded(uri) or uri in _initialised:
+    if not is_embedded(uri):
+        require_reachable(uri)
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    # Create or migrate the SQLite schema under a file lock: two first-time publishers would otherwise
-    # run MLflow's migrations at once and one fails. Later writes rely on SQLite's own locking.
+    if uri in _initialised:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Create, migrate and rebase the SQLite database under a file lock: two first-time publishers would
+    # otherwise run MLflow's migrations at once and one fails. Later writes rely on SQLite's own locking.
     import fcntl
 
     database = Path(uri[len("sqlite:///"):])
     database.parent.mkdir(parents=True, exist_ok=True)
     with database.with_name(database.name + ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        mlflow_client.search_experiments(max_results=1)          # the tracking store migrates on first use
-        mlflow_client.search_registered_models(max_results=1)    # and so does the model registry
+        if not database.exists():
+            _create_database(database)
+        _migrate(uri)
+        _rebase_moved_home(database, artifact_root(home))
     _initialised.add(uri)
-    return mlflow_client
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _migrate(uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow_client.search_experiments(max_results=1)          # the tracking store migrates on first use
+    mlflow_client.search_registered_models(max_results=1)    # and so does the model registry
+
+
+def _create_database(database: Path) -> None:
+    """Migrate a new database beside its final name, then rename it into place: a full disk or a kill
+    midway leaves no half-migrated database that every later command would trip over."""
+    fd, scratch = tempfile.mkstemp(prefix=f".tmp-{database.name}-", dir=database.parent)
+    os.close(fd)
+    os.unlink(scratch)   # SQLite creates it
+    try:
+        _migrate(f"sqlite:///{scratch}")
+        # MLflow's pooled connections to the scratch name stay open on the same inode and are never used
+        # again (the pool is keyed by URI); renaming under them is safe.
+        os.replace(scratch, database)
+    finally:
+        for leftover in (scratch, scratch + "-journal", scratch + "-wal", scratch + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+def _rebase_moved_home(database: Path, root: str) -> None:
+    """Point a moved or copied embedded registry at its new place.
+
+    MLflow records absolute artifact locations. After `mv ~/.kiln /elsewhere` they would still name the
+    old folder: pulls would fail and new runs would write outside $KILN_HOME. kiln's own layout puts every
+    file under <home>/registry/artifacts, so the recorded prefix is replaced by the current one.
+    """
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as db, db:
+        row = db.execute("SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
+        if row is None or row[0] == root or not str(row[0]).endswith("/registry/artifacts"):
+            return
+        old = row[0]
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                              ("model_versions", "source"), ("model_versions", "storage_location")):
+            if column not in {info[1] for info in db.execute(f"PRAGMA table_info({table})")}:
+                continue
+            db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                       f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                       (root, len(old) + 1, old, len(old) + 1, old + "/"))
+
+
+def require_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """A registry server answers /health within seconds, or the command stops here with one line."""
+    if not uri.startswith(("http://", "https://")) or uri in _reachable:
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        pass   # it answered: a proxy or an older server without /health
+    except (OSError, ValueError) as exc:
+        raise RegistryUnreachable(uri, exc) from None
+    _reachable.add(uri)
+
+
+_reachable: set[str] = set()
+
+
+class RegistryUnreachable(KilnError):
+    exit_code = 1
+
+    def __init__(self, uri: str, cause: object):
+        reason = getattr(cause, "reason", None) or cause
+        super().__init__(f"the registry at {uri} is unreachable ({reason}) (fix: start it with `kiln registry "
+                         "serve`, or point MLFLOW_TRACKING_URI at a running one)")
+
+
+def unreachable(exc: BaseException) -> KilnError | None:
+    """A connection failure deep inside MLflow, as the one line kiln prints; None for anything else."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    text = f"{type(exc).__name__}: {exc}"
+    markers = ("Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted",
+               "RemoteDisconnected", "Read timed out", "ConnectTimeout")
+    if any(marker in text for marker in markers):
+        return RegistryUnreachable(uri, text.splitlines()[0][:200])
+    return None
 
 
 _initialised: set[str] = set()
@@ -82,7 +204,7 @@ def experiment_id(mlflow_client, home: Path) -> str:
     location = None
     if is_embedded(tracking_uri(home)):
         # Without an explicit location MLflow would write ./mlruns under the current directory.
-        location = (Path(home) / "registry" / "artifacts").resolve().as_uri()
+        location = artifact_root(home)
     try:
         return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
     except Exception:  # created concurrently by another publisher
@@ -121,6 +243,12 @@ def create_model_version(mlflow_client, name: str, source: str, run_id: str, tag
             if attempt == attempts - 1:
                 raise
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+
+
+def is_missing(exc: BaseException) -> bool:
+    """An MlflowException that says the model, version or alias does not exist (not a failing server)."""
+    code = getattr(exc, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(exc).lower()
 
 
 def download_file(home: Path, artifact_uri: str, dest: Path) -> Path:

@@ -81,7 +81,7 @@ def test_killed_build_leaves_no_entry_that_looks_complete(tmp_path, test_model, 
     leftovers = list(quantize_dir.iterdir())
     assert leftovers and all(p.name.startswith(".tmp-") for p in leftovers), leftovers
     cache = StageCache(kiln_home / "cache")
-    assert all(not cache.peek("quantize", p.name) for p in leftovers)
+    assert all(not cache.intact("quantize", p.name) for p in leftovers)
     from tests.conftest import run_kiln
 
     plan = run_kiln("plan", recipe, "--json")

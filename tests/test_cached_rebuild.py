@@ -54,3 +54,44 @@ def test_cached_rebuild_skips_mlflow_and_republishes_a_deleted_version(tmp_path,
     assert "cr-fp8/1 is gone from the registry; publishing again" in again.stderr
     (variant,) = json.loads(again.stdout)["variants"]
     assert variant["registry"]["version"] == "2"
+
+
+def test_a_cached_rebuild_says_so_verifies_the_stored_blobs_and_plan_verifies_the_cache(tmp_path, test_model,
+                                                                                        kiln_home):
+    """Issue 13.18: the cached table looked like a fresh build's. 13.1: an unchanged recipe's rebuild did not
+    notice a corrupt blob. 13.17: `kiln plan` said `cached` for a damaged entry."""
+    from kiln.pipeline.digest import file_sha256
+    from tests.conftest import run_kiln
+
+    recipe = write_recipe(tmp_path, str(test_model), VARIANTS, name="cv", samples=8, seq_len=128)
+    first = run_kiln("build", recipe)
+    assert first.returncode == 0, first.stderr
+    assert "ran 3 stage(s)" in first.stdout and "quantize, validate, publish" in first.stdout
+
+    cached = run_kiln("build", recipe)
+    assert cached.returncode == 0, cached.stderr
+    assert "nothing was recomputed: every stage came from the verified cache" in cached.stdout
+    assert "cached" in cached.stdout.split("cv-fp8/1")[1].splitlines()[0]
+
+    blobs = sorted((kiln_home / "registry" / "artifacts" / "blobs").glob("*/*"), key=lambda p: p.stat().st_size)
+    biggest = blobs[-1]
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    repaired = run_kiln("build", recipe)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "1 stored blob(s) of cv-fp8/1 are missing or no longer match their sha256" in repaired.stderr
+    assert file_sha256(biggest) == biggest.name
+    pulled = run_kiln("pull", "cv-fp8/1", "--out", tmp_path / "pulled", "--gpu", "none")
+    assert pulled.returncode == 0, pulled.stderr
+
+    weights = next((kiln_home / "cache" / "quantize").glob("*/hf/*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    plan = run_kiln("plan", recipe, "--json")
+    assert plan.returncode == 0, plan.stderr
+    statuses = {s["stage"]: s["status"] for s in json.loads(plan.stdout)["stages"]}
+    assert statuses["quantize"] == "will run" and statuses["validate"] == "cached"
+    assert f"hf/{weights.name} was altered); a build discards it and runs the stage again" in plan.stderr
+    assert weights.exists(), "plan writes nothing, not even a removal"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import run_kiln, write_recipe
+from tests.conftest import KILN, run_kiln, write_recipe
 
 
 def _model_folder(folder):
@@ -81,3 +82,35 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
     result = run_kiln("check", recipe)
     assert result.returncode == 2
     assert f"{recipe}:9: variants.fp8: duplicate key; YAML would silently drop the one at line 7" in result.stderr
+
+
+def _on_small_disk(tmp_path, size: str, script: str) -> subprocess.CompletedProcess:
+    """Run `script` (sh) with $DISK a fresh tmpfs of `size`, in a private mount namespace; skip where the
+    machine allows no such mount (not root, no unshare)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {disk}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({probe.stderr.strip() or 'unshare failed'})")
+    return subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {disk} && {script}"],
+                          capture_output=True, text=True, env={**os.environ, "DISK": str(disk)}, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size, where", [("2500k", "export"), ("10m", "upload")])
+def test_a_full_disk_during_a_build_is_one_line_and_leaves_nothing_partial(tmp_path, test_model, size, where):
+    """Issue 13.10: a full disk during export or upload printed a traceback. On a tmpfs that fills up while
+    the checkpoint is written (2.5 MB) or while it is uploaded to the embedded registry (10 MB)."""
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8"}}, name="full", samples=8, seq_len=64)
+    result = _on_small_disk(tmp_path, size, f'KILN_HOME=$DISK/home {KILN} build {recipe}; echo "rc=$?"; '
+                                            f'find $DISK -name ".tmp-*"; KILN_HOME=$DISK/home {KILN} ls --json')
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kiln: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "space" in errors[0] or "disk is full" in errors[0], errors[0]
+    assert "(fix: free space on that disk" in errors[0]
+    out = result.stdout.splitlines()
+    assert "rc=1" in out, result.stdout
+    after = out[out.index("rc=1") + 1:]
+    assert not [line for line in after if ".tmp-" in line], "partial folders were left behind"
+    assert json.loads("\n".join(after)) == [], "no version may be published from a failed build"

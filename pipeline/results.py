@@ -1,0 +1,67 @@
+"""What a build produced, per variant and per SM: the documents `kiln build` prints and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln import registry, validate
+from kiln.pipeline.plan import Plan, StageInstance
+
+
+@dataclass
+class EngineResult:
+    sm: str
+    status: str                      # built, cached, or "skipped: reason"
+    metrics: validate.Metrics | None = None
+    gate: validate.GateResult | None = None
+    published: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "sm": self.sm,
+            "status": self.status,
+            "metrics": self.metrics.as_dict() if self.metrics else None,
+            "gate": self.gate.as_dict() if self.gate else None,
+            "published": self.published,
+        }
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    quant: str
+    kv_cache: str
+    metrics: validate.Metrics | None = None
+    gate: validate.GateResult | None = None
+    published: registry.PublishedVersion | None = None
+    trtllm_corrections: list[dict] = field(default_factory=list)
+    engines: list[EngineResult] = field(default_factory=list)
+
+    @property
+    def format(self) -> str:
+        return self.quant + ("" if self.kv_cache == "none" else f" + kv {self.kv_cache}")
+
+    def as_dict(self) -> dict:
+        return {
+            "variant": self.variant,
+            "quant": self.quant,
+            "kv_cache": self.kv_cache,
+            "metrics": self.metrics.as_dict() if self.metrics else None,
+            "gate": self.gate.as_dict() if self.gate else None,
+            "registry": self.published.as_dict() if self.published else None,
+            "upload": self.published.transfer.as_dict() if self.published and self.published.transfer else None,
+            "trtllm_corrections": self.trtllm_corrections,
+            "engines": [e.as_dict() for e in self.engines],
+        }
+
+
+@dataclass
+class BuildResult:
+    plan: Plan
+    variants: list[VariantResult]
+    ran: list[StageInstance]
+
+    @property
+    def exit_code(self) -> int:
+        gates = [v.gate for v in self.variants] + [e.gate for v in self.variants for e in v.engines]
+        return 3 if any(g is not None and not g.passed for g in gates) else 0

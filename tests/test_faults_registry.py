@@ -1,0 +1,174 @@
+"""Registry faults (issue 13, data integrity): shared names, a moved KILN_HOME, a database created on a
+full disk, a registry that does not answer. Each test failed on main before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import KILN, run_kiln
+
+
+def _publish(home, name, payload: bytes, key: str, recipe="r", variant="v", share=False, tmp=None):
+    from kiln.pipeline.progress import SILENT
+    from kiln.registry import PUBLISH_KEY_TAG, RECIPE_TAG, VARIANT_TAG, publish
+
+    folder = (tmp or home.parent) / f"src-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "w.bin").write_bytes(payload)
+    tags = {PUBLISH_KEY_TAG: key, RECIPE_TAG: recipe, VARIANT_TAG: variant}
+    return publish(home, name, {"hf/w.bin": folder / "w.bin"}, tags, ["candidate"], SILENT, share_name=share)
+
+
+def test_a_name_owned_by_another_recipe_and_variant_is_refused(kiln_home):
+    """Issue 13.3: recipe `a-b` variant `c` and recipe `a` variant `b-c` both published into `a-b-c`."""
+    from kiln.pipeline.errors import UserInputError
+    from kiln.registry import list_versions
+
+    _publish(kiln_home, "a-b-c", b"fp8 bytes", "k1", recipe="a", variant="b-c")
+    with pytest.raises(UserInputError) as refused:
+        _publish(kiln_home, "a-b-c", b"int4 bytes", "k2", recipe="a-b", variant="c")
+    assert refused.value.exit_code == 2
+    assert ("registry model 'a-b-c' belongs to recipe 'a' variant 'b-c' (a-b-c/1); recipe 'a-b' variant 'c' would "
+            "publish into it (fix: rename the recipe or the variant, or pass --share-registry-name") in str(refused.value)
+    rows = list_versions(kiln_home)
+    assert [(r["version"], r["aliases"]) for r in rows] == [("1", ["candidate"])]   # candidate did not move
+    _publish(kiln_home, "a-b-c", b"more fp8", "k3", recipe="a", variant="b-c")   # its owner publishes on
+    shared = _publish(kiln_home, "a-b-c", b"int4 bytes", "k2", recipe="a-b", variant="c", share=True)
+    assert shared.version == "3"
+
+
+def test_build_refuses_a_foreign_name_before_any_stage_runs(kiln_home, tmp_path, test_model):
+    """The build checks ownership before calibrating, exits 2 and writes no cache entry."""
+    from tests.conftest import write_recipe
+
+    _publish(kiln_home, "t-fp8", b"someone else's", "k1", recipe="other", variant="x")
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8"}}, name="t")
+    result = run_kiln("build", recipe, env={"KILN_HOME": str(kiln_home)})
+    assert result.returncode == 2, result.stderr
+    assert "registry model 't-fp8' belongs to recipe 'other' variant 'x'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (kiln_home / "cache" / "quantize").exists()
+
+
+def test_a_moved_kiln_home_pulls_and_publishes_in_place(tmp_path):
+    """Issue 13.4: the embedded registry stored absolute paths; a moved home could pull nothing, and a build
+    there wrote into the old path and published duplicates."""
+    from kiln.registry import find_version, pull
+    from kiln.pipeline.progress import SILENT
+
+    old, new = tmp_path / "old-home", tmp_path / "elsewhere" / "home"
+    first = _publish(old, "m-v", b"the weights", "k1", tmp=tmp_path)
+    (new.parent).mkdir()
+    shutil.move(old, new)
+    from kiln.registry import store
+    store._initialised.clear()
+
+    pulled = pull(new, "m-v/1", tmp_path / "pulled", SILENT)
+    assert (pulled.path / "hf" / "w.bin").read_bytes() == b"the weights"
+    assert find_version(new, "m-v", "k1").version == first.version    # the same key finds it: no duplicate
+    again = _publish(new, "m-v", b"the weights", "k1", tmp=tmp_path)
+    assert (again.version, again.created) == ("1", False)
+    second = _publish(new, "m-v", b"new weights", "k2", tmp=tmp_path)
+    assert second.version == "2"
+    assert not old.exists(), "nothing may be written at the old location"
+    with sqlite3.connect(new / "registry" / "mlflow.db") as db:
+        locations = [row[0] for row in db.execute("SELECT artifact_uri FROM runs")]
+    assert len(locations) == 2 and all(uri.startswith((new / "registry").resolve().as_uri()) for uri in locations)
+
+
+def test_the_publish_key_does_not_name_the_embedded_registry_path(tmp_path):
+    from kiln.pipeline.plan import registry_identity
+
+    assert registry_identity(f"sqlite:///{tmp_path}/a/registry/mlflow.db") == "embedded"
+    assert registry_identity("http://registry:5000") == "http://registry:5000"
+
+
+def _limit_file_size(limit_bytes: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_while_the_database_is_created_leaves_no_half_database(tmp_path):
+    """Issue 13.5: a full disk during the first migration left `_alembic_tmp_experiments already exists` on every
+    later command. Here a file-size limit makes every write past 64 KiB fail, as a full disk does."""
+    home = tmp_path / "home"
+    env = {**os.environ, "KILN_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    full = subprocess.run([str(KILN), "ls"], capture_output=True, text=True, env=env,
+                          preexec_fn=_limit_file_size(64 * 1024), timeout=300)
+    assert full.returncode == 1, full.stderr
+    assert "Traceback" not in full.stderr and len(full.stderr.splitlines()) == 1
+    assert "disk I/O error (fix: the disk reports I/O errors" in full.stderr    # what SQLite makes of EFBIG
+    assert not (home / "registry" / "mlflow.db").exists()
+    assert [p.name for p in (home / "registry").iterdir() if p.name.startswith(".tmp-")] == []
+    after = subprocess.run([str(KILN), "ls", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout) == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_registry_fails_in_seconds_with_one_line(tmp_path):
+    """Issue 13.12: `kiln ls` took 270 s against a closed port; `kiln pull` said the version does not exist."""
+    env = {"KILN_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}"}
+    for args in (("ls",), ("pull", "demo-fp8@candidate", "--out", tmp_path / "out", "--gpu", "none")):
+        started = time.monotonic()
+        result = run_kiln(*args, env=env, timeout=120)
+        assert time.monotonic() - started < 60
+        assert result.returncode == 1, (args, result.stderr)
+        assert "is unreachable" in result.stderr and "Traceback" not in result.stderr
+        assert "has no alias" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_registry_dying_mid_command_is_reported_as_unreachable():
+    """After the start-up check passed: MLflow's own connection errors become the same one line."""
+    import requests
+
+    from kiln.registry import unreachable
+
+    os.environ["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"
+    try:
+        error = requests.exceptions.ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=9): Max retries "
+                                                    "exceeded with url: /api/2.0/mlflow/runs/create")
+        assert "the registry at http://127.0.0.1:9 is unreachable" in str(unreachable(error))
+        assert unreachable(ValueError("a bug")) is None
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+@pytest.mark.parametrize("uri", ["garbage://x", "not a uri"])
+def test_a_tracking_uri_kiln_cannot_use_is_refused(tmp_path, uri):
+    result = run_kiln("ls", env={"KILN_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"MLFLOW_TRACKING_URI={uri}: not a registry kiln can use (fix:" in result.stderr
+
+
+def test_promote_refuses_an_alias_that_is_not_a_name(kiln_home):
+    _publish(kiln_home, "m-v", b"w", "k1")
+    result = run_kiln("promote", "m-v", "1", "--alias", "Bad Alias!", env={"KILN_HOME": str(kiln_home)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--alias 'Bad Alias!': an alias is lower-case letters" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["pull", "triton-repo"])
+def test_an_out_folder_that_cannot_be_created_is_refused(kiln_home, command):
+    _publish(kiln_home, "m-v", b"w", "k1")
+    extra = ("--gpu", "none") if command == "pull" else ()
+    result = run_kiln(command, "m-v/1", "--out", "/proc/kiln-x", *extra, env={"KILN_HOME": str(kiln_home)})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "--out /proc/kiln-x: cannot create a folder there" in result.stderr
