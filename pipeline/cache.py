@@ -110,12 +110,16 @@ class StageCache:
             os.chmod(tmp, 0o755)
 
     def clean_stale_temporaries(self, older_than_s: float = 24 * 3600) -> int:
-        """Remove temporary folders left by killed builds (never mistaken for entries)."""
+        """Remove partial entries of builds that no longer run (never mistaken for entries); those whose
+        writer cannot be told (older kiln versions) once they are a day old."""
+        from kiln.pipeline.scratch import owner_alive, owner_in
+
         removed = 0
         now = time.time()
         for tmp in Path(self.root).glob("*/.tmp-*"):
+            owner = owner_in(tmp.name)
             with contextlib.suppress(OSError):
-                if now - tmp.stat().st_mtime > older_than_s:
+                if (owner is not None and not owner_alive(owner)) or now - tmp.stat().st_mtime > older_than_s:
                     shutil.rmtree(tmp)
                     removed += 1
         return removed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -47,9 +48,10 @@ def _reported_errors() -> Iterator[None]:
         for line in lines:
             print(f"kiln: {line}", file=sys.stderr)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        print("kiln: interrupted; completed cache entries are kept, partial ones discarded", file=sys.stderr)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"kiln: {what}; completed cache entries are kept, partial ones discarded", file=sys.stderr)
+        raise typer.Exit(code) from None
     except Exception as exc:
         from kiln.pipeline.failures import known_failure
 
@@ -60,6 +62,23 @@ def _reported_errors() -> Iterator[None]:
             traceback.print_exc()
         print(f"kiln: {known}", file=sys.stderr)
         raise typer.Exit(known.exit_code) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (CI cancellation, `timeout`, `kill`), unwound like Ctrl-C: partial folders are discarded."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def private_tempdir() -> None:
+    """Temporary files of commands that write go to $KILN_HOME/tmp/<this process>, removed at exit, and
+    those that killed kiln processes left are removed first."""
+    from kiln.pipeline.scratch import use_private_tempdir
+
+    use_private_tempdir(kiln_home())
 
 
 @app.callback()
@@ -104,7 +123,7 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
     """
     from kiln.compile import detect_host
     from kiln.pipeline.memory import recipe_estimate
-    from kiln.pipeline.plan import checkable_model_folder, model_problems
+    from kiln.pipeline.plan import checkable_model_folder, data_problems, model_problems
     from kiln.pipeline.recipe_loader import load_recipe
 
     problems: list[str] = []
@@ -113,6 +132,7 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
         for path in recipes:
             try:
                 loaded = load_recipe(path)
+                problems += data_problems(loaded)
                 folder = checkable_model_folder(loaded)
                 if folder is not None:
                     problems += model_problems(loaded, folder)
@@ -204,6 +224,7 @@ def build(
     with _reported_errors():
         the_plan, cache = _plan_for(recipe, progress, gpu)
         _refuse_what_cannot_fit(the_plan)
+        private_tempdir()
         result = run_plan(the_plan, cache, progress, publish_failed=publish_failed, share_names=share_registry_name)
     if as_json:
         _emit_json(build_document(result))
@@ -272,6 +293,7 @@ def pull(
     from kiln.registry import pull as pull_version
 
     with _reported_errors():
+        private_tempdir()
         host = detect_host()
         sm = None if gpu is not None and gpu.lower() == "none" else selected_sm(gpu, host)
         pulled = pull_version(kiln_home(), ref, out, ProgressReporter(), sm=sm, installed_tensorrt=host.tensorrt)
@@ -358,6 +380,7 @@ from kiln.pipeline import cli_registry  # noqa: E402,F401  (registers `registry`
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

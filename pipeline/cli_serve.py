@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from kiln.pipeline.cli import _emit_json, _reported_errors, app, kiln_home, selected_sm
+from kiln.pipeline.cli import _emit_json, private_tempdir, _reported_errors, app, kiln_home, selected_sm
 
 _RUNTIME_HELP = ("cpu: kiln's reference runtime in Triton's python backend (any artifact, any host). "
                  "gpu: TensorRT-LLM's own Triton models for the artifact's target (engines: the in-flight-batching "
@@ -87,6 +87,7 @@ def triton_repo(
     from kiln.serve import write_repository
 
     with _reported_errors():
+        private_tempdir()
         sm = selected_sm(gpu, detect_host()) if runtime == "gpu" else None
         repo = write_repository(kiln_home(), ref, out, runtime, ProgressReporter(),
                                 _cpu_options(max_batch_size, max_queue_delay_us, instances, max_tokens),
@@ -224,6 +225,8 @@ def serve(
 
 
 def _serve_root(home: Path) -> Path:
-    root = home / "serve"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """This process's scratch folder (pipeline.scratch): a killed server's repository is reclaimed later."""
+    from kiln.pipeline.scratch import process_scratch, reclaim_dead
+
+    reclaim_dead(home)
+    return process_scratch(home)

@@ -27,8 +27,12 @@ class FetchedModel:
     digest: str
 
 
+# What transformers loads; any other *.safetensors (an adapter, a projector) is not the model's weights.
+MODEL_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+
+
 def _has_safetensors(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors"))
+    return any((folder / name).is_file() for name in MODEL_SAFETENSORS)
 
 
 def _pickle_files(folder: Path) -> list[str]:
@@ -39,13 +43,17 @@ def _refuse_pickle_only(folder: Path, source: ModelSource, where: str) -> None:
     if _has_safetensors(folder):
         return
     pickles = _pickle_files(folder)
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    beside = f" ({', '.join(others[:3])} {'is' if len(others) == 1 else 'are'} not model weights: transformers " \
+             "loads model.safetensors or model.safetensors.index.json)" if others else ""
     if pickles and not source.allow_pickle:
         raise UserInputError(
-            f"model.source: {where} has only pickle weights ({', '.join(pickles[:3])}), which can run code when "
-            "loaded (fix: use a safetensors revision, or set model.allow_pickle: true if you trust it)"
+            f"model.source: {where} has only pickle weights ({', '.join(pickles[:3])}){beside}, which can run code "
+            "when loaded (fix: use a safetensors revision, or set model.allow_pickle: true if you trust it)"
         )
     if not pickles:
-        raise UserInputError(f"model.source: {where} has no *.safetensors weights (fix: point it at a model folder)")
+        raise UserInputError(f"model.source: {where} has no model.safetensors weights{beside} "
+                             "(fix: point it at a model folder)")
 
 
 def local_model(source: ModelSource, folder: Path) -> FetchedModel:

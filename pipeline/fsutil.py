@@ -21,7 +21,10 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    from kiln.pipeline.scratch import owner_token
+
+    # The owner token lets the next build tell a dead writer's leftovers from a running one's.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-{owner_token()}-", dir=dest.parent))
     try:
         try:
             yield tmp

@@ -22,7 +22,7 @@ from kiln import compile as compile_stage
 from kiln import quantize, validate
 from kiln.pipeline.cache import StageCache, stage_key
 from kiln.pipeline.data import ResolvedData, resolve_data
-from kiln.pipeline.errors import RecipeErrors
+from kiln.pipeline.errors import RecipeErrors, UserInputError
 from kiln.pipeline.fetch import FetchedModel, hub_digest, local_model
 from kiln.pipeline.recipe import Variant
 from kiln.pipeline.recipe_loader import LoadedRecipe
@@ -147,7 +147,27 @@ def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     """What the model folder's config and weights say this recipe cannot build: a family (or family x format)
     the family table does not hold, then block sizes that do not divide some layer's input width."""
     problems = family_problems(loaded, model_dir)
-    return problems or width_problems(loaded, model_dir)
+    return problems or exclude_problems(loaded, model_dir) + width_problems(loaded, model_dir)
+
+
+def exclude_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
+    problems = []
+    for name, variant in loaded.recipe.variants.items():
+        for pattern in quantize.unmatched_excludes(model_dir, variant.exclude):
+            problems.append(f"{loaded.path}: variants.{name}.exclude: '{pattern}' matches no module of the model, so "
+                            "nothing would be excluded (fix: use module names such as lm_head or *.mlp.down_proj)")
+    return problems
+
+
+def data_problems(loaded: LoadedRecipe) -> list[str]:
+    """Calibration and evaluation files that are missing or not regular files (found by check, not at build)."""
+    problems = []
+    for which in ("calibration", "evaluation"):
+        try:
+            resolve_data(getattr(loaded.recipe, which), loaded.resolve, which)
+        except UserInputError as exc:
+            problems.append(f"{loaded.path}: {exc}")
+    return problems
 
 
 def family_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:

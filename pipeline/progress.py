@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import threading
+import time
 from typing import Iterator
 
 from rich.console import Console
@@ -21,6 +24,44 @@ class _Task:
             self._progress.advance(self._id, amount)
 
 
+class _PlainTask:
+    """Where stderr is a CI log, not a terminal: a line when the task starts, one at least every
+    `interval_s` while it runs (whether or not it advanced), and one when it ends."""
+
+    def __init__(self, description: str, total: float | None, interval_s: float):
+        self.description, self.total, self.completed = description, total, 0.0
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(interval_s,), daemon=True)
+
+    def advance(self, amount: float = 1) -> None:
+        self.completed += amount
+
+    def _line(self, state: str) -> str:
+        done = f" {self.completed:g}/{self.total:g}" if self.total else ""
+        return f"{self.description}:{done} {state} {time.monotonic() - self._started:.0f} s"
+
+    def _beat(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            print(self._line("after"), file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_PlainTask":
+        print(f"{self.description}: started", file=sys.stderr, flush=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        if kind is None:
+            self.completed = self.total or self.completed
+            print(self._line("done in"), file=sys.stderr, flush=True)
+
+
+def _plain_interval_s() -> float:
+    return float(os.environ.get("KILN_PROGRESS_INTERVAL_S", "30"))
+
+
 class ProgressReporter:
     """`with reporter.task("calibrate fp8", total=64) as task: task.advance()`."""
 
@@ -31,6 +72,10 @@ class ProgressReporter:
     def task(self, description: str, total: float | None) -> Iterator[_Task]:
         if not self.enabled:
             yield _Task(None, None)
+            return
+        if not stderr_console.is_terminal:
+            with _PlainTask(description, total, _plain_interval_s()) as plain:
+                yield plain
             return
         columns = [TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=stderr_console, transient=False) as progress:

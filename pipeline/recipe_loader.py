@@ -101,11 +101,19 @@ def _strip_model_suffix(loc: tuple) -> tuple:
     return tuple(part for part in loc if not (isinstance(part, str) and part.startswith("function-")))
 
 
+_MAX_RECIPE_BYTES = 2**20
+
+
 def load_recipe(path: Path) -> LoadedRecipe:
     """Parse and validate one recipe; raise RecipeErrors listing every problem."""
     path = Path(path)
     where = str(path)
     try:
+        if path.exists() and not path.is_file():   # /dev/zero, a FIFO, a folder: never read whole
+            raise RecipeErrors([f"{where}: not a regular file (fix: pass a recipe .yaml file)"])
+        if path.stat().st_size > _MAX_RECIPE_BYTES:
+            raise RecipeErrors([f"{where}: {path.stat().st_size} bytes; a recipe is a short YAML file (at most "
+                                f"{_MAX_RECIPE_BYTES // 2**20} MiB) (fix: pass the recipe, not a data file)"])
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeErrors([f"{where}: file not found (fix: check the path)"]) from None

@@ -28,6 +28,7 @@ from kiln.pipeline.plan import (
 )
 from kiln.pipeline.progress import ProgressReporter
 from kiln.pipeline.results import BuildResult, EngineResult, VariantResult
+from kiln.pipeline.scratch import process_scratch
 
 
 class _Runner:
@@ -91,8 +92,8 @@ class _Runner:
     def baseline(self) -> validate.Baseline:
         if self._baseline is None:
             model = self.loaded.recipe.model
-            Path(self.cache.root).mkdir(parents=True, exist_ok=True)
-            self._scratch = tempfile.TemporaryDirectory(prefix="kiln-baseline-", dir=self.cache.root)
+            # Beside the cache (a big disk), in this process's scratch folder: reclaimed even after a SIGKILL.
+            self._scratch = tempfile.TemporaryDirectory(prefix="kiln-baseline-", dir=process_scratch(self.plan.home))
             self._baseline = validate.Baseline(self.model_dir(), Path(self._scratch.name), model.trust_remote_code,
                                                model.allow_pickle, self.placement())
         return self._baseline

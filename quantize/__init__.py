@@ -33,7 +33,7 @@ TOOLS = ("nvidia-modelopt", "torch", "transformers")
 
 __all__ = [
     "FORMATS", "KV_CACHE_FORMATS", "FormatSpec", "KVCacheFormat", "QuantFormat",
-    "QuantizeRequest", "CheckpointRecord", "run", "release_memory", "layer_width_problems",
+    "QuantizeRequest", "CheckpointRecord", "run", "release_memory", "layer_width_problems", "unmatched_excludes",
     "Device", "Placement", "VisibleGpu", "plan_placement", "gpu_peak_bytes", "reset_gpu_peaks",
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "COMMON_TRTLLM_FIELDS", "SOURCE_CONFIG",
@@ -143,6 +143,23 @@ def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | 
         if width % block:
             bad.setdefault(re.sub(r"\.\d+\.", ".*.", name), width)
     return [f"{pattern} (input width {width})" for pattern, width in sorted(bad.items())]
+
+
+def unmatched_excludes(model_dir: Path, exclude: tuple[str, ...]) -> list[str]:
+    """Exclude patterns that name no module of the model: a typo would otherwise quantize everything.
+
+    Module names come from the safetensors headers (a tensor's name less its last part); `lm_head`
+    exists even when tied to the embeddings. Without weights on disk nothing can be said: [].
+    """
+    from fnmatch import fnmatchcase
+
+    shards = sorted(Path(model_dir).glob("*.safetensors"))
+    if not exclude or not shards:
+        return []
+    modules = {"lm_head"}
+    for path in shards:
+        modules |= {name.rsplit(".", 1)[0] for name in safetensors_header(path) if "." in name}
+    return [p for p in exclude if not any(fnmatchcase(m, p) for m in modules)]
 
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,

@@ -230,7 +230,8 @@ def family_problems(source_config: dict, variants: dict[str, tuple[QuantFormat, 
     family = family_of(source_config)
     if family is None:
         return [(None, f"model_type '{model_type}' is not in kiln's family table ({known_families()}); kiln does "
-                       "not guess the TensorRT-LLM fields of a family it has no row for")]
+                       "not guess the TensorRT-LLM fields of a family it has no row for (fix: use a model of a family "
+                       "that `kiln families` lists)")]
     problems: list[tuple[str | None, str]] = []
     if target == "trtllm-engine" and family.trtllm is None:
         problems.append((None, f"{family.title} has no TensorRT-LLM checkpoint: {family.no_trtllm_reason} "

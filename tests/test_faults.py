@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +115,171 @@ def test_a_full_disk_during_a_build_is_one_line_and_leaves_nothing_partial(tmp_p
     after = out[out.index("rc=1") + 1:]
     assert not [line for line in after if ".tmp-" in line], "partial folders were left behind"
     assert json.loads("\n".join(after)) == [], "no version may be published from a failed build"
+
+
+def test_progress_reaches_a_ci_log_at_least_every_interval(monkeypatch, capsys):
+    """Issue 13.16: with stderr not a terminal, a 13-minute calibration printed nothing."""
+    import time
+
+    from kiln.pipeline.progress import ProgressReporter
+
+    monkeypatch.setenv("KILN_PROGRESS_INTERVAL_S", "0.1")
+    with ProgressReporter().task("calibrate fp8", total=4) as task:
+        time.sleep(0.35)     # no advance for a while: the heartbeat still prints
+        task.advance(3)
+        time.sleep(0.25)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "calibrate fp8: started"
+    beats = [line for line in lines if " after " in line]
+    assert len(beats) >= 4 and beats[0].startswith("calibrate fp8: 0/4 after ")
+    assert any(line.startswith("calibrate fp8: 3/4 after ") for line in beats)
+    assert lines[-1].startswith("calibrate fp8: 4/4 done in ")
+
+
+def test_the_next_build_reclaims_what_a_killed_process_left(tmp_path):
+    """Issue 13.15: after a kill, temporary folders piled up in /tmp and partial entries stayed a day."""
+    from kiln.pipeline.cache import StageCache
+    from kiln.pipeline.scratch import owner_token, process_scratch, reclaim_dead
+
+    home = tmp_path / "home"
+    code = ("import os, sys, tempfile\n"
+            "from pathlib import Path\n"
+            "from kiln.pipeline.scratch import owner_token, process_scratch\n"
+            "home = Path(sys.argv[1])\n"
+            "tempfile.mkdtemp(prefix='kiln-blobs-', dir=process_scratch(home))\n"
+            "tempfile.mkdtemp(prefix=f'.tmp-abc-{owner_token()}-', dir=home / 'cache' / 'quantize')\n"
+            "os._exit(0)\n")   # no clean-up runs, as after a SIGKILL
+    (home / "cache" / "quantize").mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", code, str(home)], check=True)
+    running = home / "cache" / "quantize" / f".tmp-def-{owner_token()}-x1"   # this live process's partial entry
+    running.mkdir()
+    assert len(list((home / "tmp").iterdir())) == 1 and len(list((home / "cache" / "quantize").iterdir())) == 2
+
+    assert StageCache(home / "cache").clean_stale_temporaries() == 1
+    assert [p.name for p in (home / "cache" / "quantize").iterdir()] == [running.name]
+    mine = process_scratch(home)
+    assert reclaim_dead(home) == 1
+    assert [p.name for p in (home / "tmp").iterdir()] == [mine.name]
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_build_is_ctrl_c_one_message_and_nothing_partial(tmp_path, test_model):
+    """Issue 13.15: SIGTERM printed nothing and left .tmp-* folders."""
+    import signal
+    import time
+
+    home = tmp_path / "home"
+    recipe = write_recipe(tmp_path, str(test_model), {"int4": {"quant": "int4_awq"}}, name="term")
+    build = subprocess.Popen([str(KILN), "build", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "KILN_HOME": str(home), "TMPDIR": str(tmp_path / "t")})
+    (tmp_path / "t").mkdir()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((home / "cache" / "quantize").glob(".tmp-*/hf")):
+        assert build.poll() is None, "the build ended before it could be stopped mid-export"
+        time.sleep(0.05)
+    build.send_signal(signal.SIGTERM)
+    _, stderr = build.communicate(timeout=120)
+    assert build.returncode == 143, stderr
+    assert "kiln: terminated (SIGTERM); completed cache entries are kept, partial ones discarded" in stderr
+    assert "Traceback" not in stderr
+    assert list((home / "cache").glob("*/.tmp-*")) == []
+    assert list((home / "tmp").iterdir()) == [] and list((tmp_path / "t").iterdir()) == []
+
+
+def _data(tmp_path, name: str, text: str, **spec):
+    from kiln.pipeline.data import resolve_data
+    from kiln.pipeline.recipe import DataSpec
+
+    path = tmp_path / name
+    if not path.exists():
+        path.write_text(text)
+    return resolve_data(DataSpec(file=name, **spec), lambda rel: (tmp_path / rel).resolve(), "calibration")
+
+
+def test_a_huge_calibration_file_is_read_only_as_far_as_needed(tmp_path):
+    """Issue 13.13: a 2 GB .txt was read whole (7 GB RSS). Here a 200 MB file of paragraphs: reading what
+    4 x 32 tokens need must not touch more than the budget, and must not hold the file in memory."""
+    import resource
+
+    path = tmp_path / "big.txt"
+    paragraph = ("kiln reads calibration text lazily. " * 20 + "\n\n").encode()
+    with path.open("wb") as handle:
+        for _ in range(200 * 2**20 // len(paragraph)):
+            handle.write(paragraph)
+    data = _data(tmp_path, "big.txt", "", samples=4, seq_len=32)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    documents = data.documents()
+    first = [next(documents) for _ in range(3)]
+    assert first[0] == paragraph.decode().strip()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024   # KiB: far below the file
+    read = sum(1 for _ in documents) + 3
+    assert read * len(paragraph) < 20 * 2**20, "read past the budget (16 Mi characters for this recipe)"
+
+
+def test_absurd_or_undecodable_data_files_are_one_clear_line(tmp_path):
+    from kiln.pipeline.errors import UserInputError
+
+    (tmp_path / "one-line.jsonl").write_text('{"text": "' + "x" * (17 * 2**20) + '"}\n')
+    with pytest.raises(UserInputError, match=r"one-line.jsonl: line 1 is longer than the 16777216 characters"):
+        list(_data(tmp_path, "one-line.jsonl", "", samples=2, seq_len=8).documents())
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n\nbr\xfbl\xe9e".encode("latin-1"))
+    with pytest.raises(UserInputError, match=r"latin1.txt: not UTF-8 text .*\(fix: convert it"):
+        list(_data(tmp_path, "latin1.txt", "").documents())
+
+
+def test_a_txt_link_is_read_as_text_whatever_its_target_is_called(tmp_path):
+    """Issue 13.14: calib.txt -> corpus.data was parsed as JSONL, because the target's suffix decided."""
+    (tmp_path / "corpus.data").write_text("first paragraph\n\nsecond one\n")
+    (tmp_path / "calib.txt").symlink_to(tmp_path / "corpus.data")
+    assert list(_data(tmp_path, "calib.txt", "").documents()) == ["first paragraph", "second one"]
+
+
+def test_check_finds_missing_data_files_and_excludes_that_match_nothing(tmp_path, test_model):
+    """Issue 13.14: both passed `kiln check` and failed (or silently quantized everything) at build."""
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8", "exclude": ["lm_head", "*.mlp.down_prj"]}})
+    text = recipe.read_text().replace("builtin: python-docs-train", "file: missing.txt")
+    recipe.write_text(text)
+    result = run_kiln("check", recipe)
+    assert result.returncode == 2, result.stderr
+    assert f"{recipe}: calibration.file: '{tmp_path / 'missing.txt'}' does not exist (fix:" in result.stderr
+    assert (f"{recipe}: variants.fp8.exclude: '*.mlp.down_prj' matches no module of the model, so nothing would be "
+            "excluded") in result.stderr
+    assert "'lm_head' matches" not in result.stderr
+
+
+def test_a_recipe_that_is_not_a_small_regular_file_is_refused_without_reading_it(tmp_path):
+    """Issue 13.10: `kiln build /dev/zero` died of MemoryError."""
+    result = run_kiln("build", "/dev/zero", env={"KILN_HOME": str(tmp_path / "home")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "kiln: /dev/zero: not a regular file (fix: pass a recipe .yaml file)" in result.stderr
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 2**21)
+    result = run_kiln("check", big)
+    assert result.returncode == 2 and "a recipe is a short YAML file" in result.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_pickle_weights_beside_an_unrelated_safetensors_are_refused(tmp_path):
+    """Issue 13.10: a .bin beside a non-model .safetensors passed check and crashed the build."""
+    model = _model_folder(tmp_path / "model")
+    (model / "model.safetensors").rename(model / "projector.safetensors")
+    (model / "pytorch_model.bin").write_bytes(b"pickle")
+    recipe = write_recipe(tmp_path, str(model), {"fp8": {"quant": "fp8"}})
+    for command in ("check", "build"):
+        result = run_kiln(command, recipe, env={"KILN_HOME": str(tmp_path / "home")})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "has only pickle weights (pytorch_model.bin) (projector.safetensors is not model weights" in result.stderr
+
+
+def test_an_unknown_family_with_remote_code_is_refused_by_check(tmp_path):
+    """Issue 13.10: config.json with an unknown model_type and an auto_map passed check."""
+    model = _model_folder(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="weirdo", auto_map={"AutoModelForCausalLM": "modeling_weirdo.WeirdoForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, str(model), {"fp8": {"quant": "fp8"}})
+    for command in ("check", "build"):
+        result = run_kiln(command, recipe, env={"KILN_HOME": str(tmp_path / "home")})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "model_type 'weirdo' is not in kiln's family table" in result.stderr
+        assert "(fix: use a model of a family that `kiln families` lists)" in result.stderr

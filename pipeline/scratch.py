@@ -1,0 +1,78 @@
+"""Temporary files that a kill cannot pile up.
+
+Each kiln process keeps its temporary files in $KILN_HOME/tmp/<pid>-<start time>/ and removes that
+folder when it exits (Ctrl-C and SIGTERM included). After a SIGKILL the next kiln process finds the
+folder of a process that no longer runs and removes it. The same owner token names the partial
+folders of cache entries (`.tmp-<key>-<owner>-…`), so a build reclaims those of dead builds at once
+instead of after a day. The start time tells a reused pid from the process that made the folder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+SCRATCH = "tmp"
+_OWNER = re.compile(r"(?P<pid>\d+)-(?P<start>\d+)")
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), or None when it does not run."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]   # field 22; the name in parentheses may hold spaces
+
+
+@lru_cache(maxsize=1)
+def owner_token() -> str:
+    """`<pid>-<start time>` of this process: unique for as long as the machine runs."""
+    return f"{os.getpid()}-{_start_time(os.getpid()) or 0}"
+
+
+def owner_alive(token: str) -> bool:
+    match = _OWNER.fullmatch(token)
+    if match is None:
+        return True   # not ours to judge
+    start = _start_time(int(match["pid"]))
+    return start is not None and (match["start"] == "0" or start == match["start"])
+
+
+def owner_in(name: str) -> str | None:
+    """The owner token inside a temporary name such as `.tmp-<key>-<pid>-<start>-abc123`."""
+    found = re.search(r"-(\d+-\d+)-[^-]*$", name)
+    return found[1] if found else None
+
+
+def process_scratch(home: Path) -> Path:
+    """This process's own temporary folder under $KILN_HOME/tmp, removed when it exits."""
+    mine = Path(home) / SCRATCH / owner_token()
+    if not mine.is_dir():
+        mine.mkdir(parents=True, exist_ok=True)
+        atexit.register(shutil.rmtree, mine, True)
+    return mine
+
+
+def reclaim_dead(home: Path) -> int:
+    """Remove the temporary folders of kiln processes that no longer run; returns how many."""
+    removed = 0
+    root = Path(home) / SCRATCH
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.name != owner_token() and not owner_alive(folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def use_private_tempdir(home: Path) -> Path:
+    """Send every `tempfile` of this process (kiln's, MLflow's) to its own folder, after clearing the folders
+    that killed processes left."""
+    reclaim_dead(home)
+    tempfile.tempdir = str(process_scratch(home))
+    return Path(tempfile.tempdir)
