@@ -197,7 +197,9 @@ def serve(
         if repo.gpu_layout is not None:
             binary = trtllm_tritonserver(target_needs_backend=repo.gpu_layout.disable_auto_complete)
         endpoints = Endpoints(*(port or free_port() for port in (http_port, grpc_port, metrics_port)))
-        server = _start_server(home, repo, endpoints, Path(tmp) / "tritonserver.log", binary)
+        # The log outlives the repository's scratch folder: a failed start's message points at it.
+        log = home / "logs" / f"tritonserver-{endpoints.http}.log"
+        server = _start_server(home, repo, endpoints, log, binary)
         with progress.task(f"start tritonserver for {repo.name}/{repo.version}", total=None):
             server.start(timeout_s=180 if runtime == "cpu" else 1800)
         stop = threading.Event()

@@ -38,7 +38,7 @@ class _PlainTask:
         self.completed += amount
 
     def _line(self, state: str) -> str:
-        done = f" {self.completed:g}/{self.total:g}" if self.total else ""
+        done = f" {self.completed:.0f}/{self.total:.0f}" if self.total else ""
         return f"{self.description}:{done} {state} {time.monotonic() - self._started:.0f} s"
 
     def _beat(self, interval_s: float) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from kiln.serve.pbtxt import set_parameters, tensor, write_config
+from kiln.serve.requests import Limits, artifact_limits
 
 CPU_MODEL = "kiln_llm"                  # one response per request: HTTP and gRPC infer
 CPU_STREAM_MODEL = "kiln_llm_stream"    # decoupled: one response per token over gRPC streaming
@@ -25,7 +26,7 @@ class CpuServeOptions:
     trust_remote_code: bool = False
 
 
-def cpu_model_config(name: str, options: CpuServeOptions) -> mc.ModelConfig:
+def cpu_model_config(name: str, options: CpuServeOptions, limits: Limits) -> mc.ModelConfig:
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=options.max_batch_size)
     tensor(config.input, "text_input", "BYTES", [1])
     tensor(config.input, "max_tokens", "INT32", [1], optional=True)
@@ -37,7 +38,7 @@ def cpu_model_config(name: str, options: CpuServeOptions) -> mc.ModelConfig:
     config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_microseconds
     group = config.instance_group.add()
     group.count, group.kind = options.instances, mc.ModelInstanceGroup.KIND_CPU
-    set_parameters(config, {"artifact": f"../{ARTIFACT_DIR}", "default_max_tokens": str(options.default_max_tokens),
+    set_parameters(config, {"artifact": f"../{ARTIFACT_DIR}", **limits.as_parameters(),
                             "trust_remote_code": "true" if options.trust_remote_code else "false"})
     return config
 
@@ -46,8 +47,10 @@ def write_cpu_repository(repo: Path, options: CpuServeOptions) -> tuple[str, ...
     """Both models around the pulled artifact at <repo>/artifact/; returns the model names."""
     if not (Path(repo) / ARTIFACT_DIR / "hf").is_dir():
         raise FileNotFoundError(f"{repo}/{ARTIFACT_DIR}/hf: pull the artifact there first")
+    # The artifact's own limits: a request past them would hold the only instance for minutes.
+    limits = artifact_limits(Path(repo) / ARTIFACT_DIR, options.default_max_tokens)
     for name in (CPU_MODEL, CPU_STREAM_MODEL):
         (Path(repo) / name / "1").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_MODEL_SOURCE, Path(repo) / name / "1" / "model.py")
-        write_config(cpu_model_config(name, options), Path(repo) / name)
+        write_config(cpu_model_config(name, options, limits), Path(repo) / name)
     return (CPU_MODEL, CPU_STREAM_MODEL)

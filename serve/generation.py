@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -48,19 +48,25 @@ class ReferenceGenerator:
                 return
             cache, ids = out[self._cache_arg], torch.tensor([[token]], dtype=torch.long)
 
-    def stream(self, prompt: str, max_new_tokens: int) -> Iterator[Piece]:
-        """Tokens with the text each adds; text is released only once it decodes cleanly."""
+    def stream(self, prompt: str | list[int], max_new_tokens: int,
+               cancelled: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
+        """Tokens with the text each adds; text is released only once it decodes cleanly. `prompt` is text
+        or its token ids; generation stops early once `cancelled()` says the client has gone."""
         generated: list[int] = []
         emitted = ""
-        for token in self.greedy_ids(self.encode(prompt), max_new_tokens):
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        for token in self.greedy_ids(ids, max_new_tokens):
+            if cancelled():
+                return
             generated.append(token)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             fresh = text[len(emitted):] if not text.endswith("\ufffd") else ""
             emitted += fresh
             yield Piece(token, fresh)
 
-    def complete(self, prompt: str, max_new_tokens: int) -> tuple[list[int], str]:
-        pieces = list(self.stream(prompt, max_new_tokens))
+    def complete(self, prompt: str | list[int], max_new_tokens: int,
+                 cancelled: Callable[[], bool] = lambda: False) -> tuple[list[int], str]:
+        pieces = list(self.stream(prompt, max_new_tokens, cancelled))
         return [p.token_id for p in pieces], "".join(p.text for p in pieces)
 
 

@@ -18,7 +18,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.errors import KilnError
+from kiln.pipeline.errors import KilnError, UserInputError
 from kiln.pipeline.processes import wait_until_ready
 
 
@@ -106,7 +106,20 @@ class TritonServer:
     def env(self) -> dict[str, str]:
         return _server_env(pytriton_server_dir())
 
+    def _refuse_taken_ports(self) -> None:
+        """A port something else listens on would answer the readiness probe for a server that never bound it."""
+        for what, port in (("HTTP", self.endpoints.http), ("gRPC", self.endpoints.grpc),
+                           ("metrics", self.endpoints.metrics)):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError as exc:
+                    raise UserInputError(f"the {what} port 127.0.0.1:{port} is taken ({exc.strerror}) (fix: stop "
+                                         f"what listens there, or pass --{what.lower()}-port 0 for any free port)") from None
+
     def start(self, timeout_s: float = 180, progress=None) -> "TritonServer":
+        self._refuse_taken_ports()
         command = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w")
@@ -115,8 +128,10 @@ class TritonServer:
                                         start_new_session=True)
         log.close()
         state = wait_until_ready(self.process, f"http://127.0.0.1:{self.endpoints.http}/v2/health/ready", timeout_s)
-        if state == "ready":
+        if state == "ready" and self.process.poll() is None:   # ready, and from the process kiln started
             return self
+        if state == "ready":
+            state = "exited"
         if state == "exited":
             raise KilnError(f"tritonserver exited {self.process.returncode} while starting; "
                             f"last lines:\n  {self._log_tail()}\n  full log: {self.log_path}")

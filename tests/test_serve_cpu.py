@@ -153,7 +153,8 @@ def test_a_bad_request_is_an_error_response_and_the_server_stays_up(fp8_server):
     with httpclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.http}") as http:
         inputs = _inputs(httpclient, "x")
         inputs[1].set_data_from_numpy(np.array([[0]], dtype=np.int32))
-        with pytest.raises(InferenceServerException, match="max_tokens must be at least 1"):
+        with pytest.raises(InferenceServerException, match=r"max_tokens is 0; with this \d+-token prompt it must "
+                                                           r"be 1 to \d+ \(build.max_seq_len"):
             http.infer("kiln_llm", inputs)
         assert http.is_model_ready("kiln_llm")
 
@@ -189,4 +190,113 @@ def test_kiln_serve_answers_a_prompt_and_stops(home, fp8_server):
     generator = ReferenceGenerator(repo.path / "artifact" / "hf")
     assert completion == generator.tokenizer.decode(expected_tokens(repo.path, PROMPTS[3]), skip_special_tokens=True)
     assert "tritonserver stopped (exit 0)" in result.stderr
-    assert not list((home / "serve").iterdir())   # the temporary repository is gone
+    assert not list((home / "tmp").iterdir())   # the temporary repository is gone
+
+
+def _http_error(server, inputs) -> InferenceServerException:
+    with httpclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.http}") as http:
+        with pytest.raises(InferenceServerException) as failed:
+            http.infer("kiln_llm", inputs)
+        assert http.is_model_ready("kiln_llm")
+    return failed.value
+
+
+def test_requests_past_the_artifacts_limits_are_client_errors(fp8_server):
+    """Issue 13.6: max_tokens 1e9 or a 100,000-token prompt held the only instance for minutes."""
+    server, repo = fp8_server
+    config = read_config(repo.path / "kiln_llm" / "config.pbtxt")
+    max_input_len = int(config.parameters["max_input_len"].string_value)
+    max_seq_len = int(config.parameters["max_seq_len"].string_value)
+    assert 0 < max_input_len < max_seq_len <= 2048
+    huge = _inputs(httpclient, "x")
+    huge[1].set_data_from_numpy(np.array([[1_000_000_000]], dtype=np.int32))
+    error = _http_error(server, huge)
+    assert error.status() == "400" and "max_tokens is 1000000000; with this" in error.message()
+    long_prompt = _inputs(httpclient, "word " * 100_000)
+    error = _http_error(server, long_prompt)
+    assert error.status() == "400"
+    assert re.search(rf"text_input is \d+ tokens; this artifact takes at most {max_input_len} ", error.message())
+
+
+@pytest.mark.parametrize("text, message", [(b"", "text_input is empty: send the prompt text"),
+                                           (b"caf\xe9", "text_input is not UTF-8 text (byte 3)")])
+def test_empty_or_non_utf8_text_is_a_client_error_with_a_clear_message(fp8_server, text, message):
+    """Issue 13.9: both were 500 errors carrying kiln's internal exception."""
+    server, _ = fp8_server
+    inputs = _inputs(httpclient, "x")
+    inputs[0].set_data_from_numpy(np.array([[text]], dtype=np.object_))
+    error = _http_error(server, inputs)
+    assert error.status() == "400" and message in error.message()
+    assert "Traceback" not in error.message() and "kiln." not in error.message()
+
+
+def test_every_prompt_of_a_batched_request_is_answered(fp8_server):
+    """Issue 13.7: a request with two prompts returned one output."""
+    server, repo = fp8_server
+    pair = [PROMPTS[0], PROMPTS[4]]
+    text = grpcclient.InferInput("text_input", [2, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[p.encode()] for p in pair], dtype=np.object_))
+    limit = grpcclient.InferInput("max_tokens", [2, 1], "INT32")
+    limit.set_data_from_numpy(np.array([[MAX_TOKENS], [3]], dtype=np.int32))
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.grpc}") as grpc:
+        result = grpc.infer("kiln_llm", [text, limit])
+    ids = result.as_numpy("output_ids").tolist()
+    texts = [row[0].decode() for row in result.as_numpy("text_output")]
+    first = expected_tokens(repo.path, pair[0])
+    second = expected_tokens(repo.path, pair[1])[:3]
+    assert len(ids) == len(texts) == 2
+    assert ids[0][:len(first)] == first and ids[1][:len(second)] == second
+    assert set(ids[0][len(first):] + ids[1][len(second):]) <= {-1}   # rows padded to one length
+    generator = ReferenceGenerator(repo.path / "artifact" / "hf")
+    assert texts == [generator.tokenizer.decode(t, skip_special_tokens=True) for t in (first, second)]
+
+
+def test_a_cancelled_request_stops_generating(fp8_server):
+    """Issue 13.6: a client that has gone no longer holds the instance."""
+    import time
+
+    server, repo = fp8_server
+    config = read_config(repo.path / "kiln_llm" / "config.pbtxt")
+    room = int(config.parameters["max_seq_len"].string_value) - 8
+    inputs = _inputs(grpcclient, PROMPTS[5])
+    inputs[1].set_data_from_numpy(np.array([[room]], dtype=np.int32))
+    answers: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.grpc}") as grpc:
+        call = grpc.async_infer("kiln_llm", inputs, callback=lambda result, error: answers.put((result, error)))
+        time.sleep(1.0)
+        call.cancel()
+        _, error = answers.get(timeout=60)
+        assert error is not None and "cancel" in str(error).lower()
+        log = server.log_path
+        deadline = time.monotonic() + 120
+        while "request cancelled after" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    generated = int(re.findall(r"request cancelled after (\d+) tokens", log.read_text())[-1])
+    assert generated < room
+
+
+def test_kiln_serve_refuses_a_port_another_program_answers_on(home, tmp_path):
+    """Issue 13.8: with another program answering /v2/health/ready, kiln said "serving" for a server that had
+    exited 1, and pointed at a log file it had already deleted."""
+    import http.server
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    impostor = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    thread = threading.Thread(target=impostor.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = impostor.server_address[1]
+        result = run_kiln("serve", "s-fp8@candidate", "--http-port", port, "--grpc-port", "0", "--metrics-port", "0",
+                          "--prompt", "x", env={"KILN_HOME": str(home)})
+    finally:
+        impostor.shutdown()
+    assert result.returncode == 2, result.stderr
+    assert f"the HTTP port 127.0.0.1:{port} is taken (Address already in use) (fix:" in result.stderr
+    assert "serving" not in result.stdout and "Traceback" not in result.stderr

@@ -5,9 +5,14 @@ Copied by `kiln triton-repo --runtime cpu` into two models that share the artifa
 kiln_llm_stream is decoupled and, with stream=true, sends one response per token, then a
 final flag (gRPC streaming). Generation is kiln's reference runtime, the code that
 validated the checkpoint (kiln.serve.generation).
+
+Every prompt of a batched request is answered (output_ids rows padded with -1). Requests
+past the artifact's build.max_input_len / max_seq_len, empty or non-UTF-8 text are client
+errors (INVALID_ARG); a cancelled request (the gRPC client gave up) stops generating.
 """
 
 import json
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +22,52 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         from kiln.serve.generation import ReferenceGenerator
+        from kiln.serve.requests import Limits
 
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         artifact = (Path(args["model_repository"]) / params["artifact"]).resolve()
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
-        self.default_max_tokens = int(params.get("default_max_tokens", "64"))
+        self.limits = Limits.from_parameters(params)
         self.generator = ReferenceGenerator(artifact / "hf", params.get("trust_remote_code") == "true")
+        self.logger = pb_utils.Logger
 
     @staticmethod
-    def _optional(request, name, default):
+    def _rows(request, name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
-        return default if tensor is None else tensor.as_numpy().reshape(-1)[0]
+        return None if tensor is None else tensor.as_numpy().reshape(len(tensor.as_numpy()), -1)[:, 0]
+
+    def _prompts(self, request):
+        from kiln.serve.requests import checked_prompts
+
+        texts = self._rows(request, "text_input")
+        return checked_prompts([] if texts is None else list(texts), self._rows(request, "max_tokens"), self.limits,
+                               self.generator.encode)
 
     @staticmethod
-    def _response(text, token_ids):
+    def _response(texts, token_rows):
+        from kiln.serve.requests import padded
+
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-            pb_utils.Tensor("output_ids", np.array([token_ids], dtype=np.int32)),
+            pb_utils.Tensor("text_output", np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array(padded(token_rows), dtype=np.int32)),
         ])
+
+    def _error(self, exc):
+        """A client error's own message; anything else is logged here and answered without internals."""
+        from kiln.serve.requests import ClientError
+
+        if isinstance(exc, ClientError):
+            return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+        self.logger.log_error(f"kiln_llm: {traceback.format_exc()}")
+        return pb_utils.TritonError("the model failed on this request; the server log has the details")
+
+    def _generate(self, prompts, cancelled):
+        answers = [self.generator.complete(p.ids, p.max_tokens, cancelled) for p in prompts]
+        if cancelled():
+            self.logger.log_info(f"kiln_llm: request cancelled after {sum(len(ids) for ids, _ in answers)} tokens")
+            return None
+        return self._response([text for _, text in answers], [ids for ids, _ in answers])
 
     def execute(self, requests):
         # Dynamic batching hands over several requests at once; each is generated on its own, so
@@ -45,30 +77,37 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                prompt = self._optional(request, "text_input", b"").decode("utf-8")
-                max_tokens = int(self._optional(request, "max_tokens", self.default_max_tokens))
-                stream = bool(self._optional(request, "stream", False))
-                if max_tokens < 1:
-                    raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-                if stream:
-                    for piece in self.generator.stream(prompt, max_tokens):
-                        sender.send(self._response(piece.text, [piece.token_id]))
+                prompts = self._prompts(request)
+                streaming = self._rows(request, "stream")
+                if streaming is not None and bool(streaming[0]):
+                    self._stream(prompts, sender)
                 else:
-                    ids, text = self.generator.complete(prompt, max_tokens)
-                    sender.send(self._response(text, ids))
+                    response = self._generate(prompts, sender.is_cancelled)
+                    if response is not None:
+                        sender.send(response)
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             except Exception as exc:  # the client gets the message; the model stays up
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
+                sender.send(pb_utils.InferenceResponse(error=self._error(exc)),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
+    def _stream(self, prompts, sender):
+        from kiln.serve.requests import ClientError
+
+        if len(prompts) != 1:
+            raise ClientError(f"stream=true takes one prompt per request, got {len(prompts)}: send them separately")
+        (prompt,) = prompts
+        for piece in self.generator.stream(prompt.ids, prompt.max_tokens, sender.is_cancelled):
+            sender.send(self._response([piece.text], [[piece.token_id]]))
+        if sender.is_cancelled():
+            self.logger.log_info("kiln_llm_stream: request cancelled")
+
     def _answer(self, request):
         try:
-            prompt = self._optional(request, "text_input", b"").decode("utf-8")
-            max_tokens = int(self._optional(request, "max_tokens", self.default_max_tokens))
-            if max_tokens < 1:
-                raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-            ids, text = self.generator.complete(prompt, max_tokens)
-            return self._response(text, ids)
+            response = self._generate(self._prompts(request), request.is_cancelled)
+            if response is None:
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError("cancelled",
+                                                                             pb_utils.TritonError.CANCELLED))
+            return response
         except Exception as exc:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+            return pb_utils.InferenceResponse(error=self._error(exc))
