@@ -172,3 +172,62 @@ def test_an_out_folder_that_cannot_be_created_is_refused(kiln_home, command):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "--out /proc/kiln-x: cannot create a folder there" in result.stderr
+
+
+PUBLISH_SCRIPT = """
+import sys
+from pathlib import Path
+import typer
+from kiln.pipeline.cli import _reported_errors
+from kiln.pipeline.progress import ProgressReporter
+from kiln.registry import PUBLISH_KEY_TAG, publish
+try:
+    with _reported_errors():
+        publish(Path(sys.argv[1]), "big-v", {"hf/w.bin": Path(sys.argv[2])}, {PUBLISH_KEY_TAG: "k-big"}, [],
+                ProgressReporter())
+except typer.Exit as done:
+    sys.exit(done.exit_code)
+"""
+
+
+@pytest.mark.slow
+def test_a_registry_server_that_dies_is_reported_within_seconds(tmp_path):
+    """Issue 13.12: 13 minutes of silence when the server died during a publish, then `kiln pull` said the
+    version does not exist. A real `mlflow server` is stopped before a pull and in the middle of an upload."""
+    from kiln.registry.team import MlflowServer
+    from kiln.serve.triton import free_port
+
+    def server():
+        return MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), port=port,
+                            workers=1, log_path=tmp_path / "server.log").start()
+
+    port = free_port()
+    running = server()
+    env = {"KILN_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": running.uri}
+    os.environ.update(env)
+    try:
+        _publish(tmp_path / "home", "m-v", b"weights", "k1", tmp=tmp_path)
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    running.stop()
+    started = time.monotonic()
+    result = run_kiln("pull", "m-v/1", "--out", tmp_path / "out", "--gpu", "none", env=env, timeout=120)
+    assert time.monotonic() - started < 60 and result.returncode == 1, result.stderr
+    assert f"the registry at {running.uri} is unreachable" in result.stderr and "no version" not in result.stderr
+
+    running = server()
+    big = tmp_path / "big.bin"
+    with big.open("wb") as handle:
+        handle.write(os.urandom(2**20) * 1024)     # 1 GiB: the upload takes seconds on loopback
+    publisher = subprocess.Popen([sys.executable, "-c", PUBLISH_SCRIPT, str(tmp_path / "home"), str(big)],
+                                 stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    for line in publisher.stderr:
+        if line.startswith("upload big-v: started"):
+            break
+    running.stop()
+    stopped = time.monotonic()
+    _, stderr = publisher.communicate(timeout=300)
+    assert time.monotonic() - stopped < 90, "a dead registry must not be retried for minutes"
+    assert publisher.returncode == 1, stderr
+    assert f"the registry at {running.uri} is unreachable" in stderr and "Traceback" not in stderr, stderr
