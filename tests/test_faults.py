@@ -283,3 +283,15 @@ def test_an_unknown_family_with_remote_code_is_refused_by_check(tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert "model_type 'weirdo' is not in kiln's family table" in result.stderr
         assert "(fix: use a model of a family that `kiln families` lists)" in result.stderr
+
+
+def test_a_read_only_kiln_home_is_one_line_for_every_command(tmp_path, test_model):
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8"}}, name="ro", samples=8, seq_len=64)
+    commands = [f"build {recipe}", "pull ro-fp8/1 --out $DISK/out --gpu none", "ls"]
+    script = "mkdir $DISK/home && mount -o remount,ro $DISK && " + "; ".join(
+        f'KILN_HOME=$DISK/home {KILN} {command}; echo "rc=$?"' for command in commands)
+    result = _on_small_disk(tmp_path, "1m", script)
+    assert result.stdout.split() == ["rc=1"] * 3, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and "Traceback" not in result.stderr, result.stderr
+    assert all("Read-only file system (fix: the disk is read-only; set KILN_HOME" in line for line in lines)
