@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--embedded", action="store_true", help="the SQLite default instead of a server")
     args = parser.parse_args()
 
-    from kiln.pipeline.progress import SILENT
+    from kiln.common.progress import SILENT
     from kiln.registry import PUBLISH_KEY_TAG, publish, pull
     from kiln.registry.team import LocalPostgres, MlflowServer
     from kiln.serve.triton import free_port

@@ -82,7 +82,7 @@ def main() -> int:
     kiln = Path(sys.executable).with_name("kiln")
     subprocess.run([str(kiln), "build", str(args.recipe)], check=True, stdout=subprocess.DEVNULL)
 
-    from kiln.pipeline.progress import ProgressReporter
+    from kiln.common.progress import ProgressReporter
     from kiln.pipeline.recipe_loader import load_recipe
     from kiln.serve import TritonServer, write_repository
     from kiln.serve.generation import ReferenceGenerator

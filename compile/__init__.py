@@ -21,7 +21,7 @@ from kiln.compile.host import Host, HostGpu, detect_host, installed_version
 from kiln.compile.targets import (
     CHECK_REPORT, ENGINE_RECORD, LLM_API_OPTIONS, SM_DIR, CheckpointQuant, CompileRequest, Target,
 )
-from kiln.pipeline.errors import KilnError
+from kiln.common.errors import KilnError
 from kiln.quantize import HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, family_of   # the checkpoint the quantize stage writes
 
 STAGE_VERSION = 1
@@ -74,7 +74,7 @@ def _write_llm_api_options(request: CompileRequest, checkpoint_dir: Path, sm_dir
     import yaml
 
     from kiln.compile.llmapi import llm_api_options
-    from kiln.pipeline.fsutil import atomic_write_text
+    from kiln.common.fsutil import atomic_write_text
 
     options = llm_api_options(request, CheckpointQuant.of_hf(checkpoint_dir / HF_DIR, request.tp_size))
     sm_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ BUILDERS: dict[Target, Callable[..., dict]] = {
 
 def run(request: CompileRequest, checkpoint_dir: Path, out: Path, host: Host, progress) -> dict:
     """Build one SM's artifact from the quantize stage's checkpoint into `out/engines/<sm>/`."""
-    from kiln.pipeline.digest import tree_manifest
+    from kiln.common.digest import tree_manifest
 
     problem = host.compile_problem(request.sm, request.target, request.tp_size)
     if problem:

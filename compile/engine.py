@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from kiln.compile.targets import CheckpointQuant, CompileRequest
-from kiln.pipeline.errors import KilnError
+from kiln.common.errors import KilnError
 
 TRTLLM_BUILD = "trtllm-build"
 BUILD_LOG = "build.log"

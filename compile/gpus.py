@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kiln.quantize.formats import KVCacheFormat, QuantFormat
+from kiln.quantize import KVCacheFormat, QuantFormat
 
 Q, KV = QuantFormat, KVCacheFormat
 

@@ -164,7 +164,7 @@ def _local_nvidia_tool_versions() -> dict[str, str | None]:
 
 def _nvidia_tool_versions(notes: list[str]) -> dict[str, str | None]:
     """TensorRT and TensorRT-LLM versions, asked of the Python that has them (KILN_TRTLLM_PYTHON)."""
-    from kiln.pipeline.foreign_python import TRTLLM_PYTHON_ENV, env_for, is_foreign, trtllm_python
+    from kiln.common.foreign_python import TRTLLM_PYTHON_ENV, env_for, is_foreign, trtllm_python
 
     python = trtllm_python()
     if not is_foreign(python):

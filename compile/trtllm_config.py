@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kiln.pipeline.errors import KilnError
+from kiln.common.errors import KilnError
 from kiln.quantize import trtllm_values_agree
 
 
@@ -36,7 +36,7 @@ def transformers4_config(source: dict) -> dict:
 
 def trtllm_mapping(source_config: dict, dtype: str, tp_size: int) -> dict:
     """TensorRT-LLM's own config for the source model, from its interpreter."""
-    from kiln.pipeline.foreign_python import env_for, trtllm_python
+    from kiln.common.foreign_python import env_for, trtllm_python
 
     python = trtllm_python()
     with tempfile.TemporaryDirectory(prefix="kiln-hf-config-") as folder:

@@ -1,8 +1,7 @@
 """kiln's pipeline: recipe schema, planning, the stage cache, the runner and the `kiln` CLI.
 
-Shared infrastructure (digests, atomic writes, errors, calibration data) lives
-here too; the stages themselves live in kiln.quantize, kiln.validate,
-kiln.registry (and, later, kiln.compile and kiln.serve).
+It imports the stages (kiln.quantize, kiln.validate, kiln.compile, kiln.registry, kiln.serve)
+through their entry points; no stage imports it. What both sides share lives in kiln.common.
 """
 
 from importlib.metadata import PackageNotFoundError, version

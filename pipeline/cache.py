@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from kiln.pipeline.digest import canonical_digest, file_sha256, tree_manifest
-from kiln.pipeline.fsutil import atomic_dir
+from kiln.common.digest import canonical_digest, file_sha256, tree_manifest
+from kiln.common.fsutil import atomic_dir
 
 ENTRY_FILE = "kiln-entry.json"
 
@@ -112,7 +112,7 @@ class StageCache:
     def clean_stale_temporaries(self, older_than_s: float = 24 * 3600) -> int:
         """Remove partial entries of builds that no longer run (never mistaken for entries); those whose
         writer cannot be told (older kiln versions) once they are a day old."""
-        from kiln.pipeline.scratch import owner_alive, owner_in
+        from kiln.common.scratch import owner_alive, owner_in
 
         removed = 0
         now = time.time()

@@ -14,7 +14,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-from kiln.pipeline.errors import KilnError, UserInputError
+from kiln.common.errors import KilnError, UserInputError
 
 # Stages that a tool pin feeds, and the ones downstream of them (their keys chain).
 _DOWNSTREAM = {

@@ -17,7 +17,7 @@ from typing import Iterator, List
 
 import typer
 
-from kiln.pipeline.errors import KilnError, RecipeErrors
+from kiln.common.errors import KilnError, RecipeErrors
 
 app = typer.Typer(
     name="kiln",
@@ -76,7 +76,7 @@ def _terminate(signum, frame) -> None:
 def private_tempdir() -> None:
     """Temporary files of commands that write go to $KILN_HOME/tmp/<this process>, removed at exit, and
     those that killed kiln processes left are removed first."""
-    from kiln.pipeline.scratch import use_private_tempdir
+    from kiln.common.scratch import use_private_tempdir
 
     use_private_tempdir(kiln_home())
 
@@ -167,7 +167,7 @@ def plan(
     `skipped: needs an sm90 GPU host with tensorrt_llm` where this host cannot run them.
     With --changed-since REF: the recipes and stage instances a merge since REF invalidates.
     """
-    from kiln.pipeline.errors import UserInputError
+    from kiln.common.errors import UserInputError
     from kiln.pipeline.report import changes_table, family_line, plan_document, plan_table, stdout_console
 
     if changed_since is not None:
@@ -216,7 +216,7 @@ def build(
     Exits 3 when a variant or an engine fails its gate (it is then not published, unless
     --publish-failed).
     """
-    from kiln.pipeline.progress import ProgressReporter
+    from kiln.common.progress import ProgressReporter
     from kiln.pipeline.report import build_document, build_table, engines_table, stdout_console
     from kiln.pipeline.runner import run_plan
 
@@ -238,7 +238,7 @@ def build(
 
 def _refuse_what_cannot_fit(the_plan) -> None:
     """Before anything runs: a model that cannot fit this host even with offload is refused (exit 2)."""
-    from kiln.pipeline.errors import UserInputError
+    from kiln.common.errors import UserInputError
 
     if not any(i.status == "will run" for i in the_plan.instances if i.stage in ("quantize", "validate")):
         return
@@ -289,7 +289,7 @@ def pull(
     an SM the version holds no engines for, and engines built with another TensorRT than this host's.
     """
     from kiln.compile import detect_host
-    from kiln.pipeline.progress import ProgressReporter
+    from kiln.common.progress import ProgressReporter
     from kiln.registry import pull as pull_version
 
     with _reported_errors():
@@ -309,7 +309,7 @@ def pull(
 def selected_sm(gpu: str | None, host) -> str | None:
     """--gpu as an SM (sm90, H100, ...); default: this host's first GPU's SM, or None without one."""
     from kiln.compile import resolve_gpu
-    from kiln.pipeline.errors import UserInputError
+    from kiln.common.errors import UserInputError
 
     if gpu is None:
         return host.sms[0] if host.sms else None

@@ -83,7 +83,7 @@ def triton_repo(
     with Triton's schema; kiln then prints the `docker run` that serves it.
     """
     from kiln.compile import detect_host
-    from kiln.pipeline.progress import ProgressReporter
+    from kiln.common.progress import ProgressReporter
     from kiln.serve import write_repository
 
     with _reported_errors():
@@ -169,8 +169,8 @@ def serve(
     is ready; Ctrl-C (or SIGTERM) stops it cleanly.
     """
     from kiln.compile import detect_host
-    from kiln.pipeline.errors import UserInputError
-    from kiln.pipeline.progress import ProgressReporter
+    from kiln.common.errors import UserInputError
+    from kiln.common.progress import ProgressReporter
     from kiln.serve import Endpoints, write_repository
     from kiln.serve.triton import free_port, trtllm_tritonserver
 
@@ -228,7 +228,7 @@ def serve(
 
 def _serve_root(home: Path) -> Path:
     """This process's scratch folder (pipeline.scratch): a killed server's repository is reclaimed later."""
-    from kiln.pipeline.scratch import process_scratch, reclaim_dead
+    from kiln.common.scratch import process_scratch, reclaim_dead
 
     reclaim_dead(home)
     return process_scratch(home)

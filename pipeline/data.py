@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from kiln.pipeline.digest import canonical_digest, file_sha256
-from kiln.pipeline.errors import UserInputError
+from kiln.common.digest import canonical_digest, file_sha256
+from kiln.common.errors import UserInputError
 from kiln.pipeline.recipe import DataSpec
 
 _BUILTIN_CORPUS_VERSION = 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 
-from kiln.pipeline.errors import KilnError
+from kiln.common.errors import KilnError
 
 
 def known_failure(exc: BaseException) -> KilnError | None:

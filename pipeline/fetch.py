@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.digest import canonical_digest, tree_digest
-from kiln.pipeline.errors import KilnError, UserInputError
+from kiln.common.digest import canonical_digest, tree_digest
+from kiln.common.errors import KilnError, UserInputError
 from kiln.pipeline.recipe import ModelSource
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")

@@ -22,7 +22,7 @@ from kiln import compile as compile_stage
 from kiln import quantize, validate
 from kiln.pipeline.cache import StageCache, stage_key
 from kiln.pipeline.data import ResolvedData, resolve_data
-from kiln.pipeline.errors import RecipeErrors, UserInputError
+from kiln.common.errors import RecipeErrors, UserInputError
 from kiln.pipeline.fetch import FetchedModel, hub_digest, local_model
 from kiln.pipeline.recipe import Variant
 from kiln.pipeline.recipe_loader import LoadedRecipe
@@ -335,7 +335,7 @@ def _probe_hub_cache(source) -> tuple[Path | None, bool]:
     The folder is the cached snapshot, or the one holding a cached config.json alone,
     or None; the network is never asked. Refusals (pickle-only weights) propagate.
     """
-    from kiln.pipeline.errors import KilnError, UserInputError
+    from kiln.common.errors import KilnError, UserInputError
     from kiln.pipeline.fetch import cached_hub_config, hub_model
 
     try:

@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kiln.pipeline.digest import canonical_digest
-from kiln.pipeline.errors import RecipeErrors
+from kiln.common.digest import canonical_digest
+from kiln.common.errors import RecipeErrors
 from kiln.pipeline.recipe import Recipe
 
 

@@ -19,16 +19,16 @@ from kiln import compile as compile_stage
 from kiln import quantize, registry, validate
 from kiln.pipeline.cache import StageCache
 from kiln.pipeline.data import token_samples
-from kiln.pipeline.digest import file_sha256
-from kiln.pipeline.errors import RecipeErrors, UserInputError
+from kiln.common.digest import file_sha256
+from kiln.common.errors import RecipeErrors, UserInputError
 from kiln.pipeline.fetch import hub_model
 from kiln.pipeline.plan import (
     PUBLISHED_RECORD, Plan, StageInstance, compile_request, gpu_instances, quantize_request, tool_versions,
     model_problems,
 )
-from kiln.pipeline.progress import ProgressReporter
+from kiln.common.progress import ProgressReporter
 from kiln.pipeline.results import BuildResult, EngineResult, VariantResult
-from kiln.pipeline.scratch import process_scratch
+from kiln.common.scratch import process_scratch
 
 
 class _Runner:

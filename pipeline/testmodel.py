@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kiln.pipeline.digest import canonical_digest
-from kiln.pipeline.fsutil import atomic_dir
+from kiln.common.digest import canonical_digest
+from kiln.common.fsutil import atomic_dir
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     `on_loaded(model)` sees the source model as loaded, before calibration changes it, and must
     give it back unchanged (the pipeline takes the baseline's logits there: one read of the weights).
     """
-    from kiln.pipeline.progress import quiet_libraries
+    from kiln.common.progress import quiet_libraries
 
     with quiet_libraries():
         try:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.pipeline.errors import KilnError
-from kiln.pipeline.fsutil import atomic_write_text
+from kiln.common.errors import KilnError
+from kiln.common.fsutil import atomic_write_text
 from kiln.quantize.families import COMMON_TRTLLM_FIELDS, Family, family_of, trtllm_values_agree
 from kiln.quantize.headers import safetensors_header
 

@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.errors import UserInputError, VerificationError
-from kiln.pipeline.fsutil import atomic_dir, require_empty_folder
+from kiln.common.errors import UserInputError, VerificationError
+from kiln.common.fsutil import atomic_dir, require_empty_folder
 from kiln.registry.lookup import version_confirmed
 from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_manifest, sm_tag
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree

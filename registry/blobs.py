@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.errors import VerificationError
+from kiln.common.errors import VerificationError
 
 BLOBS = "blobs"
 STORAGE_TAG = "kiln.storage"
@@ -62,7 +62,7 @@ def _stored(store, shas: set[str]) -> set[str]:
 def _intact(store, sha: str, size: int) -> bool:
     """Whether the stored blob still holds the bytes its name promises: hashed where it lies on an embedded
     store, downloaded and hashed from a server."""
-    from kiln.pipeline.digest import file_sha256
+    from kiln.common.digest import file_sha256
 
     local_root = getattr(store, "artifact_dir", None)
     if local_root is not None:
@@ -76,7 +76,7 @@ def _intact(store, sha: str, size: int) -> bool:
 
 
 def _file_intact(path: Path, sha: str, size: int) -> bool:
-    from kiln.pipeline.digest import file_sha256
+    from kiln.common.digest import file_sha256
 
     return path.is_file() and path.stat().st_size == size and file_sha256(path) == sha
 

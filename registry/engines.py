@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from kiln.pipeline.errors import KilnError
+from kiln.common.errors import KilnError
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, upload_blobs
 from kiln.registry.store import ARTIFACT_PATH, PublishedVersion, client, download, upload_manifest

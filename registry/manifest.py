@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kiln.pipeline.digest import canonical_digest, file_sha256, list_files
-from kiln.pipeline.errors import VerificationError
+from kiln.common.digest import canonical_digest, file_sha256, list_files
+from kiln.common.errors import VerificationError
 
 MANIFEST = "manifest.json"
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kiln.pipeline.errors import GateFailed, UserInputError
-from kiln.pipeline.progress import SILENT
+from kiln.common.errors import GateFailed, UserInputError
+from kiln.common.progress import SILENT
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, download_blobs
 from kiln.registry.engines import held_sms, sm_manifest, sm_tag
 from kiln.registry.manifest import MANIFEST

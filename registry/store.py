@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.pipeline.errors import KilnError
+from kiln.common.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.registry.blobs import Transfer
@@ -52,7 +52,7 @@ def tracking_uri(home: Path) -> str:
         return f"sqlite:///{(Path(home) / 'registry' / 'mlflow.db').resolve()}"
     scheme = configured.split("://", 1)[0].split("+", 1)[0].lower() if "://" in configured else ""
     if scheme not in _SCHEMES:
-        from kiln.pipeline.errors import UserInputError
+        from kiln.common.errors import UserInputError
 
         raise UserInputError(f"MLFLOW_TRACKING_URI={configured}: not a registry kiln can use (fix: "
                              "http://HOST:PORT of a `kiln registry serve`, or unset it for the embedded registry "

@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.errors import KilnError, UserInputError
-from kiln.pipeline.processes import wait_until_ready
+from kiln.common.errors import KilnError, UserInputError
+from kiln.common.processes import wait_until_ready
 
 DATABASE = "mlflow"
 _PG_USER = "kiln"

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.errors import UserInputError
-from kiln.pipeline.fsutil import atomic_dir, require_empty_folder
+from kiln.common.errors import UserInputError
+from kiln.common.fsutil import atomic_dir, require_empty_folder
 from kiln.serve.cpu_repo import ARTIFACT_DIR, CPU_MODEL, CPU_STREAM_MODEL, CpuServeOptions, write_cpu_repository
 from kiln.serve.gpu_repo import GpuLayout, GpuServeOptions, docker_command, write_gpu_layout
 from kiln.serve.triton import Endpoints, TritonServer

@@ -24,7 +24,7 @@ class ReferenceGenerator:
     def __init__(self, hf_dir: Path, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
-        from kiln.validate.runtime import load_reference_model
+        from kiln.validate import load_reference_model
 
         self.model = load_reference_model(Path(hf_dir), trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)

@@ -22,8 +22,8 @@ from typing import Callable
 import yaml
 
 from kiln.compile import ENGINE_RECORD, LLM_API_OPTIONS, Target, load_record, sm_folder
-from kiln.pipeline.errors import UserInputError
-from kiln.pipeline.fsutil import atomic_write_text
+from kiln.common.errors import UserInputError
+from kiln.common.fsutil import atomic_write_text
 from kiln.quantize import HF_DIR
 from kiln.serve.pbtxt import write_config
 from kiln.serve.templates import TemplateError, fill_config

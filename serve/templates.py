@@ -16,7 +16,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from kiln.pipeline.errors import UserInputError
+from kiln.common.errors import UserInputError
 
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 # A placeholder standing for a whole value (a number, a type, a bool), not inside a string.

@@ -18,8 +18,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.errors import KilnError, UserInputError
-from kiln.pipeline.processes import wait_until_ready
+from kiln.common.errors import KilnError, UserInputError
+from kiln.common.processes import wait_until_ready
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def test_a_cached_rebuild_says_so_verifies_the_stored_blobs_and_plan_verifies_th
                                                                                         kiln_home):
     """Issue 13.18: the cached table looked like a fresh build's. 13.1: an unchanged recipe's rebuild did not
     notice a corrupt blob. 13.17: `kiln plan` said `cached` for a damaged entry."""
-    from kiln.pipeline.digest import file_sha256
+    from kiln.common.digest import file_sha256
     from tests.conftest import run_kiln
 
     recipe = write_recipe(tmp_path, str(test_model), VARIANTS, name="cv", samples=8, seq_len=128)

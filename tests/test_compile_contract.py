@@ -227,7 +227,7 @@ def test_a_faithful_checkpoint_agrees_with_trtllm_field_by_field(tmp_path, stand
 ])
 def test_a_field_trtllm_derives_differently_stops_the_build(tmp_path, standin_trtllm, changes, field):
     from kiln.compile.trtllm_config import check_against_trtllm
-    from kiln.pipeline.errors import KilnError
+    from kiln.common.errors import KilnError
     from kiln.quantize import family_of
 
     checkpoint = _kiln_checkpoint(tmp_path, QWEN2_SOURCE, **changes)
@@ -238,7 +238,7 @@ def test_a_field_trtllm_derives_differently_stops_the_build(tmp_path, standin_tr
 def test_trtllm_disagreeing_with_kiln_stops_the_build(tmp_path, standin_trtllm, monkeypatch):
     """The other direction: a TensorRT-LLM version whose mapping differs (here: a changed moe default)."""
     from kiln.compile.trtllm_config import check_against_trtllm
-    from kiln.pipeline.errors import KilnError
+    from kiln.common.errors import KilnError
     from kiln.quantize import family_of
 
     monkeypatch.setenv("KILN_STANDIN_TRTLLM_OVERRIDE", json.dumps({"moe": {"num_experts": 0, "top_k": 0,

@@ -214,7 +214,7 @@ def test_tensorrt_llm_in_another_python(world):
 def _alter_quantize_entry(home: Path) -> None:
     """Make this host's checkpoint differ from the published one, as another CPU's rounding might."""
     from kiln.pipeline.cache import ENTRY_FILE
-    from kiln.pipeline.digest import file_sha256
+    from kiln.common.digest import file_sha256
 
     (entry,) = (home / "cache" / "quantize").iterdir()
     config = entry / "trtllm" / "config.json"
@@ -241,7 +241,7 @@ def test_an_sm_is_built_from_the_registry_checkpoint_when_this_host_quantized_di
     assert list(listed(env89)) == [("t-fp8", "1")] and listed(env89)[("t-fp8", "1")]["sms"] == ["sm89", "sm90"]
     out = tmp_path / "pulled"
     assert run_kiln("pull", "t-fp8/1", "--out", out, "--gpu", "sm90", env=env90).returncode == 0
-    from kiln.pipeline.digest import file_sha256
+    from kiln.common.digest import file_sha256
 
     record = json.loads((out / "engines" / "sm90" / "engine.json").read_text())
     assert record["inputs"]["trtllm/config.json"] == file_sha256(out / "trtllm" / "config.json")

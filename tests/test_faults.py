@@ -61,7 +61,7 @@ def test_links_inside_the_folder_and_into_a_hub_blob_store_are_fine(tmp_path):
 
 def test_kiln_diff_runs_from_the_command_line(kiln_home, tmp_path):
     """Issue 13.11: `kiln diff NAME V1 V2` failed for every pair with TypeError: PosixPath / int."""
-    from kiln.pipeline.progress import SILENT
+    from kiln.common.progress import SILENT
     from kiln.registry import PUBLISH_KEY_TAG, publish
 
     for version, weights in (("a", b"one"), ("b", b"two")):
@@ -121,7 +121,7 @@ def test_progress_reaches_a_ci_log_at_least_every_interval(monkeypatch, capsys):
     """Issue 13.16: with stderr not a terminal, a 13-minute calibration printed nothing."""
     import time
 
-    from kiln.pipeline.progress import ProgressReporter
+    from kiln.common.progress import ProgressReporter
 
     monkeypatch.setenv("KILN_PROGRESS_INTERVAL_S", "0.1")
     with ProgressReporter().task("calibrate fp8", total=4) as task:
@@ -139,12 +139,12 @@ def test_progress_reaches_a_ci_log_at_least_every_interval(monkeypatch, capsys):
 def test_the_next_build_reclaims_what_a_killed_process_left(tmp_path):
     """Issue 13.15: after a kill, temporary folders piled up in /tmp and partial entries stayed a day."""
     from kiln.pipeline.cache import StageCache
-    from kiln.pipeline.scratch import owner_token, process_scratch, reclaim_dead
+    from kiln.common.scratch import owner_token, process_scratch, reclaim_dead
 
     home = tmp_path / "home"
     code = ("import os, sys, tempfile\n"
             "from pathlib import Path\n"
-            "from kiln.pipeline.scratch import owner_token, process_scratch\n"
+            "from kiln.common.scratch import owner_token, process_scratch\n"
             "home = Path(sys.argv[1])\n"
             "tempfile.mkdtemp(prefix='kiln-blobs-', dir=process_scratch(home))\n"
             "tempfile.mkdtemp(prefix=f'.tmp-abc-{owner_token()}-', dir=home / 'cache' / 'quantize')\n"
@@ -217,7 +217,7 @@ def test_a_huge_calibration_file_is_read_only_as_far_as_needed(tmp_path):
 
 
 def test_absurd_or_undecodable_data_files_are_one_clear_line(tmp_path):
-    from kiln.pipeline.errors import UserInputError
+    from kiln.common.errors import UserInputError
 
     (tmp_path / "one-line.jsonl").write_text('{"text": "' + "x" * (17 * 2**20) + '"}\n')
     with pytest.raises(UserInputError, match=r"one-line.jsonl: line 1 is longer than the 16777216 characters"):

@@ -19,7 +19,7 @@ from tests.conftest import KILN, run_kiln
 
 
 def _publish(home, name, payload: bytes, key: str, recipe="r", variant="v", share=False, tmp=None):
-    from kiln.pipeline.progress import SILENT
+    from kiln.common.progress import SILENT
     from kiln.registry import PUBLISH_KEY_TAG, RECIPE_TAG, VARIANT_TAG, publish
 
     folder = (tmp or home.parent) / f"src-{key}"
@@ -31,7 +31,7 @@ def _publish(home, name, payload: bytes, key: str, recipe="r", variant="v", shar
 
 def test_a_name_owned_by_another_recipe_and_variant_is_refused(kiln_home):
     """Issue 13.3: recipe `a-b` variant `c` and recipe `a` variant `b-c` both published into `a-b-c`."""
-    from kiln.pipeline.errors import UserInputError
+    from kiln.common.errors import UserInputError
     from kiln.registry import list_versions
 
     _publish(kiln_home, "a-b-c", b"fp8 bytes", "k1", recipe="a", variant="b-c")
@@ -64,7 +64,7 @@ def test_a_moved_kiln_home_pulls_and_publishes_in_place(tmp_path):
     """Issue 13.4: the embedded registry stored absolute paths; a moved home could pull nothing, and a build
     there wrote into the old path and published duplicates."""
     from kiln.registry import find_version, pull
-    from kiln.pipeline.progress import SILENT
+    from kiln.common.progress import SILENT
 
     old, new = tmp_path / "old-home", tmp_path / "elsewhere" / "home"
     first = _publish(old, "m-v", b"the weights", "k1", tmp=tmp_path)
@@ -179,7 +179,7 @@ import sys
 from pathlib import Path
 import typer
 from kiln.pipeline.cli import _reported_errors
-from kiln.pipeline.progress import ProgressReporter
+from kiln.common.progress import ProgressReporter
 from kiln.registry import PUBLISH_KEY_TAG, publish
 try:
     with _reported_errors():

@@ -13,9 +13,9 @@ from tests.conftest import REPO
 
 def test_imports_from_outside_the_repo(tmp_path):
     code = (
-        "import importlib.util, kiln.pipeline, kiln.quantize, kiln.validate, kiln.registry, kiln.compile, kiln.serve;"
+        "import importlib.util, kiln.common, kiln.pipeline, kiln.quantize, kiln.validate, kiln.registry, kiln.compile, kiln.serve;"
         "print(kiln.pipeline.__version__);"
-        "print(all(importlib.util.find_spec(n) is None for n in ('pipeline', 'quantize', 'validate', 'registry')))"
+        "print(all(importlib.util.find_spec(n) is None for n in ('common', 'pipeline', 'quantize', 'validate', 'registry')))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -7,8 +7,8 @@ import os
 import threading
 from pathlib import Path
 
-from kiln.pipeline.digest import file_sha256
-from kiln.pipeline.progress import SILENT
+from kiln.common.digest import file_sha256
+from kiln.common.progress import SILENT
 from kiln.registry import PUBLISH_KEY_TAG, add_sm, publish, pull
 
 

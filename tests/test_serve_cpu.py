@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from kiln.pipeline.progress import ProgressReporter
+from kiln.common.progress import ProgressReporter
 from kiln.serve import TritonServer, write_repository
 from kiln.serve.generation import ReferenceGenerator, greedy_without_cache
 from kiln.serve.pbtxt import read_config

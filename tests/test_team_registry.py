@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.pipeline.progress import SILENT
+from kiln.common.progress import SILENT
 from kiln.registry.team import LocalPostgres, MlflowServer
 from kiln.serve.triton import free_port
 from tests.conftest import run_kiln, write_recipe

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from kiln.pipeline.digest import file_sha256
+from kiln.common.digest import file_sha256
 from kiln.pipeline.testmodel import TestModelSpec, ensure_test_model, spec_digest
 
 TINY = replace(TestModelSpec(), steps=3, vocab_size=512)

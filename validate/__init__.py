@@ -5,6 +5,7 @@ Public entry points:
   run(hf_dir, baseline, samples, progress) -> Metrics
   evaluate_gates(metrics, **gates) -> GateResult
   check_engine(target, sm_dir, hf_dir, model_dir, samples, progress, label) -> Metrics   (GPU hosts)
+  load_reference_model(hf_dir, trust_remote_code) -> model   the exported checkpoint as validation runs it
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ STAGE_VERSION = 1
 TOOLS = ("torch", "transformers")
 REPORT = "report.json"
 
-__all__ = ["Baseline", "run", "check_engine", "evaluate_gates", "GateResult", "Metrics", "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS"]
+__all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_gates", "GateResult", "Metrics", "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS"]
+
+
+def load_reference_model(hf_dir: Path, trust_remote_code: bool = False):
+    """The exported checkpoint in its transformers architecture, weights kept as stored and decoded per layer
+    (what validation measured; kiln serve's CPU runtime generates with it). Imports torch on first use."""
+    from kiln.validate.runtime import load_reference_model as load
+
+    return load(Path(hf_dir), trust_remote_code)
 
 
 class Baseline:
@@ -83,7 +92,7 @@ class Baseline:
 
         import torch
 
-        from kiln.pipeline.progress import quiet_libraries
+        from kiln.common.progress import quiet_libraries
         from kiln.validate.metrics import batched_logits
         from kiln.validate.runtime import load_baseline_model, place
 
@@ -113,7 +122,7 @@ def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", tr
 
     `placement` (kiln.quantize.Placement, or None for the CPU) says where the models run.
     """
-    from kiln.pipeline.progress import quiet_libraries
+    from kiln.common.progress import quiet_libraries
     from kiln.validate.metrics import compare
     from kiln.validate.runtime import load_reference_model, place
 

@@ -17,8 +17,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kiln.pipeline.errors import KilnError
-from kiln.pipeline.foreign_python import env_for, trtllm_python
+from kiln.common.errors import KilnError
+from kiln.common.foreign_python import env_for, trtllm_python
 from kiln.validate.records import Metrics
 
 

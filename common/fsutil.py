@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from kiln.pipeline.errors import KilnError
+from kiln.common.errors import KilnError
 
 
 @contextlib.contextmanager
@@ -21,7 +21,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    from kiln.pipeline.scratch import owner_token
+    from kiln.common.scratch import owner_token
 
     # The owner token lets the next build tell a dead writer's leftovers from a running one's.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-{owner_token()}-", dir=dest.parent))
@@ -64,7 +64,7 @@ class DiskFull(KilnError):
 
 def require_empty_folder(path: Path, option: str = "--out") -> Path:
     """A destination that is new or an empty folder; anything else is the user's to resolve."""
-    from kiln.pipeline.errors import UserInputError
+    from kiln.common.errors import UserInputError
 
     path = Path(path)
     try:
