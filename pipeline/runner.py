@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kiln import compile as compile_stage
 from kiln import quantize, registry, validate
+from kiln.registry import tags as version_tags
 from kiln.pipeline.cache import StageCache
 from kiln.pipeline.data import token_samples
 from kiln.common.digest import file_sha256
@@ -154,7 +155,7 @@ class _Runner:
                 return found
             self.progress.log(f"warning: {recorded['name']}/{recorded['version']} is gone from the registry; publishing again")
             shutil.rmtree(entry, ignore_errors=True)
-        tags = {**self._tags(name, instance, checkpoint, metrics), **gate_tags("kiln.gate", gate)}
+        tags = self._tags(name, instance, checkpoint, metrics, gate)
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
             files = self._artifact_files(name, checkpoint, report, Path(scratch))
             published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress,
@@ -241,9 +242,9 @@ class _Runner:
         files = {f"{folder}/{p.relative_to(sm_dir).as_posix()}": p for p in sorted(sm_dir.rglob("*")) if p.is_file()}
         files[f"{folder}/{compile_stage.CHECK_REPORT}"] = report / validate.REPORT
         record = compile_stage.load_record(sm_dir)
-        tags = {"target": record["target"], "tensorrt": record["tensorrt"] or "", "tensorrt_llm": record["tensorrt_llm"],
-                "gpu": record["gpu"], **gate_tags("gate", gate)}
-        tags.update({f"metric.{k}": repr(v) for k, v in metrics.as_dict().items()})
+        tags = version_tags.engine_tags(sm, target=record["target"], tensorrt=record["tensorrt"] or "",
+                                        tensorrt_llm=record["tensorrt_llm"], gpu=record["gpu"],
+                                        metrics=metrics.as_dict(), passed=gate.passed, failures=gate.failures)
         added = registry.add_sm(self.plan.home, version, sm, files, tags, instance.key, record, self.progress)
         if added is None:
             self.progress.log(f"{version.name}/{version.version} already holds these {sm} engines")
@@ -269,25 +270,70 @@ class _Runner:
         path.write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
         return path
 
-    def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: validate.Metrics) -> dict[str, str]:
+    def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: validate.Metrics,
+              gate: validate.GateResult) -> dict[str, str]:
         record = quantize.CheckpointRecord.load(checkpoint)
         model = self.loaded.recipe.model
-        tags = {
-            registry.PUBLISH_KEY_TAG: instance.key,
-            registry.RECIPE_TAG: self.loaded.recipe.name,
-            "kiln.recipe_digest": self.loaded.digest,
-            registry.VARIANT_TAG: name,
-            "kiln.source": model.source if model.is_hub else f"local:{self.plan.model_digest[:16]}",
-            "kiln.revision": model.revision or self.plan.model_digest,
-            "kiln.quant": record.quant,
-            "kiln.kv_cache": record.kv_cache,
-            "kiln.algorithm": record.algorithm,
-            "kiln.export_quant_algo": record.export_quant_algo or "",
-            "kiln.group_size": str(record.group_size or ""),
-        }
-        tags.update({f"kiln.metric.{k}": repr(v) for k, v in metrics.as_dict().items()})
-        tags.update({f"kiln.tool.{k}": v for k, v in tool_versions(quantize.TOOLS).items()})
-        return tags
+        return version_tags.checkpoint_tags(
+            publish_key=instance.key, recipe=self.loaded.recipe.name, recipe_digest=self.loaded.digest, variant=name,
+            source=model.source if model.is_hub else f"local:{self.plan.model_digest[:16]}",
+            revision=model.revision or self.plan.model_digest, quant=record.quant, kv_cache=record.kv_cache,
+            algorithm=record.algorithm, export_quant_algo=record.export_quant_algo or "",
+            group_size=str(record.group_size or ""), metrics=metrics.as_dict(), tools=tool_versions(quantize.TOOLS),
+            passed=gate.passed, failures=gate.failures)
+
+    def run_variants(self) -> BuildResult:
+        plan, cache = self.plan, self.cache
+        if any(i.status == "will run" for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
+            self.model_dir()  # fetch (and refuse) before any stage starts writing
+        results = []
+        for name, variant in plan.loaded.recipe.variants.items():
+            result = VariantResult(name, variant.quant.value, variant.kv_cache.value)
+            checkpoint = self.quantize(name, plan.instance("quantize", name))
+            result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
+            v_instance = plan.instance("validate", name)
+            result.metrics = self.validate(name, v_instance, checkpoint)
+            result.gate = validate.evaluate_gates(result.metrics, **variant.gates.model_dump())
+            if result.gate.passed or self.publish_failed:
+                report = cache.entry_dir("validate", v_instance.key)
+                result.published = self.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics,
+                                                  result.gate)
+            for sm, c, e, p in plan.sm_instances(name):
+                result.engines.append(self.build_sm(name, variant, sm, (c, e, p), checkpoint, result.published))
+            results.append(result)
+        return BuildResult(plan, results, self.ran)
+
+    def build_sm(self, name: str, variant, sm: str, instances, checkpoint: Path, version) -> EngineResult:
+        """compile -> engine check -> gate -> publish into the variant's version, for one SM.
+
+        The registry's checkpoint wins: if another host published this variant from other bytes
+        (quantization is not bit-reproducible across machines), this SM is rebuilt from those.
+        """
+        compile_instance, check_instance, _ = instances
+        if compile_instance.status.startswith("skipped"):
+            return EngineResult(sm, compile_instance.status)
+        if version is None:
+            return EngineResult(sm, "skipped: the checkpoint is not published (gate failed)")
+        status = "cached" if compile_instance.status == "cached" and check_instance.status == "cached" else "built"
+        try:
+            return self._compile_check_publish(variant, sm, instances, checkpoint, version, status)
+        except registry.CheckpointMismatch as exc:
+            self.progress.log(f"note: {exc}; building {sm} from the checkpoint in the registry instead")
+        published, digest = self.registry_checkpoint(version)
+        instances = gpu_instances(self.plan, self.cache, name, sm, digest, self.plan.instance("publish", name))
+        return self._compile_check_publish(variant, sm, instances, published, version, "built from the registry's checkpoint")
+
+    def _compile_check_publish(self, variant, sm: str, instances, checkpoint: Path, version, status: str) -> EngineResult:
+        compile_instance, check_instance, publish_instance = instances
+        sm_dir = self.compile(sm, compile_instance, checkpoint)
+        metrics = self.engine_check(check_instance.target, check_instance, sm_dir, checkpoint)
+        gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
+        result = EngineResult(sm, status, metrics, gate)
+        if gate.passed or self.publish_failed:
+            report = self.cache.entry_dir("engine-check", check_instance.key)
+            self.publish_sm(sm, publish_instance, version, sm_dir, report, metrics, gate)
+            result.published = True
+        return result
 
 
 def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
@@ -299,14 +345,6 @@ def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
     return files
 
 
-def gate_tags(key: str, gate: validate.GateResult) -> dict[str, str]:
-    """`key`: pass|fail, and `key`.failures naming each failed gate; read back by `kiln promote`."""
-    tags = {key: "pass" if gate.passed else "fail"}
-    if not gate.passed:
-        tags[f"{key}.failures"] = "; ".join(gate.failures)
-    return tags
-
-
 def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,
              share_names: bool = False) -> BuildResult:
     runner = _Runner(plan, cache, progress, publish_failed, share_names)
@@ -316,62 +354,6 @@ def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_
             if plan.instance("publish", name).status == "will run":
                 registry.check_owner(plan.home, plan.registered_name(name), plan.loaded.recipe.name, name)
     try:
-        return _run_variants(runner, plan, cache, publish_failed)
+        return runner.run_variants()
     finally:
         runner.close()
-
-
-def _run_variants(runner: _Runner, plan: Plan, cache: StageCache, publish_failed: bool) -> BuildResult:
-    progress = runner.progress
-    if any(i.status == "will run" for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
-        runner.model_dir()  # fetch (and refuse) before any stage starts writing
-    results = []
-    for name, variant in plan.loaded.recipe.variants.items():
-        result = VariantResult(name, variant.quant.value, variant.kv_cache.value)
-        checkpoint = runner.quantize(name, plan.instance("quantize", name))
-        result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
-        v_instance = plan.instance("validate", name)
-        result.metrics = runner.validate(name, v_instance, checkpoint)
-        result.gate = validate.evaluate_gates(result.metrics, **variant.gates.model_dump())
-        if result.gate.passed or publish_failed:
-            report = cache.entry_dir("validate", v_instance.key)
-            result.published = runner.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics,
-                                              result.gate)
-        for sm, c, e, p in plan.sm_instances(name):
-            result.engines.append(_build_sm(runner, name, variant, sm, (c, e, p), checkpoint, result.published))
-        results.append(result)
-    return BuildResult(plan, results, runner.ran)
-
-
-def _build_sm(runner: _Runner, name: str, variant, sm: str, instances, checkpoint: Path, version) -> EngineResult:
-    """compile -> engine check -> gate -> publish into the variant's version, for one SM.
-
-    The registry's checkpoint wins: if another host published this variant from other bytes
-    (quantization is not bit-reproducible across machines), this SM is rebuilt from those.
-    """
-    compile_instance, check_instance, _ = instances
-    if compile_instance.status.startswith("skipped"):
-        return EngineResult(sm, compile_instance.status)
-    if version is None:
-        return EngineResult(sm, "skipped: the checkpoint is not published (gate failed)")
-    status = "cached" if compile_instance.status == "cached" and check_instance.status == "cached" else "built"
-    try:
-        return _compile_check_publish(runner, variant, sm, instances, checkpoint, version, status)
-    except registry.CheckpointMismatch as exc:
-        runner.progress.log(f"note: {exc}; building {sm} from the checkpoint in the registry instead")
-    published, digest = runner.registry_checkpoint(version)
-    instances = gpu_instances(runner.plan, runner.cache, name, sm, digest, runner.plan.instance("publish", name))
-    return _compile_check_publish(runner, variant, sm, instances, published, version, "built from the registry's checkpoint")
-
-
-def _compile_check_publish(runner: _Runner, variant, sm: str, instances, checkpoint: Path, version, status: str) -> EngineResult:
-    compile_instance, check_instance, publish_instance = instances
-    sm_dir = runner.compile(sm, compile_instance, checkpoint)
-    metrics = runner.engine_check(check_instance.target, check_instance, sm_dir, checkpoint)
-    gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
-    result = EngineResult(sm, status, metrics, gate)
-    if gate.passed or runner.publish_failed:
-        report = runner.cache.entry_dir("engine-check", check_instance.key)
-        runner.publish_sm(sm, publish_instance, version, sm_dir, report, metrics, gate)
-        result.published = True
-    return result

@@ -42,6 +42,8 @@ class FormatSpec:
     # Overrides of the ModelOpt config's "algorithm" entry (GPTQ is an INT4 config run with method gptq).
     algorithm_config: dict = field(default_factory=dict)
     takes_alpha: bool = False       # SmoothQuant's migration strength, set in the recipe
+    # ModelOpt's in-memory fake quantization runs on a CPU (NVFP4's needs CUDA; kiln's own CPU path stands in).
+    modelopt_fake_quant_on_cpu: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
     FormatSpec(QuantFormat.fp8_pc_pt, "FP8 weights with per-channel scales, activations per token (dynamic)",
                "FP8_PER_CHANNEL_PER_TOKEN_CFG", "max", 8, 8),
     FormatSpec(QuantFormat.nvfp4, "FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
-               "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16),
+               "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16,
+               modelopt_fake_quant_on_cpu=False),
     FormatSpec(QuantFormat.int4_awq, "INT4 weights (W4A16), AWQ, per-group scales",
                "INT4_AWQ_CFG", "awq_lite", 4.25, 16, group_sizes=(64, 128), default_group_size=128),
     FormatSpec(QuantFormat.int4_gptq, "INT4 weights (W4A16), GPTQ, per-group scales",

@@ -27,16 +27,20 @@ from pathlib import Path
 from kiln.common.errors import UserInputError, VerificationError
 from kiln.common.fsutil import atomic_dir, require_empty_folder
 from kiln.registry.lookup import version_confirmed
-from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, held_sms, sm_manifest, sm_tag
+from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, sm_manifest
+from kiln.registry.tags import (
+    KV_CACHE, QUANT, RECIPE, REGISTERED_MODEL, SM_MANIFEST, SM_TENSORRT, VARIANT, held_sms, metrics_of, sm_tag,
+)
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
-from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, gate_failures, promote
+from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, promote
+from kiln.registry.tags import gate_failures
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, download_blobs, embedded_damage, upload_blobs
 from kiln.registry.store import (
     ARTIFACT_PATH, MANIFEST_TAG, PUBLISH_KEY_TAG, PublishedVersion, client, create_model_version, download,
     download_file, ensure_registered_model, experiment_id, is_missing, tracking_uri, unreachable, upload_manifest,
 )
 
-__all__ = ["publish", "check_owner", "embedded_damage", "repair_blobs", "RECIPE_TAG", "VARIANT_TAG", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "version_confirmed", "pull",
+__all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", "RECIPE_TAG", "VARIANT_TAG", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "version_confirmed", "pull",
            "check_pullable",
            "list_versions",
            "parse_ref", "tracking_uri", "unreachable",
@@ -72,7 +76,7 @@ def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str],
         return PublishedVersion(existing.name, existing.version, existing.run_id, created=False, transfer=Transfer())
     mlflow = client(home)
     manifest = build_manifest(files)
-    run = mlflow.create_run(experiment_id(mlflow, home), run_name=name, tags={"kiln.registered_model": name})
+    run = mlflow.create_run(experiment_id(mlflow, home), run_name=name, tags={REGISTERED_MODEL: name})
     run_id = run.info.run_id
     try:
         # The bytes first (only those the store lacks), then the manifest, then the version that names them.
@@ -106,7 +110,7 @@ def _converge(mlflow, name: str, publish_key: str, mine: str) -> PublishedVersio
     return PublishedVersion(name, str(winner.version), winner.run_id, created=str(winner.version) == mine)
 
 
-RECIPE_TAG, VARIANT_TAG = "kiln.recipe", "kiln.variant"   # who owns a registered model's name
+RECIPE_TAG, VARIANT_TAG = RECIPE, VARIANT   # who owns a registered model's name
 
 
 def check_owner(home: Path, name: str, recipe: str | None, variant: str | None) -> None:
@@ -161,14 +165,12 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
 
 
 def _resolve(mlflow, ref: str):
-    from mlflow.exceptions import MlflowException
-
     name, alias, version = parse_ref(ref)
     try:
         if alias:
             return mlflow.get_model_version_by_alias(name, alias)
         return mlflow.get_model_version(name, version)
-    except MlflowException as exc:
+    except Exception as exc:   # MlflowException: a missing one is the user's; anything else propagates
         if not is_missing(exc):
             raise
         what = f"alias '{alias}'" if alias else f"version {version}"
@@ -197,7 +199,7 @@ def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
             manifest = verify_tree(root, version.tags.get(MANIFEST_TAG), excluded_scopes=(SM_ROOT,))
             files = dict(manifest["files"])
             if sm is not None:
-                files.update(verify_tree(root, version.tags.get(sm_tag(sm, "manifest_sha256")),
+                files.update(verify_tree(root, version.tags.get(sm_tag(sm, SM_MANIFEST)),
                                          scope=f"{SM_ROOT}/{sm}")["files"])
     except VerificationError as exc:
         raise VerificationError(f"{label}: {exc}; nothing was written to {out}") from None
@@ -208,7 +210,7 @@ def _download_from_blobs(mlflow, home: Path, version, root: Path, sm: str | None
     """The version's manifests from its run, checked against their tags, then every file they list."""
     manifests = [(MANIFEST, MANIFEST, version.tags.get(MANIFEST_TAG))]
     if sm is not None:
-        digest = version.tags.get(sm_tag(sm, "manifest_sha256"))
+        digest = version.tags.get(sm_tag(sm, SM_MANIFEST))
         manifests.append((sm_manifest(sm, digest), f"{SM_ROOT}/{sm}/{MANIFEST}", digest))
     wanted: dict[str, dict] = {}
     for stored, rel, digest in manifests:
@@ -245,7 +247,7 @@ def _check_sm_pullable(label: str, tags: dict[str, str], sm: str, installed_tens
         has = f"it holds {', '.join(held)}" if held else "it holds no engines yet"
         raise UserInputError(f"{label} has no engines for {sm}; {has} (fix: pull with --gpu "
                              f"{held[0] if held else 'none'}, or build them on an {sm} host with `kiln build --gpu {sm}`)")
-    built_with = tags.get(sm_tag(sm, "tensorrt"))
+    built_with = tags.get(sm_tag(sm, SM_TENSORRT))
     if built_with and installed_tensorrt and built_with != installed_tensorrt:
         raise UserInputError(f"{label}: the {sm} engines were built with TensorRT {built_with}, but this host has "
                              f"TensorRT {installed_tensorrt}; TensorRT engines run only on the version that built "
@@ -261,23 +263,18 @@ def list_versions(home: Path) -> list[dict]:
             aliases_by_version.setdefault(str(version), []).append(alias)
         for version in sorted(mlflow.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
             tags = version.tags
+            metrics = metrics_of(tags)
             rows.append({
                 "name": model.name,
                 "version": str(version.version),
                 "aliases": sorted(aliases_by_version.get(str(version.version), [])),
                 "sms": held_sms(tags),
-                "quant": tags.get("kiln.quant"),
-                "kv_cache": tags.get("kiln.kv_cache"),
-                "ppl_increase_pct": _float(tags.get("kiln.metric.ppl_increase_pct")),
-                "mean_kl": _float(tags.get("kiln.metric.mean_kl")),
-                "top1_agreement": _float(tags.get("kiln.metric.top1_agreement")),
+                "quant": tags.get(QUANT),
+                "kv_cache": tags.get(KV_CACHE),
+                "ppl_increase_pct": metrics.get("ppl_increase_pct"),
+                "mean_kl": metrics.get("mean_kl"),
+                "top1_agreement": metrics.get("top1_agreement"),
                 "created": version.creation_timestamp,
             })
     return rows
 
-
-def _float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None

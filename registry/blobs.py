@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.common.errors import VerificationError
+from kiln.registry import tags
 
 BLOBS = "blobs"
-STORAGE_TAG = "kiln.storage"
+STORAGE_TAG = tags.STORAGE
 STORAGE = "blobs-1"        # versions without this tag hold their files in their own run
 _WORKERS = 4
 
@@ -43,12 +44,10 @@ class Transfer:
 
 
 def _blob_store(mlflow, home: Path):
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    from kiln.registry.store import experiment_id, tracking_uri
+    from kiln.registry.store import artifact_repository, experiment_id
 
     location = mlflow.get_experiment(experiment_id(mlflow, home)).artifact_location
-    return get_artifact_repository(f"{location.rstrip('/')}/{BLOBS}", tracking_uri=tracking_uri(home))
+    return artifact_repository(home, f"{location.rstrip('/')}/{BLOBS}")
 
 
 def _stored(store, shas: set[str]) -> set[str]:

@@ -20,17 +20,13 @@ from kiln.common.errors import KilnError
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, upload_blobs
 from kiln.registry.store import ARTIFACT_PATH, PublishedVersion, client, download, upload_manifest
+from kiln.registry.tags import SM_MANIFEST, SM_PUBLISH_KEY, held_sms, sm_tag
 
 SM_ROOT = "engines"
-_TAG = "kiln.sm."
 
 
 class CheckpointMismatch(KilnError):
     """The version holds other checkpoint bytes than the ones an SM's artifact was built from."""
-
-
-def sm_tag(sm: str, field: str) -> str:
-    return f"{_TAG}{sm}.{field}"
 
 
 def sm_manifest(sm: str, digest: str) -> str:
@@ -38,35 +34,31 @@ def sm_manifest(sm: str, digest: str) -> str:
     return f"{SM_ROOT}/{sm}/manifest-{digest}.json"
 
 
-def held_sms(tags: dict[str, str]) -> list[str]:
-    """The SMs whose engines are completely in the version (their manifest tag is set)."""
-    suffix = ".manifest_sha256"
-    return sorted(key[len(_TAG):-len(suffix)] for key in tags if key.startswith(_TAG) and key.endswith(suffix))
-
-
-def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path], tags: dict[str, str],
+def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path], sm_tags: dict[str, str],
            publish_key: str, engine_record: dict, progress) -> Transfer | None:
-    """Add one SM's files (artifact paths under engines/<sm>/) to `version`; None if already there."""
+    """Add one SM's files (artifact paths under engines/<sm>/) and tags (kiln.registry.tags.engine_tags) to
+    `version`; None if already there."""
     mlflow = client(home)
     current = mlflow.get_model_version(version.name, version.version)
-    if current.tags.get(sm_tag(sm, "publish_key")) == publish_key and sm in held_sms(current.tags):
+    if current.tags.get(sm_tag(sm, SM_PUBLISH_KEY)) == publish_key and sm in held_sms(current.tags):
         return None
     if current.tags.get(STORAGE_TAG) != STORAGE:
         raise KilnError(f"{version.name}/{version.version} was published before kiln's blob store and takes no "
                         "engines (fix: `kiln build` the recipe again: it publishes a new version in the blob store)")
     _check_built_from(home, version, current.source, sm, engine_record)
     scope = f"{SM_ROOT}/{sm}"
-    outside = [rel for rel in files if not rel.startswith(f"{scope}/")]
+    outside = [rel for rel in files if not rel.startswith(f"{scope}/")] + \
+        [key for key in sm_tags if not key.startswith(sm_tag(sm, ""))]
     if outside:
-        raise KilnError(f"internal: {', '.join(outside)} is not under {scope}/")
+        raise KilnError(f"internal: {', '.join(outside)} is not {sm}'s")
     manifest = build_manifest(files)
     digest = manifest_digest(manifest)
     transfer = upload_blobs(mlflow, home, files, manifest["files"], progress,
                             f"upload {version.name}/{version.version} {sm}")
     upload_manifest(mlflow, version.run_id, manifest, sm_manifest(sm, digest))
-    for field, value in {**tags, "publish_key": publish_key}.items():
-        mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, field), value)
-    mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, "manifest_sha256"), digest)
+    for key, value in {**sm_tags, sm_tag(sm, SM_PUBLISH_KEY): publish_key}.items():
+        mlflow.set_model_version_tag(version.name, version.version, key, value)
+    mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, SM_MANIFEST), digest)
     return transfer
 
 

@@ -20,12 +20,14 @@ from pathlib import Path
 from kiln.common.errors import GateFailed, UserInputError
 from kiln.common.progress import SILENT
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, download_blobs
-from kiln.registry.engines import held_sms, sm_manifest, sm_tag
+from kiln.registry.engines import sm_manifest
+from kiln.registry.tags import (
+    SM_MANIFEST, gate_failures, gates_of, held_sms, metrics_of, promotion_tag, sm_tag, tools_of,
+)
 from kiln.registry.manifest import MANIFEST
 from kiln.registry.store import client, download_file, is_missing
 
 RECIPE_FILE = "recipe.json"      # the recipe as it applies to the version's variant
-PROMOTION = "kiln.promotion"
 _ALIAS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")   # what NAME@ALIAS references can name
 
 
@@ -45,22 +47,10 @@ def actor() -> str:
         or getpass.getuser()
 
 
-def gate_failures(tags: dict[str, str]) -> list[str]:
-    """Every gate the version did not pass: its checkpoint's, then each SM's it holds."""
-    failures = []
-    checks = [("checkpoint", "kiln.gate")] + [(sm, sm_tag(sm, "gate")) for sm in held_sms(tags)]
-    for what, key in checks:
-        if tags.get(key) != "pass":
-            failures.append(f"{what}: {tags.get(key + '.failures') or 'no gate result recorded'}")
-    return failures
-
-
 def _version(mlflow, name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         return mlflow.get_model_version(name, version)
-    except MlflowException as exc:
+    except Exception as exc:   # MlflowException: a missing one is the user's; anything else propagates
         if not is_missing(exc):
             raise
         raise UserInputError(f"{name}/{version}: no such version (fix: see `kiln ls`)") from None
@@ -88,7 +78,7 @@ def promote(home: Path, name: str, version: str, alias: str, force: bool = False
     if force and failures:
         record.update({"reason": reason.strip(), "overrode": "; ".join(failures)})
     for field, value in record.items():
-        mlflow.set_model_version_tag(name, version, f"{PROMOTION}.{alias}.{field}", value)
+        mlflow.set_model_version_tag(name, version, promotion_tag(alias, field), value)
     mlflow.set_registered_model_alias(name, alias, version)   # last: the record is in place first
     return Promotion(name, version, alias, previous, bool(force and failures), tuple(failures))
 
@@ -96,7 +86,7 @@ def promote(home: Path, name: str, version: str, alias: str, force: bool = False
 def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict], dict | None]:
     """A version's files (base and every SM it holds: path -> sha256, size) and its recipe.json, if any."""
     files: dict[str, dict] = {}
-    stored = [MANIFEST] + [sm_manifest(sm, found.tags[sm_tag(sm, "manifest_sha256")]) for sm in held_sms(found.tags)]
+    stored = [MANIFEST] + [sm_manifest(sm, found.tags[sm_tag(sm, SM_MANIFEST)]) for sm in held_sms(found.tags)]
     for index, rel in enumerate(stored):
         dst = scratch / str(found.version) / f"manifest-{index}.json"
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -129,32 +119,21 @@ def diff(home: Path, name: str, first: str, second: str) -> dict:
         files_a, recipe_a = _artifact(mlflow, home, a, Path(scratch) / "a")
         files_b, recipe_b = _artifact(mlflow, home, b, Path(scratch) / "b")
 
-    def tagged(tags, prefix):
-        return {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)}
-
-    def engine_tools(tags):
-        return {f"{sm}.{tool}": tags.get(sm_tag(sm, tool))
-                for sm in held_sms(tags) for tool in ("tensorrt", "tensorrt_llm")}
-
     def metrics(tags):
-        found = {f"checkpoint.{k}": v for k, v in tagged(tags, "kiln.metric.").items()}
+        found = {f"checkpoint.{k}": v for k, v in metrics_of(tags).items()}
         for sm in held_sms(tags):
-            found.update({f"{sm}.{k}": v for k, v in tagged(tags, sm_tag(sm, "metric.")).items()})
-        return {k: float(v) for k, v in found.items()}
-
-    def gates(tags):
-        return {"checkpoint": tags.get("kiln.gate"), **{sm: tags.get(sm_tag(sm, "gate")) for sm in held_sms(tags)}}
+            found.update({f"{sm}.{k}": v for k, v in metrics_of(tags, sm).items()})
+        return found
 
     sms_a, sms_b = set(held_sms(a.tags)), set(held_sms(b.tags))
     return {
         "name": name, "versions": [first, second],
         "recipe": (_changed(_flatten(recipe_a), _flatten(recipe_b)) if recipe_a is not None and recipe_b is not None
                    else "not recorded for both versions"),
-        "tools": _changed({**tagged(a.tags, "kiln.tool."), **engine_tools(a.tags)},
-                          {**tagged(b.tags, "kiln.tool."), **engine_tools(b.tags)}),
+        "tools": _changed(tools_of(a.tags), tools_of(b.tags)),
         "metrics": {k: [x, y, None if x is None or y is None else y - x]
                     for k, (x, y) in _changed(metrics(a.tags), metrics(b.tags)).items()},
-        "gates": _changed(gates(a.tags), gates(b.tags)),
+        "gates": _changed(gates_of(a.tags), gates_of(b.tags)),
         "sms": {"only_in_first": sorted(sms_a - sms_b), "only_in_second": sorted(sms_b - sms_a),
                 "both": sorted(sms_a & sms_b)},
         "files": _changed({k: v["sha256"] for k, v in files_a.items()}, {k: v["sha256"] for k, v in files_b.items()}),

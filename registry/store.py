@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln.common.errors import KilnError
+from kiln.registry import tags
 
 if TYPE_CHECKING:
     from kiln.registry.blobs import Transfer
 
 EXPERIMENT = "kiln"
 ARTIFACT_PATH = "artifact"
-PUBLISH_KEY_TAG = "kiln.publish_key"
-MANIFEST_TAG = "kiln.manifest_sha256"
+PUBLISH_KEY_TAG = tags.PUBLISH_KEY
+MANIFEST_TAG = tags.MANIFEST
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,19 @@ def create_model_version(mlflow_client, name: str, source: str, run_id: str, tag
 
 def is_missing(exc: BaseException) -> bool:
     """An MlflowException that says the model, version or alias does not exist (not a failing server)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
     code = getattr(exc, "error_code", "")
     return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(exc).lower()
+
+
+def artifact_repository(home: Path, uri: str):
+    """MLflow's artifact store at `uri` (a folder, or a server's proxied artifacts)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(uri, tracking_uri=tracking_uri(home))
 
 
 def download_file(home: Path, artifact_uri: str, dest: Path) -> Path:

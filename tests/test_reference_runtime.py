@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from kiln.pipeline.corpus import python_docs
 from kiln.pipeline.data import token_samples
-from kiln.quantize import KVCacheFormat, QuantFormat
+from kiln.quantize import FORMATS, KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter
 from kiln.validate.runtime import ReferenceLinear, load_reference_model
 
@@ -55,16 +55,11 @@ def texts(test_model):
     }
 
 
-# Every format whose ModelOpt fake-quant runs on a CPU (NVFP4 needs CUDA: bench/nvfp4_gpu.py compares it there).
-CPU_FORMATS = [
-    (QuantFormat.fp8, KVCacheFormat.fp8),
-    (QuantFormat.fp8_pc_pt, KVCacheFormat.none),
-    (QuantFormat.int4_awq, KVCacheFormat.none),
-    (QuantFormat.int4_gptq, KVCacheFormat.none),
-    (QuantFormat.w4a8_awq, KVCacheFormat.fp8),
-    (QuantFormat.int8_sq, KVCacheFormat.fp8),
-    (QuantFormat.int8_wo, KVCacheFormat.none),
-]
+# Every format whose ModelOpt fake-quant runs on a CPU (NVFP4 needs CUDA: bench/nvfp4_gpu.py compares it there),
+# from the format table; these also carry an FP8 KV cache, so its scales are compared too.
+WITH_FP8_KV = {QuantFormat.fp8, QuantFormat.w4a8_awq, QuantFormat.int8_sq}
+CPU_FORMATS = [(quant, KVCacheFormat.fp8 if quant in WITH_FP8_KV else KVCacheFormat.none)
+               for quant, spec in FORMATS.items() if spec.modelopt_fake_quant_on_cpu]
 
 
 @pytest.mark.parametrize("quant, kv", CPU_FORMATS, ids=[f"{q.value}-kv-{k.value}" for q, k in CPU_FORMATS])

@@ -10,6 +10,7 @@ from pathlib import Path
 from kiln.common.digest import file_sha256
 from kiln.common.progress import SILENT
 from kiln.registry import PUBLISH_KEY_TAG, add_sm, publish, pull
+from kiln.registry.tags import gate_tags
 
 
 def files_in(folder: Path, contents: dict[str, bytes]) -> dict[str, Path]:
@@ -52,7 +53,7 @@ def test_two_hosts_adding_the_same_sm_at_once_leave_a_pullable_version(kiln_home
 
     def add(host):
         start.wait()
-        add_sm(kiln_home, version, "sm90", engines[host + "-files"], {"gate": "pass"}, f"key-{host}", record, SILENT)
+        add_sm(kiln_home, version, "sm90", engines[host + "-files"], gate_tags(True, [], "sm90"), f"key-{host}", record, SILENT)
 
     threads = [threading.Thread(target=add, args=(host,)) for host in ("a", "b")]
     for thread in threads:

@@ -1,0 +1,122 @@
+"""Every tag kiln writes on a registry version, and the functions that write and read them.
+
+The publish side (the pipeline's runner, add_sm) and the readers (promote, diff, ls, pull) meet
+here only: a renamed tag changes both sides at once. Checkpoint tags are `kiln.<field>`; an SM's
+are `kiln.sm.<sm>.<field>`; promotions are `kiln.promotion.<alias>.<field>`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+PUBLISH_KEY = "kiln.publish_key"          # the publish stage's cache key: a republish finds its version
+MANIFEST = "kiln.manifest_sha256"         # digest of the version's manifest.json
+STORAGE = "kiln.storage"                  # how the files are stored (kiln.registry.blobs)
+RECIPE = "kiln.recipe"                    # with VARIANT: who owns the registered model's name
+VARIANT = "kiln.variant"
+RECIPE_DIGEST = "kiln.recipe_digest"
+SOURCE = "kiln.source"
+REVISION = "kiln.revision"
+QUANT = "kiln.quant"
+KV_CACHE = "kiln.kv_cache"
+ALGORITHM = "kiln.algorithm"
+EXPORT_QUANT_ALGO = "kiln.export_quant_algo"
+GROUP_SIZE = "kiln.group_size"
+GATE = "kiln.gate"                        # pass | fail; GATE + ".failures" names each failed gate
+METRIC = "kiln.metric."                   # + metric name
+TOOL = "kiln.tool."                       # + package name
+SM = "kiln.sm."                           # + <sm>.<field>
+PROMOTION = "kiln.promotion"              # + .<alias>.<field>
+REGISTERED_MODEL = "kiln.registered_model"   # on the version's run
+
+# An SM's own fields (sm_tag): what built it, its gate and metrics, its publish key and manifest.
+SM_TARGET, SM_TENSORRT, SM_TENSORRT_LLM, SM_GPU = "target", "tensorrt", "tensorrt_llm", "gpu"
+SM_GATE, SM_METRIC, SM_PUBLISH_KEY, SM_MANIFEST = "gate", "metric.", "publish_key", "manifest_sha256"
+_FAILURES = ".failures"
+
+
+def sm_tag(sm: str, field: str) -> str:
+    return f"{SM}{sm}.{field}"
+
+
+def held_sms(tags: Mapping[str, str]) -> list[str]:
+    """The SMs whose engines are completely in the version (their manifest tag is set last)."""
+    suffix = f".{SM_MANIFEST}"
+    return sorted(key[len(SM):-len(suffix)] for key in tags if key.startswith(SM) and key.endswith(suffix))
+
+
+def gate_tags(passed: bool, failures, sm: str | None = None) -> dict[str, str]:
+    """pass|fail, and which gates failed: the checkpoint's (sm None) or an SM's."""
+    key = GATE if sm is None else sm_tag(sm, SM_GATE)
+    tags = {key: "pass" if passed else "fail"}
+    if not passed:
+        tags[key + _FAILURES] = "; ".join(failures)
+    return tags
+
+
+def metric_tags(metrics: Mapping[str, object], sm: str | None = None) -> dict[str, str]:
+    prefix = METRIC if sm is None else sm_tag(sm, SM_METRIC)
+    return {f"{prefix}{name}": repr(value) for name, value in metrics.items()}
+
+
+def tool_tags(versions: Mapping[str, str]) -> dict[str, str]:
+    return {f"{TOOL}{name}": version for name, version in versions.items()}
+
+
+def _prefixed(tags: Mapping[str, str], prefix: str) -> dict[str, str]:
+    return {key[len(prefix):]: value for key, value in tags.items() if key.startswith(prefix)}
+
+
+def metrics_of(tags: Mapping[str, str], sm: str | None = None) -> dict[str, float]:
+    """The checkpoint's metrics (sm None) or an SM's engine-check metrics, as numbers (unreadable ones left out)."""
+    found = {}
+    for name, value in _prefixed(tags, METRIC if sm is None else sm_tag(sm, SM_METRIC)).items():
+        try:
+            found[name] = float(value)
+        except ValueError:
+            continue
+    return found
+
+
+def tools_of(tags: Mapping[str, str]) -> dict[str, str]:
+    """Tool versions: the checkpoint's (package -> version) and each held SM's TensorRT pair (<sm>.<tool>)."""
+    engines = {f"{sm}.{tool}": tags.get(sm_tag(sm, tool)) for sm in held_sms(tags)
+               for tool in (SM_TENSORRT, SM_TENSORRT_LLM)}
+    return {**_prefixed(tags, TOOL), **engines}
+
+
+def gates_of(tags: Mapping[str, str]) -> dict[str, str | None]:
+    """pass|fail for the checkpoint and each held SM."""
+    return {"checkpoint": tags.get(GATE), **{sm: tags.get(sm_tag(sm, SM_GATE)) for sm in held_sms(tags)}}
+
+
+def gate_failures(tags: Mapping[str, str]) -> list[str]:
+    """Every gate the version did not pass: its checkpoint's, then each SM's it holds."""
+    failures = []
+    checks = [("checkpoint", GATE)] + [(sm, sm_tag(sm, SM_GATE)) for sm in held_sms(tags)]
+    for what, key in checks:
+        if tags.get(key) != "pass":
+            failures.append(f"{what}: {tags.get(key + _FAILURES) or 'no gate result recorded'}")
+    return failures
+
+
+def checkpoint_tags(*, publish_key: str, recipe: str, recipe_digest: str, variant: str, source: str, revision: str,
+                    quant: str, kv_cache: str, algorithm: str, export_quant_algo: str, group_size: str,
+                    metrics: Mapping[str, object], tools: Mapping[str, str], passed: bool, failures) -> dict[str, str]:
+    """What a variant's version carries: who published it from what, its format, metrics, tools and gate."""
+    return {PUBLISH_KEY: publish_key, RECIPE: recipe, RECIPE_DIGEST: recipe_digest, VARIANT: variant,
+            SOURCE: source, REVISION: revision, QUANT: quant, KV_CACHE: kv_cache, ALGORITHM: algorithm,
+            EXPORT_QUANT_ALGO: export_quant_algo, GROUP_SIZE: group_size,
+            **metric_tags(metrics), **tool_tags(tools), **gate_tags(passed, failures)}
+
+
+def engine_tags(sm: str, *, target: str, tensorrt: str, tensorrt_llm: str, gpu: str,
+                metrics: Mapping[str, object], passed: bool, failures) -> dict[str, str]:
+    """What one SM's engines add to the version: what built them, their engine-check metrics and gate."""
+    return {sm_tag(sm, SM_TARGET): target, sm_tag(sm, SM_TENSORRT): tensorrt,
+            sm_tag(sm, SM_TENSORRT_LLM): tensorrt_llm, sm_tag(sm, SM_GPU): gpu,
+            **metric_tags(metrics, sm), **gate_tags(passed, failures, sm)}
+
+
+def promotion_tag(alias: str, field: str) -> str:
+    return f"{PROMOTION}.{alias}.{field}"

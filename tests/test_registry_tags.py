@@ -1,0 +1,64 @@
+"""Tags written by the publish side are read back by promote, diff and ls (issue 14.1): both sides use
+kiln.registry.tags, the functions the runner calls to tag a variant's version and an SM's engines."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.common.digest import file_sha256
+from kiln.common.errors import GateFailed
+from kiln.common.progress import SILENT
+from kiln.registry import add_sm, diff, list_versions, promote, publish
+from kiln.registry.tags import checkpoint_tags, engine_tags, gate_failures, held_sms
+
+
+def _checkpoint(tmp_path, key: str, payload: bytes, passed: bool, kl: float):
+    folder = tmp_path / key
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(payload)
+    tags = checkpoint_tags(
+        publish_key=key, recipe="r", recipe_digest="d" * 64, variant="fp8", source="local:abc", revision="abc",
+        quant="fp8", kv_cache="fp8", algorithm="max", export_quant_algo="FP8", group_size="",
+        metrics={"ppl_increase_pct": 1.5, "mean_kl": kl, "top1_agreement": 0.97},
+        tools={"nvidia-modelopt": "0.47.0", "kiln": key}, passed=passed,
+        failures=[] if passed else [f"mean KL {kl} > 0.05"])
+    return folder / "w.bin", tags
+
+
+def test_tags_written_for_a_build_are_read_by_promote_diff_and_ls(kiln_home, tmp_path):
+    weights, tags = _checkpoint(tmp_path, "k1", b"first", passed=False, kl=0.08)
+    first = publish(kiln_home, "r-fp8", {"hf/w.bin": weights}, tags, [], SILENT)
+    with pytest.raises(GateFailed, match=r"checkpoint: mean KL 0.08 > 0.05"):
+        promote(kiln_home, "r-fp8", first.version, "production")
+
+    weights, tags = _checkpoint(tmp_path, "k2", b"second", passed=True, kl=0.01)
+    second = publish(kiln_home, "r-fp8", {"hf/w.bin": weights}, tags, [], SILENT)
+    assert promote(kiln_home, "r-fp8", second.version, "candidate").alias == "candidate"
+
+    engine = tmp_path / "engine.bin"
+    engine.write_bytes(b"engine")
+    sm_tags = engine_tags("sm90", target="trtllm-engine", tensorrt="10.14.1", tensorrt_llm="1.2.0", gpu="H100",
+                          metrics={"mean_kl": 0.2}, passed=False, failures=["mean KL 0.2 > 0.05"])
+    add_sm(kiln_home, second, "sm90", {"engines/sm90/rank0.engine": engine}, sm_tags, "p-sm90",
+           {"inputs": {"hf/w.bin": file_sha256(weights)}}, SILENT)
+    with pytest.raises(GateFailed, match=r"sm90: mean KL 0.2 > 0.05"):
+        promote(kiln_home, "r-fp8", second.version, "production")
+
+    rows = {row["version"]: row for row in list_versions(kiln_home)}
+    assert rows["2"]["quant"] == "fp8" and rows["2"]["kv_cache"] == "fp8" and rows["2"]["sms"] == ["sm90"]
+    assert (rows["1"]["mean_kl"], rows["2"]["mean_kl"], rows["2"]["top1_agreement"]) == (0.08, 0.01, 0.97)
+    assert rows["2"]["aliases"] == ["candidate"]
+
+    changes = diff(kiln_home, "r-fp8", "1", "2")
+    assert changes["metrics"]["checkpoint.mean_kl"][:2] == [0.08, 0.01]
+    assert changes["metrics"]["sm90.mean_kl"] == [None, 0.2, None]
+    assert changes["gates"] == {"checkpoint": ["fail", "pass"], "sm90": [None, "fail"]}
+    assert changes["tools"] == {"kiln": ["k1", "k2"], "sm90.tensorrt": [None, "10.14.1"],
+                                "sm90.tensorrt_llm": [None, "1.2.0"]}
+
+
+def test_gate_failures_names_each_unpassed_gate():
+    tags = {**engine_tags("sm90", target="t", tensorrt="", tensorrt_llm="1", gpu="g", metrics={}, passed=True,
+                          failures=[]), "kiln.sm.sm90.manifest_sha256": "x"}
+    assert held_sms(tags) == ["sm90"]
+    assert gate_failures(tags) == ["checkpoint: no gate result recorded"]
