@@ -1,4 +1,4 @@
-"""`kiln registry …` (a team registry: PostgreSQL + mlflow server), `kiln promote` and `kiln diff`."""
+"""`kiln ls`, `pull`, `promote`, `diff` and `kiln registry …` (a team registry: PostgreSQL + mlflow server)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ from pathlib import Path
 
 import typer
 
-from kiln.pipeline.cli import _emit_json, _reported_errors, app, kiln_home
+from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, selected_sm
 
 registry_app = typer.Typer(help="Run a team registry: PostgreSQL plus `mlflow server` with proxied artifacts. "
                                 "Point kiln at it with MLFLOW_TRACKING_URI=http://HOST:PORT.",
                            no_args_is_help=True)
-app.add_typer(registry_app, name="registry")
 
 
 @registry_app.command("postgres")
@@ -31,13 +30,12 @@ def postgres(
     """
     from kiln.registry.team import LocalPostgres
 
-    with _reported_errors():
-        database = LocalPostgres(data.resolve(), port, host)
-        if stop:
-            database.stop()
-            print(f"PostgreSQL in {database.data} stopped")
-            return
-        database.start()
+    database = LocalPostgres(data.resolve(), port, host)
+    if stop:
+        database.stop()
+        print(f"PostgreSQL in {database.data} stopped")
+        return
+    database.start()
     print(f"PostgreSQL running from {database.data} on {host}:{port}")
     print(f"backend store: {database.uri}")
 
@@ -65,8 +63,7 @@ def serve_registry(
     destination = artifacts_destination
     if "://" not in destination:
         destination = str(Path(destination).resolve())
-    with _reported_errors():
-        server = MlflowServer(backend_store_uri, destination, host, port, workers, log).start()
+    server = MlflowServer(backend_store_uri, destination, host, port, workers, log).start()
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -84,7 +81,6 @@ def serve_registry(
         server.stop()
 
 
-@app.command()
 def promote(
     name: str = typer.Argument(..., help="Registered model, e.g. demo-fp8.", show_default=False),
     version: str = typer.Argument(..., help="Version number.", show_default=False),
@@ -100,10 +96,9 @@ def promote(
     """
     from kiln.registry import promote as promote_version
 
-    with _reported_errors():
-        done = promote_version(kiln_home(), name, version, alias, force, reason)
+    done = promote_version(kiln_home(), name, version, alias, force, reason)
     if as_json:
-        _emit_json({"name": done.name, "version": done.version, "alias": done.alias, "previous": done.previous,
+        emit_json({"name": done.name, "version": done.version, "alias": done.alias, "previous": done.previous,
                     "forced": done.forced, "overridden": list(done.overridden)})
         return
     was = f" (was {done.previous})" if done.previous and done.previous != done.version else ""
@@ -111,7 +106,6 @@ def promote(
     print(f"{done.name}@{done.alias} -> {done.version}{was}{forced}")
 
 
-@app.command()
 def diff(
     name: str = typer.Argument(..., help="Registered model, e.g. demo-fp8.", show_default=False),
     first: str = typer.Argument(..., help="The older version.", show_default=False),
@@ -122,10 +116,51 @@ def diff(
     from kiln.pipeline.report import diff_tables, stdout_console
     from kiln.registry import diff as diff_versions
 
-    with _reported_errors():
-        document = diff_versions(kiln_home(), name, first, second)
+    document = diff_versions(kiln_home(), name, first, second)
     if as_json:
-        _emit_json(document)
+        emit_json(document)
         return
     for table in diff_tables(document):
         stdout_console.print(table)
+
+
+def list_registry(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List registered models, their versions, aliases and metrics."""
+    from kiln.pipeline.report import stdout_console, versions_table
+    from kiln.registry import list_versions
+
+    rows = list_versions(kiln_home())
+    if as_json:
+        emit_json(rows)
+    else:
+        stdout_console.print(versions_table(rows))
+
+
+def pull(
+    ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION, e.g. demo-fp8@candidate.", show_default=False),
+    out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
+    gpu: str = typer.Option(None, "--gpu", show_default=False,
+                            help="Whose engines to fetch: an SM (sm90) or GPU name; `none` for the checkpoint only. "
+                                 "Default: this host's GPU, or none on a host without one."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a line."),
+) -> None:
+    """Download a registry version and verify every file against its manifest (exit 1 on any mismatch).
+
+    Fetches the checkpoint, tokenizer and reports, plus the engines of one SM only. Refuses (exit 2)
+    an SM the version holds no engines for, and engines built with another TensorRT than this host's.
+    """
+    from kiln.compile import detect_host
+    from kiln.common.progress import ProgressReporter
+    from kiln.registry import pull as pull_version
+
+    private_tempdir()
+    host = detect_host()
+    sm = None if gpu is not None and gpu.lower() == "none" else selected_sm(gpu, host)
+    pulled = pull_version(kiln_home(), ref, out, ProgressReporter(), sm=sm, installed_tensorrt=host.tensorrt)
+    if as_json:
+        emit_json({"name": pulled.name, "version": pulled.version, "path": str(pulled.path), "sm": pulled.sm,
+                    "files": pulled.files, "bytes": pulled.bytes, "verified": True})
+    else:
+        engines = f" with {pulled.sm} engines" if pulled.sm else " (checkpoint only)"
+        print(f"{pulled.name}/{pulled.version}{engines} -> {pulled.path}: {pulled.files} files, {pulled.bytes} bytes, "
+              "all verified")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import typer
 
-from kiln.pipeline.cli import _emit_json, private_tempdir, _reported_errors, app, kiln_home, selected_sm
+from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, selected_sm
 
 _RUNTIME_HELP = ("cpu: kiln's reference runtime in Triton's python backend (any artifact, any host). "
                  "gpu: TensorRT-LLM's own Triton models for the artifact's target (engines: the in-flight-batching "
@@ -50,7 +49,6 @@ def _print_gpu_start(repo) -> None:
               " (NVIDIA's Triton/TensorRT-LLM support matrix); or kiln serve --runtime gpu inside it")
 
 
-@app.command("triton-repo")
 def triton_repo(
     ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION.", show_default=False),
     out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
@@ -86,16 +84,15 @@ def triton_repo(
     from kiln.common.progress import ProgressReporter
     from kiln.serve import write_repository
 
-    with _reported_errors():
-        private_tempdir()
-        sm = selected_sm(gpu, detect_host()) if runtime == "gpu" else None
-        repo = write_repository(kiln_home(), ref, out, runtime, ProgressReporter(),
-                                _cpu_options(max_batch_size, max_queue_delay_us, instances, max_tokens),
-                                _gpu_options(templates, decoupled, instances, max_queue_delay_us, max_queue_size,
-                                             container), sm=sm)
+    private_tempdir()
+    sm = selected_sm(gpu, detect_host()) if runtime == "gpu" else None
+    repo = write_repository(kiln_home(), ref, out, runtime, ProgressReporter(),
+                            _cpu_options(max_batch_size, max_queue_delay_us, instances, max_tokens),
+                            _gpu_options(templates, decoupled, instances, max_queue_delay_us, max_queue_size,
+                                         container), sm=sm)
     if as_json:
         layout = repo.gpu_layout
-        _emit_json({"path": str(repo.path), "name": repo.name, "version": repo.version, "runtime": repo.runtime,
+        emit_json({"path": str(repo.path), "name": repo.name, "version": repo.version, "runtime": repo.runtime,
                     "sm": repo.sm, "models": list(repo.models), "entry_model": repo.entry_model,
                     "stream_model": repo.stream_model, "container_command": repo.container_command,
                     "world_size": layout.world_size if layout else 1,
@@ -110,41 +107,6 @@ def triton_repo(
               f"--model-control-mode explicit {' '.join('--load-model=' + m for m in repo.models)})")
 
 
-def _complete(endpoints, model: str, prompt: str, max_tokens: int) -> tuple[list[int], str]:
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
-    with grpcclient.InferenceServerClient(f"127.0.0.1:{endpoints.grpc}") as client:
-        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
-        limit = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-        limit.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
-        result = client.infer(model, [text, limit])
-    return result.as_numpy("output_ids")[0].tolist(), result.as_numpy("text_output")[0][0].decode()
-
-
-def _complete_over_http(endpoints, repo, prompt: str, max_tokens: int) -> str:
-    """The GPU layouts' generate endpoint, as NVIDIA's docs call it."""
-    import json
-    import urllib.request
-
-    body = json.dumps({"text_input": prompt, repo.gpu_layout.max_tokens_input: max_tokens}).encode()
-    url = f"http://127.0.0.1:{endpoints.http}/v2/models/{repo.entry_model}/generate"
-    with urllib.request.urlopen(urllib.request.Request(url, body, method="POST"), timeout=600) as answer:
-        text = json.loads(answer.read())["text_output"]
-    return text[0] if isinstance(text, list) else text
-
-
-def _start_server(home: Path, repo, endpoints, log_path: Path, binary: Path | None):
-    from kiln.serve import TritonServer
-    from kiln.serve.triton import TrtllmTritonServer
-
-    if repo.gpu_layout is None:
-        return TritonServer(repo.path, home, repo.models, endpoints, log_path=log_path)
-    return TrtllmTritonServer(repo.path, home, repo.gpu_layout, binary, endpoints, log_path=log_path)
-
-
-@app.command()
 def serve(
     ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION.", show_default=False),
     runtime: str = typer.Option("cpu", "--runtime", help=_RUNTIME_HELP),
@@ -168,67 +130,32 @@ def serve(
     for another SM or another TensorRT are refused (exit 2). Prints the endpoints once the server
     is ready; Ctrl-C (or SIGTERM) stops it cleanly.
     """
-    from kiln.compile import detect_host
-    from kiln.common.errors import UserInputError
     from kiln.common.progress import ProgressReporter
-    from kiln.serve import Endpoints, write_repository
-    from kiln.serve.triton import free_port, trtllm_tritonserver
+    from kiln.compile import detect_host
+    from kiln.serve import start_server
 
-    home = kiln_home()
-    progress = ProgressReporter()
-    with _reported_errors(), tempfile.TemporaryDirectory(prefix="kiln-serve-", dir=_serve_root(home)) as tmp:
-        sm, tensorrt, binary = None, None, None
-        if runtime == "gpu":
-            host = detect_host()
-            if not host.sms:
-                raise UserInputError("--runtime gpu: this host has no NVIDIA GPU (fix: --runtime cpu, or prepare a "
-                                     "repository for a GPU host with `kiln triton-repo REF --runtime gpu --gpu sm90 "
-                                     "--templates DIR`)")
-            sm, tensorrt = host.sms[0], host.tensorrt
-            # Refuse what this host cannot serve before downloading gigabytes of engines.
-            from kiln.registry import check_pullable
-
-            check_pullable(home, ref, sm, tensorrt)
-            trtllm_tritonserver(target_needs_backend=False)
-        repo = write_repository(home, ref, Path(tmp) / "repository", runtime, progress,
-                                _cpu_options(max_batch_size, 1000, 1, max_tokens),
-                                _gpu_options(templates, decoupled, 1, 1000, 0, None), sm=sm,
-                                installed_tensorrt=tensorrt)
-        if repo.gpu_layout is not None:
-            binary = trtllm_tritonserver(target_needs_backend=repo.gpu_layout.disable_auto_complete)
-        endpoints = Endpoints(*(port or free_port() for port in (http_port, grpc_port, metrics_port)))
-        # The log outlives the repository's scratch folder: a failed start's message points at it.
-        log = home / "logs" / f"tritonserver-{endpoints.http}.log"
-        server = _start_server(home, repo, endpoints, log, binary)
-        with progress.task(f"start tritonserver for {repo.name}/{repo.version}", total=None):
-            server.start(timeout_s=180 if runtime == "cpu" else 1800)
-        stop = threading.Event()
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            print(f"serving {repo.name}/{repo.version} ({runtime}{', ' + sm if sm else ''}): {endpoints.describe()}")
-            streaming = f", {repo.stream_model} (gRPC streaming, stream=true)" if repo.stream_model else ""
-            print(f"models: {repo.entry_model} (one response per request){streaming}")
-            sys.stdout.flush()
-            if prompt is not None:
-                if repo.gpu_layout is None:
-                    _, completion = _complete(endpoints, repo.entry_model, prompt, max_tokens)
-                else:
-                    completion = _complete_over_http(endpoints, repo, prompt, max_tokens)
-                print(f"prompt: {prompt!r}\ncompletion: {completion!r}")
-            else:
-                while not stop.wait(0.5):
-                    pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            code = server.stop()
-            print(f"tritonserver stopped (exit {code})", file=sys.stderr)
-
-
-def _serve_root(home: Path) -> Path:
-    """This process's scratch folder (pipeline.scratch): a killed server's repository is reclaimed later."""
-    from kiln.common.scratch import process_scratch, reclaim_dead
-
-    reclaim_dead(home)
-    return process_scratch(home)
+    private_tempdir()
+    running = start_server(kiln_home(), ref, runtime, ProgressReporter(), (http_port, grpc_port, metrics_port),
+                           _cpu_options(max_batch_size, 1000, 1, max_tokens),
+                           _gpu_options(templates, decoupled, 1, 1000, 0, None),
+                           host=detect_host() if runtime == "gpu" else None)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        repo = running.repo
+        print(f"serving {repo.name}/{repo.version} ({runtime}{', ' + repo.sm if repo.sm else ''}): "
+              f"{running.endpoints.describe()}")
+        streaming = f", {repo.stream_model} (gRPC streaming, stream=true)" if repo.stream_model else ""
+        print(f"models: {repo.entry_model} (one response per request){streaming}")
+        sys.stdout.flush()
+        if prompt is not None:
+            print(f"prompt: {prompt!r}\ncompletion: {running.ask(prompt, max_tokens)!r}")
+        else:
+            while not stop.wait(0.5):
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        code = running.stop()
+        print(f"tritonserver stopped (exit {code})", file=sys.stderr)

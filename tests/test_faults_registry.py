@@ -177,16 +177,14 @@ def test_an_out_folder_that_cannot_be_created_is_refused(kiln_home, command):
 PUBLISH_SCRIPT = """
 import sys
 from pathlib import Path
-import typer
-from kiln.pipeline.cli import _reported_errors
+from kiln.pipeline.cli_common import report_failure
 from kiln.common.progress import ProgressReporter
 from kiln.registry import PUBLISH_KEY_TAG, publish
 try:
-    with _reported_errors():
-        publish(Path(sys.argv[1]), "big-v", {"hf/w.bin": Path(sys.argv[2])}, {PUBLISH_KEY_TAG: "k-big"}, [],
-                ProgressReporter())
-except typer.Exit as done:
-    sys.exit(done.exit_code)
+    publish(Path(sys.argv[1]), "big-v", {"hf/w.bin": Path(sys.argv[2])}, {PUBLISH_KEY_TAG: "k-big"}, [],
+            ProgressReporter())
+except Exception as exc:
+    sys.exit(report_failure(exc))
 """
 
 

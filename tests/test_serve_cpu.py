@@ -300,3 +300,19 @@ def test_kiln_serve_refuses_a_port_another_program_answers_on(home, tmp_path):
     assert result.returncode == 2, result.stderr
     assert f"the HTTP port 127.0.0.1:{port} is taken (Address already in use) (fix:" in result.stderr
     assert "serving" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_the_serve_front_door_starts_answers_and_cleans_up(home, fp8_server):
+    """kiln.serve.start_server: pulled, laid out, started and ready; ask() answers; leaving stops it all."""
+    from kiln.common.progress import SILENT
+    from kiln.serve import start_server
+
+    _, repo = fp8_server
+    with start_server(home, "s-fp8@candidate", "cpu", SILENT, (0, 0, 0)) as running:
+        assert running.server.process.poll() is None and running.scratch.is_dir()
+        answer = running.ask(PROMPTS[3], MAX_TOKENS)
+    generator = ReferenceGenerator(repo.path / "artifact" / "hf")
+    assert answer == generator.tokenizer.decode(expected_tokens(repo.path, PROMPTS[3]), skip_special_tokens=True)
+    assert running.server.process.returncode == 0 and not running.scratch.exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(running.server.process.pid, 0)

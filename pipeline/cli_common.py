@@ -1,0 +1,87 @@
+"""What every `kiln` command module shares: where KILN_HOME is, JSON output, GPU selection, temporary
+folders, and the one place where a failure becomes the line and exit code a person sees.
+
+The command modules (cli_recipes, cli_registry, cli_serve) import this; the root (cli) imports them and
+registers their commands. Nothing here imports a command module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from kiln.common.errors import KilnError, RecipeErrors
+
+_state = {"debug": False}
+
+
+def set_debug(debug: bool) -> None:
+    _state["debug"] = debug
+    if debug:
+        os.environ["KILN_DEBUG"] = "1"
+
+
+def kiln_home() -> Path:
+    return Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln").expanduser()
+
+
+def emit_json(document) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def private_tempdir() -> None:
+    """Temporary files of commands that write go to $KILN_HOME/tmp/<this process>, removed at exit, and
+    those that killed kiln processes left are removed first."""
+    from kiln.common.scratch import use_private_tempdir
+
+    use_private_tempdir(kiln_home())
+
+
+def selected_sm(gpu: str | None, host) -> str | None:
+    """--gpu as an SM (sm90, H100, ...); default: this host's first GPU's SM, or None without one."""
+    from kiln.common.errors import UserInputError
+    from kiln.compile import resolve_gpu
+
+    if gpu is None:
+        return host.sms[0] if host.sms else None
+    try:
+        return resolve_gpu(gpu).sm
+    except ValueError as exc:
+        raise UserInputError(f"--gpu: {exc}") from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (CI cancellation, `timeout`, `kill`), unwound like Ctrl-C: partial folders are discarded."""
+
+
+def terminate_like_ctrl_c() -> None:
+    def _terminate(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM ends the process at once
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def report_failure(exc: BaseException) -> int:
+    """Print what went wrong as kiln's one line per problem (--debug adds the traceback) and return the exit
+    code; anything that is not a known failure is a bug and is raised again with its traceback."""
+    if isinstance(exc, KeyboardInterrupt):
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"kiln: {what}; completed cache entries are kept, partial ones discarded", file=sys.stderr)
+        return code
+    known = exc if isinstance(exc, KilnError) else None
+    if known is None and isinstance(exc, Exception):
+        from kiln.pipeline.failures import known_failure
+
+        known = known_failure(exc)
+    if known is None:
+        raise exc
+    if _state["debug"]:
+        traceback.print_exception(exc)
+    for line in known.problems if isinstance(known, RecipeErrors) else [str(known)]:
+        print(f"kiln: {line}", file=sys.stderr)
+    return known.exit_code

@@ -1,0 +1,226 @@
+"""`kiln check`, `plan`, `build`, `doctor` and `families`: what a recipe asks for, and building it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+import typer
+
+from kiln.common.errors import KilnError, RecipeErrors
+from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir
+
+_GPU_OPTION_HELP = ("Build only this GPU architecture (an SM such as sm90, or a GPU name such as H100), "
+                    "as a CI runner with that GPU does; other SMs are skipped.")
+
+
+def _plan_for(recipe: Path, progress=None, gpu: str | None = None):
+    from kiln.pipeline.cache import StageCache
+    from kiln.pipeline.plan import make_plan
+    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.registry import tracking_uri
+
+    home = kiln_home()
+    warn = progress.log if progress else (lambda message: print(message, file=sys.stderr))
+    cache = StageCache(home / "cache", warn=warn)
+    loaded = load_recipe(recipe)
+    the_plan = make_plan(loaded, home, cache, tracking_uri(home), gpu=gpu)
+    if gpu is not None:
+        problem = the_plan.host.compile_problem(the_plan.gpu, loaded.recipe.build.target, loaded.recipe.build.tp_size)
+        if problem:
+            warn(f"warning: --gpu {gpu}: this host cannot build {the_plan.gpu} ({problem}); only CPU stages will run")
+    return the_plan, cache
+
+
+def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", show_default=False)) -> None:
+    """Validate recipes: schema, names, sizes, what each named GPU can run, layer widths against block sizes,
+    and whether the model fits this host's memory and GPUs (with CPU offload) at each stage's peak.
+
+    Prints one line per problem (file:line: field: message (fix: ...)) and exits 2, or exits 0.
+    """
+    from kiln.compile import detect_host
+    from kiln.pipeline.memory import recipe_estimate
+    from kiln.pipeline.plan import checkable_model_folder, data_problems, model_problems
+    from kiln.pipeline.recipe_loader import load_recipe
+
+    problems: list[str] = []
+    host = detect_host()
+    for path in recipes:
+        try:
+            loaded = load_recipe(path)
+            problems += data_problems(loaded)
+            folder = checkable_model_folder(loaded)
+            if folder is not None:
+                problems += model_problems(loaded, folder)
+                memory = recipe_estimate(loaded, folder, host)
+                refusal = memory and memory.refusal(str(path))
+                if refusal:
+                    problems.append(refusal)
+        except RecipeErrors as exc:
+            problems += exc.problems
+        except KilnError as exc:
+            problems.append(f"{path}: {exc}")
+    if problems:
+        raise RecipeErrors(problems)
+    for path in recipes:
+        print(f"{path}: ok")
+
+
+def plan(
+    recipes: List[Path] = typer.Argument(None, help="Recipe YAML file (with --changed-since: any number; default "
+                                                    "recipes/*.yaml of the repository).", show_default=False),
+    gpu: str = typer.Option(None, "--gpu", help=_GPU_OPTION_HELP, show_default=False),
+    changed_since: str = typer.Option(None, "--changed-since", show_default=False,
+                                      help="A git commit, branch or tag: list only what changed since it (recipe "
+                                           "edits, kiln version, tool pins), with a recipe x GPU matrix for CI."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
+) -> None:
+    """List every stage instance with its key and status (cached, will run, skipped: reason), and each
+    stage's estimated peak host and GPU memory for the recipe's model against this host; runs nothing.
+
+    GPU stages (compile, engine-check and their publish, one per variant and SM) show
+    `skipped: needs an sm90 GPU host with tensorrt_llm` where this host cannot run them.
+    With --changed-since REF: the recipes and stage instances a merge since REF invalidates.
+    """
+    from kiln.common.errors import UserInputError
+    from kiln.pipeline.report import changes_table, family_line, plan_document, plan_table, stdout_console
+
+    if changed_since is not None:
+        from kiln.pipeline.changes import changed_since as changes
+
+        document = changes(changed_since, list(recipes or []), lambda path: _plan_for(path, gpu=gpu)[0])
+        if as_json:
+            emit_json(document)
+        else:
+            stdout_console.print(changes_table(document))
+        return
+    if not recipes or len(recipes) != 1:
+        raise UserInputError("plan takes one recipe (fix: kiln plan RECIPE, or --changed-since REF for many)")
+    the_plan, _ = _plan_for(recipes[0], gpu=gpu)
+    memory = the_plan.memory()
+    if as_json:
+        emit_json({**plan_document(the_plan), "memory": memory.as_dict() if memory else None})
+    else:
+        stdout_console.print(plan_table(the_plan))
+        line = family_line(the_plan)
+        if line:
+            stdout_console.print(line, soft_wrap=True)
+        if memory is not None:
+            from kiln.pipeline.memory import memory_table
+
+            stdout_console.print(memory_table(memory, the_plan.loaded.recipe.name))
+
+
+def build(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
+    gpu: str = typer.Option(None, "--gpu", help=_GPU_OPTION_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of the table."),
+    publish_failed: bool = typer.Option(False, "--publish-failed",
+                                        help="Publish what fails its gates too, tagged failed and without aliases, "
+                                             "for inspection and `kiln diff`; `kiln promote` refuses it."),
+    share_registry_name: bool = typer.Option(False, "--share-registry-name",
+                                             help="Publish even where another recipe/variant already owns the "
+                                                  "registry name <recipe>-<variant> (refused by default)."),
+) -> None:
+    """Run what the plan needs (quantize, validate, publish; on a GPU host also compile and the
+    engine check per SM), then print the summary.
+
+    Exits 3 when a variant or an engine fails its gate (it is then not published, unless
+    --publish-failed).
+    """
+    from kiln.common.progress import ProgressReporter
+    from kiln.pipeline.report import build_document, build_table, engines_table, stdout_console
+    from kiln.pipeline.runner import run_plan
+
+    progress = ProgressReporter(enabled=True)
+    the_plan, cache = _plan_for(recipe, progress, gpu)
+    _refuse_what_cannot_fit(the_plan)
+    private_tempdir()
+    result = run_plan(the_plan, cache, progress, publish_failed=publish_failed, share_names=share_registry_name)
+    if as_json:
+        emit_json(build_document(result))
+    else:
+        stdout_console.print(build_table(result))
+        if any(v.engines for v in result.variants):
+            stdout_console.print(engines_table(result))
+        _report_corrections(result, progress)
+    raise typer.Exit(result.exit_code)
+
+
+def _refuse_what_cannot_fit(the_plan) -> None:
+    """Before anything runs: a model that cannot fit this host even with offload is refused (exit 2)."""
+    from kiln.common.errors import UserInputError
+
+    if not any(i.status == "will run" for i in the_plan.instances if i.stage in ("quantize", "validate")):
+        return
+    memory = the_plan.memory()
+    refusal = memory and memory.refusal(str(the_plan.loaded.path))
+    if refusal:
+        raise UserInputError(refusal)
+
+
+def _report_corrections(result, progress) -> None:
+    """One note per distinct correction of ModelOpt's TensorRT-LLM configs, naming the variants it touched."""
+    seen: dict[tuple, list[str]] = {}
+    for v in result.variants:
+        for c in v.trtllm_corrections:
+            exported, corrected = (json.dumps(c[k], sort_keys=True) for k in ("exported", "corrected"))
+            seen.setdefault((c["field"], exported, corrected, c["evidence"]), []).append(v.variant)
+    for (field, exported, corrected, evidence), variants in seen.items():
+        progress.log(f"note: ModelOpt's TensorRT-LLM config had {field}={exported}; kiln wrote {corrected} "
+                     f"(proof: {evidence}) for {', '.join(variants)}")
+
+
+def doctor(
+    recipes: List[Path] = typer.Argument(None, help="Recipes to check against this host (optional).",
+                                         show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Print what this host can build: its GPUs and their SM, the CUDA driver, TensorRT,
+    TensorRT-LLM and ModelOpt versions, which targets (and recipe variants) it can compile, and
+    each recipe's estimated peak memory per stage against this host's memory and GPUs.
+
+    GPUs are found through NVML or nvidia-smi; CUDA is never initialised.
+    """
+    from kiln.compile import detect_host
+    from kiln.pipeline.doctor import doctor_document, doctor_tables
+    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.pipeline.report import stdout_console
+
+    from kiln.pipeline.memory import memory_table, recipe_estimate
+    from kiln.pipeline.plan import checkable_model_folder
+
+    host = detect_host()
+    loaded = [load_recipe(path) for path in recipes or ()]
+    estimates = {str(r.path): recipe_estimate(r, checkable_model_folder(r), host) for r in loaded}
+    document = doctor_document(host, loaded)
+    document["memory"] = {path: e.as_dict() if e else None for path, e in estimates.items()}
+    if as_json:
+        emit_json(document)
+    else:
+        for table in doctor_tables(document):
+            stdout_console.print(table)
+        for path, estimate in estimates.items():
+            if estimate is not None:
+                stdout_console.print(memory_table(estimate, path))
+
+
+def families(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the README's Markdown table."),
+) -> None:
+    """Print the model-family table: per Hugging Face model_type, whether kiln writes a TensorRT-LLM
+    checkpoint (target trtllm-engine) and which family fields it fills, the formats TensorRT-LLM
+    supports per target, the KV-cache formats, and where each fact comes from.
+
+    `kiln check` refuses any family or family x format this table does not hold.
+    """
+    from kiln.pipeline.families_doc import families_markdown, family_document
+    from kiln.quantize import FAMILIES
+
+    if as_json:
+        emit_json([family_document(f) for f in FAMILIES.values()])
+    else:
+        sys.stdout.write(families_markdown())
