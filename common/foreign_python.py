@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 TRTLLM_PYTHON_ENV = "KILN_TRTLLM_PYTHON"
-_SUBPACKAGES = ("pipeline", "quantize", "compile", "validate", "registry", "serve")
+_SUBPACKAGES = ("common", "pipeline", "quantize", "compile", "validate", "registry", "serve")
 
 
 def trtllm_python() -> str:

@@ -13,20 +13,22 @@ import subprocess
 import time
 from pathlib import Path
 
+from kiln.compile.gpus import ARCHS
 from kiln.compile.targets import CheckpointQuant, CompileRequest
+from kiln.quantize import format_of_export
 from kiln.common.errors import KilnError
 
 TRTLLM_BUILD = "trtllm-build"
 BUILD_LOG = "build.log"
 
-# GEMM plugin per checkpoint quant_algo; everything else lets TensorRT-LLM choose ("auto").
-_GEMM_PLUGIN = {"FP8": "fp8", "NVFP4": "nvfp4"}
-# FP8 context FMHA: the fp8 quantization workflow (FP8 QDQ) on Ada or Hopper only.
-_FP8_CONTEXT_FMHA_SMS = ("sm89", "sm90")
+def gemm_plugin(quant: CheckpointQuant) -> str:
+    """The format table's GEMM plugin for the checkpoint's quant_algo; "auto" lets TensorRT-LLM choose."""
+    spec = format_of_export(quant.quant_algo)
+    return spec.trtllm.gemm_plugin if spec is not None and spec.trtllm is not None else "auto"
 
 
 def uses_fp8_context_fmha(quant: CheckpointQuant, sm: str) -> bool:
-    return quant.quant_algo == "FP8" and quant.kv_cache_quant_algo == "FP8" and sm in _FP8_CONTEXT_FMHA_SMS
+    return quant.quant_algo == "FP8" and quant.kv_cache_quant_algo == "FP8" and ARCHS[sm].fp8_context_fmha
 
 
 def trtllm_build_argv(request: CompileRequest, quant: CheckpointQuant, checkpoint_dir: Path, output_dir: Path) -> list[str]:
@@ -39,7 +41,7 @@ def trtllm_build_argv(request: CompileRequest, quant: CheckpointQuant, checkpoin
         "--max_seq_len", str(request.max_seq_len),
         "--max_num_tokens", str(request.max_num_tokens),
         "--kv_cache_type", "paged",
-        "--gemm_plugin", _GEMM_PLUGIN.get(quant.quant_algo or "", "auto"),
+        "--gemm_plugin", gemm_plugin(quant),
     ]
     if uses_fp8_context_fmha(quant, request.sm):
         argv += ["--use_fp8_context_fmha", "enable"]

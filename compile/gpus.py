@@ -29,6 +29,8 @@ class GpuArch:
     gpus: tuple[str, ...]
     formats: frozenset[QuantFormat]
     kv_caches: frozenset[KVCacheFormat]
+    # trtllm-build --use_fp8_context_fmha: the FP8 workflow's context FMHA kernels exist on Ada and Hopper only.
+    fp8_context_fmha: bool = False
 
     def describe(self) -> str:
         formats = ", ".join(sorted(f.value for f in self.formats))
@@ -43,9 +45,11 @@ _PRE_BLACKWELL_KV = frozenset({KV.none, KV.fp8, KV.int8})
 ARCHS: dict[str, GpuArch] = {arch.sm: arch for arch in (
     GpuArch("sm80", ("A100", "A30"), _AMPERE_FORMATS, _PRE_BLACKWELL_KV),
     GpuArch("sm86", ("A10", "A40", "RTX 3090", "RTX 3080", "RTX A6000"), _AMPERE_FORMATS, _PRE_BLACKWELL_KV),
-    GpuArch("sm89", ("L4", "L40", "L40S", "RTX 4090", "RTX 6000 Ada"), _ADA_FORMATS, _PRE_BLACKWELL_KV),
+    GpuArch("sm89", ("L4", "L40", "L40S", "RTX 4090", "RTX 6000 Ada"), _ADA_FORMATS, _PRE_BLACKWELL_KV,
+            fp8_context_fmha=True),
     # FP8 rowwise (per-channel weights, per-token activations) has Hopper kernels only [doc].
-    GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_FORMATS | {Q.fp8_pc_pt}, _PRE_BLACKWELL_KV),
+    GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_FORMATS | {Q.fp8_pc_pt}, _PRE_BLACKWELL_KV,
+            fp8_context_fmha=True),
     # [builder]: no INT8/INT4 weight-only, SmoothQuant or INT8 KV on 100 <= SM < 120; [doc]: no W4A16/W4A8.
     GpuArch("sm100", ("B200", "GB200", "B100"), frozenset({Q.fp8, Q.nvfp4}), frozenset({KV.none, KV.fp8, KV.nvfp4})),
     GpuArch("sm120", ("RTX 5090", "RTX 5080", "RTX PRO 6000"), frozenset({Q.fp8, Q.nvfp4}),

@@ -7,9 +7,13 @@ The options file is what `trtllm-serve --extra_llm_api_options FILE` and Triton'
 from __future__ import annotations
 
 from kiln.compile.targets import CheckpointQuant, CompileRequest
+from kiln.quantize import kv_cache_of_export
 
-# KvCacheConfig.dtype per the checkpoint's kv_cache_quant_algo; "auto" keeps the model's dtype.
-_KV_DTYPE = {"FP8": "fp8", "NVFP4": "nvfp4"}
+
+def kv_cache_dtype(quant: CheckpointQuant) -> str:
+    """KvCacheConfig.dtype for the checkpoint's kv_cache_quant_algo (the format table's); "auto": the model's."""
+    spec = kv_cache_of_export(quant.kv_cache_quant_algo)
+    return spec.runtime_dtype if spec is not None else "auto"
 
 
 def default_cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -27,7 +31,7 @@ def llm_api_options(request: CompileRequest, quant: CheckpointQuant) -> dict:
         "max_num_tokens": request.max_num_tokens,
         "max_seq_len": request.max_seq_len,
         "kv_cache_config": {
-            "dtype": _KV_DTYPE.get(quant.kv_cache_quant_algo or "", "auto"),
+            "dtype": kv_cache_dtype(quant),
             "enable_block_reuse": request.kv_cache_reuse,
             "free_gpu_memory_fraction": request.free_gpu_memory_fraction,
         },

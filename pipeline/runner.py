@@ -225,7 +225,7 @@ class _Runner:
         if entry is None:
             build, model = self.loaded.recipe.build, self.loaded.recipe.model
             metrics = validate.check_engine(
-                build.target.value, sm_dir, checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
+                build.target, sm_dir, checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
                 self.progress, target, tp_size=build.tp_size, trust_remote_code=model.trust_remote_code,
             )
             with self.cache.write("engine-check", instance.key, instance.material) as out:

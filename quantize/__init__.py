@@ -20,7 +20,10 @@ from typing import Callable
 from kiln.quantize.families import (
     COMMON_TRTLLM_FIELDS, FAMILIES, Family, family_of, family_problems, trtllm_values_agree,
 )
-from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import (
+    FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, KVCacheSpec, QuantFormat, TrtllmMapping, format_of_export,
+    kv_cache_of_export,
+)
 from kiln.quantize.headers import safetensors_header
 from kiln.quantize.placement import Device, Placement, VisibleGpu, gpu_peak_bytes, plan_placement, reset_gpu_peaks
 
@@ -32,7 +35,8 @@ STAGE_VERSION = 2   # 2: family fields filled in trtllm/config.json; kiln.json r
 TOOLS = ("nvidia-modelopt", "torch", "transformers")
 
 __all__ = [
-    "FORMATS", "KV_CACHE_FORMATS", "FormatSpec", "KVCacheFormat", "QuantFormat",
+    "FORMATS", "KV_CACHE_FORMATS", "FormatSpec", "KVCacheFormat", "KVCacheSpec", "QuantFormat", "TrtllmMapping",
+    "format_of_export", "kv_cache_of_export",
     "QuantizeRequest", "CheckpointRecord", "run", "release_memory", "layer_width_problems", "unmatched_excludes",
     "Device", "Placement", "VisibleGpu", "plan_placement", "gpu_peak_bytes", "reset_gpu_peaks",
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",

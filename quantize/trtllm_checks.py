@@ -18,13 +18,14 @@ from typing import Any
 
 from kiln.common.errors import KilnError
 from kiln.common.fsutil import atomic_write_text
+from kiln.quantize.formats import FORMATS
 from kiln.quantize.families import COMMON_TRTLLM_FIELDS, Family, family_of, trtllm_values_agree
 from kiln.quantize.headers import safetensors_header
 
 # TensorRT-LLM stores INT4 weights two to a byte packed along the output dimension,
-# NVFP4 weights two to a byte packed along the input dimension.
-_PACKED_INT4_ALGOS = {"W4A16_AWQ", "W4A16_GPTQ", "W4A8_AWQ", "W4A16"}
-_PACKED_FP4_ALGOS = {"NVFP4"}
+# NVFP4 weights two to a byte packed along the input dimension (the format table's TrtllmMapping.packing).
+_PACKED_INT4_ALGOS = {s.export_quant_algo for s in FORMATS.values() if s.trtllm and s.trtllm.packing == "int4"}
+_PACKED_FP4_ALGOS = {s.export_quant_algo for s in FORMATS.values() if s.trtllm and s.trtllm.packing == "fp4"}
 
 
 class ExportCheckError(KilnError):

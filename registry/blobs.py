@@ -81,11 +81,11 @@ def _file_intact(path: Path, sha: str, size: int) -> bool:
 
 
 def embedded_damage(home: Path, expected: dict[str, int]) -> list[str] | None:
-    """Which blobs (sha256 -> size) the embedded store lacks or holds altered, checked without MLflow;
-    None for a registry server (its blobs are verified when a publish reuses them and when pulled)."""
-    from kiln.registry.store import is_embedded, tracking_uri
+    """Which blobs (sha256 -> size) $KILN_HOME's embedded store lacks or holds altered, checked without MLflow;
+    None for any other registry (its blobs are verified when a publish reuses them and when pulled)."""
+    from kiln.registry.store import home_registry
 
-    if not is_embedded(tracking_uri(home)):
+    if not home_registry(home):
         return None
     root = Path(home) / "registry" / "artifacts" / BLOBS
     return [sha for sha, size in sorted(expected.items()) if not _file_intact(root / sha[:2] / sha, sha, size)]

@@ -61,6 +61,12 @@ def tracking_uri(home: Path) -> str:
     return configured
 
 
+def home_registry(home: Path) -> bool:
+    """Whether kiln uses $KILN_HOME's own embedded registry (not one MLFLOW_TRACKING_URI names, which may be
+    another home's database: its paths are that home's, never rebased or assumed here)."""
+    return tracking_uri(home) == f"sqlite:///{(Path(home) / 'registry' / 'mlflow.db').resolve()}"
+
+
 def artifact_root(home: Path) -> str:
     """Where the embedded registry keeps files: always under the current $KILN_HOME."""
     return (Path(home) / "registry" / "artifacts").resolve().as_uri()
@@ -100,7 +106,8 @@ def client(home: Path):
         if not database.exists():
             _create_database(database)
         _migrate(uri)
-        _rebase_moved_home(database, artifact_root(home))
+        if home_registry(home):
+            _rebase_moved_home(database, artifact_root(home))
     _initialised.add(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 

@@ -301,4 +301,5 @@ def test_triton_repo_for_engines_and_serve_refuses_engines_this_host_cannot_run(
     assert "download" not in no_server.stderr   # refused before any engine was fetched
     no_gpu = run_kiln(*serve, env={**registry, "PATH": "/usr/bin:/bin"})
     assert no_gpu.returncode == 2 and "this host has no NVIDIA GPU" in no_gpu.stderr
-    assert not list((Path(env["KILN_HOME"]) / "serve").iterdir())   # no repository left behind
+    scratch = Path(env["KILN_HOME"]) / "tmp"
+    assert not scratch.exists() or not list(scratch.iterdir())   # no repository left behind

@@ -229,3 +229,20 @@ def test_a_registry_server_that_dies_is_reported_within_seconds(tmp_path):
     assert time.monotonic() - stopped < 90, "a dead registry must not be retried for minutes"
     assert publisher.returncode == 1, stderr
     assert f"the registry at {running.uri} is unreachable" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_another_homes_database_named_by_uri_is_not_rebased(tmp_path, monkeypatch):
+    """Only $KILN_HOME's own registry is rebased after a move: CI runners may share one home's database through
+    MLFLOW_TRACKING_URI, and its paths must stay that home's."""
+    from kiln.registry import list_versions, pull, store
+    from kiln.common.progress import SILENT
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    _publish(first, "m-v", b"weights", "k1", tmp=tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{first / 'registry' / 'mlflow.db'}")
+    store._initialised.clear()
+    assert [row["version"] for row in list_versions(second)] == ["1"]
+    with sqlite3.connect(first / "registry" / "mlflow.db") as db:
+        (location,) = db.execute("SELECT artifact_location FROM experiments WHERE name = 'kiln'").fetchone()
+    assert location == (first / "registry" / "artifacts").resolve().as_uri()
+    assert (pull(second, "m-v/1", tmp_path / "out", SILENT).path / "hf" / "w.bin").read_bytes() == b"weights"

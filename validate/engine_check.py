@@ -19,12 +19,13 @@ from pathlib import Path
 
 from kiln.common.errors import KilnError
 from kiln.common.foreign_python import env_for, trtllm_python
+from kiln.compile import Target
 from kiln.validate.records import Metrics
 
 
 @dataclass(frozen=True)
 class EngineCheckRequest:
-    target: str          # trtllm-engine | trtllm-pytorch
+    target: Target       # written to the child's request as its value (trtllm-engine | trtllm-pytorch)
     sm_dir: str          # engines/<sm>/ as built
     hf_dir: str          # the exported HF checkpoint (tokenizer; the PyTorch backend's weights)
     model_dir: str       # the unquantized model: the baseline
@@ -34,22 +35,22 @@ class EngineCheckRequest:
     trust_remote_code: bool = False
 
 
-def check_command(request_path: Path, target: str, tp_size: int, python: str = sys.executable) -> list[str]:
+def check_command(request_path: Path, target: Target, tp_size: int, python: str = sys.executable) -> list[str]:
     command = [python, "-m", "kiln.validate.engine_check", str(request_path)]
-    if target == "trtllm-engine" and tp_size > 1:
+    if target is Target.trtllm_engine and tp_size > 1:
         # The C++ runtime wants one MPI rank per GPU of the engine.
         command = ["mpirun", "-n", str(tp_size), "--allow-run-as-root", *command]
     return command
 
 
-def check_engine(target: str, sm_dir: Path, hf_dir: Path, model_dir: Path, samples, progress, label: str,
+def check_engine(target: Target, sm_dir: Path, hf_dir: Path, model_dir: Path, samples, progress, label: str,
                  tp_size: int = 1, trust_remote_code: bool = False) -> Metrics:
     """Run the engine check in a child process and return its metrics."""
     with tempfile.TemporaryDirectory(prefix="kiln-engine-check-") as tmp:
         tmp_path = Path(tmp)
         samples_path = tmp_path / "samples.json"
         samples_path.write_text(json.dumps([s.tolist() for s in samples]))
-        request = EngineCheckRequest(target, str(sm_dir), str(hf_dir), str(model_dir), str(samples_path),
+        request = EngineCheckRequest(Target(target), str(sm_dir), str(hf_dir), str(model_dir), str(samples_path),
                                      str(tmp_path / "report.json"), tp_size, trust_remote_code)
         request_path = tmp_path / "request.json"
         request_path.write_text(json.dumps(asdict(request), indent=2))
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(request.hf_dir, trust_remote_code=request.trust_remote_code)
     end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
-    engine = RUNTIMES[request.target](Path(request.sm_dir), Path(request.hf_dir), end_id, pad_id)
+    engine = RUNTIMES[Target(request.target)](Path(request.sm_dir), Path(request.hf_dir), end_id, pad_id)
     if int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0"))) != 0:
         for ids in samples:  # every rank takes part in each generate; only the leader gets logits
             engine(ids)

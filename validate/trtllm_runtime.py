@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from kiln.compile import Target
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -60,7 +62,7 @@ def llm_api_logits(sm_dir: Path, hf_dir: Path, end_id: int, pad_id: int) -> Logi
     return logits
 
 
-RUNTIMES: dict[str, Callable[..., LogitsFn]] = {
-    "trtllm-engine": engine_logits,
-    "trtllm-pytorch": llm_api_logits,
+RUNTIMES: dict[Target, Callable[..., LogitsFn]] = {
+    Target.trtllm_engine: engine_logits,
+    Target.trtllm_pytorch: llm_api_logits,
 }
