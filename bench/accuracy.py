@@ -99,8 +99,6 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(model), **recipe_eval)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as scratch:
         rtn = compare(Baseline(model, Path(scratch)).logits(samples), _rtn_int4(model), samples)
     source_size = (model / "model.safetensors").stat().st_size
