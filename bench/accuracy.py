@@ -3,10 +3,13 @@
     python bench/accuracy.py [--home DIR]
 
 Builds recipes/demo-matrix.yaml (against the trained test model) with kiln, so every
-number comes from the reference runtime running the exported files, then adds two
-rows the bench computes itself: the unquantized model and plain round-to-nearest
-INT4 (group 128, no AWQ, no GPTQ). Prints one table and checks three expectations
-from the literature; a contradiction is printed, not hidden.
+number comes from the reference runtime running the exported files, and
+recipes/demo-llmcompressor.yaml (llm-compressor's compressed-tensors variants, rows
+"(llmc) ...") where an llm-compressor interpreter is at hand (KILN_LLMCOMPRESSOR_PYTHON,
+or build/llmcompressor-env from `make llmcompressor-env`). Then adds two rows the bench
+computes itself: the unquantized model and plain round-to-nearest INT4 (group 128, no
+AWQ, no GPTQ). Prints one table and checks three expectations from the literature; a
+contradiction is printed, not hidden.
 """
 
 from __future__ import annotations
@@ -27,18 +30,21 @@ REPO = Path(__file__).resolve().parents[1]
 FOUR_BIT = ("nvfp4", "int4_awq", "int4_gptq", "w4a8_awq")
 
 
-def _build(home: Path, model: Path) -> dict:
+LLMC_PYTHON = os.environ.get("KILN_LLMCOMPRESSOR_PYTHON") or str(REPO / "build" / "llmcompressor-env" / "bin" / "python")
+
+
+def _build(home: Path, model: Path, recipe_name: str = "demo-matrix.yaml") -> dict:
     workdir = home / "bench-recipes"
     (workdir / "recipes").mkdir(parents=True, exist_ok=True)
     (workdir / "build").mkdir(exist_ok=True)
     link = workdir / "build" / "demo-model"
     if not link.exists():
         link.symlink_to(model, target_is_directory=True)
-    recipe = workdir / "recipes" / "demo-matrix.yaml"
-    recipe.write_text((REPO / "recipes" / "demo-matrix.yaml").read_text())
+    recipe = workdir / "recipes" / recipe_name
+    recipe.write_text((REPO / "recipes" / recipe_name).read_text())
     kiln = str(Path(sys.executable).with_name("kiln"))
     result = subprocess.run([kiln, "build", str(recipe), "--json"], capture_output=True, text=True,
-                            env={**os.environ, "KILN_HOME": str(home)})
+                            env={**os.environ, "KILN_HOME": str(home), "KILN_LLMCOMPRESSOR_PYTHON": LLMC_PYTHON})
     if result.returncode not in (0, 3):
         sys.exit(f"kiln build failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout)
@@ -57,15 +63,21 @@ def _bits_per_weight(checkpoint: Path, source: Path) -> float:
 
 def _rtn_int4(model_dir: Path, group: int = 128):
     """Round-to-nearest INT4, symmetric per group of `group` inputs, computed here without ModelOpt."""
-    from kiln.validate.runtime import load_baseline_model
+    from kiln.validate.runtime import ReferenceLinear, load_baseline_model
 
     model = load_baseline_model(model_dir)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name:
-                w = module.weight.view(module.out_features, -1, group)
-                scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 7
-                module.weight.copy_(((w / scale).round().clamp(-8, 7) * scale).view_as(module.weight))
+    # The reference runtime keeps each linear's stored weight as the buffer `stored_weight` and
+    # upcasts it per use; replacing that buffer with its RTN codes (in float32) quantizes the layer.
+    quantized = 0
+    for name, module in model.named_modules():
+        if isinstance(module, ReferenceLinear) and ".layers." in name:
+            stored = module.stored_weight
+            w = stored.to(torch.float32).view(stored.shape[0], -1, group)
+            scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 7
+            module.stored_weight = ((w / scale).round().clamp(-8, 7) * scale).view_as(stored)
+            quantized += 1
+    if not quantized:
+        raise SystemExit("bench/accuracy.py: RTN found no decoder linear layer to quantize")
     return model
 
 
@@ -79,16 +91,21 @@ def main() -> int:
     model = ensure_test_model(REPO / ".cache" / "testmodels")
     with tempfile.TemporaryDirectory(prefix="kiln-accuracy-") as tmp:
         home = args.home or Path(tmp)
-        build = _build(home, model)
-        keys = {s["target"]: s["key"] for s in build["stages"] if s["stage"] == "quantize"}
+        builds = [("", _build(home, model))]
+        if Path(LLMC_PYTHON).exists():
+            builds.append(("(llmc) ", _build(home, model, "demo-llmcompressor.yaml")))
+        else:
+            print(f"llm-compressor rows skipped: no {LLMC_PYTHON} (make llmcompressor-env)", file=sys.stderr)
         rows = []
-        for v in build["variants"]:
-            checkpoint = home / "cache" / "quantize" / keys[v["variant"]]
-            record = json.loads((checkpoint / "kiln.json").read_text())
-            size = (checkpoint / "hf" / "model.safetensors").stat().st_size
-            rows.append({"variant": v["variant"], "format": v["quant"], "kv": v["kv_cache"],
-                         "group": record["group_size"], "bits": _bits_per_weight(checkpoint, model), "size": size,
-                         **v["metrics"]})
+        for prefix, build in builds:
+            keys = {s["target"]: s["key"] for s in build["stages"] if s["stage"] == "quantize"}
+            for v in build["variants"]:
+                checkpoint = home / "cache" / "quantize" / keys[v["variant"]]
+                record = json.loads((checkpoint / "kiln.json").read_text())
+                size = (checkpoint / "hf" / "model.safetensors").stat().st_size
+                rows.append({"variant": prefix + v["variant"], "format": v["quant"], "kv": v["kv_cache"],
+                             "group": record["group_size"], "bits": _bits_per_weight(checkpoint, model),
+                             "size": size, **v["metrics"]})
 
     from kiln.pipeline.corpus import python_docs
     from kiln.pipeline.data import token_samples
@@ -128,6 +145,8 @@ def main() -> int:
         ("INT4-GPTQ beats round-to-nearest INT4 on KL", by_variant["int4-gptq"]["mean_kl"] < rtn_kl),
         ("FP8 is closer to the baseline than every 4-bit format", all(fp8_kl < r["mean_kl"] for r in four_bit)),
     ]
+    checks += [(f"{name} beats round-to-nearest INT4 on KL", by_variant[name]["mean_kl"] < rtn_kl)
+               for name in ("(llmc) int4-awq", "(llmc) int4-gptq") if name in by_variant]
     print()
     for claim, holds in checks:
         print(f"{'as expected' if holds else 'CONTRADICTS the literature'}: {claim}")

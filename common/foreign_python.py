@@ -1,9 +1,11 @@
-"""Running a little of kiln in another Python: TensorRT-LLM's, which cannot share kiln's environment.
+"""Running a little of kiln in another Python: one whose tools cannot share kiln's environment.
 
-TensorRT-LLM 1.2 pins transformers 4.57 and ModelOpt 0.37; kiln needs transformers 5 and
-ModelOpt 0.47. On a GPU host kiln therefore lives in its own environment and runs only its
-light, torch-and-transformers code (the engine check, version probes) in the interpreter named
-by KILN_TRTLLM_PYTHON, which sees kiln through a folder of links put first on PYTHONPATH.
+TensorRT-LLM 1.2 pins transformers 4.57 and ModelOpt 0.37; llm-compressor 0.14 pins transformers
+<= 5.17 and compressed-tensors 0.19; vLLM brings its own torch and transformers. kiln needs
+transformers 5.20+ and ModelOpt 0.47. kiln therefore lives in its own environment and runs only
+its light, torch-and-transformers code (the engine check, llm-compressor's oneshot, version probes)
+in the interpreter an environment variable names (KILN_TRTLLM_PYTHON, KILN_LLMCOMPRESSOR_PYTHON,
+KILN_VLLM_PYTHON), which sees kiln through a folder of links put first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -16,16 +18,25 @@ import tempfile
 from pathlib import Path
 
 TRTLLM_PYTHON_ENV = "KILN_TRTLLM_PYTHON"
+LLMCOMPRESSOR_PYTHON_ENV = "KILN_LLMCOMPRESSOR_PYTHON"
+VLLM_PYTHON_ENV = "KILN_VLLM_PYTHON"
 _SUBPACKAGES = ("common", "pipeline", "quantize", "compile", "validate", "registry", "serve")
 
 
 def trtllm_python() -> str:
     """The interpreter that has tensorrt_llm: KILN_TRTLLM_PYTHON, or kiln's own."""
-    return os.environ.get(TRTLLM_PYTHON_ENV) or sys.executable
+    return tool_python(TRTLLM_PYTHON_ENV)
+
+
+def tool_python(env_var: str) -> str:
+    """The interpreter an environment variable names, or kiln's own."""
+    return os.environ.get(env_var) or sys.executable
 
 
 def is_foreign(python: str) -> bool:
-    return Path(python).resolve() != Path(sys.executable).resolve()
+    """Another environment than kiln's. A venv's python is a link to the base interpreter, so links are not
+    followed: the environment is the folder the interpreter is called from."""
+    return Path(python).absolute().parent != Path(sys.executable).absolute().parent
 
 
 def _kiln_path_shim() -> Path:
@@ -53,3 +64,48 @@ def env_for(python: str) -> dict[str, str]:
     if is_foreign(python):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_kiln_path_shim()), env.get("PYTHONPATH")) if p)
     return env
+
+
+def run_logged(command: list[str], python: str, log_path: Path, what: str) -> None:
+    """Run kiln code in `python` with its output in `log_path`; a failure is one KilnError with the log's
+    last lines and a copy of the log that outlives the caller's temporary folder."""
+    import subprocess
+
+    from kiln.common.errors import KilnError
+
+    with Path(log_path).open("w") as log:
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env_for(python)).returncode
+    if returncode != 0:
+        import time
+
+        from kiln.common.scratch import LOGS, kiln_home
+
+        kept = kiln_home() / LOGS / f"{Path(log_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(Path(log_path).read_bytes())
+        tail = Path(log_path).read_text(errors="replace").strip().splitlines()[-5:]
+        raise KilnError(f"{what} exited {returncode}; last lines:\n  " + "\n  ".join(tail) + f"\n  full log: {kept}")
+
+
+def versions_in(python: str, packages) -> dict[str, str]:
+    """Installed versions of `packages` as `python` sees them ("absent" for one it lacks), without importing them."""
+    import json
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    if not is_foreign(python):
+        found = {}
+        for name in packages:
+            try:
+                found[name] = version(name)
+            except PackageNotFoundError:
+                found[name] = "absent"
+        return found
+    probe = ("import json, sys\nfrom importlib.metadata import version, PackageNotFoundError\nfound = {}\n"
+             "for name in sys.argv[1:]:\n    try: found[name] = version(name)\n"
+             "    except PackageNotFoundError: found[name] = 'absent'\nprint(json.dumps(found))")
+    try:
+        answer = subprocess.run([python, "-c", probe, *packages], capture_output=True, text=True, timeout=60)
+        return json.loads(answer.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {name: "absent" for name in packages}

@@ -18,6 +18,12 @@ from functools import lru_cache
 from pathlib import Path
 
 SCRATCH = "tmp"
+LOGS = "logs"   # logs kept for the user to read: $KILN_HOME/logs
+
+
+def kiln_home() -> Path:
+    """$KILN_HOME, or ~/.kiln."""
+    return Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln").expanduser()
 _OWNER = re.compile(r"(?P<pid>\d+)-(?P<start>\d+)")
 
 

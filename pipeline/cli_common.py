@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from kiln.common.errors import KilnError, RecipeErrors
+from kiln.common.scratch import kiln_home  # noqa: F401  (the command modules import it from here)
 
 _state = {"debug": False}
 
@@ -23,10 +24,6 @@ def set_debug(debug: bool) -> None:
     _state["debug"] = debug
     if debug:
         os.environ["KILN_DEBUG"] = "1"
-
-
-def kiln_home() -> Path:
-    return Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln").expanduser()
 
 
 def emit_json(document) -> None:

@@ -84,6 +84,8 @@ class Plan:
         publishes = ("hf/ (TensorRT-LLM PyTorch backend) and trtllm/ (TensorRT-LLM checkpoint)" if family.trtllm
                      else "hf/ only, for target trtllm-pytorch (no TensorRT-LLM checkpoint: "
                           f"{family.no_trtllm_reason})")
+        if any(v.backend is quantize.Backend.llmcompressor for v in self.loaded.recipe.variants.values()):
+            publishes += "; backend llmcompressor variants publish hf/ only (compressed-tensors, for vLLM and SGLang)"
         return {"model_type": family.model_type, "title": family.title, "trtllm_checkpoint": bool(family.trtllm),
                 "publishes": publishes}
 
@@ -140,6 +142,7 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.Quantiz
         exclude=variant.exclude,
         max_shard_size=loaded.recipe.build.max_shard_size,
         calibration_batch_size=loaded.recipe.calibration.batch_size,
+        backend=variant.backend,
     )
 
 
@@ -229,7 +232,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         q_key, q_material = stage_key(
             "quantize", quantize.STAGE_VERSION,
             {"request": _jsonable(request), "calibration": plan.calibration.key_config()},
-            {"model": model_digest}, tool_versions(quantize.TOOLS),
+            {"model": model_digest}, _quantize_tools(variant.backend),
         )
         v_key, v_material = stage_key(
             "validate", validate.STAGE_VERSION,
@@ -363,4 +366,13 @@ def _jsonable(request: quantize.QuantizeRequest) -> dict:
     def encode(value):
         return list(value) if isinstance(value, tuple) else value.value
 
-    return json.loads(json.dumps(request.__dict__, default=encode))
+    fields = dict(request.__dict__)
+    if request.backend is quantize.Backend.modelopt:
+        del fields["backend"]   # ModelOpt keys predate backends: their cache entries stay valid
+    return json.loads(json.dumps(fields, default=encode))
+
+
+def _quantize_tools(backend: quantize.Backend) -> dict[str, str]:
+    if backend is quantize.Backend.modelopt:
+        return tool_versions(quantize.TOOLS)
+    return {**quantize.tool_versions(backend), **tool_versions(())}

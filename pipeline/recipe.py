@@ -13,8 +13,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
-from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device
+from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -95,6 +96,9 @@ class Gates(Strict):
 
 class Variant(Strict):
     quant: QuantFormat
+    backend: Backend = Field(default=Backend.modelopt,
+                             description="modelopt (HF + TensorRT-LLM checkpoints) or llmcompressor (a compressed-tensors "
+                                         "checkpoint that vLLM and SGLang load: int4_gptq, int4_awq, int8_sq)")
     kv_cache: KVCacheFormat = KVCacheFormat.none
     group_size: PositiveInt | None = None
     alpha: float | None = Field(default=None, gt=0, le=1, description="SmoothQuant migration strength (int8_sq)")
@@ -102,6 +106,9 @@ class Variant(Strict):
     exclude: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
         default=(), description="module name patterns kept unquantized, e.g. lm_head, *.mlp.down_proj")
     gates: Gates = Gates()
+    runtimes: tuple[Runtime, ...] = Field(
+        default=(), description="runtimes this variant must load in: trtllm, trtllm-pytorch, vllm, sglang "
+                                "(kiln check refuses a format one of them cannot load)")
 
     @field_validator("gpus")
     @classmethod
@@ -121,6 +128,8 @@ class Variant(Strict):
     @model_validator(mode="after")
     def _group_size_applies(self) -> "Variant":
         spec = FORMATS[self.quant]
+        if self.backend is Backend.llmcompressor:
+            self._llmcompressor_makes_it()
         if self.group_size is not None and not spec.group_sizes:
             raise ValueError(f"group_size does not apply to {self.quant.value} (per-tensor scales); remove it")
         if self.group_size is not None and self.group_size not in spec.group_sizes:
@@ -136,7 +145,28 @@ class Variant(Strict):
         problems = [p for p in (support_problem(self.quant, self.kv_cache, gpu) for gpu in self.gpus) if p]
         if problems:
             raise ValueError("; ".join(problems) + " (fix: drop that GPU or choose a format it runs)")
+        refused = [p for p in (runtime_problem(r, self.quant, self.kv_cache, self.backend)
+                               for r in dict.fromkeys(self.runtimes)) if p]
+        if refused:
+            raise ValueError("; ".join(refused))
         return self
+
+    def _llmcompressor_makes_it(self) -> None:
+        if not backend_makes(Backend.llmcompressor, self.quant):
+            made = " or ".join(q.value for q in QuantFormat if backend_makes(Backend.llmcompressor, q))
+            raise ValueError(f"backend llmcompressor makes {made} in kiln, not {self.quant.value} "
+                             "(fix: choose one of those, or set backend: modelopt)")
+        if self.kv_cache is not KVCacheFormat.none:
+            raise ValueError("kv_cache applies to backend modelopt; llm-compressor variants keep a 16-bit KV cache "
+                             "(fix: remove kv_cache, or set backend: modelopt)")
+        groups = FORMATS[self.quant].llmcompressor.group_sizes
+        if self.group_size is not None and self.group_size not in groups:
+            allowed = " or ".join(str(g) for g in groups) or "none (per-channel)"
+            raise ValueError(f"group_size {self.group_size} is not llm-compressor's {self.quant.value} preset; use {allowed}")
+        if self.gpus:
+            raise ValueError("gpus applies to backend modelopt: TensorRT-LLM engines are built from ModelOpt's "
+                             "TensorRT-LLM checkpoint, which llm-compressor does not write (fix: remove gpus, or set "
+                             "backend: modelopt)")
 
     @property
     def effective_group_size(self) -> int | None:

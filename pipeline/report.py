@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.pipeline.plan import Plan
-from kiln.pipeline.results import BuildResult
+from kiln.pipeline.results import BuildResult, format_label
 
 # Wide enough for the summary when stdout is a file or a CI log, not a terminal.
 stdout_console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -105,11 +105,12 @@ def build_document(result: BuildResult) -> dict:
 def versions_table(rows: list[dict]) -> Table:
     table = Table(title="registry", title_justify="left")
     for column, justify in (("name", "left"), ("version", "right"), ("aliases", "left"), ("format", "left"),
-                            ("engines", "left"), ("ppl change %", "right"), ("KL", "right"), ("top-1 agree", "right")):
+                            ("engines", "left"), ("runtimes", "left"), ("ppl change %", "right"), ("KL", "right"), ("top-1 agree", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
-        fmt = (row["quant"] or "-") + ("" if row["kv_cache"] in (None, "none") else f" + kv {row['kv_cache']}")
+        fmt = format_label(row["quant"], row["kv_cache"], row.get("backend"))
         table.add_row(row["name"], row["version"], ", ".join(row["aliases"]) or "-", fmt, ", ".join(row["sms"]) or "-",
+                      ", ".join(row["runtimes"]) or "-",
                       _fmt(row["ppl_increase_pct"], "+.3f"), _fmt(row["mean_kl"], ".5f"),
                       _fmt(row["top1_agreement"], ".4f"))
     return table

@@ -26,11 +26,19 @@ class EngineResult:
         }
 
 
+def format_label(quant: str | None, kv_cache: str | None, backend: str | None = None) -> str:
+    """A variant's format as tables show it: int4_gptq, fp8 + kv fp8, int8_sq (llmcompressor)."""
+    kv = "" if kv_cache in (None, "none") else f" + kv {kv_cache}"
+    made = "" if backend in (None, "modelopt") else f" ({backend})"
+    return (quant or "-") + kv + made
+
+
 @dataclass
 class VariantResult:
     variant: str
     quant: str
     kv_cache: str
+    backend: str = "modelopt"
     metrics: validate.Metrics | None = None
     gate: validate.GateResult | None = None
     published: registry.PublishedVersion | None = None
@@ -39,13 +47,14 @@ class VariantResult:
 
     @property
     def format(self) -> str:
-        return self.quant + ("" if self.kv_cache == "none" else f" + kv {self.kv_cache}")
+        return format_label(self.quant, self.kv_cache, self.backend)
 
     def as_dict(self) -> dict:
         return {
             "variant": self.variant,
             "quant": self.quant,
             "kv_cache": self.kv_cache,
+            "backend": self.backend,
             "metrics": self.metrics.as_dict() if self.metrics else None,
             "gate": self.gate.as_dict() if self.gate else None,
             "registry": self.published.as_dict() if self.published else None,

@@ -278,17 +278,24 @@ class _Runner:
             publish_key=instance.key, recipe=self.loaded.recipe.name, recipe_digest=self.loaded.digest, variant=name,
             source=model.source if model.is_hub else f"local:{self.plan.model_digest[:16]}",
             revision=model.revision or self.plan.model_digest, quant=record.quant, kv_cache=record.kv_cache,
+            backend=record.backend,
             algorithm=record.algorithm, export_quant_algo=record.export_quant_algo or "",
-            group_size=str(record.group_size or ""), metrics=metrics.as_dict(), tools=tool_versions(quantize.TOOLS),
-            passed=gate.passed, failures=gate.failures)
+            group_size=str(record.group_size or ""), metrics=metrics.as_dict(),
+            tools={**record.tools, **tool_versions(())}, passed=gate.passed, failures=gate.failures, runtimes={
+                runtime.value: cell.describe() for runtime, cell in quantize.runtime_cells(
+                    quantize.QuantFormat(record.quant), quantize.KVCacheFormat(record.kv_cache),
+                    quantize.Backend(record.backend)).items()})
 
     def run_variants(self) -> BuildResult:
         plan, cache = self.plan, self.cache
         if any(i.status == "will run" for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
             self.model_dir()  # fetch (and refuse) before any stage starts writing
+        for name, variant in plan.loaded.recipe.variants.items():
+            if plan.instance("quantize", name).status == "will run":
+                quantize.require_backend(variant.backend)   # a missing tool stops the build before any calibration
         results = []
         for name, variant in plan.loaded.recipe.variants.items():
-            result = VariantResult(name, variant.quant.value, variant.kv_cache.value)
+            result = VariantResult(name, variant.quant.value, variant.kv_cache.value, variant.backend.value)
             checkpoint = self.quantize(name, plan.instance("quantize", name))
             result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
             v_instance = plan.instance("validate", name)

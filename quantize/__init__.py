@@ -5,6 +5,8 @@ Public entry points:
   layer_width_problems(model_dir, quant, group_size) -> list[str]
   plan_placement(device, gpus, gpu_memory_fraction, host_memory) -> Placement   (CPU, or GPUs + offload)
   FAMILIES / family_of / family_problems        the model-family table (what TensorRT-LLM supports per family)
+  Runtime / runtime_cells / runtime_problem     the runtimes table (which runtimes load each checkpoint format)
+  require_backend(backend) / tool_versions(backend)   backend llmcompressor runs in its own interpreter
 Everything else in this folder is private to the stage.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +24,12 @@ from kiln.quantize.families import (
     COMMON_TRTLLM_FIELDS, FAMILIES, Family, family_of, family_problems, trtllm_values_agree,
 )
 from kiln.quantize.formats import (
-    FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, KVCacheSpec, QuantFormat, TrtllmMapping, format_of_export,
-    kv_cache_of_export,
+    FORMATS, KV_CACHE_FORMATS, Backend, FormatSpec, KVCacheFormat, KVCacheSpec, LlmCompressorMapping, QuantFormat,
+    TrtllmMapping, format_of_export, kv_cache_of_export,
 )
 from kiln.quantize.headers import safetensors_header
 from kiln.quantize.placement import Device, Placement, VisibleGpu, gpu_peak_bytes, plan_placement, reset_gpu_peaks
+from kiln.quantize.runtimes import Loads, Runtime, loading_runtimes, runtime_cells, runtime_problem
 
 CHECKPOINT_RECORD = "kiln.json"
 SOURCE_CONFIG = "source-config.json"   # the source model's config.json, verbatim: compile hands it to TensorRT-LLM
@@ -35,13 +39,13 @@ STAGE_VERSION = 2   # 2: family fields filled in trtllm/config.json; kiln.json r
 TOOLS = ("nvidia-modelopt", "torch", "transformers")
 
 __all__ = [
-    "FORMATS", "KV_CACHE_FORMATS", "FormatSpec", "KVCacheFormat", "KVCacheSpec", "QuantFormat", "TrtllmMapping",
-    "format_of_export", "kv_cache_of_export",
+    "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "KVCacheFormat", "KVCacheSpec", "LlmCompressorMapping",
+    "QuantFormat", "TrtllmMapping", "format_of_export", "kv_cache_of_export", "tool_versions", "require_backend",
     "QuantizeRequest", "CheckpointRecord", "run", "release_memory", "layer_width_problems", "unmatched_excludes",
     "Device", "Placement", "VisibleGpu", "plan_placement", "gpu_peak_bytes", "reset_gpu_peaks",
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "COMMON_TRTLLM_FIELDS", "SOURCE_CONFIG",
-    "trtllm_values_agree",
+    "trtllm_values_agree", "Loads", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem",
 ]
 
 
@@ -58,6 +62,7 @@ class QuantizeRequest:
     exclude: tuple[str, ...] = ()   # module name patterns kept unquantized
     max_shard_size: str = "5GB"     # the HF export's largest safetensors file
     calibration_batch_size: int = 1  # samples per calibration forward pass
+    backend: Backend = Backend.modelopt
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class CheckpointRecord:
     # families without one publish the HF checkpoint for TensorRT-LLM's PyTorch backend only.
     family: str | None = None
     trtllm_checkpoint: bool = True
+    backend: str = Backend.modelopt.value   # what made it: modelopt | llmcompressor (compressed-tensors, no trtllm/)
 
     @classmethod
     def load(cls, checkpoint_dir: Path) -> "CheckpointRecord":
@@ -199,17 +205,47 @@ def release_memory() -> None:
         pass
 
 
+def require_backend(backend: Backend) -> None:
+    """Refuse (UserInputError, with the fix) a backend whose tool this host lacks; ModelOpt is kiln's own."""
+    if backend is Backend.llmcompressor:
+        from kiln.quantize.llmcompressor_backend import llmcompressor_python
+
+        llmcompressor_python()
+
+
+def tool_versions(backend: Backend = Backend.modelopt) -> dict[str, str]:
+    """The versions a variant's quantize stage depends on (its cache key): kiln's own packages for ModelOpt,
+    those of llm-compressor's interpreter for llm-compressor."""
+    from kiln.common.foreign_python import versions_in
+
+    if backend is Backend.llmcompressor:
+        from kiln.quantize.llmcompressor_backend import tool_versions as llmcompressor_versions
+
+        return llmcompressor_versions()
+    return versions_in(sys.executable, TOOLS)
+
+
 def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
          placement: Placement, on_loaded) -> CheckpointRecord:
+    source_config = json.loads((Path(model_dir) / "config.json").read_text())
+    family = family_of(source_config)
+    if family is None:   # `kiln check` refuses these first; this guards direct callers
+        raise ValueError(f"{model_dir}: model_type '{source_config.get('model_type')}' is not in kiln's family table")
+    if request.backend is Backend.llmcompressor:
+        from kiln.quantize import llmcompressor_backend
+
+        return llmcompressor_backend.run(request, model_dir, calibration, out_dir, progress, family)
+    return _run_modelopt(request, model_dir, calibration, out_dir, progress, placement, on_loaded, family,
+                         source_config)
+
+
+def _run_modelopt(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
+                  placement: Placement, on_loaded, family: Family, source_config: dict) -> CheckpointRecord:
     from importlib.metadata import version
 
     from kiln.quantize import modelopt_adapter as adapter
     from kiln.quantize.trtllm_checks import check_trtllm_checkpoint
 
-    source_config = json.loads((Path(model_dir) / "config.json").read_text())
-    family = family_of(source_config)
-    if family is None:   # `kiln check` refuses these first; this guards direct callers
-        raise ValueError(f"{model_dir}: model_type '{source_config.get('model_type')}' is not in kiln's family table")
     seconds = {}
     started = time.monotonic()
     reset_gpu_peaks(placement)
@@ -233,7 +269,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     with progress.task(f"export {label}", total=3 if family.trtllm else 2) as task:
         adapter.export_hf(model, out_dir / HF_DIR, request.max_shard_size)
         task.advance()
-        _save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
+        save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
         task.advance()
         if family.trtllm:
             adapter.export_trtllm(model, out_dir / TRTLLM_DIR, request.dtype, request.tp_size)
@@ -270,7 +306,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     return record
 
 
-def _save_tokenizer(model_dir: Path, dest: Path, trust_remote_code: bool) -> None:
+def save_tokenizer(model_dir: Path, dest: Path, trust_remote_code: bool) -> None:
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(dest)

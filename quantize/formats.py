@@ -32,6 +32,27 @@ class KVCacheFormat(str, Enum):
     nvfp4 = "nvfp4"
 
 
+class Backend(str, Enum):
+    """What quantizes a variant and in which checkpoint format it ships."""
+
+    modelopt = "modelopt"            # NVIDIA ModelOpt: HF checkpoint + TensorRT-LLM checkpoint
+    llmcompressor = "llmcompressor"  # llm-compressor's oneshot: a compressed-tensors HF checkpoint (vLLM, SGLang)
+
+
+@dataclass(frozen=True)
+class LlmCompressorMapping:
+    """How llm-compressor makes a format: its modifiers, in order, and the preset scheme they apply."""
+
+    modifiers: tuple[str, ...]      # "smoothquant", "gptq", "awq"
+    scheme: str                     # a compressed-tensors preset: W4A16, W4A16_ASYM, W8A8
+    group_sizes: tuple[int, ...] = ()  # the preset's group; () for per-channel
+
+    @property
+    def export_label(self) -> str:
+        """The checkpoint label kiln records and the runtimes table is keyed by."""
+        return f"compressed-tensors:{self.scheme}"
+
+
 @dataclass(frozen=True)
 class TrtllmMapping:
     """How TensorRT-LLM takes a format's checkpoint."""
@@ -59,6 +80,11 @@ class FormatSpec:
     # validation picks its weight codec by it.
     export_quant_algo: str = ""
     trtllm: TrtllmMapping | None = None
+    llmcompressor: LlmCompressorMapping | None = None   # None: backend llmcompressor does not make it
+
+    def export_label(self, backend: "Backend") -> str:
+        """What the checkpoint calls its format: ModelOpt's quant_algo, or compressed-tensors' scheme."""
+        return self.llmcompressor.export_label if backend is Backend.llmcompressor else self.export_quant_algo
 
 
 @dataclass(frozen=True)
@@ -82,17 +108,21 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
                trtllm=TrtllmMapping(packing="fp4", gemm_plugin="nvfp4")),
     FormatSpec(QuantFormat.int4_awq, "INT4 weights (W4A16), AWQ, per-group scales",
                "INT4_AWQ_CFG", "awq_lite", 4.25, 16, group_sizes=(64, 128), default_group_size=128,
-               export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping(packing="int4")),
+               export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping(packing="int4"),
+               llmcompressor=LlmCompressorMapping(("awq",), "W4A16_ASYM", (128,))),
     FormatSpec(QuantFormat.int4_gptq, "INT4 weights (W4A16), GPTQ, per-group scales",
                "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq", 4.25, 16, group_sizes=(128,), default_group_size=128,
                algorithm_config={"method": "gptq"},
-               export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping(packing="int4")),   # ModelOpt names it so
+               export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping(packing="int4"),   # ModelOpt names it so
+               llmcompressor=LlmCompressorMapping(("gptq",), "W4A16", (128,))),
     FormatSpec(QuantFormat.w4a8_awq, "INT4 weights, AWQ, per-group scales; FP8 activations",
                "W4A8_AWQ_BETA_CFG", "awq_lite", 4.25, 8, group_sizes=(128,), default_group_size=128,
                export_quant_algo="W4A8_AWQ", trtllm=TrtllmMapping(packing="int4")),
     FormatSpec(QuantFormat.int8_sq, "INT8 weights (per channel) and activations (per tensor), SmoothQuant",
                "INT8_SMOOTHQUANT_CFG", "smoothquant", 8, 8, algorithm_config={"method": "smoothquant"},
-               takes_alpha=True, export_quant_algo="W8A8_SQ_PER_CHANNEL", trtllm=TrtllmMapping()),
+               takes_alpha=True, export_quant_algo="W8A8_SQ_PER_CHANNEL", trtllm=TrtllmMapping(),
+               # llm-compressor's W8A8: per-channel weights, activations per token at run time (dynamic)
+               llmcompressor=LlmCompressorMapping(("smoothquant", "gptq"), "W8A8")),
     FormatSpec(QuantFormat.int8_wo, "INT8 weights (per channel), W8A16",
                "INT8_WEIGHT_ONLY_CFG", "max", 8, 16, export_quant_algo="W8A16", trtllm=TrtllmMapping()),
 )}

@@ -29,7 +29,8 @@ from kiln.common.fsutil import atomic_dir, require_empty_folder
 from kiln.registry.lookup import version_confirmed
 from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, sm_manifest
 from kiln.registry.tags import (
-    KV_CACHE, QUANT, RECIPE, REGISTERED_MODEL, SM_MANIFEST, SM_TENSORRT, VARIANT, held_sms, metrics_of, sm_tag,
+    BACKEND, KV_CACHE, QUANT, RECIPE, REGISTERED_MODEL, SM_MANIFEST, SM_TENSORRT, VARIANT, held_sms,
+    loading_runtimes_of, metrics_of, sm_tag,
 )
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, promote
@@ -271,6 +272,8 @@ def list_versions(home: Path) -> list[dict]:
                 "sms": held_sms(tags),
                 "quant": tags.get(QUANT),
                 "kv_cache": tags.get(KV_CACHE),
+                "backend": tags.get(BACKEND, "modelopt"),
+                "runtimes": loading_runtimes_of(tags),
                 "ppl_increase_pct": metrics.get("ppl_increase_pct"),
                 "mean_kl": metrics.get("mean_kl"),
                 "top1_agreement": metrics.get("top1_agreement"),

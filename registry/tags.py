@@ -18,6 +18,7 @@ RECIPE_DIGEST = "kiln.recipe_digest"
 SOURCE = "kiln.source"
 REVISION = "kiln.revision"
 QUANT = "kiln.quant"
+BACKEND = "kiln.backend"                  # what made the checkpoint: modelopt | llmcompressor
 KV_CACHE = "kiln.kv_cache"
 ALGORITHM = "kiln.algorithm"
 EXPORT_QUANT_ALGO = "kiln.export_quant_algo"
@@ -26,6 +27,7 @@ GATE = "kiln.gate"                        # pass | fail; GATE + ".failures" name
 METRIC = "kiln.metric."                   # + metric name
 TOOL = "kiln.tool."                       # + package name
 SM = "kiln.sm."                           # + <sm>.<field>
+RUNTIME = "kiln.runtime."                 # + runtime name: "yes|no|unchecked (version, evidence)"
 PROMOTION = "kiln.promotion"              # + .<alias>.<field>
 REGISTERED_MODEL = "kiln.registered_model"   # on the version's run
 
@@ -61,6 +63,20 @@ def metric_tags(metrics: Mapping[str, object], sm: str | None = None) -> dict[st
 
 def tool_tags(versions: Mapping[str, str]) -> dict[str, str]:
     return {f"{TOOL}{name}": version for name, version in versions.items()}
+
+
+def runtime_tags(cells: Mapping[str, str]) -> dict[str, str]:
+    return {f"{RUNTIME}{runtime}": cell for runtime, cell in cells.items()}
+
+
+def runtimes_of(tags: Mapping[str, str]) -> dict[str, str]:
+    """Per runtime, the runtimes-table cell the version was published with."""
+    return _prefixed(tags, RUNTIME)
+
+
+def loading_runtimes_of(tags: Mapping[str, str]) -> list[str]:
+    """The runtimes whose cell says the version loads ("yes ...")."""
+    return [runtime for runtime, cell in runtimes_of(tags).items() if cell.split(" ", 1)[0] == "yes"]
 
 
 def _prefixed(tags: Mapping[str, str], prefix: str) -> dict[str, str]:
@@ -101,13 +117,15 @@ def gate_failures(tags: Mapping[str, str]) -> list[str]:
 
 
 def checkpoint_tags(*, publish_key: str, recipe: str, recipe_digest: str, variant: str, source: str, revision: str,
-                    quant: str, kv_cache: str, algorithm: str, export_quant_algo: str, group_size: str,
-                    metrics: Mapping[str, object], tools: Mapping[str, str], passed: bool, failures) -> dict[str, str]:
-    """What a variant's version carries: who published it from what, its format, metrics, tools and gate."""
+                    quant: str, kv_cache: str, backend: str = "modelopt", algorithm: str, export_quant_algo: str, group_size: str,
+                    metrics: Mapping[str, object], tools: Mapping[str, str], passed: bool, failures,
+                    runtimes: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a variant's version carries: who published it from what, its format, the runtimes that load
+    it, its metrics, tools and gate."""
     return {PUBLISH_KEY: publish_key, RECIPE: recipe, RECIPE_DIGEST: recipe_digest, VARIANT: variant,
-            SOURCE: source, REVISION: revision, QUANT: quant, KV_CACHE: kv_cache, ALGORITHM: algorithm,
+            SOURCE: source, REVISION: revision, QUANT: quant, KV_CACHE: kv_cache, BACKEND: backend, ALGORITHM: algorithm,
             EXPORT_QUANT_ALGO: export_quant_algo, GROUP_SIZE: group_size,
-            **metric_tags(metrics), **tool_tags(tools), **gate_tags(passed, failures)}
+            **runtime_tags(runtimes or {}), **metric_tags(metrics), **tool_tags(tools), **gate_tags(passed, failures)}
 
 
 def engine_tags(sm: str, *, target: str, tensorrt: str, tensorrt_llm: str, gpu: str,

@@ -157,6 +157,11 @@ def test_ls_and_registry_tags(world):
     rows = {r["name"]: r for r in json.loads(listed.stdout)}
     assert rows["spine-fp8"]["aliases"] == ["candidate"] and rows["spine-fp8"]["quant"] == "fp8"
     assert rows["spine-int4-awq"]["mean_kl"] == pytest.approx(_variant(world, "int4-awq")["metrics"]["mean_kl"])
+    # The runtimes table as published: vLLM's ModelOpt loader takes FP8, not W4A16_AWQ.
+    assert rows["spine-fp8"]["runtimes"] == ["trtllm", "trtllm-pytorch", "vllm", "sglang"]
+    assert rows["spine-int4-awq"]["runtimes"] == ["trtllm", "trtllm-pytorch"]
+    table = run_kiln("ls", env=world["env"]).stdout
+    assert "runtimes" in table and "trtllm, trtllm-pytorch, vllm" in table
 
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     from mlflow.tracking import MlflowClient
@@ -167,6 +172,7 @@ def test_ls_and_registry_tags(world):
     assert tags["kiln.source"] == "hf://kiln-tests/tiny-llama" and tags["kiln.revision"] == COMMIT
     assert tags["kiln.quant"] == "fp8" and tags["kiln.kv_cache"] == "fp8"
     assert float(tags["kiln.metric.mean_kl"]) > 0
+    assert tags["kiln.runtime.vllm"].startswith("yes (vLLM 0.32.0, source: vllm/model_executor/")
     for tool in ("kiln", "nvidia-modelopt", "torch", "transformers"):
         assert tags[f"kiln.tool.{tool}"]
 

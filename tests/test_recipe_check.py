@@ -46,6 +46,18 @@ CASES = [
     ("alpha-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, alpha: 0.5,"), r"variants\.fp8: alpha applies only to int8_sq"),
     ("schema-version", ("kiln: 1", "kiln: 2"), r":1: kiln: Input should be 1"),
     ("unknown-gpu", ("gpus: [sm90]", "gpus: [sm91]"), r"variants\.fp8\.gpus: unknown GPU 'sm91'; use an SM or GPU name: sm80 \(A100/A30\)"),
+    ("runtime-refuses", ("{quant: fp8, kv_cache: fp8,", "{quant: int4_awq, runtimes: [trtllm, vllm],"),
+     r"variants\.fp8: vllm does not load int4_awq \(vLLM 0\.32\.0, source: .*modelopt\.py.*\) "
+     r"\(fix: choose quant fp8 or fp8_pc_pt or nvfp4, set backend: llmcompressor, or drop vllm from runtimes\)"),
+    ("llmc-format", ("{quant: fp8, kv_cache: fp8,", "{quant: fp8, backend: llmcompressor,"),
+     r"variants\.fp8: backend llmcompressor makes int4_awq or int4_gptq or int8_sq in kiln, not fp8 "
+     r"\(fix: choose one of those, or set backend: modelopt\)"),
+    ("llmc-kv", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: int4_gptq, backend: llmcompressor, kv_cache: fp8}"),
+     r"variants\.fp8: kv_cache applies to backend modelopt"),
+    ("llmc-gpus", ("{quant: fp8, kv_cache: fp8,", "{quant: int8_sq, backend: llmcompressor,"),
+     r"variants\.fp8: gpus applies to backend modelopt: .*\(fix: remove gpus, or set backend: modelopt\)"),
+    ("unknown-runtime", ("kv_cache: fp8,", "kv_cache: fp8, runtimes: [tgi],"),
+     r"variants\.fp8\.runtimes\.0: Input should be 'trtllm', 'trtllm-pytorch', 'vllm' or 'sglang'"),
 ]
 
 

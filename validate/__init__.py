@@ -19,7 +19,7 @@ from kiln.validate.gates import GateResult, evaluate_gates
 from kiln.validate.records import Metrics
 
 STAGE_VERSION = 1
-TOOLS = ("torch", "transformers")
+TOOLS = ("torch", "transformers", "compressed-tensors")
 REPORT = "report.json"
 
 __all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_gates", "GateResult", "Metrics", "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS"]

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kiln.common.errors import KilnError
-from kiln.common.foreign_python import env_for, trtllm_python
+from kiln.common.foreign_python import run_logged, trtllm_python
 from kiln.compile import Target
 from kiln.validate.records import Metrics
 
@@ -54,17 +53,12 @@ def check_engine(target: Target, sm_dir: Path, hf_dir: Path, model_dir: Path, sa
                                      str(tmp_path / "report.json"), tp_size, trust_remote_code)
         request_path = tmp_path / "request.json"
         request_path.write_text(json.dumps(asdict(request), indent=2))
-        log_path = tmp_path / "engine-check.log"
         python = trtllm_python()  # the Python that has tensorrt_llm, maybe not kiln's own
-        with progress.task(f"engine check {label}", total=None), log_path.open("w") as log:
-            returncode = subprocess.run(check_command(request_path, target, tp_size, python), stdout=log,
-                                        stderr=subprocess.STDOUT, env=env_for(python)).returncode
-        if returncode != 0 or not Path(request.report).is_file():
-            kept = Path(tempfile.mkdtemp(prefix="kiln-engine-check-log-")) / "engine-check.log"
-            kept.write_bytes(log_path.read_bytes())
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise KilnError(f"engine check for {label} exited {returncode}; last lines:\n  " + "\n  ".join(tail)
-                            + f"\n  full log: {kept}")
+        with progress.task(f"engine check {label}", total=None):
+            run_logged(check_command(request_path, target, tp_size, python), python, tmp_path / "engine-check.log",
+                       f"engine check for {label}")
+        if not Path(request.report).is_file():
+            raise KilnError(f"engine check for {label} wrote no report")
         return Metrics(**json.loads(Path(request.report).read_text()))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from kiln.quantize import family_of
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear, plain_linear
+from kiln.validate.compressed import linear_decoder, read_compressed_config
 from kiln.validate.experts import ReferenceExperts, exported_block_names, fused_as_reference, is_fused_experts, replace_experts
 
 _KV_ATTENTION = "kiln_kv_fake_quant"
@@ -213,23 +214,30 @@ def load_reference_model(hf_dir: Path, trust_remote_code: bool = False) -> nn.Mo
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tensors = _load_tensors(hf_dir)
     consumed: set[str] = set()
+    compressed = read_compressed_config(hf_dir)
+    compressed_linear = linear_decoder(compressed, tensors) if compressed else None
 
-    def reference_linear(name: str) -> ReferenceLinear:
-        if f"{name}.weight_scale" in tensors:
+    def reference_linear(name: str, module: nn.Module | None = None) -> ReferenceLinear:
+        decoded = compressed_linear(name, module) if compressed_linear and module is not None else None
+        if decoded is None and f"{name}.weight_scale" in tensors:
             decoded = WEIGHT_CODECS[algo](name, tensors, quant.get("group_size"))
-        else:
+        elif decoded is None:
             decoded = plain_linear(tensors[f"{name}.weight"])
         return ReferenceLinear(decoded, tensors.get(f"{name}.bias"))
 
     family = family_of(config.to_dict())
     if family is not None and family.experts is not None:
+        if compressed:
+            raise NotImplementedError(f"{hf_dir}: kiln's reference runtime does not decode compressed-tensors "
+                                      "experts of a mixture-of-experts model yet")
         replace_experts(model, tensors, family.experts, reference_linear, consumed)
         for old, new in exported_block_names(tensors, family.experts).items():
             if old not in consumed:
                 tensors[new] = tensors.pop(old)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and f"{name}.weight" in tensors:
-            _replace(model, name, reference_linear(name))
+        stored_weight = f"{name}.weight" in tensors or f"{name}.weight_packed" in tensors  # packed: compressed-tensors
+        if isinstance(module, nn.Linear) and stored_weight:
+            _replace(model, name, reference_linear(name, module))
             consumed.update(k for k in tensors if k.startswith(f"{name}.") and not k.endswith(("k_scale", "v_scale")))
         elif _is_plain_embedding(module) and f"{name}.weight" in tensors:
             _replace(model, name, _float32_embedding(module, tensors[f"{name}.weight"]))

