@@ -18,8 +18,8 @@ from kiln.common.errors import KilnError, UserInputError
 
 # Stages that a tool pin feeds, and the ones downstream of them (their keys chain).
 _DOWNSTREAM = {
-    "quantize": ("quantize", "validate", "publish", "compile", "engine-check"),
-    "validate": ("validate", "publish", "engine-check"),
+    "quantize": ("quantize", "validate", "publish", "compile", "engine-check", "vllm-check"),
+    "validate": ("validate", "publish", "engine-check", "vllm-check"),
 }
 
 
@@ -117,7 +117,8 @@ def _recipe_changes(root: Path, commit: str, path: Path, make_plan_for, kiln_cha
         if why:
             invalidated.append({"stage": stage, "target": target, "key": instance.key, "why": why,
                                 "status": instance.status})
-    gpus = sorted({i["target"].split("@", 1)[1] for i in invalidated if "@" in i["target"]})
+    # GPU jobs per SM; a vLLM check runs in the CPU job (on a runner where KILN_VLLM_PYTHON is set).
+    gpus = sorted({i["target"].split("@", 1)[1] for i in invalidated if "@sm" in i["target"]})
     if invalidated and not gpus:
         gpus = ["cpu"]    # only CPU stages changed: one CPU job quantizes, validates and publishes
     return {"path": rel, "name": now.loaded.recipe.name, "reasons": reasons, "invalidated": invalidated, "gpus": gpus}

@@ -131,7 +131,7 @@ def build(
     --publish-failed).
     """
     from kiln.common.progress import ProgressReporter
-    from kiln.pipeline.report import build_document, build_table, engines_table, stdout_console
+    from kiln.pipeline.report import build_document, build_table, engines_table, runtime_checks_table, stdout_console
     from kiln.pipeline.runner import run_plan
 
     progress = ProgressReporter(enabled=True)
@@ -145,6 +145,8 @@ def build(
         stdout_console.print(build_table(result))
         if any(v.engines for v in result.variants):
             stdout_console.print(engines_table(result))
+        if any(c.report for v in result.variants for c in v.runtime_checks):
+            stdout_console.print(runtime_checks_table(result))
         _report_corrections(result, progress)
     raise typer.Exit(result.exit_code)
 

@@ -13,7 +13,9 @@ from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, sele
 
 _RUNTIME_HELP = ("cpu: kiln's reference runtime in Triton's python backend (any artifact, any host). "
                  "gpu: TensorRT-LLM's own Triton models for the artifact's target (engines: the in-flight-batching "
-                 "ensemble; trtllm-pytorch: the llmapi model), filled from --templates.")
+                 "ensemble; trtllm-pytorch: the llmapi model), filled from --templates. vllm: triton-repo writes a "
+                 "model for Triton's vLLM backend (model.json from the artifact); serve starts `vllm serve` "
+                 "(OpenAI-compatible) where vLLM is installed (KILN_VLLM_PYTHON).")
 _TEMPLATES_HELP = ("GPU runtime: TensorRT-LLM's triton_backend/all_models of the release that built the artifact "
                    "(git clone --branch v<version> https://github.com/NVIDIA/TensorRT-LLM).")
 
@@ -70,8 +72,8 @@ def triton_repo(
     max_tokens: int = typer.Option(64, "--max-tokens", min=1,
                                    help="CPU runtime: tokens generated when a request names none."),
     container: str = typer.Option(None, "--container", show_default=False,
-                                  help="GPU runtime: the image in the printed command "
-                                       "(default nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3)."),
+                                  help="GPU and vllm runtimes: the image in the printed command (default "
+                                       "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3, or -vllm-python-py3)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
 ) -> None:
     """Pull an artifact (verified, as `kiln pull` does) and write a Triton model repository for it.
@@ -83,13 +85,15 @@ def triton_repo(
     from kiln.compile import detect_host
     from kiln.common.progress import ProgressReporter
     from kiln.serve import write_repository
+    from kiln.serve.vllm_repo import VLLM_CONTAINER, VllmServeOptions
 
     private_tempdir()
     sm = selected_sm(gpu, detect_host()) if runtime == "gpu" else None
     repo = write_repository(kiln_home(), ref, out, runtime, ProgressReporter(),
                             _cpu_options(max_batch_size, max_queue_delay_us, instances, max_tokens),
                             _gpu_options(templates, decoupled, instances, max_queue_delay_us, max_queue_size,
-                                         container), sm=sm)
+                                         container), sm=sm,
+                            vllm_options=VllmServeOptions(container=container or VLLM_CONTAINER))
     if as_json:
         layout = repo.gpu_layout
         emit_json({"path": str(repo.path), "name": repo.name, "version": repo.version, "runtime": repo.runtime,
@@ -102,6 +106,11 @@ def triton_repo(
     print(f"{repo.name}/{repo.version}{where} -> {repo.path}: models {', '.join(repo.models)}")
     if repo.gpu_layout:
         _print_gpu_start(repo)
+    elif runtime == "vllm":
+        print("start it in NVIDIA's vLLM Triton container (it must see the repository at the same path):")
+        print(f"  {repo.container_command}")
+        print("  <yy.mm>: a container release whose vLLM loads this checkpoint (see kiln's runtimes table); "
+              f"or kiln serve {ref} --runtime vllm where vLLM is installed")
     else:
         print(f"start it with: kiln serve {ref} --runtime {runtime}   (or tritonserver --model-repository {repo.path} "
               f"--model-control-mode explicit {' '.join('--load-model=' + m for m in repo.models)})")
@@ -143,10 +152,14 @@ def serve(
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         repo = running.repo
-        print(f"serving {repo.name}/{repo.version} ({runtime}{', ' + repo.sm if repo.sm else ''}): "
-              f"{running.endpoints.describe()}")
-        streaming = f", {repo.stream_model} (gRPC streaming, stream=true)" if repo.stream_model else ""
-        print(f"models: {repo.entry_model} (one response per request){streaming}")
+        if runtime == "vllm":
+            print(f"serving {repo.name}/{repo.version} (vllm serve): OpenAI-compatible API at "
+                  f"http://127.0.0.1:{running.endpoints.http}/v1, model {repo.entry_model}")
+        else:
+            print(f"serving {repo.name}/{repo.version} ({runtime}{', ' + repo.sm if repo.sm else ''}): "
+                  f"{running.endpoints.describe()}")
+            streaming = f", {repo.stream_model} (gRPC streaming, stream=true)" if repo.stream_model else ""
+            print(f"models: {repo.entry_model} (one response per request){streaming}")
         sys.stdout.flush()
         if prompt is not None:
             print(f"prompt: {prompt!r}\ncompletion: {running.ask(prompt, max_tokens)!r}")
@@ -158,4 +171,4 @@ def serve(
     finally:
         signal.signal(signal.SIGTERM, previous)
         code = running.stop()
-        print(f"tritonserver stopped (exit {code})", file=sys.stderr)
+        print(f"{running.server.what} stopped (exit {code})", file=sys.stderr)

@@ -2,9 +2,11 @@
 
 fetch(model) -> quantize(variant) -> validate(variant) -> publish(variant)
                                   -> compile(variant@sm) -> engine-check(variant@sm) -> publish(variant@sm)
+                                  -> vllm-check(variant@vllm) -> publish(variant@vllm)   (plan_runtimes.py)
 
-GPU stages run only on a host with that SM and TensorRT-LLM; elsewhere they are
-planned as skipped, with the reason, and the rest of the build still publishes.
+GPU stages run only on a host with that SM and TensorRT-LLM, the vLLM check only where vLLM is
+installed and has kernels for the format; elsewhere they are planned as skipped, with the reason,
+and the rest of the build still publishes.
 
 A stage's input digests are the keys of the stages it reads from (and the
 model's content digest), so every key is known before anything runs and
@@ -100,6 +102,11 @@ class Plan:
 
     def registered_name(self, variant: str) -> str:
         return f"{self.loaded.recipe.name}-{variant}"
+
+    def runtime_check_instances(self, variant: str) -> list[tuple[str, StageInstance, StageInstance]]:
+        """(runtime, check, publish) for each runtime check planned for the variant (vllm)."""
+        return [(i.target.rpartition("@")[2], i, self.instance("publish", i.target)) for i in self.instances
+                if i.stage == "vllm-check" and i.target.rpartition("@")[0] == variant]
 
     def sm_instances(self, variant: str) -> list[tuple[str, StageInstance, StageInstance, StageInstance]]:
         """(sm, compile, engine-check, publish) for each SM the variant targets."""
@@ -227,6 +234,9 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
     fetch = StageInstance("fetch", "model", fetch_key, fetch_material, "cached" if fetched else "will run")
     plan.instances.append(fetch)
 
+    from kiln.pipeline.plan_runtimes import vllm_instances
+
+    vllm = validate.vllm_build()
     for name, variant in recipe.variants.items():
         request = quantize_request(loaded, variant)
         q_key, q_material = stage_key(
@@ -254,6 +264,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         plan.instances += [q, v, p]
         for sm in variant.sms:
             plan.instances += gpu_instances(plan, cache, name, sm, q.key, p)
+        plan.instances += vllm_instances(plan, cache, name, variant, q.key, p, vllm)
     return plan
 
 

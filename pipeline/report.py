@@ -93,6 +93,22 @@ def engines_table(result: BuildResult) -> Table:
     return table
 
 
+def runtime_checks_table(result: BuildResult) -> Table:
+    """One row per (variant, runtime check): the metrics measured in that runtime, greedy agreement with the
+    reference runtime, the gate, or why the check was skipped."""
+    table = Table(title="runtime checks", title_justify="left")
+    for column, justify in (("variant", "left"), ("runtime", "left"), ("status", "left"), ("KL", "right"),
+                            ("top-1 agree", "right"), ("greedy = reference", "right"), ("gate", "left")):
+        table.add_column(column, justify=justify)
+    for v in result.variants:
+        for c in v.runtime_checks:
+            m = c.report.metrics if c.report else None
+            runtime = f"{c.runtime} {c.report.vllm} ({c.report.device})" if c.report else c.runtime
+            table.add_row(v.variant, runtime, c.status, _fmt(m and m.mean_kl, ".5f"), _fmt(m and m.top1_agreement, ".4f"),
+                          _fmt(c.report and c.report.greedy_agreement, ".2f"), c.gate.summary() if c.gate else "-")
+    return table
+
+
 def build_document(result: BuildResult) -> dict:
     return {
         **plan_document(result.plan),

@@ -26,6 +26,24 @@ class EngineResult:
         }
 
 
+@dataclass
+class RuntimeCheckResult:
+    runtime: str                     # vllm
+    status: str                      # checked, cached, or "skipped: reason"
+    report: validate.VllmReport | None = None
+    gate: validate.GateResult | None = None
+    published: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "runtime": self.runtime,
+            "status": self.status,
+            "report": self.report.as_dict() if self.report else None,
+            "gate": self.gate.as_dict() if self.gate else None,
+            "published": self.published,
+        }
+
+
 def format_label(quant: str | None, kv_cache: str | None, backend: str | None = None) -> str:
     """A variant's format as tables show it: int4_gptq, fp8 + kv fp8, int8_sq (llmcompressor)."""
     kv = "" if kv_cache in (None, "none") else f" + kv {kv_cache}"
@@ -44,6 +62,7 @@ class VariantResult:
     published: registry.PublishedVersion | None = None
     trtllm_corrections: list[dict] = field(default_factory=list)
     engines: list[EngineResult] = field(default_factory=list)
+    runtime_checks: list[RuntimeCheckResult] = field(default_factory=list)
 
     @property
     def format(self) -> str:
@@ -61,6 +80,7 @@ class VariantResult:
             "upload": self.published.transfer.as_dict() if self.published and self.published.transfer else None,
             "trtllm_corrections": self.trtllm_corrections,
             "engines": [e.as_dict() for e in self.engines],
+            "runtime_checks": [c.as_dict() for c in self.runtime_checks],
         }
 
 
@@ -72,5 +92,6 @@ class BuildResult:
 
     @property
     def exit_code(self) -> int:
-        gates = [v.gate for v in self.variants] + [e.gate for v in self.variants for e in v.engines]
+        gates = [v.gate for v in self.variants] + [e.gate for v in self.variants for e in v.engines] + \
+            [c.gate for v in self.variants for c in v.runtime_checks]
         return 3 if any(g is not None and not g.passed for g in gates) else 0

@@ -28,7 +28,7 @@ from kiln.pipeline.plan import (
     model_problems,
 )
 from kiln.common.progress import ProgressReporter
-from kiln.pipeline.results import BuildResult, EngineResult, VariantResult
+from kiln.pipeline.results import BuildResult, EngineResult, RuntimeCheckResult, VariantResult
 from kiln.common.scratch import process_scratch
 
 
@@ -252,6 +252,40 @@ class _Runner:
             (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "sm": sm}, indent=2) + "\n")
         self._ran(instance)
 
+    def check_runtime(self, name: str, variant, runtime: str, check: StageInstance, publish: StageInstance,
+                      checkpoint: Path, version) -> RuntimeCheckResult:
+        """vllm-check -> gate -> its result on the variant's version (kiln.check.vllm.*)."""
+        if check.status.startswith("skipped"):
+            return RuntimeCheckResult(runtime, check.status)
+        if version is None:
+            return RuntimeCheckResult(runtime, "skipped: the checkpoint is not published (gate failed)")
+        status = "cached" if check.status == "cached" else "checked"
+        entry = self.cache.lookup("vllm-check", check.key)
+        if entry is None:
+            report = validate.check_vllm(checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
+                                         self.progress, check.target, self.loaded.recipe.build.max_seq_len,
+                                         self.loaded.recipe.model.trust_remote_code)
+            with self.cache.write("vllm-check", check.key, check.material) as out:
+                (out / validate.REPORT).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+            self._ran(check)
+            entry = self.cache.entry_dir("vllm-check", check.key)
+        report = validate.VllmReport.from_dict(json.loads((entry / validate.REPORT).read_text()))
+        gate = validate.evaluate_gates(report.metrics, **variant.gates.model_dump())
+        result = RuntimeCheckResult(runtime, status, report, gate)
+        if gate.passed or self.publish_failed:
+            tags = version_tags.runtime_check_tags(runtime, version=report.vllm, device=report.device,
+                                                   metrics=report.metrics.as_dict(),
+                                                   greedy_agreement=report.greedy_agreement,
+                                                   passed=gate.passed, failures=gate.failures)
+            added = registry.add_runtime_check(self.plan.home, version, runtime, tags, publish.key)
+            if self.cache.lookup("publish", publish.key) is None:
+                with self.cache.write("publish", publish.key, publish.material) as out:
+                    (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "runtime": runtime}) + "\n")
+            if added:
+                self._ran(publish)
+            result.published = True
+        return result
+
     def registry_checkpoint(self, version: registry.PublishedVersion) -> tuple[Path, str]:
         """The checkpoint a version holds, pulled (verified) into the cache: (folder, its manifest digest)."""
         digest = registry.checkpoint_digest(self.plan.home, version)
@@ -307,6 +341,9 @@ class _Runner:
                                                   result.gate)
             for sm, c, e, p in plan.sm_instances(name):
                 result.engines.append(self.build_sm(name, variant, sm, (c, e, p), checkpoint, result.published))
+            for runtime, check, publish in plan.runtime_check_instances(name):
+                result.runtime_checks.append(self.check_runtime(name, variant, runtime, check, publish, checkpoint,
+                                                                result.published))
             results.append(result)
         return BuildResult(plan, results, self.ran)
 

@@ -29,7 +29,9 @@ from kiln.quantize.formats import (
 )
 from kiln.quantize.headers import safetensors_header
 from kiln.quantize.placement import Device, Placement, VisibleGpu, gpu_peak_bytes, plan_placement, reset_gpu_peaks
-from kiln.quantize.runtimes import Loads, Runtime, loading_runtimes, runtime_cells, runtime_problem
+from kiln.quantize.runtimes import (
+    Loads, Runtime, loading_runtimes, runtime_cells, runtime_problem, vllm_device_problem,
+)
 
 CHECKPOINT_RECORD = "kiln.json"
 SOURCE_CONFIG = "source-config.json"   # the source model's config.json, verbatim: compile hands it to TensorRT-LLM
@@ -46,6 +48,7 @@ __all__ = [
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "COMMON_TRTLLM_FIELDS", "SOURCE_CONFIG",
     "trtllm_values_agree", "Loads", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem",
+    "vllm_device_problem",
 ]
 
 

@@ -4,8 +4,10 @@ Recipes validate against these enums, planning checks layer widths with the
 block sizes here, the ModelOpt adapter picks configs from here and records the
 algorithm from here; the export check (packing), trtllm-build (GEMM plugin) and the
 LLM-API options (KV dtype) read their TensorRT-LLM facts from here, and validation
-decodes by the export name given here. Adding a format means adding a row, not a
-branch in five files: tests/test_format_table.py names what a new row still lacks.
+decodes by the export name given here; backend llmcompressor reads its modifiers and
+preset scheme from here. Adding a format means adding a row, not a branch in five files:
+tests/test_format_table.py names what a new row still lacks, tests/test_runtime_table.py
+the runtimes table's row for its export.
 """
 
 from __future__ import annotations

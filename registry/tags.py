@@ -28,6 +28,7 @@ METRIC = "kiln.metric."                   # + metric name
 TOOL = "kiln.tool."                       # + package name
 SM = "kiln.sm."                           # + <sm>.<field>
 RUNTIME = "kiln.runtime."                 # + runtime name: "yes|no|unchecked (version, evidence)"
+CHECK = "kiln.check."                     # + <runtime>.<field>: the checkpoint measured in that runtime (vllm)
 PROMOTION = "kiln.promotion"              # + .<alias>.<field>
 REGISTERED_MODEL = "kiln.registered_model"   # on the version's run
 
@@ -47,9 +48,9 @@ def held_sms(tags: Mapping[str, str]) -> list[str]:
     return sorted(key[len(SM):-len(suffix)] for key in tags if key.startswith(SM) and key.endswith(suffix))
 
 
-def gate_tags(passed: bool, failures, sm: str | None = None) -> dict[str, str]:
-    """pass|fail, and which gates failed: the checkpoint's (sm None) or an SM's."""
-    key = GATE if sm is None else sm_tag(sm, SM_GATE)
+def gate_tags(passed: bool, failures, sm: str | None = None, key: str | None = None) -> dict[str, str]:
+    """pass|fail, and which gates failed: the checkpoint's (sm None), an SM's, or the one at `key`."""
+    key = key or (GATE if sm is None else sm_tag(sm, SM_GATE))
     tags = {key: "pass" if passed else "fail"}
     if not passed:
         tags[key + _FAILURES] = "; ".join(failures)
@@ -63,6 +64,30 @@ def metric_tags(metrics: Mapping[str, object], sm: str | None = None) -> dict[st
 
 def tool_tags(versions: Mapping[str, str]) -> dict[str, str]:
     return {f"{TOOL}{name}": version for name, version in versions.items()}
+
+
+CHECK_VERSION, CHECK_DEVICE, CHECK_GATE, CHECK_METRIC, CHECK_GREEDY, CHECK_KEY = (
+    "version", "device", "gate", "metric.", "greedy_agreement", "publish_key")
+
+
+def check_tag(runtime: str, field: str) -> str:
+    return f"{CHECK}{runtime}.{field}"
+
+
+def checked_runtimes(tags: Mapping[str, str]) -> list[str]:
+    """The runtimes whose check result is on the version (the publish key is set last)."""
+    suffix = f".{CHECK_KEY}"
+    return sorted(key[len(CHECK):-len(suffix)] for key in tags if key.startswith(CHECK) and key.endswith(suffix))
+
+
+def runtime_check_tags(runtime: str, *, version: str, device: str, metrics: Mapping[str, object],
+                       greedy_agreement: float, passed: bool, failures) -> dict[str, str]:
+    """What a runtime check (vllm-check) adds to a version: the runtime's version and device, the metrics
+    measured in it, how often its greedy tokens equal the reference runtime's, and its gate."""
+    return {check_tag(runtime, CHECK_VERSION): version, check_tag(runtime, CHECK_DEVICE): device,
+            check_tag(runtime, CHECK_GREEDY): repr(greedy_agreement),
+            **{check_tag(runtime, CHECK_METRIC + name): repr(value) for name, value in metrics.items()},
+            **gate_tags(passed, failures, key=check_tag(runtime, CHECK_GATE))}
 
 
 def runtime_tags(cells: Mapping[str, str]) -> dict[str, str]:
@@ -101,15 +126,21 @@ def tools_of(tags: Mapping[str, str]) -> dict[str, str]:
     return {**_prefixed(tags, TOOL), **engines}
 
 
+def _gate_keys(tags: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(what, gate tag): the checkpoint's, each held SM's, each checked runtime's."""
+    return ([("checkpoint", GATE)] + [(sm, sm_tag(sm, SM_GATE)) for sm in held_sms(tags)]
+            + [(runtime, check_tag(runtime, CHECK_GATE)) for runtime in checked_runtimes(tags)])
+
+
 def gates_of(tags: Mapping[str, str]) -> dict[str, str | None]:
-    """pass|fail for the checkpoint and each held SM."""
-    return {"checkpoint": tags.get(GATE), **{sm: tags.get(sm_tag(sm, SM_GATE)) for sm in held_sms(tags)}}
+    """pass|fail for the checkpoint, each held SM and each checked runtime."""
+    return {what: tags.get(key) for what, key in _gate_keys(tags)}
 
 
 def gate_failures(tags: Mapping[str, str]) -> list[str]:
-    """Every gate the version did not pass: its checkpoint's, then each SM's it holds."""
+    """Every gate the version did not pass: its checkpoint's, then each SM's it holds, then each runtime check's."""
     failures = []
-    checks = [("checkpoint", GATE)] + [(sm, sm_tag(sm, SM_GATE)) for sm in held_sms(tags)]
+    checks = _gate_keys(tags)
     for what, key in checks:
         if tags.get(key) != "pass":
             failures.append(f"{what}: {tags.get(key + _FAILURES) or 'no gate result recorded'}")

@@ -1,4 +1,5 @@
-"""A Triton model repository for a registry artifact, written atomically (the layouts: cpu_repo, gpu_repo)."""
+"""A Triton model repository for a registry artifact, written atomically (the layouts: cpu_repo, gpu_repo,
+vllm_repo)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from kiln.common.errors import UserInputError
 from kiln.common.fsutil import atomic_dir, require_empty_folder
 from kiln.serve.cpu_repo import ARTIFACT_DIR, CPU_MODEL, CPU_STREAM_MODEL, CpuServeOptions, write_cpu_repository
 from kiln.serve.gpu_repo import GpuLayout, GpuServeOptions, docker_command, write_gpu_layout
+from kiln.serve.vllm_repo import VllmServeOptions, vllm_docker_command, write_vllm_repository
 
-RUNTIMES = ("cpu", "gpu")
+RUNTIMES = ("cpu", "gpu", "vllm")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class Repository:
 def write_repository(home: Path, ref: str, out: Path, runtime: str, progress,
                      cpu_options: CpuServeOptions = CpuServeOptions(),
                      gpu_options: GpuServeOptions = GpuServeOptions(), sm: str | None = None,
-                     installed_tensorrt: str | None = None) -> Repository:
+                     installed_tensorrt: str | None = None,
+                     vllm_options: VllmServeOptions = VllmServeOptions()) -> Repository:
     """Pull `ref` (verified) and write a complete Triton model repository at `out`, atomically.
 
     The GPU runtime needs `sm`: the engines of that SM only are pulled (refused when the version
@@ -50,6 +53,10 @@ def write_repository(home: Path, ref: str, out: Path, runtime: str, progress,
         if runtime == "cpu":
             models = write_cpu_repository(staging, cpu_options)
             return Repository(out, pulled.name, pulled.version, runtime, models, CPU_MODEL, CPU_STREAM_MODEL)
+        if runtime == "vllm":
+            model = write_vllm_repository(staging, staging / ARTIFACT_DIR, pulled.name, vllm_options, final_root=out)
+            return Repository(out, pulled.name, pulled.version, runtime, (model,), model, model,
+                              container_command=vllm_docker_command(out, model, vllm_options.container))
         # The configs name files by absolute path: the path they will have once `staging` becomes `out`.
         layout = write_gpu_layout(staging, sm, gpu_options, final_root=out)
     return Repository(out, pulled.name, pulled.version, runtime, layout.models, layout.entry_model,

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.common.errors import UserInputError
-from kiln.common.scratch import process_scratch, reclaim_dead
+from kiln.common.scratch import LOGS, process_scratch, reclaim_dead
 from kiln.serve.cpu_repo import CpuServeOptions
 from kiln.serve.gpu_repo import GpuServeOptions
 from kiln.serve.repository import Repository, write_repository
 from kiln.serve.triton import Endpoints, TritonServer, TrtllmTritonServer, free_port, trtllm_tritonserver
+from kiln.serve.vllm_server import VllmServer, ask_vllm, vllm_python
 
-START_TIMEOUT_S = {"cpu": 180, "gpu": 1800}   # a GPU server loads engines of tens of GB
+START_TIMEOUT_S = {"cpu": 180, "gpu": 1800, "vllm": 900}   # a GPU server loads engines of tens of GB
 
 
 @dataclass
@@ -38,7 +39,10 @@ class RunningServer:
         return self.server.endpoints
 
     def ask(self, prompt: str, max_tokens: int) -> str:
-        """One completion: over gRPC from the CPU model, over HTTP generate from TensorRT-LLM's ensemble."""
+        """One completion: over gRPC from the CPU model, over HTTP generate from TensorRT-LLM's ensemble, from
+        vLLM's OpenAI-compatible completions."""
+        if self.repo.runtime == "vllm":
+            return ask_vllm(self.endpoints, self.repo.entry_model, prompt, max_tokens)
         if self.repo.gpu_layout is None:
             return _ask_cpu(self.endpoints, self.repo.entry_model, prompt, max_tokens)
         return _ask_gpu(self.endpoints, self.repo, prompt, max_tokens)
@@ -60,7 +64,8 @@ class RunningServer:
 def start_server(home: Path, ref: str, runtime: str, progress, ports: tuple[int, int, int] = (8000, 8001, 8002),
                  cpu_options: CpuServeOptions = CpuServeOptions(), gpu_options: GpuServeOptions = GpuServeOptions(),
                  host=None) -> RunningServer:
-    """Serve `ref` with `runtime` (cpu | gpu) on 127.0.0.1 `ports` (HTTP, gRPC, metrics; 0: any free one).
+    """Serve `ref` with `runtime` (cpu | gpu | vllm) on 127.0.0.1 `ports` (HTTP, gRPC, metrics; 0: any free one;
+    vLLM's server takes the HTTP port only).
 
     The GPU runtime serves this host's SM only and refuses, before downloading, engines the version
     lacks for it or that another TensorRT built. `host` (kiln.compile.detect_host()) for the GPU runtime.
@@ -75,13 +80,19 @@ def start_server(home: Path, ref: str, runtime: str, progress, ports: tuple[int,
                                 sm=sm, installed_tensorrt=tensorrt)
         endpoints = Endpoints(*(port or free_port() for port in ports))
         # The log outlives the scratch folder: a failed start's message points at it.
-        log = Path(home) / "logs" / f"tritonserver-{endpoints.http}.log"
-        if repo.gpu_layout is None:
+        log = Path(home) / LOGS / f"{'vllm' if runtime == 'vllm' else 'tritonserver'}-{endpoints.http}.log"
+        if runtime == "vllm":
+            from kiln.validate import vllm_build
+
+            vllm_python()   # refused, with the fix, before anything starts
+            server = VllmServer(repo.path, home, repo.entry_model, endpoints, log,
+                                on_gpu=not vllm_build().startswith("cpu:"))
+        elif repo.gpu_layout is None:
             server = TritonServer(repo.path, home, repo.models, endpoints, log_path=log)
         else:
             binary = trtllm_tritonserver(target_needs_backend=repo.gpu_layout.disable_auto_complete)
             server = TrtllmTritonServer(repo.path, home, repo.gpu_layout, binary, endpoints, log_path=log)
-        with progress.task(f"start tritonserver for {repo.name}/{repo.version}", total=None):
+        with progress.task(f"start {server.what} for {repo.name}/{repo.version}", total=None):
             server.start(timeout_s=START_TIMEOUT_S[runtime])
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -80,6 +80,8 @@ def _server_env(server: Path) -> dict[str, str]:
 class TritonServer:
     """A tritonserver process on loopback ports; a context manager that always stops it."""
 
+    what = "tritonserver"
+
     def __init__(self, repo: Path, home: Path, models: tuple[str, ...], endpoints: Endpoints | None = None,
                  log_path: Path | None = None):
         self.repo, self.home, self.models = Path(repo), Path(home), models
@@ -106,10 +108,15 @@ class TritonServer:
     def env(self) -> dict[str, str]:
         return _server_env(pytriton_server_dir())
 
+    def listening(self) -> tuple[tuple[str, int], ...]:
+        return (("HTTP", self.endpoints.http), ("gRPC", self.endpoints.grpc), ("metrics", self.endpoints.metrics))
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.endpoints.http}/v2/health/ready"
+
     def _refuse_taken_ports(self) -> None:
         """A port something else listens on would answer the readiness probe for a server that never bound it."""
-        for what, port in (("HTTP", self.endpoints.http), ("gRPC", self.endpoints.grpc),
-                           ("metrics", self.endpoints.metrics)):
+        for what, port in self.listening():
             with socket.socket() as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
@@ -127,16 +134,16 @@ class TritonServer:
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
                                         start_new_session=True)
         log.close()
-        state = wait_until_ready(self.process, f"http://127.0.0.1:{self.endpoints.http}/v2/health/ready", timeout_s)
+        state = wait_until_ready(self.process, self.ready_url(), timeout_s)
         if state == "ready" and self.process.poll() is None:   # ready, and from the process kiln started
             return self
         if state == "ready":
             state = "exited"
         if state == "exited":
-            raise KilnError(f"tritonserver exited {self.process.returncode} while starting; "
+            raise KilnError(f"{self.what} exited {self.process.returncode} while starting; "
                             f"last lines:\n  {self._log_tail()}\n  full log: {self.log_path}")
         self.stop()
-        raise KilnError(f"tritonserver was not ready after {timeout_s:.0f} s; last lines:\n  {self._log_tail()}"
+        raise KilnError(f"{self.what} was not ready after {timeout_s:.0f} s; last lines:\n  {self._log_tail()}"
                         f"\n  full log: {self.log_path}")
 
     def _log_tail(self, lines: int = 6) -> str:

