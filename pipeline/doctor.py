@@ -22,7 +22,18 @@ def doctor_document(host: Host, recipes) -> dict:
                 problem = host.compile_problem(sm, build.target, build.tp_size)
                 variants.append({"recipe": str(loaded.path), "variant": name, "sm": sm, "target": build.target.value,
                                  "can_build": problem is None, "reason": problem})
-    return {"host": host.as_dict(), "targets": targets, "recipes": variants}
+    return {"host": host.as_dict(), "targets": targets, "recipes": variants, "interpreters": _interpreters()}
+
+
+def _interpreters() -> dict[str, dict]:
+    """The tools kiln runs in interpreters of their own: where each is and its version ("absent")."""
+    from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, VLLM_PYTHON_ENV, tool_python, versions_in
+    from kiln.validate import vllm_build
+
+    llmc = tool_python(LLMCOMPRESSOR_PYTHON_ENV)
+    return {"llm-compressor": {"python": llmc, "env": LLMCOMPRESSOR_PYTHON_ENV,
+                               "version": versions_in(llmc, ("llmcompressor",))["llmcompressor"]},
+            "vLLM": {"python": tool_python(VLLM_PYTHON_ENV), "env": VLLM_PYTHON_ENV, "version": vllm_build()}}
 
 
 def doctor_tables(document: dict) -> list[Table]:
@@ -42,6 +53,10 @@ def doctor_tables(document: dict) -> list[Table]:
     for label, key in (("CUDA driver", "cuda_driver"), ("TensorRT", "tensorrt"), ("TensorRT-LLM", "tensorrt_llm"),
                        ("ModelOpt", "modelopt")):
         tools.add_row(label, host[key] or "not installed")
+    for label, found in document.get("interpreters", {}).items():
+        version = found["version"].replace("cpu:", "") + (" (CPU build)" if found["version"].startswith("cpu:") else "")
+        version = version if found["version"] != "absent" else f"not installed (set {found['env']})"
+        tools.add_row(f"{label} ({found['python']})", version)
 
     targets = Table(title="what this host can compile", title_justify="left")
     for column in ("target", "sm", "can build"):

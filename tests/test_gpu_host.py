@@ -113,8 +113,12 @@ def test_doctor_reports_the_host_and_recipe_variants(tmp_path, kiln_home, gpu_ho
     rows = {(r["variant"], r["sm"]): r for r in document["recipes"]}
     assert rows[("fp8", "sm89")]["reason"].startswith("needs an sm89 GPU host")
     assert "this host has tensorrt_llm 1.3.0" in rows[("fp8", "sm90")]["reason"]
+    # The interpreters of llm-compressor and vLLM: kiln's own here, which has neither.
+    assert {name: found["version"] for name, found in document["interpreters"].items()} == {
+        "llm-compressor": "absent", "vLLM": "absent"}
     table = run_kiln("doctor", env=host.env)
     assert "NVIDIA H100 80GB HBM3" in table.stdout and "sm90" in table.stdout
+    assert "not installed (set KILN_VLLM_PYTHON)" in table.stdout
 
 
 @pytest.mark.parametrize("build,message", [

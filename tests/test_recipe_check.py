@@ -61,9 +61,10 @@ CASES = [
 ]
 
 
-def test_demo_recipe_is_valid(tmp_path, test_model):
-    # The demo recipe points at ../build/demo-model, which `make demo` links to the same trained model.
-    result = run_kiln("check", repo_recipe_beside_model(tmp_path, test_model, "demo.yaml"))
+@pytest.mark.parametrize("recipe", ["demo.yaml", "demo-matrix.yaml", "demo-llmcompressor.yaml"])
+def test_demo_recipe_is_valid(tmp_path, test_model, recipe):
+    # The demo recipes point at ../build/demo-model, which `make demo` links to the same trained model.
+    result = run_kiln("check", repo_recipe_beside_model(tmp_path, test_model, recipe))
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
 
