@@ -132,11 +132,13 @@ def serve(
     prompt: str = typer.Option(None, "--prompt", show_default=False,
                                help="Send this one prompt once the server is ready, print the completion, stop."),
 ) -> None:
-    """Write the model repository for an artifact and run tritonserver on 127.0.0.1 until Ctrl-C.
+    """Write the model repository for an artifact and run its server on 127.0.0.1 until Ctrl-C.
 
     CPU: nvidia-pytriton's tritonserver with kiln's reference runtime. GPU: NVIDIA's tritonserver
     with TensorRT-LLM's backend (inside its container), serving this host's SM only; engines built
-    for another SM or another TensorRT are refused (exit 2). Prints the endpoints once the server
+    for another SM or another TensorRT are refused (exit 2). vLLM: vLLM's OpenAI-compatible server
+    (`vllm serve`) in KILN_VLLM_PYTHON, on the HTTP port, with the engine arguments triton-repo
+    writes; formats vLLM does not load are refused (exit 2). Prints the endpoints once the server
     is ready; Ctrl-C (or SIGTERM) stops it cleanly.
     """
     from kiln.common.progress import ProgressReporter
