@@ -55,6 +55,8 @@ demo: $(STAMP)
 	$(KILN) ls
 	$(KILN) serve demo-fp8@candidate --http-port 0 --grpc-port 0 --metrics-port 0 \
 		--prompt "def parse_args(argv):" --max-tokens 24
+	@echo "report (accuracy against size, history, gates, engines, runtimes):"
+	$(KILN) report recipes/demo.yaml --out build/report.html
 
 test: $(STAMP)
 	$(PY) -m pytest -q

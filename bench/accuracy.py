@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.quantize.headers import safetensors_header
+from kiln.quantize import checkpoint_size
 
 REPO = Path(__file__).resolve().parents[1]
 FOUR_BIT = ("nvfp4", "int4_awq", "int4_gptq", "w4a8_awq")
@@ -48,17 +48,6 @@ def _build(home: Path, model: Path, recipe_name: str = "demo-matrix.yaml") -> di
     if result.returncode not in (0, 3):
         sys.exit(f"kiln build failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout)
-
-
-def _bits_per_weight(checkpoint: Path, source: Path) -> float:
-    """Bytes of every tensor belonging to the decoder's linear layers (weights and scales), per weight."""
-    linears = {name[: -len(".weight")]: info["shape"][0] * info["shape"][1]
-               for name, info in safetensors_header(source / "model.safetensors").items()
-               if ".layers." in name and name.endswith("proj.weight")}
-    exported = safetensors_header(checkpoint / "hf" / "model.safetensors")
-    stored = sum(info["data_offsets"][1] - info["data_offsets"][0] for name, info in exported.items()
-                 if name.rsplit(".", 1)[0] in linears)
-    return stored * 8 / sum(linears.values())
 
 
 def _rtn_int4(model_dir: Path, group: int = 128):
@@ -104,7 +93,7 @@ def main() -> int:
                 record = json.loads((checkpoint / "kiln.json").read_text())
                 size = (checkpoint / "hf" / "model.safetensors").stat().st_size
                 rows.append({"variant": prefix + v["variant"], "format": v["quant"], "kv": v["kv_cache"],
-                             "group": record["group_size"], "bits": _bits_per_weight(checkpoint, model),
+                             "group": record["group_size"], "bits": checkpoint_size(checkpoint / "hf", model).bits_per_weight,
                              "size": size, **v["metrics"]})
 
     from kiln.pipeline.corpus import python_docs

@@ -1,7 +1,7 @@
 """The `kiln` command line: the root that registers every command and turns failures into one line.
 
 Commands live in cli_recipes (check, plan, build, doctor, families), cli_registry (ls, pull, promote,
-diff, registry …) and cli_serve (triton-repo, serve); what they share is in cli_common.
+diff, report, registry …) and cli_serve (triton-repo, serve); what they share is in cli_common.
 Data (tables, JSON) goes to stdout; progress, warnings and errors to stderr.
 Exit codes: 0 ok, 1 failure (including verification), 2 bad input, 3 a gate failed.
 """
@@ -35,7 +35,7 @@ for _name, _command in (
     ("check", cli_recipes.check), ("plan", cli_recipes.plan), ("build", cli_recipes.build),
     ("ls", cli_registry.list_registry), ("pull", cli_registry.pull), ("doctor", cli_recipes.doctor),
     ("families", cli_recipes.families), ("triton-repo", cli_serve.triton_repo), ("serve", cli_serve.serve),
-    ("promote", cli_registry.promote), ("diff", cli_registry.diff),
+    ("promote", cli_registry.promote), ("diff", cli_registry.diff), ("report", cli_registry.report),
 ):
     app.command(_name)(_command)
 app.add_typer(cli_registry.registry_app, name="registry")

@@ -1,4 +1,4 @@
-"""`kiln ls`, `pull`, `promote`, `diff` and `kiln registry …` (a team registry: PostgreSQL + mlflow server)."""
+"""`kiln ls`, `pull`, `promote`, `diff`, `report` and `kiln registry …` (a team registry: PostgreSQL + mlflow server)."""
 
 from __future__ import annotations
 
@@ -164,3 +164,32 @@ def pull(
         engines = f" with {pulled.sm} engines" if pulled.sm else " (checkpoint only)"
         print(f"{pulled.name}/{pulled.version}{engines} -> {pulled.path}: {pulled.files} files, {pulled.bytes} bytes, "
               "all verified")
+
+
+def report(
+    recipe: Path = typer.Argument(..., help="The recipe whose published versions to show, e.g. recipes/demo.yaml.",
+                                  show_default=False),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write (replaced atomically)."),
+) -> None:
+    """Write one self-contained HTML page of what a recipe published: open it in any browser, offline.
+
+    It shows accuracy against size (bits per weight vs KL, with the gates and the unquantized model), each
+    variant's metrics over its registry versions, gates and failures, engines per SM, and which runtimes
+    load each variant. It reads the registry kiln uses: $KILN_HOME's own, or the team server that
+    MLFLOW_TRACKING_URI names. Example: kiln report recipes/demo.yaml --out build/report.html
+    """
+    from kiln.common.errors import UserInputError
+    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.pipeline.report_page import write_report
+    from kiln.registry import recipe_versions, tracking_uri
+
+    loaded = load_recipe(recipe)
+    if out.is_dir():
+        raise UserInputError(f"--out {out} is a folder (fix: name the HTML file, e.g. --out {out / 'report.html'})")
+    home = kiln_home()
+    rows = recipe_versions(home, loaded.recipe.name)
+    if not rows:
+        raise UserInputError(f"{recipe}: the registry ({tracking_uri(home)}) holds no version of recipe "
+                             f"'{loaded.recipe.name}' (fix: `kiln build {recipe}` first)")
+    written = write_report(loaded.recipe, tracking_uri(home), rows, out)
+    print(written.resolve())

@@ -32,6 +32,7 @@ from kiln.pipeline.recipe_loader import LoadedRecipe
 FETCH_VERSION = 1
 PUBLISH_VERSION = 2   # 2: files go to the content-addressed blob store (kiln.registry.blobs)
 PUBLISHED_RECORD = "published.json"
+SIZE_RECORD = "size.json"          # the runner's "size" cache entries (quantize.checkpoint_size)
 
 
 def tool_versions(names) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln import registry, validate
+from kiln import quantize, registry, validate
 from kiln.pipeline.plan import Plan, StageInstance
 
 
@@ -63,6 +63,7 @@ class VariantResult:
     trtllm_corrections: list[dict] = field(default_factory=list)
     engines: list[EngineResult] = field(default_factory=list)
     runtime_checks: list[RuntimeCheckResult] = field(default_factory=list)
+    size: quantize.CheckpointSize | None = None
 
     @property
     def format(self) -> str:
@@ -75,6 +76,7 @@ class VariantResult:
             "kv_cache": self.kv_cache,
             "backend": self.backend,
             "metrics": self.metrics.as_dict() if self.metrics else None,
+            "size": self.size.as_dict() if self.size else None,
             "gate": self.gate.as_dict() if self.gate else None,
             "registry": self.published.as_dict() if self.published else None,
             "upload": self.published.transfer.as_dict() if self.published and self.published.transfer else None,

@@ -4,7 +4,9 @@ Stages meet only through their cache entries on disk: quantize writes hf/,
 trtllm/ and kiln.json; validate reads hf/ and writes report.json; publish
 uploads those files and records the registry version it created. On a GPU
 host, compile writes engines/<sm>/, the engine check measures it, and its
-publish adds that SM's folder to the variant's version.
+publish adds that SM's folder to the variant's version (runner_targets, with
+the vLLM check). A build ends by logging the accuracy-against-size figure on
+every published variant's run.
 """
 
 from __future__ import annotations
@@ -15,24 +17,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from kiln import compile as compile_stage
 from kiln import quantize, registry, validate
 from kiln.registry import tags as version_tags
+from kiln.pipeline.build_records import log_figures, size_metrics, variant_records
 from kiln.pipeline.cache import StageCache
 from kiln.pipeline.data import token_samples
 from kiln.common.digest import file_sha256
 from kiln.common.errors import RecipeErrors, UserInputError
 from kiln.pipeline.fetch import hub_model
 from kiln.pipeline.plan import (
-    PUBLISHED_RECORD, Plan, StageInstance, compile_request, gpu_instances, quantize_request, tool_versions,
+    PUBLISHED_RECORD, SIZE_RECORD, Plan, StageInstance, quantize_request, tool_versions,
     model_problems,
 )
 from kiln.common.progress import ProgressReporter
-from kiln.pipeline.results import BuildResult, EngineResult, RuntimeCheckResult, VariantResult
+from kiln.pipeline.results import BuildResult, VariantResult
+from kiln.pipeline.runner_targets import TargetStages
 from kiln.common.scratch import process_scratch
 
 
-class _Runner:
+class _Runner(TargetStages):
     def __init__(self, plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,
                  share_names: bool = False):
         self.plan, self.cache, self.progress = plan, cache, progress
@@ -149,7 +152,9 @@ class _Runner:
         entry = self.cache.lookup("publish", instance.key)
         if entry is not None:
             recorded = json.loads((entry / PUBLISHED_RECORD).read_text())
-            found = self._confirmed(recorded, instance.key, aliases)
+            found = self._confirmed(recorded, instance.key, aliases, backfill=lambda version: registry.ensure_records(
+                home, version, self._records(name, checkpoint, metrics),
+                self._tags(name, instance, checkpoint, metrics, gate)))
             if found is not None:
                 self._check_stored_blobs(name, found, checkpoint, report)
                 return found
@@ -159,7 +164,8 @@ class _Runner:
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
             files = self._artifact_files(name, checkpoint, report, Path(scratch))
             published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress,
-                                         share_name=self.share_names)
+                                         share_name=self.share_names,
+                                         records=self._records(name, checkpoint, metrics))
         if published.transfer is not None and published.transfer.repaired_files:
             self.progress.log(f"warning: {published.transfer.repaired_files} stored blob(s) no longer matched their "
                               "sha256 and were uploaded again from this build's verified copy")
@@ -174,17 +180,37 @@ class _Runner:
         self._ran(instance)
         return published
 
-    def _confirmed(self, recorded: dict, publish_key: str, aliases) -> registry.PublishedVersion | None:
-        """The version a cached publish recorded, if it still exists with this key (aliases set again)."""
+    def _confirmed(self, recorded: dict, publish_key: str, aliases, backfill) -> registry.PublishedVersion | None:
+        """The version a cached publish recorded, if it still exists with this key (aliases set again, and
+        `backfill(version)` run when kiln's run records may be missing: a version from an older kiln)."""
         home = self.plan.home
         # The common cached case is confirmed without importing MLflow (about 3 s).
-        if registry.version_confirmed(home, recorded["name"], recorded["version"], publish_key, aliases):
+        if registry.version_confirmed(home, recorded["name"], recorded["version"], publish_key, aliases,
+                                      required=registry.recorded_tags()):
             return registry.PublishedVersion(recorded["name"], recorded["version"], recorded["run_id"])
         found = registry.find_version(home, recorded["name"], publish_key)
         if found is None or found.version != recorded["version"]:
             return None
         registry.set_aliases(home, found.name, found.version, aliases)
+        backfill(found)
         return found
+
+    def size(self, name: str, checkpoint: Path) -> quantize.CheckpointSize:
+        """The checkpoint's bytes and bits per weight, measured once per checkpoint (it reads the source
+        model's headers, which a cached rebuild should not need again)."""
+        key = self.plan.instance("quantize", name).key
+        entry = self.cache.lookup("size", key)
+        if entry is None:
+            size = quantize.checkpoint_size(checkpoint / quantize.HF_DIR, self.model_dir())
+            with self.cache.write("size", key, {"quantize": key}) as out:
+                (out / SIZE_RECORD).write_text(json.dumps(size.as_dict(), indent=2) + "\n")
+            entry = self.cache.entry_dir("size", key)
+        return quantize.CheckpointSize(**json.loads((entry / SIZE_RECORD).read_text()))
+
+    def _records(self, name: str, checkpoint: Path, metrics: validate.Metrics) -> registry.RunRecords:
+        record = quantize.CheckpointRecord.load(checkpoint)
+        return variant_records(self.loaded, name, record, metrics.as_dict(), self.size(name, checkpoint),
+                               {**record.tools, **tool_versions(())})
 
     def _check_stored_blobs(self, name: str, version: registry.PublishedVersion, checkpoint: Path,
                             report: Path) -> None:
@@ -211,91 +237,6 @@ class _Runner:
         files[registry.RECIPE_FILE] = self._variant_recipe(name, scratch)
         return files
 
-    def compile(self, sm: str, instance: StageInstance, checkpoint: Path) -> Path:
-        entry = self.cache.lookup("compile", instance.key)
-        if entry is None:
-            with self.cache.write("compile", instance.key, instance.material) as out:
-                compile_stage.run(compile_request(self.loaded, sm), checkpoint, out, self.plan.host, self.progress)
-            self._ran(instance)
-            entry = self.cache.entry_dir("compile", instance.key)
-        return entry / compile_stage.sm_folder(sm)
-
-    def engine_check(self, target: str, instance: StageInstance, sm_dir: Path, checkpoint: Path) -> validate.Metrics:
-        entry = self.cache.lookup("engine-check", instance.key)
-        if entry is None:
-            build, model = self.loaded.recipe.build, self.loaded.recipe.model
-            metrics = validate.check_engine(
-                build.target, sm_dir, checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
-                self.progress, target, tp_size=build.tp_size, trust_remote_code=model.trust_remote_code,
-            )
-            with self.cache.write("engine-check", instance.key, instance.material) as out:
-                validate.write_metrics(metrics, out)
-            self._ran(instance)
-            entry = self.cache.entry_dir("engine-check", instance.key)
-        return validate.load_metrics(entry)
-
-    def publish_sm(self, sm: str, instance: StageInstance, version: registry.PublishedVersion, sm_dir: Path,
-                   report: Path, metrics: validate.Metrics, gate: validate.GateResult) -> None:
-        if self.cache.lookup("publish", instance.key) is not None and sm in registry.held_sms_of(self.plan.home, version):
-            return
-        folder = compile_stage.sm_folder(sm)
-        files = {f"{folder}/{p.relative_to(sm_dir).as_posix()}": p for p in sorted(sm_dir.rglob("*")) if p.is_file()}
-        files[f"{folder}/{compile_stage.CHECK_REPORT}"] = report / validate.REPORT
-        record = compile_stage.load_record(sm_dir)
-        tags = version_tags.engine_tags(sm, target=record["target"], tensorrt=record["tensorrt"] or "",
-                                        tensorrt_llm=record["tensorrt_llm"], gpu=record["gpu"],
-                                        metrics=metrics.as_dict(), passed=gate.passed, failures=gate.failures)
-        added = registry.add_sm(self.plan.home, version, sm, files, tags, instance.key, record, self.progress)
-        if added is None:
-            self.progress.log(f"{version.name}/{version.version} already holds these {sm} engines")
-        with self.cache.write("publish", instance.key, instance.material) as out:
-            (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "sm": sm}, indent=2) + "\n")
-        self._ran(instance)
-
-    def check_runtime(self, name: str, variant, runtime: str, check: StageInstance, publish: StageInstance,
-                      checkpoint: Path, version) -> RuntimeCheckResult:
-        """vllm-check -> gate -> its result on the variant's version (kiln.check.vllm.*)."""
-        if check.status.startswith("skipped"):
-            return RuntimeCheckResult(runtime, check.status)
-        if version is None:
-            return RuntimeCheckResult(runtime, "skipped: the checkpoint is not published (gate failed)")
-        status = "cached" if check.status == "cached" else "checked"
-        entry = self.cache.lookup("vllm-check", check.key)
-        if entry is None:
-            report = validate.check_vllm(checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
-                                         self.progress, check.target, self.loaded.recipe.build.max_seq_len,
-                                         self.loaded.recipe.model.trust_remote_code)
-            with self.cache.write("vllm-check", check.key, check.material) as out:
-                (out / validate.REPORT).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
-            self._ran(check)
-            entry = self.cache.entry_dir("vllm-check", check.key)
-        report = validate.VllmReport.from_dict(json.loads((entry / validate.REPORT).read_text()))
-        gate = validate.evaluate_gates(report.metrics, **variant.gates.model_dump())
-        result = RuntimeCheckResult(runtime, status, report, gate)
-        if gate.passed or self.publish_failed:
-            tags = version_tags.runtime_check_tags(runtime, version=report.vllm, device=report.device,
-                                                   metrics=report.metrics.as_dict(),
-                                                   greedy_agreement=report.greedy_agreement,
-                                                   passed=gate.passed, failures=gate.failures)
-            added = registry.add_runtime_check(self.plan.home, version, runtime, tags, publish.key)
-            if self.cache.lookup("publish", publish.key) is None:
-                with self.cache.write("publish", publish.key, publish.material) as out:
-                    (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "runtime": runtime}) + "\n")
-            if added:
-                self._ran(publish)
-            result.published = True
-        return result
-
-    def registry_checkpoint(self, version: registry.PublishedVersion) -> tuple[Path, str]:
-        """The checkpoint a version holds, pulled (verified) into the cache: (folder, its manifest digest)."""
-        digest = registry.checkpoint_digest(self.plan.home, version)
-        entry = self.cache.lookup("registry-checkpoint", digest)
-        if entry is None:
-            with self.cache.write("registry-checkpoint", digest, {"version": version.as_dict()}) as out:
-                registry.pull(self.plan.home, f"{version.name}/{version.version}", out, self.progress, sm=None)
-            entry = self.cache.entry_dir("registry-checkpoint", digest)
-        return entry, digest
-
     def _variant_recipe(self, name: str, folder: Path) -> Path:
         """The recipe as it applies to this variant (its own variant section only): what `kiln diff` compares."""
         recipe = self.loaded.recipe.model_dump(mode="json")
@@ -314,7 +255,8 @@ class _Runner:
             revision=model.revision or self.plan.model_digest, quant=record.quant, kv_cache=record.kv_cache,
             backend=record.backend,
             algorithm=record.algorithm, export_quant_algo=record.export_quant_algo or "",
-            group_size=str(record.group_size or ""), metrics=metrics.as_dict(),
+            group_size=str(record.group_size or ""),
+            metrics={**metrics.as_dict(), **size_metrics(self.size(name, checkpoint))},
             tools={**record.tools, **tool_versions(())}, passed=gate.passed, failures=gate.failures, runtimes={
                 runtime.value: cell.describe() for runtime, cell in quantize.runtime_cells(
                     quantize.QuantFormat(record.quant), quantize.KVCacheFormat(record.kv_cache),
@@ -335,6 +277,7 @@ class _Runner:
             v_instance = plan.instance("validate", name)
             result.metrics = self.validate(name, v_instance, checkpoint)
             result.gate = validate.evaluate_gates(result.metrics, **variant.gates.model_dump())
+            result.size = self.size(name, checkpoint)
             if result.gate.passed or self.publish_failed:
                 report = cache.entry_dir("validate", v_instance.key)
                 result.published = self.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics,
@@ -345,40 +288,9 @@ class _Runner:
                 result.runtime_checks.append(self.check_runtime(name, variant, runtime, check, publish, checkpoint,
                                                                 result.published))
             results.append(result)
+        if log_figures(plan.home, plan.loaded, results):
+            self.progress.log("logged the accuracy-against-size figure on the published variants' runs")
         return BuildResult(plan, results, self.ran)
-
-    def build_sm(self, name: str, variant, sm: str, instances, checkpoint: Path, version) -> EngineResult:
-        """compile -> engine check -> gate -> publish into the variant's version, for one SM.
-
-        The registry's checkpoint wins: if another host published this variant from other bytes
-        (quantization is not bit-reproducible across machines), this SM is rebuilt from those.
-        """
-        compile_instance, check_instance, _ = instances
-        if compile_instance.status.startswith("skipped"):
-            return EngineResult(sm, compile_instance.status)
-        if version is None:
-            return EngineResult(sm, "skipped: the checkpoint is not published (gate failed)")
-        status = "cached" if compile_instance.status == "cached" and check_instance.status == "cached" else "built"
-        try:
-            return self._compile_check_publish(variant, sm, instances, checkpoint, version, status)
-        except registry.CheckpointMismatch as exc:
-            self.progress.log(f"note: {exc}; building {sm} from the checkpoint in the registry instead")
-        published, digest = self.registry_checkpoint(version)
-        instances = gpu_instances(self.plan, self.cache, name, sm, digest, self.plan.instance("publish", name))
-        return self._compile_check_publish(variant, sm, instances, published, version, "built from the registry's checkpoint")
-
-    def _compile_check_publish(self, variant, sm: str, instances, checkpoint: Path, version, status: str) -> EngineResult:
-        compile_instance, check_instance, publish_instance = instances
-        sm_dir = self.compile(sm, compile_instance, checkpoint)
-        metrics = self.engine_check(check_instance.target, check_instance, sm_dir, checkpoint)
-        gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
-        result = EngineResult(sm, status, metrics, gate)
-        if gate.passed or self.publish_failed:
-            report = self.cache.entry_dir("engine-check", check_instance.key)
-            self.publish_sm(sm, publish_instance, version, sm_dir, report, metrics, gate)
-            result.published = True
-        return result
-
 
 def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
     from kiln.pipeline.cache import ENTRY_FILE

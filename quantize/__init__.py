@@ -7,6 +7,7 @@ Public entry points:
   FAMILIES / family_of / family_problems        the model-family table (what TensorRT-LLM supports per family)
   Runtime / runtime_cells / runtime_problem     the runtimes table (which runtimes load each checkpoint format)
   require_backend(backend) / tool_versions(backend)   backend llmcompressor runs in its own interpreter
+  checkpoint_size(hf_dir, source_dir) -> CheckpointSize   checkpoint bytes, bits per decoder weight
 Everything else in this folder is private to the stage.
 """
 
@@ -28,6 +29,7 @@ from kiln.quantize.formats import (
     TrtllmMapping, format_of_export, kv_cache_of_export,
 )
 from kiln.quantize.headers import safetensors_header
+from kiln.quantize.size import CheckpointSize, checkpoint_size
 from kiln.quantize.placement import Device, Placement, VisibleGpu, gpu_peak_bytes, plan_placement, reset_gpu_peaks
 from kiln.quantize.runtimes import (
     Loads, Runtime, loading_runtimes, runtime_cells, runtime_problem, vllm_device_problem,
@@ -48,7 +50,7 @@ __all__ = [
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "COMMON_TRTLLM_FIELDS", "SOURCE_CONFIG",
     "trtllm_values_agree", "Loads", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem",
-    "vllm_device_problem",
+    "vllm_device_problem", "CheckpointSize", "checkpoint_size",
 ]
 
 

@@ -4,6 +4,9 @@ Public entry points:
   publish(home, name, files, tags, aliases, progress) -> PublishedVersion   (finds, never duplicates)
   add_sm(home, version, sm, files, tags, publish_key, progress)            one SM's engines into a version
   add_runtime_check(home, version, runtime, tags, publish_key)              a runtime check's result (vllm-check)
+  ensure_records(home, version, records, tags) / attach_figure(home, version, png, digest)
+                                            MLflow-native metrics and params, the accuracy-against-size figure
+  recipe_versions(home, recipe) -> list[dict]                               every version a recipe published
   find_version(home, name, publish_key) -> PublishedVersion | None
   version_confirmed(home, name, version, publish_key, aliases) -> bool | None   without importing MLflow
   pull(home, ref, out, progress, sm=..., installed_tensorrt=...) -> PulledArtifact
@@ -35,6 +38,10 @@ from kiln.registry.tags import (
 )
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, promote
+from kiln.registry.run_records import (
+    FIGURE_FILE, FIGURE_PATH, RunRecords, attach_figure, checkpoint_records, ensure_records, log_records,
+    prefixed_metrics, recorded_tags,
+)
 from kiln.registry.tags import gate_failures
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, download_blobs, embedded_damage, upload_blobs
 from kiln.registry.store import (
@@ -48,7 +55,9 @@ __all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", 
            "list_versions",
            "parse_ref", "tracking_uri", "unreachable",
            "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG",
-           "Transfer", "RECIPE_FILE", "Promotion", "promote", "diff", "gate_failures"]
+           "Transfer", "RECIPE_FILE", "Promotion", "promote", "diff", "gate_failures", "RunRecords",
+           "checkpoint_records", "prefixed_metrics", "ensure_records", "recorded_tags", "attach_figure", "FIGURE_FILE",
+           "FIGURE_PATH", "recipe_versions"]
 
 
 @dataclass(frozen=True)
@@ -62,19 +71,22 @@ class PulledArtifact:
 
 
 def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str], aliases, progress,
-            share_name: bool = False) -> PublishedVersion:
+            share_name: bool = False, records: RunRecords | None = None) -> PublishedVersion:
     """Upload `files` (artifact path -> local file) plus manifest.json as a version of `name`.
 
     A version with the same publish key (tags[PUBLISH_KEY_TAG]) is found, not duplicated; when two
     publishers race, both create one and the lowest version number wins: the other is deleted.
     A name whose versions another recipe/variant published (tags kiln.recipe, kiln.variant) is refused
-    unless `share_name`.
+    unless `share_name`. `records` go on the version's run as MLflow metrics and params (run_records); a
+    version found from an older kiln gets them then.
     """
     publish_key = tags[PUBLISH_KEY_TAG]
     if not share_name:
         check_owner(home, name, tags.get(RECIPE_TAG), tags.get(VARIANT_TAG))
     existing = find_version(home, name, publish_key)
     if existing is not None:
+        if records is not None:
+            ensure_records(home, existing, records, tags)
         set_aliases(home, name, existing.version, aliases)
         return PublishedVersion(existing.name, existing.version, existing.run_id, created=False, transfer=Transfer())
     mlflow = client(home)
@@ -85,8 +97,11 @@ def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str],
         # The bytes first (only those the store lacks), then the manifest, then the version that names them.
         transfer = upload_blobs(mlflow, home, files, manifest["files"], progress, f"upload {name}")
         upload_manifest(mlflow, run_id, manifest, MANIFEST)
+        if records is not None:
+            log_records(mlflow, run_id, records)
         ensure_registered_model(mlflow, name)
-        version_tags = {**tags, MANIFEST_TAG: manifest_digest(manifest), STORAGE_TAG: STORAGE}
+        version_tags = {**tags, MANIFEST_TAG: manifest_digest(manifest), STORAGE_TAG: STORAGE,
+                        **(recorded_tags() if records is not None else {})}
         version = create_model_version(mlflow, name, f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id, version_tags)
         mlflow.set_terminated(run_id, "FINISHED")
     except BaseException:
@@ -257,29 +272,40 @@ def _check_sm_pullable(label: str, tags: dict[str, str], sm: str, installed_tens
                              f"them (fix: install TensorRT {built_with}, or rebuild with `kiln build --gpu {sm}` here)")
 
 
-def list_versions(home: Path) -> list[dict]:
-    mlflow = client(home)
-    rows = []
+def _versions(mlflow):
+    """(registered model, version, its aliases) for every version in the registry, oldest first per name."""
     for model in mlflow.search_registered_models():
         aliases_by_version: dict[str, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
             aliases_by_version.setdefault(str(version), []).append(alias)
         for version in sorted(mlflow.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
-            tags = version.tags
-            metrics = metrics_of(tags)
-            rows.append({
-                "name": model.name,
-                "version": str(version.version),
-                "aliases": sorted(aliases_by_version.get(str(version.version), [])),
-                "sms": held_sms(tags),
-                "quant": tags.get(QUANT),
-                "kv_cache": tags.get(KV_CACHE),
-                "backend": tags.get(BACKEND, "modelopt"),
-                "runtimes": loading_runtimes_of(tags),
-                "ppl_increase_pct": metrics.get("ppl_increase_pct"),
-                "mean_kl": metrics.get("mean_kl"),
-                "top1_agreement": metrics.get("top1_agreement"),
-                "created": version.creation_timestamp,
-            })
+            yield model.name, version, sorted(aliases_by_version.get(str(version.version), []))
+
+
+def list_versions(home: Path) -> list[dict]:
+    rows = []
+    for name, version, aliases in _versions(client(home)):
+        tags = version.tags
+        metrics = metrics_of(tags)
+        rows.append({
+            "name": name,
+            "version": str(version.version),
+            "aliases": aliases,
+            "sms": held_sms(tags),
+            "quant": tags.get(QUANT),
+            "kv_cache": tags.get(KV_CACHE),
+            "backend": tags.get(BACKEND, "modelopt"),
+            "runtimes": loading_runtimes_of(tags),
+            "ppl_increase_pct": metrics.get("ppl_increase_pct"),
+            "mean_kl": metrics.get("mean_kl"),
+            "top1_agreement": metrics.get("top1_agreement"),
+            "created": version.creation_timestamp,
+        })
     return rows
 
+
+def recipe_versions(home: Path, recipe: str) -> list[dict]:
+    """Every version that `recipe` published (tag kiln.recipe), with its tags: what `kiln report` shows."""
+    return [{"name": name, "version": str(version.version), "aliases": aliases, "run_id": version.run_id,
+             "created": version.creation_timestamp, "tags": dict(version.tags)}
+            for name, version, aliases in _versions(client(home)) if version.tags.get(RECIPE) == recipe]

@@ -19,6 +19,7 @@ from pathlib import Path
 from kiln.common.errors import KilnError
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, upload_blobs
+from kiln.registry.run_records import RunRecords, log_records
 from kiln.registry.store import ARTIFACT_PATH, PublishedVersion, client, download, upload_manifest
 from kiln.registry.tags import CHECK_KEY, SM_MANIFEST, SM_PUBLISH_KEY, check_tag, held_sms, sm_tag
 
@@ -35,9 +36,9 @@ def sm_manifest(sm: str, digest: str) -> str:
 
 
 def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path], sm_tags: dict[str, str],
-           publish_key: str, engine_record: dict, progress) -> Transfer | None:
+           publish_key: str, engine_record: dict, progress, records: RunRecords | None = None) -> Transfer | None:
     """Add one SM's files (artifact paths under engines/<sm>/) and tags (kiln.registry.tags.engine_tags) to
-    `version`; None if already there."""
+    `version`, and its `records` (metrics under <sm>/) to the version's run; None if already there."""
     mlflow = client(home)
     current = mlflow.get_model_version(version.name, version.version)
     if current.tags.get(sm_tag(sm, SM_PUBLISH_KEY)) == publish_key and sm in held_sms(current.tags):
@@ -58,13 +59,16 @@ def add_sm(home: Path, version: PublishedVersion, sm: str, files: dict[str, Path
     upload_manifest(mlflow, version.run_id, manifest, sm_manifest(sm, digest))
     for key, value in {**sm_tags, sm_tag(sm, SM_PUBLISH_KEY): publish_key}.items():
         mlflow.set_model_version_tag(version.name, version.version, key, value)
+    if records is not None:
+        log_records(mlflow, version.run_id, records)
     mlflow.set_model_version_tag(version.name, version.version, sm_tag(sm, SM_MANIFEST), digest)
     return transfer
 
 
 def add_runtime_check(home: Path, version: PublishedVersion, runtime: str, check_tags: dict[str, str],
-                      publish_key: str) -> bool:
-    """Put a runtime check's result (kiln.check.<runtime>.*) on `version`; False when this very check is there."""
+                      publish_key: str, records: RunRecords | None = None) -> bool:
+    """Put a runtime check's result (kiln.check.<runtime>.*) on `version` and its `records` (metrics under
+    <runtime>/) on the version's run; False when this very check is there."""
     mlflow = client(home)
     current = mlflow.get_model_version(version.name, version.version)
     done = check_tag(runtime, CHECK_KEY)
@@ -75,6 +79,8 @@ def add_runtime_check(home: Path, version: PublishedVersion, runtime: str, check
         raise KilnError(f"internal: {', '.join(outside)} is not {runtime}'s")
     for key, value in check_tags.items():
         mlflow.set_model_version_tag(version.name, version.version, key, value)
+    if records is not None:
+        log_records(mlflow, version.run_id, records)
     mlflow.set_model_version_tag(version.name, version.version, done, publish_key)   # last: the check is complete
     return True
 

@@ -253,6 +253,19 @@ def create_model_version(mlflow_client, name: str, source: str, run_id: str, tag
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
 
 
+def log_batch(mlflow_client, run_id: str, metrics: dict[str, float], params: dict[str, str]) -> None:
+    """Metrics (step 0, now) and params on a run, in batches MLflow accepts (100 params each)."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    metric_list = [Metric(key, value, now, 0) for key, value in metrics.items()]
+    param_list = [Param(key, value) for key, value in params.items()]
+    for start in range(0, max(len(metric_list), len(param_list)), 100):
+        mlflow_client.log_batch(run_id, metrics=metric_list[start:start + 100], params=param_list[start:start + 100])
+
+
 def is_missing(exc: BaseException) -> bool:
     """An MlflowException that says the model, version or alias does not exist (not a failing server)."""
     from mlflow.exceptions import MlflowException

@@ -31,6 +31,9 @@ RUNTIME = "kiln.runtime."                 # + runtime name: "yes|no|unchecked (v
 CHECK = "kiln.check."                     # + <runtime>.<field>: the checkpoint measured in that runtime (vllm)
 PROMOTION = "kiln.promotion"              # + .<alias>.<field>
 REGISTERED_MODEL = "kiln.registered_model"   # on the version's run
+RUN_RECORDS = "kiln.run_records"          # the run holds kiln's MLflow metrics and params (registry.run_records)
+RUN_RECORDS_VERSION = "1"
+FIGURE = "kiln.figure"                    # digest of the data behind the accuracy-against-size figure on the run
 
 # An SM's own fields (sm_tag): what built it, its gate and metrics, its publish key and manifest.
 SM_TARGET, SM_TENSORRT, SM_TENSORRT_LLM, SM_GPU = "target", "tensorrt", "tensorrt_llm", "gpu"
@@ -110,8 +113,18 @@ def _prefixed(tags: Mapping[str, str], prefix: str) -> dict[str, str]:
 
 def metrics_of(tags: Mapping[str, str], sm: str | None = None) -> dict[str, float]:
     """The checkpoint's metrics (sm None) or an SM's engine-check metrics, as numbers (unreadable ones left out)."""
+    return _numbers(_prefixed(tags, METRIC if sm is None else sm_tag(sm, SM_METRIC)))
+
+
+def check_metrics_of(tags: Mapping[str, str], runtime: str) -> dict[str, float]:
+    """What a runtime check measured in `runtime` (its metrics and greedy agreement), as numbers."""
+    return _numbers({**_prefixed(tags, check_tag(runtime, CHECK_METRIC)),
+                     CHECK_GREEDY: tags.get(check_tag(runtime, CHECK_GREEDY), "")})
+
+
+def _numbers(values: Mapping[str, str]) -> dict[str, float]:
     found = {}
-    for name, value in _prefixed(tags, METRIC if sm is None else sm_tag(sm, SM_METRIC)).items():
+    for name, value in values.items():
         try:
             found[name] = float(value)
         except ValueError:

@@ -92,6 +92,17 @@ def test_gpu_host_builds_checks_and_publishes_each_sm(world, tmp_path):
     assert report["mean_kl"] == engines["sm90"]["metrics"]["mean_kl"]
     assert (out / "engines" / "sm90" / "rank0.engine").is_file() and (out / "hf" / "tokenizer.json").is_file()
 
+    # Each SM's engine-check metrics and build seconds are on the version's run, for MLflow's charts.
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    run = mlflow.get_run(mlflow.get_model_version("t-fp8", "1").run_id).data.metrics
+    for sm in ("sm89", "sm90"):
+        assert run[f"{sm}/mean_kl"] == pytest.approx(engines[sm]["metrics"]["mean_kl"])
+        assert run[f"{sm}/build_seconds"] >= 0
+    assert run["sm90/build_seconds"] == record["build_seconds"]
+
     again = run_kiln("build", world["recipe"], "--json", env=env)
     assert again.returncode == 0 and json.loads(again.stdout)["ran"] == []
     assert len(host.calls("trtllm-build")) == 2 and list(listed(env)) == [("t-fp8", "1")]

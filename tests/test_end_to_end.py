@@ -181,6 +181,98 @@ def test_ls_and_registry_tags(world):
         assert tags[f"kiln.tool.{tool}"]
 
 
+def _mlflow(world):
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{world['home'] / 'registry' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _png(path: Path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+def _red_pixels(image) -> int:   # the figure's colour for a variant that failed its gates (#c62828)
+    return sum(1 for p in image.getdata() if abs(p[0] - 198) < 30 and abs(p[1] - 40) < 30 and abs(p[2] - 40) < 30)
+
+
+def test_every_version_run_carries_mlflow_metrics_params_and_the_figure(world, tmp_path):
+    mlflow = _mlflow(world)
+    figures = set()
+    for name, expected_bits in (("fp8", (7.9, 8.1)), ("int4-awq", (4.1, 4.5))):
+        built = _variant(world, name)
+        version = mlflow.get_model_version(f"spine-{name}", "1")
+        run = mlflow.get_run(version.run_id).data
+        for metric, value in built["metrics"].items():
+            assert run.metrics[metric] == pytest.approx(value), metric
+        assert expected_bits[0] < run.metrics["bits_per_weight"] < expected_bits[1]
+        assert run.metrics["bits_per_weight"] == built["size"]["bits_per_weight"]
+        assert run.metrics["checkpoint_bytes"] == built["size"]["checkpoint_bytes"] > 0
+        assert float(version.tags["kiln.metric.bits_per_weight"]) == built["size"]["bits_per_weight"]
+        assert run.params["format"] == built["quant"] and run.params["kv_format"] == built["kv_cache"]
+        assert run.params["group_size"] == ("128" if name == "int4-awq" else "none")
+        assert run.params["algorithm"] == ("awq_lite" if name == "int4-awq" else "max")
+        assert (run.params["calibration_samples"], run.params["calibration_seq_len"]) == ("32", "256")
+        assert run.params["recipe_digest"] == world["build"]["recipe_digest"]
+        assert run.params["tool/nvidia-modelopt"] == "0.47.0" and run.params["tool/torch"].startswith("2.13.0")
+        figure = Path(mlflow.download_artifacts(version.run_id, "figures/accuracy-vs-size.png", str(tmp_path)))
+        image = _png(figure)
+        assert image.size[0] >= 900 and image.size[1] >= 450 and len(set(image.getdata())) > 50
+        assert _red_pixels(image) == 0   # every variant passed
+        figures.add(version.tags["kiln.figure"])
+    assert len(figures) == 1   # one figure of the whole recipe on each variant's run
+
+
+def test_the_report_renders_in_chromium(world, tmp_path):
+    from tests.chromium import Chromium
+
+    out = tmp_path / "report.html"
+    written = run_kiln("report", world["recipe"], "--out", out, env=world["env"])
+    assert written.returncode == 0, written.stderr
+    with Chromium(width=1280, height=1000) as browser:
+        browser.open(out)
+        text = browser.evaluate("document.body.innerText")
+        figure = browser.evaluate("""(() => {
+            const img = document.querySelector('#accuracy-vs-size img'), r = img.getBoundingClientRect();
+            return {x: r.x, y: r.y, width: r.width, height: r.height, natural: img.naturalWidth,
+                    complete: img.complete};
+        })()""")
+        shot = browser.screenshot({k: figure[k] for k in ("x", "y", "width", "height")})
+    for name in ("spine-fp8/1", "spine-int4-awq/1", "Accuracy against size", "Engines per SM", "Runtimes"):
+        assert name in text, name
+    assert figure["complete"] and figure["natural"] >= 900
+    assert 600 <= figure["width"] <= 1280 and 300 <= figure["height"] <= 900
+    (tmp_path / "figure.png").write_bytes(shot)
+    image = _png(tmp_path / "figure.png")
+    assert abs(image.size[0] - figure["width"]) <= 2 and len(set(image.getdata())) > 50
+    inked = sum(1 for p in image.getdata() if sum(p) < 600) / (image.size[0] * image.size[1])
+    assert 0.01 < inked < 0.6, inked   # axes, points and text on white: neither blank nor a solid block
+
+
+def test_a_version_from_an_older_kiln_gets_its_records_on_the_next_build(world):
+    import sqlite3
+
+    mlflow = _mlflow(world)
+    run_id = mlflow.get_model_version("spine-fp8", "1").run_id
+    with sqlite3.connect(world["home"] / "registry" / "mlflow.db") as db:   # as an older kiln left it
+        for table in ("metrics", "latest_metrics", "params"):
+            db.execute(f"DELETE FROM {table} WHERE run_uuid = ?", (run_id,))
+        db.execute("DELETE FROM model_version_tags WHERE name = 'spine-fp8' AND key IN "
+                   "('kiln.run_records', 'kiln.metric.bits_per_weight', 'kiln.metric.checkpoint_bytes')")
+    assert mlflow.get_run(run_id).data.metrics == {}
+    again = run_kiln("build", world["recipe"], "--json", env=world["env"])
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["ran"] == []   # nothing recomputed: the records come from the cache
+    run = mlflow.get_run(run_id).data
+    assert run.metrics["mean_kl"] == pytest.approx(_variant(world, "fp8")["metrics"]["mean_kl"])
+    assert run.params["format"] == "fp8"
+    tags = mlflow.get_model_version("spine-fp8", "1").tags
+    assert tags["kiln.run_records"] == "1" and float(tags["kiln.metric.bits_per_weight"]) > 7.9
+
+
 def test_pull_verifies_every_file(world, tmp_path):
     out = tmp_path / "pulled"
     result = run_kiln("pull", "spine-fp8@candidate", "--out", out, "--json", env=world["env"])
@@ -262,3 +354,9 @@ def test_a_failed_gate_is_not_published_and_exits_3(world):
     assert "strict-fp8/1" in result.stdout and "not published" in result.stdout
     names = {r["name"] for r in json.loads(run_kiln("ls", "--json", env=world["env"]).stdout)}
     assert "strict-fp8" in names and "strict-int4-awq" not in names
+    # The figure on the published variant's run marks the variant that failed (a red cross).
+    mlflow = _mlflow(world)
+    run_id = mlflow.get_model_version("strict-fp8", "1").run_id
+    (world["root"] / "strict-figure").mkdir()
+    figure = Path(mlflow.download_artifacts(run_id, "figures/accuracy-vs-size.png", str(world["root"] / "strict-figure")))
+    assert _red_pixels(_png(figure)) > 80

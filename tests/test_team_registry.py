@@ -92,7 +92,8 @@ def test_publish_ls_pull_against_postgres_and_an_mlflow_server(team, tmp_path):
     (variant,) = first["variants"]
     assert variant["registry"]["version"] == "1"
     assert variant["upload"]["reused_files"] == 0 and variant["upload"]["files"] > 0
-    assert registry.uploads() == variant["upload"]["files"] + 1   # every blob, plus the version's manifest
+    # every blob, the version's manifest, and the accuracy-against-size figure on its run
+    assert registry.uploads() == variant["upload"]["files"] + 2
     assert registry.query("SELECT name, version FROM model_versions") == [("tm-fp8", 1)]
     assert registry.query("SELECT name, alias, version FROM registered_model_aliases") == [("tm-fp8", "candidate", 1)]
 
@@ -151,7 +152,8 @@ def test_republishing_identical_artifacts_creates_no_version_and_uploads_nothing
     assert variant["upload"]["files"] == 1 and variant["upload"]["reused_files"] >= 9
     (new_blob,) = set(registry.blobs()) - set(blobs_before)
     assert json.loads(new_blob.read_text())["variants"]["fp8"]["gates"]["max_kl"] == 0.04
-    assert registry.uploads() == uploads_before + 2   # that blob and the version's manifest
+    # that blob, the version's manifest, and the figure on its run (the gate line in it moved)
+    assert registry.uploads() == uploads_before + 3
 
 
 def test_two_times_twenty_concurrent_publishes_lose_and_duplicate_nothing(team, tmp_path):
@@ -248,3 +250,38 @@ def test_promotion_is_refused_on_a_failed_gate_and_a_forced_one_is_recorded(team
     assert set(changes["files"]) == {"recipe.json"} and "hf/model.safetensors" in changes["same_bytes"]
     shown = run_kiln("diff", "tm-fp8", "1", bad, env=env)
     assert shown.returncode == 0 and "variants.fp8.gates.max_kl" in shown.stdout
+
+
+def test_run_metrics_params_and_figure_through_mlflows_rest_api(team):
+    """Issue 16: what MLflow's UI charts is on the version's run, read the way the UI reads it."""
+    import io
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image
+
+    built = build_json(team["recipe"], runner_env(team, "runner-a"))   # cached when the first test ran
+    (variant,) = built["variants"]
+    uri = team["registry"].uri
+
+    def get(endpoint: str, **query) -> bytes:
+        with urllib.request.urlopen(f"{uri}/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as response:
+            return response.read()
+
+    version = json.loads(get("api/2.0/mlflow/model-versions/get", name="tm-fp8",
+                             version=variant["registry"]["version"]))["model_version"]
+    run = json.loads(get("api/2.0/mlflow/runs/get", run_id=version["run_id"]))["run"]["data"]
+    metrics = {m["key"]: m["value"] for m in run["metrics"]}
+    params = {p["key"]: p["value"] for p in run["params"]}
+    for name, value in variant["metrics"].items():
+        assert metrics[name] == pytest.approx(value), name
+    assert 7.9 < metrics["bits_per_weight"] < 8.1 and metrics["checkpoint_bytes"] == variant["size"]["checkpoint_bytes"]
+    assert (params["format"], params["kv_format"], params["variant"], params["recipe"]) == ("fp8", "fp8", "fp8", "tm")
+    assert params["recipe_digest"] == built["recipe_digest"] and params["tool/nvidia-modelopt"] == "0.47.0"
+
+    listed = json.loads(get("api/2.0/mlflow/artifacts/list", run_id=version["run_id"], path="figures"))["files"]
+    assert [(f["path"], f["is_dir"]) for f in listed] == [("figures/accuracy-vs-size.png", False)]
+    png = get("get-artifact", path="figures/accuracy-vs-size.png", run_uuid=version["run_id"])
+    assert len(png) == int(listed[0]["file_size"]) > 10_000
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    assert image.size[0] >= 900 and len(set(image.getdata())) > 50

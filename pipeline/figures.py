@@ -1,0 +1,112 @@
+"""The pictures people choose a format from: accuracy against size, and each variant's KL over versions.
+
+Drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display): a build logs the
+accuracy-against-size PNG on every published variant's run, and `kiln report` inlines both.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+from kiln.common.digest import canonical_digest
+
+UNQUANTIZED_BITS = 16.0   # the reference point: the 16-bit model validation compares against
+_FAIL = "#c62828"
+_PALETTE = ["#1565c0", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f", "#5d4037", "#ad1457", "#455a64", "#9e9d24",
+            "#283593", "#00695c", "#d84315"]
+_MARKERS = ["o", "s", "D", "^", "v", "P", "p", "h"]
+
+
+@dataclass(frozen=True)
+class SizePoint:
+    """One variant on the accuracy-against-size figure."""
+
+    variant: str
+    label: str                       # its format, as tables show it
+    bits_per_weight: float | None    # None: its size is unknown (published by an older kiln)
+    mean_kl: float | None
+    passed: bool
+    max_kl: float | None             # its KL gate, if it has one
+
+
+def figure_digest(title: str, points: list[SizePoint]) -> str:
+    """Names the figure's content: a run shows a new figure only when this changes."""
+    return canonical_digest({"title": title, "points": [asdict(p) for p in points], "kind": "accuracy-vs-size/1"})
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def accuracy_size_png(title: str, points: list[SizePoint]) -> bytes:
+    """x: bits per weight of the decoder's linear layers; y: mean KL against the 16-bit model (log).
+    Each KL gate is a dashed line; a variant that failed its gates is a red cross; the unquantized model
+    sits at 16 bits on the bottom edge (its KL is 0, which a log axis cannot show). Variants are named
+    in the legend, in order of size, so that formats of equal size stay readable."""
+    figure = _figure(9.0, 4.6)
+    axes = figure.add_subplot()
+    placed = sorted((p for p in points if p.bits_per_weight is not None and p.mean_kl is not None),
+                    key=lambda p: (p.bits_per_weight, p.mean_kl))
+    kls = [max(p.mean_kl, 1e-9) for p in placed] + [p.max_kl for p in points if p.max_kl]
+    low, high = (min(kls) / 8, max(kls) * 4) if kls else (1e-5, 1e-1)
+    for index, point in enumerate(placed):
+        name = point.variant if point.label in (point.variant, "") else f"{point.variant} ({point.label})"
+        if point.passed:
+            axes.scatter([point.bits_per_weight], [max(point.mean_kl, low)], s=70, zorder=3,
+                         marker=_MARKERS[index % len(_MARKERS)], color=_PALETTE[index % len(_PALETTE)],
+                         edgecolors="white", linewidths=0.6, label=f"{name}: {point.bits_per_weight:.2f} bits")
+        else:
+            axes.scatter([point.bits_per_weight], [max(point.mean_kl, low)], s=110, zorder=4, marker="X",
+                         color=_FAIL, edgecolors="white", linewidths=0.6,
+                         label=f"{name}: {point.bits_per_weight:.2f} bits, FAILED its gates")
+    for gate in sorted({p.max_kl for p in points if p.max_kl}):
+        owners = ", ".join(p.variant for p in points if p.max_kl == gate)
+        axes.axhline(gate, color="#757575", linestyle="--", linewidth=1, zorder=1)
+        axes.annotate(f"gate max_kl {gate:g} ({owners})", (0.3, gate), textcoords="offset points", xytext=(0, 3),
+                      fontsize=7.5, color="#616161")
+    axes.set_yscale("log")
+    axes.set_ylim(low, high)
+    axes.set_xlim(0, UNQUANTIZED_BITS + 1.5)
+    axes.scatter([UNQUANTIZED_BITS], [low], s=150, marker="*", color="black", zorder=5, clip_on=False,
+                 label="unquantized 16-bit model (KL 0)")
+    axes.set_xticks([2, 4, 6, 8, 10, 12, 14, 16])
+    axes.set_xlabel("bits per weight (decoder linear layers, scales included)")
+    axes.set_ylabel("mean KL vs the 16-bit model (nats, log)")
+    axes.set_title(title, fontsize=10, loc="left")
+    axes.grid(True, which="major", alpha=0.3)
+    unplaced = [p.variant for p in points if p not in placed]
+    if unplaced:
+        axes.plot([], [], " ", label=f"not shown (size or KL unknown): {', '.join(unplaced)}")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False, borderaxespad=0)
+    return _png(figure)
+
+
+def kl_history_png(title: str, series: dict[str, list[tuple[int, float]]]) -> bytes:
+    """Each variant's mean KL over its registry versions (x: version number)."""
+    figure = _figure(7.2, 3.2)
+    axes = figure.add_subplot()
+    for variant, values in sorted(series.items()):
+        values = [(v, max(kl, 1e-9)) for v, kl in values]
+        axes.plot([v for v, _ in values], [kl for _, kl in values], marker="o", label=variant)
+    axes.set_yscale("log")
+    axes.set_xlabel("registry version")
+    axes.set_ylabel("mean KL (log)")
+    axes.set_title(title, fontsize=10, loc="left")
+    axes.grid(True, alpha=0.3)
+    numbers = [v for values in series.values() for v, _ in values]
+    if numbers:
+        axes.set_xlim(min(numbers) - 0.5, max(numbers) + 0.5)
+        axes.set_xticks(range(min(numbers), max(numbers) + 1, max(1, (max(numbers) - min(numbers)) // 10 + 1)))
+    if series:
+        axes.legend(fontsize=8)
+    return _png(figure)
+

@@ -1,0 +1,138 @@
+"""The runner's stages past the checkpoint: per SM (compile -> engine check -> publish into the variant's
+version) and per runtime (vllm-check -> gate -> its result on the version). A mixin of the runner: it uses
+the runner's plan, cache, progress, inputs (model_dir, samples) and _ran.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kiln import compile as compile_stage
+from kiln import quantize, registry, validate
+from kiln.registry import tags as version_tags
+from kiln.pipeline.plan import PUBLISHED_RECORD, StageInstance, compile_request, gpu_instances
+from kiln.pipeline.results import EngineResult, RuntimeCheckResult
+
+
+class TargetStages:
+    def compile(self, sm: str, instance: StageInstance, checkpoint: Path) -> Path:
+        entry = self.cache.lookup("compile", instance.key)
+        if entry is None:
+            with self.cache.write("compile", instance.key, instance.material) as out:
+                compile_stage.run(compile_request(self.loaded, sm), checkpoint, out, self.plan.host, self.progress)
+            self._ran(instance)
+            entry = self.cache.entry_dir("compile", instance.key)
+        return entry / compile_stage.sm_folder(sm)
+
+    def engine_check(self, target: str, instance: StageInstance, sm_dir: Path, checkpoint: Path) -> validate.Metrics:
+        entry = self.cache.lookup("engine-check", instance.key)
+        if entry is None:
+            build, model = self.loaded.recipe.build, self.loaded.recipe.model
+            metrics = validate.check_engine(
+                build.target, sm_dir, checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
+                self.progress, target, tp_size=build.tp_size, trust_remote_code=model.trust_remote_code,
+            )
+            with self.cache.write("engine-check", instance.key, instance.material) as out:
+                validate.write_metrics(metrics, out)
+            self._ran(instance)
+            entry = self.cache.entry_dir("engine-check", instance.key)
+        return validate.load_metrics(entry)
+
+    def publish_sm(self, sm: str, instance: StageInstance, version: registry.PublishedVersion, sm_dir: Path,
+                   report: Path, metrics: validate.Metrics, gate: validate.GateResult) -> None:
+        if self.cache.lookup("publish", instance.key) is not None and sm in registry.held_sms_of(self.plan.home, version):
+            return
+        folder = compile_stage.sm_folder(sm)
+        files = {f"{folder}/{p.relative_to(sm_dir).as_posix()}": p for p in sorted(sm_dir.rglob("*")) if p.is_file()}
+        files[f"{folder}/{compile_stage.CHECK_REPORT}"] = report / validate.REPORT
+        record = compile_stage.load_record(sm_dir)
+        engine_metrics = {**metrics.as_dict(), "build_seconds": record["build_seconds"]}
+        tags = version_tags.engine_tags(sm, target=record["target"], tensorrt=record["tensorrt"] or "",
+                                        tensorrt_llm=record["tensorrt_llm"], gpu=record["gpu"],
+                                        metrics=engine_metrics, passed=gate.passed, failures=gate.failures)
+        added = registry.add_sm(self.plan.home, version, sm, files, tags, instance.key, record, self.progress,
+                                records=registry.prefixed_metrics(sm, engine_metrics))
+        if added is None:
+            self.progress.log(f"{version.name}/{version.version} already holds these {sm} engines")
+        with self.cache.write("publish", instance.key, instance.material) as out:
+            (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "sm": sm}, indent=2) + "\n")
+        self._ran(instance)
+
+    def check_runtime(self, name: str, variant, runtime: str, check: StageInstance, publish: StageInstance,
+                      checkpoint: Path, version) -> RuntimeCheckResult:
+        """vllm-check -> gate -> its result on the variant's version (kiln.check.vllm.*)."""
+        if check.status.startswith("skipped"):
+            return RuntimeCheckResult(runtime, check.status)
+        if version is None:
+            return RuntimeCheckResult(runtime, "skipped: the checkpoint is not published (gate failed)")
+        status = "cached" if check.status == "cached" else "checked"
+        entry = self.cache.lookup("vllm-check", check.key)
+        if entry is None:
+            report = validate.check_vllm(checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
+                                         self.progress, check.target, self.loaded.recipe.build.max_seq_len,
+                                         self.loaded.recipe.model.trust_remote_code)
+            with self.cache.write("vllm-check", check.key, check.material) as out:
+                (out / validate.REPORT).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+            self._ran(check)
+            entry = self.cache.entry_dir("vllm-check", check.key)
+        report = validate.VllmReport.from_dict(json.loads((entry / validate.REPORT).read_text()))
+        gate = validate.evaluate_gates(report.metrics, **variant.gates.model_dump())
+        result = RuntimeCheckResult(runtime, status, report, gate)
+        if gate.passed or self.publish_failed:
+            tags = version_tags.runtime_check_tags(runtime, version=report.vllm, device=report.device,
+                                                   metrics=report.metrics.as_dict(),
+                                                   greedy_agreement=report.greedy_agreement,
+                                                   passed=gate.passed, failures=gate.failures)
+            measured = {**report.metrics.as_dict(), "greedy_agreement": report.greedy_agreement}
+            added = registry.add_runtime_check(self.plan.home, version, runtime, tags, publish.key,
+                                               records=registry.prefixed_metrics(runtime, measured))
+            if self.cache.lookup("publish", publish.key) is None:
+                with self.cache.write("publish", publish.key, publish.material) as out:
+                    (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "runtime": runtime}) + "\n")
+            if added:
+                self._ran(publish)
+            result.published = True
+        return result
+
+    def registry_checkpoint(self, version: registry.PublishedVersion) -> tuple[Path, str]:
+        """The checkpoint a version holds, pulled (verified) into the cache: (folder, its manifest digest)."""
+        digest = registry.checkpoint_digest(self.plan.home, version)
+        entry = self.cache.lookup("registry-checkpoint", digest)
+        if entry is None:
+            with self.cache.write("registry-checkpoint", digest, {"version": version.as_dict()}) as out:
+                registry.pull(self.plan.home, f"{version.name}/{version.version}", out, self.progress, sm=None)
+            entry = self.cache.entry_dir("registry-checkpoint", digest)
+        return entry, digest
+
+    def build_sm(self, name: str, variant, sm: str, instances, checkpoint: Path, version) -> EngineResult:
+        """compile -> engine check -> gate -> publish into the variant's version, for one SM.
+
+        The registry's checkpoint wins: if another host published this variant from other bytes
+        (quantization is not bit-reproducible across machines), this SM is rebuilt from those.
+        """
+        compile_instance, check_instance, _ = instances
+        if compile_instance.status.startswith("skipped"):
+            return EngineResult(sm, compile_instance.status)
+        if version is None:
+            return EngineResult(sm, "skipped: the checkpoint is not published (gate failed)")
+        status = "cached" if compile_instance.status == "cached" and check_instance.status == "cached" else "built"
+        try:
+            return self._compile_check_publish(variant, sm, instances, checkpoint, version, status)
+        except registry.CheckpointMismatch as exc:
+            self.progress.log(f"note: {exc}; building {sm} from the checkpoint in the registry instead")
+        published, digest = self.registry_checkpoint(version)
+        instances = gpu_instances(self.plan, self.cache, name, sm, digest, self.plan.instance("publish", name))
+        return self._compile_check_publish(variant, sm, instances, published, version, "built from the registry's checkpoint")
+
+    def _compile_check_publish(self, variant, sm: str, instances, checkpoint: Path, version, status: str) -> EngineResult:
+        compile_instance, check_instance, publish_instance = instances
+        sm_dir = self.compile(sm, compile_instance, checkpoint)
+        metrics = self.engine_check(check_instance.target, check_instance, sm_dir, checkpoint)
+        gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
+        result = EngineResult(sm, status, metrics, gate)
+        if gate.passed or self.publish_failed:
+            report = self.cache.entry_dir("engine-check", check_instance.key)
+            self.publish_sm(sm, publish_instance, version, sm_dir, report, metrics, gate)
+            result.published = True
+        return result
