@@ -173,10 +173,13 @@ def report(
 ) -> None:
     """Write one self-contained HTML page of what a recipe published: open it in any browser, offline.
 
-    It shows accuracy against size (bits per weight vs KL, with the gates and the unquantized model), each
-    variant's metrics over its registry versions, gates and failures, engines per SM, and which runtimes
-    load each variant. It reads the registry kiln uses: $KILN_HOME's own, or the team server that
-    MLFLOW_TRACKING_URI names. Example: kiln report recipes/demo.yaml --out build/report.html
+    Accuracy against size: bits per weight against KL, with the gates and the unquantized model.
+
+    Each variant's metrics over its registry versions, gates and failures, engines per SM, runtimes.
+
+    It reads the registry kiln uses: $KILN_HOME's own, or the server MLFLOW_TRACKING_URI names.
+
+    Example: kiln report recipes/demo.yaml --out build/report.html
     """
     from kiln.common.errors import UserInputError
     from kiln.pipeline.recipe_loader import load_recipe

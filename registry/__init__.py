@@ -103,6 +103,8 @@ def publish(home: Path, name: str, files: dict[str, Path], tags: dict[str, str],
         version_tags = {**tags, MANIFEST_TAG: manifest_digest(manifest), STORAGE_TAG: STORAGE,
                         **(recorded_tags() if records is not None else {})}
         version = create_model_version(mlflow, name, f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id, version_tags)
+        # MLflow's run list and compare charts label runs by name: name/version says which version it holds.
+        mlflow.set_tag(run_id, "mlflow.runName", f"{name}/{version.version}")
         mlflow.set_terminated(run_id, "FINISHED")
     except BaseException:
         mlflow.set_terminated(run_id, "FAILED")

@@ -96,6 +96,7 @@ def test_run_records_are_logged_once_and_given_to_older_versions(kiln_home, tmp_
     assert run.params["format"] == "fp8" and run.params["group_size"] == "none"
     assert run.params["calibration_samples"] == "32" and run.params["tool/torch"] == "2.13.0"
     assert mlflow.get_model_version("r-fp8", first.version).tags[RUN_RECORDS] == recorded_tags()[RUN_RECORDS]
+    assert mlflow.get_run(first.run_id).info.run_name == f"r-fp8/{first.version}"
 
     # A republish finds the version and logs nothing twice.
     again = publish(kiln_home, "r-fp8", {"hf/w.bin": weights}, tags, ["candidate"], SILENT, records=records)
