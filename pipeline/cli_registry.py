@@ -12,7 +12,8 @@ import typer
 from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, selected_sm
 
 registry_app = typer.Typer(help="Run a team registry: PostgreSQL plus `mlflow server` with proxied artifacts. "
-                                "Point kiln at it with MLFLOW_TRACKING_URI=http://HOST:PORT.",
+                                "Point kiln at it with MLFLOW_TRACKING_URI=http://HOST:PORT. `backfill` gives "
+                                "versions an older kiln published their MLflow metrics and params.",
                            no_args_is_help=True)
 
 
@@ -79,6 +80,22 @@ def serve_registry(
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.stop()
+
+
+@registry_app.command("backfill")
+def backfill_records() -> None:
+    """Give versions an older kiln published their MLflow metrics and params, read from their tags.
+
+    Metrics (the checkpoint's, each SM's, each runtime check's) and params (format, KV format, group size,
+    algorithm, recipe digest, tools) land on each version's run, where MLflow's UI charts them. A version
+    that has them is left alone; a later build of its recipe adds its size and calibration.
+    """
+    from kiln.registry import backfill
+
+    done = backfill(kiln_home())
+    for label, added in done:
+        print(f"{label}: {added} metrics and params added")
+    print(f"{len(done)} version(s) backfilled" if done else "every version already has its run records")
 
 
 def promote(

@@ -7,6 +7,7 @@ Public entry points:
   ensure_records(home, version, records, tags) / attach_figure(home, version, png, digest)
                                             MLflow-native metrics and params, the accuracy-against-size figure
   recipe_versions(home, recipe) -> list[dict]                               every version a recipe published
+  backfill(home) -> [(name/version, added)]  run records, from their tags, for versions an older kiln published
   find_version(home, name, publish_key) -> PublishedVersion | None
   version_confirmed(home, name, version, publish_key, aliases) -> bool | None   without importing MLflow
   pull(home, ref, out, progress, sm=..., installed_tensorrt=...) -> PulledArtifact
@@ -39,7 +40,7 @@ from kiln.registry.tags import (
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
 from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, promote
 from kiln.registry.run_records import (
-    FIGURE_FILE, FIGURE_PATH, RunRecords, attach_figure, checkpoint_records, ensure_records, log_records,
+    FIGURE_FILE, FIGURE_PATH, RunRecords, attach_figure, backfill, checkpoint_records, ensure_records, log_records,
     prefixed_metrics, recorded_tags,
 )
 from kiln.registry.tags import gate_failures
@@ -57,7 +58,7 @@ __all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", 
            "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG",
            "Transfer", "RECIPE_FILE", "Promotion", "promote", "diff", "gate_failures", "RunRecords",
            "checkpoint_records", "prefixed_metrics", "ensure_records", "recorded_tags", "attach_figure", "FIGURE_FILE",
-           "FIGURE_PATH", "recipe_versions"]
+           "FIGURE_PATH", "recipe_versions", "backfill"]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from kiln.registry import tags as t
 from kiln.registry.tags import FIGURE, RUN_RECORDS, RUN_RECORDS_VERSION
+
+FROM_TAGS = "tags"   # RUN_RECORDS on a version whose records were derived from its tags (kiln registry backfill)
 
 FIGURE_PATH = "figures"                   # on the run, beside the artifact/ folder the version points at
 FIGURE_FILE = "accuracy-vs-size.png"
@@ -86,6 +89,38 @@ def ensure_records(home, version, records: RunRecords, tags: Mapping[str, str]) 
     log_records(mlflow, version.run_id, records)
     mlflow.set_model_version_tag(version.name, version.version, RUN_RECORDS, RUN_RECORDS_VERSION)   # last
     return True
+
+
+def records_from_tags(tags: Mapping[str, str]) -> RunRecords:
+    """An older version's run records, read back from its tags: its metrics, each SM's and each runtime
+    check's, its format and tools. Its size and calibration are not in its tags; a build adds them."""
+    metrics = dict(t.metrics_of(tags))
+    for sm in t.held_sms(tags):
+        metrics.update(prefixed_metrics(sm, t.metrics_of(tags, sm)).metrics)
+    for runtime in t.checked_runtimes(tags):
+        metrics.update(prefixed_metrics(runtime, t.check_metrics_of(tags, runtime)).metrics)
+    params = {"recipe": tags.get(t.RECIPE), "recipe_digest": tags.get(t.RECIPE_DIGEST), "variant": tags.get(t.VARIANT),
+              "format": tags.get(t.QUANT), "kv_format": tags.get(t.KV_CACHE), "backend": tags.get(t.BACKEND, "modelopt"),
+              "group_size": tags.get(t.GROUP_SIZE) or "none", "algorithm": tags.get(t.ALGORITHM),
+              **{f"tool/{name}": version for name, version in t.tools_of(tags).items() if "." not in name}}
+    return RunRecords(_numbers(metrics), {key: value for key, value in params.items() if value})
+
+
+def backfill(home) -> list[tuple[str, int]]:
+    """Run records for every kiln version of the registry that has none, from its tags:
+    [(name/version, metrics and params added)]."""
+    from kiln.registry.store import client
+
+    mlflow = client(home)
+    done = []
+    for model in mlflow.search_registered_models():
+        for version in mlflow.search_model_versions(f"name='{model.name}'"):
+            if t.RECIPE not in version.tags or version.tags.get(RUN_RECORDS):
+                continue
+            added = log_records(mlflow, version.run_id, records_from_tags(version.tags))
+            mlflow.set_model_version_tag(model.name, version.version, RUN_RECORDS, FROM_TAGS)
+            done.append((f"{model.name}/{version.version}", added))
+    return sorted(done)
 
 
 def attach_figure(home, version, digest: str, render) -> bool:

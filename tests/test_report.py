@@ -167,3 +167,24 @@ def test_kiln_report_writes_one_self_contained_page(kiln_home, tmp_path, test_mo
     assert page.count('<td class="pass" title="yes (vLLM 0.32.0') == 2   # the runtime table, per variant
 
     assert run_kiln("report", recipe, "--out", tmp_path, env=env).returncode == 2   # a folder is not a file
+
+
+def test_registry_backfill_gives_older_versions_their_run_records_from_their_tags(kiln_home, tmp_path):
+    old, weights, _, _ = _version(kiln_home, tmp_path, "fp8", "k1", 7e-4, True, records=False)
+    engine = tmp_path / "engine.bin"
+    engine.write_bytes(b"engine")
+    add_sm(kiln_home, old, "sm90", {"engines/sm90/rank0.engine": engine},
+           engine_tags("sm90", target="trtllm-engine", tensorrt="10.14.1", tensorrt_llm="1.2.0", gpu="H100",
+                       metrics={"mean_kl": 9e-4, "build_seconds": 41.5}, passed=True, failures=[]),
+           "p-sm90", {"inputs": {"hf/w.bin": file_sha256(weights)}}, SILENT)
+    env = {"KILN_HOME": str(kiln_home)}
+    first = run_kiln("registry", "backfill", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "r-fp8/1: " in first.stdout and "1 version(s) backfilled" in first.stdout
+    mlflow = client(kiln_home)
+    run = mlflow.get_run(old.run_id).data
+    assert (run.metrics["mean_kl"], run.metrics["sm90/mean_kl"], run.metrics["sm90/build_seconds"]) == (7e-4, 9e-4, 41.5)
+    assert run.metrics["bits_per_weight"] == 8.0021   # from its kiln.metric.* tags
+    assert (run.params["format"], run.params["recipe"], run.params["tool/nvidia-modelopt"]) == ("fp8", "r", "0.47.0")
+    assert mlflow.get_model_version("r-fp8", old.version).tags[RUN_RECORDS] == "tags"
+    assert "every version already has its run records" in run_kiln("registry", "backfill", env=env).stdout
