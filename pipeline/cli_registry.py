@@ -211,5 +211,9 @@ def report(
     if not rows:
         raise UserInputError(f"{recipe}: the registry ({tracking_uri(home)}) holds no version of recipe "
                              f"'{loaded.recipe.name}' (fix: `kiln build {recipe}` first)")
-    written = write_report(loaded.recipe, tracking_uri(home), rows, out)
+    try:
+        written = write_report(loaded.recipe, tracking_uri(home), rows, out)
+    except OSError as exc:   # a folder that cannot be written: nothing was (the write is atomic)
+        raise UserInputError(f"--out {out}: cannot write there ({exc.strerror or exc}) (fix: choose a file in a "
+                             "folder you can write to)") from None
     print(written.resolve())

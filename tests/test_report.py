@@ -167,6 +167,9 @@ def test_kiln_report_writes_one_self_contained_page(kiln_home, tmp_path, test_mo
     assert page.count('<td class="pass" title="yes (vLLM 0.32.0') == 2   # the runtime table, per variant
 
     assert run_kiln("report", recipe, "--out", tmp_path, env=env).returncode == 2   # a folder is not a file
+    unwritable = run_kiln("report", recipe, "--out", "/proc/report.html", env=env)
+    assert unwritable.returncode == 2 and "--out /proc/report.html: cannot write there" in unwritable.stderr
+    assert "Traceback" not in unwritable.stderr
 
 
 def test_registry_backfill_gives_older_versions_their_run_records_from_their_tags(kiln_home, tmp_path):
