@@ -87,6 +87,18 @@ def _version(kiln_home, tmp_path, variant: str, key: str, kl: float, passed: boo
     return published, weights, run_records, tags
 
 
+def _add_sm90(kiln_home, tmp_path, version, weights, records: bool = False) -> None:
+    """sm90 engines (KL 9e-4, built in 41.5 s) added to `version`, with or without their run records."""
+    engine = tmp_path / "engine.bin"
+    engine.write_bytes(b"engine")
+    sm_metrics = {"mean_kl": 9e-4, "build_seconds": 41.5}
+    add_sm(kiln_home, version, "sm90", {"engines/sm90/rank0.engine": engine},
+           engine_tags("sm90", target="trtllm-engine", tensorrt="10.14.1", tensorrt_llm="1.2.0", gpu="H100",
+                       metrics=sm_metrics, passed=True, failures=[]),
+           "p-sm90", {"inputs": {"hf/w.bin": file_sha256(weights)}}, SILENT,
+           records=prefixed_metrics("sm90", sm_metrics) if records else None)
+
+
 def test_run_records_are_logged_once_and_given_to_older_versions(kiln_home, tmp_path):
     first, weights, records, tags = _version(kiln_home, tmp_path, "fp8", "k1", 7e-4, True)
     mlflow = client(kiln_home)
@@ -112,14 +124,7 @@ def test_run_records_are_logged_once_and_given_to_older_versions(kiln_home, tmp_
     assert ensure_records(kiln_home, old, records, tags) is False
 
     # An SM's engines and a runtime check add their metrics under their own prefix.
-    engine = tmp_path / "engine.bin"
-    engine.write_bytes(b"engine")
-    sm_metrics = {"mean_kl": 9e-4, "build_seconds": 41.5}
-    add_sm(kiln_home, first, "sm90", {"engines/sm90/rank0.engine": engine},
-           engine_tags("sm90", target="trtllm-engine", tensorrt="10.14.1", tensorrt_llm="1.2.0", gpu="H100",
-                       metrics=sm_metrics, passed=True, failures=[]),
-           "p-sm90", {"inputs": {"hf/w.bin": file_sha256(weights)}}, SILENT,
-           records=prefixed_metrics("sm90", sm_metrics))
+    _add_sm90(kiln_home, tmp_path, first, weights, records=True)
     add_runtime_check(kiln_home, first, "vllm", runtime_check_tags(
         "vllm", version="0.32.0", device="cpu", metrics={"mean_kl": 8e-4}, greedy_agreement=0.75, passed=True,
         failures=[]), "p-vllm", records=prefixed_metrics("vllm", {"mean_kl": 8e-4, "greedy_agreement": 0.75}))
@@ -143,12 +148,7 @@ def test_kiln_report_writes_one_self_contained_page(kiln_home, tmp_path, test_mo
     first, weights, *_ = _version(kiln_home, tmp_path, "fp8", "k1", 7e-4, True)
     _version(kiln_home, tmp_path, "fp8", "k2", 6e-4, True)
     _version(kiln_home, tmp_path, "int4-awq", "k3", 2e-3, False)
-    engine = tmp_path / "engine.bin"
-    engine.write_bytes(b"engine")
-    add_sm(kiln_home, first, "sm90", {"engines/sm90/rank0.engine": engine},
-           engine_tags("sm90", target="trtllm-engine", tensorrt="10.14.1", tensorrt_llm="1.2.0", gpu="H100",
-                       metrics={"mean_kl": 9e-4, "build_seconds": 41.5}, passed=True, failures=[]),
-           "p-sm90", {"inputs": {"hf/w.bin": file_sha256(weights)}}, SILENT)
+    _add_sm90(kiln_home, tmp_path, first, weights)
 
     written = run_kiln("report", recipe, "--out", out, env=env)
     assert written.returncode == 0, written.stderr
@@ -174,12 +174,7 @@ def test_kiln_report_writes_one_self_contained_page(kiln_home, tmp_path, test_mo
 
 def test_registry_backfill_gives_older_versions_their_run_records_from_their_tags(kiln_home, tmp_path):
     old, weights, _, _ = _version(kiln_home, tmp_path, "fp8", "k1", 7e-4, True, records=False)
-    engine = tmp_path / "engine.bin"
-    engine.write_bytes(b"engine")
-    add_sm(kiln_home, old, "sm90", {"engines/sm90/rank0.engine": engine},
-           engine_tags("sm90", target="trtllm-engine", tensorrt="10.14.1", tensorrt_llm="1.2.0", gpu="H100",
-                       metrics={"mean_kl": 9e-4, "build_seconds": 41.5}, passed=True, failures=[]),
-           "p-sm90", {"inputs": {"hf/w.bin": file_sha256(weights)}}, SILENT)
+    _add_sm90(kiln_home, tmp_path, old, weights)
     env = {"KILN_HOME": str(kiln_home)}
     first = run_kiln("registry", "backfill", env=env)
     assert first.returncode == 0, first.stderr
