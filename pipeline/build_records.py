@@ -9,8 +9,6 @@ from kiln import quantize, registry
 from kiln.pipeline.figures import SizePoint, accuracy_size_png, figure_digest
 from kiln.pipeline.results import VariantResult
 
-SIZE_METRICS = ("bits_per_weight", "checkpoint_bytes")
-
 
 def size_metrics(size: quantize.CheckpointSize | None) -> dict[str, float]:
     """The checkpoint's size as metrics (tags and run metrics): bits per decoder weight, bytes."""
