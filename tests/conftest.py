@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,30 @@ KILN = Path(sys.executable).with_name("kiln")
 TEST_MODEL_CACHE = Path(os.environ.get("KILN_TEST_MODEL_CACHE", REPO / ".cache" / "testmodels"))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# The session's timings for .ci/budget.py (CI's 45-minute guard): wall time, and setup + call + teardown per test.
+_SESSION_STARTED: list[float] = []
+_TEST_SECONDS: dict[str, float] = {}
+
+
+def pytest_sessionstart(session):
+    _SESSION_STARTED.append(time.monotonic())
+
+
+def pytest_runtest_logreport(report):
+    _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    target = os.environ.get("KILN_TEST_TIMINGS")
+    if not target or hasattr(session.config, "workerinput"):   # an xdist worker: its controller writes
+        return
+    from kiln.common.fsutil import atomic_write_text
+
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(target), json.dumps({
+        "wall_s": round(time.monotonic() - _SESSION_STARTED[0], 2), "exit_status": int(exitstatus),
+        "tests": {k: round(v, 3) for k, v in _TEST_SECONDS.items()}}, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")
