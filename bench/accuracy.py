@@ -77,7 +77,7 @@ def main() -> int:
 
     from kiln.pipeline.testmodel import ensure_test_model
 
-    model = ensure_test_model(REPO / ".cache" / "testmodels")
+    model = ensure_test_model()
     with tempfile.TemporaryDirectory(prefix="kiln-accuracy-") as tmp:
         home = args.home or Path(tmp)
         builds = [("", _build(home, model))]

@@ -160,7 +160,7 @@ def main() -> int:
     if args.model is None:
         from kiln.pipeline.testmodel import ensure_test_model
 
-        args.model = ensure_test_model(REPO / ".cache" / "testmodels")
+        args.model = ensure_test_model()
     from kiln.validate.runtime import load_baseline_model
 
     calibration = _tokens(args.model, "train", 32, 128)

@@ -82,8 +82,7 @@ def make_model(folder: Path, size: str) -> int:
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder, max_shard_size="5GB")
     # The demo tokenizer's ids (< 2048) are valid tokens of this vocabulary.
-    AutoTokenizer.from_pretrained(ensure_test_model(Path(os.environ.get("KILN_TEST_MODEL_CACHE",
-                                                                         Path.home() / ".kiln" / "testmodels")))).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ensure_test_model()).save_pretrained(folder)
     del model
     return params
 

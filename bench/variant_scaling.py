@@ -50,7 +50,7 @@ def _build_seconds(model: Path, variants: dict, workdir: Path, name: str) -> flo
 def main() -> int:
     from kiln.pipeline.testmodel import ensure_test_model
 
-    model = ensure_test_model(REPO / ".cache" / "testmodels")
+    model = ensure_test_model()
     with tempfile.TemporaryDirectory(prefix="kiln-scaling-") as tmp:
         alone = {name: _build_seconds(model, {name: spec}, Path(tmp), f"one-{name}") for name, spec in VARIANTS.items()}
         together = _build_seconds(model, VARIANTS, Path(tmp), "all")

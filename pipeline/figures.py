@@ -48,7 +48,12 @@ def _png(figure) -> bytes:
 
 
 def accuracy_size_png(title: str, points: list[SizePoint]) -> bytes:
-    """x: bits per weight of the decoder's linear layers; y: mean KL against the 16-bit model (log).
+    return _png(accuracy_size_figure(title, points)[0])
+
+
+def accuracy_size_figure(title: str, points: list[SizePoint]):
+    """(figure, axes, {variant: the colour its marker is drawn in}).
+    x: bits per weight of the decoder's linear layers; y: mean KL against the 16-bit model (log).
     Each KL gate is a dashed line; a variant that failed its gates is a red cross; the unquantized model
     sits at 16 bits on the bottom edge (its KL is 0, which a log axis cannot show). Variants are named
     in the legend, in order of size, so that formats of equal size stay readable."""
@@ -58,11 +63,13 @@ def accuracy_size_png(title: str, points: list[SizePoint]) -> bytes:
                     key=lambda p: (p.bits_per_weight, p.mean_kl))
     kls = [max(p.mean_kl, 1e-9) for p in placed] + [p.max_kl for p in points if p.max_kl]
     low, high = (min(kls) / 8, max(kls) * 4) if kls else (1e-5, 1e-1)
+    colours = {}
     for index, point in enumerate(placed):
         name = point.variant if point.label in (point.variant, "") else f"{point.variant} ({point.label})"
+        colours[point.variant] = _PALETTE[index % len(_PALETTE)] if point.passed else _FAIL
         if point.passed:
             axes.scatter([point.bits_per_weight], [max(point.mean_kl, low)], s=70, zorder=3,
-                         marker=_MARKERS[index % len(_MARKERS)], color=_PALETTE[index % len(_PALETTE)],
+                         marker=_MARKERS[index % len(_MARKERS)], color=colours[point.variant],
                          edgecolors="white", linewidths=0.6, label=f"{name}: {point.bits_per_weight:.2f} bits")
         else:
             axes.scatter([point.bits_per_weight], [max(point.mean_kl, low)], s=110, zorder=4, marker="X",
@@ -87,7 +94,7 @@ def accuracy_size_png(title: str, points: list[SizePoint]) -> bytes:
     if unplaced:
         axes.plot([], [], " ", label=f"not shown (size or KL unknown): {', '.join(unplaced)}")
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False, borderaxespad=0)
-    return _png(figure)
+    return figure, axes, colours
 
 
 def kl_history_png(title: str, series: dict[str, list[tuple[int, float]]]) -> bytes:

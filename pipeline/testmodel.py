@@ -173,16 +173,32 @@ def spec_digest(spec: TestModelSpec, family: str | None = None) -> str:
     return canonical_digest(material)
 
 
-def ensure_test_model(cache_root: Path, spec: TestModelSpec = TestModelSpec(), log=None,
+def default_cache_root() -> Path:
+    """Where trained models are kept, outside any clone so that every clone and session on this machine reuses
+    them: KILN_TEST_MODEL_CACHE, else $XDG_CACHE_HOME/kiln/testmodels (~/.cache/kiln/testmodels)."""
+    if os.environ.get("KILN_TEST_MODEL_CACHE"):
+        return Path(os.environ["KILN_TEST_MODEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiln" / "testmodels"
+
+
+def ensure_test_model(cache_root: Path | None = None, spec: TestModelSpec = TestModelSpec(), log=None,
                       family: str | None = None) -> Path:
-    """Return the folder of the trained model (the demo Llama, or `family`'s small model), training it once."""
+    """Return the folder of the trained model (the demo Llama, or `family`'s small model), training it once.
+    Concurrent callers (two clones, two test workers) wait for one training instead of repeating it."""
+    import fcntl
+
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    dest = Path(cache_root) / f"{family or 'llama'}-{spec_digest(spec, family)[:16]}"
+    dest = Path(cache_root or default_cache_root()) / f"{family or 'llama'}-{spec_digest(spec, family)[:16]}"
     if (dest / "kiln-testmodel.json").is_file():
         return dest
-    log(f"training the {family or 'test'} model into {dest} (once; cached afterwards)")
-    with atomic_dir(dest) as tmp:
-        _train(spec, tmp, log, family)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / "kiln-testmodel.json").is_file():   # another process trained it while we waited
+            return dest
+        log(f"training the {family or 'test'} model into {dest} (once; cached afterwards)")
+        with atomic_dir(dest) as tmp:
+            _train(spec, tmp, log, family)
     return dest
 
 
@@ -193,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
               "  trains (once) the demo model and points DEST_LINK at it", file=sys.stderr)
         return 2
     link = Path(argv[0])
-    cache_root = Path(os.environ.get("KILN_HOME", Path.home() / ".kiln")) / "testmodels"
-    model_dir = ensure_test_model(cache_root)
+    model_dir = ensure_test_model()
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
         if link.is_symlink() or link.is_file():

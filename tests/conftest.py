@@ -13,8 +13,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 KILN = Path(sys.executable).with_name("kiln")
-# The trained model is deterministic and costly (about 2 minutes), so it is kept between runs.
-TEST_MODEL_CACHE = Path(os.environ.get("KILN_TEST_MODEL_CACHE", REPO / ".cache" / "testmodels"))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -47,7 +45,7 @@ def pytest_sessionfinish(session, exitstatus):
 def test_model() -> Path:
     from kiln.pipeline.testmodel import ensure_test_model
 
-    return ensure_test_model(TEST_MODEL_CACHE)
+    return ensure_test_model()   # trained once per machine, kept outside the clone
 
 
 @pytest.fixture()
@@ -58,7 +56,20 @@ def kiln_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-def run_kiln(*args, env: dict | None = None, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def tool_python(target: str) -> Path:
+    """The interpreter of a tool environment (`make llmcompressor-env`, `make vllm-env`): built once per machine
+    in a cache outside the clone, keyed by its pins; the make target's last line names it."""
+    made = subprocess.run(["make", "-s", target], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert made.returncode == 0, made.stderr
+    return Path(made.stdout.strip().splitlines()[-1])
+
+
+# How long a command may take before a test calls it hung rather than slow: a slow host must give a slow pass, not a
+# failure, so this is far above what any command takes on a loaded machine of this kind (and below CI's 90 minutes).
+HUNG_S = float(os.environ.get("KILN_TEST_HUNG_S", 2400))
+
+
+def run_kiln(*args, env: dict | None = None, cwd: Path | None = None, timeout: float = HUNG_S) -> subprocess.CompletedProcess:
     """The installed `kiln` command, as a user runs it."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(KILN), *map(str, args)], capture_output=True, text=True, env=full_env,
@@ -103,6 +114,52 @@ def write_recipe(folder: Path, source: str, variants: dict | None = None, name: 
     path = Path(folder) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# The spine's two variants at write_recipe's default 16 x 128 samples: what most end-to-end modules build first.
+SPINE_VARIANTS = {"fp8": {"quant": "fp8", "kv_cache": "fp8"}, "int4-awq": {"quant": "int4_awq"}}
+CPU_STAGES = ("fetch", "quantize", "validate")
+
+
+def session_root(tmp_path_factory) -> Path:
+    """A folder of this test session shared by its xdist workers (each worker has its own basetemp below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def spine_cache(tmp_path_factory, test_model) -> Path:
+    """The stage cache of one build of SPINE_VARIANTS on the test model, made once per session (the first worker
+    to ask builds it, the other waits) and never written again: modules copy it into their own KILN_HOME
+    (seed_home), so that their builds of these variants (whatever their names and gates) find quantize and
+    validate cached and go straight to what they test. At the end it must still hold what the build wrote."""
+    import fcntl
+
+    from kiln.common.digest import tree_digest
+
+    root = session_root(tmp_path_factory) / "spine"
+    root.mkdir(exist_ok=True)
+    cache, done = root / "home" / "cache", root / "built"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            recipe = write_recipe(root, str(test_model), SPINE_VARIANTS, name="spine")
+            built = run_kiln("build", recipe, "--json", env={"KILN_HOME": str(root / "home")})
+            assert built.returncode == 0, built.stderr
+            done.write_text(tree_digest(cache))
+    digest = done.read_text()
+    yield cache
+    assert tree_digest(cache) == digest, "a test wrote into the shared spine cache; it must copy it (seed_home)"
+
+
+def seed_home(home: Path, cache: Path) -> Path:
+    """Copy the CPU stages' entries of a shared cache into `home` (copies, not links: a test may alter its own)."""
+    import shutil
+
+    for stage in CPU_STAGES:
+        if (cache / stage).is_dir():
+            shutil.copytree(cache / stage, home / "cache" / stage, dirs_exist_ok=True)
+    return home
 
 
 STANDINS = REPO / "tests" / "standins"
@@ -179,4 +236,4 @@ def family_models() -> dict[str, Path]:
     """One small trained model per family of the family table (trained once, cached like test_model)."""
     from kiln.pipeline.testmodel import FAMILY_CONFIGS, FAMILY_SPEC, ensure_test_model
 
-    return {family: ensure_test_model(TEST_MODEL_CACHE, FAMILY_SPEC, family=family) for family in FAMILY_CONFIGS}
+    return {family: ensure_test_model(spec=FAMILY_SPEC, family=family) for family in FAMILY_CONFIGS}

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kiln.registry import version_confirmed
-from tests.conftest import write_recipe
+from tests.conftest import HUNG_S, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ PROBE = ("import atexit, sys\n"
 
 
 def kiln_probed(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, timeout=HUNG_S)
 
 
 def test_cached_rebuild_skips_mlflow_and_republishes_a_deleted_version(tmp_path, test_model, kiln_home):

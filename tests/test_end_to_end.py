@@ -73,8 +73,11 @@ def test_the_hub_token_is_never_logged_or_written(world):
 def test_the_test_model_means_something(world):
     fp8, int4 = (_variant(world, n)["metrics"] for n in ("fp8", "int4-awq"))
     assert fp8["baseline_ppl"] * 5 <= 2048, "at least 5x below the uniform-vocabulary perplexity"
-    assert fp8["ppl_increase_pct"] != 0.0 and abs(fp8["ppl_increase_pct"]) < 1.0
-    assert int4["ppl_increase_pct"] > fp8["ppl_increase_pct"]
+    # Perplexity moves at noise level for both, and its sign and their order differ between CPUs (int4 -0.028 %
+    # and fp8 +0.061 % on AVX-512, +0.26 % and +0.05 % on AVX2): only its size is asserted. KL orders them with
+    # margin on every CPU measured (int4 / fp8 = 1.5 on AVX-512, 1.8 on AVX2).
+    for metrics in (fp8, int4):
+        assert metrics["ppl_increase_pct"] != 0.0 and abs(metrics["ppl_increase_pct"]) < 1.0
     assert int4["mean_kl"] > fp8["mean_kl"] > 0
     assert fp8["tokens"] == 32 * 255
 

@@ -7,18 +7,21 @@ import json
 import pytest
 from safetensors import safe_open
 
-from tests.conftest import run_kiln, write_recipe
+from tests.conftest import run_kiln, seed_home, write_recipe
 
 
 @pytest.mark.slow
-def test_excluded_layers_stay_in_the_model_dtype_and_cost_less_accuracy(tmp_path, test_model, kiln_home):
+def test_excluded_layers_stay_in_the_model_dtype_and_cost_less_accuracy(tmp_path, test_model, kiln_home,
+                                                                         spine_cache):
     variants = {
         "int4": {"quant": "int4_awq"},
         "int4-ex": {"quant": "int4_awq", "exclude": ["*.mlp.down_proj", "*.layers.0.*"]},
     }
+    seed_home(kiln_home, spine_cache)   # the plain int4 variant is the spine's: only int4-ex calibrates here
     result = run_kiln("build", write_recipe(tmp_path, str(test_model), variants), "--json")
     assert result.returncode == 0, result.stderr
     build = json.loads(result.stdout)
+    assert "quantize:int4" not in build["ran"] and "quantize:int4-ex" in build["ran"]
     metrics = {v["variant"]: v["metrics"] for v in build["variants"]}
     assert metrics["int4-ex"]["mean_kl"] < metrics["int4"]["mean_kl"]
     key = next(s["key"] for s in build["stages"] if s["stage"] == "quantize" and s["target"] == "int4-ex")

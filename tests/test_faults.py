@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import KILN, run_kiln, write_recipe
+from tests.conftest import HUNG_S, KILN, run_kiln, write_recipe
 
 
 def _model_folder(folder):
@@ -95,7 +95,7 @@ def _on_small_disk(tmp_path, size: str, script: str) -> subprocess.CompletedProc
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({probe.stderr.strip() or 'unshare failed'})")
     return subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {disk} && {script}"],
-                          capture_output=True, text=True, env={**os.environ, "DISK": str(disk)}, timeout=900)
+                          capture_output=True, text=True, env={**os.environ, "DISK": str(disk)}, timeout=HUNG_S)
 
 
 @pytest.mark.slow

@@ -29,6 +29,24 @@ def _publish(home, name, payload: bytes, key: str, recipe="r", variant="v", shar
     return publish(home, name, {"hf/w.bin": folder / "w.bin"}, tags, ["candidate"], SILENT, share_name=share)
 
 
+def test_two_publishers_of_one_checkpoint_converge_on_the_lowest_version(kiln_home, tmp_path):
+    """The race test_compile_e2e runs for real cannot be forced there: here both publishers' versions exist,
+    as when two created theirs at once, and each publisher's convergence keeps the lowest and deletes its own."""
+    from kiln.registry import PUBLISH_KEY_TAG, _converge, client, list_versions
+
+    first = _publish(kiln_home, "m-v", b"weights", "k-race", tmp=tmp_path)
+    mlflow = client(kiln_home)
+    stored = mlflow.get_model_version("m-v", first.version)
+    twin = mlflow.create_model_version("m-v", stored.source, stored.run_id, tags={PUBLISH_KEY_TAG: "k-race"})
+    assert (first.version, str(twin.version)) == ("1", "2")
+    other = _publish(kiln_home, "m-v", b"other weights", "k-other", tmp=tmp_path)   # another key: untouched
+    assert _converge(mlflow, "m-v", "k-race", "1").version == "1"   # the winner keeps its version
+    assert sorted(r["version"] for r in list_versions(kiln_home)) == ["1", "2", other.version]
+    won = _converge(mlflow, "m-v", "k-race", "2")                   # the loser deletes its own
+    assert (won.version, won.created) == ("1", False)
+    assert sorted(r["version"] for r in list_versions(kiln_home)) == ["1", other.version]
+
+
 def test_a_name_owned_by_another_recipe_and_variant_is_refused(kiln_home):
     """Issue 13.3: recipe `a-b` variant `c` and recipe `a` variant `b-c` both published into `a-b-c`."""
     from kiln.common.errors import UserInputError

@@ -5,9 +5,10 @@ in validate is named here, before it could fail in a build."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from kiln.compile import ARCHS
-from kiln.quantize import FORMATS, KV_CACHE_FORMATS, FormatSpec, KVCacheFormat, QuantFormat
+from kiln.quantize import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS
 
 
@@ -53,17 +54,28 @@ def test_a_new_row_without_its_codec_or_mapping_is_named():
     ]
 
 
-def test_the_stages_read_their_format_facts_from_the_row():
-    from kiln.compile.engine import gemm_plugin, uses_fp8_context_fmha
+def test_the_stages_read_their_format_facts_from_the_row(monkeypatch):
+    """Change a row and the stages follow it: nothing downstream keeps its own copy of the fact."""
+    from kiln.compile.engine import gemm_plugin, trtllm_build_argv
     from kiln.compile.llmapi import kv_cache_dtype
     from kiln.compile.targets import CheckpointQuant
-    from kiln.quantize.trtllm_checks import _PACKED_FP4_ALGOS, _PACKED_INT4_ALGOS
+    from kiln.compile.targets import CompileRequest, Target
 
     def quant(algo, kv=None):
         return CheckpointQuant(quant_algo=algo, kv_cache_quant_algo=kv, tp_size=1)
 
-    assert _PACKED_INT4_ALGOS == {"W4A16_AWQ", "W4A8_AWQ"} and _PACKED_FP4_ALGOS == {"NVFP4"}
-    assert [gemm_plugin(quant(a)) for a in ("FP8", "NVFP4", "W4A16_AWQ", None)] == ["fp8", "nvfp4", "auto", "auto"]
-    assert [kv_cache_dtype(quant("FP8", kv)) for kv in ("FP8", "NVFP4", None)] == ["fp8", "nvfp4", "auto"]
-    assert [sm for sm in ARCHS if uses_fp8_context_fmha(quant("FP8", "FP8"), sm)] == ["sm89", "sm90"]
-    assert isinstance(FORMATS[QuantFormat.fp8], FormatSpec)
+    request = CompileRequest(Target.trtllm_engine, "sm90", 1, 8, 1024, 2048, 4096)
+    assert (gemm_plugin(quant("FP8")), kv_cache_dtype(quant("FP8", "FP8"))) == ("fp8", "fp8")
+
+    fp8, kv_fp8 = FORMATS[QuantFormat.fp8], KV_CACHE_FORMATS[KVCacheFormat.fp8]
+    monkeypatch.setitem(FORMATS, QuantFormat.fp8,
+                        dataclasses.replace(fp8, trtllm=dataclasses.replace(fp8.trtllm, gemm_plugin="row-plugin")))
+    monkeypatch.setitem(KV_CACHE_FORMATS, KVCacheFormat.fp8, dataclasses.replace(kv_fp8, runtime_dtype="row-kv"))
+    assert gemm_plugin(quant("FP8")) == "row-plugin"
+    assert kv_cache_dtype(quant("FP8", "FP8")) == "row-kv"
+    argv = trtllm_build_argv(request, quant("FP8"), Path("ckpt"), Path("out"))
+    assert argv[argv.index("--gemm_plugin") + 1] == "row-plugin"
+    # A row whose export label changes no longer claims the checkpoints labelled with the old one.
+    monkeypatch.setitem(FORMATS, QuantFormat.fp8,
+                        dataclasses.replace(FORMATS[QuantFormat.fp8], export_quant_algo="FP8_RENAMED"))
+    assert gemm_plugin(quant("FP8")) == "auto" and gemm_plugin(quant("FP8_RENAMED")) == "row-plugin"

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, run_kiln, write_recipe
+from tests.conftest import REPO, run_kiln, tool_python, write_recipe
 
-LLMC_ENV = REPO / "build" / "llmcompressor-env"
 
 
 def _compress_w4a16(model_dir: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -91,9 +89,9 @@ def test_without_llm_compressor_the_build_stops_with_the_fix(tmp_path, test_mode
 
 @pytest.fixture(scope="session")
 def llmcompressor_python() -> Path:
-    """llm-compressor 0.14 in its own venv under build/, made once by `make llmcompressor-env` (about 3 min)."""
-    subprocess.run(["make", "-s", "llmcompressor-env"], cwd=REPO, check=True, timeout=1800)
-    return LLMC_ENV / "bin" / "python"
+    """llm-compressor 0.14 in its own venv, made once per machine by `make llmcompressor-env` (about 3 min) in a
+    cache outside the clone keyed by its pins; the command's last line is the interpreter."""
+    return tool_python("llmcompressor-env")
 
 
 @pytest.mark.slow

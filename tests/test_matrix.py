@@ -36,21 +36,48 @@ def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
     assert "export_quant_algo" in record
 
 
-PINNED = REPO / "tests" / "fixtures" / "metrics_demo_matrix_f786433.json"
+PINNED = REPO / "tests" / "fixtures" / "metrics_demo_matrix.json"
+FIELDS = ("baseline_ppl", "quantized_ppl", "mean_kl", "top1_agreement", "ppl_increase_pct")
 
 
 def _same_metrics_as_before(variants: dict) -> None:
-    """The lean validation (16-bit storage, float32 math, baseline logits on disk) reports what the float32
-    runtime reported: within 1 % relative. A change of perplexity near zero (int8-wo: -0.012 %) moves with the
-    summation order at the 1e-5 level, so ppl_increase_pct also passes within 0.002 percentage points."""
-    pinned = json.loads(PINNED.read_text())["variants"]
-    assert set(pinned) == set(variants)
-    for name, before in pinned.items():
+    """Every format's metrics as pinned for this trained model, within 1 % relative.
+
+    The trained test model is not bit-identical across CPUs of this machine kind (AVX2 and AVX-512 hosts train
+    models whose baseline perplexity differs by 2 %), so the pins are kept per trained model, recognised by its
+    baseline perplexity (deterministic on a given CPU). On a model no pin set knows, each field must fall inside
+    the pinned models' envelope widened by their own spread: the measured CPU-to-CPU variation, not a guess.
+    A change of perplexity near zero (int8-wo: -0.012 %) moves with the summation order at the 1e-5 level, so
+    ppl_increase_pct also passes within 0.002 percentage points."""
+    models = json.loads(PINNED.read_text())["models"]
+    for model in models:
+        assert set(model["variants"]) == set(variants), model["cpu"]
+    baseline = variants["fp8"]["metrics"]["baseline_ppl"]
+    known = [m for m in models if abs(m["variants"]["fp8"]["baseline_ppl"] / baseline - 1) < 1e-3]
+    for name in variants:
         now = variants[name]["metrics"]
-        for field in ("baseline_ppl", "quantized_ppl", "mean_kl", "top1_agreement", "ppl_increase_pct"):
-            drift = abs(now[field] - before[field])
-            allowed = 0.01 * abs(before[field]) + (0.002 if field == "ppl_increase_pct" else 0.0)
-            assert drift <= allowed, (name, field, before[field], now[field])
+        for field in FIELDS:
+            pinned = [m["variants"][name][field] for m in known or models]
+            slack = 0.002 if field == "ppl_increase_pct" else 0.0
+            if known:
+                allowed = 0.01 * abs(pinned[0]) + slack
+                assert abs(now[field] - pinned[0]) <= allowed, (name, field, known[0]["cpu"], pinned[0], now[field])
+            else:
+                spread = max(pinned) - min(pinned)
+                low, high = min(pinned) - spread - slack, max(pinned) + spread + slack
+                assert low <= now[field] <= high, (name, field, "no pinned model; envelope", low, high, now[field])
+
+
+def test_the_pins_check_can_fail():
+    """A metric 2 % off its pin fails on a known model, and one far outside the envelope on an unknown model."""
+    model = json.loads(PINNED.read_text())["models"][0]["variants"]
+    off = {name: {"metrics": dict(metrics)} for name, metrics in model.items()}
+    off["int4-awq"]["metrics"]["mean_kl"] *= 1.02
+    with pytest.raises(AssertionError, match="int4-awq"):
+        _same_metrics_as_before(off)
+    unknown = {name: {"metrics": {k: v * 1.5 for k, v in metrics.items()}} for name, metrics in model.items()}
+    with pytest.raises(AssertionError, match="envelope"):
+        _same_metrics_as_before(unknown)
 
 
 def test_int8_kv_is_refused_with_the_reason(tmp_path):

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from kiln.common.digest import file_sha256
 from kiln.common.progress import SILENT
-from kiln.pipeline.figures import SizePoint, accuracy_size_png, figure_digest
+from kiln.pipeline.figures import SizePoint, accuracy_size_figure, accuracy_size_png, figure_digest
 from kiln.quantize import checkpoint_size
 from kiln.registry import (
     add_runtime_check, add_sm, checkpoint_records, client, ensure_records, prefixed_metrics, publish, recorded_tags,
@@ -24,6 +24,7 @@ from kiln.registry.tags import RUN_RECORDS, checkpoint_tags, engine_tags, runtim
 from tests.conftest import run_kiln, write_recipe
 
 FAIL_RED = (198, 40, 40)
+FAIL_HEX = "#c62828"
 
 
 def test_bits_per_weight_counts_the_decoder_linears_and_their_scales(tmp_path):
@@ -53,13 +54,37 @@ def _red_pixels(image: Image.Image) -> int:
     return sum(1 for pixel in image.getdata() if all(abs(a - b) < 30 for a, b in zip(pixel, FAIL_RED)))
 
 
-def test_the_figure_draws_every_variant_and_marks_the_failed_one_red():
+def _drawn(points: list[SizePoint]):
+    """The saved PNG, its axes (laid out as saved) and each drawn variant's marker colour."""
+    figure, axes, colours = accuracy_size_figure("t", points)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return _pixels(buffer.getvalue()), axes, colours
+
+
+def _colour_at(image, axes, colour: str, bits: float, kl: float) -> bool:
+    """Is `colour` within two pixels of where (bits, kl) falls on the saved image?"""
+    from matplotlib.colors import to_rgb
+
+    want = tuple(round(255 * c) for c in to_rgb(colour))
+    x, y = axes.transData.transform((bits, max(kl, axes.get_ylim()[0])))
+    column, row = round(x), image.size[1] - round(y)
+    near = [image.getpixel((column + dx, row + dy)) for dx in range(-2, 3) for dy in range(-2, 3)]
+    return any(all(abs(a - b) < 40 for a, b in zip(pixel, want)) for pixel in near)
+
+
+def test_the_figure_draws_every_variant_where_its_size_and_kl_are_and_marks_the_failed_one_red():
     passing = [SizePoint("fp8", "fp8 + kv fp8", 8.0, 7e-4, True, 0.01),
                SizePoint("int4-awq", "int4_awq", 4.29, 2e-3, True, 0.05)]
     failing = passing + [SizePoint("nvfp4", "nvfp4", 4.5, 8e-2, False, 0.05)]
     clean, marked = _pixels(accuracy_size_png("t", passing)), _pixels(accuracy_size_png("t", failing))
     assert clean.size == marked.size and clean.size[0] >= 900 and clean.size[1] >= 450
-    assert len(set(clean.getdata())) > 50                        # drawn, not blank
+    image, axes, colours = _drawn(failing)
+    assert colours["nvfp4"] == FAIL_HEX and len({colours["fp8"], colours["int4-awq"], FAIL_HEX}) == 3
+    for point in failing:   # each marker in its colour where its size and KL fall, and not where they do not
+        assert _colour_at(image, axes, colours[point.variant], point.bits_per_weight, point.mean_kl), point
+        assert not _colour_at(image, axes, colours[point.variant], 12.0, point.mean_kl), point
+        assert not _colour_at(image, axes, colours[point.variant], point.bits_per_weight, point.mean_kl * 30), point
     assert _red_pixels(clean) == 0 and _red_pixels(marked) > 80  # the cross and its legend entry
     assert figure_digest("t", passing) != figure_digest("t", failing)
     assert figure_digest("t", passing) == figure_digest("t", list(passing))

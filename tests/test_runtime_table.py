@@ -22,14 +22,6 @@ def test_every_exported_format_has_a_cell_for_every_runtime_with_its_evidence():
             assert cell.evidence.how in ("measured", "source")
 
 
-def test_the_measured_vllm_facts():
-    # vLLM 0.32's ModelOpt loader refuses W4A16_AWQ (INT4 AWQ and GPTQ) and W8A8_SQ on any hardware.
-    for quant in (QuantFormat.int4_awq, QuantFormat.int4_gptq, QuantFormat.int8_sq):
-        assert runtime_cells(quant)[Runtime.vllm].loads is Loads.no
-    cell = runtime_cells(QuantFormat.fp8_pc_pt)[Runtime.vllm]
-    assert cell.loads is Loads.yes and cell.evidence.how == "measured" and "0.32.0" in cell.evidence.runtime_version
-
-
 def test_the_weaker_part_decides_and_every_refusal_names_an_alternative():
     # FP8 weights load in SGLang; an NVFP4 KV cache is not known to: the variant is not promised to SGLang.
     assert runtime_cells(QuantFormat.fp8, KVCacheFormat.nvfp4)[Runtime.sglang].loads is Loads.unchecked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import queue
 import re
@@ -20,7 +21,7 @@ from kiln.common.progress import ProgressReporter
 from kiln.serve import TritonServer, write_repository
 from kiln.serve.generation import ReferenceGenerator, greedy_without_cache
 from kiln.serve.pbtxt import read_config
-from tests.conftest import run_kiln, write_recipe
+from tests.conftest import run_kiln, seed_home, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +32,14 @@ MAX_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, test_model):
+def home(tmp_path_factory, test_model, spine_cache):
+    """A home with both spine variants published; the session's spine cache holds their checkpoints."""
     root = tmp_path_factory.mktemp("serve")
-    home = root / "kiln-home"
+    home = seed_home(root / "kiln-home", spine_cache)
     recipe = write_recipe(root, str(test_model), VARIANTS, name="s", publish={"aliases": ["candidate"]})
-    built = run_kiln("build", recipe, env={"KILN_HOME": str(home)})
+    built = run_kiln("build", recipe, "--json", env={"KILN_HOME": str(home)})
     assert built.returncode == 0, built.stderr
+    assert sorted(json.loads(built.stdout)["ran"]) == ["publish:fp8", "publish:int4-awq"]
     os.environ["KILN_HOME"] = str(home)  # for this process's registry client
     return home
 

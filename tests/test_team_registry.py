@@ -19,7 +19,7 @@ import pytest
 from kiln.common.progress import SILENT
 from kiln.registry.team import LocalPostgres, MlflowServer
 from kiln.serve.triton import free_port
-from tests.conftest import run_kiln, write_recipe
+from tests.conftest import run_kiln, seed_home, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -62,21 +62,21 @@ class TeamRegistry:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory, test_model):
+def team(tmp_path_factory, test_model, spine_cache):
     root = tmp_path_factory.mktemp("team")
     registry = TeamRegistry(root)
     recipe = write_recipe(root, str(test_model), VARIANTS, name="tm", publish={"aliases": ["candidate"]})
-    yield {"registry": registry, "root": root, "recipe": recipe, "model": test_model}
+    yield {"registry": registry, "root": root, "recipe": recipe, "model": test_model, "spine": spine_cache}
     registry.close()
 
 
 def runner_env(team, name: str, seed_from: Path | None = None) -> dict:
-    """A CI runner: its own kiln home (optionally seeded with another's CPU stages), the team's registry."""
+    """A CI runner: its own kiln home, seeded with another runner's CPU stages (`seed_from`, a kiln home) or, the
+    first time, with the session's spine cache (quantize and validate of this recipe's variant), and the team's
+    registry."""
     home = team["root"] / name
-    if seed_from is not None:
-        for stage in ("fetch", "quantize", "validate"):
-            if (seed_from / "cache" / stage).is_dir():
-                shutil.copytree(seed_from / "cache" / stage, home / "cache" / stage, copy_function=os.link)
+    if not home.exists():
+        seed_home(home, seed_from / "cache" if seed_from is not None else team["spine"])
     return {"KILN_HOME": str(home), "MLFLOW_TRACKING_URI": team["registry"].uri}
 
 

