@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -69,7 +70,10 @@ def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, 
                                          "--metrics-port", "0", "--prompt", DEMO_PROMPT, "--max-tokens", "16"))
         served = run_kiln("serve", f"{name}@candidate", "--runtime", "vllm", "--http-port", "0",
                           "--prompt", DEMO_PROMPT, "--max-tokens", "16", env=env)
-        assert _completion(served) == reference, name
+        # vLLM computes in bf16 with its own CPU kernels, the reference in float32: on AVX2 the 16 tokens were
+        # equal, on AVX-512 + AMX the W8A8 one parted at a near-tie after 27 characters. The first tokens must agree.
+        vllm_text = _completion(served)
+        assert len(os.path.commonprefix([vllm_text, reference])) >= min(16, len(reference)), (name, vllm_text, reference)
         assert "OpenAI-compatible API at http://127.0.0.1:" in served.stdout
 
     # The engine arguments kiln writes for Triton's vLLM backend are ones vLLM itself accepts.
