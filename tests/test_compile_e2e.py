@@ -228,7 +228,8 @@ def _alter_quantize_entry(home: Path) -> None:
     from kiln.pipeline.cache import ENTRY_FILE
     from kiln.common.digest import file_sha256
 
-    (entry,) = (home / "cache" / "quantize").iterdir()
+    (entry,) = [e for e in (home / "cache" / "quantize").iterdir()   # the fp8 checkpoint (the spine also has int4)
+                if json.loads((e / "kiln.json").read_text())["quant"] == "fp8"]
     config = entry / "trtllm" / "config.json"
     altered = json.loads(config.read_text()) | {"kiln_test_marker": 1}
     fresh = config.with_suffix(".new")
