@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 KILN = Path(sys.executable).with_name("kiln")
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Under xdist, each worker (and every kiln it starts) gets its share of the cores: two workers of two OpenMP threads
+# each on two cores spin against each other (the matrix build took 315 s beside another worker, 69 s alone).
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_share)
 
 # The session's timings for .ci/budget.py (CI's 45-minute guard): wall time, and setup + call + teardown per test.
 _SESSION_STARTED: list[float] = []
@@ -27,8 +32,8 @@ def pytest_sessionstart(session):
 
 # The modules that take longest (seconds, one worker, 2026-12-04) go first, so that the two workers of `make test`
 # (each taking whole modules) finish together instead of one waiting on a long module started last.
-LONGEST_MODULES = {"test_vllm.py": 420, "test_families.py": 400, "test_compile_e2e.py": 330,
-                   "test_llmcompressor.py": 115, "test_end_to_end.py": 85, "test_matrix.py": 70}
+LONGEST_MODULES = {"test_vllm.py": 430, "test_matrix.py": 315, "test_families.py": 315, "test_compile_e2e.py": 290,
+                   "test_end_to_end.py": 195, "test_serve_cpu.py": 130}
 
 
 def pytest_collection_modifyitems(session, config, items):
