@@ -166,9 +166,20 @@ def _train(spec: TestModelSpec, out: Path, log, family: str | None = None) -> No
     (out / "kiln-testmodel.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def spec_digest(spec: TestModelSpec, family: str | None = None) -> str:
-    material = {"spec": asdict(spec), "python": sys.version}
-    if family is not None:   # the demo model's digest stays what it was
+def training_environment() -> dict:
+    """What besides the spec shapes the trained weights: the libraries that train and tokenize, and the CPU's
+    vector instructions (AVX2 and AVX-512 hosts train models whose perplexity differs by 2 %)."""
+    from importlib.metadata import version
+
+    import torch
+
+    return {"python": sys.version, "torch": version("torch"), "transformers": version("transformers"),
+            "tokenizers": version("tokenizers"), "cpu": torch.backends.cpu.get_cpu_capability()}
+
+
+def spec_digest(spec: TestModelSpec, family: str | None = None, environment: dict | None = None) -> str:
+    material = {"spec": asdict(spec), **(environment or training_environment())}
+    if family is not None:
         material["family"] = [family, FAMILY_CONFIGS[family]]
     return canonical_digest(material)
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 from kiln.common.digest import file_sha256
-from kiln.pipeline.testmodel import TestModelSpec, ensure_test_model, spec_digest
+from kiln.pipeline.testmodel import TestModelSpec, ensure_test_model, spec_digest, training_environment
 
 TINY = replace(TestModelSpec(), steps=3, vocab_size=512)
 
@@ -24,5 +24,10 @@ def test_training_is_deterministic_and_cached(tmp_path):
     assert config["rope_parameters"]["rope_type"] == "llama3"
 
 
-def test_spec_changes_change_the_cache_folder():
+def test_spec_and_environment_changes_change_the_cache_folder():
     assert spec_digest(TINY) != spec_digest(replace(TINY, seed=1))
+    here = training_environment()
+    assert spec_digest(TINY) == spec_digest(TINY, environment=here)
+    for field, other in (("torch", "2.14.1"), ("tokenizers", "0.1.0"), ("transformers", "4.57.3"), ("cpu", "AVX2"),
+                         ("python", "3.12.0")):
+        assert spec_digest(TINY, environment={**here, field: other}) != spec_digest(TINY), field
