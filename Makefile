@@ -92,6 +92,7 @@ test-models: $(STAMP)
 	$(PY) -m tests.prepare
 
 test-fast: $(STAMP)
+	@$(PY) -m tests.prepare --demo-only
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)

@@ -11,10 +11,12 @@ import time
 from kiln.pipeline.testmodel import FAMILY_CONFIGS, FAMILY_SPEC, ensure_test_model
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """With --demo-only, just the demo model (what the fast tier uses)."""
+    argv = sys.argv[1:] if argv is None else argv
     started = time.monotonic()
     ensure_test_model()
-    for family in FAMILY_CONFIGS:
+    for family in FAMILY_CONFIGS if "--demo-only" not in argv else ():
         ensure_test_model(spec=FAMILY_SPEC, family=family)
     print(f"test models ready ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0
