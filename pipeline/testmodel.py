@@ -40,6 +40,9 @@ class TestModelSpec:
     steps: int = 520
     learning_rate: float = 6e-3
     seed: int = 0
+    # The weights depend on the thread count (one thread trained another model than two on the same CPU), so
+    # training always uses this many, whatever the caller's OMP_NUM_THREADS (test workers run with one).
+    threads: int = 2
     corpus: str = "python-docs-train"
     spec_version: int = 2
 
@@ -123,6 +126,17 @@ def _family_config(spec: TestModelSpec, tokenizer, family: str):
 
 
 def _train(spec: TestModelSpec, out: Path, log, family: str | None = None) -> None:
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        _train_with(spec, out, log, family)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_with(spec: TestModelSpec, out: Path, log, family: str | None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
