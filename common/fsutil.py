@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -13,11 +14,12 @@ from kiln.common.errors import KilnError
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
+def atomic_dir(dest: Path, shared: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside dest; rename it to dest only if the block succeeds.
 
-    If dest appeared meanwhile (a concurrent writer finished first), ours is
-    discarded: both wrote the same content-addressed result.
+    shared (content-addressed results): if dest appeared meanwhile, a concurrent writer finished first
+    and ours is discarded, both wrote the same thing. Not shared (a user's --out): dest must still be
+    missing or an empty folder when ours lands; another writer's files there are an error, never success.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -35,8 +37,10 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
                 raise DiskFull(dest) from exc
             raise
         try:
-            os.rename(tmp, dest)
-        except OSError:
+            os.rename(tmp, dest)   # over a missing path or an empty folder only: never over another's files
+        except OSError as exc:
+            if not shared:
+                raise OutTaken(dest, exc) from None
             if not dest.exists():
                 raise
     finally:
@@ -62,11 +66,18 @@ class DiskFull(KilnError):
                          "or set KILN_HOME to a larger one)")
 
 
+class OutTaken(KilnError):
+    def __init__(self, dest: Path, exc: OSError):
+        super().__init__(f"{dest}: another writer put files there while this one ran ({exc.strerror}); nothing of "
+                         "this run was written there (fix: choose a new folder, one --out per command)")
+
+
 def require_empty_folder(path: Path, option: str = "--out") -> Path:
-    """A destination that is new or an empty folder; anything else is the user's to resolve."""
+    """A destination that is new or an empty folder, as an absolute path with its links resolved (the
+    rename that lands the result must replace the folder a link names, not the link)."""
     from kiln.common.errors import UserInputError
 
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     try:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserInputError(f"{option} {path}: exists and is not empty (fix: choose a new folder)")
@@ -80,7 +91,21 @@ def require_empty_folder(path: Path, option: str = "--out") -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Replace a regular file (or create one) atomically. A link is followed to the file it names; a
+    character device or a pipe (/dev/stdout, /dev/null, a FIFO) is written through, as a stream; any other
+    kind of file is refused: the rename would replace the device node or socket itself."""
     path = Path(path)
+    kind = _existing_kind(path)
+    if kind in ("device", "pipe"):
+        with open(path, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        return
+    if kind is not None and kind != "file":
+        from kiln.common.errors import UserInputError
+
+        raise UserInputError(f"{path}: is a {kind}, not a regular file; kiln replaces files atomically and will not "
+                             "replace it (fix: name a regular file or a new path)")
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
@@ -94,6 +119,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _existing_kind(path: Path) -> str | None:
+    """What the path names once links are followed: None when nothing (and it is no dangling link)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "link to nothing" if os.path.islink(path) else None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISCHR(mode):
+        return "device"
+    if stat.S_ISFIFO(mode):
+        return "pipe"
+    return {stat.S_IFDIR: "folder", stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}.get(stat.S_IFMT(mode),
+                                                                                              "special file")
 
 
 def _umask() -> int:

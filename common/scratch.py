@@ -21,9 +21,23 @@ SCRATCH = "tmp"
 LOGS = "logs"   # logs kept for the user to read: $KILN_HOME/logs
 
 
+# Characters a URI gives meaning to: the embedded registry is the URI sqlite:///<home>/registry/mlflow.db, and
+# SQLAlchemy would read `?` as the start of a query, `#` as a fragment and `%` as an escape, and so open (or
+# create) a database outside the home.
+_URI_SPECIAL = "?#%"
+
+
 def kiln_home() -> Path:
-    """$KILN_HOME, or ~/.kiln."""
-    return Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln").expanduser()
+    """$KILN_HOME, or ~/.kiln; refused (one line) when the path holds a character a URI gives meaning to."""
+    home = Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln").expanduser()
+    special = sorted({c for c in str(home) if c in _URI_SPECIAL})
+    if special:
+        from kiln.common.errors import UserInputError
+
+        raise UserInputError(f"KILN_HOME={home}: holds {' and '.join(repr(c) for c in special)}, which the registry's "
+                             "URI would read as a query, fragment or escape and so write outside the home; nothing "
+                             "was written (fix: choose a path without ?, # or %)")
+    return home
 _OWNER = re.compile(r"(?P<pid>\d+)-(?P<start>\d+)")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from kiln.common.errors import UserInputError
 from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, selected_sm
 
 _RUNTIME_HELP = ("cpu: kiln's reference runtime in Triton's python backend (any artifact, any host). "
@@ -145,6 +146,9 @@ def serve(
     from kiln.compile import detect_host
     from kiln.serve import start_server
 
+    if prompt is not None and not prompt.strip():
+        raise UserInputError("--prompt is empty: nothing to send (fix: give the prompt text, or leave --prompt out "
+                             "to serve until Ctrl-C)")
     private_tempdir()
     running = start_server(kiln_home(), ref, runtime, ProgressReporter(), (http_port, grpc_port, metrics_port),
                            _cpu_options(max_batch_size, 1000, 1, max_tokens),

@@ -212,7 +212,7 @@ def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
     if sm is not None:
         _check_sm_pullable(label, version.tags, sm, installed_tensorrt)
     try:
-        with atomic_dir(out) as root:
+        with atomic_dir(out, shared=False) as root:
             if version.tags.get(STORAGE_TAG) == STORAGE:
                 _download_from_blobs(mlflow, home, version, root, sm, progress, label)
             else:

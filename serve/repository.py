@@ -47,7 +47,7 @@ def write_repository(home: Path, ref: str, out: Path, runtime: str, progress,
         raise UserInputError("--runtime gpu: this host has no GPU, so name the SM the repository is for "
                              "(fix: --gpu sm90, or --gpu H100)")
     out = require_empty_folder(out)
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, shared=False) as staging:
         pulled = pull(home, ref, staging / ARTIFACT_DIR, progress, sm=sm if runtime == "gpu" else None,
                       installed_tensorrt=installed_tensorrt)
         if runtime == "cpu":

@@ -55,8 +55,12 @@ class Prompt:
 
 
 def checked_prompts(texts: Sequence, max_tokens: Sequence | None, limits: Limits,
-                    encode: Callable[[str], list[int]]) -> list[Prompt]:
-    """One Prompt per batch row of `text_input` (and `max_tokens`, when sent); ClientError for any bad row."""
+                    encode: Callable[[str], list[int]], max_prompt_bytes: int | None = None) -> list[Prompt]:
+    """One Prompt per batch row of `text_input` (and `max_tokens`, when sent); ClientError for any bad row.
+
+    A prompt longer than `max_prompt_bytes` is refused by its size before it is decoded or tokenized: a
+    100 MB prompt took the tokenizer minutes and 20 GB, holding every other client meanwhile.
+    """
     if len(texts) == 0:
         raise ClientError("text_input holds no prompt")
     if max_tokens is not None and len(max_tokens) != len(texts):
@@ -64,6 +68,11 @@ def checked_prompts(texts: Sequence, max_tokens: Sequence | None, limits: Limits
     prompts = []
     for row, raw in enumerate(texts):
         where = f"text_input[{row}]" if len(texts) > 1 else "text_input"
+        size = len(raw) if isinstance(raw, bytes) else len(str(raw).encode("utf-8", "surrogatepass"))
+        if max_prompt_bytes is not None and size > max_prompt_bytes:
+            raise ClientError(f"{where} is {size} bytes; this artifact takes at most {limits.max_input_len} tokens "
+                              f"(its recipe's build.max_input_len), and no text over {max_prompt_bytes} bytes fits "
+                              "in that many of its tokenizer's tokens")
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         except UnicodeDecodeError as exc:

@@ -116,13 +116,20 @@ def _gpu_host(home: Path, ref: str, host) -> tuple[str, str | None]:
 def _ask_cpu(endpoints: Endpoints, model: str, prompt: str, max_tokens: int) -> str:
     import numpy as np
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     with grpcclient.InferenceServerClient(f"127.0.0.1:{endpoints.grpc}") as client:
         text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
         text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
         limit = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
         limit.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
-        result = client.infer(model, [text, limit])
+        try:
+            result = client.infer(model, [text, limit])
+        except InferenceServerException as exc:
+            if exc.status() != "StatusCode.INVALID_ARGUMENT":
+                raise
+            # The model's own message names the limit (build.max_input_len / max_seq_len) and the value.
+            raise UserInputError(f"--prompt/--max-tokens: the model refused the request: {exc.message()}") from None
     return result.as_numpy("text_output")[0][0].decode()
 
 

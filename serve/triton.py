@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kiln.common.errors import KilnError, UserInputError
 from kiln.common.processes import wait_until_ready
+from kiln.serve.workers import WorkerWatch
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class TritonServer:
     """A tritonserver process on loopback ports; a context manager that always stops it."""
 
     what = "tritonserver"
+    watch_workers = True   # python-backend stubs: reload a model whose stub died (kiln.serve.workers)
 
     def __init__(self, repo: Path, home: Path, models: tuple[str, ...], endpoints: Endpoints | None = None,
                  log_path: Path | None = None):
@@ -88,6 +90,7 @@ class TritonServer:
         self.endpoints = endpoints or Endpoints(free_port(), free_port(), free_port())
         self.log_path = log_path or self.home / "triton" / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        self.watch: WorkerWatch | None = None
 
     def command(self) -> list[str]:
         server = pytriton_server_dir()
@@ -136,6 +139,8 @@ class TritonServer:
         log.close()
         state = wait_until_ready(self.process, self.ready_url(), timeout_s)
         if state == "ready" and self.process.poll() is None:   # ready, and from the process kiln started
+            if self.watch_workers:
+                self.watch = WorkerWatch(self.process.pid, self.endpoints.http).start()
             return self
         if state == "ready":
             state = "exited"
@@ -156,6 +161,8 @@ class TritonServer:
         """SIGTERM (Triton unloads models and exits), then SIGKILL for whatever is left of the group."""
         if self.process is None:
             return None
+        if self.watch is not None:
+            self.watch.stop()
         if self.process.poll() is None:
             self.process.terminate()  # the server only: it unloads its models and stops their stubs
             try:

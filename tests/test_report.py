@@ -195,6 +195,14 @@ def test_kiln_report_writes_one_self_contained_page(kiln_home, tmp_path, test_mo
     unwritable = run_kiln("report", recipe, "--out", "/proc/report.html", env=env)
     assert unwritable.returncode == 2 and "--out /proc/report.html: cannot write there" in unwritable.stderr
     assert "Traceback" not in unwritable.stderr
+    # Issue 24.1: a pipe is streamed to, a link is followed; neither is replaced by a regular file.
+    streamed = run_kiln("report", recipe, "--out", "/dev/stdout", env=env)
+    assert streamed.returncode == 0 and streamed.stdout.startswith("<!doctype html>")
+    link = tmp_path / "latest.html"
+    link.symlink_to(out)
+    out.write_text("old")
+    assert run_kiln("report", recipe, "--out", link, env=env).returncode == 0
+    assert link.is_symlink() and out.read_text().startswith("<!doctype html>")
 
 
 def test_registry_backfill_gives_older_versions_their_run_records_from_their_tags(kiln_home, tmp_path):

@@ -7,7 +7,9 @@ import json
 import os
 import queue
 import re
+import signal
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -196,6 +198,20 @@ def test_kiln_serve_answers_a_prompt_and_stops(home, fp8_server):
     assert not list((home / "tmp").iterdir())   # the temporary repository is gone
 
 
+def test_kiln_serve_refuses_an_empty_prompt_and_too_many_tokens_in_one_line(home):
+    """Issue 24.5: both were tracebacks."""
+    ports = ("--http-port", "0", "--grpc-port", "0", "--metrics-port", "0")
+    empty = run_kiln("serve", "s-fp8@candidate", *ports, "--prompt", " ", env={"KILN_HOME": str(home)})
+    assert empty.returncode == 2 and empty.stderr.strip() == (
+        "kiln: --prompt is empty: nothing to send (fix: give the prompt text, or leave --prompt out to serve until "
+        "Ctrl-C)")
+    many = run_kiln("serve", "s-fp8@candidate", *ports, "--prompt", PROMPTS[0], "--max-tokens", "5000",
+                    env={"KILN_HOME": str(home)})
+    assert many.returncode == 2 and "Traceback" not in many.stderr
+    assert re.search(r"^kiln: --prompt/--max-tokens: the model refused the request: max_tokens is 5000; with this "
+                     r"\d+-token prompt it must be 1 to \d+ \(build.max_seq_len", many.stderr, re.M)
+
+
 def _http_error(server, inputs) -> InferenceServerException:
     with httpclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.http}") as http:
         with pytest.raises(InferenceServerException) as failed:
@@ -215,10 +231,46 @@ def test_requests_past_the_artifacts_limits_are_client_errors(fp8_server):
     huge[1].set_data_from_numpy(np.array([[1_000_000_000]], dtype=np.int32))
     error = _http_error(server, huge)
     assert error.status() == "400" and "max_tokens is 1000000000; with this" in error.message()
-    long_prompt = _inputs(httpclient, "word " * 100_000)
+    long_prompt = _inputs(httpclient, "word " * (max_input_len + 8))   # over in tokens, not in bytes
     error = _http_error(server, long_prompt)
     assert error.status() == "400"
     assert re.search(rf"text_input is \d+ tokens; this artifact takes at most {max_input_len} ", error.message())
+
+
+def test_a_100_mb_prompt_is_refused_by_its_size_and_the_next_request_is_answered(fp8_server):
+    """Issue 24.4: a 100 MB prompt grew the worker to 20 GB until the OOM killer ended it, and every request
+    after it failed while the server said ready; 10-50 MB prompts held every other client for minutes."""
+    server, repo = fp8_server
+    generator = ReferenceGenerator(repo.path / "artifact" / "hf")
+    max_input_len = int(read_config(repo.path / "kiln_llm" / "config.pbtxt").parameters["max_input_len"].string_value)
+    limit = generator.max_prompt_bytes(max_input_len)
+    # The bound is sound: the longest vocabulary entry repeated max_input_len times is within it.
+    longest = max(generator.tokenizer.get_vocab(), key=lambda t: len(t.encode()))
+    assert len(generator.tokenizer.convert_tokens_to_string([longest] * max_input_len).encode()) <= limit
+    error = _http_error(server, _inputs(httpclient, "x" * (100 * 2**20)))
+    assert error.status() == "400"
+    assert (f"text_input is {100 * 2**20} bytes; this artifact takes at most {max_input_len} tokens (its recipe's "
+            f"build.max_input_len), and no text over {limit} bytes fits") in error.message()
+    with httpclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.http}") as http:
+        tokens = http.infer("kiln_llm", _inputs(httpclient, PROMPTS[0])).as_numpy("output_ids")[0].tolist()
+    assert tokens == expected_tokens(repo.path, PROMPTS[0])
+
+
+def test_a_worker_that_dies_is_restarted_and_answers_again(fp8_server):
+    """Issue 24.4: after the kernel killed the worker, ready stayed 200 and every request got 500 'Stub process
+    is not healthy'. kiln's server watches its stubs and reloads the model."""
+    from kiln.serve.workers import stub_instances
+
+    server, repo = fp8_server
+    os.kill(stub_instances(server.process.pid)["kiln_llm_0_0"].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    with httpclient.InferenceServerClient(f"127.0.0.1:{server.endpoints.http}") as http:
+        while "kiln_llm" not in server.watch.restarts and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert server.watch.restarts == ["kiln_llm"]
+        tokens = http.infer("kiln_llm", _inputs(httpclient, PROMPTS[1])).as_numpy("output_ids")[0].tolist()
+    assert tokens == expected_tokens(repo.path, PROMPTS[1])
+    assert {s.model for s in stub_instances(server.process.pid).values() if s.alive} == {"kiln_llm", "kiln_llm_stream"}
 
 
 @pytest.mark.parametrize("text, message", [(b"", "text_input is empty: send the prompt text"),

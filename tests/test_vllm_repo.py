@@ -73,3 +73,18 @@ def test_a_format_vllm_cannot_load_is_refused_with_the_alternative(kiln_home, tm
     assert line.startswith("kiln: --runtime vllm: vllm does not load int4_awq (vLLM 0.32.0")
     assert "set backend: llmcompressor" in line
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_relative_out_becomes_absolute_paths_in_model_json_and_the_mount(kiln_home, tmp_path):
+    """Issue 24.14: `--out vr2` wrote relative paths into model.json and `-v vr2:vr2` (a named volume)."""
+    _publish(kiln_home, tmp_path, "fp8kv", "fp8", "fp8", "modelopt")
+    result = run_kiln("triton-repo", "r-fp8kv@candidate", "--runtime", "vllm", "--out", "vr2", "--json",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = (tmp_path / "vr2").resolve()
+    document = json.loads(result.stdout)
+    assert document["path"] == str(out)
+    arguments = json.loads((out / "r-fp8kv" / "1" / "model.json").read_text())
+    assert arguments["model"] == arguments["tokenizer"] == str(out / "artifact" / "hf")
+    argv = shlex.split(document["container_command"])
+    assert argv[argv.index("-v") + 1] == f"{out}:{out}"

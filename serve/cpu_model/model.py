@@ -30,6 +30,7 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.limits = Limits.from_parameters(params)
         self.generator = ReferenceGenerator(artifact / "hf", params.get("trust_remote_code") == "true")
+        self.max_prompt_bytes = self.generator.max_prompt_bytes(self.limits.max_input_len)
         self.logger = pb_utils.Logger
 
     @staticmethod
@@ -42,7 +43,7 @@ class TritonPythonModel:
 
         texts = self._rows(request, "text_input")
         return checked_prompts([] if texts is None else list(texts), self._rows(request, "max_tokens"), self.limits,
-                               self.generator.encode)
+                               self.generator.encode, self.max_prompt_bytes)
 
     @staticmethod
     def _response(texts, token_rows):
