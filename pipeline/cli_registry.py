@@ -94,8 +94,11 @@ def backfill_records() -> None:
 
     done = backfill(kiln_home())
     for label, added in done:
-        print(f"{label}: {added} metrics and params added")
-    print(f"{len(done)} version(s) backfilled" if done else "every version already has its run records")
+        print(f"{label}: {added} metrics and params added" if isinstance(added, int) else f"{label}: {added}")
+    filled = sum(isinstance(added, int) for _, added in done)
+    skipped = len(done) - filled
+    print(f"{filled} version(s) backfilled" + (f", {skipped} skipped" if skipped else "") if done
+          else "every version already has its run records")
 
 
 def promote(

@@ -155,10 +155,11 @@ class _Runner(TargetStages):
             found = self._confirmed(recorded, instance.key, aliases, backfill=lambda version: registry.ensure_records(
                 home, version, self._records(name, checkpoint, metrics),
                 self._tags(name, instance, checkpoint, metrics, gate)))
-            if found is not None:
-                self._check_stored_blobs(name, found, checkpoint, report)
+            if found is not None and self._check_stored_version(name, found, checkpoint, report):
                 return found
-            self.progress.log(f"warning: {recorded['name']}/{recorded['version']} is gone from the registry; publishing again")
+            if found is None:
+                self.progress.log(f"warning: {recorded['name']}/{recorded['version']} is gone from the registry; "
+                                  "publishing again")
             shutil.rmtree(entry, ignore_errors=True)
         tags = self._tags(name, instance, checkpoint, metrics, gate)
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
@@ -212,10 +213,12 @@ class _Runner(TargetStages):
         return variant_records(self.loaded, name, record, metrics.as_dict(), self.size(name, checkpoint),
                                {**record.tools, **tool_versions(())})
 
-    def _check_stored_blobs(self, name: str, version: registry.PublishedVersion, checkpoint: Path,
-                            report: Path) -> None:
-        """A cached publish still stands on intact bytes: the embedded blob store is hashed against this
-        build's verified cache entries, and whatever is missing or altered is uploaded again from them."""
+    def _check_stored_version(self, name: str, version: registry.PublishedVersion, checkpoint: Path,
+                              report: Path) -> bool:
+        """A cached publish still stands on what a pull verifies: the embedded blob store is hashed against this
+        build's verified cache entries, and whatever is missing or altered is uploaded again from them; a
+        deleted or altered manifest.json is written again when these files reproduce its recorded digest.
+        False when they do not: the version is retired (tagged kiln.unpullable) for a new one."""
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
             files = self._artifact_files(name, checkpoint, report, Path(scratch))
             recorded = {**self.cache.recorded_files(checkpoint),
@@ -225,11 +228,21 @@ class _Runner(TargetStages):
                 info = recorded.get(rel) or {"size": path.stat().st_size, "sha256": file_sha256(path)}
                 expected[info["sha256"]] = info["size"]
             damaged = registry.embedded_damage(self.plan.home, expected)
-            if not damaged:
-                return
-            self.progress.log(f"warning: {len(damaged)} stored blob(s) of {version.name}/{version.version} are missing "
-                              "or no longer match their sha256; uploading them again from this build's verified copy")
-            registry.repair_blobs(self.plan.home, files, self.progress)
+            if damaged:
+                self.progress.log(f"warning: {len(damaged)} stored blob(s) of {version.name}/{version.version} are "
+                                  "missing or no longer match their sha256; uploading them again from this build's "
+                                  "verified copy")
+                registry.repair_blobs(self.plan.home, files, self.progress)
+            try:
+                repaired = registry.confirm_manifest(self.plan.home, version.name, version.version, files)
+            except registry.ManifestLost as lost:
+                self.progress.log(f"warning: {lost}; it cannot be pulled, so it is tagged {registry.UNPULLABLE_TAG} "
+                                  "and a new version is published")
+                registry.retire(self.plan.home, version.name, version.version, str(lost))
+                return False
+            if repaired:
+                self.progress.log(f"warning: {repaired}")
+            return True
 
     def _artifact_files(self, name: str, checkpoint: Path, report: Path, scratch: Path) -> dict[str, Path]:
         """What a variant's version holds: the checkpoint, validation.json and its recipe.json (in `scratch`)."""

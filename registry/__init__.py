@@ -32,6 +32,7 @@ from pathlib import Path
 from kiln.common.errors import UserInputError, VerificationError
 from kiln.common.fsutil import atomic_dir, require_empty_folder
 from kiln.registry.lookup import version_confirmed
+from kiln.registry.confirm import UNPULLABLE_TAG, ManifestLost, confirm_manifest, fetch_manifest, retire
 from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_runtime_check, add_sm, sm_manifest
 from kiln.registry.tags import (
     BACKEND, KV_CACHE, QUANT, RECIPE, REGISTERED_MODEL, SM_MANIFEST, SM_TENSORRT, VARIANT, held_sms,
@@ -58,7 +59,8 @@ __all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", 
            "PublishedVersion", "held_sms", "sm_tag", "PUBLISH_KEY_TAG", "CheckpointMismatch", "MANIFEST_TAG",
            "Transfer", "RECIPE_FILE", "Promotion", "promote", "diff", "gate_failures", "RunRecords",
            "checkpoint_records", "prefixed_metrics", "ensure_records", "recorded_tags", "attach_figure", "FIGURE_FILE",
-           "FIGURE_PATH", "recipe_versions", "backfill"]
+           "FIGURE_PATH", "recipe_versions", "backfill", "confirm_manifest", "ManifestLost", "retire",
+           "UNPULLABLE_TAG"]
 
 
 @dataclass(frozen=True)
@@ -235,10 +237,7 @@ def _download_from_blobs(mlflow, home: Path, version, root: Path, sm: str | None
         manifests.append((sm_manifest(sm, digest), f"{SM_ROOT}/{sm}/{MANIFEST}", digest))
     wanted: dict[str, dict] = {}
     for stored, rel, digest in manifests:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        manifest = json.loads(download_file(home, f"{version.source}/{stored}", root / rel).read_text())
-        if manifest_digest(manifest) != digest:   # an altered manifest must not even direct the downloads
-            raise VerificationError(f"{rel} was altered: its digest differs from the one recorded at publish time")
+        manifest = fetch_manifest(home, version.source, stored, digest, root / rel, rel)
         wanted.update(manifest["files"])
     download_blobs(mlflow, home, wanted, root, progress, f"download {label}" + (f" ({sm})" if sm else ""))
 

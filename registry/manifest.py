@@ -47,10 +47,18 @@ def verify_tree(root: Path, expected_manifest_digest: str | None = None, scope: 
         raise VerificationError(f"{rel}: listed in {manifest_rel} but missing from the artifact")
     for rel in sorted(present - set(listed)):
         raise VerificationError(f"{rel}: present in the artifact but not listed in {manifest_rel}")
-    for rel in sorted(listed):
-        info, path = listed[rel], root / rel
-        if path.stat().st_size != info["size"]:
-            raise VerificationError(f"{rel}: size {path.stat().st_size} differs from the manifest's {info['size']}")
-        if file_sha256(path) != info["sha256"]:
-            raise VerificationError(f"{rel}: sha256 differs from the manifest: the file was altered")
+    verify_files(root, listed)
     return manifest
+
+
+def verify_files(root: Path, listed: dict[str, dict], label: str = "") -> None:
+    """Each listed file under `root` has the manifest's size and sha256; VerificationError names the first
+    that does not (prefixed with `label`, the version, when given)."""
+    prefix = f"{label}: " if label else ""
+    for rel in sorted(listed):
+        info, path = listed[rel], Path(root) / rel
+        if path.stat().st_size != info["size"]:
+            raise VerificationError(f"{prefix}{rel}: size {path.stat().st_size} differs from the manifest's "
+                                    f"{info['size']}")
+        if file_sha256(path) != info["sha256"]:
+            raise VerificationError(f"{prefix}{rel}: sha256 differs from the manifest: the file was altered")

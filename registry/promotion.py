@@ -24,8 +24,8 @@ from kiln.registry.engines import sm_manifest
 from kiln.registry.tags import (
     SM_MANIFEST, gate_failures, gates_of, held_sms, metrics_of, promotion_tag, sm_tag, tools_of,
 )
-from kiln.registry.manifest import MANIFEST
-from kiln.registry.store import client, download_file, is_missing
+from kiln.registry.manifest import MANIFEST, verify_files
+from kiln.registry.store import MANIFEST_TAG, client, is_missing
 
 RECIPE_FILE = "recipe.json"      # the recipe as it applies to the version's variant
 _ALIAS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")   # what NAME@ALIAS references can name
@@ -85,16 +85,21 @@ def promote(home: Path, name: str, version: str, alias: str, force: bool = False
 
 def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict], dict | None]:
     """A version's files (base and every SM it holds: path -> sha256, size) and its recipe.json, if any."""
+    from kiln.registry.confirm import fetch_manifest
+
+    label = f"{found.name}/{found.version}"
     files: dict[str, dict] = {}
-    stored = [MANIFEST] + [sm_manifest(sm, found.tags[sm_tag(sm, SM_MANIFEST)]) for sm in held_sms(found.tags)]
-    for index, rel in enumerate(stored):
+    stored = [(MANIFEST, found.tags.get(MANIFEST_TAG))] + [
+        (sm_manifest(sm, found.tags[sm_tag(sm, SM_MANIFEST)]), found.tags[sm_tag(sm, SM_MANIFEST)])
+        for sm in held_sms(found.tags)]
+    for index, (rel, digest) in enumerate(stored):
         dst = scratch / str(found.version) / f"manifest-{index}.json"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        files.update(json.loads(download_file(home, f"{found.source}/{rel}", dst).read_text())["files"])
+        files.update(fetch_manifest(home, found.source, rel, digest, dst, f"{label}: {rel}")["files"])
     recipe = None
     if RECIPE_FILE in files and found.tags.get(STORAGE_TAG) == STORAGE:
         out = scratch / str(found.version) / "files"
         download_blobs(mlflow, home, {RECIPE_FILE: files[RECIPE_FILE]}, out, SILENT, "recipe")
+        verify_files(out, {RECIPE_FILE: files[RECIPE_FILE]}, label)   # what is shown as fact must be what was stored
         recipe = json.loads((out / RECIPE_FILE).read_text())
     return files, recipe
 

@@ -106,21 +106,30 @@ def records_from_tags(tags: Mapping[str, str]) -> RunRecords:
     return RunRecords(_numbers(metrics), {key: value for key, value in params.items() if value})
 
 
-def backfill(home) -> list[tuple[str, int]]:
+def backfill(home) -> list[tuple[str, int | str]]:
     """Run records for every kiln version of the registry that has none, from its tags:
-    [(name/version, metrics and params added)]."""
+    [(name/version, metrics and params added, or why it was skipped)]. A version whose run was deleted
+    (MLflow refuses writes to it) is skipped and named; the others are still filled."""
+    from mlflow.exceptions import MlflowException
+
     from kiln.registry.store import client
 
     mlflow = client(home)
-    done = []
+    done: list[tuple[str, int | str]] = []
     for model in mlflow.search_registered_models():
         for version in mlflow.search_model_versions(f"name='{model.name}'"):
             if t.RECIPE not in version.tags or version.tags.get(RUN_RECORDS):
                 continue
-            added = log_records(mlflow, version.run_id, records_from_tags(version.tags))
+            label = f"{model.name}/{version.version}"
+            try:
+                added = log_records(mlflow, version.run_id, records_from_tags(version.tags))
+            except MlflowException as exc:
+                done.append((label, f"skipped: its run {version.run_id} cannot take records "
+                                    f"({str(exc).splitlines()[0][:160]})"))
+                continue
             mlflow.set_model_version_tag(model.name, version.version, RUN_RECORDS, FROM_TAGS)
-            done.append((f"{model.name}/{version.version}", added))
-    return sorted(done)
+            done.append((label, added))
+    return sorted(done, key=lambda item: item[0])
 
 
 def attach_figure(home, version, digest: str, render) -> bool:

@@ -105,11 +105,32 @@ def client(home: Path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not database.exists():
             _create_database(database)
+        _require_intact(database)
         _migrate(uri)
         if home_registry(home):
             _rebase_moved_home(database, artifact_root(home))
     _initialised.add(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+class RegistryDamaged(KilnError):
+    exit_code = 1
+
+
+def _require_intact(database: Path) -> None:
+    """SQLite's own consistency check, read-only, before MLflow opens (and would migrate) the database: a
+    damaged one gave a traceback from every command."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        raise RegistryDamaged(f"{database}: the registry database is damaged ({'; '.join(problems)[:200]}); kiln did "
+                              "not change it (fix: restore it from a backup, or set MLFLOW_TRACKING_URI to another "
+                              "registry; move it aside to start an empty one)")
 
 
 def _migrate(uri: str) -> None:

@@ -85,6 +85,33 @@ def test_a_cached_rebuild_says_so_verifies_the_stored_blobs_and_plan_verifies_th
     pulled = run_kiln("pull", "cv-fp8/1", "--out", tmp_path / "pulled", "--gpu", "none")
     assert pulled.returncode == 0, pulled.stderr
 
+    # Issue 24.6: a deleted or altered manifest.json left the version unpullable while rebuilds said confirmed.
+    (manifest,) = (kiln_home / "registry" / "artifacts").glob("*/artifacts/artifact/manifest.json")
+    stored = manifest.read_text()
+    manifest.unlink()
+    unpullable = run_kiln("pull", "cv-fp8/1", "--out", tmp_path / "p2", "--gpu", "none")
+    assert unpullable.returncode == 1 and "Traceback" not in unpullable.stderr
+    assert unpullable.stderr.strip().splitlines()[-1] == (
+        "kiln: cv-fp8/1: manifest.json is missing from the registry, so no file can be verified (fix: rebuild its "
+        f"recipe with `kiln build`, which writes it again, or pull another version); nothing was written to "
+        f"{tmp_path / 'p2'}")
+    for damage in ("missing", "altered"):
+        rebuilt = run_kiln("build", recipe)
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert (f"cv-fp8/1: its manifest.json was {damage}; wrote it again from this build's verified files"
+                in rebuilt.stderr)
+        assert json.loads(manifest.read_text()) == json.loads(stored)
+        assert run_kiln("pull", "cv-fp8/1", "--out", tmp_path / f"p-{damage}", "--gpu", "none").returncode == 0
+        manifest.write_text(stored.replace('"format": 1', '"format": 2'))
+    from kiln.registry import MANIFEST_TAG, client
+
+    client(kiln_home).set_model_version_tag("cv-fp8", "1", MANIFEST_TAG, "0" * 64)   # no build reproduces it
+    republished = run_kiln("build", recipe, "--json")
+    assert republished.returncode == 0, republished.stderr
+    assert "cv-fp8/1: its manifest.json was altered, and this build's files do not reproduce" in republished.stderr
+    assert json.loads(republished.stdout)["variants"][0]["registry"]["version"] == "2"
+    assert client(kiln_home).get_model_version("cv-fp8", "1").tags["kiln.unpullable"].startswith("cv-fp8/1: its")
+
     weights = next((kiln_home / "cache" / "quantize").glob("*/hf/*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF

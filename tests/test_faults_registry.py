@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import KILN, run_kiln
+from tests.conftest import KILN, run_kiln, write_recipe
 
 
 def _publish(home, name, payload: bytes, key: str, recipe="r", variant="v", share=False, tmp=None):
@@ -264,3 +264,24 @@ def test_another_homes_database_named_by_uri_is_not_rebased(tmp_path, monkeypatc
         (location,) = db.execute("SELECT artifact_location FROM experiments WHERE name = 'kiln'").fetchone()
     assert location == (first / "registry" / "artifacts").resolve().as_uri()
     assert (pull(second, "m-v/1", tmp_path / "out", SILENT).path / "hf" / "w.bin").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated"])
+def test_a_damaged_registry_database_is_one_line_and_left_untouched(kiln_home, tmp_path, test_model, damage):
+    """Issue 24.8: a corrupt mlflow.db gave tracebacks on ls, backfill, pull and build."""
+    _publish(kiln_home, "m-v", b"weights", "k1")
+    database = kiln_home / "registry" / "mlflow.db"
+    data = database.read_bytes()
+    damaged = os.urandom(len(data)) if damage == "random" else data[: len(data) // 3]
+    database.write_bytes(damaged)
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8"}})
+    for command in (("ls",), ("registry", "backfill"), ("pull", "m-v/1", "--out", tmp_path / "out", "--gpu", "none"),
+                    ("build", recipe)):
+        result = run_kiln(*command, env={"KILN_HOME": str(kiln_home)})
+        assert result.returncode == 1, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"kiln: {database}: the registry database is damaged ("), (command, line)
+        assert line.endswith("kiln did not change it (fix: restore it from a backup, or set MLFLOW_TRACKING_URI to "
+                             "another registry; move it aside to start an empty one)")
+        assert database.read_bytes() == damaged and not (tmp_path / "out").exists()

@@ -62,3 +62,38 @@ def test_gate_failures_names_each_unpassed_gate():
                           failures=[]), "kiln.sm.sm90.manifest_sha256": "x"}
     assert held_sms(tags) == ["sm90"]
     assert gate_failures(tags) == ["checkpoint: no gate result recorded"]
+
+
+def test_diff_shows_only_what_the_manifests_verify(kiln_home, tmp_path):
+    """Issue 24.7: a truncated recipe.json gave a traceback; one rewritten with max_kl 999 was shown as fact."""
+    import json
+
+    from kiln.common.progress import SILENT
+    from kiln.registry import PUBLISH_KEY_TAG
+    from tests.conftest import run_kiln
+
+    for key, max_kl in (("a", 0.05), ("b", 0.1)):
+        folder = tmp_path / key
+        folder.mkdir()
+        (folder / "w.bin").write_bytes(key.encode())
+        (folder / "recipe.json").write_text(json.dumps({"gates": {"max_kl": max_kl}}))
+        publish(kiln_home, "m", {"hf/w.bin": folder / "w.bin", "recipe.json": folder / "recipe.json"},
+                {PUBLISH_KEY_TAG: key}, [], SILENT)
+    env = {"KILN_HOME": str(kiln_home)}
+    shown = run_kiln("diff", "m", "1", "2", "--json", env=env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["recipe"] == {"gates.max_kl": [0.05, 0.1]}
+
+    blob = next(p for p in (kiln_home / "registry" / "artifacts" / "blobs").glob("*/*")
+                if p.read_bytes() == json.dumps({"gates": {"max_kl": 0.1}}).encode())
+    for altered in (b'{"gates": {"max_k', json.dumps({"gates": {"max_kl": 999}}).encode()):
+        blob.write_bytes(altered)
+        refused = run_kiln("diff", "m", "1", "2", "--json", env=env)
+        assert refused.returncode == 1 and refused.stdout == "" and "Traceback" not in refused.stderr
+        reason = "size" if len(altered) < 20 else "sha256"
+        assert refused.stderr.startswith(f"kiln: m/2: recipe.json: {reason} ")
+    stored = sorted((kiln_home / "registry" / "artifacts").glob("*/artifacts/artifact/manifest.json"))
+    for path in stored:
+        path.write_text(path.read_text().replace('"format": 1', '"format": 2'))
+    refused = run_kiln("diff", "m", "1", "2", env=env)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        "kiln: m/1: manifest.json was altered: its digest differs from the one recorded at publish time")

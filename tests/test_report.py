@@ -219,3 +219,17 @@ def test_registry_backfill_gives_older_versions_their_run_records_from_their_tag
     assert (run.params["format"], run.params["recipe"], run.params["tool/nvidia-modelopt"]) == ("fp8", "r", "0.47.0")
     assert mlflow.get_model_version("r-fp8", old.version).tags[RUN_RECORDS] == "tags"
     assert "every version already has its run records" in run_kiln("registry", "backfill", env=env).stdout
+
+
+def test_backfill_skips_a_version_whose_run_was_deleted_and_fills_the_others(kiln_home, tmp_path):
+    """Issue 24.9: one deleted run stopped backfill with a traceback ("must be in the 'active' state")."""
+    gone, *_ = _version(kiln_home, tmp_path, "fp8", "k1", 7e-4, True, records=False)
+    kept, *_ = _version(kiln_home, tmp_path, "fp8", "k2", 6e-4, True, records=False)
+    client(kiln_home).delete_run(gone.run_id)
+    result = run_kiln("registry", "backfill", env={"KILN_HOME": str(kiln_home)})
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"r-fp8/1: skipped: its run {gone.run_id} cannot take records (")
+    assert lines[1].startswith("r-fp8/2: ") and lines[1].endswith("metrics and params added")
+    assert lines[2] == "1 version(s) backfilled, 1 skipped"
+    assert client(kiln_home).get_run(kept.run_id).data.metrics["mean_kl"] == 6e-4
