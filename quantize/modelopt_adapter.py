@@ -73,14 +73,23 @@ def input_device(model):
     return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
-def calibrate(model, config: dict, samples, on_samples: Callable[[int], None], batch_size: int = 1) -> None:
-    """Run ModelOpt's calibration with the recipe's token windows ([n, seq_len]), `batch_size` per forward."""
+def calibrate(model, config: dict, samples, on_samples: Callable[[int], None], batch_size: int = 1,
+              on_pass: Callable[[int], None] | None = None) -> None:
+    """Run ModelOpt's calibration with the recipe's token windows ([n, seq_len]), `batch_size` per forward.
+
+    ModelOpt may run the loop more than once (AWQ: statistics, then the scale search); each later pass calls
+    `on_pass(n)` before its samples count again, so progress never reads 59/32."""
     import modelopt.torch.quantization as mtq
     import torch
 
     device = input_device(model)
+    passes = 0
 
     def forward_loop(m):
+        nonlocal passes
+        passes += 1
+        if passes > 1 and on_pass is not None:
+            on_pass(passes)
         with torch.no_grad():
             for start in range(0, len(samples), batch_size):
                 batch = samples[start:start + batch_size]

@@ -39,7 +39,7 @@ from kiln.registry.tags import (
     loading_runtimes_of, metrics_of, sm_tag,
 )
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
-from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, promote
+from kiln.registry.promotion import RECIPE_FILE, Promotion, checked_version, diff, promote
 from kiln.registry.run_records import (
     FIGURE_FILE, FIGURE_PATH, RunRecords, attach_figure, backfill, checkpoint_records, ensure_records, log_records,
     prefixed_metrics, recorded_tags,
@@ -129,11 +129,18 @@ def _converge(mlflow, name: str, publish_key: str, mine: str) -> PublishedVersio
                     if v.tags.get(PUBLISH_KEY_TAG) == publish_key), key=lambda v: int(v.version))
     winner = twins[0]
     if str(winner.version) != mine:
+        lost = next(v for v in twins if str(v.version) == mine)
         mlflow.delete_model_version(name, mine)
+        if lost.run_id != winner.run_id:
+            # The losing run stayed FINISHED with metrics, so MLflow's compare charts showed a version that is
+            # gone: say which version holds its checkpoint, then delete it (MLflow keeps it, hidden, until gc).
+            mlflow.set_tag(lost.run_id, SUPERSEDED_TAG, f"{name}/{winner.version}")
+            mlflow.delete_run(lost.run_id)
     return PublishedVersion(name, str(winner.version), winner.run_id, created=str(winner.version) == mine)
 
 
 RECIPE_TAG, VARIANT_TAG = RECIPE, VARIANT   # who owns a registered model's name
+SUPERSEDED_TAG = "kiln.superseded_by"       # on the run of a publish that lost a race: the version that won
 
 
 def check_owner(home: Path, name: str, recipe: str | None, variant: str | None) -> None:
@@ -189,6 +196,8 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
 
 def _resolve(mlflow, ref: str):
     name, alias, version = parse_ref(ref)
+    if version is not None:
+        version = checked_version(name, version)
     try:
         if alias:
             return mlflow.get_model_version_by_alias(name, alias)

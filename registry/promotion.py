@@ -47,7 +47,19 @@ def actor() -> str:
         or getpass.getuser()
 
 
+MAX_VERSION = 2**31 - 1   # MLflow stores version numbers as a 32-bit integer column (PostgreSQL's `integer`)
+
+
+def checked_version(name: str, version: str) -> str:
+    """A version number a registry can hold, or one line: past 64 bits MLflow raised an overflow traceback."""
+    if not version.isascii() or not version.isdigit() or not 1 <= int(version) <= MAX_VERSION:
+        raise UserInputError(f"{name}/{version}: a version is a whole number from 1 to {MAX_VERSION} (fix: see "
+                             "`kiln ls` for the versions there are)")
+    return str(int(version))
+
+
 def _version(mlflow, name: str, version: str):
+    version = checked_version(name, version)
     try:
         return mlflow.get_model_version(name, version)
     except Exception as exc:   # MlflowException: a missing one is the user's; anything else propagates
@@ -73,10 +85,18 @@ def promote(home: Path, name: str, version: str, alias: str, force: bool = False
         previous = str(mlflow.get_model_version_by_alias(name, alias).version)
     except Exception:  # no such alias yet
         previous = None
-    record = {"by": actor(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.now(timezone.utc)
+    record = {"by": actor(), "at": now.isoformat(timespec="seconds"),
               "from": previous or "", "forced": "true" if force and failures else "false"}
     if force and failures:
         record.update({"reason": reason.strip(), "overrode": "; ".join(failures)})
+    # Every promotion keeps its own record (event.<UTC time to the microsecond>); the plain fields say the latest.
+    # A second forced promotion had overwritten the first one's reason and time.
+    event = promotion_tag(alias, f"event.{now.strftime('%Y%m%dT%H%M%S%fZ')}")
+    mlflow.set_model_version_tag(name, version, event, json.dumps(record, sort_keys=True)[:4900])
+    for field in ("reason", "overrode"):   # the latest fields describe the latest promotion only
+        if field not in record and promotion_tag(alias, field) in found.tags:
+            mlflow.delete_model_version_tag(name, version, promotion_tag(alias, field))
     for field, value in record.items():
         mlflow.set_model_version_tag(name, version, promotion_tag(alias, field), value)
     mlflow.set_registered_model_alias(name, alias, version)   # last: the record is in place first
@@ -115,6 +135,12 @@ def _flatten(value, prefix: str = "") -> dict[str, object]:
 
 def _changed(a: dict, b: dict) -> dict[str, list]:
     return {key: [a.get(key), b.get(key)] for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
+
+
+def promotion_history(tags: dict[str, str], alias: str) -> list[dict]:
+    """Every promotion of this version to `alias`, oldest first."""
+    prefix = promotion_tag(alias, "event.")
+    return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(prefix))]
 
 
 def diff(home: Path, name: str, first: str, second: str) -> dict:

@@ -43,8 +43,10 @@ class PublishedVersion:
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 # A registry that does not answer must fail in seconds, not after MLflow's default of 7 retries with
 # exponential backoff (about 270 s per request). The user's own settings win.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+# Each request waits at most 20 s for a byte and is tried twice: a server that stalls mid-command ends it
+# within a minute, and the first call that times out ends it (unreachable() below), not every later call.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def tracking_uri(home: Path) -> str:
@@ -182,19 +184,24 @@ def _rebase_moved_home(database: Path, root: str) -> None:
 
 
 def require_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """A registry server answers /health within seconds, or the command stops here with one line."""
+    """A registry server answers /health and one small API call within seconds, or the command stops here
+    with one line: a server that answered /health but stalled on its API took three 60 s timeouts."""
     if not uri.startswith(("http://", "https://")) or uri in _reachable:
         return
     import urllib.error
     import urllib.request
 
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
-            pass
-    except urllib.error.HTTPError:
-        pass   # it answered: a proxy or an older server without /health
-    except (OSError, ValueError) as exc:
-        raise RegistryUnreachable(uri, exc) from None
+    base = uri.rstrip("/")
+    for path, what in (("/health", None), (f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}",
+                                           "its API")):
+        try:
+            with urllib.request.urlopen(base + path, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            pass   # it answered: a proxy, an older server without /health, an experiment not created yet
+        except (OSError, ValueError) as exc:
+            cause = f"{what} did not answer within {timeout_s:.0f} s, though /health did" if what else exc
+            raise RegistryUnreachable(uri, cause) from None
     _reachable.add(uri)
 
 

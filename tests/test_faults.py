@@ -247,6 +247,21 @@ def test_check_finds_missing_data_files_and_excludes_that_match_nothing(tmp_path
     assert "'lm_head' matches" not in result.stderr
 
 
+def test_check_reads_data_files_as_build_does(tmp_path, test_model):
+    """Issue 24.16: a 2 GB file with no blank line in its first 16 Mi characters passed check; build refused it."""
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8"}})
+    recipe.write_text(recipe.read_text().replace("builtin: python-docs-train", "file: flat.txt"))
+    with (tmp_path / "flat.txt").open("wb") as handle:
+        handle.truncate(64 * 2**20)   # sparse: 64 Mi NUL characters, no paragraph break
+    result = run_kiln("check", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"kiln: {recipe}: {tmp_path / 'flat.txt'}: no blank line between paragraphs in "
+                                     "the first 16777216 characters kiln reads (fix: split the text into documents, "
+                                     "or use a smaller file)")
+    (tmp_path / "flat.txt").write_text("a paragraph of calibration text\n\nand another one\n")
+    assert run_kiln("check", recipe).returncode == 0
+
+
 def test_a_recipe_that_is_not_a_small_regular_file_is_refused_without_reading_it(tmp_path):
     """Issue 13.10: `kiln build /dev/zero` died of MemoryError."""
     result = run_kiln("build", "/dev/zero", env={"KILN_HOME": str(tmp_path / "home")})
@@ -295,3 +310,29 @@ def test_a_read_only_kiln_home_is_one_line_for_every_command(tmp_path, test_mode
     lines = result.stderr.splitlines()
     assert len(lines) == 3 and "Traceback" not in result.stderr, result.stderr
     assert all("Read-only file system (fix: the disk is read-only; set KILN_HOME" in line for line in lines)
+
+
+def test_calibration_progress_counts_each_pass_to_its_total(test_model, monkeypatch, capsys):
+    """Issue 24.17: "calibrate int4_awq: 59/32": AWQ's statistics and search passes both counted the samples."""
+    from transformers import AutoTokenizer
+
+    from kiln.common.progress import ProgressReporter
+    from kiln.pipeline.corpus import python_docs
+    from kiln.pipeline.data import token_samples
+    from kiln.quantize import KVCacheFormat, QuantFormat
+    from kiln.quantize import modelopt_adapter as adapter
+
+    monkeypatch.setenv("KILN_PROGRESS_INTERVAL_S", "3600")
+    samples = token_samples(python_docs("train"), AutoTokenizer.from_pretrained(test_model), 4, 32)
+    model = adapter.load_source_model(test_model, "bfloat16", False, False)
+    passes = []
+    with ProgressReporter().task("calibrate int4_awq", total=len(samples)) as task:
+        def advance(n):
+            task.advance(n)
+            assert task.completed <= task.total, task.completed   # never 59/32
+        adapter.calibrate(model, adapter.modelopt_config(QuantFormat.int4_awq, KVCacheFormat.none, None), samples,
+                          advance, 2, on_pass=lambda n: (passes.append(n), task.restart(f"calibrate int4_awq (pass {n})")))
+    assert passes and passes == list(range(2, len(passes) + 2))   # AWQ runs the loop more than once
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("calibrate")]   # not ModelOpt's
+    assert lines[0] == "calibrate int4_awq: started" and f"calibrate int4_awq (pass {passes[-1]}): started" in lines
+    assert lines[-1].startswith(f"calibrate int4_awq (pass {passes[-1]}): 4/4 done in")

@@ -45,6 +45,16 @@ def test_two_publishers_of_one_checkpoint_converge_on_the_lowest_version(kiln_ho
     won = _converge(mlflow, "m-v", "k-race", "2")                   # the loser deletes its own
     assert (won.version, won.created) == ("1", False)
     assert sorted(r["version"] for r in list_versions(kiln_home)) == ["1", other.version]
+    assert mlflow.get_run(first.run_id).info.lifecycle_stage == "active"   # a run the winner shares is kept
+
+    # Issue 24.13: a loser with a run of its own left it FINISHED with metrics, charted beside the winner.
+    loser_run = mlflow.create_run(mlflow.get_run(first.run_id).info.experiment_id).info.run_id
+    mlflow.set_terminated(loser_run, "FINISHED")
+    third = mlflow.create_model_version("m-v", stored.source, loser_run, tags={PUBLISH_KEY_TAG: "k-race"})
+    assert _converge(mlflow, "m-v", "k-race", str(third.version)).version == "1"
+    lost = mlflow.get_run(loser_run)
+    assert lost.info.lifecycle_stage == "deleted" and lost.data.tags["kiln.superseded_by"] == "m-v/1"
+    assert mlflow.get_run(first.run_id).info.lifecycle_stage == "active"
 
 
 def test_a_name_owned_by_another_recipe_and_variant_is_refused(kiln_home):
@@ -285,3 +295,56 @@ def test_a_damaged_registry_database_is_one_line_and_left_untouched(kiln_home, t
         assert line.endswith("kiln did not change it (fix: restore it from a backup, or set MLFLOW_TRACKING_URI to "
                              "another registry; move it aside to start an empty one)")
         assert database.read_bytes() == damaged and not (tmp_path / "out").exists()
+
+
+def test_a_registry_that_answers_health_but_stalls_fails_the_command_in_seconds(tmp_path):
+    """Issue 24.10: `kiln ls` took 186 s (three 60 s timeouts) against a server whose API stalled."""
+    import http.server
+    import threading
+
+    release = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/health":
+                release.wait(120)   # the API never answers while the test runs
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        result = run_kiln("ls", env={"KILN_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": uri}, timeout=120)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        server.shutdown()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"kiln: the registry at {uri} is unreachable (its API did not answer within 5 s, "
+                                     "though /health did) (fix: start it with `kiln registry serve`, or point "
+                                     "MLFLOW_TRACKING_URI at a running one)")
+    assert took < 30, took
+
+
+def test_a_version_number_past_what_a_registry_holds_is_one_line(kiln_home, tmp_path):
+    """Issue 24.15: `pull m/99999999999999999999999`, promote and diff gave an overflow traceback."""
+    _publish(kiln_home, "m-v", b"w", "k1")
+    huge = "99999999999999999999999"
+    env = {"KILN_HOME": str(kiln_home)}
+    for command in (("pull", f"m-v/{huge}", "--out", tmp_path / "out", "--gpu", "none"),
+                    ("promote", "m-v", huge, "--alias", "production"), ("diff", "m-v", "1", huge),
+                    ("diff", "m-v", "0", "1"), ("triton-repo", f"m-v/{huge}", "--out", tmp_path / "out")):
+        result = run_kiln(*command, env=env)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.strip() in (
+            f"kiln: m-v/{huge}: a version is a whole number from 1 to 2147483647 (fix: see `kiln ls` for the "
+            "versions there are)", "kiln: m-v/0: a version is a whole number from 1 to 2147483647 (fix: see `kiln "
+            "ls` for the versions there are)"), (command, result.stderr)
+    assert not (tmp_path / "out").exists()

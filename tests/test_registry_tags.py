@@ -97,3 +97,21 @@ def test_diff_shows_only_what_the_manifests_verify(kiln_home, tmp_path):
     refused = run_kiln("diff", "m", "1", "2", env=env)
     assert refused.returncode == 1 and refused.stderr.strip() == (
         "kiln: m/1: manifest.json was altered: its digest differs from the one recorded at publish time")
+
+
+def test_every_forced_promotion_keeps_its_own_record(kiln_home, tmp_path, monkeypatch):
+    """Issue 24.12: a second forced promote of one version and alias overwrote the first reason and time."""
+    from kiln.registry import client
+    from kiln.registry.promotion import promotion_history
+
+    weights, tags = _checkpoint(tmp_path, "k1", b"first", passed=False, kl=0.08)
+    version = publish(kiln_home, "r-fp8", {"hf/w.bin": weights}, tags, [], SILENT).version
+    for who, why in (("ana", "hotfix for incident 12"), ("bo", "rollback test")):
+        monkeypatch.setenv("KILN_ACTOR", who)
+        assert promote(kiln_home, "r-fp8", version, "production", force=True, reason=why).forced
+    stored = client(kiln_home).get_model_version("r-fp8", version).tags
+    history = promotion_history(stored, "production")
+    assert [(r["by"], r["reason"], r["forced"]) for r in history] == [
+        ("ana", "hotfix for incident 12", "true"), ("bo", "rollback test", "true")]
+    assert history[0]["at"] <= history[1]["at"] and history[1]["from"] == version
+    assert stored["kiln.promotion.production.reason"] == "rollback test"   # the latest, as before

@@ -90,6 +90,19 @@ def test_the_figure_draws_every_variant_where_its_size_and_kl_are_and_marks_the_
     assert figure_digest("t", passing) == figure_digest("t", list(passing))
 
 
+def test_dollar_signs_in_names_and_titles_are_drawn_as_written():
+    """Issue 24.11: a `$` in a model path or variant made matplotlib parse math and fail every rebuild."""
+    from kiln.pipeline.figures import kl_history_png
+
+    points = [SizePoint("a$b", "fp8 $x", 8.0, 7e-4, True, 0.01), SizePoint("c$", "int4", 4.3, None, True, 0.01)]
+    figure, axes, _ = accuracy_size_figure("/models/$HOME/m$1 $x^{2}$", points)
+    assert axes.get_title(loc="left") == r"/models/\$HOME/m\$1 \$x^{2}\$"
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert r"a\$b (fp8 \$x): 8.00 bits" in labels[0] and labels[-1].endswith(r"c\$")
+    assert accuracy_size_png("$", points).startswith(b"\x89PNG")
+    assert kl_history_png("$t$ $", {"a$b": [(1, 1e-3)], "$": [(2, 2e-3)]}).startswith(b"\x89PNG")
+
+
 def _version(kiln_home, tmp_path, variant: str, key: str, kl: float, passed: bool, records: bool = True):
     weights = tmp_path / f"{key}.bin"
     weights.write_bytes(key.encode())
