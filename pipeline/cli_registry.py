@@ -101,6 +101,34 @@ def backfill_records() -> None:
           else "every version already has its run records")
 
 
+@registry_app.command("verify")
+def verify(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines.")) -> None:
+    """Check that every version can be pulled, changing nothing: exit 1 if any cannot.
+
+    Each version's manifests must match the digests its tags record, and every file they list must be
+    in the blob store with the bytes its sha256 names (hashed in place on the embedded registry,
+    downloaded from a server). A version that fails names the first bad file and the fix.
+    """
+    from kiln.common.errors import KilnError
+    from kiln.common.progress import ProgressReporter
+    from kiln.registry.verify import verify_registry
+
+    checks = verify_registry(kiln_home(), ProgressReporter())
+    if as_json:
+        emit_json([check.as_dict() for check in checks])
+    else:
+        for check in checks:
+            state = (f"not pullable: {check.problem}" if check.problem else check.note
+                     or f"ok ({check.files} files, {check.bytes} bytes verified)")
+            print(f"{check.label}: {state}")
+    broken = [check.label for check in checks if check.problem]
+    if broken:
+        raise KilnError(f"{len(broken)} of {len(checks)} version(s) cannot be pulled: {', '.join(broken[:5])}"
+                        f"{' …' if len(broken) > 5 else ''}; nothing was changed")
+    if not as_json:
+        print(f"{len(checks)} version(s): every one can be pulled" if checks else "the registry holds no version")
+
+
 def promote(
     name: str = typer.Argument(..., help="Registered model, e.g. demo-fp8.", show_default=False),
     version: str = typer.Argument(..., help="Version number.", show_default=False),

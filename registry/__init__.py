@@ -172,10 +172,13 @@ def checkpoint_digest(home: Path, version: PublishedVersion) -> str:
 def find_version(home: Path, name: str, publish_key: str) -> PublishedVersion | None:
     """The version of `name` that a publish with this stage key created, if it still exists."""
     mlflow = client(home)
-    for version in mlflow.search_model_versions(f"name='{name}'"):
-        if version.tags.get(PUBLISH_KEY_TAG) == publish_key:
-            return PublishedVersion(name, str(version.version), version.run_id)
-    return None
+    # The lowest: while publishers race, a higher twin exists until its publisher deletes it (_converge), and
+    # a third publisher that found it reported a version that was gone a moment later.
+    found = [v for v in mlflow.search_model_versions(f"name='{name}'") if v.tags.get(PUBLISH_KEY_TAG) == publish_key]
+    if not found:
+        return None
+    version = min(found, key=lambda v: int(v.version))
+    return PublishedVersion(name, str(version.version), version.run_id)
 
 
 def set_aliases(home: Path, name: str, version: str, aliases) -> None:

@@ -32,7 +32,7 @@ def _publish(home, name, payload: bytes, key: str, recipe="r", variant="v", shar
 def test_two_publishers_of_one_checkpoint_converge_on_the_lowest_version(kiln_home, tmp_path):
     """The race test_compile_e2e runs for real cannot be forced there: here both publishers' versions exist,
     as when two created theirs at once, and each publisher's convergence keeps the lowest and deletes its own."""
-    from kiln.registry import PUBLISH_KEY_TAG, _converge, client, list_versions
+    from kiln.registry import PUBLISH_KEY_TAG, _converge, client, find_version, list_versions
 
     first = _publish(kiln_home, "m-v", b"weights", "k-race", tmp=tmp_path)
     mlflow = client(kiln_home)
@@ -40,6 +40,9 @@ def test_two_publishers_of_one_checkpoint_converge_on_the_lowest_version(kiln_ho
     twin = mlflow.create_model_version("m-v", stored.source, stored.run_id, tags={PUBLISH_KEY_TAG: "k-race"})
     assert (first.version, str(twin.version)) == ("1", "2")
     other = _publish(kiln_home, "m-v", b"other weights", "k-other", tmp=tmp_path)   # another key: untouched
+    # Issue 24.13 (found by bench/hostile.py): a third publisher found the higher twin, about to be deleted.
+    assert [str(v.version) for v in mlflow.search_model_versions("name='m-v'")][:2] != ["1", "2"]
+    assert find_version(kiln_home, "m-v", "k-race").version == "1"
     assert _converge(mlflow, "m-v", "k-race", "1").version == "1"   # the winner keeps its version
     assert sorted(r["version"] for r in list_versions(kiln_home)) == ["1", "2", other.version]
     won = _converge(mlflow, "m-v", "k-race", "2")                   # the loser deletes its own
@@ -348,3 +351,31 @@ def test_a_version_number_past_what_a_registry_holds_is_one_line(kiln_home, tmp_
             "versions there are)", "kiln: m-v/0: a version is a whole number from 1 to 2147483647 (fix: see `kiln "
             "ls` for the versions there are)"), (command, result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_registry_verify_names_each_version_that_cannot_be_pulled_and_changes_nothing(kiln_home):
+    """Issue 24.8: a check of every version's manifest and blobs that reports without changing anything."""
+    for key, payload in (("k1", b"first"), ("k2", b"second"), ("k3", b"third")):
+        _publish(kiln_home, f"m-{key}", payload, key, variant=key)
+    env = {"KILN_HOME": str(kiln_home)}
+    healthy = run_kiln("registry", "verify", env=env)
+    assert healthy.returncode == 0, healthy.stderr
+    assert healthy.stdout.splitlines()[-1] == "3 version(s): every one can be pulled"
+    assert "m-k1/1: ok (1 files, 5 bytes verified)" in healthy.stdout
+
+    artifacts = kiln_home / "registry" / "artifacts"
+    blob = next(p for p in artifacts.glob("blobs/*/*") if p.read_bytes() == b"second")
+    blob.write_bytes(b"SECOND")
+    manifest = next(p for p in artifacts.glob("*/artifacts/artifact/manifest.json") if "k3" not in p.read_text()
+                    and json.loads(p.read_text())["files"]["hf/w.bin"]["size"] == 5)
+    manifest.unlink()
+    before = {p: p.read_bytes() for p in artifacts.rglob("*") if p.is_file()}
+    broken = run_kiln("registry", "verify", "--json", env=env)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr
+    rows = {row["version"]: row for row in json.loads(broken.stdout)}
+    assert rows["m-k3/1"]["pullable"] and not rows["m-k1/1"]["pullable"] and not rows["m-k2/1"]["pullable"]
+    assert rows["m-k1/1"]["problem"].startswith("manifest.json is missing from the registry")
+    assert rows["m-k2/1"]["problem"].startswith("hf/w.bin: missing from the blob store or altered")
+    assert broken.stderr.strip().splitlines()[-1] == ("kiln: 2 of 3 version(s) cannot be pulled: m-k1/1, m-k2/1; "
+                                                       "nothing was changed")
+    assert {p: p.read_bytes() for p in artifacts.rglob("*") if p.is_file()} == before
