@@ -27,34 +27,32 @@ def stored_manifest(home: Path, name: str, version: str) -> tuple[dict | None, s
         found = _embedded(home, name, version)
         if found is not None:
             return found
-    mlflow = client(home)
-    stored = mlflow.get_model_version(name, version)
-    digest = stored.tags.get(MANIFEST_TAG)
+    stored = client(home).get_model_version(name, version)
     with tempfile.TemporaryDirectory(prefix="kiln-manifest-") as scratch:
-        try:
-            path = download_file(home, f"{stored.source}/{MANIFEST}", Path(scratch) / MANIFEST)
-            return json.loads(path.read_text()), digest, stored.run_id, ""
-        except ValueError:
-            return None, digest, stored.run_id, "unreadable"
-        except Exception as exc:   # MLflow: no such artifact
-            if not (is_missing(exc) or isinstance(exc, OSError) or "No such" in str(exc)):
-                raise
-            return None, digest, stored.run_id, "missing"
+        manifest, trouble = _download_json(home, f"{stored.source}/{MANIFEST}", Path(scratch) / MANIFEST)
+    return manifest, stored.tags.get(MANIFEST_TAG), stored.run_id, trouble
+
+
+def _download_json(home: Path, uri: str, dest: Path) -> tuple[dict | None, str]:
+    """(the stored JSON document, "") or (None, "missing" | "unreadable")."""
+    try:
+        return json.loads(download_file(home, uri, dest).read_text()), ""
+    except ValueError:
+        return None, "unreadable"
+    except Exception as exc:   # MLflow's "No such artifact", a missing run folder
+        if not (is_missing(exc) or isinstance(exc, OSError) or "No such" in str(exc)):
+            raise
+        return None, "missing"
 
 
 def fetch_manifest(home: Path, source: str, stored: str, digest: str | None, dest: Path, shown: str) -> dict:
     """A version's manifest (at `source`/`stored`), saved as `dest`, after its digest was checked against the
     one its tags record: no file a manifest lists is trusted unless the manifest itself is. `shown` names it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest = json.loads(download_file(home, f"{source}/{stored}", dest).read_text())
-    except ValueError:
-        manifest = None
-    except Exception as exc:   # MLflow's "No such artifact", a missing run folder
-        if not (is_missing(exc) or isinstance(exc, OSError) or "No such" in str(exc)):
-            raise
+    manifest, trouble = _download_json(home, f"{source}/{stored}", dest)
+    if trouble == "missing":
         raise VerificationError(f"{shown} is missing from the registry, so no file can be verified (fix: rebuild "
-                                "its recipe with `kiln build`, which writes it again, or pull another version)") from None
+                                "its recipe with `kiln build`, which writes it again, or pull another version)")
     if manifest is None or manifest_digest(manifest) != digest:   # altered: it must not direct any download
         raise VerificationError(f"{shown} was altered: its digest differs from the one recorded at publish time")
     return manifest

@@ -110,9 +110,7 @@ def backfill(home) -> list[tuple[str, int | str]]:
     """Run records for every kiln version of the registry that has none, from its tags:
     [(name/version, metrics and params added, or why it was skipped)]. A version whose run was deleted
     (MLflow refuses writes to it) is skipped and named; the others are still filled."""
-    from mlflow.exceptions import MlflowException
-
-    from kiln.registry.store import client
+    from kiln.registry.store import client, refused_by_mlflow
 
     mlflow = client(home)
     done: list[tuple[str, int | str]] = []
@@ -123,7 +121,9 @@ def backfill(home) -> list[tuple[str, int | str]]:
             label = f"{model.name}/{version.version}"
             try:
                 added = log_records(mlflow, version.run_id, records_from_tags(version.tags))
-            except MlflowException as exc:
+            except Exception as exc:
+                if not refused_by_mlflow(exc):
+                    raise
                 done.append((label, f"skipped: its run {version.run_id} cannot take records "
                                     f"({str(exc).splitlines()[0][:160]})"))
                 continue

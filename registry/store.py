@@ -304,6 +304,13 @@ def is_missing(exc: BaseException) -> bool:
     return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(exc).lower()
 
 
+def refused_by_mlflow(exc: BaseException) -> bool:
+    """MLflow answered, and refused (a deleted run, a missing version): not a failing server or a bug."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException)
+
+
 def artifact_repository(home: Path, uri: str):
     """MLflow's artifact store at `uri` (a folder, or a server's proxied artifacts)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -366,9 +367,10 @@ def test_registry_verify_names_each_version_that_cannot_be_pulled_and_changes_no
     artifacts = kiln_home / "registry" / "artifacts"
     blob = next(p for p in artifacts.glob("blobs/*/*") if p.read_bytes() == b"second")
     blob.write_bytes(b"SECOND")
-    manifest = next(p for p in artifacts.glob("*/artifacts/artifact/manifest.json") if "k3" not in p.read_text()
-                    and json.loads(p.read_text())["files"]["hf/w.bin"]["size"] == 5)
-    manifest.unlink()
+    from kiln.registry import client
+
+    source = client(kiln_home).get_model_version("m-k1", "1").source
+    (Path(source[len("file://"):]) / "manifest.json").unlink()
     before = {p: p.read_bytes() for p in artifacts.rglob("*") if p.is_file()}
     broken = run_kiln("registry", "verify", "--json", env=env)
     assert broken.returncode == 1 and "Traceback" not in broken.stderr
