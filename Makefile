@@ -96,6 +96,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) bench/real_models.py
 	$(PY) -m kiln.pipeline.testmodel build/demo-model
 	$(PY) bench/build_time.py recipes/demo.yaml
 	$(PY) bench/serve.py recipes/demo.yaml
