@@ -2,28 +2,28 @@
 digest in its tags. A deleted or altered manifest is written again from the build's verified files when
 they reproduce that digest; otherwise the caller publishes a new version.
 
-The embedded registry is read without importing MLflow (the cached build's fast path); a team server's
-manifest is downloaded through MLflow.
+Both the embedded registry and a team server are read without importing MLflow (the cached build's fast
+path, through kiln.registry.lookup's rows); MLflow decides whatever that path cannot.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import tempfile
 from pathlib import Path
 
 from kiln.common.errors import KilnError, VerificationError
+from kiln.registry.lookup import version_row
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest
 from kiln.registry.store import (
-    MANIFEST_TAG, PUBLISH_KEY_TAG, client, download_file, home_registry, is_missing, tracking_uri, upload_manifest,
+    MANIFEST_TAG, PUBLISH_KEY_TAG, client, download_file, is_missing, tracking_uri, upload_manifest,
 )
 
 
 def stored_manifest(home: Path, name: str, version: str) -> tuple[dict | None, str | None, str, str]:
     """(the stored manifest, None when missing or unreadable; the digest the version's tags record; its run id;
     why it is unreadable)."""
-    found = _embedded(home, name, version) if home_registry(home) else _served(tracking_uri(home), name, version)
+    found = _stored_without_mlflow(home, name, version)
     if found is not None:
         return found
     stored = client(home).get_model_version(name, version)
@@ -57,57 +57,41 @@ def fetch_manifest(home: Path, source: str, stored: str, digest: str | None, des
     return manifest
 
 
-def _served(uri: str, name: str, version: str):
-    """A team server's version and its proxied manifest through MLflow's REST API (no MLflow import, about 3 s
-    of a cached build); None when anything is not as expected: MLflow then decides."""
+def _stored_without_mlflow(home: Path, name: str, version: str):
+    """stored_manifest's answer read without importing MLflow (about 3 s of a cached build): the version's row
+    (kiln.registry.lookup), then its manifest from the embedded folder or a server's proxied artifacts.
+    None when anything is not as expected: MLflow then decides."""
     import urllib.error
     import urllib.parse
     import urllib.request
 
-    if not uri.startswith(("http://", "https://")):
+    row = version_row(home, name, version)
+    if row is None or not row.tags:
         return None
-    base = uri.rstrip("/")
-    query = urllib.parse.urlencode({"name": name, "version": version})
+    digest, source = row.tags.get(MANIFEST_TAG), row.source
     try:
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/model-versions/get?{query}", timeout=20) as answer:
-            document = json.load(answer)["model_version"]
-        source, run_id = document["source"], document["run_id"]
-        digest = {t["key"]: t["value"] for t in document.get("tags", [])}.get(MANIFEST_TAG)
-        if not source.startswith("mlflow-artifacts:/"):
+        if source.startswith("file://"):
+            text = (Path(source[len("file://"):]) / MANIFEST).read_text()
+        elif source.startswith("mlflow-artifacts:/") and tracking_uri(home).startswith(("http://", "https://")):
+            path = urllib.parse.quote(f"{source[len('mlflow-artifacts:/'):].strip('/')}/{MANIFEST}")
+            url = f"{tracking_uri(home).rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/{path}"
+            try:
+                with urllib.request.urlopen(url, timeout=20) as answer:
+                    text = answer.read().decode()
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:
+                    return None
+                raise FileNotFoundError(url) from None
+        else:
             return None
-        path = urllib.parse.quote(f"{source[len('mlflow-artifacts:/'):].strip('/')}/{MANIFEST}")
-        try:
-            with urllib.request.urlopen(f"{base}/api/2.0/mlflow-artifacts/artifacts/{path}", timeout=20) as answer:
-                return json.loads(answer.read()), digest, run_id, ""
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                return None
-            return None, digest, run_id, "missing"
-        except ValueError:
-            return None, digest, run_id, "unreadable"
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _embedded(home: Path, name: str, version: str):
-    database = Path(tracking_uri(home)[len("sqlite:///"):])
-    try:
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as db:
-            source, run_id = db.execute("SELECT source, run_id FROM model_versions WHERE name = ? AND version = ?",
-                                        (name, int(version))).fetchone()
-            (digest,) = db.execute("SELECT value FROM model_version_tags WHERE name = ? AND version = ? AND key = ?",
-                                   (name, int(version), MANIFEST_TAG)).fetchone() or (None,)
-    except (sqlite3.Error, TypeError, ValueError):
-        return None   # MLflow decides
-    if not source.startswith("file://"):
-        return None
-    path = Path(source[len("file://"):]) / MANIFEST
-    try:
-        return json.loads(path.read_text()), digest, run_id, ""
     except FileNotFoundError:
-        return None, digest, run_id, "missing"
-    except (OSError, ValueError):
-        return None, digest, run_id, "unreadable"
+        return None, digest, row.run_id, "missing"
+    except OSError:
+        return None   # a server that did not answer: MLflow decides, and reports it
+    try:
+        return json.loads(text), digest, row.run_id, ""
+    except ValueError:
+        return None, digest, row.run_id, "unreadable"
 
 
 def confirm_manifest(home: Path, name: str, version: str, files: dict[str, Path]) -> str | None:

@@ -15,6 +15,7 @@ import json
 import sqlite3
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -45,8 +46,16 @@ def version_tag(home: Path, name: str, version: str, key: str) -> str | None:
     return None if found is None else found[0].get(key)
 
 
-def _version(home: Path, name: str, version: str, aliases) -> tuple[dict[str, str], dict] | None:
-    """(the version's tags, {} when it is gone; where each alias points), or None when unknown."""
+@dataclass(frozen=True)
+class VersionRow:
+    tags: dict[str, str]       # {} when the version is gone
+    aliases: dict              # alias -> the version it points at (None: elsewhere or unset), for those asked
+    source: str = ""           # where its artifact lives (file://… embedded, mlflow-artifacts:/… on a server)
+    run_id: str = ""
+
+
+def version_row(home: Path, name: str, version: str, aliases=()) -> VersionRow | None:
+    """The version as the registry stores it, read without MLflow; None when that is not known so."""
     uri = tracking_uri(home)
     try:
         if is_embedded(uri):
@@ -56,22 +65,28 @@ def _version(home: Path, name: str, version: str, aliases) -> tuple[dict[str, st
         return None
 
 
-def _from_sqlite(database: Path, name: str, version: str, aliases) -> tuple[dict[str, str], dict] | None:
+def _version(home: Path, name: str, version: str, aliases) -> tuple[dict[str, str], dict] | None:
+    """(the version's tags, {} when it is gone; where each alias points), or None when unknown."""
+    row = version_row(home, name, version, aliases)
+    return None if row is None else (row.tags, row.aliases)
+
+
+def _from_sqlite(database: Path, name: str, version: str, aliases) -> VersionRow | None:
     if not database.is_file():
         return None
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as db:
-        row = db.execute("SELECT current_stage FROM model_versions WHERE name = ? AND version = ?",
+        row = db.execute("SELECT current_stage, source, run_id FROM model_versions WHERE name = ? AND version = ?",
                          (name, int(version))).fetchone()
         if row is None or row[0] == _DELETED:
-            return {}, {}   # gone: no key matches
+            return VersionRow({}, {})   # gone: no key matches
         tags = dict(db.execute("SELECT key, value FROM model_version_tags WHERE name = ? AND version = ?",
                                (name, int(version))))
         alias_versions = {alias: str(v) for alias, v in db.execute(
             "SELECT alias, version FROM registered_model_aliases WHERE name = ?", (name,))}
-    return tags, {a: alias_versions.get(a) for a in aliases}
+    return VersionRow(tags, {a: alias_versions.get(a) for a in aliases}, row[1] or "", row[2] or "")
 
 
-def _from_server(uri: str, name: str, version: str, aliases) -> tuple[dict[str, str], dict] | None:
+def _from_server(uri: str, name: str, version: str, aliases) -> VersionRow | None:
     base = uri.rstrip("/") + "/api/2.0/mlflow"
     query = urllib.parse.urlencode({"name": name, "version": version})
     try:
@@ -79,10 +94,11 @@ def _from_server(uri: str, name: str, version: str, aliases) -> tuple[dict[str, 
             document = json.load(response)["model_version"]
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            return {}, {}
+            return VersionRow({}, {})
         return None
     if document.get("current_stage") == _DELETED:
-        return {}, {}
+        return VersionRow({}, {})
     tags = {t["key"]: t["value"] for t in document.get("tags", [])}
     alias_versions = {a: version for a in document.get("aliases", [])}
-    return tags, {a: alias_versions.get(a) for a in aliases}
+    return VersionRow(tags, {a: alias_versions.get(a) for a in aliases}, document.get("source", ""),
+                      document.get("run_id", ""))

@@ -109,10 +109,10 @@ def test_publish_ls_pull_against_postgres_and_an_mlflow_server(team, tmp_path):
         assert version_confirmed(home, "tm-fp8", "1", key, ["production"]) is None   # an alias to move: MLflow's job
         assert version_confirmed(home, "tm-fp8", "7", key, []) is False
         # So does the manifest check (issue 24.6): the proxied manifest, against the digest in the version's tags.
-        from kiln.registry.confirm import _served
+        from kiln.registry.confirm import _stored_without_mlflow
         from kiln.registry.manifest import manifest_digest
 
-        manifest, digest, _, trouble = _served(registry.uri, "tm-fp8", "1")
+        manifest, digest, _, trouble = _stored_without_mlflow(home, "tm-fp8", "1")
         assert trouble == "" and manifest_digest(manifest) == digest
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
