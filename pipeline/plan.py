@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kiln import compile as compile_stage
 from kiln import quantize, validate
+from kiln.pipeline.tasks import task_key, task_problems
 from kiln.pipeline.cache import StageCache, stage_key
 from kiln.pipeline.data import ResolvedData, resolve_data
 from kiln.common.errors import RecipeErrors, UserInputError
@@ -171,8 +172,9 @@ def exclude_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
 
 
 def data_problems(loaded: LoadedRecipe) -> list[str]:
-    """Calibration and evaluation files that are missing or not regular files (found by check, not at build)."""
-    problems = []
+    """Calibration and evaluation files that are missing or not regular files, and task YAMLs that cannot be
+    read (found by check, not at build)."""
+    problems = task_problems(loaded)
     for which in ("calibration", "evaluation"):
         try:
             # The documents are read as a build reads them (the same bounded read), as far as its samples need
@@ -245,6 +247,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
     from kiln.pipeline.plan_runtimes import vllm_instances
 
     vllm = validate.vllm_build()
+    tasks = task_key(loaded, plan.evaluation.digest)   # None without evaluation.tasks: keys stay as they were
     for name, variant in recipe.variants.items():
         request = quantize_request(loaded, variant)
         q_key, q_material = stage_key(
@@ -254,8 +257,10 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         )
         v_key, v_material = stage_key(
             "validate", validate.STAGE_VERSION,
-            {"evaluation": plan.evaluation.key_config(), "trust_remote_code": source.trust_remote_code},
-            {"checkpoint": q_key, "model": model_digest}, tool_versions(validate.TOOLS),
+            {"evaluation": plan.evaluation.key_config(), "trust_remote_code": source.trust_remote_code,
+             **({"tasks": tasks} if tasks else {})},
+            {"checkpoint": q_key, "model": model_digest},
+            tool_versions(validate.TOOLS + (validate.TASK_TOOLS if tasks else ())),
         )
         p_key, p_material = stage_key(
             "publish", PUBLISH_VERSION,
@@ -344,8 +349,9 @@ def _gpu_skip_reason(plan: Plan, sm: str, request, publish_instance: StageInstan
 
 def _publish_status(cache: StageCache, validate_instance: StageInstance, publish_instance: StageInstance, variant: Variant) -> str:
     if validate_instance.status == "cached":
-        metrics = validate.load_metrics(cache.entry_dir("validate", validate_instance.key))
-        gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
+        entry = cache.entry_dir("validate", validate_instance.key)
+        gate = validate.evaluate_gates(validate.load_metrics(entry), **variant.gates.model_dump(),
+                                       tasks=validate.load_task_drops(entry))
         if not gate.passed:
             return f"skipped: gate failed ({'; '.join(gate.failures)})"
     return "cached" if cache.intact("publish", publish_instance.key) else "will run"

@@ -10,12 +10,13 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device
 from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem
+from kiln.validate import BUILTIN_TASKS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -88,10 +89,54 @@ class CalibrationSpec(DataSpec):
                                     "and AWQ can pick another scale near a tie (bench/awq_calibration.py)")
 
 
+class TaskSpec(Strict):
+    """An lm-evaluation-harness task scored on the baseline (once) and on every variant's exported checkpoint."""
+
+    name: Name = Field(description="next-line or humaneval (kiln's builtins), or the `task:` of the YAML in `config`")
+    config: str | None = Field(default=None, description="an lm-eval task YAML, relative to the recipe, whose data "
+                                                         "files are local")
+    metric: str | None = Field(default=None, description="the score gates read (default: acc; humaneval: pass_at_1)")
+    limit: PositiveInt | None = Field(default=None, description="score only the first N documents")
+    num_fewshot: NonNegativeInt | None = None
+    max_new_tokens: PositiveInt | None = Field(default=None, description="longest generation, for tasks that "
+                                               "generate (humaneval: 384)")
+
+    @model_validator(mode="after")
+    def _builtin_or_config(self) -> "TaskSpec":
+        if self.config is None and self.name not in BUILTIN_TASKS:
+            raise ValueError(f"task '{self.name}' is not a kiln builtin ({', '.join(BUILTIN_TASKS)}); for another lm-eval "
+                             "task give `config:` the path of its task YAML, with local data files")
+        if self.config is not None and Path(self.config).suffix not in (".yaml", ".yml"):
+            raise ValueError(f"config '{self.config}' must be an lm-eval task .yaml file")
+        return self
+
+
+class EvaluationSpec(DataSpec):
+    """Held-out text for the accuracy metrics, and the tasks scored on top of them."""
+
+    tasks: tuple[TaskSpec, ...] = ()
+    allow_code_execution: bool = Field(default=False, description="let tasks that run generated code (humaneval) "
+                                       "run it, in kiln's sandbox (README, \"Task evaluation\")")
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "EvaluationSpec":
+        names = [task.name for task in self.tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"task(s) {', '.join(repeated)} listed twice; give each task once")
+        if "humaneval" in names and not self.allow_code_execution:
+            raise ValueError("task humaneval runs the code the model writes; set allow_code_execution: true to let "
+                             "kiln run it in its sandbox, or remove the task")
+        return self
+
+
 class Gates(Strict):
     max_ppl_increase_pct: float | None = Field(default=None, ge=0)
     max_kl: float | None = Field(default=None, ge=0)
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_task_drop: dict[Name, Annotated[float, Field(ge=0)]] | None = Field(
+        default=None, description="per task in evaluation.tasks: the most its score may drop against the baseline, "
+                                  "in percentage points (a drop within its standard error never fails)")
 
 
 class Variant(Strict):
@@ -238,7 +283,18 @@ class Recipe(Strict):
     name: Name
     model: ModelSource
     calibration: CalibrationSpec
-    evaluation: DataSpec
+    evaluation: EvaluationSpec
     variants: dict[Name, Variant] = Field(min_length=1)
     build: BuildSizes = BuildSizes()
     publish: Publish = Publish()
+
+    @model_validator(mode="after")
+    def _task_gates_name_tasks(self) -> "Recipe":
+        tasks = {task.name for task in self.evaluation.tasks}
+        for name, variant in self.variants.items():
+            unknown = sorted(set(variant.gates.max_task_drop or ()) - tasks)
+            if unknown:
+                listed = ", ".join(sorted(tasks)) or "none"
+                raise ValueError(f"variants.{name}.gates.max_task_drop names {', '.join(unknown)}, which "
+                                 f"evaluation.tasks does not list (it lists {listed}); add the task or remove the gate")
+        return self

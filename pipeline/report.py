@@ -93,6 +93,25 @@ def engines_table(result: BuildResult) -> Table:
     return table
 
 
+def tasks_table(result: BuildResult) -> Table:
+    """One row per (variant, task): its score, the baseline's, the drop with its paired standard error, and
+    what the gate made of it (a drop within its standard error is said to be so, not called a pass or a fail)."""
+    table = Table(title="tasks (lm-evaluation-harness, percentage points)", title_justify="left")
+    for column, justify in (("variant", "left"), ("task", "left"), ("metric", "left"), ("score", "right"),
+                            ("baseline", "right"), ("drop ± se", "right"), ("n", "right"), ("gate", "left")):
+        table.add_column(column, justify=justify)
+    for v in result.variants:
+        bounds = result.plan.loaded.recipe.variants[v.variant].gates.max_task_drop or {}
+        for name, drop in (v.tasks or {}).items():
+            failed = any(f.startswith(f"max_task_drop.{name}:") for f in (v.gate.failures if v.gate else ()))
+            verdict = ("within noise" if drop.within_noise else "FAIL" if failed else "pass") if name in bounds else \
+                ("within noise" if drop.within_noise else "-")
+            bound = f" (max {bounds[name]:g})" if name in bounds else ""
+            table.add_row(v.variant, name, drop.metric, f"{drop.value * 100:.1f}", f"{drop.baseline * 100:.1f}",
+                          f"{drop.drop_points:+.2f} ± {drop.drop_stderr_points:.2f}", str(drop.n), verdict + bound)
+    return table
+
+
 def runtime_checks_table(result: BuildResult) -> Table:
     """One row per (variant, runtime check): the metrics measured in that runtime, greedy agreement with the
     reference runtime, the gate, or why the check was skipped."""

@@ -136,6 +136,38 @@ def _gates(recipe, newest: dict[str, Version]) -> str:
     return _table(["variant", "max ppl change %", "max KL", "min top-1", "newest version"], rows)
 
 
+def _tasks(recipe, newest: dict[str, Version]) -> str:
+    """Each task's score on the newest version of each variant, the baseline's and the drop in points with its
+    paired standard error (recorded as task.<name>.<metric>* metrics)."""
+    if not recipe.evaluation.tasks:
+        return ('<p class="none">no tasks: name lm-evaluation-harness tasks in <code>evaluation.tasks</code> '
+                '(README, "Task evaluation")</p>')
+    rows = []
+    for variant, v in newest.items():
+        spec = recipe.variants.get(variant)
+        bounds = (spec.gates.max_task_drop or {}) if spec else {}
+        for task in recipe.evaluation.tasks:
+            prefix = next((k[: -len("_drop_points")] for k in v.metrics
+                           if k.startswith(f"task.{task.name}.") and k.endswith("_drop_points")), None)
+            if prefix is None:
+                continue
+            m = {key[len(prefix):]: value for key, value in v.metrics.items() if key.startswith(prefix)}
+            drop, se = m.get("_drop_points", float("nan")), m.get("_drop_stderr_points", float("nan"))
+            noise = 0 < se and abs(drop) <= se
+            verdict = "within noise" if noise else ("-" if task.name not in bounds else
+                                                    "FAIL" if drop > bounds[task.name] else "pass")
+            rows.append(f"<td>{_e(variant)}</td><td>{_e(v.label)}</td><td>{_e(task.name)}</td>"
+                        f"<td>{_e(prefix.rsplit('.', 1)[-1])}</td>{_num(_points(m.get('')), '.1f')}"
+                        f"{_num(_points(m.get('_baseline')), '.1f')}<td>{drop:+.2f} ± {se:.2f}</td>"
+                        f"{_num(bounds.get(task.name), 'g')}<td>{_e(verdict)}</td>")
+    return _table(["variant", "version", "task", "metric", "score", "baseline", "drop ± se (points)",
+                   "max drop", "gate"], rows)
+
+
+def _points(fraction: float | None) -> float | None:
+    return None if fraction is None else fraction * 100
+
+
 def _history(versions: list[Version]) -> str:
     rows = []
     for v in sorted(versions, key=lambda v: (v.variant, v.number)):
@@ -214,6 +246,10 @@ of {len(newest)} variant(s) &middot; written {_e(_when(int(time.time() * 1000)))
 {_summary(newest)}
 <h2>Gates and failures</h2>
 {_gates(recipe, newest)}
+<h2>Tasks</h2>
+<p class="meta">lm-evaluation-harness tasks scored on the exported checkpoint and on the unquantized model; a drop
+within its standard error is reported as such, neither a pass nor a fail.</p>
+{_tasks(recipe, newest)}
 <h2>History</h2>
 {_img(history, "mean KL of each variant over its registry versions", "kl-history")}
 {_history(versions)}

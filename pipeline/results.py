@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from kiln import quantize, registry, validate
 from kiln.pipeline.plan import Plan, StageInstance
@@ -64,6 +64,7 @@ class VariantResult:
     engines: list[EngineResult] = field(default_factory=list)
     runtime_checks: list[RuntimeCheckResult] = field(default_factory=list)
     size: quantize.CheckpointSize | None = None
+    tasks: dict[str, validate.TaskDrop] | None = None   # evaluation.tasks' drops against the baseline
 
     @property
     def format(self) -> str:
@@ -78,6 +79,7 @@ class VariantResult:
             "metrics": self.metrics.as_dict() if self.metrics else None,
             "size": self.size.as_dict() if self.size else None,
             "gate": self.gate.as_dict() if self.gate else None,
+            **({"tasks": {name: asdict(drop) for name, drop in self.tasks.items()}} if self.tasks else {}),
             "registry": self.published.as_dict() if self.published else None,
             "upload": self.published.transfer.as_dict() if self.published and self.published.transfer else None,
             "trtllm_corrections": self.trtllm_corrections,

@@ -32,6 +32,8 @@ from kiln.pipeline.plan import (
 from kiln.common.progress import ProgressReporter
 from kiln.pipeline.results import BuildResult, VariantResult
 from kiln.pipeline.runner_targets import TargetStages
+from kiln.pipeline.tasks import task_key, task_requests
+from kiln.common.digest import canonical_digest
 from kiln.common.scratch import process_scratch
 
 
@@ -48,6 +50,7 @@ class _Runner(TargetStages):
         self._baseline: validate.Baseline | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None   # the baseline's logits, for this build only
         self._placement: quantize.Placement | None = None
+        self._task_requests: list | None = None
         self._clock = time.monotonic()
 
     # -- inputs shared by stages, made on first use so a cached build imports no torch --
@@ -131,7 +134,8 @@ class _Runner(TargetStages):
         self._ran(instance)
         return self.cache.entry_dir("quantize", instance.key)
 
-    def validate(self, name: str, instance: StageInstance, checkpoint: Path) -> validate.Metrics:
+    def validate(self, name: str, instance: StageInstance, checkpoint: Path):
+        """(metrics, task drops or None) of the exported checkpoint against the baseline."""
         entry = self.cache.lookup("validate", instance.key)
         if entry is None:
             metrics = validate.run(
@@ -139,11 +143,47 @@ class _Runner(TargetStages):
                 trust_remote_code=self.loaded.recipe.model.trust_remote_code, placement=self.placement(),
             )
             quantize.release_memory()
+            drops = None
+            if self.loaded.recipe.evaluation.tasks:
+                scores = self._run_tasks(checkpoint / quantize.HF_DIR, baseline=False, label=name)
+                drops = validate.compare_tasks(self.task_baseline(), scores)
             with self.cache.write("validate", instance.key, instance.material) as out:
                 validate.write_metrics(metrics, out)
+                if drops is not None:
+                    validate.write_task_drops(drops, out)
             self._ran(instance)
             entry = self.cache.entry_dir("validate", instance.key)
-        return validate.load_metrics(entry)
+        return validate.load_metrics(entry), validate.load_task_drops(entry)
+
+    def task_baseline(self) -> dict:
+        """The unquantized model's task scores: computed once per model and task list, then cached."""
+        key = canonical_digest({"tasks": task_key(self.loaded, self.plan.evaluation.digest),
+                                "model": self.plan.model_digest,
+                                "trust_remote_code": self.loaded.recipe.model.trust_remote_code,
+                                "tools": tool_versions(validate.TOOLS + validate.TASK_TOOLS)})
+        entry = self.cache.lookup("task-baseline", key)
+        if entry is None:
+            scores = self._run_tasks(self.model_dir(), baseline=True, label="baseline")
+            with self.cache.write("task-baseline", key, {"model": self.plan.model_digest}) as out:
+                validate.write_task_scores(scores, out)
+            entry = self.cache.entry_dir("task-baseline", key)
+        return validate.load_task_scores(entry)
+
+    def _run_tasks(self, model: Path, baseline: bool, label: str) -> dict:
+        evaluation = self.loaded.recipe.evaluation
+        if self._task_requests is None:
+            self._task_requests = task_requests(self.loaded, self.plan.evaluation.documents)
+            if evaluation.allow_code_execution and any(r.unsafe_code for r in self._task_requests):
+                self.progress.log(f"running generated code as the recipe allows: {validate.sandbox_description()}")
+        try:
+            scores = validate.run_tasks(model, self._task_requests, baseline=baseline,
+                                        allow_code_execution=evaluation.allow_code_execution, progress=self.progress,
+                                        label=label, trust_remote_code=self.loaded.recipe.model.trust_remote_code,
+                                        tokenizer=self.model_dir())
+        except (ValueError, PermissionError) as exc:
+            raise UserInputError(f"{self.loaded.path}: evaluation.tasks: {exc}") from None
+        quantize.release_memory()
+        return scores
 
     def publish(self, name: str, instance: StageInstance, checkpoint: Path, report: Path, metrics,
                 gate: validate.GateResult) -> registry.PublishedVersion:
@@ -208,9 +248,9 @@ class _Runner(TargetStages):
             entry = self.cache.entry_dir("size", key)
         return quantize.CheckpointSize(**json.loads((entry / SIZE_RECORD).read_text()))
 
-    def _records(self, name: str, checkpoint: Path, metrics: validate.Metrics) -> registry.RunRecords:
+    def _records(self, name: str, checkpoint: Path, metrics: dict) -> registry.RunRecords:
         record = quantize.CheckpointRecord.load(checkpoint)
-        return variant_records(self.loaded, name, record, metrics.as_dict(), self.size(name, checkpoint),
+        return variant_records(self.loaded, name, record, metrics, self.size(name, checkpoint),
                                {**record.tools, **tool_versions(())})
 
     def _check_stored_version(self, name: str, version: registry.PublishedVersion, checkpoint: Path,
@@ -221,8 +261,9 @@ class _Runner(TargetStages):
         False when they do not: the version is retired (tagged kiln.unpullable) for a new one."""
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
             files = self._artifact_files(name, checkpoint, report, Path(scratch))
+            reported = self.cache.recorded_files(report)
             recorded = {**self.cache.recorded_files(checkpoint),
-                        "validation.json": self.cache.recorded_files(report)[validate.REPORT]}
+                        **{published: reported[stored] for published, stored in _REPORT_FILES if stored in reported}}
             expected = {}
             for rel, path in files.items():
                 info = recorded.get(rel) or {"size": path.stat().st_size, "sha256": file_sha256(path)}
@@ -258,7 +299,7 @@ class _Runner(TargetStages):
         path.write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
         return path
 
-    def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: validate.Metrics,
+    def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: dict,
               gate: validate.GateResult) -> dict[str, str]:
         record = quantize.CheckpointRecord.load(checkpoint)
         model = self.loaded.recipe.model
@@ -269,7 +310,7 @@ class _Runner(TargetStages):
             backend=record.backend,
             algorithm=record.algorithm, export_quant_algo=record.export_quant_algo or "",
             group_size=str(record.group_size or ""),
-            metrics={**metrics.as_dict(), **size_metrics(self.size(name, checkpoint))},
+            metrics={**metrics, **size_metrics(self.size(name, checkpoint))},
             tools={**record.tools, **tool_versions(())}, passed=gate.passed, failures=gate.failures, runtimes={
                 runtime.value: cell.describe() for runtime, cell in quantize.runtime_cells(
                     quantize.QuantFormat(record.quant), quantize.KVCacheFormat(record.kv_cache),
@@ -288,12 +329,13 @@ class _Runner(TargetStages):
             checkpoint = self.quantize(name, plan.instance("quantize", name))
             result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
             v_instance = plan.instance("validate", name)
-            result.metrics = self.validate(name, v_instance, checkpoint)
-            result.gate = validate.evaluate_gates(result.metrics, **variant.gates.model_dump())
+            result.metrics, result.tasks = self.validate(name, v_instance, checkpoint)
+            result.gate = validate.evaluate_gates(result.metrics, **variant.gates.model_dump(), tasks=result.tasks)
             result.size = self.size(name, checkpoint)
             if result.gate.passed or self.publish_failed:
                 report = cache.entry_dir("validate", v_instance.key)
-                result.published = self.publish(name, plan.instance("publish", name), checkpoint, report, result.metrics,
+                published_metrics = {**result.metrics.as_dict(), **validate.task_metrics(result.tasks)}
+                result.published = self.publish(name, plan.instance("publish", name), checkpoint, report, published_metrics,
                                                   result.gate)
             for sm, c, e, p in plan.sm_instances(name):
                 result.engines.append(self.build_sm(name, variant, sm, (c, e, p), checkpoint, result.published))
@@ -310,8 +352,14 @@ def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
 
     files = {p.relative_to(checkpoint).as_posix(): p for p in sorted(checkpoint.rglob("*")) if p.is_file()}
     files.pop(ENTRY_FILE, None)
-    files["validation.json"] = report / validate.REPORT
+    for published, stored in _REPORT_FILES:
+        if (report / stored).is_file():
+            files[published] = report / stored
     return files
+
+
+# What a version holds of its validate entry: the metrics, and the task drops where the recipe names tasks.
+_REPORT_FILES = (("validation.json", validate.REPORT), ("tasks.json", validate.TASKS_FILE))
 
 
 def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,

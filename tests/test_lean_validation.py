@@ -4,6 +4,9 @@ can be taken from a model someone else loaded and then given back untouched."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from torch import nn
 
@@ -73,6 +76,35 @@ def test_baseline_from_a_loaded_model_equals_its_own_load_and_is_read_back_from_
     given.compute_from(AutoModelForCausalLM.from_pretrained(test_model, dtype=torch.bfloat16).eval(), samples)
     assert given.has(samples) and not own.has(samples)
     for i in range(2):
-        assert torch.equal(own.logits(samples)(i), given.logits(samples)(i))
+        assert torch.equal(own.logits(samples)(i).materialise(), given.logits(samples)(i).materialise())
     files = sorted(p.name for p in (tmp_path / "given").rglob("*.pt"))
     assert files == ["0.pt", "1.pt"]
+
+
+def test_the_baseline_stores_hidden_states_and_gives_the_full_logits_a_block_at_a_time(tmp_path, test_model,
+                                                                                      monkeypatch):
+    # Stored per sample: positions x hidden, not positions x vocabulary; the blocks join into the logits.
+    import kiln.validate.heads as heads
+
+    samples = torch.stack([IDS, IDS.flip(0)])
+    baseline = Baseline(test_model, tmp_path / "b")
+    config = json.loads((test_model / "config.json").read_text())
+    monkeypatch.setattr(heads, "BLOCK_BYTES", 16 * 4 * config["vocab_size"])   # blocks of 16 positions
+    for i in range(2):
+        logits = baseline.logits(samples)(i)
+        assert len(logits.blocks()) == -(-IDS.numel() // 16) > 1
+        want = logits_of(_float32_model(test_model), samples[i])
+        assert torch.allclose(logits.materialise(), want, rtol=1e-5, atol=1e-5)
+    stored = torch.load(tmp_path / "b" / "baseline-0" / "0.pt", weights_only=True)
+    assert stored.dtype == torch.float32 and stored.shape == (IDS.numel(), config["hidden_size"])
+
+
+def test_a_model_whose_logits_are_not_its_head_of_its_hidden_states_is_refused(test_model):
+    # An architecture that rescales logits after its head in a way kiln does not apply: caught by the
+    # one position transformers computes, not turned into wrong metrics.
+    from kiln.validate.heads import head_outputs
+
+    model = _float32_model(test_model)
+    model.config.final_logit_softcapping = 0.5   # kiln applies it; LlamaForCausalLM does not
+    with pytest.raises(ValueError, match="LlamaForCausalLM: its logits are not its output layer"):
+        list(head_outputs(model, IDS[None]))

