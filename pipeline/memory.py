@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiln import validate
 from kiln.quantize import FORMATS
 
 RUNTIME_BYTES = int(0.6e9)   # fitted: peak = weights + 2 x exported + 0.6 GB at 0.17B-1.07B
@@ -124,10 +125,11 @@ def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, 
     exported = max(_quantized_bytes(shape, FORMATS[f].weight_bits) for f in formats)
     # One window through the model: a few float activations of the widest layer, and the logits.
     calib_work = calibration_seq_len * (4 * shape.max_hidden * 4 + shape.vocab * dtype_bytes)
-    # Validation: a batch of float32 logits (kiln.validate.metrics.BATCH_LOGITS_BYTES, or one window's when
-    # larger), the baseline's read back, activations, and the comparison's blocks of 64 rows.
-    window = evaluation_seq_len * shape.vocab * 4
-    eval_work = max(window, 256 << 20) + window + evaluation_seq_len * 4 * shape.max_hidden * 4 + 64 * shape.vocab * 16
+    # Validation (kiln.validate.heads): a block of float32 logits for the baseline and the variant, each with its
+    # log-softmax and the KL's temporaries (about 6 blocks), the baseline's head weight kept beside the variant,
+    # and a batch's activations.
+    block = min(evaluation_seq_len, max(16, validate.LOGIT_BLOCK_BYTES // (4 * shape.vocab))) * shape.vocab * 4
+    eval_work = 6 * block + shape.vocab * shape.hidden * dtype_bytes + evaluation_seq_len * 4 * shape.max_hidden * 4
     gpu_total = sum(gpu_caps)
 
     def split(on_device: int, host_only: int) -> tuple[int, int]:
@@ -145,7 +147,8 @@ def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, 
     held = max(weights, exported)
     host, gpu = split(held, eval_work)
     stages.append(StageMemory("validate", host, gpu,
-                              f"{held / GB:.2f} GB of one model + {eval_work / GB:.2f} GB of logits"))
+                              f"{held / GB:.2f} GB of one model + {eval_work / GB:.2f} GB of logit blocks and the "
+                              "baseline's output head"))
     return MemoryEstimate(shape, tuple(stages), host_total, host_available, tuple(gpu_caps))
 
 

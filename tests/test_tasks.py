@@ -124,6 +124,27 @@ def test_humaneval_runs_only_with_the_recipe_opt_in(tmp_path, test_model, kiln_h
     assert scores["humaneval"].n == 2 and set(scores["humaneval"].per_doc) <= {0.0, 1.0}
 
 
+def test_next_line_items_are_real_lines_with_one_true_continuation():
+    documents = python_docs("heldout")
+    items = next_line_items(documents)
+    assert items == next_line_items(documents) and len(items) > 500   # deterministic, and enough for a score
+    texts = "\n".join(documents)
+    for item in items[:50]:
+        assert len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
+        assert item["context"] + item["choices"][item["label"]] in texts   # the true line follows its context
+        answer = len(item["choices"][item["label"]])
+        assert all(0.75 <= len(choice) / answer <= 1.33 for choice in item["choices"])
+
+
+def test_a_task_gate_must_name_a_listed_task(tmp_path, test_model, kiln_home):
+    variants = {"fp8": {"quant": "fp8", "gates": {"max_task_drop": {"hellaswag": 1.0}}}}
+    recipe = write_recipe(tmp_path, str(test_model), variants, evaluation={
+        "builtin": "python-docs-heldout", "samples": 4, "seq_len": 64, "tasks": [{"name": "next-line"}]})
+    checked = run_kiln("check", recipe)
+    assert checked.returncode == 2 and "Traceback" not in checked.stderr
+    assert "max_task_drop names hellaswag, which evaluation.tasks does not list (it lists next-line)" in checked.stderr
+
+
 def test_a_task_drop_within_its_standard_error_neither_passes_nor_fails():
     def drop(points, se):
         return TaskDrop("t", "acc", 0.5, 0.5 - points / 100, 0.05, points, se, 100)

