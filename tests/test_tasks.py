@@ -46,6 +46,7 @@ def _spine_checkpoint(cache: Path, quant: str) -> Path:
     raise AssertionError(f"no {quant} checkpoint in the spine cache")
 
 
+@pytest.mark.slow
 def test_kiln_lm_scores_like_lm_eval_hf_on_the_baseline_and_runs_the_exported_checkpoint(test_model, spine_cache):
     from lm_eval.models.huggingface import HFLM
 
@@ -107,6 +108,7 @@ def test_humaneval_ships_its_problems_and_a_wrong_completion_fails():
         assert not run_program(humaneval_program(problem, "    return None\n")).passed
 
 
+@pytest.mark.slow
 def test_humaneval_runs_only_with_the_recipe_opt_in(tmp_path, test_model, kiln_home):
     variants = {"fp8": {"quant": "fp8"}}
     recipe = write_recipe(tmp_path, str(test_model), variants, evaluation={

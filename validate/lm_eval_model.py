@@ -20,7 +20,8 @@ from lm_eval.models.huggingface import HFLM
 @register_model("kiln")
 class KilnLM(HFLM):
     def __init__(self, checkpoint: str, baseline: bool = False, tokenizer: str | None = None,
-                 trust_remote_code: bool = False, batch_size: int = 1, max_length: int | None = None, **kwargs):
+                 trust_remote_code: bool = False, batch_size: int | None = None, max_length: int | None = None,
+                 generation_batch_size: int = 1, **kwargs):
         import psutil
         from transformers import AutoTokenizer
 
@@ -37,6 +38,13 @@ class KilnLM(HFLM):
         # call to transformers' tie_weights would try to assign a Parameter over it.
         model.tie_weights = lambda *args, **kwargs: None
         tok = AutoTokenizer.from_pretrained(tokenizer or checkpoint, trust_remote_code=trust_remote_code)
+        if batch_size is None:
+            # Requests scored together: 1.9x faster at 8 on a 135M model, with the same per-document answers.
+            # Their float32 logits are requests x tokens x vocabulary, so a large vocabulary gets fewer.
+            vocab = model.config.get_text_config().vocab_size
+            batch_size = max(1, min(8, (1 << 30) // (4 * vocab * 256)))
+        # Generation stays one prompt at a time: batched, left-padded generation measured 4x slower here.
+        self._generation_batch_size = generation_batch_size
         super().__init__(pretrained=model.eval(), tokenizer=tok, batch_size=batch_size, max_length=max_length,
                          **kwargs)
 
@@ -48,4 +56,8 @@ class KilnLM(HFLM):
         return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        return super().generate_until(requests, disable_tqdm=True)
+        scoring, self.batch_size_per_gpu = self.batch_size_per_gpu, self._generation_batch_size
+        try:
+            return super().generate_until(requests, disable_tqdm=True)
+        finally:
+            self.batch_size_per_gpu = scoring

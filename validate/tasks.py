@@ -75,7 +75,7 @@ class TaskDrop:
 
 def run_tasks(model_path: Path, requests: list[TaskRequest], *, baseline: bool, allow_code_execution: bool,
               progress=None, label: str = "", trust_remote_code: bool = False, tokenizer: Path | None = None,
-              batch_size: int = 1) -> dict[str, TaskScore]:
+              batch_size: int | None = None) -> dict[str, TaskScore]:
     """Each task's score on one model: the exported checkpoint folder, or the source with `baseline`."""
     import contextlib
 
