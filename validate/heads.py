@@ -91,7 +91,11 @@ def last_hidden_states(model: nn.Module, ids: torch.Tensor, head: OutputHead) ->
     embedding = model.get_input_embeddings().weight
     device = embedding.device if embedding.device.type != "meta" else ids.device
     try:
-        last_logits = model(input_ids=ids.to(device), logits_to_keep=1).logits[:, -1]
+        try:
+            last_logits = model(input_ids=ids.to(device), logits_to_keep=1).logits[:, -1]
+        except TypeError:   # remote code that predates logits_to_keep: its full logits, once, then dropped
+            captured.clear()
+            last_logits = model(input_ids=ids.to(device)).logits[:, -1]
     finally:
         hook.remove()
     hidden = captured[-1].to(device="cpu", dtype=torch.float32)
