@@ -101,6 +101,9 @@ bench: $(STAMP)
 	$(PY) -m kiln.pipeline.testmodel build/demo-model
 	$(PY) bench/build_time.py recipes/demo.yaml
 	$(PY) bench/serve.py recipes/demo.yaml
+	# Every format on the toy and the real models, with lm-eval tasks: about an hour on 2 cores.
+	$(PY) bench/accuracy.py
+	$(PY) bench/validation_memory.py
 
 # Issue 24's hostile inputs replayed end to end (real tritonserver, real mlflow server): the README's guarantees.
 hostile: $(STAMP)
