@@ -99,10 +99,11 @@ def _on_small_disk(tmp_path, size: str, script: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size, where", [("2500k", "export"), ("10m", "upload")])
+@pytest.mark.parametrize("size, where", [("2500k", "export"), ("7m", "upload")])
 def test_a_full_disk_during_a_build_is_one_line_and_leaves_nothing_partial(tmp_path, test_model, size, where):
     """Issue 13.10: a full disk during export or upload printed a traceback. On a tmpfs that fills up while
-    the checkpoint is written (2.5 MB) or while it is uploaded to the embedded registry (10 MB)."""
+    the checkpoint is written (2.5 MB) or while it is uploaded to the embedded registry (7 MB: the cache takes
+    4.2 MB, the registry's database and blobs 5.1 MB more; validation no longer writes the baseline's logits)."""
     recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8"}}, name="full", samples=8, seq_len=64)
     result = _on_small_disk(tmp_path, size, f'KILN_HOME=$DISK/home {KILN} build {recipe}; echo "rc=$?"; '
                                             f'find $DISK -name ".tmp-*"; KILN_HOME=$DISK/home {KILN} ls --json')
