@@ -182,6 +182,9 @@ class _Runner(TargetStages):
                                         tokenizer=self.model_dir())
         except (ValueError, PermissionError) as exc:
             raise UserInputError(f"{self.loaded.path}: evaluation.tasks: {exc}") from None
+        except ImportError as exc:   # kiln check says so too; a build from a bare install gets the same line
+            raise UserInputError(f"{self.loaded.path}: evaluation.tasks need lm-evaluation-harness ({exc.name} is "
+                                 "not installed; fix: pip install 'kiln[eval]')") from None
         quantize.release_memory()
         return scores
 
