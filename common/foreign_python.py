@@ -85,27 +85,3 @@ def run_logged(command: list[str], python: str, log_path: Path, what: str) -> No
         kept.write_bytes(Path(log_path).read_bytes())
         tail = Path(log_path).read_text(errors="replace").strip().splitlines()[-5:]
         raise KilnError(f"{what} exited {returncode}; last lines:\n  " + "\n  ".join(tail) + f"\n  full log: {kept}")
-
-
-def versions_in(python: str, packages) -> dict[str, str]:
-    """Installed versions of `packages` as `python` sees them ("absent" for one it lacks), without importing them."""
-    import json
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    if not is_foreign(python):
-        found = {}
-        for name in packages:
-            try:
-                found[name] = version(name)
-            except PackageNotFoundError:
-                found[name] = "absent"
-        return found
-    probe = ("import json, sys\nfrom importlib.metadata import version, PackageNotFoundError\nfound = {}\n"
-             "for name in sys.argv[1:]:\n    try: found[name] = version(name)\n"
-             "    except PackageNotFoundError: found[name] = 'absent'\nprint(json.dumps(found))")
-    try:
-        answer = subprocess.run([python, "-c", probe, *packages], capture_output=True, text=True, timeout=60)
-        return json.loads(answer.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return {name: "absent" for name in packages}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.compile.gpus import ARCHS, GpuArch, known_names, resolve_gpu, support_problem
-from kiln.compile.host import Host, HostGpu, detect_host, installed_version
+from kiln.compile.host import Host, HostGpu, detect_host, first_installed
 from kiln.compile.targets import (
     CHECK_REPORT, ENGINE_RECORD, LLM_API_OPTIONS, SM_DIR, CheckpointQuant, CompileRequest, Target,
 )
@@ -28,7 +28,7 @@ STAGE_VERSION = 1
 
 __all__ = [
     "ARCHS", "GpuArch", "known_names", "resolve_gpu", "support_problem", "Host", "HostGpu", "detect_host",
-    "installed_version", "CompileRequest", "Target", "run", "tools", "sm_folder", "STAGE_VERSION", "SM_DIR",
+    "first_installed", "CompileRequest", "Target", "run", "tools", "sm_folder", "STAGE_VERSION", "SM_DIR",
     "ENGINE_RECORD", "CHECK_REPORT", "LLM_API_OPTIONS",
 ]
 

@@ -13,10 +13,10 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import InvalidVersion, Version
 
+from kiln.common.versions import ABSENT, installed_version
 from kiln.compile.gpus import ARCHS
 from kiln.compile.targets import Target
 
@@ -88,16 +88,11 @@ class Host:
         }
 
 
-def installed_version(*distributions: str, module: str | None = None) -> str | None:
+def first_installed(*distributions: str, module: str | None = None) -> str | None:
     """The first installed distribution's version; with `module`, only if that module is importable."""
     if module is not None and importlib.util.find_spec(module) is None:
         return None
-    for name in distributions:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            continue
-    return None
+    return next((found for found in map(installed_version, distributions) if found != ABSENT), None)
 
 
 def _nvml_gpus() -> tuple[tuple[HostGpu, ...], str | None]:
@@ -154,12 +149,12 @@ def detect_host() -> Host:
             notes.append(f"GPU {gpu.index} ({gpu.name}, {gpu.sm}) is not in kiln's GPU table")
     tools = _nvidia_tool_versions(notes)
     return Host(gpus=gpus, probe=probe, driver=driver, tensorrt=tools["tensorrt"], tensorrt_llm=tools["tensorrt_llm"],
-                modelopt=installed_version("nvidia-modelopt"), notes=tuple(notes))
+                modelopt=first_installed("nvidia-modelopt"), notes=tuple(notes))
 
 
 def _local_nvidia_tool_versions() -> dict[str, str | None]:
-    return {"tensorrt": installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
-            "tensorrt_llm": installed_version("tensorrt_llm", module="tensorrt_llm")}
+    return {"tensorrt": first_installed("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+            "tensorrt_llm": first_installed("tensorrt_llm", module="tensorrt_llm")}
 
 
 def _nvidia_tool_versions(notes: list[str]) -> dict[str, str | None]:

@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from kiln.common.digest import canonical_digest, file_sha256, tree_manifest
 from kiln.common.fsutil import atomic_dir
@@ -108,6 +108,16 @@ class StageCache:
             record = {"key": key, "material": material, "created": time.time(), "files": tree_manifest(tmp)}
             (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
             os.chmod(tmp, 0o755)
+
+    def get_or_build(self, stage: str, key: str, material: dict, build: Callable[[Path], None]) -> tuple[Path, bool]:
+        """(entry, whether it was built now): the intact entry, or `build(folder)` into a temporary folder
+        that becomes the entry only when build returns."""
+        entry = self.lookup(stage, key)
+        if entry is not None:
+            return entry, False
+        with self.write(stage, key, material) as out:
+            build(out)
+        return self.entry_dir(stage, key), True
 
     def clean_stale_temporaries(self, older_than_s: float = 24 * 3600) -> int:
         """Remove partial entries of builds that no longer run (never mistaken for entries); those whose

@@ -56,7 +56,7 @@ def _stage_tools() -> dict[str, tuple[str, ...]]:
 
 
 def _keys(plan) -> dict[tuple[str, str], object]:
-    return {(i.stage, i.target): i for i in plan.instances}
+    return {(i.stage, str(i.target)): i for i in plan.instances}
 
 
 def changed_since(ref: str, recipes: list[Path], make_plan_for) -> dict:
@@ -108,7 +108,7 @@ def _recipe_changes(root: Path, commit: str, path: Path, make_plan_for, kiln_cha
         reasons.append("kiln version changed")
     if stale_stages:
         reasons.append("tool pins changed: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in moved.items()))
-    invalidated = []
+    invalidated, sms = [], set()
     for (stage, target), instance in _keys(now).items():
         earlier = before.get((stage, target))
         why = ("new" if earlier is None else "key changed" if earlier.key != instance.key
@@ -116,9 +116,11 @@ def _recipe_changes(root: Path, commit: str, path: Path, make_plan_for, kiln_cha
                else "tool pins" if stage in stale_stages else None)
         if why:
             invalidated.append({"stage": stage, "target": target, "key": instance.key, "why": why,
-                                "status": instance.status})
+                                "status": str(instance.status)})
+            if instance.target.sm:
+                sms.add(instance.target.sm)
     # GPU jobs per SM; a vLLM check runs in the CPU job (on a runner where KILN_VLLM_PYTHON is set).
-    gpus = sorted({i["target"].split("@", 1)[1] for i in invalidated if "@sm" in i["target"]})
+    gpus = sorted(sms)
     if invalidated and not gpus:
         gpus = ["cpu"]    # only CPU stages changed: one CPU job quantizes, validates and publishes
     return {"path": rel, "name": now.loaded.recipe.name, "reasons": reasons, "invalidated": invalidated, "gpus": gpus}

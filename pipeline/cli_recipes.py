@@ -159,7 +159,7 @@ def _refuse_what_cannot_fit(the_plan) -> None:
     """Before anything runs: a model that cannot fit this host even with offload is refused (exit 2)."""
     from kiln.common.errors import UserInputError
 
-    if not any(i.status == "will run" for i in the_plan.instances if i.stage in ("quantize", "validate")):
+    if not any(i.status.will_run for i in the_plan.instances if i.stage in ("quantize", "validate")):
         return
     memory = the_plan.memory()
     refusal = memory and memory.refusal(str(the_plan.loaded.path))

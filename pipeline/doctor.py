@@ -27,12 +27,13 @@ def doctor_document(host: Host, recipes) -> dict:
 
 def _interpreters() -> dict[str, dict]:
     """The tools kiln runs in interpreters of their own: where each is and its version ("absent")."""
-    from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, VLLM_PYTHON_ENV, tool_python, versions_in
+    from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, VLLM_PYTHON_ENV, tool_python
+    from kiln.common.versions import installed_versions
     from kiln.validate import vllm_build
 
     llmc = tool_python(LLMCOMPRESSOR_PYTHON_ENV)
     return {"llm-compressor": {"python": llmc, "env": LLMCOMPRESSOR_PYTHON_ENV,
-                               "version": versions_in(llmc, ("llmcompressor",))["llmcompressor"]},
+                               "version": installed_versions(("llmcompressor",), llmc)["llmcompressor"]},
             "vLLM": {"python": tool_python(VLLM_PYTHON_ENV), "env": VLLM_PYTHON_ENV, "version": vllm_build()}}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from kiln import compile as compile_stage
@@ -26,42 +25,17 @@ from kiln.pipeline.tasks import task_key, task_problems
 from kiln.pipeline.cache import StageCache, stage_key
 from kiln.pipeline.data import ResolvedData, resolve_data
 from kiln.common.errors import RecipeErrors, UserInputError
+from kiln.common.versions import tool_versions
 from kiln.pipeline.fetch import FetchedModel, hub_digest, local_model
 from kiln.pipeline.recipe import Variant
 from kiln.pipeline.recipe_loader import LoadedRecipe
+from kiln.pipeline.plan_runtimes import vllm_instances
+from kiln.pipeline.stages import (
+    MODEL, NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity,
+)
 
 FETCH_VERSION = 1
-PUBLISH_VERSION = 2   # 2: files go to the content-addressed blob store (kiln.registry.blobs)
-PUBLISHED_RECORD = "published.json"
 SIZE_RECORD = "size.json"          # the runner's "size" cache entries (quantize.checkpoint_size)
-
-
-def tool_versions(names) -> dict[str, str]:
-    found = {}
-    for name in (*names, "kiln"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "absent"
-    return found
-
-
-@dataclass
-class StageInstance:
-    stage: str
-    target: str
-    key: str
-    material: dict
-    status: str = "will run"
-    depends_on: tuple[str, ...] = ()
-    seconds: float | None = None    # wall time, once it ran
-
-    def as_dict(self) -> dict:
-        document = {"stage": self.stage, "target": self.target, "key": self.key, "status": self.status,
-                    "depends_on": list(self.depends_on)}
-        if self.seconds is not None:
-            document["seconds"] = self.seconds
-        return document
 
 
 @dataclass
@@ -99,7 +73,9 @@ class Plan:
 
         return recipe_estimate(self.loaded, self.model_folder, self.host)
 
-    def instance(self, stage: str, target: str) -> StageInstance:
+    def instance(self, stage: str, target: Target | str) -> StageInstance:
+        """The instance of `stage` for a target (a variant's name stands for its checkpoint stages)."""
+        target = Target(target) if isinstance(target, str) else target
         return next(i for i in self.instances if i.stage == stage and i.target == target)
 
     def registered_name(self, variant: str) -> str:
@@ -107,13 +83,13 @@ class Plan:
 
     def runtime_check_instances(self, variant: str) -> list[tuple[str, StageInstance, StageInstance]]:
         """(runtime, check, publish) for each runtime check planned for the variant (vllm)."""
-        return [(i.target.rpartition("@")[2], i, self.instance("publish", i.target)) for i in self.instances
-                if i.stage == "vllm-check" and i.target.rpartition("@")[0] == variant]
+        return [(i.target.runtime, i, self.instance("publish", i.target)) for i in self.instances
+                if i.stage == "vllm-check" and i.target.variant == variant]
 
     def sm_instances(self, variant: str) -> list[tuple[str, StageInstance, StageInstance, StageInstance]]:
         """(sm, compile, engine-check, publish) for each SM the variant targets."""
         sms = self.loaded.recipe.variants[variant].sms
-        return [(sm, *(self.instance(stage, f"{variant}@{sm}") for stage in ("compile", "engine-check", "publish")))
+        return [(sm, *(self.instance(stage, Target(variant, sm=sm)) for stage in ("compile", "engine-check", "publish")))
                 for sm in sms]
 
 
@@ -241,10 +217,8 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
 
     fetch_key, fetch_material = stage_key("fetch", FETCH_VERSION, {"source": source.model_dump(mode="json")},
                                           {"model": model_digest}, {})
-    fetch = StageInstance("fetch", "model", fetch_key, fetch_material, "cached" if fetched else "will run")
+    fetch = StageInstance("fetch", MODEL, fetch_key, fetch_material, Status.of_cache(fetched))
     plan.instances.append(fetch)
-
-    from kiln.pipeline.plan_runtimes import vllm_instances
 
     vllm = validate.vllm_build()
     tasks = task_key(loaded, plan.evaluation.digest)   # None without evaluation.tasks: keys stay as they were
@@ -268,23 +242,17 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
              "recipe_digest": loaded.digest},
             {"checkpoint": q_key, "report": v_key}, tool_versions(()),
         )
-        q = StageInstance("quantize", name, q_key, q_material, depends_on=(fetch_key,))
-        v = StageInstance("validate", name, v_key, v_material, depends_on=(q_key,))
-        p = StageInstance("publish", name, p_key, p_material, depends_on=(v_key,))
-        q.status = "cached" if cache.intact("quantize", q_key) else "will run"
-        v.status = "cached" if cache.intact("validate", v_key) else "will run"
+        q = StageInstance("quantize", Target(name), q_key, q_material, depends_on=(fetch_key,))
+        v = StageInstance("validate", Target(name), v_key, v_material, depends_on=(q_key,))
+        p = StageInstance("publish", Target(name), p_key, p_material, depends_on=(v_key,))
+        q.status = Status.of_cache(cache.intact("quantize", q_key))
+        v.status = Status.of_cache(cache.intact("validate", v_key))
         p.status = _publish_status(cache, v, p, variant)
         plan.instances += [q, v, p]
         for sm in variant.sms:
             plan.instances += gpu_instances(plan, cache, name, sm, q.key, p)
         plan.instances += vllm_instances(plan, cache, name, variant, q.key, p, vllm)
     return plan
-
-
-def registry_identity(registry_uri: str) -> str:
-    """The registry as publish keys name it: the embedded one is the one in this $KILN_HOME wherever that
-    folder lives (a moved home keeps its keys); a server by its URI."""
-    return "embedded" if registry_uri.startswith("sqlite:") else registry_uri
 
 
 def _selected_sm(loaded: LoadedRecipe, gpu: str | None) -> str | None:
@@ -308,7 +276,7 @@ def gpu_instances(plan: Plan, cache: StageCache, name: str, sm: str, checkpoint_
     `checkpoint_key` names the checkpoint compiled: the quantize stage's key, or the registry's
     manifest digest when this host builds from a checkpoint another host published.
     """
-    loaded, target = plan.loaded, f"{name}@{sm}"
+    loaded, target = plan.loaded, Target(name, sm=sm)
     request = compile_request(loaded, sm)
     c_key, c_material = stage_key(
         "compile", compile_stage.STAGE_VERSION, {"request": request.key_config()},
@@ -329,32 +297,31 @@ def gpu_instances(plan: Plan, cache: StageCache, name: str, sm: str, checkpoint_
     p = StageInstance("publish", target, p_key, p_material, depends_on=(e_key, publish_instance.key))
     skip = _gpu_skip_reason(plan, sm, request, publish_instance)
     for instance in (c, e, p):
-        instance.status = skip or ("cached" if cache.intact(instance.stage, instance.key) else "will run")
-    if e.status == "cached":
-        gate = validate.evaluate_gates(validate.load_metrics(cache.entry_dir("engine-check", e_key)),
-                                       **loaded.recipe.variants[name].gates.model_dump())
+        instance.status = skip or Status.of_cache(cache.intact(instance.stage, instance.key))
+    if e.status.cached:
+        gate = loaded.recipe.variants[name].gates.evaluate(validate.load_metrics(cache.entry_dir("engine-check", e_key)))
         if not gate.passed:
-            p.status = f"skipped: engine gate failed ({'; '.join(gate.failures)})"
+            p.status = Status.skip(f"engine gate failed ({'; '.join(gate.failures)})")
     return [c, e, p]
 
 
-def _gpu_skip_reason(plan: Plan, sm: str, request, publish_instance: StageInstance) -> str | None:
+def _gpu_skip_reason(plan: Plan, sm: str, request, publish_instance: StageInstance) -> Status | None:
     if plan.gpu is not None and sm != plan.gpu:
-        return f"skipped: not selected (--gpu {plan.gpu})"
-    if publish_instance.status.startswith("skipped"):
-        return "skipped: the checkpoint is not published (gate failed)"
+        return Status.skip(f"not selected (--gpu {plan.gpu})")
+    if publish_instance.status.skipped:
+        return NOT_PUBLISHED
     problem = plan.host.compile_problem(sm, request.target, request.tp_size)
-    return f"skipped: {problem}" if problem else None
+    return Status.skip(problem) if problem else None
 
 
-def _publish_status(cache: StageCache, validate_instance: StageInstance, publish_instance: StageInstance, variant: Variant) -> str:
-    if validate_instance.status == "cached":
+def _publish_status(cache: StageCache, validate_instance: StageInstance, publish_instance: StageInstance,
+                    variant: Variant) -> Status:
+    if validate_instance.status.cached:
         entry = cache.entry_dir("validate", validate_instance.key)
-        gate = validate.evaluate_gates(validate.load_metrics(entry), **variant.gates.model_dump(),
-                                       tasks=validate.load_task_drops(entry))
+        gate = variant.gates.evaluate(validate.load_metrics(entry), tasks=validate.load_task_drops(entry))
         if not gate.passed:
-            return f"skipped: gate failed ({'; '.join(gate.failures)})"
-    return "cached" if cache.intact("publish", publish_instance.key) else "will run"
+            return Status.skip(f"gate failed ({'; '.join(gate.failures)})")
+    return Status.of_cache(cache.intact("publish", publish_instance.key))
 
 
 def _probe_hub_cache(source) -> tuple[Path | None, bool]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln import quantize, validate
-from kiln.pipeline.plan import PUBLISH_VERSION, Plan, StageInstance, registry_identity, stage_key, tool_versions
+from kiln.common.versions import ABSENT, tool_versions
+from kiln.pipeline.cache import stage_key
 from kiln.pipeline.recipe import Variant
+from kiln.pipeline.stages import NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity
 
 VLLM = quantize.Runtime.vllm.value
 
@@ -27,17 +29,18 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def vllm_skip_reason(plan: Plan, variant: Variant, vllm: str) -> str | None:
-    if vllm == "absent":
-        return "skipped: needs vLLM (set KILN_VLLM_PYTHON to a Python that has it)"
+def vllm_skip_reason(plan, variant: Variant, vllm: str) -> Status | None:
+    """Why this host cannot run the vLLM check of `plan`'s variant (a Plan; this module is planned by it)."""
+    if vllm == ABSENT:
+        return Status.skip("needs vLLM (set KILN_VLLM_PYTHON to a Python that has it)")
     on_cpu = vllm.startswith("cpu:") or not plan.host.gpus
     sms = None if on_cpu else [int(sm[2:]) for sm in plan.host.sms]
     problem = quantize.vllm_device_problem(variant.quant, variant.kv_cache, variant.backend,
                                            cpu_flags=cpu_flags(), sms=sms)
-    return f"skipped: {problem}" if problem else None
+    return Status.skip(problem) if problem else None
 
 
-def vllm_instances(plan: Plan, cache, name: str, variant: Variant, checkpoint_key: str,
+def vllm_instances(plan, cache, name: str, variant: Variant, checkpoint_key: str,
                    publish_instance: StageInstance, vllm: str) -> list[StageInstance]:
     """vllm-check and its publish for one variant; [] where the runtimes table says vLLM does not load it.
 
@@ -45,7 +48,7 @@ def vllm_instances(plan: Plan, cache, name: str, variant: Variant, checkpoint_ke
     """
     if quantize.Runtime.vllm not in quantize.loading_runtimes(variant.quant, variant.kv_cache, variant.backend):
         return []
-    loaded, target = plan.loaded, f"{name}@{VLLM}"
+    loaded, target = plan.loaded, Target(name, runtime=VLLM)
     check_key, check_material = stage_key(
         "vllm-check", validate.STAGE_VERSION,
         {"evaluation": plan.evaluation.key_config(), "max_model_len": loaded.recipe.build.max_seq_len,
@@ -59,8 +62,7 @@ def vllm_instances(plan: Plan, cache, name: str, variant: Variant, checkpoint_ke
     )
     check = StageInstance("vllm-check", target, check_key, check_material, depends_on=(checkpoint_key,))
     publish = StageInstance("publish", target, p_key, p_material, depends_on=(check_key, publish_instance.key))
-    skip = ("skipped: the checkpoint is not published (gate failed)" if publish_instance.status.startswith("skipped")
-            else vllm_skip_reason(plan, variant, vllm))
+    skip = NOT_PUBLISHED if publish_instance.status.skipped else vllm_skip_reason(plan, variant, vllm)
     for instance in (check, publish):
-        instance.status = skip or ("cached" if cache.intact(instance.stage, instance.key) else "will run")
+        instance.status = skip or Status.of_cache(cache.intact(instance.stage, instance.key))
     return [check, publish]

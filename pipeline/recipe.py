@@ -16,7 +16,7 @@ from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device
 from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem
-from kiln.validate import BUILTIN_TASKS
+from kiln.validate import BUILTIN_TASKS, GateResult, Metrics, TaskDrop, evaluate_gates
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -137,6 +137,10 @@ class Gates(Strict):
     max_task_drop: dict[Name, Annotated[float, Field(ge=0)]] | None = Field(
         default=None, description="per task in evaluation.tasks: the most its score may drop against the baseline, "
                                   "in percentage points (a drop within its standard error never fails)")
+
+    def evaluate(self, metrics: Metrics, tasks: dict[str, TaskDrop] | None = None) -> GateResult:
+        """These gates over measured metrics; `tasks` where the checkpoint's tasks were scored (not an engine)."""
+        return evaluate_gates(metrics, **self.model_dump(), tasks=tasks)
 
 
 class Variant(Strict):

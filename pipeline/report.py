@@ -9,6 +9,7 @@ from rich.table import Table
 
 from kiln.pipeline.plan import Plan
 from kiln.pipeline.results import BuildResult, format_label
+from kiln.pipeline.stages import Target
 
 # Wide enough for the summary when stdout is a file or a CI log, not a terminal.
 stdout_console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -19,7 +20,7 @@ def plan_table(plan: Plan) -> Table:
     for column in ("stage", "target", "key", "status"):
         table.add_column(column)
     for instance in plan.instances:
-        table.add_row(instance.stage, instance.target, instance.key[:12], instance.status)
+        table.add_row(instance.stage, str(instance.target), instance.key[:12], str(instance.status))
     return table
 
 
@@ -55,7 +56,7 @@ def build_table(result: BuildResult) -> Table:
     table.caption_justify = "left"
     for v in result.variants:
         m = v.metrics
-        ran = [i.stage for i in result.ran if i.target == v.variant]
+        ran = [i.stage for i in result.ran if i.target == Target(v.variant)]
         table.add_row(
             v.variant,
             v.format,

