@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kiln.compile.gpus import ARCHS
 from kiln.compile.targets import CheckpointQuant, CompileRequest
-from kiln.quantize import format_of_export
+from kiln.quantize import format_of_export, kv_cache_of_export
 from kiln.common.errors import KilnError
 
 TRTLLM_BUILD = "trtllm-build"
@@ -28,7 +28,10 @@ def gemm_plugin(quant: CheckpointQuant) -> str:
 
 
 def uses_fp8_context_fmha(quant: CheckpointQuant, sm: str) -> bool:
-    return quant.quant_algo == "FP8" and quant.kv_cache_quant_algo == "FP8" and ARCHS[sm].fp8_context_fmha
+    """The format table's FP8 workflow (FP8 weights and KV cache) on an SM with its context FMHA kernels."""
+    spec, kv = format_of_export(quant.quant_algo), kv_cache_of_export(quant.kv_cache_quant_algo)
+    return bool(spec and spec.trtllm and spec.trtllm.fp8_context_fmha and kv and kv.fp8_context_fmha
+                and ARCHS[sm].fp8_context_fmha)
 
 
 def trtllm_build_argv(request: CompileRequest, quant: CheckpointQuant, checkpoint_dir: Path, output_dir: Path) -> list[str]:

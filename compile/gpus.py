@@ -18,19 +18,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kiln.quantize import KVCacheFormat, QuantFormat
+from kiln.quantize import FORMATS, Kernel, KVCacheFormat, QuantFormat
 
-Q, KV = QuantFormat, KVCacheFormat
+K, KV = Kernel, KVCacheFormat
 
 
 @dataclass(frozen=True)
 class GpuArch:
     sm: str
     gpus: tuple[str, ...]
-    formats: frozenset[QuantFormat]
+    kernels: frozenset[Kernel]
     kv_caches: frozenset[KVCacheFormat]
     # trtllm-build --use_fp8_context_fmha: the FP8 workflow's context FMHA kernels exist on Ada and Hopper only.
     fp8_context_fmha: bool = False
+
+    @property
+    def formats(self) -> frozenset[QuantFormat]:
+        """The formats whose kernel this SM has (read from the formats table each time: rows can be added)."""
+        return frozenset(quant for quant, spec in FORMATS.items() if spec.kernel in self.kernels)
 
     def describe(self) -> str:
         formats = ", ".join(sorted(f.value for f in self.formats))
@@ -38,21 +43,22 @@ class GpuArch:
         return f"{self.sm} runs {formats}; KV cache {kv}"
 
 
-_AMPERE_FORMATS = frozenset({Q.int4_awq, Q.int4_gptq, Q.int8_sq, Q.int8_wo})       # [doc] W4A16; [builder] INT8
-_ADA_FORMATS = _AMPERE_FORMATS | {Q.fp8, Q.w4a8_awq}                                  # [doc], [modelopt] FP8 >= 8.9
+_AMPERE_KERNELS = frozenset({K.w4a16, K.w8a8, K.w8a16})       # [doc] W4A16 AWQ/GPTQ; [builder] INT8
+_ADA_KERNELS = _AMPERE_KERNELS | {K.fp8, K.w4a8}                # [doc] FP8 per tensor, W4A8; [modelopt] FP8 >= 8.9
+_BLACKWELL_KERNELS = frozenset({K.fp8, K.nvfp4})               # [doc] NVFP4 (Blackwell only); [builder] no INT8/INT4
 _PRE_BLACKWELL_KV = frozenset({KV.none, KV.fp8, KV.int8})
 
 ARCHS: dict[str, GpuArch] = {arch.sm: arch for arch in (
-    GpuArch("sm80", ("A100", "A30"), _AMPERE_FORMATS, _PRE_BLACKWELL_KV),
-    GpuArch("sm86", ("A10", "A40", "RTX 3090", "RTX 3080", "RTX A6000"), _AMPERE_FORMATS, _PRE_BLACKWELL_KV),
-    GpuArch("sm89", ("L4", "L40", "L40S", "RTX 4090", "RTX 6000 Ada"), _ADA_FORMATS, _PRE_BLACKWELL_KV,
+    GpuArch("sm80", ("A100", "A30"), _AMPERE_KERNELS, _PRE_BLACKWELL_KV),
+    GpuArch("sm86", ("A10", "A40", "RTX 3090", "RTX 3080", "RTX A6000"), _AMPERE_KERNELS, _PRE_BLACKWELL_KV),
+    GpuArch("sm89", ("L4", "L40", "L40S", "RTX 4090", "RTX 6000 Ada"), _ADA_KERNELS, _PRE_BLACKWELL_KV,
             fp8_context_fmha=True),
     # FP8 rowwise (per-channel weights, per-token activations) has Hopper kernels only [doc].
-    GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_FORMATS | {Q.fp8_pc_pt}, _PRE_BLACKWELL_KV,
+    GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_KERNELS | {K.fp8_rowwise}, _PRE_BLACKWELL_KV,
             fp8_context_fmha=True),
     # [builder]: no INT8/INT4 weight-only, SmoothQuant or INT8 KV on 100 <= SM < 120; [doc]: no W4A16/W4A8.
-    GpuArch("sm100", ("B200", "GB200", "B100"), frozenset({Q.fp8, Q.nvfp4}), frozenset({KV.none, KV.fp8, KV.nvfp4})),
-    GpuArch("sm120", ("RTX 5090", "RTX 5080", "RTX PRO 6000"), frozenset({Q.fp8, Q.nvfp4}),
+    GpuArch("sm100", ("B200", "GB200", "B100"), _BLACKWELL_KERNELS, frozenset({KV.none, KV.fp8, KV.nvfp4})),
+    GpuArch("sm120", ("RTX 5090", "RTX 5080", "RTX PRO 6000"), _BLACKWELL_KERNELS,
             frozenset({KV.none, KV.fp8, KV.nvfp4})),
 )}
 

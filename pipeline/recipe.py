@@ -10,7 +10,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, NonNegativeInt, PlainSerializer, PlainValidator, PositiveInt, field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
@@ -23,6 +27,23 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 HF_SCHEME = "hf://"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+
+
+def _format_in_table(value) -> QuantFormat:
+    """A format read from the formats table when a recipe is validated, so formats registered after this
+    module was imported (quantize.register_format) are recipes' formats too."""
+    if isinstance(value, QuantFormat):
+        return value
+    try:
+        return QuantFormat(value)
+    except (ValueError, TypeError):
+        names = [f"'{quant.value}'" for quant in QuantFormat]
+        raise PydanticCustomError("enum", "Input should be {expected}",
+                                  {"expected": ", ".join(names[:-1]) + " or " + names[-1]}) from None
+
+
+FormatName = Annotated[QuantFormat, PlainValidator(_format_in_table),
+                       PlainSerializer(lambda quant: quant.value, return_type=str, when_used="json")]
 
 
 class Strict(BaseModel):
@@ -144,7 +165,7 @@ class Gates(Strict):
 
 
 class Variant(Strict):
-    quant: QuantFormat
+    quant: FormatName
     backend: Backend = Field(default=Backend.modelopt,
                              description="modelopt (HF + TensorRT-LLM checkpoints) or llmcompressor (a compressed-tensors "
                                          "checkpoint that vLLM and SGLang load: int4_gptq, int4_awq, int8_sq)")

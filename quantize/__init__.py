@@ -25,8 +25,8 @@ from kiln.quantize.families import (
     COMMON_TRTLLM_FIELDS, FAMILIES, Family, family_of, family_problems, trtllm_values_agree,
 )
 from kiln.quantize.formats import (
-    FORMATS, KV_CACHE_FORMATS, Backend, FormatSpec, KVCacheFormat, KVCacheSpec, LlmCompressorMapping, QuantFormat,
-    TrtllmMapping, format_of_export, kv_cache_of_export,
+    FORMATS, KV_CACHE_FORMATS, Backend, FormatSpec, Kernel, KVCacheFormat, KVCacheSpec, LlmCompressorMapping,
+    QuantFormat, TrtllmMapping, format_of_export, kv_cache_of_export, register_format, unregister_format,
 )
 from kiln.quantize.headers import safetensors_header
 from kiln.quantize.size import CheckpointSize, checkpoint_size
@@ -43,8 +43,9 @@ STAGE_VERSION = 2   # 2: family fields filled in trtllm/config.json; kiln.json r
 TOOLS = ("nvidia-modelopt", "torch", "transformers")
 
 __all__ = [
-    "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "KVCacheFormat", "KVCacheSpec", "LlmCompressorMapping",
-    "QuantFormat", "TrtllmMapping", "format_of_export", "kv_cache_of_export", "tool_versions", "require_backend",
+    "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "KVCacheSpec",
+    "LlmCompressorMapping", "QuantFormat", "TrtllmMapping", "format_of_export", "kv_cache_of_export",
+    "register_format", "unregister_format", "tool_versions", "require_backend",
     "QuantizeRequest", "CheckpointRecord", "run", "release_memory", "layer_width_problems", "unmatched_excludes",
     "Device", "Placement", "VisibleGpu", "plan_placement", "gpu_peak_bytes", "reset_gpu_peaks",
     "CHECKPOINT_RECORD", "HF_DIR", "TRTLLM_DIR", "STAGE_VERSION", "TOOLS",

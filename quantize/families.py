@@ -6,7 +6,9 @@ One row per Hugging Face `model_type`, like compile/gpus.py is for GPUs. Each ro
   `config_class.from_hugging_face` derives from the source `config.json` beyond the common ones;
   ModelOpt fills those only when `tensorrt_llm` imports beside it, which it never does on a
   quantize host, so kiln fills and proves them itself (quantize/trtllm_checks.py);
-- the formats TensorRT-LLM supports for the family, per target, and the KV-cache formats;
+- the formats TensorRT-LLM supports for the family, per target, as the columns of TensorRT-LLM's support
+  matrices (each format row names its column, so a new format of a listed column needs no edit here),
+  and the KV-cache formats;
 - what the reference runtime must know (the MoE tensor layout of ModelOpt's HF export).
 
 Sources: SOURCES below, cited per row by tag.
@@ -19,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kiln.quantize.formats import KVCacheFormat, QuantFormat
+from kiln.quantize.formats import FORMATS, KVCacheFormat, QuantFormat
 
-Q, KV = QuantFormat, KVCacheFormat
+KV = KVCacheFormat
 
 
 # What each tag in a row cites (TensorRT-LLM unless said otherwise).
@@ -101,15 +103,25 @@ class Family:
     architecture: str                  # the transformers class
     trtllm: TrtllmCheckpoint | None    # None: no TensorRT-LLM checkpoint; the HF checkpoint serves
     no_trtllm_reason: str | None
-    engine_formats: frozenset[QuantFormat]
-    pytorch_formats: frozenset[QuantFormat]
+    engine_columns: frozenset[str]     # TensorRT-LLM matrix columns (TrtllmMapping.matrix) of the engine flow
+    pytorch_columns: frozenset[str]    # and of the PyTorch backend
     kv_formats: frozenset[KVCacheFormat]
     formats_source: str
     experts: ExpertLayout | None = None
     notes: tuple[str, ...] = field(default=())
 
     def formats_for(self, target: str) -> frozenset[QuantFormat]:
-        return self.engine_formats if target == "trtllm-engine" else self.pytorch_formats
+        """The formats whose matrix column the target's source lists for this family."""
+        columns = self.engine_columns if target == "trtllm-engine" else self.pytorch_columns
+        return frozenset(quant for quant, spec in FORMATS.items() if spec.trtllm and spec.trtllm.matrix in columns)
+
+    @property
+    def engine_formats(self) -> frozenset[QuantFormat]:
+        return self.formats_for("trtllm-engine")
+
+    @property
+    def pytorch_formats(self) -> frozenset[QuantFormat]:
+        return self.formats_for("trtllm-pytorch")
 
     @property
     def trtllm_field_names(self) -> tuple[str, ...]:
@@ -149,10 +161,16 @@ def _qwen_fields(attn_bias: bool) -> tuple[FamilyField, ...]:
     )
 
 
-_ALL = frozenset(Q)
-_LLAMA_ENGINE = _ALL   # [precision] LLaMA: FP8, SQ, W8A16, AWQ, GPTQ; [pt-matrix] LLaMA rows: NVFP4, FP8 rowwise, W4A8 AWQ
-_LLAMA_PYTORCH = frozenset({Q.fp8, Q.fp8_pc_pt, Q.nvfp4, Q.int4_awq, Q.int4_gptq, Q.w4a8_awq})   # [pt-matrix] LLaMA rows
-_QWEN_ENGINE = frozenset({Q.fp8, Q.int8_sq, Q.int8_wo, Q.int4_awq, Q.int4_gptq})   # [precision] Qwen; FP8: examples/qwen
+def _columns(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+_FP8, _FP8_ROWWISE, _NVFP4 = "FP8", "FP8 rowwise", "NVFP4"
+_AWQ, _GPTQ, _W4A8, _SQ, _W8A16 = "W4A16 AWQ", "W4A16 GPTQ", "W4A8 AWQ", "W8A8 SQ", "W8A16"
+# [precision] LLaMA: FP8, SQ, W8A16, AWQ, GPTQ; [pt-matrix] LLaMA rows: NVFP4, FP8 rowwise, W4A8 AWQ
+_LLAMA_ENGINE = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16)
+_LLAMA_PYTORCH = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8)   # [pt-matrix] LLaMA rows
+_QWEN_ENGINE = _columns(_FP8, _SQ, _W8A16, _AWQ, _GPTQ)   # [precision] Qwen; FP8: examples/qwen
 _FP8_KV = frozenset({KV.none, KV.fp8})
 _NO_ENGINE = frozenset()
 
@@ -169,33 +187,33 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            "[precision] LLaMA; [pt-matrix] LLaMA, LLaMA-v2, LLaMA 3"),
     Family("mistral", "Mistral", "MistralForCausalLM",
            TrtllmCheckpoint("MistralForCausalLM", "LLaMAForCausalLM", "[llama-cfg]", _LLAMA_FIELDS),
-           None, _LLAMA_ENGINE, frozenset({Q.fp8, Q.int4_awq}), _FP8_KV,
+           None, _LLAMA_ENGINE, _columns(_FP8, _AWQ), _FP8_KV,
            "engine: MODEL_MAP builds Mistral with LLaMAForCausalLM, so Llama's formats [model-map]; "
            "PyTorch backend: [pt-matrix] Mistral",
            notes=("The engine flow ignores sliding_window (LLaMAConfig has no such field): kiln refuses "
                   "trtllm-engine when the window is shorter than build.max_seq_len.",)),
     Family("qwen2", "Qwen2, Qwen2.5", "Qwen2ForCausalLM",
            TrtllmCheckpoint("Qwen2ForCausalLM", "QWenForCausalLM", "[qwen-cfg]", _qwen_fields(True), 100000.0),
-           None, _QWEN_ENGINE, frozenset({Q.fp8, Q.nvfp4, Q.w4a8_awq, Q.int4_awq, Q.int4_gptq}), _FP8_KV,
+           None, _QWEN_ENGINE, _columns(_FP8, _NVFP4, _W4A8, _AWQ, _GPTQ), _FP8_KV,
            "[precision] Qwen (FP8 from examples/models/core/qwen); [pt-matrix] Qwen-2/2.5"),
     Family("qwen3", "Qwen3", "Qwen3ForCausalLM",
            TrtllmCheckpoint("Qwen3ForCausalLM", "QWenForCausalLM", "[qwen-cfg]", _qwen_fields(False), 100000.0),
-           None, _QWEN_ENGINE, frozenset({Q.fp8, Q.nvfp4, Q.int4_awq, Q.int4_gptq}), _FP8_KV,
+           None, _QWEN_ENGINE, _columns(_FP8, _NVFP4, _AWQ, _GPTQ), _FP8_KV,
            "[precision] Qwen; [pt-matrix] Qwen-3",
            notes=("The q/k norms are exported as attention.q_layernorm / k_layernorm; qwen_type qwen3 "
                   "is what makes TensorRT-LLM's QWenDecoderLayer read them.",)),
     Family("gemma2", "Gemma 2", "Gemma2ForCausalLM", None, _modelopt_cannot("gemma2"),
-           _NO_ENGINE, frozenset({Q.fp8, Q.int4_awq, Q.w4a8_awq}), _FP8_KV,
+           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8), _FP8_KV,
            "inferred: no Gemma 2 row in [pt-matrix]; Gemma 3's row, whose Linear/GatedMLP modules "
            "_torch/models/modeling_gemma2.py reuses",
            notes=("Soft-capping (attn_logit_softcapping, final_logit_softcapping): the reference runtime keeps "
                   "the model's eager attention, and the KV-cache quantizer wraps that, not SDPA.",
                   "Embeddings are scaled by sqrt(hidden_size) and tied to the output projection.")),
     Family("gemma3_text", "Gemma 3 (text)", "Gemma3ForCausalLM", None, _modelopt_cannot("gemma3"),
-           _NO_ENGINE, frozenset({Q.fp8, Q.int4_awq, Q.w4a8_awq}), _FP8_KV, "[pt-matrix] Gemma 3",
+           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8), _FP8_KV, "[pt-matrix] Gemma 3",
            notes=("Sliding-window and global layers alternate (layer_types); embeddings scaled and tied.",)),
     Family("phi3", "Phi-3, Phi-4", "Phi3ForCausalLM", None, _modelopt_cannot("phi3"),
-           _NO_ENGINE, frozenset({Q.fp8, Q.int4_awq, Q.w4a8_awq}), _FP8_KV,
+           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8), _FP8_KV,
            "inferred: [pt-matrix] has a Phi row (W4A8 AWQ, FP8 KV) but none for Phi-3; "
            "_torch/models/modeling_phi3.py uses the generic fused qkv / gate_up Linear modules (Llama's formats "
            "that ModelOpt exports for fused projections)",
@@ -203,12 +221,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mixtral", "Mixtral (MoE)", "MixtralForCausalLM", None,
            "ModelOpt 0.47's TensorRT-LLM export fails on transformers 5's fused experts "
            "(TypeError: 'QuantMixtralExperts' has no len()) [measured]",
-           _NO_ENGINE, frozenset({Q.fp8, Q.nvfp4}), _FP8_KV,
+           _NO_ENGINE, _columns(_FP8, _NVFP4), _FP8_KV,
            "[pt-matrix] Mixtral; ModelOpt's HF export fails for INT4/W4A8 experts [measured]",
            experts=ExpertLayout("block_sparse_moe", gate="w1", up="w3", down="w2")),
     Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", None,
            "the engine flow has no Qwen3MoeForCausalLM in MODEL_MAP [model-map]",
-           _NO_ENGINE, frozenset({Q.fp8, Q.nvfp4}), _FP8_KV,
+           _NO_ENGINE, _columns(_FP8, _NVFP4), _FP8_KV,
            "inferred: no Qwen3-MoE row in [pt-matrix]; Mixtral's MoE row (FP8, NVFP4) and Qwen-3's; "
            "ModelOpt's HF export fails for INT4/W4A8 experts [measured]",
            experts=ExpertLayout("mlp", gate="gate_proj", up="up_proj", down="down_proj")),

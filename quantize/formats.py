@@ -2,17 +2,19 @@
 
 Recipes validate against these enums, planning checks layer widths with the
 block sizes here, the ModelOpt adapter picks configs from here and records the
-algorithm from here; the export check (packing), trtllm-build (GEMM plugin) and the
-LLM-API options (KV dtype) read their TensorRT-LLM facts from here, and validation
-decodes by the export name given here; backend llmcompressor reads its modifiers and
-preset scheme from here. Adding a format means adding a row, not a branch in five files:
-tests/test_format_table.py names what a new row still lacks, tests/test_runtime_table.py
-the runtimes table's row for its export.
+algorithm from here; the export check (packing), trtllm-build (GEMM plugin, FP8 context
+FMHA) and the LLM-API options (KV dtype) read their TensorRT-LLM facts from here, and
+validation decodes by the export name given here; backend llmcompressor reads its
+modifiers and preset scheme from here. The GPU table derives what an SM runs from each
+row's `kernel`, and the family table what a family supports from each row's
+`trtllm.matrix` column. A new format is its row (`register_format` at run time) plus,
+for a new export name, its codec in validate/codecs.py and its runtimes row:
+tests/test_format_table.py registers a throw-away row and watches the stages accept it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
@@ -32,6 +34,19 @@ class KVCacheFormat(str, Enum):
     fp8 = "fp8"
     int8 = "int8"
     nvfp4 = "nvfp4"
+
+
+class Kernel(str, Enum):
+    """The GEMM a format's checkpoint runs on: the rows of TensorRT-LLM's hardware support matrix (INT8's
+    from its engine builder). compile/gpus.py lists the kernels each SM has."""
+
+    fp8 = "fp8"                    # FP8 per tensor
+    fp8_rowwise = "fp8_rowwise"    # FP8 weights per channel, activations per token
+    nvfp4 = "nvfp4"
+    w4a16 = "w4a16"                # INT4 weights (AWQ/GPTQ), 16-bit activations
+    w4a8 = "w4a8"                  # INT4 weights, FP8 activations
+    w8a8 = "w8a8"                  # INT8 SmoothQuant
+    w8a16 = "w8a16"                # INT8 weight-only
 
 
 class Backend(str, Enum):
@@ -59,14 +74,20 @@ class LlmCompressorMapping:
 class TrtllmMapping:
     """How TensorRT-LLM takes a format's checkpoint."""
 
+    # The column of TensorRT-LLM's model support matrices (docs/source/reference/precision.md and
+    # features/quantization.md) this format is; quantize/families.py lists the columns per family.
+    matrix: str
     packing: str | None = None      # "int4": two per byte along the output dim; "fp4": along the input dim
     gemm_plugin: str = "auto"       # trtllm-build --gemm_plugin ("auto": TensorRT-LLM chooses)
+    # trtllm-build --use_fp8_context_fmha: the FP8 workflow's context attention, with an FP8 KV cache too.
+    fp8_context_fmha: bool = False
 
 
 @dataclass(frozen=True)
 class FormatSpec:
     name: QuantFormat
     summary: str
+    kernel: Kernel                  # the GEMM it runs on: which GPUs run it (compile/gpus.py)
     modelopt_config: str            # attribute of modelopt.torch.quantization
     algorithm: str                  # what produced the weights, recorded in kiln.json and registry tags
     weight_bits: float              # storage bits per weight, scales included
@@ -96,42 +117,44 @@ class KVCacheSpec:
     unsupported: str | None = None  # why kiln refuses it, when it does
     export_algo: str | None = None  # `kv_cache_quant_algo` of the exported configs
     runtime_dtype: str = "auto"     # tensorrt_llm KvCacheConfig.dtype ("auto": the model's dtype)
+    fp8_context_fmha: bool = False  # an FP8 cache that FP8 context FMHA writes (with an FP8 format)
 
 
 FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
-    FormatSpec(QuantFormat.fp8, "FP8 E4M3 weights and activations, per-tensor scales",
-               "FP8_DEFAULT_CFG", "max", 8, 8, export_quant_algo="FP8", trtllm=TrtllmMapping(gemm_plugin="fp8")),
+    FormatSpec(QuantFormat.fp8, "FP8 E4M3 weights and activations, per-tensor scales", Kernel.fp8,
+               "FP8_DEFAULT_CFG", "max", 8, 8, export_quant_algo="FP8",
+               trtllm=TrtllmMapping("FP8", gemm_plugin="fp8", fp8_context_fmha=True)),
     FormatSpec(QuantFormat.fp8_pc_pt, "FP8 weights with per-channel scales, activations per token (dynamic)",
-               "FP8_PER_CHANNEL_PER_TOKEN_CFG", "max", 8, 8, export_quant_algo="FP8_PER_CHANNEL_PER_TOKEN",
-               trtllm=TrtllmMapping()),
+               Kernel.fp8_rowwise, "FP8_PER_CHANNEL_PER_TOKEN_CFG", "max", 8, 8,
+               export_quant_algo="FP8_PER_CHANNEL_PER_TOKEN", trtllm=TrtllmMapping("FP8 rowwise")),
     FormatSpec(QuantFormat.nvfp4, "FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
-               "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16,
+               Kernel.nvfp4, "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16,
                modelopt_fake_quant_on_cpu=False, export_quant_algo="NVFP4",
-               trtllm=TrtllmMapping(packing="fp4", gemm_plugin="nvfp4")),
-    FormatSpec(QuantFormat.int4_awq, "INT4 weights (W4A16), AWQ, per-group scales",
+               trtllm=TrtllmMapping("NVFP4", packing="fp4", gemm_plugin="nvfp4")),
+    FormatSpec(QuantFormat.int4_awq, "INT4 weights (W4A16), AWQ, per-group scales", Kernel.w4a16,
                "INT4_AWQ_CFG", "awq_lite", 4.25, 16, group_sizes=(64, 128), default_group_size=128,
-               export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping(packing="int4"),
+               export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping("W4A16 AWQ", packing="int4"),
                llmcompressor=LlmCompressorMapping(("awq",), "W4A16_ASYM", (128,))),
-    FormatSpec(QuantFormat.int4_gptq, "INT4 weights (W4A16), GPTQ, per-group scales",
+    FormatSpec(QuantFormat.int4_gptq, "INT4 weights (W4A16), GPTQ, per-group scales", Kernel.w4a16,
                "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq", 4.25, 16, group_sizes=(128,), default_group_size=128,
                algorithm_config={"method": "gptq"},
-               export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping(packing="int4"),   # ModelOpt names it so
+               export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping("W4A16 GPTQ", packing="int4"),   # ModelOpt names it so
                llmcompressor=LlmCompressorMapping(("gptq",), "W4A16", (128,))),
-    FormatSpec(QuantFormat.w4a8_awq, "INT4 weights, AWQ, per-group scales; FP8 activations",
+    FormatSpec(QuantFormat.w4a8_awq, "INT4 weights, AWQ, per-group scales; FP8 activations", Kernel.w4a8,
                "W4A8_AWQ_BETA_CFG", "awq_lite", 4.25, 8, group_sizes=(128,), default_group_size=128,
-               export_quant_algo="W4A8_AWQ", trtllm=TrtllmMapping(packing="int4")),
-    FormatSpec(QuantFormat.int8_sq, "INT8 weights (per channel) and activations (per tensor), SmoothQuant",
+               export_quant_algo="W4A8_AWQ", trtllm=TrtllmMapping("W4A8 AWQ", packing="int4")),
+    FormatSpec(QuantFormat.int8_sq, "INT8 weights (per channel) and activations (per tensor), SmoothQuant", Kernel.w8a8,
                "INT8_SMOOTHQUANT_CFG", "smoothquant", 8, 8, algorithm_config={"method": "smoothquant"},
-               takes_alpha=True, export_quant_algo="W8A8_SQ_PER_CHANNEL", trtllm=TrtllmMapping(),
+               takes_alpha=True, export_quant_algo="W8A8_SQ_PER_CHANNEL", trtllm=TrtllmMapping("W8A8 SQ"),
                # llm-compressor's W8A8: per-channel weights, activations per token at run time (dynamic)
                llmcompressor=LlmCompressorMapping(("smoothquant", "gptq"), "W8A8")),
-    FormatSpec(QuantFormat.int8_wo, "INT8 weights (per channel), W8A16",
-               "INT8_WEIGHT_ONLY_CFG", "max", 8, 16, export_quant_algo="W8A16", trtllm=TrtllmMapping()),
+    FormatSpec(QuantFormat.int8_wo, "INT8 weights (per channel), W8A16", Kernel.w8a16,
+               "INT8_WEIGHT_ONLY_CFG", "max", 8, 16, export_quant_algo="W8A16", trtllm=TrtllmMapping("W8A16")),
 )}
 
 KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec in (
     KVCacheSpec(KVCacheFormat.none, None),
-    KVCacheSpec(KVCacheFormat.fp8, "FP8_KV_CFG", export_algo="FP8", runtime_dtype="fp8"),
+    KVCacheSpec(KVCacheFormat.fp8, "FP8_KV_CFG", export_algo="FP8", runtime_dtype="fp8", fp8_context_fmha=True),
     KVCacheSpec(KVCacheFormat.nvfp4, "NVFP4_KV_CFG", export_algo="NVFP4", runtime_dtype="nvfp4"),
     # Measured: ModelOpt 0.47 calibrates an INT8 KV cache but its HF export stops with
     # "Invalid KV cache quantization format", so no checkpoint kiln could validate exists.
@@ -148,3 +171,31 @@ def format_of_export(quant_algo: str | None) -> FormatSpec | None:
 def kv_cache_of_export(kv_cache_quant_algo: str | None) -> KVCacheSpec | None:
     return next((spec for spec in KV_CACHE_FORMATS.values()
                  if kv_cache_quant_algo and spec.export_algo == kv_cache_quant_algo), None)
+
+
+def register_format(spec: FormatSpec) -> QuantFormat:
+    """Add a format at run time (a plugin's row, or a test's throw-away one): a QuantFormat member named
+    `spec.name` (a string) and its row. Every stage reads the table, so nothing else needs to know.
+
+    Python's Enum has no public way to grow; the member is added as EnumType itself adds one
+    (a fresh member in the class's maps, then the class attribute), which recipes' validators read."""
+    name = str(getattr(spec.name, "value", spec.name))
+    if name in QuantFormat.__members__ or name in QuantFormat._value2member_map_:
+        raise ValueError(f"format '{name}' is already in the formats table")
+    member = str.__new__(QuantFormat, name)
+    member._name_, member._value_ = name, name
+    member.__objclass__ = QuantFormat
+    setattr(QuantFormat, name, member)
+    QuantFormat._member_map_[name] = member
+    QuantFormat._value2member_map_[name] = member
+    QuantFormat._member_names_.append(name)
+    FORMATS[member] = replace(spec, name=member)
+    return member
+
+
+def unregister_format(quant: QuantFormat) -> None:
+    """Remove a format `register_format` added (tests restore the table this way)."""
+    FORMATS.pop(quant, None)
+    QuantFormat._member_names_.remove(quant.value)
+    del QuantFormat._member_map_[quant.value], QuantFormat._value2member_map_[quant.value]
+    delattr(QuantFormat, quant.value)

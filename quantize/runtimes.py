@@ -126,14 +126,22 @@ KV_LOADERS: dict[str, dict[Runtime, Cell]] = {
 }
 
 
+_NOBODY_CHECKED = Evidence("-", "no row in quantize/runtimes.py for this checkpoint label", "source")
+
+
+def _loaders(table: dict[str, dict[Runtime, Cell]], label: str) -> dict[Runtime, Cell]:
+    """A label's row; a label nobody checked yet (a newly registered format) is "unchecked" everywhere."""
+    return table.get(label) or {runtime: Cell(_UNCHECKED, _NOBODY_CHECKED, label) for runtime in Runtime}
+
+
 def runtime_cells(quant: QuantFormat, kv_cache: KVCacheFormat = KVCacheFormat.none,
                   backend: Backend = Backend.modelopt) -> dict[Runtime, Cell]:
     """Per runtime, whether a checkpoint of this format, KV cache and backend loads: both parts must."""
-    weights = WEIGHT_LOADERS[FORMATS[quant].export_label(backend)]
+    weights = _loaders(WEIGHT_LOADERS, FORMATS[quant].export_label(backend))
     kv_algo = KV_CACHE_FORMATS[kv_cache].export_algo
     if kv_algo is None:
         return dict(weights)
-    kv = KV_LOADERS[kv_algo]
+    kv = _loaders(KV_LOADERS, kv_algo)
     order = (Loads.no, Loads.unchecked, Loads.yes)   # the weaker part decides
     return {runtime: min(weights[runtime], kv[runtime], key=lambda cell: order.index(cell.loads))
             for runtime in Runtime}

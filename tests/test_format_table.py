@@ -5,10 +5,13 @@ in validate is named here, before it could fail in a build."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import pytest
+
 from kiln.compile import ARCHS
-from kiln.quantize import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat, register_format, unregister_format
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS
 
 
@@ -79,3 +82,69 @@ def test_the_stages_read_their_format_facts_from_the_row(monkeypatch):
     monkeypatch.setitem(FORMATS, QuantFormat.fp8,
                         dataclasses.replace(FORMATS[QuantFormat.fp8], export_quant_algo="FP8_RENAMED"))
     assert gemm_plugin(quant("FP8")) == "auto" and gemm_plugin(quant("FP8_RENAMED")) == "row-plugin"
+
+
+# A format that is its row: INT4 weights rounded to nearest, ModelOpt's INT4 block config with its default
+# max calibration (no AWQ search, no GPTQ). Its checkpoint is a W4A16_AWQ one, so its codec, its runtimes row
+# and its GPU kernel already exist: registering the row is the whole change.
+def _rtn_row():
+    return dataclasses.replace(
+        FORMATS[QuantFormat.int4_gptq], name="int4_rtn_test", summary="INT4 weights rounded to nearest (test row)",
+        algorithm="max", algorithm_config={}, llmcompressor=None,
+        trtllm=dataclasses.replace(FORMATS[QuantFormat.int4_gptq].trtllm, matrix="W4A16 AWQ"))
+
+
+@pytest.fixture()
+def rtn_format():
+    quant = register_format(_rtn_row())
+    try:
+        yield quant
+    finally:
+        unregister_format(quant)
+    assert "int4_rtn_test" not in QuantFormat.__members__
+
+
+def test_a_registered_row_is_in_every_table(rtn_format):
+    from kiln.pipeline.families_doc import family_document
+    from kiln.quantize import FAMILIES, runtime_cells
+
+    assert QuantFormat("int4_rtn_test") is rtn_format and format_table_problems() == []
+    assert [arch.sm for arch in ARCHS.values() if rtn_format in arch.formats] == ["sm80", "sm86", "sm89", "sm90"]
+    assert "int4_rtn_test" in family_document(FAMILIES["llama"])["formats"]["trtllm-engine"]
+    # A family takes it where its source lists the row's matrix column: Mistral's W4A16 AWQ, not Mixtral.
+    assert rtn_format in FAMILIES["mistral"].formats_for("trtllm-pytorch")
+    assert rtn_format not in FAMILIES["mixtral"].formats_for("trtllm-pytorch")
+    assert {r: c.loads for r, c in runtime_cells(rtn_format).items()} == \
+        {r: c.loads for r, c in runtime_cells(QuantFormat.int4_awq).items()}
+    with pytest.raises(ValueError, match="already in the formats table"):
+        register_format(_rtn_row())
+
+
+@pytest.mark.slow
+def test_a_registered_row_is_checked_planned_built_and_validated(rtn_format, test_model, kiln_home, tmp_path):
+    """Check, plan, quantize (ModelOpt), validate (the W4A16 codec) and publish a format that exists only as a
+    row registered in this process: about 20 s on the toy, and nothing cheaper shows that no stage keeps a list."""
+    from kiln.common.progress import ProgressReporter
+    from kiln.pipeline.cache import StageCache
+    from kiln.pipeline.plan import data_problems, make_plan, model_problems
+    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.pipeline.runner import run_plan
+    from kiln.registry import tracking_uri
+    from tests.conftest import write_recipe
+
+    recipe = write_recipe(tmp_path, str(test_model), {"rtn": {"quant": "int4_rtn_test", "gpus": ["sm90"]}},
+                          name="rtn", samples=8, seq_len=64)
+    loaded = load_recipe(recipe)
+    assert loaded.recipe.variants["rtn"].quant is rtn_format
+    assert model_problems(loaded, test_model) == [] and data_problems(loaded) == []
+    cache = StageCache(kiln_home / "cache")
+    plan = make_plan(loaded, kiln_home, cache, tracking_uri(kiln_home))
+    quantize_stage = plan.instance("quantize", "rtn")
+    assert quantize_stage.status.will_run and quantize_stage.material["config"]["request"]["quant"] == "int4_rtn_test"
+    assert [str(c.target) for _, c, _, _ in plan.sm_instances("rtn")] == ["rtn@sm90"]
+    result = run_plan(plan, cache, ProgressReporter(enabled=False))
+    variant = result.variants[0]
+    record = json.loads((cache.entry_dir("quantize", quantize_stage.key) / "kiln.json").read_text())
+    assert (record["quant"], record["algorithm"], record["export_quant_algo"]) == ("int4_rtn_test", "max", "W4A16_AWQ")
+    assert 0 < variant.metrics.mean_kl < 1 and variant.published is not None
+    assert variant.size.bits_per_weight < 16
