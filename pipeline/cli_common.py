@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 from kiln.common.errors import KilnError, RecipeErrors
 from kiln.common.scratch import kiln_home  # noqa: F401  (the command modules import it from here)

@@ -11,45 +11,11 @@ import typer
 
 from kiln.common.errors import UserInputError
 from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, selected_sm
+from kiln.serve.stacks import runtime_help
 
-_RUNTIME_HELP = ("cpu: kiln's reference runtime in Triton's python backend (any artifact, any host). "
-                 "gpu: TensorRT-LLM's own Triton models for the artifact's target (engines: the in-flight-batching "
-                 "ensemble; trtllm-pytorch: the llmapi model), filled from --templates. vllm: triton-repo writes a "
-                 "model for Triton's vLLM backend (model.json from the artifact); serve starts `vllm serve` "
-                 "(OpenAI-compatible) where vLLM is installed (KILN_VLLM_PYTHON).")
+_RUNTIME_HELP = runtime_help()   # each serving stack's own sentence (kiln.serve.stacks)
 _TEMPLATES_HELP = ("GPU runtime: TensorRT-LLM's triton_backend/all_models of the release that built the artifact "
                    "(git clone --branch v<version> https://github.com/NVIDIA/TensorRT-LLM).")
-
-
-def _cpu_options(max_batch_size: int, max_queue_delay_us: int, instances: int, max_tokens: int):
-    from kiln.serve import CpuServeOptions
-
-    return CpuServeOptions(max_batch_size=max_batch_size, max_queue_delay_microseconds=max_queue_delay_us,
-                           instances=instances, default_max_tokens=max_tokens)
-
-
-def _gpu_options(templates: Path | None, decoupled: bool, instances: int, max_queue_delay_us: int,
-                 max_queue_size: int, container: str | None):
-    from kiln.serve import GpuServeOptions
-    from kiln.serve.gpu_repo import CONTAINER
-
-    return GpuServeOptions(templates=templates, decoupled=decoupled, instances=instances,
-                           max_queue_delay_microseconds=max_queue_delay_us, max_queue_size=max_queue_size,
-                           container=container or CONTAINER)
-
-
-def _print_gpu_start(repo) -> None:
-    from kiln.serve.gpu_repo import CONTAINER
-
-    layout = repo.gpu_layout
-    dropped = sorted({name for names in layout.dropped.values() for name in names})
-    if dropped:
-        print(f"optional parameters left unset (the backend's defaults apply): {', '.join(dropped)}")
-    print("start it in NVIDIA's TensorRT-LLM Triton container (it must see the repository at the same path):")
-    print(f"  {repo.container_command}")
-    if CONTAINER in repo.container_command:
-        print(f"  <yy.mm>: the container release whose TensorRT-LLM is {layout.tensorrt_llm or 'the one that built it'}"
-              " (NVIDIA's Triton/TensorRT-LLM support matrix); or kiln serve --runtime gpu inside it")
 
 
 def triton_repo(
@@ -85,16 +51,15 @@ def triton_repo(
     """
     from kiln.compile import detect_host
     from kiln.common.progress import ProgressReporter
-    from kiln.serve import write_repository
-    from kiln.serve.vllm_repo import VLLM_CONTAINER, VllmServeOptions
+    from kiln.serve import ServeFlags, stack_named, write_repository
 
     private_tempdir()
-    sm = selected_sm(gpu, detect_host()) if runtime == "gpu" else None
-    repo = write_repository(kiln_home(), ref, out, runtime, ProgressReporter(),
-                            _cpu_options(max_batch_size, max_queue_delay_us, instances, max_tokens),
-                            _gpu_options(templates, decoupled, instances, max_queue_delay_us, max_queue_size,
-                                         container), sm=sm,
-                            vllm_options=VllmServeOptions(container=container or VLLM_CONTAINER))
+    stack = stack_named(runtime)
+    sm = selected_sm(gpu, detect_host()) if stack.pulls_engines else None
+    flags = ServeFlags(templates=templates, decoupled=decoupled, max_batch_size=max_batch_size,
+                       max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, instances=instances,
+                       max_tokens=max_tokens, container=container)
+    repo = write_repository(kiln_home(), ref, out, runtime, ProgressReporter(), flags, sm=sm)
     if as_json:
         layout = repo.gpu_layout
         emit_json({"path": str(repo.path), "name": repo.name, "version": repo.version, "runtime": repo.runtime,
@@ -105,16 +70,7 @@ def triton_repo(
         return
     where = f" ({repo.sm})" if repo.sm else ""
     print(f"{repo.name}/{repo.version}{where} -> {repo.path}: models {', '.join(repo.models)}")
-    if repo.gpu_layout:
-        _print_gpu_start(repo)
-    elif runtime == "vllm":
-        print("start it in NVIDIA's vLLM Triton container (it must see the repository at the same path):")
-        print(f"  {repo.container_command}")
-        print("  <yy.mm>: a container release whose vLLM loads this checkpoint (see kiln's runtimes table); "
-              f"or kiln serve {ref} --runtime vllm where vLLM is installed")
-    else:
-        print(f"start it with: kiln serve {ref} --runtime {runtime}   (or tritonserver --model-repository {repo.path} "
-              f"--model-control-mode explicit {' '.join('--load-model=' + m for m in repo.models)})")
+    print("\n".join(stack.written_lines(repo, ref)))
 
 
 def serve(
@@ -144,28 +100,19 @@ def serve(
     """
     from kiln.common.progress import ProgressReporter
     from kiln.compile import detect_host
-    from kiln.serve import start_server
+    from kiln.serve import ServeFlags, stack_named, start_server
 
     if prompt is not None and not prompt.strip():
         raise UserInputError("--prompt is empty: nothing to send (fix: give the prompt text, or leave --prompt out "
                              "to serve until Ctrl-C)")
     private_tempdir()
+    flags = ServeFlags(templates=templates, decoupled=decoupled, max_batch_size=max_batch_size, max_tokens=max_tokens)
     running = start_server(kiln_home(), ref, runtime, ProgressReporter(), (http_port, grpc_port, metrics_port),
-                           _cpu_options(max_batch_size, 1000, 1, max_tokens),
-                           _gpu_options(templates, decoupled, 1, 1000, 0, None),
-                           host=detect_host() if runtime == "gpu" else None)
+                           flags, host=detect_host() if stack_named(runtime).pulls_engines else None)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        repo = running.repo
-        if runtime == "vllm":
-            print(f"serving {repo.name}/{repo.version} (vllm serve): OpenAI-compatible API at "
-                  f"http://127.0.0.1:{running.endpoints.http}/v1, model {repo.entry_model}")
-        else:
-            print(f"serving {repo.name}/{repo.version} ({runtime}{', ' + repo.sm if repo.sm else ''}): "
-                  f"{running.endpoints.describe()}")
-            streaming = f", {repo.stream_model} (gRPC streaming, stream=true)" if repo.stream_model else ""
-            print(f"models: {repo.entry_model} (one response per request){streaming}")
+        print("\n".join(running.serving_lines()))
         sys.stdout.flush()
         if prompt is not None:
             print(f"prompt: {prompt!r}\ncompletion: {running.ask(prompt, max_tokens)!r}")

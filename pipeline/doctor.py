@@ -26,15 +26,20 @@ def doctor_document(host: Host, recipes) -> dict:
 
 
 def _interpreters() -> dict[str, dict]:
-    """The tools kiln runs in interpreters of their own: where each is and its version ("absent")."""
-    from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, VLLM_PYTHON_ENV, tool_python
+    """The tools kiln runs in interpreters of their own: where each is and its version ("absent"): the
+    llm-compressor backend, then each serving stack that has one (its `interpreter()`)."""
+    from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, tool_python
     from kiln.common.versions import installed_versions
-    from kiln.validate import vllm_build
+    from kiln.serve import STACKS
 
     llmc = tool_python(LLMCOMPRESSOR_PYTHON_ENV)
-    return {"llm-compressor": {"python": llmc, "env": LLMCOMPRESSOR_PYTHON_ENV,
-                               "version": installed_versions(("llmcompressor",), llmc)["llmcompressor"]},
-            "vLLM": {"python": tool_python(VLLM_PYTHON_ENV), "env": VLLM_PYTHON_ENV, "version": vllm_build()}}
+    found = {"llm-compressor": {"python": llmc, "env": LLMCOMPRESSOR_PYTHON_ENV,
+                                "version": installed_versions(("llmcompressor",), llmc)["llmcompressor"]}}
+    for row in STACKS.values():
+        line = row.load().interpreter()
+        if line is not None:
+            found[line[0]] = line[1]
+    return found
 
 
 def doctor_tables(document: dict) -> list[Table]:

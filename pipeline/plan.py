@@ -29,7 +29,7 @@ from kiln.common.versions import tool_versions
 from kiln.pipeline.fetch import FetchedModel, hub_digest, local_model
 from kiln.pipeline.recipe import Variant
 from kiln.pipeline.recipe_loader import LoadedRecipe
-from kiln.pipeline.plan_runtimes import vllm_instances
+from kiln.pipeline.plan_runtimes import installed_checks, runtime_check_instances
 from kiln.pipeline.stages import (
     MODEL, NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity,
 )
@@ -82,9 +82,9 @@ class Plan:
         return f"{self.loaded.recipe.name}-{variant}"
 
     def runtime_check_instances(self, variant: str) -> list[tuple[str, StageInstance, StageInstance]]:
-        """(runtime, check, publish) for each runtime check planned for the variant (vllm)."""
+        """(runtime, check, publish) for each runtime check planned for the variant (plan_runtimes.py)."""
         return [(i.target.runtime, i, self.instance("publish", i.target)) for i in self.instances
-                if i.stage == "vllm-check" and i.target.variant == variant]
+                if i.target.runtime and i.stage != "publish" and i.target.variant == variant]
 
     def sm_instances(self, variant: str) -> list[tuple[str, StageInstance, StageInstance, StageInstance]]:
         """(sm, compile, engine-check, publish) for each SM the variant targets."""
@@ -220,7 +220,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
     fetch = StageInstance("fetch", MODEL, fetch_key, fetch_material, Status.of_cache(fetched))
     plan.instances.append(fetch)
 
-    vllm = validate.vllm_build()
+    checked_runtimes = installed_checks()
     tasks = task_key(loaded, plan.evaluation.digest)   # None without evaluation.tasks: keys stay as they were
     for name, variant in recipe.variants.items():
         request = quantize_request(loaded, variant)
@@ -251,7 +251,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         plan.instances += [q, v, p]
         for sm in variant.sms:
             plan.instances += gpu_instances(plan, cache, name, sm, q.key, p)
-        plan.instances += vllm_instances(plan, cache, name, variant, q.key, p, vllm)
+        plan.instances += runtime_check_instances(plan, cache, name, variant, q.key, p, checked_runtimes)
     return plan
 
 

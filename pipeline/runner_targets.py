@@ -12,6 +12,7 @@ from kiln import quantize, registry, validate
 from kiln.registry import tags as version_tags
 from kiln.pipeline.build_context import BuildContext
 from kiln.pipeline.plan import compile_request, gpu_instances
+from kiln.pipeline.plan_runtimes import RUNTIME_CHECKS
 from kiln.pipeline.results import TargetResult
 from kiln.pipeline.stages import NOT_PUBLISHED, PUBLISHED_RECORD, StageInstance
 
@@ -59,27 +60,28 @@ class TargetStages:
 
     def check_runtime(self, variant, check: StageInstance, publish: StageInstance, checkpoint: Path,
                       version) -> TargetResult:
-        """vllm-check -> gate -> its result on the variant's version (kiln.check.vllm.*)."""
+        """<runtime>-check -> gate -> its result on the variant's version (kiln.check.<runtime>.*)."""
         runtime = check.target.runtime
         if check.status.skipped:
             return TargetResult(check.target, str(check.status))
         if version is None:
             return TargetResult(check.target, str(NOT_PUBLISHED))
         status = "cached" if check.status.cached else "checked"
+        how = RUNTIME_CHECKS[quantize.Runtime(runtime)]
 
         def build(out: Path) -> None:
             recipe = self.loaded.recipe
-            report = validate.check_vllm(checkpoint / quantize.HF_DIR, self.context.model_dir(),
-                                         self.context.samples("evaluation"), self.progress, str(check.target),
-                                         recipe.build.max_seq_len, recipe.model.trust_remote_code)
+            report = how.run(checkpoint / quantize.HF_DIR, self.context.model_dir(),
+                             self.context.samples("evaluation"), self.progress, str(check.target),
+                             recipe.build.max_seq_len, recipe.model.trust_remote_code)
             (out / validate.REPORT).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
 
         entry = self.context.get_or_build(check, build)
-        report = validate.VllmReport.from_dict(json.loads((entry / validate.REPORT).read_text()))
+        report = how.load(json.loads((entry / validate.REPORT).read_text()))
         gate = variant.gates.evaluate(report.metrics)
         result = TargetResult(check.target, status, report.metrics, gate, report=report)
         if gate.passed or self.context.publish_failed:
-            tags = version_tags.runtime_check_tags(runtime, version=report.vllm, device=report.device,
+            tags = version_tags.runtime_check_tags(runtime, version=report.version, device=report.device,
                                                    metrics=report.metrics.as_dict(),
                                                    greedy_agreement=report.greedy_agreement,
                                                    passed=gate.passed, failures=gate.failures)

@@ -7,19 +7,30 @@ Public entry points:
   TritonServer(repo, home, models).start() / .stop()                       a tritonserver process
   ReferenceGenerator (kiln.serve.generation)                               the same tokens without a server
 
-Layouts, by runtime and artifact target:
+Stacks (`--runtime`), one class each, registered in kiln.serve.stacks.STACKS:
   cpu  (any artifact)   python-backend models running kiln's reference runtime (kiln.serve.cpu_repo)
   gpu  trtllm-engine    TensorRT-LLM's in-flight-batching models, filled (kiln.serve.gpu_repo)
   gpu  trtllm-pytorch   TensorRT-LLM's llmapi model with the artifact's LLM-API options
+  vllm (vLLM loads it)  Triton's vLLM backend model; `vllm serve` for kiln serve (kiln.serve.vllm_server)
 """
 
 from __future__ import annotations
 
-from kiln.serve.cpu_repo import CPU_MODEL, CPU_STREAM_MODEL, CpuServeOptions
-from kiln.serve.gpu_repo import GpuServeOptions
-from kiln.serve.repository import RUNTIMES, Repository, write_repository
-from kiln.serve.running import RunningServer, start_server
-from kiln.serve.triton import Endpoints, TritonServer
+import importlib
 
-__all__ = ["Repository", "write_repository", "start_server", "RunningServer", "TritonServer", "Endpoints",
-           "CpuServeOptions", "GpuServeOptions", "CPU_MODEL", "CPU_STREAM_MODEL", "RUNTIMES"]
+# Where each public name lives. They load on first use (PEP 562): the CLI reads the stacks table for its
+# help without importing Triton's client (about 0.3 s on every `kiln` command).
+_EXPORTS = {
+    "write_repository": "repository", "RUNTIMES": "repository", "start_server": "running",
+    "RunningServer": "running", "TritonServer": "triton", "Endpoints": "triton", "CpuServeOptions": "cpu_repo",
+    "CPU_MODEL": "cpu_repo", "CPU_STREAM_MODEL": "cpu_repo", "GpuServeOptions": "gpu_repo",
+    "Repository": "stack", "ServeFlags": "stack", "Stack": "stack", "STACKS": "stacks", "runtime_help": "stacks",
+    "stack_named": "stacks",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kiln.serve' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"kiln.serve.{_EXPORTS[name]}"), name)

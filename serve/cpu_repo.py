@@ -8,8 +8,11 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from kiln.common.errors import UserInputError
 from kiln.serve.pbtxt import set_parameters, tensor, write_config
 from kiln.serve.requests import Limits, artifact_limits
+from kiln.serve.stack import Repository, ServeFlags, triton_serving_lines
+from kiln.serve.triton import Endpoints, TritonServer
 
 CPU_MODEL = "kiln_llm"                  # one response per request: HTTP and gRPC infer
 CPU_STREAM_MODEL = "kiln_llm_stream"    # decoupled: one response per token over gRPC streaming
@@ -54,3 +57,58 @@ def write_cpu_repository(repo: Path, options: CpuServeOptions) -> tuple[str, ...
         shutil.copyfile(_MODEL_SOURCE, Path(repo) / name / "1" / "model.py")
         write_config(cpu_model_config(name, options, limits), Path(repo) / name)
     return (CPU_MODEL, CPU_STREAM_MODEL)
+
+
+class CpuStack:
+    """kiln's reference runtime in Triton's python backend (nvidia-pytriton's tritonserver): any artifact,
+    any host."""
+
+    name = "cpu"
+    start_timeout_s = 180
+    log_name = "tritonserver"
+    pulls_engines = False
+
+    def host_engines(self, home: Path, ref: str, host) -> tuple[str | None, str | None]:
+        return None, None
+
+    def write(self, staging: Path, artifact: Path, registered: str, final_root: Path, flags: ServeFlags,
+              sm: str | None) -> dict:
+        options = CpuServeOptions(max_batch_size=flags.max_batch_size,
+                                  max_queue_delay_microseconds=flags.max_queue_delay_us, instances=flags.instances,
+                                  default_max_tokens=flags.max_tokens)
+        return {"models": write_cpu_repository(staging, options), "entry_model": CPU_MODEL,
+                "stream_model": CPU_STREAM_MODEL}
+
+    def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> TritonServer:
+        return TritonServer(repo.path, home, repo.models, endpoints, log_path=log)
+
+    def ask(self, repo: Repository, endpoints: Endpoints, prompt: str, max_tokens: int) -> str:
+        """Over gRPC, with the model's own refusal of a request past its limits as one line."""
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{endpoints.grpc}") as client:
+            text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+            text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+            limit = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+            limit.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
+            try:
+                result = client.infer(repo.entry_model, [text, limit])
+            except InferenceServerException as exc:
+                if exc.status() != "StatusCode.INVALID_ARGUMENT":
+                    raise
+                # The model's own message names the limit (build.max_input_len / max_seq_len) and the value.
+                raise UserInputError(f"--prompt/--max-tokens: the model refused the request: {exc.message()}") from None
+        return result.as_numpy("text_output")[0][0].decode()
+
+    def interpreter(self) -> tuple[str, dict] | None:
+        return None
+
+    def written_lines(self, repo: Repository, ref: str) -> list[str]:
+        loads = " ".join("--load-model=" + m for m in repo.models)
+        return [f"start it with: kiln serve {ref} --runtime {self.name}   (or tritonserver --model-repository "
+                f"{repo.path} --model-control-mode explicit {loads})"]
+
+    def serving_lines(self, repo: Repository, endpoints: Endpoints) -> list[str]:
+        return triton_serving_lines(repo, endpoints)

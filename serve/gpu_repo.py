@@ -26,7 +26,9 @@ from kiln.common.errors import UserInputError
 from kiln.common.fsutil import atomic_write_text
 from kiln.quantize import HF_DIR
 from kiln.serve.pbtxt import write_config
+from kiln.serve.stack import Repository, ServeFlags, triton_serving_lines
 from kiln.serve.templates import TemplateError, fill_config
+from kiln.serve.triton import Endpoints, TritonServer, TrtllmTritonServer, trtllm_tritonserver
 
 ENGINE_LAYOUT = "inflight_batcher_llm"
 LLMAPI_LAYOUT = "llmapi"
@@ -215,3 +217,70 @@ def docker_command(repo: Path, layout: GpuLayout, container: str, ports=(8000, 8
     mount = shlex.quote(f"{repo}:{repo}")
     return " ".join(["docker run --rm --gpus all --net host --shm-size=2g --ulimit memlock=-1 -v", mount,
                      container, shlex.join(server_argv(repo, layout, ports))])
+
+
+class GpuStack:
+    """NVIDIA's tritonserver with TensorRT-LLM's backend, in its container: one SM's engines (the in-flight
+    batching ensemble) or the HF checkpoint (the llmapi model), for the artifact's target."""
+
+    name = "gpu"
+    start_timeout_s = 1800   # engines of tens of GB
+    log_name = "tritonserver"
+    pulls_engines = True
+
+    def host_engines(self, home: Path, ref: str, host) -> tuple[str | None, str | None]:
+        from kiln.registry import check_pullable
+
+        if host is None or not host.sms:
+            raise UserInputError("--runtime gpu: this host has no NVIDIA GPU (fix: --runtime cpu, or prepare a "
+                                 "repository for a GPU host with `kiln triton-repo REF --runtime gpu --gpu sm90 "
+                                 "--templates DIR`)")
+        sm, tensorrt = host.sms[0], host.tensorrt
+        check_pullable(home, ref, sm, tensorrt)   # before gigabytes of engines are downloaded
+        trtllm_tritonserver(target_needs_backend=False)
+        return sm, tensorrt
+
+    def write(self, staging: Path, artifact: Path, registered: str, final_root: Path, flags: ServeFlags,
+              sm: str | None) -> dict:
+        options = GpuServeOptions(templates=flags.templates, decoupled=flags.decoupled, instances=flags.instances,
+                                  max_queue_delay_microseconds=flags.max_queue_delay_us,
+                                  max_queue_size=flags.max_queue_size, container=flags.container or CONTAINER)
+        # The configs name files by absolute path: the path they will have once `staging` becomes `final_root`.
+        layout = write_gpu_layout(staging, sm, options, final_root=final_root)
+        return {"models": layout.models, "entry_model": layout.entry_model, "stream_model": layout.stream_model,
+                "sm": sm, "gpu_layout": layout,
+                "container_command": docker_command(final_root, layout, options.container)}
+
+    def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> TritonServer:
+        binary = trtllm_tritonserver(target_needs_backend=repo.gpu_layout.disable_auto_complete)
+        return TrtllmTritonServer(repo.path, home, repo.gpu_layout, binary, endpoints, log_path=log)
+
+    def ask(self, repo: Repository, endpoints: Endpoints, prompt: str, max_tokens: int) -> str:
+        """The layouts' generate endpoint, as NVIDIA's docs call it."""
+        import urllib.request
+
+        body = json.dumps({"text_input": prompt, repo.gpu_layout.max_tokens_input: max_tokens}).encode()
+        url = f"http://127.0.0.1:{endpoints.http}/v2/models/{repo.entry_model}/generate"
+        with urllib.request.urlopen(urllib.request.Request(url, body, method="POST"), timeout=600) as answer:
+            text = json.loads(answer.read())["text_output"]
+        return text[0] if isinstance(text, list) else text
+
+    def interpreter(self) -> tuple[str, dict] | None:
+        return None
+
+    def written_lines(self, repo: Repository, ref: str) -> list[str]:
+        layout = repo.gpu_layout
+        lines = []
+        dropped = sorted({name for names in layout.dropped.values() for name in names})
+        if dropped:
+            lines.append(f"optional parameters left unset (the backend's defaults apply): {', '.join(dropped)}")
+        lines += ["start it in NVIDIA's TensorRT-LLM Triton container (it must see the repository at the same path):",
+                  f"  {repo.container_command}"]
+        if CONTAINER in repo.container_command:
+            lines.append(f"  <yy.mm>: the container release whose TensorRT-LLM is "
+                         f"{layout.tensorrt_llm or 'the one that built it'} (NVIDIA's Triton/TensorRT-LLM support "
+                         "matrix); or kiln serve --runtime gpu inside it")
+        return lines
+
+    def serving_lines(self, repo: Repository, endpoints: Endpoints) -> list[str]:
+        return triton_serving_lines(repo, endpoints)

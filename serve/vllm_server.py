@@ -12,7 +12,9 @@ from pathlib import Path
 
 from kiln.common.errors import UserInputError
 from kiln.common.foreign_python import VLLM_PYTHON_ENV, tool_python
+from kiln.serve.stack import Repository, ServeFlags
 from kiln.serve.triton import Endpoints, TritonServer
+from kiln.serve.vllm_repo import VLLM_CONTAINER, VllmServeOptions, vllm_docker_command, write_vllm_repository
 
 # model.json keys and the `vllm serve` flags that take them
 _FLAGS = {"tokenizer": "--tokenizer", "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
@@ -74,3 +76,47 @@ def ask_vllm(endpoints: Endpoints, model: str, prompt: str, max_tokens: int) -> 
                                      {"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=600) as answer:
         return json.loads(answer.read())["choices"][0]["text"]
+
+
+class VllmStack:
+    """vLLM: `kiln triton-repo` writes a model for Triton's vLLM backend (model.json from the artifact);
+    `kiln serve` starts `vllm serve` (OpenAI-compatible) in KILN_VLLM_PYTHON with the same arguments."""
+
+    name = "vllm"
+    start_timeout_s = 900
+    log_name = "vllm"
+    pulls_engines = False
+
+    def host_engines(self, home: Path, ref: str, host) -> tuple[str | None, str | None]:
+        return None, None
+
+    def write(self, staging: Path, artifact: Path, registered: str, final_root: Path, flags: ServeFlags,
+              sm: str | None) -> dict:
+        options = VllmServeOptions(container=flags.container or VLLM_CONTAINER)
+        model = write_vllm_repository(staging, artifact, registered, options, final_root=final_root)
+        return {"models": (model,), "entry_model": model, "stream_model": model,
+                "container_command": vllm_docker_command(final_root, model, options.container)}
+
+    def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> TritonServer:
+        from kiln.validate import vllm_build
+
+        vllm_python()   # refused, with the fix, before anything starts
+        return VllmServer(repo.path, home, repo.entry_model, endpoints, log, on_gpu=not vllm_build().startswith("cpu:"))
+
+    def ask(self, repo: Repository, endpoints: Endpoints, prompt: str, max_tokens: int) -> str:
+        return ask_vllm(endpoints, repo.entry_model, prompt, max_tokens)
+
+    def interpreter(self) -> tuple[str, dict] | None:
+        from kiln.validate import vllm_build
+
+        return "vLLM", {"python": tool_python(VLLM_PYTHON_ENV), "env": VLLM_PYTHON_ENV, "version": vllm_build()}
+
+    def written_lines(self, repo: Repository, ref: str) -> list[str]:
+        return ["start it in NVIDIA's vLLM Triton container (it must see the repository at the same path):",
+                f"  {repo.container_command}",
+                "  <yy.mm>: a container release whose vLLM loads this checkpoint (see kiln's runtimes table); "
+                f"or kiln serve {ref} --runtime vllm where vLLM is installed"]
+
+    def serving_lines(self, repo: Repository, endpoints: Endpoints) -> list[str]:
+        return [f"serving {repo.name}/{repo.version} (vllm serve): OpenAI-compatible API at "
+                f"http://127.0.0.1:{endpoints.http}/v1, model {repo.entry_model}"]

@@ -47,6 +47,11 @@ class VllmReport:
     vllm: str                      # the vllm version that ran it
     device: str
 
+    @property
+    def version(self) -> str:
+        """The runtime's version, as every runtime check's report names it."""
+        return self.vllm
+
     def as_dict(self) -> dict:
         return {**asdict(self), "metrics": self.metrics.as_dict()}
 
