@@ -32,7 +32,9 @@ import yaml
 from kiln.quantize import FORMATS, QuantFormat, checkpoint_size
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+
+from tests.recipes import repo_recipe_beside_model, run_kiln  # noqa: E402  (the suite's helpers, no pytest)
 FOUR_BIT = ("nvfp4", "int4_awq", "int4_gptq", "w4a8_awq")
 LLMC_PYTHON = os.environ.get("KILN_LLMCOMPRESSOR_PYTHON") or str(REPO / "build" / "llmcompressor-env" / "bin" / "python")
 
@@ -56,9 +58,7 @@ REAL = {
 
 
 def _kiln(home: Path, *args: str) -> subprocess.CompletedProcess:
-    kiln = str(Path(sys.executable).with_name("kiln"))
-    return subprocess.run([kiln, *args], capture_output=True, text=True,
-                          env={**os.environ, "KILN_HOME": str(home), "KILN_LLMCOMPRESSOR_PYTHON": LLMC_PYTHON})
+    return run_kiln(*args, env={"KILN_HOME": str(home), "KILN_LLMCOMPRESSOR_PYTHON": LLMC_PYTHON})
 
 
 def _build(home: Path, recipe: Path, *flags: str) -> dict:
@@ -70,14 +70,8 @@ def _build(home: Path, recipe: Path, *flags: str) -> dict:
 
 def _demo_recipe(home: Path, model: Path, recipe_name: str) -> Path:
     workdir = home / "bench-recipes"
-    (workdir / "recipes").mkdir(parents=True, exist_ok=True)
-    (workdir / "build").mkdir(exist_ok=True)
-    link = workdir / "build" / "demo-model"
-    if not link.exists():
-        link.symlink_to(model, target_is_directory=True)
-    recipe = workdir / "recipes" / recipe_name
-    recipe.write_text((REPO / "recipes" / recipe_name).read_text())
-    return recipe
+    workdir.mkdir(parents=True, exist_ok=True)
+    return repo_recipe_beside_model(workdir, model, recipe_name)
 
 
 def _real_recipe(home: Path, name: str, model: Path) -> tuple[Path, dict[str, str]]:

@@ -15,7 +15,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,23 +51,6 @@ def run_clients(ask, prompts: list[str], concurrency: int) -> tuple[float, list[
     return time.perf_counter() - started, latencies
 
 
-def triton_asker(port: int, max_tokens: int):
-    import tritonclient.grpc as grpcclient
-
-    local = threading.local()
-
-    def ask(prompt: str) -> None:
-        if not hasattr(local, "client"):
-            local.client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
-        limit = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-        limit.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
-        local.client.infer("kiln_llm", [text, limit])
-
-    return ask
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", type=Path)
@@ -84,24 +66,24 @@ def main() -> int:
 
     from kiln.common.progress import ProgressReporter
     from kiln.pipeline.recipe_loader import load_recipe
-    from kiln.serve import TritonServer, write_repository
+    from kiln.serve import start_server
     from kiln.serve.generation import ReferenceGenerator
 
     name = f"{load_recipe(args.recipe).recipe.name}-{args.variant}"
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = write_repository(home, f"{name}@candidate", Path(tmp) / "repo", "cpu", ProgressReporter())
-        generator = ReferenceGenerator(repo.path / "artifact" / "hf")
-        with TritonServer(repo.path, home, repo.models) as server:
-            ask = triton_asker(server.endpoints.grpc, args.max_tokens)
-            ask(prompts[0])  # warm-up
-            for concurrency in (1, 8):
-                rows.append(("Triton CPU (gRPC)", concurrency, *run_clients(ask, prompts, concurrency)))
-        generator.complete(prompts[0], args.max_tokens)
+    # The library's own front door (kiln serve): the same repository, server and gRPC request a user gets.
+    with start_server(home, f"{name}@candidate", "cpu", ProgressReporter(), (0, 0, 0)) as running:
+        generator = ReferenceGenerator(running.repo.path / "artifact" / "hf")
+        ask = lambda prompt: running.ask(prompt, args.max_tokens)  # noqa: E731
+        ask(prompts[0])  # warm-up
         for concurrency in (1, 8):
-            direct = lambda prompt: generator.complete(prompt, args.max_tokens)  # noqa: E731
-            rows.append(("reference runtime, direct", concurrency, *run_clients(direct, prompts, concurrency)))
+            rows.append(("Triton CPU (gRPC)", concurrency, *run_clients(ask, prompts, concurrency)))
+    # The direct rows once the server is gone, so that it does not share the cores.
+    generator.complete(prompts[0], args.max_tokens)
+    for concurrency in (1, 8):
+        direct = lambda prompt: generator.complete(prompt, args.max_tokens)  # noqa: E731
+        rows.append(("reference runtime, direct", concurrency, *run_clients(direct, prompts, concurrency)))
 
     print(f"\n{name}: {args.requests} requests, {args.max_tokens} new tokens each, greedy\n")
     print(f"| {'path':<26} | clients | requests/s | p50 latency s | p99 latency s |")

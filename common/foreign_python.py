@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kiln.common.fsutil import build_once
+
 TRTLLM_PYTHON_ENV = "KILN_TRTLLM_PYTHON"
 LLMCOMPRESSOR_PYTHON_ENV = "KILN_LLMCOMPRESSOR_PYTHON"
 VLLM_PYTHON_ENV = "KILN_VLLM_PYTHON"
@@ -43,19 +45,14 @@ def _kiln_path_shim() -> Path:
     """A folder holding kiln/ with one link per installed kiln subpackage (created once, atomically)."""
     sources = {name: Path(importlib.util.find_spec(f"kiln.{name}").submodule_search_locations[0]) for name in _SUBPACKAGES}
     tag = hashlib.sha256("\n".join(f"{n}={p}" for n, p in sorted(sources.items())).encode()).hexdigest()[:16]
-    shim = Path(tempfile.gettempdir()) / f"kiln-path-{os.getuid()}-{tag}"
-    if not (shim / "kiln").is_dir():
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-kiln-path-", dir=shim.parent))
+
+    def fill(staging: Path) -> None:
         (staging / "kiln").mkdir()
         for name, source in sources.items():
             (staging / "kiln" / name).symlink_to(source, target_is_directory=True)
-        try:
-            staging.rename(shim)
-        except OSError:  # another process made it first
-            import shutil
 
-            shutil.rmtree(staging, ignore_errors=True)
-    return shim
+    return build_once(Path(tempfile.gettempdir()) / f"kiln-path-{os.getuid()}-{tag}", fill,
+                      done=lambda shim: (shim / "kiln").is_dir())
 
 
 def env_for(python: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from kiln.common.errors import KilnError
 
@@ -49,6 +49,23 @@ def atomic_dir(dest: Path, shared: bool = True) -> Iterator[Path]:
 
 
 _NEARLY_FULL = 16 * 2**20
+
+
+def build_once(dest: Path, fill: Callable[[Path], None], done: Callable[[Path], bool]) -> Path:
+    """A folder built once and then shared by processes that may already use it: unless `done(dest)`,
+    `fill(staging)` builds it beside `dest` and a rename puts it in place; when another process got there
+    first, its folder stays and this one is dropped."""
+    if done(dest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        fill(staging)
+        with contextlib.suppress(OSError):   # another process made it first
+            staging.rename(dest)              # atomic
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)   # gone after a rename; a failed build's leftovers otherwise
+    return dest
 
 
 def free_bytes(path: Path) -> int:

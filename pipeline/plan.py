@@ -223,36 +223,43 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
     checked_runtimes = installed_checks()
     tasks = task_key(loaded, plan.evaluation.digest)   # None without evaluation.tasks: keys stay as they were
     for name, variant in recipe.variants.items():
-        request = quantize_request(loaded, variant)
-        q_key, q_material = stage_key(
-            "quantize", quantize.STAGE_VERSION,
-            {"request": _jsonable(request), "calibration": plan.calibration.key_config()},
-            {"model": model_digest}, _quantize_tools(variant.backend),
-        )
-        v_key, v_material = stage_key(
-            "validate", validate.STAGE_VERSION,
-            {"evaluation": plan.evaluation.key_config(), "trust_remote_code": source.trust_remote_code,
-             **({"tasks": tasks} if tasks else {})},
-            {"checkpoint": q_key, "model": model_digest},
-            tool_versions(validate.TOOLS + (validate.TASK_TOOLS if tasks else ())),
-        )
-        p_key, p_material = stage_key(
-            "publish", PUBLISH_VERSION,
-            {"registry": registry_identity(registry_uri), "name": plan.registered_name(name),
-             "recipe_digest": loaded.digest},
-            {"checkpoint": q_key, "report": v_key}, tool_versions(()),
-        )
-        q = StageInstance("quantize", Target(name), q_key, q_material, depends_on=(fetch_key,))
-        v = StageInstance("validate", Target(name), v_key, v_material, depends_on=(q_key,))
-        p = StageInstance("publish", Target(name), p_key, p_material, depends_on=(v_key,))
-        q.status = Status.of_cache(cache.intact("quantize", q_key))
-        v.status = Status.of_cache(cache.intact("validate", v_key))
-        p.status = _publish_status(cache, v, p, variant)
+        q, v, p = checkpoint_instances(plan, cache, name, variant, fetch_key, tasks)
         plan.instances += [q, v, p]
         for sm in variant.sms:
             plan.instances += gpu_instances(plan, cache, name, sm, q.key, p)
         plan.instances += runtime_check_instances(plan, cache, name, variant, q.key, p, checked_runtimes)
     return plan
+
+
+def checkpoint_instances(plan: Plan, cache: StageCache, name: str, variant: Variant, fetch_key: str,
+                         tasks: dict | None) -> tuple[StageInstance, StageInstance, StageInstance]:
+    """quantize -> validate -> publish for one variant, each with its key and whether it is cached."""
+    loaded, source = plan.loaded, plan.loaded.recipe.model
+    q_key, q_material = stage_key(
+        "quantize", quantize.STAGE_VERSION,
+        {"request": _jsonable(quantize_request(loaded, variant)), "calibration": plan.calibration.key_config()},
+        {"model": plan.model_digest}, _quantize_tools(variant.backend),
+    )
+    v_key, v_material = stage_key(
+        "validate", validate.STAGE_VERSION,
+        {"evaluation": plan.evaluation.key_config(), "trust_remote_code": source.trust_remote_code,
+         **({"tasks": tasks} if tasks else {})},
+        {"checkpoint": q_key, "model": plan.model_digest},
+        tool_versions(validate.TOOLS + (validate.TASK_TOOLS if tasks else ())),
+    )
+    p_key, p_material = stage_key(
+        "publish", PUBLISH_VERSION,
+        {"registry": registry_identity(plan.registry_uri), "name": plan.registered_name(name),
+         "recipe_digest": loaded.digest},
+        {"checkpoint": q_key, "report": v_key}, tool_versions(()),
+    )
+    q = StageInstance("quantize", Target(name), q_key, q_material, Status.of_cache(cache.intact("quantize", q_key)),
+                      depends_on=(fetch_key,))
+    v = StageInstance("validate", Target(name), v_key, v_material, Status.of_cache(cache.intact("validate", v_key)),
+                      depends_on=(q_key,))
+    p = StageInstance("publish", Target(name), p_key, p_material, depends_on=(v_key,))
+    p.status = _publish_status(cache, v, p, variant)
+    return q, v, p
 
 
 def _selected_sm(loaded: LoadedRecipe, gpu: str | None) -> str | None:

@@ -94,26 +94,16 @@ def _llama_config(spec: TestModelSpec, tokenizer):
     )
 
 
-# One small model per family of the family table, each with the feature that family's TensorRT-LLM
-# fields or reference-runtime quirks are about. The widths divide INT4-AWQ's group 64 and NVFP4's 16.
-FAMILY_SPEC = TestModelSpec(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                            steps=120, spec_version=3)
-FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
-    "llama": ("LlamaConfig", {"head_dim": 64}),                           # head_dim != hidden / heads
-    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),              # qkv bias, tied embeddings
-    "qwen3": ("Qwen3Config", {"head_dim": 32}),                           # q/k norms
-    "mistral": ("MistralConfig", {"sliding_window": 64}),                 # sliding window under seq_len
-    "gemma2": ("Gemma2Config", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 64,
-                                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
-    "phi3": ("Phi3Config", {}),                                           # fused qkv_proj and gate_up_proj
-    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),   # sparse MoE
-}
+# A family's small model: (model_type, transformers config class, the fields that make it that family's case).
+# The table of them is test material and lives with the tests (tests/family_models.py); the package keeps the
+# trainer, which `make demo` needs for the demo model.
+FamilyModel = tuple[str, str, dict]
 
 
-def _family_config(spec: TestModelSpec, tokenizer, family: str):
+def _family_config(spec: TestModelSpec, tokenizer, family: FamilyModel):
     import transformers
 
-    class_name, extra = FAMILY_CONFIGS[family]
+    _, class_name, extra = family
     config_class = getattr(transformers, class_name)
     architecture = class_name.replace("Config", "ForCausalLM")
     return config_class(
@@ -125,7 +115,7 @@ def _family_config(spec: TestModelSpec, tokenizer, family: str):
     )
 
 
-def _train(spec: TestModelSpec, out: Path, log, family: str | None = None) -> None:
+def _train(spec: TestModelSpec, out: Path, log, family: FamilyModel | None = None) -> None:
     import torch
 
     threads_before = torch.get_num_threads()
@@ -136,7 +126,7 @@ def _train(spec: TestModelSpec, out: Path, log, family: str | None = None) -> No
         torch.set_num_threads(threads_before)
 
 
-def _train_with(spec: TestModelSpec, out: Path, log, family: str | None) -> None:
+def _train_with(spec: TestModelSpec, out: Path, log, family: FamilyModel | None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -176,7 +166,7 @@ def _train_with(spec: TestModelSpec, out: Path, log, family: str | None) -> None
     model.eval()
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    record = {**asdict(spec), **({"family": family} if family else {})}
+    record = {**asdict(spec), **({"family": family[0]} if family else {})}
     (out / "kiln-testmodel.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
@@ -191,10 +181,11 @@ def training_environment() -> dict:
             "tokenizers": version("tokenizers"), "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
-def spec_digest(spec: TestModelSpec, family: str | None = None, environment: dict | None = None) -> str:
+def spec_digest(spec: TestModelSpec, family: FamilyModel | None = None, environment: dict | None = None) -> str:
     material = {"spec": asdict(spec), **(environment or training_environment())}
     if family is not None:
-        material["family"] = [family, FAMILY_CONFIGS[family]]
+        name, class_name, extra = family
+        material["family"] = [name, [class_name, extra]]
     return canonical_digest(material)
 
 
@@ -207,13 +198,14 @@ def default_cache_root() -> Path:
 
 
 def ensure_test_model(cache_root: Path | None = None, spec: TestModelSpec = TestModelSpec(), log=None,
-                      family: str | None = None) -> Path:
+                      family: FamilyModel | None = None) -> Path:
     """Return the folder of the trained model (the demo Llama, or `family`'s small model), training it once.
     Concurrent callers (two clones, two test workers) wait for one training instead of repeating it."""
     import fcntl
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    dest = Path(cache_root or default_cache_root()) / f"{family or 'llama'}-{spec_digest(spec, family)[:16]}"
+    name = family[0] if family else None
+    dest = Path(cache_root or default_cache_root()) / f"{name or 'llama'}-{spec_digest(spec, family)[:16]}"
     if (dest / "kiln-testmodel.json").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +213,7 @@ def ensure_test_model(cache_root: Path | None = None, spec: TestModelSpec = Test
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (dest / "kiln-testmodel.json").is_file():   # another process trained it while we waited
             return dest
-        log(f"training the {family or 'test'} model into {dest} (once; cached afterwards)")
+        log(f"training the {name or 'test'} model into {dest} (once; cached afterwards)")
         with atomic_dir(dest) as tmp:
             _train(spec, tmp, log, family)
     return dest

@@ -10,18 +10,19 @@ registry after it.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
-from dataclasses import asdict
 from fnmatch import translate
 from pathlib import Path
 
 from kiln.common.errors import UserInputError
 from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, run_logged, tool_python
 from kiln.common.versions import ABSENT, installed_versions
+from kiln.quantize.checkpoint import HF_DIR, CheckpointRecord, QuantizeRequest, save_tokenizer
+from kiln.quantize.families import Family
 from kiln.quantize.formats import FORMATS, Backend
 from kiln.quantize.llmcompressor_worker import TOOLS, OneshotJob
+from kiln.quantize.placement import Placement
 
 MAKE_ENV = "make llmcompressor-env"   # builds build/llmcompressor-env with the pinned llm-compressor
 
@@ -46,10 +47,15 @@ def ignored_modules(exclude: tuple[str, ...]) -> tuple[str, ...]:
     return ("lm_head", *(f"re:{translate(pattern)}" for pattern in exclude))
 
 
-def run(request, model_dir: Path, calibration, out_dir: Path, progress, family):
-    from safetensors.torch import save_file
+def require() -> None:
+    llmcompressor_python()
 
-    from kiln.quantize import CHECKPOINT_RECORD, HF_DIR, SOURCE_CONFIG, CheckpointRecord, save_tokenizer
+
+def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
+        on_loaded, family: Family, source_config: dict) -> CheckpointRecord:
+    """oneshot in llm-compressor's interpreter; `placement` and `on_loaded` are ModelOpt's (that interpreter
+    loads the model itself, so the baseline is computed by validate from its own load)."""
+    from safetensors.torch import save_file
 
     spec = FORMATS[request.quant]
     mapping = spec.llmcompressor
@@ -81,6 +87,5 @@ def run(request, model_dir: Path, calibration, out_dir: Path, progress, family):
         placement={"device": result["device"]}, family=family.model_type, trtllm_checkpoint=False,
         backend=Backend.llmcompressor.value,
     )
-    shutil.copyfile(Path(model_dir) / "config.json", out_dir / SOURCE_CONFIG)
-    (out_dir / CHECKPOINT_RECORD).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+    record.write(out_dir, model_dir)
     return record

@@ -24,8 +24,6 @@ blob store by sha256 (kiln.registry.blobs).
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +37,8 @@ from kiln.registry.tags import (
     loading_runtimes_of, metrics_of, sm_tag,
 )
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
-from kiln.registry.promotion import RECIPE_FILE, Promotion, checked_version, diff, promote
+from kiln.registry.promotion import RECIPE_FILE, Promotion, diff, promote
+from kiln.registry.refs import parse_ref, resolve
 from kiln.registry.run_records import (
     FIGURE_FILE, FIGURE_PATH, RunRecords, attach_figure, backfill, checkpoint_records, ensure_records, log_records,
     prefixed_metrics, recorded_tags,
@@ -48,7 +47,7 @@ from kiln.registry.tags import gate_failures
 from kiln.registry.blobs import STORAGE, STORAGE_TAG, Transfer, download_blobs, embedded_damage, upload_blobs
 from kiln.registry.store import (
     ARTIFACT_PATH, MANIFEST_TAG, PUBLISH_KEY_TAG, PublishedVersion, client, create_model_version, download,
-    download_file, ensure_registered_model, experiment_id, is_missing, tracking_uri, unreachable, upload_manifest,
+    ensure_registered_model, experiment_id, tracking_uri, unreachable, upload_manifest,
 )
 
 __all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", "RECIPE_TAG", "VARIANT_TAG", "add_sm",
@@ -187,31 +186,6 @@ def set_aliases(home: Path, name: str, version: str, aliases) -> None:
         mlflow.set_registered_model_alias(name, alias, version)
 
 
-_REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*)(?:@(?P<alias>[a-z0-9][a-z0-9._-]*)|/(?P<version>\d+))$")
-
-
-def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
-    match = _REF.match(ref)
-    if not match:
-        raise UserInputError(f"'{ref}' is not NAME@ALIAS or NAME/VERSION (fix: e.g. demo-fp8@candidate or demo-fp8/3)")
-    return match["name"], match["alias"], match["version"]
-
-
-def _resolve(mlflow, ref: str):
-    name, alias, version = parse_ref(ref)
-    if version is not None:
-        version = checked_version(name, version)
-    try:
-        if alias:
-            return mlflow.get_model_version_by_alias(name, alias)
-        return mlflow.get_model_version(name, version)
-    except Exception as exc:   # MlflowException: a missing one is the user's; anything else propagates
-        if not is_missing(exc):
-            raise
-        what = f"alias '{alias}'" if alias else f"version {version}"
-        raise UserInputError(f"{ref}: registered model '{name}' has no {what} (fix: see `kiln ls`)") from None
-
-
 def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
          installed_tensorrt: str | None = None) -> PulledArtifact:
     """Download a version (checkpoint, reports and, with `sm`, that SM's engines only) and verify every file.
@@ -221,7 +195,7 @@ def pull(home: Path, ref: str, out: Path, progress, sm: str | None = None,
     """
     out = require_empty_folder(out)
     mlflow = client(home)
-    version = _resolve(mlflow, ref)
+    version = resolve(mlflow, ref)
     label = f"{version.name}/{version.version}"
     if sm is not None:
         _check_sm_pullable(label, version.tags, sm, installed_tensorrt)
@@ -269,7 +243,7 @@ def _download_run_files(mlflow, home: Path, version, root: Path, sm: str | None,
 
 def check_pullable(home: Path, ref: str, sm: str, installed_tensorrt: str | None) -> None:
     """What `pull(..., sm=sm)` refuses before it downloads (a missing SM, another TensorRT), without pulling."""
-    version = _resolve(client(home), ref)
+    version = resolve(client(home), ref)
     _check_sm_pullable(f"{version.name}/{version.version}", version.tags, sm, installed_tensorrt)
 
 

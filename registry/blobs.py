@@ -17,11 +17,12 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.common.digest import file_sha256
 from kiln.common.errors import VerificationError
 from kiln.registry import tags
+from kiln.registry.store import Transfer, artifact_repository, experiment_id, home_registry
 
 BLOBS = "blobs"
 STORAGE_TAG = tags.STORAGE
@@ -29,23 +30,7 @@ STORAGE = "blobs-1"        # versions without this tag hold their files in their
 _WORKERS = 4
 
 
-@dataclass
-class Transfer:
-    """What a publish sent and what it found already stored."""
-
-    files: int = 0
-    bytes: int = 0
-    reused_files: int = 0
-    reused_bytes: int = 0
-    repaired_files: int = 0     # stored blobs whose bytes did not match their sha256, uploaded again
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
 def _blob_store(mlflow, home: Path):
-    from kiln.registry.store import artifact_repository, experiment_id
-
     location = mlflow.get_experiment(experiment_id(mlflow, home)).artifact_location
     return artifact_repository(home, f"{location.rstrip('/')}/{BLOBS}")
 
@@ -61,8 +46,6 @@ def _stored(store, shas: set[str]) -> set[str]:
 def _intact(store, sha: str, size: int) -> bool:
     """Whether the stored blob still holds the bytes its name promises: hashed where it lies on an embedded
     store, downloaded and hashed from a server."""
-    from kiln.common.digest import file_sha256
-
     local_root = getattr(store, "artifact_dir", None)
     if local_root is not None:
         return _file_intact(Path(local_root) / sha[:2] / sha, sha, size)
@@ -75,16 +58,12 @@ def _intact(store, sha: str, size: int) -> bool:
 
 
 def _file_intact(path: Path, sha: str, size: int) -> bool:
-    from kiln.common.digest import file_sha256
-
     return path.is_file() and path.stat().st_size == size and file_sha256(path) == sha
 
 
 def embedded_damage(home: Path, expected: dict[str, int]) -> list[str] | None:
     """Which blobs (sha256 -> size) $KILN_HOME's embedded store lacks or holds altered, checked without MLflow;
     None for any other registry (its blobs are verified when a publish reuses them and when pulled)."""
-    from kiln.registry.store import home_registry
-
     if not home_registry(home):
         return None
     root = Path(home) / "registry" / "artifacts" / BLOBS

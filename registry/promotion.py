@@ -25,7 +25,8 @@ from kiln.registry.tags import (
     SM_MANIFEST, gate_failures, gates_of, held_sms, metrics_of, promotion_tag, sm_tag, tools_of,
 )
 from kiln.registry.manifest import MANIFEST, verify_files
-from kiln.registry.store import MANIFEST_TAG, client, is_missing
+from kiln.registry.refs import stored_version
+from kiln.registry.store import MANIFEST_TAG, client
 
 RECIPE_FILE = "recipe.json"      # the recipe as it applies to the version's variant
 _ALIAS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")   # what NAME@ALIAS references can name
@@ -47,34 +48,13 @@ def actor() -> str:
         or getpass.getuser()
 
 
-MAX_VERSION = 2**31 - 1   # MLflow stores version numbers as a 32-bit integer column (PostgreSQL's `integer`)
-
-
-def checked_version(name: str, version: str) -> str:
-    """A version number a registry can hold, or one line: past 64 bits MLflow raised an overflow traceback."""
-    if not version.isascii() or not version.isdigit() or not 1 <= int(version) <= MAX_VERSION:
-        raise UserInputError(f"{name}/{version}: a version is a whole number from 1 to {MAX_VERSION} (fix: see "
-                             "`kiln ls` for the versions there are)")
-    return str(int(version))
-
-
-def _version(mlflow, name: str, version: str):
-    version = checked_version(name, version)
-    try:
-        return mlflow.get_model_version(name, version)
-    except Exception as exc:   # MlflowException: a missing one is the user's; anything else propagates
-        if not is_missing(exc):
-            raise
-        raise UserInputError(f"{name}/{version}: no such version (fix: see `kiln ls`)") from None
-
-
 def promote(home: Path, name: str, version: str, alias: str, force: bool = False,
             reason: str | None = None) -> Promotion:
     if not _ALIAS.fullmatch(alias):
         raise UserInputError(f"--alias {alias!r}: an alias is lower-case letters, digits, '.', '_' and '-', "
                              "starting with a letter or digit (fix: e.g. --alias production)")
     mlflow = client(home)
-    found = _version(mlflow, name, version)
+    found = stored_version(mlflow, name, version=version)
     if force and not (reason or "").strip():
         raise UserInputError("--force needs --reason \"why\": the reason is recorded on the version")
     failures = gate_failures(found.tags)
@@ -145,7 +125,7 @@ def promotion_history(tags: dict[str, str], alias: str) -> list[dict]:
 
 def diff(home: Path, name: str, first: str, second: str) -> dict:
     mlflow = client(home)
-    a, b = _version(mlflow, name, first), _version(mlflow, name, second)
+    a, b = stored_version(mlflow, name, version=first), stored_version(mlflow, name, version=second)
     with tempfile.TemporaryDirectory(prefix="kiln-diff-") as scratch:
         files_a, recipe_a = _artifact(mlflow, home, a, Path(scratch) / "a")
         files_b, recipe_b = _artifact(mlflow, home, b, Path(scratch) / "b")

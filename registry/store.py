@@ -13,18 +13,27 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from kiln.common.errors import KilnError
 from kiln.registry import tags
-
-if TYPE_CHECKING:
-    from kiln.registry.blobs import Transfer
 
 EXPERIMENT = "kiln"
 ARTIFACT_PATH = "artifact"
 PUBLISH_KEY_TAG = tags.PUBLISH_KEY
 MANIFEST_TAG = tags.MANIFEST
+
+
+@dataclass
+class Transfer:
+    """What a publish sent and what it found already stored."""
+
+    files: int = 0
+    bytes: int = 0
+    reused_files: int = 0
+    reused_bytes: int = 0
+    repaired_files: int = 0     # stored blobs whose bytes did not match their sha256, uploaded again
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)

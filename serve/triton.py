@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.common.errors import KilnError, UserInputError
+from kiln.common.fsutil import build_once
 from kiln.common.processes import wait_until_ready
 from kiln.serve.workers import WorkerWatch
 
@@ -56,17 +57,13 @@ def _backend_directory(server: Path, home: Path) -> Path:
     if not stub.is_file():
         raise KilnError(f"nvidia-pytriton ships no python backend stub for Python {version} (it has "
                         f"{', '.join(sorted(p.name for p in (server / 'python_backend_stubs').iterdir()))})")
-    backends = Path(home) / "triton" / f"backends-py{version}"
-    if not (backends / "python" / "triton_python_backend_stub").is_file():
-        staging = backends.with_name(backends.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(server / "backends", staging, symlinks=True)
+    def fill(staging: Path) -> None:
+        shutil.copytree(server / "backends", staging, symlinks=True, dirs_exist_ok=True)
         shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
-        try:
-            staging.rename(backends)   # atomic; a server may already be running from `backends`
-        except OSError:                # another kiln made it first
-            shutil.rmtree(staging, ignore_errors=True)
-    return backends
+
+    # Built once per home and Python version; a server may already be running from it.
+    return build_once(Path(home) / "triton" / f"backends-py{version}", fill,
+                      done=lambda backends: (backends / "python" / "triton_python_backend_stub").is_file())
 
 
 def _server_env(server: Path) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """What the suite needs before its workers start, made once per machine: the trained demo model and one small
-model per family (kiln.pipeline.testmodel, cached in KILN_TEST_MODEL_CACHE). `make test` runs this one model after
+model per family (tests/family_models.py, cached in KILN_TEST_MODEL_CACHE). `make test` runs this one model after
 the other, beside the tool environments' installs: two test workers that each trained models at once on the two
 cores took about twice as long (eight models in 8 minutes against about 4)."""
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 import time
 
-from kiln.pipeline.testmodel import FAMILY_CONFIGS, FAMILY_SPEC, ensure_test_model
+from kiln.pipeline.testmodel import ensure_test_model
+from tests.family_models import FAMILY_CONFIGS, family_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     ensure_test_model()
     for family in FAMILY_CONFIGS if "--demo-only" not in argv else ():
-        ensure_test_model(spec=FAMILY_SPEC, family=family)
+        family_model(family)
     print(f"test models ready ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0
 

@@ -19,7 +19,7 @@ import torch
 
 from kiln.pipeline.corpus import python_docs
 from kiln.pipeline.data import token_samples
-from kiln.pipeline.testmodel import FAMILY_CONFIGS
+from tests.family_models import FAMILY_CONFIGS
 from kiln.quantize import FAMILIES, KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter
 from kiln.quantize.trtllm_checks import check_trtllm_checkpoint, expected_fields

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kiln.validate.checkpoint_tensors import CheckpointTensors, replace_module
+
 
 class ReferenceExperts(nn.Module):
     """Drop-in for a transformers 5 experts module: forward(hidden, top_k_index, top_k_weights)."""
@@ -51,19 +53,17 @@ def fused_as_reference(module: nn.Module, make_linear) -> ReferenceExperts:
     return ReferenceExperts(experts, module.act_fn)
 
 
-def exported_block_names(tensors: dict, layout) -> dict[str, str]:
+def exported_block_names(tensors: CheckpointTensors, layout) -> dict[str, str]:
     """Renames from the export's MoE block prefix to the architecture's (`block_sparse_moe.` -> `mlp.`)."""
     if layout.block == "mlp":
         return {}
     old, new = f".{layout.block}.", ".mlp."
-    return {key: key.replace(old, new) for key in tensors if old in key}
+    return {key: key.replace(old, new) for key in tensors.tensors if old in key}
 
 
-def replace_experts(model: nn.Module, tensors: dict, layout, make_linear, consumed: set[str]) -> int:
+def replace_experts(model: nn.Module, tensors: CheckpointTensors, layout, make_linear) -> int:
     """Swap every fused experts module for per-expert ReferenceLinear layers built by
     `make_linear(exported_prefix)`; returns how many blocks were replaced."""
-    from kiln.validate.runtime import _replace
-
     replaced = 0
     for name, module in list(model.named_modules()):
         if not is_fused_experts(module):
@@ -76,7 +76,8 @@ def replace_experts(model: nn.Module, tensors: dict, layout, make_linear, consum
             if missing:
                 raise ValueError(f"the checkpoint has no {missing[0]}.weight for the experts of {name}")
             experts.append(tuple(make_linear(n) for n in names))
-            consumed.update(k for n in names for k in tensors if k.startswith(f"{n}."))
-        _replace(model, name, ReferenceExperts(experts, module.act_fn))
+            for n in names:
+                tensors.take_layer(n)
+        replace_module(model, name, ReferenceExperts(experts, module.act_fn))
         replaced += 1
     return replaced

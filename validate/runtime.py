@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from kiln.quantize import family_of
+from kiln.validate.checkpoint_tensors import CheckpointTensors, replace_module
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear, plain_linear
 from kiln.validate.compressed import linear_decoder, read_compressed_config
 from kiln.validate.experts import ReferenceExperts, exported_block_names, fused_as_reference, is_fused_experts, replace_experts
@@ -135,8 +136,8 @@ def _to_float32_math(model: nn.Module) -> list:
             replacement = fused_as_reference(module, lambda w: ReferenceLinear(plain_linear(w), None))
         else:
             continue
-        _replace(model, name, replacement)
-        undo.append(lambda name=name, module=module: _replace(model, name, module))
+        replace_module(model, name, replacement)
+        undo.append(lambda name=name, module=module: replace_module(model, name, module))
     for module in model.modules():
         if isinstance(module, (ReferenceLinear, Float32Embedding, ReferenceExperts)):
             continue
@@ -148,11 +149,6 @@ def _to_float32_math(model: nn.Module) -> list:
                 table[key] = nn.Parameter(upcast, requires_grad=False) if table is module._parameters else upcast
                 undo.append(lambda table=table, key=key, tensor=tensor: table.__setitem__(key, tensor))
     return undo
-
-
-def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
 
 def _kv_fake_quant_attention(implementation: str):
@@ -191,22 +187,27 @@ def _use_kv_fake_quant_attention(model: nn.Module) -> None:
     model.set_attn_implementation(name)
 
 
-def _load_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, sharded or not, as stored (no dtype conversion)."""
-    from safetensors.torch import load_file
-
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{hf_dir}: no *.safetensors in the exported checkpoint")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        tensors.update(load_file(path))
-    return tensors
-
-
 def read_quant_config(hf_dir: Path) -> dict:
     path = Path(hf_dir) / "hf_quant_config.json"
     return json.loads(path.read_text())["quantization"] if path.exists() else {}
+
+
+def decoder_for(hf_dir: Path, quant: dict, compressed: dict | None, tensors: CheckpointTensors
+                ) -> Callable[[str, nn.Module | None], DecodedLinear]:
+    """How each linear layer's stored tensors decode: by compressed-tensors' config groups, by the codec of
+    the exported quant_algo (a layer with scales), or as its 16-bit weight as stored."""
+    algo = quant.get("quant_algo")
+    if algo is not None and algo not in WEIGHT_CODECS:
+        raise NotImplementedError(f"{hf_dir}: quant_algo {algo} has no decoder in kiln's reference runtime")
+    compressed_linear = linear_decoder(compressed, tensors.tensors) if compressed else None
+
+    def decode(name: str, module: nn.Module | None = None) -> DecodedLinear:
+        decoded = compressed_linear(name, module) if compressed_linear and module is not None else None
+        if decoded is None and f"{name}.weight_scale" in tensors:
+            decoded = WEIGHT_CODECS[algo](name, tensors.tensors, quant.get("group_size"))
+        return decoded if decoded is not None else plain_linear(tensors[f"{name}.weight"])
+
+    return decode
 
 
 def load_reference_model(hf_dir: Path, trust_remote_code: bool = False) -> nn.Module:
@@ -220,62 +221,59 @@ def load_reference_model(hf_dir: Path, trust_remote_code: bool = False) -> nn.Mo
 
     hf_dir = Path(hf_dir)
     quant = read_quant_config(hf_dir)
-    algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
-    if algo is not None and algo not in WEIGHT_CODECS:
-        raise NotImplementedError(f"{hf_dir}: quant_algo {algo} has no decoder in kiln's reference runtime")
+    kv_algo = quant.get("kv_cache_quant_algo")
     if kv_algo is not None and kv_algo not in KV_CODECS:
         raise NotImplementedError(f"{hf_dir}: kv_cache_quant_algo {kv_algo} has no decoder in kiln's reference runtime")
-
     config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are decoded here, not by a transformers quantizer
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    tensors = _load_tensors(hf_dir)
-    consumed: set[str] = set()
+    tensors = CheckpointTensors.read(hf_dir)
     compressed = read_compressed_config(hf_dir)
-    compressed_linear = linear_decoder(compressed, tensors) if compressed else None
+    decode = decoder_for(hf_dir, quant, compressed, tensors)
 
     def reference_linear(name: str, module: nn.Module | None = None) -> ReferenceLinear:
-        decoded = compressed_linear(name, module) if compressed_linear and module is not None else None
-        if decoded is None and f"{name}.weight_scale" in tensors:
-            decoded = WEIGHT_CODECS[algo](name, tensors, quant.get("group_size"))
-        elif decoded is None:
-            decoded = plain_linear(tensors[f"{name}.weight"])
-        return ReferenceLinear(decoded, tensors.get(f"{name}.bias"))
+        return ReferenceLinear(decode(name, module), tensors.get(f"{name}.bias"))
 
     family = family_of(config.to_dict())
     if family is not None and family.experts is not None:
         if compressed:
             raise NotImplementedError(f"{hf_dir}: kiln's reference runtime does not decode compressed-tensors "
                                       "experts of a mixture-of-experts model yet")
-        replace_experts(model, tensors, family.experts, reference_linear, consumed)
-        for old, new in exported_block_names(tensors, family.experts).items():
-            if old not in consumed:
-                tensors[new] = tensors.pop(old)
+        replace_experts(model, tensors, family.experts, reference_linear)
+        tensors.rename(exported_block_names(tensors, family.experts))
+    _replace_stored_layers(model, tensors, reference_linear)
+    if getattr(config, "tie_word_embeddings", False):
+        _tie_output_embeddings(model)
+    if kv_algo is not None:
+        _attach_kv_scales(model, tensors, KV_CODECS[kv_algo])
+        _use_kv_fake_quant_attention(model)
+    _load_plain_parameters(model, tensors, hf_dir)
+    _materialise_derived_buffers(model)
+    return model.eval()
+
+
+def _replace_stored_layers(model: nn.Module, tensors: CheckpointTensors, reference_linear) -> None:
+    """Each linear layer and embedding the checkpoint stores, as kiln's reference module over its stored bytes."""
     for name, module in list(model.named_modules()):
         stored_weight = f"{name}.weight" in tensors or f"{name}.weight_packed" in tensors  # packed: compressed-tensors
         if isinstance(module, nn.Linear) and stored_weight:
-            _replace(model, name, reference_linear(name, module))
-            consumed.update(k for k in tensors if k.startswith(f"{name}.") and not k.endswith(("k_scale", "v_scale")))
+            replace_module(model, name, reference_linear(name, module))
+            tensors.take_layer(name, keep=("k_scale", "v_scale"))
         elif _is_plain_embedding(module) and f"{name}.weight" in tensors:
-            _replace(model, name, _float32_embedding(module, tensors[f"{name}.weight"]))
-            consumed.add(f"{name}.weight")
+            replace_module(model, name, _float32_embedding(module, tensors[f"{name}.weight"]))
+            tensors.take(f"{name}.weight")
 
-    if getattr(config, "tie_word_embeddings", False):
-        _tie_output_embeddings(model)
 
-    if kv_algo is not None:
-        _attach_kv_scales(model, tensors, KV_CODECS[kv_algo], consumed)
-        _use_kv_fake_quant_attention(model)
-
-    plain = {k: v.to(torch.float32) for k, v in tensors.items() if k not in consumed}
+def _load_plain_parameters(model: nn.Module, tensors: CheckpointTensors, hf_dir: Path) -> None:
+    """What no decoded layer took (norms, biases of other modules) loads as float32 parameters; the checkpoint
+    must then match the architecture exactly."""
+    plain = {k: v.to(torch.float32) for k, v in tensors.untaken().items()}
     missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
     missing = [k for k in missing if not _is_decoded_param(model, k)]
     if missing or unexpected:
         raise ValueError(f"{hf_dir}: checkpoint does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    _materialise_derived_buffers(model)
-    return model.eval()
 
 
 def place(model: nn.Module, placement) -> nn.Module:
@@ -305,7 +303,7 @@ def _tie_output_embeddings(model: nn.Module) -> None:
     output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if isinstance(embedding, Float32Embedding) and not isinstance(output, ReferenceLinear):
         name = next(n for n, m in model.named_modules() if m is output)
-        _replace(model, name, ReferenceLinear(plain_linear(embedding.weight.data), None))
+        replace_module(model, name, ReferenceLinear(plain_linear(embedding.weight.data), None))
 
 
 def _materialise_derived_buffers(model: nn.Module) -> None:
@@ -337,7 +335,7 @@ def _is_decoded_param(model: nn.Module, key: str) -> bool:
         return False
 
 
-def _attach_kv_scales(model: nn.Module, tensors: dict, codec, consumed: set[str]) -> None:
+def _attach_kv_scales(model: nn.Module, tensors: CheckpointTensors, codec) -> None:
     attached = 0
     for name, module in model.named_modules():
         k_key, v_key = f"{name}.k_proj.k_scale", f"{name}.v_proj.v_scale"
@@ -346,7 +344,7 @@ def _attach_kv_scales(model: nn.Module, tensors: dict, codec, consumed: set[str]
             # Buffers, so that placing the model on a GPU moves them with the attention module.
             module.register_buffer("kiln_k_scale", tensors[k_key].to(torch.float32), persistent=False)
             module.register_buffer("kiln_v_scale", tensors[v_key].to(torch.float32), persistent=False)
-            consumed.update((k_key, v_key))
+            tensors.take(k_key, v_key)
             attached += 1
     if attached == 0:
         raise ValueError("the checkpoint declares a quantized KV cache but carries no k_scale / v_scale")

@@ -1,0 +1,88 @@
+"""What a quantize backend is asked for and what it leaves beside the checkpoint (kiln.json), shared by
+the backends (modelopt_backend, llmcompressor_backend) and read by the stages after them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kiln.quantize.formats import Backend, KVCacheFormat, QuantFormat
+
+CHECKPOINT_RECORD = "kiln.json"
+SOURCE_CONFIG = "source-config.json"   # the source model's config.json, verbatim: compile hands it to TensorRT-LLM
+HF_DIR = "hf"
+TRTLLM_DIR = "trtllm"
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    quant: QuantFormat
+    kv_cache: KVCacheFormat
+    group_size: int | None
+    dtype: str
+    tp_size: int
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    alpha: float | None = None
+    exclude: tuple[str, ...] = ()   # module name patterns kept unquantized
+    max_shard_size: str = "5GB"     # the HF export's largest safetensors file
+    calibration_batch_size: int = 1  # samples per calibration forward pass
+    backend: Backend = Backend.modelopt
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """kiln's own description of an exported variant (kiln.json beside hf/ and trtllm/)."""
+
+    quant: str
+    kv_cache: str
+    algorithm: str
+    group_size: int | None
+    dtype: str
+    tp_size: int
+    calibration_samples: int
+    calibration_seq_len: int
+    tools: dict[str, str]
+    trtllm_corrections: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    # The export format's own label can hide the algorithm (GPTQ exports say W4A16_AWQ): kiln keeps both.
+    export_quant_algo: str | None = None
+    alpha: float | None = None
+    exclude: list[str] = field(default_factory=list)
+    # Where it was calibrated: {"device": "cpu" | "cuda", "gpus": [names], "peak_gpu_memory_bytes": {gpu: bytes}}.
+    placement: dict = field(default_factory=dict)
+    # The family-table row (model_type) and whether a TensorRT-LLM checkpoint (trtllm/) was written:
+    # families without one publish the HF checkpoint for TensorRT-LLM's PyTorch backend only.
+    family: str | None = None
+    trtllm_checkpoint: bool = True
+    backend: str = Backend.modelopt.value   # what made it: modelopt | llmcompressor (compressed-tensors, no trtllm/)
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path) -> "CheckpointRecord":
+        return cls(**json.loads((Path(checkpoint_dir) / CHECKPOINT_RECORD).read_text()))
+
+    def write(self, out_dir: Path, model_dir: Path) -> None:
+        """kiln.json, and the source config.json beside it (what compile hands TensorRT-LLM)."""
+        shutil.copyfile(Path(model_dir) / "config.json", Path(out_dir) / SOURCE_CONFIG)
+        (Path(out_dir) / CHECKPOINT_RECORD).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+
+def save_tokenizer(model_dir: Path, dest: Path, trust_remote_code: bool) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(dest)
+
+
+def release_memory() -> None:
+    """Collect the finished model and hand freed heap pages back to the OS, so the next model's peak
+    does not sit on top of this one's (glibc keeps freed arenas otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
