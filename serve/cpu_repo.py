@@ -11,7 +11,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from kiln.common.errors import UserInputError
 from kiln.serve.pbtxt import set_parameters, tensor, write_config
 from kiln.serve.requests import Limits, artifact_limits
-from kiln.serve.stack import Repository, ServeFlags, triton_serving_lines
+from kiln.serve.stack import Repository, ServeFlags, Stack, triton_serving_lines
 from kiln.serve.triton import Endpoints, TritonServer
 
 CPU_MODEL = "kiln_llm"                  # one response per request: HTTP and gRPC infer
@@ -59,17 +59,13 @@ def write_cpu_repository(repo: Path, options: CpuServeOptions) -> tuple[str, ...
     return (CPU_MODEL, CPU_STREAM_MODEL)
 
 
-class CpuStack:
+class CpuStack(Stack):
     """kiln's reference runtime in Triton's python backend (nvidia-pytriton's tritonserver): any artifact,
     any host."""
 
     name = "cpu"
     start_timeout_s = 180
     log_name = "tritonserver"
-    pulls_engines = False
-
-    def host_engines(self, home: Path, ref: str, host) -> tuple[str | None, str | None]:
-        return None, None
 
     def write(self, staging: Path, artifact: Path, registered: str, final_root: Path, flags: ServeFlags,
               sm: str | None) -> dict:
@@ -101,9 +97,6 @@ class CpuStack:
                 # The model's own message names the limit (build.max_input_len / max_seq_len) and the value.
                 raise UserInputError(f"--prompt/--max-tokens: the model refused the request: {exc.message()}") from None
         return result.as_numpy("text_output")[0][0].decode()
-
-    def interpreter(self) -> tuple[str, dict] | None:
-        return None
 
     def written_lines(self, repo: Repository, ref: str) -> list[str]:
         loads = " ".join("--load-model=" + m for m in repo.models)

@@ -26,7 +26,7 @@ from kiln.common.errors import UserInputError
 from kiln.common.fsutil import atomic_write_text
 from kiln.quantize import HF_DIR
 from kiln.serve.pbtxt import write_config
-from kiln.serve.stack import Repository, ServeFlags, triton_serving_lines
+from kiln.serve.stack import Repository, ServeFlags, Stack, triton_serving_lines
 from kiln.serve.templates import TemplateError, fill_config
 from kiln.serve.triton import Endpoints, TritonServer, TrtllmTritonServer, trtllm_tritonserver
 
@@ -219,7 +219,7 @@ def docker_command(repo: Path, layout: GpuLayout, container: str, ports=(8000, 8
                      container, shlex.join(server_argv(repo, layout, ports))])
 
 
-class GpuStack:
+class GpuStack(Stack):
     """NVIDIA's tritonserver with TensorRT-LLM's backend, in its container: one SM's engines (the in-flight
     batching ensemble) or the HF checkpoint (the llmapi model), for the artifact's target."""
 
@@ -264,9 +264,6 @@ class GpuStack:
         with urllib.request.urlopen(urllib.request.Request(url, body, method="POST"), timeout=600) as answer:
             text = json.loads(answer.read())["text_output"]
         return text[0] if isinstance(text, list) else text
-
-    def interpreter(self) -> tuple[str, dict] | None:
-        return None
 
     def written_lines(self, repo: Repository, ref: str) -> list[str]:
         layout = repo.gpu_layout

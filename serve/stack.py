@@ -1,7 +1,7 @@
 """What a serving stack is: the server kiln writes a repository for and starts (`--runtime cpu | gpu | vllm`).
 
 Not to be confused with the recipe's runtimes (`trtllm | trtllm-pytorch | vllm | sglang`), which say who
-loads a checkpoint (kiln.quantize.Runtime). A stack is one class with the methods of `Stack`, registered
+loads a checkpoint (kiln.quantize.Runtime). A stack is one subclass of `Stack`, registered
 by name in kiln.serve.stacks.STACKS: adding SGLang is its module plus a row there.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
 from kiln.serve.triton import Endpoints, TritonServer
 
 
@@ -42,35 +40,45 @@ class Repository:
     container_command: str | None = None
 
 
-class Stack(Protocol):
+class Stack:
+    """A serving stack: subclass it, set the attributes, implement write, server, ask, written_lines and
+    serving_lines. The defaults suit a stack that serves the checkpoint in kiln's own Python."""
+
     name: str
     start_timeout_s: int         # how long its server may take to answer ready
     log_name: str                # its server log's name under $KILN_HOME/logs
-    pulls_engines: bool          # it serves one SM's engines (the pull takes that SM; needs --gpu or this host's GPU)
+    pulls_engines = False        # it serves one SM's engines (the pull takes that SM; needs --gpu or this host's GPU)
 
     def host_engines(self, home: Path, ref: str, host) -> tuple[str | None, str | None]:
         """(SM, installed TensorRT) whose engines this host serves, refused before any download; (None, None)
         for a stack that serves the checkpoint."""
+        return None, None
 
     def write(self, staging: Path, artifact: Path, registered: str, final_root: Path, flags: ServeFlags,
               sm: str | None) -> dict:
         """Lay out its models in `staging` beside the pulled `artifact` (naming files as they will be under
         `final_root`); the Repository fields it decides (models, entry_model, ...)."""
+        raise NotImplementedError
 
     def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> TritonServer:
         """The process that serves `repo` (not started)."""
+        raise NotImplementedError
 
     def ask(self, repo: Repository, endpoints: Endpoints, prompt: str, max_tokens: int) -> str:
         """One completion from the running server."""
+        raise NotImplementedError
 
     def interpreter(self) -> tuple[str, dict] | None:
         """(tool, {python, env, version}) for `kiln doctor` where the stack runs in a Python of its own."""
+        return None
 
     def written_lines(self, repo: Repository, ref: str) -> list[str]:
         """What `kiln triton-repo` prints after writing: how to start it."""
+        raise NotImplementedError
 
     def serving_lines(self, repo: Repository, endpoints: Endpoints) -> list[str]:
         """What `kiln serve` prints once the server is ready."""
+        raise NotImplementedError
 
 
 def triton_serving_lines(repo: Repository, endpoints: Endpoints) -> list[str]:

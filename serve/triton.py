@@ -180,6 +180,22 @@ class TritonServer:
         self.stop()
 
 
+class HttpServer(TritonServer):
+    """A server that is not tritonserver: one HTTP port, ready when /health answers, in kiln's environment
+    (vLLM's OpenAI server; a stack's own server). Subclasses give its command."""
+
+    watch_workers = False
+
+    def env(self) -> dict[str, str]:
+        return os.environ.copy()
+
+    def listening(self) -> tuple[tuple[str, int], ...]:
+        return (("HTTP", self.endpoints.http),)
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.endpoints.http}/health"
+
+
 def trtllm_tritonserver(target_needs_backend: bool) -> Path:
     """NVIDIA's tritonserver with TensorRT-LLM's backend ($KILN_TRITONSERVER, else the container's path)."""
     from kiln.serve.gpu_repo import TRITONSERVER

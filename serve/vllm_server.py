@@ -7,13 +7,12 @@ vLLM backend (model.json): one source for both ways of serving a checkpoint with
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from kiln.common.errors import UserInputError
 from kiln.common.foreign_python import VLLM_PYTHON_ENV, tool_python
-from kiln.serve.stack import Repository, ServeFlags
-from kiln.serve.triton import Endpoints, TritonServer
+from kiln.serve.stack import Repository, ServeFlags, Stack
+from kiln.serve.triton import Endpoints, HttpServer, TritonServer
 from kiln.serve.vllm_repo import VLLM_CONTAINER, VllmServeOptions, vllm_docker_command, write_vllm_repository
 
 # model.json keys and the `vllm serve` flags that take them
@@ -32,7 +31,7 @@ def vllm_python() -> str:
     return tool_python(VLLM_PYTHON_ENV)
 
 
-class VllmServer(TritonServer):
+class VllmServer(HttpServer):
     """`vllm serve` for one model of a vLLM repository, on the HTTP port only (metrics are at /metrics there)."""
 
     what = "vllm serve"
@@ -57,15 +56,6 @@ class VllmServer(TritonServer):
             argv += ["--kv-cache-memory-bytes", str(vllm_kv_cache_bytes(config, self.arguments["max_model_len"]))]
         return argv
 
-    def env(self) -> dict[str, str]:
-        return os.environ.copy()
-
-    def listening(self) -> tuple[tuple[str, int], ...]:
-        return (("HTTP", self.endpoints.http),)
-
-    def ready_url(self) -> str:
-        return f"http://127.0.0.1:{self.endpoints.http}/health"
-
 
 def ask_vllm(endpoints: Endpoints, model: str, prompt: str, max_tokens: int) -> str:
     """One greedy completion from the OpenAI-compatible completions endpoint."""
@@ -78,17 +68,13 @@ def ask_vllm(endpoints: Endpoints, model: str, prompt: str, max_tokens: int) -> 
         return json.loads(answer.read())["choices"][0]["text"]
 
 
-class VllmStack:
+class VllmStack(Stack):
     """vLLM: `kiln triton-repo` writes a model for Triton's vLLM backend (model.json from the artifact);
     `kiln serve` starts `vllm serve` (OpenAI-compatible) in KILN_VLLM_PYTHON with the same arguments."""
 
     name = "vllm"
     start_timeout_s = 900
     log_name = "vllm"
-    pulls_engines = False
-
-    def host_engines(self, home: Path, ref: str, host) -> tuple[str | None, str | None]:
-        return None, None
 
     def write(self, staging: Path, artifact: Path, registered: str, final_root: Path, flags: ServeFlags,
               sm: str | None) -> dict:

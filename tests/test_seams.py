@@ -6,7 +6,6 @@ through the same paths the real ones take; nothing else is edited."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -18,9 +17,9 @@ from kiln.common.progress import SILENT
 from kiln.pipeline.plan_runtimes import RUNTIME_CHECKS, RuntimeCheck
 from kiln.pipeline.stages import Target
 from kiln.quantize import Runtime
-from kiln.serve.stack import Repository, ServeFlags
+from kiln.serve.stack import Repository, ServeFlags, Stack
 from kiln.serve.stacks import STACKS, StackRow
-from kiln.serve.triton import Endpoints, TritonServer
+from kiln.serve.triton import Endpoints, HttpServer
 from kiln.validate import Metrics, VllmReport
 from tests.conftest import run_kiln, seed_home, write_recipe
 
@@ -45,33 +44,19 @@ http.server.HTTPServer(("127.0.0.1", port), Answer).serve_forever()
 """
 
 
-class _EchoServer(TritonServer):
+class _EchoServer(HttpServer):
     what = "echo server"
-    watch_workers = False
 
     def command(self) -> list[str]:
         return [sys.executable, "-c", _ECHO_SERVER, str(self.endpoints.http), str(self.repo)]
 
-    def env(self) -> dict[str, str]:
-        return os.environ.copy()
 
-    def listening(self) -> tuple[tuple[str, int], ...]:
-        return (("HTTP", self.endpoints.http),)
-
-    def ready_url(self) -> str:
-        return f"http://127.0.0.1:{self.endpoints.http}/health"
-
-
-class EchoStack:
-    """A stand-in serving stack with every method of kiln.serve.stack.Stack."""
+class EchoStack(Stack):
+    """A stand-in serving stack: what a new one (SGLang) would implement."""
 
     name = "echo"
     start_timeout_s = 30
     log_name = "echo"
-    pulls_engines = False
-
-    def host_engines(self, home, ref, host):
-        return None, None
 
     def write(self, staging: Path, artifact: Path, registered: str, final_root: Path, flags: ServeFlags, sm):
         (staging / "echo").mkdir()
