@@ -15,11 +15,13 @@ import tomllib
 from pathlib import Path
 
 from kiln.common.errors import KilnError, UserInputError
+from kiln.pipeline.plan_runtimes import RUNTIME_CHECKS
 
 # Stages that a tool pin feeds, and the ones downstream of them (their keys chain).
+_CHECKS = tuple(check.stage for check in RUNTIME_CHECKS.values())
 _DOWNSTREAM = {
-    "quantize": ("quantize", "validate", "publish", "compile", "engine-check", "vllm-check"),
-    "validate": ("validate", "publish", "engine-check", "vllm-check"),
+    "quantize": ("quantize", "validate", "publish", "compile", "engine-check", *_CHECKS),
+    "validate": ("validate", "publish", "engine-check", *_CHECKS),
 }
 
 
