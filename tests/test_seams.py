@@ -23,6 +23,9 @@ from kiln.serve.triton import Endpoints, HttpServer
 from kiln.validate import Metrics, VllmReport
 from tests.conftest import run_kiln, seed_home, write_recipe
 
+# Both tests start from a published build (about 40 s together): the slow tier, beside test_serve_cpu.
+pytestmark = pytest.mark.slow
+
 GATES = {"max_kl": 0.1, "min_top1_agreement": 0.7}
 
 # The stand-in server: answers /health, and POST /ask with the served model's family and the prompt reversed,
