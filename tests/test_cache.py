@@ -66,6 +66,7 @@ def test_damaged_entry_is_discarded_with_a_warning(tmp_path):
     assert "altered" in warnings[0] and not cache.entry_dir("validate", "k2").exists()
 
 
+@pytest.mark.slow   # a real build killed mid-calibration, then rebuilt: end to end (about 20 s; make test-fast keeps its 3 minutes)
 def test_killed_build_leaves_no_entry_that_looks_complete(tmp_path, test_model, kiln_home):
     recipe = write_recipe(tmp_path, str(test_model), variants={"int4": {"quant": "int4_awq"}})
     build = subprocess.Popen([str(KILN), "build", str(recipe)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -313,6 +313,7 @@ def test_a_read_only_kiln_home_is_one_line_for_every_command(tmp_path, test_mode
     assert all("Read-only file system (fix: the disk is read-only; set KILN_HOME" in line for line in lines)
 
 
+@pytest.mark.slow   # a real ModelOpt calibration of the demo model (10-20 s; make test-fast keeps its 3 minutes)
 def test_calibration_progress_counts_each_pass_to_its_total(test_model, monkeypatch, capsys):
     """Issue 24.17: "calibrate int4_awq: 59/32": AWQ's statistics and search passes both counted the samples."""
     from transformers import AutoTokenizer

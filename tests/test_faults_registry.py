@@ -280,6 +280,7 @@ def test_another_homes_database_named_by_uri_is_not_rebased(tmp_path, monkeypatc
     assert (pull(second, "m-v/1", tmp_path / "out", SILENT).path / "hf" / "w.bin").read_bytes() == b"weights"
 
 
+@pytest.mark.slow   # a build to publish, then two damaged databases (10-20 s; make test-fast keeps its 3 minutes)
 @pytest.mark.parametrize("damage", ["random", "truncated"])
 def test_a_damaged_registry_database_is_one_line_and_left_untouched(kiln_home, tmp_path, test_model, damage):
     """Issue 24.8: a corrupt mlflow.db gave tracebacks on ls, backfill, pull and build."""
@@ -334,6 +335,7 @@ def test_a_registry_that_answers_health_but_stalls_fails_the_command_in_seconds(
                                      "MLFLOW_TRACKING_URI at a running one)")
 
 
+@pytest.mark.slow   # every registry command through the CLI, each importing MLflow (about 20 s; make test-fast keeps its 3 minutes)
 def test_a_version_number_past_what_a_registry_holds_is_one_line(kiln_home, tmp_path):
     """Issue 24.15: `pull m/99999999999999999999999`, promote and diff gave an overflow traceback."""
     _publish(kiln_home, "m-v", b"w", "k1")

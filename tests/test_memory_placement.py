@@ -127,6 +127,7 @@ def test_cuda_without_a_gpu_is_an_input_error_naming_the_fix():
         plan_placement("cuda", [], 0.8, 64 * GiB)
 
 
+@pytest.mark.slow   # a build that loads the model before it refuses the device (10-20 s; make test-fast keeps its 3 minutes)
 def test_build_with_device_cuda_on_a_cpu_host_exits_2(tmp_path, test_model, kiln_home):
     recipe = write_recipe(tmp_path, str(test_model))
     text = recipe.read_text().replace("calibration:\n", "calibration:\n  device: cuda\n")

@@ -171,6 +171,7 @@ def test_run_records_are_logged_once_and_given_to_older_versions(kiln_home, tmp_
     assert (metrics["vllm/mean_kl"], metrics["vllm/greedy_agreement"]) == (8e-4, 0.75)
 
 
+@pytest.mark.slow   # a build, four versions and the page's own render: end to end (about 20 s; make test-fast keeps its 3 minutes)
 def test_kiln_report_writes_one_self_contained_page(kiln_home, tmp_path, test_model):
     env = {"KILN_HOME": str(kiln_home)}
     variants = {"fp8": {"quant": "fp8", "gates": {"max_kl": 0.01}},
