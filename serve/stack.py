@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 from kiln.serve.triton import Endpoints, TritonServer
 
 
