@@ -10,6 +10,8 @@ import json
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 
+from kiln.common.foreign_python import is_foreign
+
 ABSENT = "absent"
 
 _PROBE = ("import json, sys\nfrom importlib.metadata import version, PackageNotFoundError\nfound = {}\n"
@@ -26,8 +28,6 @@ def installed_version(package: str) -> str:
 
 def installed_versions(packages, python: str | None = None) -> dict[str, str]:
     """{package: version or "absent"} as `python` (kiln's own by default) sees them, without importing them."""
-    from kiln.common.foreign_python import is_foreign
-
     if python is None or not is_foreign(python):
         return {name: installed_version(name) for name in packages}
     try:

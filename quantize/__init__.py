@@ -14,6 +14,7 @@ folder is private to the stage.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -61,8 +62,6 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     `on_loaded(model)` sees the source model as loaded, before calibration changes it, and must
     give it back unchanged (the pipeline takes the baseline's hidden states there: one read of the weights).
     """
-    import json
-
     from kiln.common.progress import quiet_libraries
 
     source_config = json.loads((Path(model_dir) / "config.json").read_text())
