@@ -128,7 +128,17 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.Quantiz
         max_shard_size=loaded.recipe.build.max_shard_size,
         calibration_batch_size=loaded.recipe.calibration.batch_size,
         backend=variant.backend,
+        auto=auto_request(loaded, variant),
     )
+
+
+def auto_request(loaded: LoadedRecipe, variant: Variant) -> quantize.AutoRequest | None:
+    auto = variant.auto
+    if auto is None:
+        return None
+    calibration = loaded.recipe.calibration.samples
+    return quantize.AutoRequest(formats=auto.formats, effective_bits=auto.effective_bits, method=auto.method.modelopt,
+                                score_samples=auto.score_samples or min(16, calibration))
 
 
 def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
@@ -169,21 +179,23 @@ def data_problems(loaded: LoadedRecipe) -> list[str]:
 def family_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     source_config = json.loads((Path(model_dir) / "config.json").read_text())
     recipe = loaded.recipe
-    variants = {name: (v.quant, v.kv_cache) for name, v in recipe.variants.items()}
+    variants = {name: (v.quant_formats, v.kv_cache) for name, v in recipe.variants.items()}
     found = quantize.family_problems(source_config, variants, recipe.build.target.value, recipe.build.max_seq_len)
     return [f"{loaded.path}: {f'variants.{name}' if name else 'model'}: {problem}" for name, problem in found]
 
 
 def width_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
-    """Variants whose block size does not divide some layer's input width, naming the layers."""
+    """Variants whose block size does not divide some layer's input width, naming the layers (quant auto: each
+    format it may give a layer, at its default block size)."""
     problems = []
     for name, variant in loaded.recipe.variants.items():
-        layers = quantize.layer_width_problems(model_dir, variant.quant, variant.effective_group_size, variant.exclude)
-        if layers:
-            problems.append(
-                f"{loaded.path}: variants.{name}: {variant.quant.value} with group size {variant.effective_group_size} "
-                f"cannot pack {', '.join(layers)} (fix: choose a group size that divides these widths, or another format)"
-            )
+        for quant in variant.quant_formats:
+            group_size = variant.effective_group_size if not variant.is_auto else quantize.FORMATS[quant].default_group_size
+            layers = quantize.layer_width_problems(model_dir, quant, group_size, variant.exclude)
+            if layers:
+                fix = "drop it from auto.formats" if variant.is_auto else "choose a group size that divides these widths, or another format"
+                problems.append(f"{loaded.path}: variants.{name}: {quant.value} with group size {group_size} "
+                                f"cannot pack {', '.join(layers)} (fix: {fix})")
     return problems
 
 
@@ -368,6 +380,10 @@ def _jsonable(request: quantize.QuantizeRequest) -> dict:
     fields = dict(request.__dict__)
     if request.backend is quantize.Backend.modelopt:
         del fields["backend"]   # ModelOpt keys predate backends: their cache entries stay valid
+    if request.auto is None:
+        del fields["auto"]      # and single-format keys predate auto precision
+    else:
+        fields["auto"] = {**request.auto.__dict__, "formats": [q.value for q in request.auto.formats]}
     return json.loads(json.dumps(fields, default=encode))
 
 

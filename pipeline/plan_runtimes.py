@@ -53,7 +53,7 @@ class RuntimeCheck:
 def _vllm_device_problem(host, variant: Variant, vllm: str) -> str | None:
     on_cpu = vllm.startswith("cpu:") or not host.gpus
     sms = None if on_cpu else [int(sm[2:]) for sm in host.sms]
-    return quantize.vllm_device_problem(variant.quant, variant.kv_cache, variant.backend, cpu_flags=cpu_flags(),
+    return quantize.vllm_device_problem(variant.quant_formats, variant.kv_cache, variant.backend, cpu_flags=cpu_flags(),
                                         sms=sms)
 
 
@@ -83,7 +83,7 @@ def runtime_check_instances(plan, cache, name: str, variant: Variant, checkpoint
 
     `installed` is installed_checks(): per runtime, "absent" or the build its key records."""
     instances = []
-    loads = quantize.loading_runtimes(variant.quant, variant.kv_cache, variant.backend)
+    loads = quantize.loading_runtimes(variant.quant_formats, variant.kv_cache, variant.backend)
     for runtime, check in RUNTIME_CHECKS.items():
         if runtime in loads:
             instances += _check_instances(plan, cache, name, variant, checkpoint_key, publish_instance, check,

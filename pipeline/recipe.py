@@ -7,6 +7,7 @@ Loading YAML and turning validation errors into one line per problem lives in
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,7 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
-from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import AUTO, AUTO_QUANTIZE_ALGORITHMS, FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device
 from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem
 from kiln.validate import BUILTIN_TASKS, GateResult, Metrics, TaskDrop, evaluate_gates
@@ -29,21 +30,28 @@ HF_SCHEME = "hf://"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 
 
-def _format_in_table(value) -> QuantFormat:
+def _format_in_table(value, extra: tuple[str, ...] = ()) -> QuantFormat | str:
     """A format read from the formats table when a recipe is validated, so formats registered after this
-    module was imported (quantize.register_format) are recipes' formats too."""
-    if isinstance(value, QuantFormat):
+    module was imported (quantize.register_format) are recipes' formats too; or one of `extra`."""
+    if isinstance(value, QuantFormat) or value in extra:
         return value
     try:
         return QuantFormat(value)
     except (ValueError, TypeError):
-        names = [f"'{quant.value}'" for quant in QuantFormat]
+        names = [f"'{name}'" for name in [quant.value for quant in QuantFormat] + list(extra)]
         raise PydanticCustomError("enum", "Input should be {expected}",
                                   {"expected": ", ".join(names[:-1]) + " or " + names[-1]}) from None
 
 
+def _serialize_quant(quant: QuantFormat | str) -> str:
+    return getattr(quant, "value", quant)
+
+
 FormatName = Annotated[QuantFormat, PlainValidator(_format_in_table),
-                       PlainSerializer(lambda quant: quant.value, return_type=str, when_used="json")]
+                       PlainSerializer(_serialize_quant, return_type=str, when_used="json")]
+# A variant's `quant`: a format, or "auto" (ModelOpt's per-layer search under the variant's `auto:` budget).
+QuantName = Annotated[QuantFormat | str, PlainValidator(lambda value: _format_in_table(value, (AUTO,))),
+                      PlainSerializer(_serialize_quant, return_type=str, when_used="json")]
 
 
 class Strict(BaseModel):
@@ -164,8 +172,57 @@ class Gates(Strict):
         return evaluate_gates(metrics, **self.model_dump(), tasks=tasks)
 
 
+class AutoMethod(str, Enum):
+    """How auto precision scores a layer's sensitivity to each format (ModelOpt auto_quantize's `method`)."""
+
+    kl = "kl"              # KL divergence of the quantized model's outputs from the 16-bit model's: forward only
+    gradient = "gradient"  # ModelOpt's gradient-based estimate of the loss change: backward passes, more memory
+
+    @property
+    def modelopt(self) -> str:
+        return {"kl": "kl_div", "gradient": "gradient"}[self.value]
+
+
+class AutoPrecision(Strict):
+    """`auto:` of a `quant: auto` variant: the formats each layer may take and the size budget of the mix."""
+
+    formats: tuple[FormatName, ...] = Field(min_length=1, description="formats a layer may take (a layer may "
+                                            "also stay 16-bit), e.g. [nvfp4, fp8]")
+    effective_bits: float = Field(gt=0, lt=16, description="bits per decoder weight the mix may spend, scales "
+                                  "included, as kiln measures checkpoints (lm_head and embeddings stay 16-bit)")
+    method: AutoMethod = Field(default=AutoMethod.kl, description="kl (forward passes only) or gradient")
+    score_samples: PositiveInt | None = Field(default=None, description="calibration windows that score the layers "
+                                              "(the first N; default min(16, calibration.samples))")
+
+    @field_validator("formats")
+    @classmethod
+    def _distinct(cls, formats: tuple[QuantFormat, ...]) -> tuple[QuantFormat, ...]:
+        repeated = sorted({q.value for q in formats if formats.count(q) > 1})
+        if repeated:
+            raise ValueError(f"format(s) {', '.join(repeated)} listed twice; give each format once")
+        for quant in formats:
+            algorithm = FORMATS[quant].algorithm
+            if algorithm not in AUTO_QUANTIZE_ALGORITHMS:
+                searchable = ", ".join(q.value for q in QuantFormat if FORMATS[q].algorithm in AUTO_QUANTIZE_ALGORITHMS)
+                raise ValueError(f"{quant.value} calibrates with {algorithm}, which ModelOpt's auto_quantize does not "
+                                 f"run (fix: search among {searchable})")
+        return formats
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "AutoPrecision":
+        cheapest = min(self.formats, key=lambda q: FORMATS[q].weight_bits)
+        floor = FORMATS[cheapest].weight_bits
+        if self.effective_bits < floor:
+            listed = ", ".join(q.value for q in self.formats)
+            raise ValueError(f"effective_bits {self.effective_bits:g} is below what {listed} can reach ({floor:g}: "
+                             f"every layer in {cheapest.value}); give at least {floor:g}, or add a smaller format")
+        return self
+
+
 class Variant(Strict):
-    quant: FormatName
+    quant: QuantName = Field(description="a format, or auto (`auto:` says which formats and the size budget)")
+    # Left out of the dump when unset: recipe digests (publish keys) of single-format variants predate it.
+    auto: AutoPrecision | None = Field(default=None, exclude_if=lambda auto: auto is None)
     backend: Backend = Field(default=Backend.modelopt,
                              description="modelopt (HF + TensorRT-LLM checkpoints) or llmcompressor (a compressed-tensors "
                                          "checkpoint that vLLM and SGLang load: int4_gptq, int4_awq, int8_sq)")
@@ -195,8 +252,23 @@ class Variant(Strict):
 
         return tuple(dict.fromkeys(resolve_gpu(gpu).sm for gpu in self.gpus))
 
+    @property
+    def is_auto(self) -> bool:
+        return self.quant == AUTO
+
+    @property
+    def quant_formats(self) -> tuple[QuantFormat, ...]:
+        """The formats its checkpoint may hold: the variant's one format, or those auto precision mixes."""
+        return self.auto.formats if self.auto is not None else (self.quant,)
+
+    @property
+    def quant_label(self) -> str:
+        return getattr(self.quant, "value", self.quant)
+
     @model_validator(mode="after")
     def _group_size_applies(self) -> "Variant":
+        if self.is_auto or self.auto is not None:
+            return self._auto_applies()
         spec = FORMATS[self.quant]
         if self.backend is Backend.llmcompressor:
             self._llmcompressor_makes_it()
@@ -207,15 +279,36 @@ class Variant(Strict):
             raise ValueError(f"group_size {self.group_size} is not supported by {self.quant.value}; use {allowed}")
         if self.alpha is not None and not spec.takes_alpha:
             raise ValueError(f"alpha applies only to int8_sq (SmoothQuant); remove it from this {self.quant.value} variant")
+        return self._runs_where_asked()
+
+    def _auto_applies(self) -> "Variant":
+        if not self.is_auto:
+            raise ValueError(f"auto applies to quant: auto; remove it from this {self.quant_label} variant, or set "
+                             "quant: auto")
+        if self.auto is None:
+            raise ValueError("quant auto needs `auto:` with formats and effective_bits, e.g. "
+                             "auto: {formats: [nvfp4, fp8], effective_bits: 5.0}")
+        for field_name, fix in (("group_size", "each format uses its default block size"),
+                                ("alpha", "SmoothQuant layers use ModelOpt's default")):
+            if getattr(self, field_name) is not None:
+                raise ValueError(f"{field_name} does not apply to quant auto ({fix}); remove it")
+        if self.backend is not Backend.modelopt:
+            raise ValueError("quant auto is ModelOpt's auto_quantize; set backend: modelopt or choose one format")
+        return self._runs_where_asked()
+
+    def _runs_where_asked(self) -> "Variant":
+        """Every format it may hold runs on each of its GPUs, and each of its runtimes loads the checkpoint."""
         unsupported = KV_CACHE_FORMATS[self.kv_cache].unsupported
         if unsupported:
             raise ValueError(f"kv_cache {self.kv_cache.value}: {unsupported}")
         from kiln.compile import support_problem
 
-        problems = [p for p in (support_problem(self.quant, self.kv_cache, gpu) for gpu in self.gpus) if p]
+        problems = [p for p in (support_problem(quant, self.kv_cache, gpu) for gpu in self.gpus
+                                for quant in self.quant_formats) if p]
         if problems:
-            raise ValueError("; ".join(problems) + " (fix: drop that GPU or choose a format it runs)")
-        refused = [p for p in (runtime_problem(r, self.quant, self.kv_cache, self.backend)
+            fix = "drop it from auto.formats" if self.is_auto else "choose a format it runs"
+            raise ValueError("; ".join(problems) + f" (fix: drop that GPU or {fix})")
+        refused = [p for p in (runtime_problem(r, self.quant_formats, self.kv_cache, self.backend)
                                for r in dict.fromkeys(self.runtimes)) if p]
         if refused:
             raise ValueError("; ".join(refused))
@@ -240,7 +333,8 @@ class Variant(Strict):
 
     @property
     def effective_group_size(self) -> int | None:
-        return self.group_size or FORMATS[self.quant].default_group_size
+        """The block size it quantizes with (auto: each format's default)."""
+        return None if self.is_auto else self.group_size or FORMATS[self.quant].default_group_size
 
 
 class LoraSpec(Strict):
@@ -317,6 +411,11 @@ class Recipe(Strict):
     def _task_gates_name_tasks(self) -> "Recipe":
         tasks = {task.name for task in self.evaluation.tasks}
         for name, variant in self.variants.items():
+            score = variant.auto.score_samples if variant.auto else None
+            if score is not None and score > self.calibration.samples:
+                raise ValueError(f"variants.{name}.auto.score_samples ({score}) exceeds calibration.samples "
+                                 f"({self.calibration.samples}): the scores read calibration windows (fix: lower it "
+                                 "or raise calibration.samples)")
             unknown = sorted(set(variant.gates.max_task_drop or ()) - tasks)
             if unknown:
                 listed = ", ".join(sorted(tasks)) or "none"

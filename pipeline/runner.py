@@ -235,9 +235,10 @@ class CheckpointStages:
             algorithm=record.algorithm, export_quant_algo=record.export_quant_algo or "",
             group_size=str(record.group_size or ""),
             metrics={**metrics, **size_metrics(self.size(name, checkpoint))},
-            tools={**record.tools, **tool_versions(())}, passed=gate.passed, failures=gate.failures, runtimes={
+            tools={**record.tools, **tool_versions(())}, passed=gate.passed, failures=gate.failures,
+            auto=version_tags.auto_tags(record.auto, record.layer_formats) if record.auto else None, runtimes={
                 runtime.value: cell.describe() for runtime, cell in quantize.runtime_cells(
-                    quantize.QuantFormat(record.quant), quantize.KVCacheFormat(record.kv_cache),
+                    record.quant_formats, quantize.KVCacheFormat(record.kv_cache),
                     quantize.Backend(record.backend)).items()})
 
     def run_variants(self) -> BuildResult:
@@ -249,7 +250,7 @@ class CheckpointStages:
                 quantize.require_backend(variant.backend)   # a missing tool stops the build before any calibration
         results = []
         for name, variant in plan.loaded.recipe.variants.items():
-            result = VariantResult(name, variant.quant.value, variant.kv_cache.value, variant.backend.value)
+            result = VariantResult(name, variant.quant_label, variant.kv_cache.value, variant.backend.value)
             checkpoint = self.quantize(name, plan.instance("quantize", name))
             result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
             v_instance = plan.instance("validate", name)

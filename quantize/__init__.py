@@ -2,6 +2,7 @@
 
 Public entry points:
   run(request, model_dir, calibration, out_dir, progress, placement) -> CheckpointRecord
+      (request.auto set, quant "auto": ModelOpt's per-layer format search under a budget, auto_precision.py)
   layer_width_problems(model_dir, quant, group_size) -> list[str]
   plan_placement(device, gpus, gpu_memory_fraction, host_memory) -> Placement   (CPU, or GPUs + offload)
   FAMILIES / family_of / family_problems        the model-family table (what TensorRT-LLM supports per family)
@@ -20,18 +21,18 @@ from typing import Callable
 
 from kiln.quantize import llmcompressor_backend, modelopt_backend
 from kiln.quantize.checkpoint import (
-    HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory,
+    HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, AutoRequest, CheckpointRecord, QuantizeRequest, recorded_formats, release_memory,
 )
 from kiln.quantize.families import FAMILIES, Family, family_of, family_problems, trtllm_values_agree
 from kiln.quantize.formats import (
-    FORMATS, KV_CACHE_FORMATS, Backend, FormatSpec, Kernel, KVCacheFormat, QuantFormat, format_of_export,
-    kv_cache_of_export, register_format, unregister_format,
+    AUTO, FORMATS, KV_CACHE_FORMATS, MIXED_PRECISION, Backend, FormatSpec, Kernel, KVCacheFormat, QuantFormat,
+    format_of_export, kv_cache_of_export, register_format, unregister_format,
 )
 from kiln.quantize.modelopt_backend import TOOLS
 from kiln.quantize.size import CheckpointSize, checkpoint_size
 from kiln.quantize.placement import Device, Placement, VisibleGpu, plan_placement
 from kiln.quantize.runtimes import (
-    Loads, Runtime, loading_runtimes, runtime_cells, runtime_problem, vllm_device_problem,
+    Loads, Quant, Runtime, loading_runtimes, runtime_cells, runtime_problem, vllm_device_problem,
 )
 from kiln.quantize.widths import layer_width_problems, unmatched_excludes
 
@@ -40,13 +41,13 @@ STAGE_VERSION = 2   # 2: family fields filled in trtllm/config.json; kiln.json r
 BACKENDS = {Backend.modelopt: modelopt_backend, Backend.llmcompressor: llmcompressor_backend}
 
 __all__ = [
-    "run", "require_backend", "tool_versions", "BACKENDS", "QuantizeRequest", "CheckpointRecord", "release_memory",
-    "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
+    "run", "require_backend", "tool_versions", "BACKENDS", "QuantizeRequest", "AutoRequest", "CheckpointRecord", "recorded_formats",
+    "release_memory", "AUTO", "MIXED_PRECISION", "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
     "format_of_export", "kv_cache_of_export", "register_format", "unregister_format",
     "layer_width_problems", "unmatched_excludes", "Device", "Placement", "VisibleGpu", "plan_placement",
     "HF_DIR", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
-    "Loads", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
+    "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
     "CheckpointSize", "checkpoint_size",
 ]
 

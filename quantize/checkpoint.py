@@ -8,7 +8,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kiln.quantize.formats import Backend, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import AUTO, Backend, KVCacheFormat, QuantFormat
 
 CHECKPOINT_RECORD = "kiln.json"
 SOURCE_CONFIG = "source-config.json"   # the source model's config.json, verbatim: compile hands it to TensorRT-LLM
@@ -17,8 +17,19 @@ TRTLLM_DIR = "trtllm"
 
 
 @dataclass(frozen=True)
+class AutoRequest:
+    """One auto-precision build: the formats a layer may take, the budget in kiln's bits per decoder weight
+    (quantize/size.py), ModelOpt's scoring method (kl_div | gradient) and how many calibration windows score."""
+
+    formats: tuple[QuantFormat, ...]
+    effective_bits: float
+    method: str
+    score_samples: int
+
+
+@dataclass(frozen=True)
 class QuantizeRequest:
-    quant: QuantFormat
+    quant: QuantFormat | str        # a format, or "auto" with `auto` set
     kv_cache: KVCacheFormat
     group_size: int | None
     dtype: str
@@ -30,6 +41,11 @@ class QuantizeRequest:
     max_shard_size: str = "5GB"     # the HF export's largest safetensors file
     calibration_batch_size: int = 1  # samples per calibration forward pass
     backend: Backend = Backend.modelopt
+    auto: AutoRequest | None = None
+
+    @property
+    def label(self) -> str:
+        return getattr(self.quant, "value", self.quant)
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,14 @@ class CheckpointRecord:
     family: str | None = None
     trtllm_checkpoint: bool = True
     backend: str = Backend.modelopt.value   # what made it: modelopt | llmcompressor (compressed-tensors, no trtllm/)
+    # quant "auto": every linear layer of the export and the format it took ("none": kept 16-bit), as the
+    # exported config says; and the search's numbers (requested and measured bits per weight, method, formats).
+    layer_formats: dict[str, str] = field(default_factory=dict)
+    auto: dict | None = None
+
+    @property
+    def quant_formats(self) -> tuple[QuantFormat, ...]:
+        return recorded_formats(self.quant, self.layer_formats)
 
     @classmethod
     def load(cls, checkpoint_dir: Path) -> "CheckpointRecord":
@@ -67,6 +91,14 @@ class CheckpointRecord:
         """kiln.json, and the source config.json beside it (what compile hands TensorRT-LLM)."""
         shutil.copyfile(Path(model_dir) / "config.json", Path(out_dir) / SOURCE_CONFIG)
         (Path(out_dir) / CHECKPOINT_RECORD).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+
+def recorded_formats(quant: str, layer_formats: dict[str, str]) -> tuple[QuantFormat, ...]:
+    """The formats a checkpoint's layers hold, from its kiln.json: its one format, or the distinct formats
+    auto precision chose."""
+    if quant != AUTO:
+        return (QuantFormat(quant),)
+    return tuple(QuantFormat(q) for q in sorted(set(layer_formats.values()) - {"none"}))
 
 
 def save_tokenizer(model_dir: Path, dest: Path, trust_remote_code: bool) -> None:

@@ -241,9 +241,10 @@ def known_families() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
-def family_problems(source_config: dict, variants: dict[str, tuple[QuantFormat, KVCacheFormat]], target: str,
-                    max_seq_len: int) -> list[tuple[str | None, str]]:
-    """(variant or None for the model, problem) for everything the family table does not hold."""
+def family_problems(source_config: dict, variants: dict[str, tuple[tuple[QuantFormat, ...], KVCacheFormat]],
+                    target: str, max_seq_len: int) -> list[tuple[str | None, str]]:
+    """(variant or None for the model, problem) for everything the family table does not hold; a variant
+    gives the formats its checkpoint may hold (one, or those quant auto mixes)."""
     model_type = source_config.get("model_type", "?")
     family = family_of(source_config)
     if family is None:
@@ -264,11 +265,12 @@ def family_problems(source_config: dict, variants: dict[str, tuple[QuantFormat, 
                                f"{max_seq_len}, and TensorRT-LLM's engine flow ignores it (fix: set build.max_seq_len "
                                f"to at most {window}, or build.target: trtllm-pytorch)"))
     allowed = family.formats_for(target)
-    for name, (quant, kv_cache) in variants.items():
-        if quant not in allowed:
-            listed = ", ".join(sorted(f.value for f in allowed)) or "none"
-            problems.append((name, f"{quant.value} is not a format TensorRT-LLM supports for {family.title} with "
-                                   f"target {target} (it supports {listed}; source: {family.formats_source})"))
+    for name, (formats, kv_cache) in variants.items():
+        for quant in formats:
+            if quant not in allowed:
+                listed = ", ".join(sorted(f.value for f in allowed)) or "none"
+                problems.append((name, f"{quant.value} is not a format TensorRT-LLM supports for {family.title} with "
+                                       f"target {target} (it supports {listed}; source: {family.formats_source})"))
         if kv_cache not in family.kv_formats:
             listed = ", ".join(sorted(k.value for k in family.kv_formats))
             problems.append((name, f"kv_cache {kv_cache.value} is not supported for {family.title} (use {listed})"))

@@ -163,6 +163,15 @@ KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec i
 )}
 
 
+# ModelOpt's `quant_algo` for a checkpoint whose layers have more than one format (auto precision): each
+# layer's own quant_algo is in `quantized_layers` (hf_quant_config.json, trtllm/quant_cfg.json).
+MIXED_PRECISION = "MIXED_PRECISION"
+# A recipe's `quant: auto`: ModelOpt's auto_quantize picks each layer's format (quantize/auto_precision.py).
+AUTO = "auto"
+# The calibration algorithms ModelOpt 0.47's auto_quantize runs (_AUTO_QUANTIZE_SUPPORTED_ALGORITHMS): GPTQ is not one.
+AUTO_QUANTIZE_ALGORITHMS = ("max", "mse", "local_hessian", "smoothquant", "awq_lite", "awq_full", "awq_clip")
+
+
 def format_of_export(quant_algo: str | None) -> FormatSpec | None:
     """The row whose export carries this `quant_algo` (INT4 AWQ and GPTQ share W4A16_AWQ and all it implies)."""
     return next((spec for spec in FORMATS.values() if quant_algo and spec.export_quant_algo == quant_algo), None)

@@ -101,6 +101,43 @@ def calibrate(model, config: dict, samples, on_samples: Callable[[int], None], b
         mtq.quantize(model, config, forward_loop)
 
 
+def auto_quantize(model, request, exclude: tuple[str, ...], samples, batch_size: int, on_forward) -> dict:
+    """Auto precision over the calibration windows (quantize/auto_precision.py): `model` leaves quantized."""
+    from kiln.quantize import auto_precision
+
+    device = input_device(model)
+    batches = [samples[start:start + batch_size].to(device) for start in range(0, len(samples), batch_size)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return auto_precision.search(model, request, exclude, batches, lambda m, batch: m(input_ids=batch).logits,
+                                     on_forward, modelopt_config)
+
+
+def calibrate_kv_cache(model, kv_cache: KVCacheFormat, samples, batch_size: int) -> None:
+    """Add a quantized KV cache to a model auto_quantize left quantized: ModelOpt's auto_quantize searches
+    linear layers only, so the K/V quantizers are enabled and calibrated (max) here, every other quantizer
+    left as the search calibrated it."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    kv_spec = KV_CACHE_FORMATS[kv_cache]
+    if kv_spec.modelopt_config is None:
+        return
+    kv_cfg = list(getattr(mtq, kv_spec.modelopt_config)["quant_cfg"])
+    device = input_device(model)
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for start in range(0, len(samples), batch_size):
+                m(input_ids=samples[start:start + batch_size].to(device))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.set_quantizer_by_cfg(model, kv_cfg)
+        with mtq.set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}, *kv_cfg]):
+            mtq.calibrate(model, algorithm="max", forward_loop=forward_loop)
+
+
 def export_hf(model, export_dir: Path, max_shard_size: str = "5GB") -> None:
     """The HF unified checkpoint; past `max_shard_size` it is sharded with model.safetensors.index.json."""
     from modelopt.torch.export import export_hf_checkpoint

@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 
 from kiln.common.versions import installed_versions
+from kiln.quantize import auto_precision
 from kiln.quantize.checkpoint import HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory, save_tokenizer
 from kiln.quantize.families import Family
 from kiln.quantize.formats import FORMATS, KVCacheFormat
 from kiln.quantize.placement import Placement, gpu_peak_bytes, reset_gpu_peaks
+from kiln.quantize.size import checkpoint_size
+from kiln.quantize.trtllm_checks import MIXED_LAYER_CONFIG, ExportCheckError, check_trtllm_checkpoint
 
 TOOLS = ("nvidia-modelopt", "torch", "transformers")
 
@@ -28,14 +31,12 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
         on_loaded, family: Family, source_config: dict) -> CheckpointRecord:
     # ModelOpt and torch load here, when a variant is quantized: a cached build never imports them.
     from kiln.quantize import modelopt_adapter as adapter
-    from kiln.quantize.trtllm_checks import check_trtllm_checkpoint
 
     seconds = {}
     started = time.monotonic()
     reset_gpu_peaks(placement)
     model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle,
                                       placement)
-    config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha, request.exclude)
     seconds["load"] = time.monotonic() - started
     if on_loaded is not None:
         started = time.monotonic()
@@ -43,11 +44,10 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
         release_memory()   # what on_loaded computed with is gone before calibration grows the heap again
         seconds["before_calibration"] = time.monotonic() - started
 
-    label = f"{request.quant.value}" + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
+    label = request.label + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
     started = time.monotonic()
-    with progress.task(f"calibrate {label}", total=len(calibration)) as task:
-        adapter.calibrate(model, config, calibration, task.advance, request.calibration_batch_size,
-                          on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))
+    linear_layers = auto_precision.decoder_linear_layers(model)
+    search = _calibrate(adapter, model, request, calibration, progress, label)
     seconds["calibrate"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -66,12 +66,21 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
 
     corrections = (check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size, label)
                    if family.trtllm else [])
-    spec = FORMATS[request.quant]
+    auto = request.auto
+    layer_formats, auto_record = {}, None
+    if auto is not None:
+        _check_mixed_export(out_dir, source_config, family, label)
+        layer_formats = auto_precision.read_layer_formats(out_dir / HF_DIR, linear_layers, auto.formats)
+        measured = auto_precision.check_budget(checkpoint_size(out_dir / HF_DIR, model_dir), auto)
+        auto_record = {"formats": [q.value for q in auto.formats], "effective_bits": auto.effective_bits,
+                       "measured_bits": measured, "method": auto.method, "score_samples": auto.score_samples,
+                       **search}
+    spec = FORMATS[request.quant] if auto is None else None
     record = CheckpointRecord(
-        quant=request.quant.value,
+        quant=request.label,
         kv_cache=request.kv_cache.value,
-        algorithm=spec.algorithm,
-        group_size=request.group_size or spec.default_group_size,
+        algorithm=spec.algorithm if spec else f"auto_quantize:{auto.method}",
+        group_size=(request.group_size or spec.default_group_size) if spec else None,
         dtype=request.dtype,
         tp_size=request.tp_size,
         calibration_samples=int(calibration.shape[0]),
@@ -85,6 +94,51 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
         placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement)},
         family=family.model_type,
         trtllm_checkpoint=family.trtllm is not None,
+        layer_formats=layer_formats,
+        auto=auto_record,
     )
     record.write(out_dir, model_dir)
     return record
+
+
+def _check_mixed_export(out_dir: Path, source_config: dict, family: Family, label: str) -> None:
+    """A mixed checkpoint's two exports give each decoder layer the same format."""
+    hf = json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())
+    if not family.trtllm or hf["quantization"].get("quant_algo") != auto_precision.MIXED_PRECISION:
+        return
+    trt_config = json.loads((out_dir / TRTLLM_DIR / MIXED_LAYER_CONFIG).read_text())
+    problems = auto_precision.trtllm_disagreements(hf, trt_config,
+                                                   source_config["num_hidden_layers"])
+    if problems:
+        raise ExportCheckError(f"{label}: the HF and TensorRT-LLM exports disagree on layer formats: "
+                               + "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
+
+
+def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, label: str) -> dict:
+    """Calibrate in memory with one format's config, or search the formats per layer (quant auto) and then
+    calibrate the KV cache; returns the search's summary (empty for one format)."""
+    batch_size = request.calibration_batch_size
+    if request.auto is None:
+        config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha,
+                                         request.exclude)
+        with progress.task(f"calibrate {label}", total=len(calibration)) as task:
+            adapter.calibrate(model, config, calibration, task.advance, batch_size,
+                              on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))
+        return {}
+    # Each format calibrates on every batch, then the first score_samples windows score the layers.
+    batches = -(-len(calibration) // batch_size)
+    forwards = len(request.auto.formats) * batches + -(-request.auto.score_samples // batch_size)
+    done = 0
+    formats = "+".join(q.value for q in request.auto.formats)
+    with progress.task(f"auto precision: calibrate {formats}, then score each layer", total=forwards) as task:
+        def on_forward():   # ModelOpt may run a few more forwards than counted: the bar stops at its end
+            nonlocal done
+            if done < forwards:
+                done += 1
+                task.advance()
+
+        search = adapter.auto_quantize(model, request.auto, request.exclude, calibration, batch_size, on_forward)
+    if request.kv_cache is not KVCacheFormat.none:
+        with progress.task(f"calibrate the {request.kv_cache.value} KV cache", total=None):
+            adapter.calibrate_kv_cache(model, request.kv_cache, calibration, batch_size)
+    return search

@@ -17,7 +17,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, MIXED_PRECISION, Backend, KVCacheFormat, QuantFormat
+
+# One format, or the formats an auto-precision checkpoint mixes (its layers' formats).
+Quant = QuantFormat | tuple[QuantFormat, ...]
+
+
+def formats_of(quant: Quant) -> tuple[QuantFormat, ...]:
+    return quant if isinstance(quant, tuple) else (quant,)
+
+
+def _one_or_mix(quant: Quant) -> Quant:
+    """A one-format tuple is that format: a checkpoint of one format exports as it, whatever asked for it."""
+    return quant[0] if isinstance(quant, tuple) and len(quant) == 1 else quant
+
+
+def quant_text(quant: Quant) -> str:
+    formats = formats_of(quant)
+    return formats[0].value if len(formats) == 1 else f"a mix of {' and '.join(q.value for q in formats)}"
 
 
 class Runtime(str, Enum):
@@ -72,6 +89,13 @@ _SGLANG_CT = Evidence("SGLang main (2026-11)", "python/sglang/srt/layers/quantiz
                       "(CompressedTensorsWNA16, CompressedTensorsW8A8Int8)", "source")
 _SGLANG = Evidence("SGLang main (2026-11)", "python/sglang/srt/layers/quantization/modelopt_quant.py "
                    "ModelOptFp8Config / ModelOptFp4Config", "source")
+_TRTLLM_MIXED = Evidence("TensorRT-LLM 1.2.1", "tensorrt_llm/models/modeling_utils.py PretrainedConfig.from_json_file "
+                         "reads trtllm/quant_cfg.json for QuantAlgo.MIXED_PRECISION; examples/quantization/README.md "
+                         "builds --autoq_format checkpoints with trtllm-build", "source")
+_TRTLLM_PYTORCH_MIXED = Evidence("TensorRT-LLM main (read 2026-12-05)", "tensorrt_llm/_torch/model_config.py "
+                                 "quant_config_dict: per layer from quant_cfg.json or hf_quant_config.json", "source")
+_VLLM_MIXED = Evidence("vLLM 0.32.0", "vllm/model_executor/layers/quantization/modelopt.py "
+                       "ModelOptMixedPrecisionConfig: each layer's quant_algo must be in LINEAR_ALGOS", "source")
 
 _YES, _NO, _UNCHECKED = Loads.yes, Loads.no, Loads.unchecked
 
@@ -113,6 +137,11 @@ WEIGHT_LOADERS: dict[str, dict[Runtime, Cell]] = {
     "compressed-tensors:W8A8": _row(_NO_ENGINE, _PYTORCH_CT,
                                     Cell(_YES, _VLLM_CPU, "compressed-tensors W8A8 INT8 generated on an AVX2 CPU"),
                                     Cell(_YES, _SGLANG_CT)),
+    # A mixed checkpoint loads where this row and every mixed format's own row say yes (runtime_cells).
+    MIXED_PRECISION: _row(Cell(_YES, _TRTLLM_MIXED), Cell(_YES, _TRTLLM_PYTORCH_MIXED),
+                          Cell(_YES, _VLLM_MIXED, "FP8, FP8_PER_CHANNEL_PER_TOKEN and NVFP4 layers; others load "
+                                                  "unquantized, so their own rows refuse them"),
+                          Cell(_UNCHECKED, _SGLANG, "ModelOptMixedPrecisionConfig is wired for Nemotron-H only")),
 }
 
 # Keyed by the `kv_cache_quant_algo` of the exported configs (KVCacheSpec.export_algo); an unquantized
@@ -134,30 +163,34 @@ def _loaders(table: dict[str, dict[Runtime, Cell]], label: str) -> dict[Runtime,
     return table.get(label) or {runtime: Cell(_UNCHECKED, _NOBODY_CHECKED, label) for runtime in Runtime}
 
 
-def runtime_cells(quant: QuantFormat, kv_cache: KVCacheFormat = KVCacheFormat.none,
+def runtime_cells(quant: Quant, kv_cache: KVCacheFormat = KVCacheFormat.none,
                   backend: Backend = Backend.modelopt) -> dict[Runtime, Cell]:
-    """Per runtime, whether a checkpoint of this format, KV cache and backend loads: both parts must."""
-    weights = _loaders(WEIGHT_LOADERS, FORMATS[quant].export_label(backend))
+    """Per runtime, whether a checkpoint of this format (or mix), KV cache and backend loads: every part must."""
+    formats = formats_of(quant)
+    # The mixed row first: where every part loads, a mix's cell cites the runtime's mixed loader.
+    rows = [_loaders(WEIGHT_LOADERS, MIXED_PRECISION)] if len(formats) > 1 else []
+    rows += [_loaders(WEIGHT_LOADERS, FORMATS[q].export_label(backend)) for q in formats]
     kv_algo = KV_CACHE_FORMATS[kv_cache].export_algo
-    if kv_algo is None:
-        return dict(weights)
-    kv = _loaders(KV_LOADERS, kv_algo)
-    order = (Loads.no, Loads.unchecked, Loads.yes)   # the weaker part decides
-    return {runtime: min(weights[runtime], kv[runtime], key=lambda cell: order.index(cell.loads))
+    if kv_algo is not None:
+        rows.append(_loaders(KV_LOADERS, kv_algo))
+    order = (Loads.no, Loads.unchecked, Loads.yes)   # the weakest part decides
+    return {runtime: min((row[runtime] for row in rows), key=lambda cell: order.index(cell.loads))
             for runtime in Runtime}
 
 
-def loading_runtimes(quant: QuantFormat, kv_cache: KVCacheFormat = KVCacheFormat.none,
+def loading_runtimes(quant: Quant, kv_cache: KVCacheFormat = KVCacheFormat.none,
                      backend: Backend = Backend.modelopt) -> list[Runtime]:
     return [runtime for runtime, cell in runtime_cells(quant, kv_cache, backend).items() if cell.loads is Loads.yes]
 
 
-def backend_makes(backend: Backend, quant: QuantFormat, kv_cache: KVCacheFormat = KVCacheFormat.none) -> bool:
-    """ModelOpt makes every format; llm-compressor those with a mapping, without a quantized KV cache."""
-    return backend is Backend.modelopt or (FORMATS[quant].llmcompressor is not None and kv_cache is KVCacheFormat.none)
+def backend_makes(backend: Backend, quant: Quant, kv_cache: KVCacheFormat = KVCacheFormat.none) -> bool:
+    """ModelOpt makes every format and mix; llm-compressor single formats with a mapping, 16-bit KV cache."""
+    quant = _one_or_mix(quant)
+    return backend is Backend.modelopt or (not isinstance(quant, tuple) and FORMATS[quant].llmcompressor is not None
+                                           and kv_cache is KVCacheFormat.none)
 
 
-def runtime_problem(runtime: Runtime, quant: QuantFormat, kv_cache: KVCacheFormat,
+def runtime_problem(runtime: Runtime, quant: Quant, kv_cache: KVCacheFormat,
                     backend: Backend = Backend.modelopt) -> str | None:
     """Why `runtime` cannot serve this variant, naming what it can serve; None when it loads."""
     cell = runtime_cells(quant, kv_cache, backend)[runtime]
@@ -166,7 +199,12 @@ def runtime_problem(runtime: Runtime, quant: QuantFormat, kv_cache: KVCacheForma
     kv = "" if kv_cache is KVCacheFormat.none else f" with a {kv_cache.value} KV cache"
     alternatives = [q.value for q in QuantFormat
                     if backend_makes(backend, q, kv_cache) and runtime in loading_runtimes(q, kv_cache, backend)]
-    fixes = [f"choose quant {' or '.join(alternatives)}{kv}"] if alternatives else []
+    choose = "choose quant"
+    if len(formats_of(quant)) > 1 and _loaders(WEIGHT_LOADERS, MIXED_PRECISION)[runtime].loads is Loads.yes:
+        choose = "mix only formats among"   # the runtime loads mixes; some format of this one it does not
+    elif len(formats_of(quant)) > 1:
+        choose = "choose one format, quant"
+    fixes = [f"{choose} {' or '.join(alternatives)}{kv}"] if alternatives else []
     other = next((b for b in Backend if b is not backend and backend_makes(b, quant, kv_cache)
                   and runtime in loading_runtimes(quant, kv_cache, b)), None)
     if other is not None:
@@ -176,7 +214,7 @@ def runtime_problem(runtime: Runtime, quant: QuantFormat, kv_cache: KVCacheForma
     fix = ", ".join(fixes) + f", or drop {runtime.value} from runtimes"
     verdict = "does not load" if cell.loads is Loads.no else "is not known to load"
     made = "" if backend is Backend.modelopt else f" from {backend.value}"
-    return f"{runtime.value} {verdict} {quant.value}{made}{kv} ({cell.evidence_text()}) (fix: {fix})"
+    return f"{runtime.value} {verdict} {quant_text(quant)}{made}{kv} ({cell.evidence_text()}) (fix: {fix})"
 
 
 @dataclass(frozen=True)
@@ -202,11 +240,11 @@ VLLM_KV_KERNELS: dict[str, Kernels] = {
 }
 
 
-def vllm_device_problem(quant: QuantFormat, kv_cache: KVCacheFormat, backend: Backend, *, cpu_flags: set[str],
+def vllm_device_problem(quant: Quant, kv_cache: KVCacheFormat, backend: Backend, *, cpu_flags: set[str],
                         sms: list[int] | None) -> str | None:
-    """Why this host's vLLM cannot run the variant: on its GPUs (`sms`, e.g. [90]) or, with `sms` None, on its
-    CPU (`cpu_flags` from /proc/cpuinfo). None when it has the kernels."""
-    needs = [VLLM_WEIGHT_KERNELS.get(FORMATS[quant].export_label(backend))]
+    """Why this host's vLLM cannot run the variant (every format of a mix): on its GPUs (`sms`, e.g. [90]) or,
+    with `sms` None, on its CPU (`cpu_flags` from /proc/cpuinfo). None when it has the kernels."""
+    needs = [VLLM_WEIGHT_KERNELS.get(FORMATS[q].export_label(backend)) for q in formats_of(quant)]
     kv_algo = KV_CACHE_FORMATS[kv_cache].export_algo
     needs.append(VLLM_KV_KERNELS.get(kv_algo) if kv_algo else None)
     for kernels in filter(None, needs):

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kiln.common.errors import KilnError
 from kiln.common.fsutil import atomic_write_text
-from kiln.quantize.formats import FORMATS
+from kiln.quantize.formats import FORMATS, MIXED_PRECISION
 from kiln.quantize.families import COMMON_TRTLLM_FIELDS, Family, family_of, trtllm_values_agree
 from kiln.quantize.headers import safetensors_header
 
@@ -26,6 +26,8 @@ from kiln.quantize.headers import safetensors_header
 # NVFP4 weights two to a byte packed along the input dimension (the format table's TrtllmMapping.packing).
 _PACKED_INT4_ALGOS = {s.export_quant_algo for s in FORMATS.values() if s.trtllm and s.trtllm.packing == "int4"}
 _PACKED_FP4_ALGOS = {s.export_quant_algo for s in FORMATS.values() if s.trtllm and s.trtllm.packing == "fp4"}
+# A MIXED_PRECISION checkpoint's per-layer config: TensorRT-LLM reads it beside config.json.
+MIXED_LAYER_CONFIG = "quant_cfg.json"
 
 
 class ExportCheckError(KilnError):
@@ -126,7 +128,25 @@ def _expected_shapes(fields: dict, tp: int, shared_embedding: bool) -> dict[str,
     return shapes
 
 
-def _shape_problems(exported: dict, fields: dict, tensors: dict, quant_algo: str | None, tp: int) -> list[str]:
+def _layer_algos(checkpoint_dir: Path, exported: dict, where: str) -> Callable[[str], str | None]:
+    """Each tensor's quant_algo: the checkpoint's, or for MIXED_PRECISION its layer's in quant_cfg.json."""
+    quant = exported.get("quantization") or {}
+    if quant.get("quant_algo") != MIXED_PRECISION:
+        return lambda tensor: quant.get("quant_algo")
+    path = Path(checkpoint_dir) / MIXED_LAYER_CONFIG
+    if not path.is_file():
+        raise ExportCheckError(f"{where}: quant_algo is {MIXED_PRECISION} but {MIXED_LAYER_CONFIG}, where TensorRT-LLM "
+                               "reads each layer's format, is missing")
+    layers = json.loads(path.read_text())
+    if layers.get("kv_cache_quant_algo") != quant.get("kv_cache_quant_algo"):
+        raise ExportCheckError(f"{where}: {MIXED_LAYER_CONFIG} says kv_cache_quant_algo "
+                               f"{layers.get('kv_cache_quant_algo')}, config.json {quant.get('kv_cache_quant_algo')}")
+    per_layer = {name: cfg.get("quant_algo") for name, cfg in (layers.get("quantized_layers") or {}).items()}
+    return lambda tensor: per_layer.get(tensor.rsplit(".", 1)[0])
+
+
+def _shape_problems(exported: dict, fields: dict, tensors: dict, algo_of: Callable[[str], str | None],
+                    tp: int) -> list[str]:
     shared = bool(exported.get("share_embedding_table"))
     problems = []
     for name, want in _expected_shapes(fields, tp, shared).items():
@@ -136,7 +156,7 @@ def _shape_problems(exported: dict, fields: dict, tensors: dict, quant_algo: str
         shape, dtype = tensors[name]
         if name == "transformer.vocab_embedding.weight" and exported.get("use_parallel_embedding"):
             want = (want[0] // tp, want[1]) if exported.get("embedding_sharding_dim", 0) == 0 else (want[0], want[1] // tp)
-        got = _logical_shape(shape, dtype, quant_algo)
+        got = _logical_shape(shape, dtype, algo_of(name))
         if tuple(got) != tuple(want):
             problems.append(f"{name} has shape {list(got)}, the source model implies {list(want)}")
     return problems
@@ -159,7 +179,7 @@ def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: 
         raise ExportCheckError(f"{where}: architecture is {exported.get('architecture')!r}, the family table says "
                                f"{family.trtllm.architecture!r} for model_type {family.model_type}")
     fields = expected_fields(source_config, family)
-    quant_algo = (exported.get("quantization") or {}).get("quant_algo")
+    algo_of = _layer_algos(checkpoint_dir, exported, where)
     mapping = exported.get("mapping") or {}
     if mapping.get("tp_size", 1) != tp_size:
         raise ExportCheckError(
@@ -177,7 +197,7 @@ def check_trtllm_checkpoint(checkpoint_dir: Path, source_config: dict, tp_size: 
             "an engine built from it would use the wrong output projection"
         )
     # The tensors are what the engine is built from: they must agree with the source model.
-    problems = _shape_problems(exported, fields, tensors, quant_algo, tp_size)
+    problems = _shape_problems(exported, fields, tensors, algo_of, tp_size)
     problems += _tensor_problems(family, fields, tensors)
     if problems:
         raise ExportCheckError(

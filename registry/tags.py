@@ -7,7 +7,10 @@ are `kiln.sm.<sm>.<field>`; promotions are `kiln.promotion.<alias>.<field>`.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Mapping
+
+from kiln.common.digest import canonical_digest
 
 PUBLISH_KEY = "kiln.publish_key"          # the publish stage's cache key: a republish finds its version
 MANIFEST = "kiln.manifest_sha256"         # digest of the version's manifest.json
@@ -34,6 +37,7 @@ REGISTERED_MODEL = "kiln.registered_model"   # on the version's run
 RUN_RECORDS = "kiln.run_records"          # the run holds kiln's MLflow metrics and params (registry.run_records)
 RUN_RECORDS_VERSION = "1"
 FIGURE = "kiln.figure"                    # digest of the data behind the accuracy-against-size figure on the run
+AUTO = "kiln.auto."                       # + field: quant auto's budget, measured size and chosen layer formats
 
 # An SM's own fields (sm_tag): what built it, its gate and metrics, its publish key and manifest.
 SM_TARGET, SM_TENSORRT, SM_TENSORRT_LLM, SM_GPU = "target", "tensorrt", "tensorrt_llm", "gpu"
@@ -163,13 +167,22 @@ def gate_failures(tags: Mapping[str, str]) -> list[str]:
 def checkpoint_tags(*, publish_key: str, recipe: str, recipe_digest: str, variant: str, source: str, revision: str,
                     quant: str, kv_cache: str, backend: str = "modelopt", algorithm: str, export_quant_algo: str, group_size: str,
                     metrics: Mapping[str, object], tools: Mapping[str, str], passed: bool, failures,
-                    runtimes: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What a variant's version carries: who published it from what, its format, the runtimes that load
-    it, its metrics, tools and gate."""
+                    runtimes: Mapping[str, str] | None = None, auto: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a variant's version carries: who published it from what, its format (quant auto: its budget and
+    layer formats, auto_tags), the runtimes that load it, its metrics, tools and gate."""
     return {PUBLISH_KEY: publish_key, RECIPE: recipe, RECIPE_DIGEST: recipe_digest, VARIANT: variant,
             SOURCE: source, REVISION: revision, QUANT: quant, KV_CACHE: kv_cache, BACKEND: backend, ALGORITHM: algorithm,
-            EXPORT_QUANT_ALGO: export_quant_algo, GROUP_SIZE: group_size,
+            EXPORT_QUANT_ALGO: export_quant_algo, GROUP_SIZE: group_size, **{AUTO + k: v for k, v in (auto or {}).items()},
             **runtime_tags(runtimes or {}), **metric_tags(metrics), **tool_tags(tools), **gate_tags(passed, failures)}
+
+
+def auto_tags(auto: Mapping[str, object], layer_formats: Mapping[str, str]) -> dict[str, str]:
+    """Quant auto on a version: the requested and measured bits, how many layers took each format, and the
+    digest of the whole layer map (kiln.json in the artifact holds the map itself; a tag is too small)."""
+    counts = Counter(layer_formats.values())
+    return {"effective_bits": str(auto["effective_bits"]), "measured_bits": str(auto["measured_bits"]),
+            "formats": " ".join(f"{fmt}:{n}" for fmt, n in sorted(counts.items())),
+            "layers_sha256": canonical_digest(dict(layer_formats))}
 
 
 def engine_tags(sm: str, *, target: str, tensorrt: str, tensorrt_llm: str, gpu: str,

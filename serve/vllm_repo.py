@@ -37,11 +37,11 @@ class VllmServeOptions:
 
 def engine_args(artifact: Path, hf_dir: Path, options: VllmServeOptions) -> dict:
     """vLLM engine arguments for the artifact; refused (exit 2) where the runtimes table says vLLM cannot load it."""
-    from kiln.quantize import Backend, KVCacheFormat, QuantFormat, Runtime, runtime_problem
+    from kiln.quantize import Backend, KVCacheFormat, Runtime, recorded_formats, runtime_problem
 
     record = json.loads((artifact / "kiln.json").read_text())
-    backend = record.get("backend", "modelopt")
-    quant, kv_cache = QuantFormat(record["quant"]), KVCacheFormat(record["kv_cache"])
+    backend, kv_cache = record.get("backend", "modelopt"), KVCacheFormat(record["kv_cache"])
+    quant = recorded_formats(record["quant"], record.get("layer_formats", {}))
     problem = runtime_problem(Runtime.vllm, quant, kv_cache, Backend(backend))
     if problem:
         raise UserInputError(f"--runtime vllm: {problem}")

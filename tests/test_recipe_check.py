@@ -40,7 +40,7 @@ CASES = [
     ("negative-build", ("variants:", "build: {max_batch_size: -4}\nvariants:"),
      r":8: build\.max_batch_size: Input should be greater than 0"),
     ("unknown-format", ("quant: fp8,", "quant: fp9,"),
-     r"variants\.fp8\.quant: Input should be 'fp8', 'fp8_pc_pt', 'nvfp4', 'int4_awq', 'int4_gptq', 'w4a8_awq', 'int8_sq' or 'int8_wo'"),
+     r"variants\.fp8\.quant: Input should be 'fp8', 'fp8_pc_pt', 'nvfp4', 'int4_awq', 'int4_gptq', 'w4a8_awq', 'int8_sq', 'int8_wo' or 'auto'"),
     ("group-size-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, group_size: 128,"),
      r"variants\.fp8: group_size does not apply to fp8"),
     ("alpha-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, alpha: 0.5,"), r"variants\.fp8: alpha applies only to int8_sq"),
@@ -58,6 +58,37 @@ CASES = [
      r"variants\.fp8: gpus applies to backend modelopt: .*\(fix: remove gpus, or set backend: modelopt\)"),
     ("unknown-runtime", ("kv_cache: fp8,", "kv_cache: fp8, runtimes: [tgi],"),
      r"variants\.fp8\.runtimes\.0: Input should be 'trtllm', 'trtllm-pytorch', 'vllm' or 'sglang'"),
+    # quant auto (issue 27): a budget the formats cannot reach, a format a GPU cannot run, a runtime that cannot
+    # load the mix, and the auto block's own shape.
+    ("auto-below-floor", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
+                          "{quant: auto, auto: {formats: [fp8, int8_wo], effective_bits: 6}}"),
+     r"variants\.fp8\.auto: effective_bits 6 is below what fp8, int8_wo can reach \(8: every layer in fp8\); give at "
+     r"least 8, or add a smaller format"),
+    ("auto-above-16", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: auto, auto: {formats: [fp8], effective_bits: 16}}"),
+     r"variants\.fp8\.auto\.effective_bits: Input should be less than 16"),
+    ("auto-gpu", ("{quant: fp8, kv_cache: fp8,", "{quant: auto, auto: {formats: [nvfp4, fp8], effective_bits: 5},"),
+     r"variants\.fp8: sm90 cannot run nvfp4; .*\(fix: drop that GPU or drop it from auto\.formats\)"),
+    ("auto-vllm", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
+                   "{quant: auto, auto: {formats: [int4_awq, fp8], effective_bits: 5}, runtimes: [vllm]}"),
+     r"variants\.fp8: vllm does not load a mix of int4_awq and fp8 \(vLLM 0\.32\.0, .*\) \(fix: mix only formats among "
+     r"fp8 or fp8_pc_pt or nvfp4, or drop vllm from runtimes\)"),
+    ("auto-sglang", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
+                     "{quant: auto, auto: {formats: [nvfp4, fp8], effective_bits: 5}, runtimes: [sglang]}"),
+     r"variants\.fp8: sglang is not known to load a mix of nvfp4 and fp8 .*\(fix: choose one format, quant fp8 or nvfp4, "
+     r"or drop sglang from runtimes\)"),
+    ("auto-missing", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: auto}"),
+     r"variants\.fp8: quant auto needs `auto:` with formats and effective_bits"),
+    ("auto-on-a-format", ("kv_cache: fp8,", "kv_cache: fp8, auto: {formats: [fp8], effective_bits: 8},"),
+     r"variants\.fp8: auto applies to quant: auto; remove it from this fp8 variant"),
+    ("auto-group-size", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
+                         "{quant: auto, group_size: 128, auto: {formats: [int4_awq, fp8], effective_bits: 5}}"),
+     r"variants\.fp8: group_size does not apply to quant auto"),
+    ("auto-gptq", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: auto, auto: {formats: [int4_gptq, fp8], effective_bits: 6}}"),
+     r"variants\.fp8\.auto\.formats: int4_gptq calibrates with gptq, which ModelOpt's auto_quantize does not run "
+     r"\(fix: search among fp8, fp8_pc_pt, nvfp4, int4_awq, w4a8_awq, int8_sq, int8_wo\)"),
+    ("auto-score-samples", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
+                            "{quant: auto, auto: {formats: [fp8], effective_bits: 8, score_samples: 99}}"),
+     r"variants\.fp8\.auto\.score_samples \(99\) exceeds calibration\.samples \(8\)"),
 ]
 
 

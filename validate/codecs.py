@@ -115,6 +115,9 @@ class DecodedLinear:
 
 
 def _layer_tensors(prefix: str, tensors: dict[str, torch.Tensor], *names: str) -> Stored:
+    missing = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" not in tensors]
+    if missing:   # a checkpoint whose config names another format than its tensors are
+        raise ValueError(f"{prefix}: its format stores {', '.join(names)}; the checkpoint lacks {', '.join(missing)}")
     optional = ("input_scale", "pre_quant_scale")
     return {n: tensors[f"{prefix}.{n}"] for n in (*names, *optional) if n in names or f"{prefix}.{n}" in tensors}
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from kiln.quantize import family_of
+from kiln.quantize import MIXED_PRECISION, family_of
 from kiln.validate.checkpoint_tensors import CheckpointTensors, replace_module
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear, plain_linear
 from kiln.validate.compressed import linear_decoder, read_compressed_config
@@ -195,16 +195,29 @@ def read_quant_config(hf_dir: Path) -> dict:
 def decoder_for(hf_dir: Path, quant: dict, compressed: dict | None, tensors: CheckpointTensors
                 ) -> Callable[[str, nn.Module | None], DecodedLinear]:
     """How each linear layer's stored tensors decode: by compressed-tensors' config groups, by the codec of
-    the exported quant_algo (a layer with scales), or as its 16-bit weight as stored."""
+    the exported quant_algo (a layer with scales; a MIXED_PRECISION checkpoint names each layer's in
+    `quantized_layers`), or as its 16-bit weight as stored."""
     algo = quant.get("quant_algo")
-    if algo is not None and algo not in WEIGHT_CODECS:
-        raise NotImplementedError(f"{hf_dir}: quant_algo {algo} has no decoder in kiln's reference runtime")
+    per_layer = quant.get("quantized_layers") or {} if algo == MIXED_PRECISION else None
+    used = {cfg.get("quant_algo") for cfg in per_layer.values()} if per_layer is not None else {algo} - {None}
+    unknown = sorted(str(a) for a in used if a not in WEIGHT_CODECS)
+    if unknown:
+        raise NotImplementedError(f"{hf_dir}: quant_algo {', '.join(unknown)} has no decoder in kiln's reference runtime")
     compressed_linear = linear_decoder(compressed, tensors.tensors) if compressed else None
+
+    def layer_codec(name: str) -> tuple[str, int | None]:
+        if per_layer is None:
+            return algo, quant.get("group_size")
+        if name not in per_layer:
+            raise ValueError(f"{hf_dir}: {name} stores scales but hf_quant_config.json's quantized_layers has no "
+                             "entry for it, so its format is unknown")
+        return per_layer[name]["quant_algo"], per_layer[name].get("group_size")
 
     def decode(name: str, module: nn.Module | None = None) -> DecodedLinear:
         decoded = compressed_linear(name, module) if compressed_linear and module is not None else None
         if decoded is None and f"{name}.weight_scale" in tensors:
-            decoded = WEIGHT_CODECS[algo](name, tensors.tensors, quant.get("group_size"))
+            layer_algo, group_size = layer_codec(name)
+            decoded = WEIGHT_CODECS[layer_algo](name, tensors.tensors, group_size)
         return decoded if decoded is not None else plain_linear(tensors[f"{name}.weight"])
 
     return decode
