@@ -6,7 +6,7 @@ The runner calls these at publish time; the registry stores them (kiln.registry.
 from __future__ import annotations
 
 from kiln import quantize, registry
-from kiln.pipeline.figures import SizePoint, accuracy_size_png, figure_digest
+from kiln.pipeline.figures import SizePoint, accuracy_size_png, candidate_points, figure_digest
 from kiln.pipeline.results import VariantResult
 
 
@@ -40,7 +40,9 @@ def size_points(loaded, results: list[VariantResult]) -> list[SizePoint]:
             bits_per_weight=result.size.bits_per_weight if result.size else None,
             mean_kl=result.metrics.mean_kl if result.metrics else None,
             passed=bool(result.gate and result.gate.passed), max_kl=gates.max_kl))
+        points += candidate_points(result.variant, [c.summary() for c in result.candidates])
     return points
+
 
 
 def figure_title(loaded) -> str:

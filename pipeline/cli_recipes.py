@@ -132,7 +132,7 @@ def build(
     """
     from kiln.common.progress import ProgressReporter
     from kiln.pipeline.report import (
-        build_document, build_table, engines_table, runtime_checks_table, stdout_console, tasks_table,
+        build_document, build_table, candidates_table, engines_table, runtime_checks_table, stdout_console, tasks_table,
     )
     from kiln.pipeline.runner import run_plan
 
@@ -145,6 +145,8 @@ def build(
         emit_json(build_document(result))
     else:
         stdout_console.print(build_table(result))
+        if any(v.candidates for v in result.variants):
+            stdout_console.print(candidates_table(result))
         if any(v.tasks for v in result.variants):
             stdout_console.print(tasks_table(result))
         if any(v.engines for v in result.variants):

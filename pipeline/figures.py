@@ -28,11 +28,30 @@ class SizePoint:
     mean_kl: float | None
     passed: bool
     max_kl: float | None             # its KL gate, if it has one
+    candidate: bool = False          # a size search's candidate the variant did not publish (quant auto)
 
 
 def figure_digest(title: str, points: list[SizePoint]) -> str:
     """Names the figure's content: a run shows a new figure only when this changes."""
-    return canonical_digest({"title": title, "points": [asdict(p) for p in points], "kind": "accuracy-vs-size/1"})
+    drawn = [{k: v for k, v in asdict(p).items() if k != "candidate" or v} for p in points]   # digests predate it
+    return canonical_digest({"title": title, "points": drawn, "kind": "accuracy-vs-size/1"})
+
+
+def candidate_points(variant: str, candidates: list[dict]) -> list[SizePoint]:
+    """A size search's candidates that failed their gates (the one published is the variant's own point)."""
+    return [SizePoint(f"{variant}@{c['effective_bits']:g}b", "search candidate", c["bits_per_weight"], c["mean_kl"],
+                      False, None, candidate=True) for c in candidates if not c["passed"]]
+
+
+def frontier(points: list[SizePoint]) -> list[SizePoint]:
+    """The published points no other beats on both size and KL, smallest first: the best accuracy each size buys."""
+    placed = sorted((p for p in points if p.passed and not p.candidate and p.bits_per_weight is not None
+                     and p.mean_kl is not None), key=lambda p: (p.bits_per_weight, p.mean_kl))
+    best: list[SizePoint] = []
+    for point in placed:
+        if not best or point.mean_kl < best[-1].mean_kl:
+            best.append(point)
+    return best
 
 
 def _plain(text: str) -> str:
@@ -60,14 +79,16 @@ def accuracy_size_png(title: str, points: list[SizePoint]) -> bytes:
 def accuracy_size_figure(title: str, points: list[SizePoint]):
     """(figure, axes, {variant: the colour its marker is drawn in}).
     x: bits per weight of the decoder's linear layers; y: mean KL against the 16-bit model (log).
-    Each KL gate is a dashed line; a variant that failed its gates is a red cross; the unquantized model
-    sits at 16 bits on the bottom edge (its KL is 0, which a log axis cannot show). Variants are named
-    in the legend, in order of size, so that formats of equal size stay readable."""
+    Each KL gate is a dashed line; a variant that failed its gates is a red cross, a size search's candidate
+    that failed a small hollow one; the frontier joins the variants no other beats on both size and KL; the
+    unquantized model sits at 16 bits on the bottom edge (its KL is 0, which a log axis cannot show). Variants
+    are named in the legend, in order of size, so that formats of equal size stay readable."""
     figure = _figure(9.0, 4.6)
     axes = figure.add_subplot()
-    placed = sorted((p for p in points if p.bits_per_weight is not None and p.mean_kl is not None),
-                    key=lambda p: (p.bits_per_weight, p.mean_kl))
-    kls = [max(p.mean_kl, 1e-9) for p in placed] + [p.max_kl for p in points if p.max_kl]
+    everything = sorted((p for p in points if p.bits_per_weight is not None and p.mean_kl is not None),
+                        key=lambda p: (p.bits_per_weight, p.mean_kl))
+    placed = [p for p in everything if not p.candidate]
+    kls = [max(p.mean_kl, 1e-9) for p in everything] + [p.max_kl for p in points if p.max_kl]
     low, high = (min(kls) / 8, max(kls) * 4) if kls else (1e-5, 1e-1)
     colours = {}
     for index, point in enumerate(placed):
@@ -81,6 +102,14 @@ def accuracy_size_figure(title: str, points: list[SizePoint]):
             axes.scatter([point.bits_per_weight], [max(point.mean_kl, low)], s=110, zorder=4, marker="X",
                          color=_FAIL, edgecolors="white", linewidths=0.6,
                          label=f"{name}: {point.bits_per_weight:.2f} bits, FAILED its gates")
+    for point in (p for p in everything if p.candidate):
+        axes.scatter([point.bits_per_weight], [max(point.mean_kl, low)], s=45, zorder=3, marker="X",
+                     facecolors="none", edgecolors=_FAIL, linewidths=1.0,
+                     label=_plain(f"{point.variant}: {point.bits_per_weight:.2f} bits, a search candidate that failed"))
+    best = frontier(points)
+    if len(best) > 1:
+        axes.plot([p.bits_per_weight for p in best], [max(p.mean_kl, low) for p in best], color="#9e9e9e",
+                  linewidth=1, zorder=2, label="frontier: the least KL each size bought")
     for gate in sorted({p.max_kl for p in points if p.max_kl}):
         owners = _plain(", ".join(p.variant for p in points if p.max_kl == gate))
         axes.axhline(gate, color="#757575", linestyle="--", linewidth=1, zorder=1)
@@ -96,7 +125,7 @@ def accuracy_size_figure(title: str, points: list[SizePoint]):
     axes.set_ylabel("mean KL vs the 16-bit model (nats, log)")
     axes.set_title(_plain(title), fontsize=10, loc="left")
     axes.grid(True, which="major", alpha=0.3)
-    unplaced = [p.variant for p in points if p not in placed]
+    unplaced = [p.variant for p in points if p not in everything]
     if unplaced:
         axes.plot([], [], " ", label=_plain(f"not shown (size or KL unknown): {', '.join(unplaced)}"))
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False, borderaxespad=0)

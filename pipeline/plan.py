@@ -24,6 +24,7 @@ from kiln import quantize, validate
 from kiln.pipeline.tasks import task_key, task_problems
 from kiln.pipeline.cache import StageCache, stage_key
 from kiln.pipeline.data import ResolvedData, resolve_data
+from kiln.common.digest import canonical_digest
 from kiln.common.errors import RecipeErrors, UserInputError
 from kiln.common.versions import tool_versions
 from kiln.pipeline.fetch import FetchedModel, hub_digest, local_model
@@ -78,6 +79,13 @@ class Plan:
         target = Target(target) if isinstance(target, str) else target
         return next(i for i in self.instances if i.stage == stage and i.target == target)
 
+    def candidates(self, variant: str) -> list[tuple[StageInstance, StageInstance]]:
+        """(quantize, validate) of each checkpoint the variant may publish: one, or a size search's candidates,
+        smallest budget first."""
+        found = [i for i in self.instances if i.stage == "quantize" and i.target.variant == variant]
+        found.sort(key=lambda i: i.target.bits or 0.0)
+        return [(q, self.instance("validate", q.target)) for q in found]
+
     def registered_name(self, variant: str) -> str:
         return f"{self.loaded.recipe.name}-{variant}"
 
@@ -113,7 +121,8 @@ def compile_request(loaded: LoadedRecipe, sm: str) -> compile_stage.CompileReque
     )
 
 
-def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.QuantizeRequest:
+def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None = None) -> quantize.QuantizeRequest:
+    """What quantize is asked for; `bits`: the candidate budget of a quant-auto variant's size search."""
     model = loaded.recipe.model
     return quantize.QuantizeRequest(
         quant=variant.quant,
@@ -128,17 +137,17 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant) -> quantize.Quantiz
         max_shard_size=loaded.recipe.build.max_shard_size,
         calibration_batch_size=loaded.recipe.calibration.batch_size,
         backend=variant.backend,
-        auto=auto_request(loaded, variant),
+        auto=auto_request(loaded, variant, bits),
     )
 
 
-def auto_request(loaded: LoadedRecipe, variant: Variant) -> quantize.AutoRequest | None:
+def auto_request(loaded: LoadedRecipe, variant: Variant, bits: float | None) -> quantize.AutoRequest | None:
     auto = variant.auto
     if auto is None:
         return None
     calibration = loaded.recipe.calibration.samples
-    return quantize.AutoRequest(formats=auto.formats, effective_bits=auto.effective_bits, method=auto.method.modelopt,
-                                score_samples=auto.score_samples or min(16, calibration))
+    return quantize.AutoRequest(formats=auto.formats, effective_bits=bits if bits is not None else auto.candidates[0],
+                                method=auto.method.modelopt, score_samples=auto.score_samples or min(16, calibration))
 
 
 def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
@@ -235,21 +244,51 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
     checked_runtimes = installed_checks()
     tasks = task_key(loaded, plan.evaluation.digest)   # None without evaluation.tasks: keys stay as they were
     for name, variant in recipe.variants.items():
-        q, v, p = checkpoint_instances(plan, cache, name, variant, fetch_key, tasks)
-        plan.instances += [q, v, p]
+        candidates, p, checkpoint_key = checkpoint_instances(plan, cache, name, variant, fetch_key, tasks)
+        plan.instances += [i for pair in candidates for i in pair] + [p]
         for sm in variant.sms:
-            plan.instances += gpu_instances(plan, cache, name, sm, q.key, p)
-        plan.instances += runtime_check_instances(plan, cache, name, variant, q.key, p, checked_runtimes)
+            plan.instances += gpu_instances(plan, cache, name, sm, checkpoint_key, p)
+        plan.instances += runtime_check_instances(plan, cache, name, variant, checkpoint_key, p, checked_runtimes)
     return plan
 
 
+Candidate = tuple[StageInstance, StageInstance]   # (quantize, validate) of one checkpoint a variant may publish
+
+
 def checkpoint_instances(plan: Plan, cache: StageCache, name: str, variant: Variant, fetch_key: str,
-                         tasks: dict | None) -> tuple[StageInstance, StageInstance, StageInstance]:
-    """quantize -> validate -> publish for one variant, each with its key and whether it is cached."""
+                         tasks: dict | None) -> tuple[list[Candidate], StageInstance, str]:
+    """quantize -> validate of each checkpoint the variant may publish (one; or a size search's candidates, smallest
+    first), then publish; and the key of the checkpoint published, which the GPU and runtime stages build from.
+
+    A search publishes the first candidate that passes the gates: which one follows from the candidates' keys and
+    the gates, so the selection's key is their digest, known before anything runs."""
+    loaded = plan.loaded
+    budgets = variant.auto.candidates if variant.auto is not None and variant.auto.searches else (None,)
+    candidates = [_candidate_instances(plan, cache, name, variant, fetch_key, tasks, bits) for bits in budgets]
+    if len(candidates) == 1:
+        (q, v), = candidates
+        checkpoint_key, inputs = q.key, {"checkpoint": q.key, "report": v.key}
+    else:
+        checkpoint_key = canonical_digest({"candidates": [[q.key, v.key] for q, v in candidates],
+                                           "gates": variant.gates.model_dump(mode="json")})
+        inputs = {"selection": checkpoint_key}
+    p_key, p_material = stage_key(
+        "publish", PUBLISH_VERSION,
+        {"registry": registry_identity(plan.registry_uri), "name": plan.registered_name(name),
+         "recipe_digest": loaded.digest},
+        inputs, tool_versions(()),
+    )
+    p = StageInstance("publish", Target(name), p_key, p_material, depends_on=tuple(v.key for _, v in candidates))
+    p.status = _publish_status(cache, candidates, p, variant)
+    return candidates, p, checkpoint_key
+
+
+def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Variant, fetch_key: str,
+                         tasks: dict | None, bits: float | None) -> Candidate:
     loaded, source = plan.loaded, plan.loaded.recipe.model
     q_key, q_material = stage_key(
         "quantize", quantize.STAGE_VERSION,
-        {"request": _jsonable(quantize_request(loaded, variant)), "calibration": plan.calibration.key_config()},
+        {"request": _jsonable(quantize_request(loaded, variant, bits)), "calibration": plan.calibration.key_config()},
         {"model": plan.model_digest}, _quantize_tools(variant.backend),
     )
     v_key, v_material = stage_key(
@@ -259,19 +298,12 @@ def checkpoint_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
         {"checkpoint": q_key, "model": plan.model_digest},
         tool_versions(validate.TOOLS + (validate.TASK_TOOLS if tasks else ())),
     )
-    p_key, p_material = stage_key(
-        "publish", PUBLISH_VERSION,
-        {"registry": registry_identity(plan.registry_uri), "name": plan.registered_name(name),
-         "recipe_digest": loaded.digest},
-        {"checkpoint": q_key, "report": v_key}, tool_versions(()),
-    )
-    q = StageInstance("quantize", Target(name), q_key, q_material, Status.of_cache(cache.intact("quantize", q_key)),
+    target = Target(name, bits=bits)
+    q = StageInstance("quantize", target, q_key, q_material, Status.of_cache(cache.intact("quantize", q_key)),
                       depends_on=(fetch_key,))
-    v = StageInstance("validate", Target(name), v_key, v_material, Status.of_cache(cache.intact("validate", v_key)),
+    v = StageInstance("validate", target, v_key, v_material, Status.of_cache(cache.intact("validate", v_key)),
                       depends_on=(q_key,))
-    p = StageInstance("publish", Target(name), p_key, p_material, depends_on=(v_key,))
-    p.status = _publish_status(cache, v, p, variant)
-    return q, v, p
+    return q, v
 
 
 def _selected_sm(loaded: LoadedRecipe, gpu: str | None) -> str | None:
@@ -333,14 +365,24 @@ def _gpu_skip_reason(plan: Plan, sm: str, request, publish_instance: StageInstan
     return Status.skip(problem) if problem else None
 
 
-def _publish_status(cache: StageCache, validate_instance: StageInstance, publish_instance: StageInstance,
+def _publish_status(cache: StageCache, candidates: list[Candidate], publish_instance: StageInstance,
                     variant: Variant) -> Status:
-    if validate_instance.status.cached:
-        entry = cache.entry_dir("validate", validate_instance.key)
+    """Publish is skipped when every candidate's cached report fails the gates; a search's candidates above
+    the first cached pass are skipped too (they need not run)."""
+    failures = []
+    for index, (q, v) in enumerate(candidates):
+        if not v.status.cached:
+            return Status.of_cache(cache.intact("publish", publish_instance.key))
+        entry = cache.entry_dir("validate", v.key)
         gate = variant.gates.evaluate(validate.load_metrics(entry), tasks=validate.load_task_drops(entry))
-        if not gate.passed:
-            return Status.skip(f"gate failed ({'; '.join(gate.failures)})")
-    return Status.of_cache(cache.intact("publish", publish_instance.key))
+        if gate.passed:
+            passed = Status.skip(f"{q.target} passed the gates")
+            for later in candidates[index + 1:]:
+                for instance in later:
+                    instance.status = instance.status if instance.status.cached else passed
+            return Status.of_cache(cache.intact("publish", publish_instance.key))
+        failures.append(("" if len(candidates) == 1 else f"{q.target}: ") + "; ".join(gate.failures))
+    return Status.skip(f"gate failed ({' | '.join(failures)})")
 
 
 def _probe_hub_cache(source) -> tuple[Path | None, bool]:

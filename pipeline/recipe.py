@@ -7,18 +7,14 @@ Loading YAML and turning validation errors into one line per problem lives in
 from __future__ import annotations
 
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel, ConfigDict, Field, NonNegativeInt, PlainSerializer, PlainValidator, PositiveInt, field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
-from kiln.quantize.formats import AUTO, AUTO_QUANTIZE_ALGORITHMS, FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
+from kiln.pipeline.recipe_quant import AUTO, AutoMethod, AutoPrecision, FormatName, QuantName, Strict
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device
 from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem
 from kiln.validate import BUILTIN_TASKS, GateResult, Metrics, TaskDrop, evaluate_gates
@@ -28,34 +24,6 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 HF_SCHEME = "hf://"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
-
-
-def _format_in_table(value, extra: tuple[str, ...] = ()) -> QuantFormat | str:
-    """A format read from the formats table when a recipe is validated, so formats registered after this
-    module was imported (quantize.register_format) are recipes' formats too; or one of `extra`."""
-    if isinstance(value, QuantFormat) or value in extra:
-        return value
-    try:
-        return QuantFormat(value)
-    except (ValueError, TypeError):
-        names = [f"'{name}'" for name in [quant.value for quant in QuantFormat] + list(extra)]
-        raise PydanticCustomError("enum", "Input should be {expected}",
-                                  {"expected": ", ".join(names[:-1]) + " or " + names[-1]}) from None
-
-
-def _serialize_quant(quant: QuantFormat | str) -> str:
-    return getattr(quant, "value", quant)
-
-
-FormatName = Annotated[QuantFormat, PlainValidator(_format_in_table),
-                       PlainSerializer(_serialize_quant, return_type=str, when_used="json")]
-# A variant's `quant`: a format, or "auto" (ModelOpt's per-layer search under the variant's `auto:` budget).
-QuantName = Annotated[QuantFormat | str, PlainValidator(lambda value: _format_in_table(value, (AUTO,))),
-                      PlainSerializer(_serialize_quant, return_type=str, when_used="json")]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSource(Strict):
@@ -170,53 +138,6 @@ class Gates(Strict):
     def evaluate(self, metrics: Metrics, tasks: dict[str, TaskDrop] | None = None) -> GateResult:
         """These gates over measured metrics; `tasks` where the checkpoint's tasks were scored (not an engine)."""
         return evaluate_gates(metrics, **self.model_dump(), tasks=tasks)
-
-
-class AutoMethod(str, Enum):
-    """How auto precision scores a layer's sensitivity to each format (ModelOpt auto_quantize's `method`)."""
-
-    kl = "kl"              # KL divergence of the quantized model's outputs from the 16-bit model's: forward only
-    gradient = "gradient"  # ModelOpt's gradient-based estimate of the loss change: backward passes, more memory
-
-    @property
-    def modelopt(self) -> str:
-        return {"kl": "kl_div", "gradient": "gradient"}[self.value]
-
-
-class AutoPrecision(Strict):
-    """`auto:` of a `quant: auto` variant: the formats each layer may take and the size budget of the mix."""
-
-    formats: tuple[FormatName, ...] = Field(min_length=1, description="formats a layer may take (a layer may "
-                                            "also stay 16-bit), e.g. [nvfp4, fp8]")
-    effective_bits: float = Field(gt=0, lt=16, description="bits per decoder weight the mix may spend, scales "
-                                  "included, as kiln measures checkpoints (lm_head and embeddings stay 16-bit)")
-    method: AutoMethod = Field(default=AutoMethod.kl, description="kl (forward passes only) or gradient")
-    score_samples: PositiveInt | None = Field(default=None, description="calibration windows that score the layers "
-                                              "(the first N; default min(16, calibration.samples))")
-
-    @field_validator("formats")
-    @classmethod
-    def _distinct(cls, formats: tuple[QuantFormat, ...]) -> tuple[QuantFormat, ...]:
-        repeated = sorted({q.value for q in formats if formats.count(q) > 1})
-        if repeated:
-            raise ValueError(f"format(s) {', '.join(repeated)} listed twice; give each format once")
-        for quant in formats:
-            algorithm = FORMATS[quant].algorithm
-            if algorithm not in AUTO_QUANTIZE_ALGORITHMS:
-                searchable = ", ".join(q.value for q in QuantFormat if FORMATS[q].algorithm in AUTO_QUANTIZE_ALGORITHMS)
-                raise ValueError(f"{quant.value} calibrates with {algorithm}, which ModelOpt's auto_quantize does not "
-                                 f"run (fix: search among {searchable})")
-        return formats
-
-    @model_validator(mode="after")
-    def _reachable(self) -> "AutoPrecision":
-        cheapest = min(self.formats, key=lambda q: FORMATS[q].weight_bits)
-        floor = FORMATS[cheapest].weight_bits
-        if self.effective_bits < floor:
-            listed = ", ".join(q.value for q in self.formats)
-            raise ValueError(f"effective_bits {self.effective_bits:g} is below what {listed} can reach ({floor:g}: "
-                             f"every layer in {cheapest.value}); give at least {floor:g}, or add a smaller format")
-        return self
 
 
 class Variant(Strict):

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from kiln.pipeline.plan import Plan
 from kiln.pipeline.results import BuildResult, format_label
-from kiln.pipeline.stages import Target
 
 # Wide enough for the summary when stdout is a file or a CI log, not a terminal.
 stdout_console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -56,7 +55,8 @@ def build_table(result: BuildResult) -> Table:
     table.caption_justify = "left"
     for v in result.variants:
         m = v.metrics
-        ran = [i.stage for i in result.ran if i.target == Target(v.variant)]
+        ran = [i.stage + (f"@{i.target.bits:g}b" if i.target.bits is not None else "") for i in result.ran
+               if i.target.variant == v.variant and i.target.sm is None and i.target.runtime is None]
         table.add_row(
             v.variant,
             v.format,
@@ -110,6 +110,22 @@ def tasks_table(result: BuildResult) -> Table:
             bound = f" (max {bounds[name]:g})" if name in bounds else ""
             table.add_row(v.variant, name, drop.metric, f"{drop.value * 100:.1f}", f"{drop.baseline * 100:.1f}",
                           f"{drop.drop_points:+.2f} ± {drop.drop_stderr_points:.2f}", str(drop.n), verdict + bound)
+    return table
+
+
+def candidates_table(result: BuildResult) -> Table:
+    """A quant-auto size search: one row per candidate built, smallest budget first, and how far each that failed
+    was from its gates; the first that passed is the one published."""
+    table = Table(title="size search (quant auto): candidates built, smallest budget first", title_justify="left")
+    for column, justify in (("variant", "left"), ("effective_bits", "right"), ("measured bits", "right"),
+                            ("ppl change %", "right"), ("KL", "right"), ("top-1 agree", "right"), ("gate", "left")):
+        table.add_column(column, justify=justify)
+    for v in result.variants:
+        for c in v.candidates:
+            m = c.metrics
+            verdict = "pass: published" if c.gate.passed and v.published else c.gate.summary()
+            table.add_row(v.variant, f"{c.bits:g}", _fmt(c.size.bits_per_weight, ".3f"), _fmt(m.ppl_increase_pct, "+.3f"),
+                          _fmt(m.mean_kl, ".5f"), _fmt(m.top1_agreement, ".4f"), verdict)
     return table
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.figures import SizePoint, accuracy_size_png, kl_history_png
+from kiln.pipeline.figures import SizePoint, accuracy_size_png, candidate_points, kl_history_png
 from kiln.pipeline.results import format_label
 from kiln.registry import tags as t
 
@@ -104,6 +104,7 @@ def size_points(recipe, newest: dict[str, Version]) -> list[SizePoint]:
         metrics = version.metrics
         points.append(SizePoint(variant, version.format, metrics.get("bits_per_weight"), metrics.get("mean_kl"),
                                 version.passed, gates.max_kl if gates else None))
+        points += candidate_points(variant, t.search_candidates(version.tags))
     return points
 
 

@@ -45,6 +45,25 @@ def format_label(quant: str | None, kv_cache: str | None, backend: str | None = 
 
 
 @dataclass
+class CandidateResult:
+    """One budget of a quant-auto size search: what it measured and whether it passed the gates."""
+
+    bits: float
+    size: quantize.CheckpointSize
+    metrics: validate.Metrics
+    gate: validate.GateResult
+
+    def as_dict(self) -> dict:
+        return {"effective_bits": self.bits, "size": self.size.as_dict(), "metrics": self.metrics.as_dict(),
+                "gate": self.gate.as_dict()}
+
+    def summary(self) -> dict:
+        """What the published version records of it (registry tags), and the figure draws."""
+        return {"effective_bits": self.bits, "bits_per_weight": self.size.bits_per_weight,
+                "mean_kl": self.metrics.mean_kl, "passed": self.gate.passed}
+
+
+@dataclass
 class VariantResult:
     variant: str
     quant: str
@@ -58,10 +77,13 @@ class VariantResult:
     runtime_checks: list[TargetResult] = field(default_factory=list)
     size: quantize.CheckpointSize | None = None
     tasks: dict[str, validate.TaskDrop] | None = None   # evaluation.tasks' drops against the baseline
+    candidates: list[CandidateResult] = field(default_factory=list)   # a size search's, smallest first
 
     @property
     def format(self) -> str:
-        return format_label(self.quant, self.kv_cache, self.backend)
+        chosen = next((c for c in self.candidates if c.gate.passed), None)
+        quant = f"{self.quant} {chosen.bits:g}b" if chosen else self.quant   # the size search's published budget
+        return format_label(quant, self.kv_cache, self.backend)
 
     def as_dict(self) -> dict:
         return {
@@ -78,6 +100,7 @@ class VariantResult:
             "trtllm_corrections": self.trtllm_corrections,
             "engines": [e.as_dict() for e in self.engines],
             "runtime_checks": [c.as_dict() for c in self.runtime_checks],
+            **({"candidates": [c.as_dict() for c in self.candidates]} if self.candidates else {}),
         }
 
 

@@ -26,7 +26,7 @@ from kiln.pipeline.build_context import BuildContext
 from kiln.pipeline.build_records import log_figures, size_metrics, variant_records
 from kiln.pipeline.cache import StageCache
 from kiln.pipeline.plan import SIZE_RECORD, Plan, quantize_request
-from kiln.pipeline.results import BuildResult, VariantResult
+from kiln.pipeline.results import BuildResult, CandidateResult, VariantResult
 from kiln.pipeline.runner_targets import TargetStages
 from kiln.pipeline.stages import PUBLISHED_RECORD, StageInstance
 from kiln.pipeline.tasks import task_key, task_requests
@@ -42,10 +42,10 @@ class CheckpointStages:
         self._task_requests: list | None = None
 
     # -- stages --
-    def quantize(self, name: str, instance: StageInstance) -> Path:
+    def quantize(self, name: str, instance: StageInstance, validate_instance: StageInstance) -> Path:
         context = self.context
         on_loaded = None
-        if self.plan.instance("validate", name).status.will_run:
+        if validate_instance.status.will_run:
             # The baseline's hidden states from this very load, before calibration: one read of the weights for both.
             def compute_baseline(model):
                 context.baseline().compute_from(model, context.samples("evaluation"), self.progress)
@@ -53,7 +53,8 @@ class CheckpointStages:
             on_loaded = compute_baseline
 
         def build(out: Path) -> None:
-            quantize.run(quantize_request(self.loaded, self.loaded.recipe.variants[name]), context.model_dir(),
+            request = quantize_request(self.loaded, self.loaded.recipe.variants[name], instance.target.bits)
+            quantize.run(request, context.model_dir(),
                          context.samples("calibration"), out, self.progress, context.placement(), on_loaded)
 
         return context.get_or_build(instance, build)
@@ -78,6 +79,29 @@ class CheckpointStages:
 
         entry = context.get_or_build(instance, build)
         return validate.load_metrics(entry), validate.load_task_drops(entry)
+
+    def checkpoint_to_publish(self, name: str, variant, result: VariantResult) -> tuple[Path, StageInstance]:
+        """Quantize and validate the variant's checkpoint; a size search's candidates from the smallest budget up,
+        stopping at the first that passes the gates (`result` holds its numbers, and every candidate's).
+        Where none passes, the largest is what --publish-failed would publish."""
+        candidates = self.plan.candidates(name)
+        for q, v in candidates:
+            checkpoint = self.quantize(name, q, v)
+            result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
+            result.metrics, result.tasks = self.validate(name, v, checkpoint)
+            result.gate = variant.gates.evaluate(result.metrics, tasks=result.tasks)
+            result.size = self.size(checkpoint)
+            if q.target.bits is None:
+                break
+            result.candidates.append(CandidateResult(q.target.bits, result.size, result.metrics, result.gate))
+            if result.gate.passed:
+                self.progress.log(f"{q.target}: passed the gates at {result.size.bits_per_weight} bits per weight; "
+                                  "it is the one published")
+                break
+            last = (q, v) == candidates[-1]
+            self.progress.log(f"{q.target}: gate failed ({'; '.join(result.gate.failures)})"
+                              + ("" if last else "; trying the next budget"))
+        return checkpoint, v
 
     def task_baseline(self) -> dict:
         """The unquantized model's task scores: computed once per model and task list, then cached."""
@@ -110,7 +134,7 @@ class CheckpointStages:
         return scores
 
     def publish(self, name: str, instance: StageInstance, checkpoint: Path, report: Path, metrics,
-                gate: validate.GateResult) -> registry.PublishedVersion:
+                gate: validate.GateResult, candidates: list[CandidateResult] = ()) -> registry.PublishedVersion:
         home = self.plan.home
         aliases = self.loaded.recipe.publish.aliases if gate.passed else ()
         entry = self.cache.lookup("publish", instance.key)
@@ -118,14 +142,14 @@ class CheckpointStages:
             recorded = json.loads((entry / PUBLISHED_RECORD).read_text())
             found = self._confirmed(recorded, instance.key, aliases, backfill=lambda version: registry.ensure_records(
                 home, version, self._records(name, checkpoint, metrics),
-                self._tags(name, instance, checkpoint, metrics, gate)))
+                self._tags(name, instance, checkpoint, metrics, gate, candidates)))
             if found is not None and self._check_stored_version(name, found, checkpoint, report):
                 return found
             if found is None:
                 self.progress.log(f"warning: {recorded['name']}/{recorded['version']} is gone from the registry; "
                                   "publishing again")
             shutil.rmtree(entry, ignore_errors=True)
-        tags = self._tags(name, instance, checkpoint, metrics, gate)
+        tags = self._tags(name, instance, checkpoint, metrics, gate, candidates)
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
             files = self._artifact_files(name, checkpoint, report, Path(scratch))
             published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress,
@@ -160,10 +184,10 @@ class CheckpointStages:
         backfill(found)
         return found
 
-    def size(self, name: str, checkpoint: Path) -> quantize.CheckpointSize:
+    def size(self, checkpoint: Path) -> quantize.CheckpointSize:
         """The checkpoint's bytes and bits per weight, measured once per checkpoint (it reads the source
         model's headers, which a cached rebuild should not need again)."""
-        key = self.plan.instance("quantize", name).key
+        key = checkpoint.name   # the quantize entry's folder is its key
 
         def build(out: Path) -> None:
             size = quantize.checkpoint_size(checkpoint / quantize.HF_DIR, self.context.model_dir())
@@ -174,7 +198,7 @@ class CheckpointStages:
 
     def _records(self, name: str, checkpoint: Path, metrics: dict) -> registry.RunRecords:
         record = quantize.CheckpointRecord.load(checkpoint)
-        return variant_records(self.loaded, name, record, metrics, self.size(name, checkpoint),
+        return variant_records(self.loaded, name, record, metrics, self.size(checkpoint),
                                {**record.tools, **tool_versions(())})
 
     def _check_stored_version(self, name: str, version: registry.PublishedVersion, checkpoint: Path,
@@ -224,7 +248,7 @@ class CheckpointStages:
         return path
 
     def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: dict,
-              gate: validate.GateResult) -> dict[str, str]:
+              gate: validate.GateResult, candidates: list[CandidateResult] = ()) -> dict[str, str]:
         record = quantize.CheckpointRecord.load(checkpoint)
         model = self.loaded.recipe.model
         return version_tags.checkpoint_tags(
@@ -234,9 +258,10 @@ class CheckpointStages:
             backend=record.backend,
             algorithm=record.algorithm, export_quant_algo=record.export_quant_algo or "",
             group_size=str(record.group_size or ""),
-            metrics={**metrics, **size_metrics(self.size(name, checkpoint))},
+            metrics={**metrics, **size_metrics(self.size(checkpoint))},
             tools={**record.tools, **tool_versions(())}, passed=gate.passed, failures=gate.failures,
-            auto=version_tags.auto_tags(record.auto, record.layer_formats) if record.auto else None, runtimes={
+            auto=version_tags.auto_tags(record.auto, record.layer_formats, [c.summary() for c in candidates])
+            if record.auto else None, runtimes={
                 runtime.value: cell.describe() for runtime, cell in quantize.runtime_cells(
                     record.quant_formats, quantize.KVCacheFormat(record.kv_cache),
                     quantize.Backend(record.backend)).items()})
@@ -246,22 +271,17 @@ class CheckpointStages:
         if any(i.status.will_run for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
             self.context.model_dir()  # fetch (and refuse) before any stage starts writing
         for name, variant in plan.loaded.recipe.variants.items():
-            if plan.instance("quantize", name).status.will_run:
+            if any(q.status.will_run for q, _ in plan.candidates(name)):
                 quantize.require_backend(variant.backend)   # a missing tool stops the build before any calibration
         results = []
         for name, variant in plan.loaded.recipe.variants.items():
             result = VariantResult(name, variant.quant_label, variant.kv_cache.value, variant.backend.value)
-            checkpoint = self.quantize(name, plan.instance("quantize", name))
-            result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
-            v_instance = plan.instance("validate", name)
-            result.metrics, result.tasks = self.validate(name, v_instance, checkpoint)
-            result.gate = variant.gates.evaluate(result.metrics, tasks=result.tasks)
-            result.size = self.size(name, checkpoint)
+            checkpoint, v_instance = self.checkpoint_to_publish(name, variant, result)
             if result.gate.passed or self.context.publish_failed:
                 report = cache.entry_dir("validate", v_instance.key)
                 published_metrics = {**result.metrics.as_dict(), **validate.task_metrics(result.tasks)}
                 result.published = self.publish(name, plan.instance("publish", name), checkpoint, report, published_metrics,
-                                                  result.gate)
+                                                  result.gate, result.candidates)
             for sm, c, e, p in plan.sm_instances(name):
                 result.engines.append(self.targets.build_sm(name, variant, sm, (c, e, p), checkpoint, result.published))
             for _, check, publish in plan.runtime_check_instances(name):

@@ -22,14 +22,16 @@ def registry_identity(registry_uri: str) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """What a stage instance works on: the model (fetch), a variant, or a variant on one SM or runtime."""
+    """What a stage instance works on: the model (fetch), a variant, a variant on one SM or runtime, or one
+    candidate budget of a quant-auto variant's size search (`mix@5b`)."""
 
     variant: str
     sm: str | None = None
     runtime: str | None = None
+    bits: float | None = None
 
     def __str__(self) -> str:
-        place = self.sm or self.runtime
+        place = self.sm or self.runtime or (f"{self.bits:g}b" if self.bits is not None else None)
         return f"{self.variant}@{place}" if place else self.variant
 
 

@@ -45,7 +45,8 @@ class QuantizeRequest:
 
     @property
     def label(self) -> str:
-        return getattr(self.quant, "value", self.quant)
+        """What progress lines call it: fp8, or auto 5.5b."""
+        return f"auto {self.auto.effective_bits:g}b" if self.auto else getattr(self.quant, "value", self.quant)
 
 
 @dataclass(frozen=True)

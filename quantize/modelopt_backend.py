@@ -77,7 +77,7 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
                        **search}
     spec = FORMATS[request.quant] if auto is None else None
     record = CheckpointRecord(
-        quant=request.label,
+        quant=getattr(request.quant, "value", request.quant),
         kv_cache=request.kv_cache.value,
         algorithm=spec.algorithm if spec else f"auto_quantize:{auto.method}",
         group_size=(request.group_size or spec.default_group_size) if spec else None,

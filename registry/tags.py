@@ -7,6 +7,7 @@ are `kiln.sm.<sm>.<field>`; promotions are `kiln.promotion.<alias>.<field>`.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Mapping
 
@@ -38,6 +39,7 @@ RUN_RECORDS = "kiln.run_records"          # the run holds kiln's MLflow metrics 
 RUN_RECORDS_VERSION = "1"
 FIGURE = "kiln.figure"                    # digest of the data behind the accuracy-against-size figure on the run
 AUTO = "kiln.auto."                       # + field: quant auto's budget, measured size and chosen layer formats
+SEARCH_CANDIDATES = "candidates"          # AUTO + this: a size search's candidates, as JSON
 
 # An SM's own fields (sm_tag): what built it, its gate and metrics, its publish key and manifest.
 SM_TARGET, SM_TENSORRT, SM_TENSORRT_LLM, SM_GPU = "target", "tensorrt", "tensorrt_llm", "gpu"
@@ -176,13 +178,23 @@ def checkpoint_tags(*, publish_key: str, recipe: str, recipe_digest: str, varian
             **runtime_tags(runtimes or {}), **metric_tags(metrics), **tool_tags(tools), **gate_tags(passed, failures)}
 
 
-def auto_tags(auto: Mapping[str, object], layer_formats: Mapping[str, str]) -> dict[str, str]:
-    """Quant auto on a version: the requested and measured bits, how many layers took each format, and the
-    digest of the whole layer map (kiln.json in the artifact holds the map itself; a tag is too small)."""
+def auto_tags(auto: Mapping[str, object], layer_formats: Mapping[str, str],
+              candidates: list[dict] = ()) -> dict[str, str]:
+    """Quant auto on a version: the requested and measured bits, how many layers took each format, the digest of
+    the whole layer map (kiln.json in the artifact holds the map itself; a tag is too small), and a size search's
+    candidates ({effective_bits, bits_per_weight, mean_kl, passed}, smallest first) as compact JSON."""
     counts = Counter(layer_formats.values())
-    return {"effective_bits": str(auto["effective_bits"]), "measured_bits": str(auto["measured_bits"]),
+    tags = {"effective_bits": str(auto["effective_bits"]), "measured_bits": str(auto["measured_bits"]),
             "formats": " ".join(f"{fmt}:{n}" for fmt, n in sorted(counts.items())),
             "layers_sha256": canonical_digest(dict(layer_formats))}
+    if candidates:
+        tags[SEARCH_CANDIDATES] = json.dumps(list(candidates), separators=(",", ":"), sort_keys=True)
+    return tags
+
+
+def search_candidates(tags: Mapping[str, str]) -> list[dict]:
+    """The size search's candidates a version records (none for a version that did not search)."""
+    return json.loads(tags.get(AUTO + SEARCH_CANDIDATES, "[]"))
 
 
 def engine_tags(sm: str, *, target: str, tensorrt: str, tensorrt_llm: str, gpu: str,

@@ -93,6 +93,55 @@ def test_hf_and_trtllm_layer_maps_are_compared():
         "layer 0 mlp.down_proj: hf/ says ['NVFP4'], trtllm/ says ['FP8']"]
 
 
+def test_a_size_search_plans_one_candidate_per_budget(tmp_path, kiln_home, test_model):
+    """search: smallest-passing without budgets plans every half bit from NVFP4's 4.5 to FP8's 8, smallest first,
+    and one publish whose key follows the candidates and the gates; a single budget plans the variant itself."""
+    def plan(gates, auto):
+        variants = {"mix": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], **auto}, "gates": gates},
+                    "one": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": 5.0}}}
+        result = run_kiln("plan", write_recipe(tmp_path, str(test_model), variants, name="p"), "--json")
+        assert result.returncode == 0, result.stderr
+        return {(s["stage"], s["target"]): s["key"] for s in json.loads(result.stdout)["stages"]}
+
+    keys = plan({"max_kl": 0.01}, {"search": "smallest-passing"})
+    budgets = ["4.5", "5", "5.5", "6", "6.5", "7", "7.5", "8"]
+    assert [t for s, t in keys if s == "quantize" and t.startswith("mix")] == [f"mix@{b}b" for b in budgets]
+    assert [t for s, t in keys if s == "publish" and "@" not in t] == ["mix", "one"]
+    assert ("quantize", "one") in keys and ("validate", "one") in keys
+    stricter = plan({"max_kl": 0.001}, {"search": "smallest-passing"})
+    checkpoints = {"quantize", "validate"}
+    assert {k: v for k, v in keys.items() if k[0] in checkpoints} == \
+        {k: v for k, v in stricter.items() if k[0] in checkpoints}
+    # Other gates may publish another candidate: what is built from the published one is keyed anew.
+    assert keys[("publish", "mix")] != stricter[("publish", "mix")]
+    assert keys[("vllm-check", "mix@vllm")] != stricter[("vllm-check", "mix@vllm")]
+    listed = plan({"max_kl": 0.01}, {"effective_bits": [6.0, 5.0]})
+    assert [t for s, t in listed if s == "quantize" and t.startswith("mix")] == ["mix@5b", "mix@6b"]
+    assert listed[("quantize", "mix@5b")] == keys[("quantize", "mix@5b")] == listed[("quantize", "one")]
+
+
+def test_the_figure_draws_failed_candidates_and_the_frontier():
+    from dataclasses import asdict
+
+    from kiln.common.digest import canonical_digest
+    from kiln.pipeline.figures import SizePoint, accuracy_size_figure, candidate_points, figure_digest, frontier
+
+    variants = [SizePoint("nvfp4", "nvfp4", 4.5, 0.008, True, 0.01), SizePoint("mix", "auto 5.5b", 5.5, 0.0018, True, 0.01),
+                SizePoint("int8", "int8_sq", 8.2, 0.0009, True, None), SizePoint("fp8", "fp8", 8.0, 0.0007, True, None)]
+    searched = candidate_points("mix", [{"effective_bits": 4.5, "bits_per_weight": 4.5, "mean_kl": 0.012, "passed": False},
+                                        {"effective_bits": 5.5, "bits_per_weight": 5.5, "mean_kl": 0.0018, "passed": True}])
+    assert [(p.variant, p.candidate, p.passed) for p in searched] == [("mix@4.5b", True, False)]   # the published one is "mix"
+    assert [p.variant for p in frontier(variants + searched)] == ["nvfp4", "mix", "fp8"]   # int8 is beaten by fp8
+    _, axes, _ = accuracy_size_figure("t", variants + searched)
+    labels = axes.get_legend_handles_labels()[1]
+    assert "mix@4.5b: 4.50 bits, a search candidate that failed" in labels
+    assert "frontier: the least KL each size bought" in labels
+    # Figures without candidates keep the digests they had: a rebuild does not redraw them.
+    assert figure_digest("t", variants) == canonical_digest(
+        {"title": "t", "points": [{k: v for k, v in asdict(p).items() if k != "candidate"} for p in variants],
+         "kind": "accuracy-vs-size/1"})
+
+
 # ---- the search itself, on the trained test model ----
 
 @pytest.fixture(scope="module")
@@ -160,13 +209,22 @@ def test_reference_runtime_decodes_each_layer_as_exported(tmp_path, test_model, 
 
 
 @pytest.mark.slow
-def test_a_quant_auto_recipe_builds_publishes_and_pulls(tmp_path, kiln_home, test_model):
-    variants = {"mix": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": 6.0},
-                        "runtimes": ["trtllm", "vllm"],
-                        "gates": {"max_kl": 0.1, "min_top1_agreement": 0.8}}}
+def test_a_size_search_publishes_the_smallest_passing_candidate_and_pulls(tmp_path, kiln_home, test_model):
+    """Two budgets and a KL gate between them (all NVFP4 measures KL about 0.008 on the test model, the 6-bit
+    mix about 0.0015): the 4.5-bit candidate fails and is reported, the 6-bit one is published."""
+    variants = {"mix": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": [4.5, 6.0]},
+                        "runtimes": ["trtllm", "vllm"], "gates": {"max_kl": 0.004, "min_top1_agreement": 0.8}}}
     recipe = write_recipe(tmp_path, str(test_model), variants, name="auto", samples=8)
     result = run_kiln("build", recipe, "--json")
     assert result.returncode == 0, result.stderr
+    built = json.loads(result.stdout)["variants"][0]
+    smallest, published = built["candidates"]
+    assert smallest["effective_bits"] == 4.5 and not smallest["gate"]["passed"]
+    assert smallest["gate"]["failures"][0].startswith("max_kl: ")
+    assert 4.5 <= smallest["size"]["bits_per_weight"] <= 4.6
+    assert published["effective_bits"] == 6.0 and published["gate"]["passed"]
+    assert built["registry"]["version"] == "1" and built["metrics"] == published["metrics"]
+    assert "mix@4.5b: gate failed (max_kl: " in result.stderr
     out = tmp_path / "pulled"
     pulled = run_kiln("pull", "auto-mix/1", "--out", out)
     assert pulled.returncode == 0, pulled.stderr
@@ -185,6 +243,7 @@ def test_a_quant_auto_recipe_builds_publishes_and_pulls(tmp_path, kiln_home, tes
     # The version carries the budget, the measured size and the layer counts.
     from kiln.common.digest import canonical_digest
     from kiln.registry import client
+    from kiln.registry import tags as version_tags
 
     tags = client(kiln_home).get_model_version("auto-mix", "1").tags
     assert tags["kiln.quant"] == "auto" and tags["kiln.auto.effective_bits"] == "6.0"
@@ -193,6 +252,8 @@ def test_a_quant_auto_recipe_builds_publishes_and_pulls(tmp_path, kiln_home, tes
     counts = dict(part.split(":") for part in tags["kiln.auto.formats"].split())
     assert sum(map(int, counts.values())) == 4 * 7 and set(counts) == {"nvfp4", "fp8"}
     assert tags["kiln.runtime.vllm"].startswith("yes")
+    searched = [(c["effective_bits"], c["passed"]) for c in version_tags.search_candidates(tags)]
+    assert searched == [(4.5, False), (6.0, True)]
     # A rebuild recomputes nothing.
     again = run_kiln("build", recipe, "--json")
     assert again.returncode == 0, again.stderr

@@ -65,7 +65,7 @@ CASES = [
      r"variants\.fp8\.auto: effective_bits 6 is below what fp8, int8_wo can reach \(8: every layer in fp8\); give at "
      r"least 8, or add a smaller format"),
     ("auto-above-16", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: auto, auto: {formats: [fp8], effective_bits: 16}}"),
-     r"variants\.fp8\.auto\.effective_bits: Input should be less than 16"),
+     r"variants\.fp8\.auto\.effective_bits: 16 is not below 16 bits per weight \(the unquantized model\)"),
     ("auto-gpu", ("{quant: fp8, kv_cache: fp8,", "{quant: auto, auto: {formats: [nvfp4, fp8], effective_bits: 5},"),
      r"variants\.fp8: sm90 cannot run nvfp4; .*\(fix: drop that GPU or drop it from auto\.formats\)"),
     ("auto-vllm", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
@@ -86,6 +86,11 @@ CASES = [
     ("auto-gptq", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: auto, auto: {formats: [int4_gptq, fp8], effective_bits: 6}}"),
      r"variants\.fp8\.auto\.formats: int4_gptq calibrates with gptq, which ModelOpt's auto_quantize does not run "
      r"\(fix: search among fp8, fp8_pc_pt, nvfp4, int4_awq, w4a8_awq, int8_sq, int8_wo\)"),
+    ("auto-search-one-budget", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
+                                "{quant: auto, auto: {formats: [fp8], effective_bits: 8, search: smallest-passing}}"),
+     r"variants\.fp8\.auto: search: smallest-passing needs candidates: give effective_bits as a list"),
+    ("auto-no-budget", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: auto, auto: {formats: [fp8]}}"),
+     r"variants\.fp8\.auto: give effective_bits \(a budget, or a list of candidates\) or search: smallest-passing"),
     ("auto-score-samples", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
                             "{quant: auto, auto: {formats: [fp8], effective_bits: 8, score_samples: 99}}"),
      r"variants\.fp8\.auto\.score_samples \(99\) exceeds calibration\.samples \(8\)"),
