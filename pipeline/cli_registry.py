@@ -160,7 +160,8 @@ def diff(
     second: str = typer.Argument(..., help="The newer version.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
-    """What changed between two versions: recipe fields, tool versions, metrics, gates, SMs, file digests."""
+    """What changed between two versions: recipe fields, tool versions, metrics, gates, quant auto's layer formats,
+    SMs, file digests."""
     from kiln.pipeline.report import diff_tables, stdout_console
     from kiln.registry import diff as diff_versions
 

@@ -173,7 +173,9 @@ def diff_tables(document: dict) -> list[Table]:
     first, second = document["versions"]
     tables = []
     sections = [("recipe", "recipe field"), ("tools", "tool"), ("gates", "gate"), ("files", "file (sha256)")]
-    for key, label in sections[:3]:
+    if document.get("layers"):   # quant auto's layers whose format changed
+        sections.insert(3, ("layers", "layer format"))
+    for key, label in sections[:-1]:
         changes = document[key]
         table = Table(title=f"{document['name']} {first} -> {second}: {key}", title_justify="left")
         for column in (label, first, second):
@@ -200,7 +202,7 @@ def diff_tables(document: dict) -> list[Table]:
     tables.append(held)
     files = Table(title=f"{document['name']} {first} -> {second}: files ({len(document['same_bytes'])} identical)",
                   title_justify="left")
-    for column in (sections[3][1], first, second):
+    for column in (sections[-1][1], first, second):
         files.add_column(column)
     for rel, (a, b) in document["files"].items():
         files.add_row(rel, (a or "-")[:12], (b or "-")[:12])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import re
 from pathlib import Path
 
 from kiln.common.errors import KilnError
@@ -34,6 +35,27 @@ BUDGET_TOLERANCE_BITS = 0.1
 
 class BudgetMissed(KilnError):
     exit_code = 1
+
+
+# The layers auto_quantize gives one format together (its quant_grouping_rules for Llama-like decoders): the shards
+# serving runtimes fuse. Used to count the search's forward passes for its progress bar.
+_SHARED_FORMAT = re.compile(r"^(.*?)\.(?:(q_proj|k_proj|v_proj)|(gate_proj|up_proj))$")
+
+
+def search_forwards(layers: list[str], exclude: tuple[str, ...], formats: int, batches: int, score_batches: int,
+                    method: str = "kl_div") -> int:
+    """How many forward passes of the whole model a search makes: each format calibrates on every batch (AWQ on a
+    quarter), then with method kl each score batch runs once unquantized and once per group of layers and format
+    (measured equal on the test model); with method gradient once, with its backward pass."""
+    patterns = disabled_layers(exclude)
+    groups = set()
+    for name in layers:
+        if any(fnmatch.fnmatch(name, p) for p in patterns):
+            continue
+        shared = _SHARED_FORMAT.match(name)
+        groups.add((shared.group(1), bool(shared.group(2))) if shared else name)
+    per_score_batch = 1 + len(groups) * formats if method == "kl_div" else 1
+    return formats * batches + score_batches * per_score_batch
 
 
 def disabled_layers(exclude: tuple[str, ...]) -> list[str]:

@@ -47,7 +47,7 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     label = request.label + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
     started = time.monotonic()
     linear_layers = auto_precision.decoder_linear_layers(model)
-    search = _calibrate(adapter, model, request, calibration, progress, label)
+    search = _calibrate(adapter, model, request, calibration, progress, label, linear_layers)
     seconds["calibrate"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -114,7 +114,8 @@ def _check_mixed_export(out_dir: Path, source_config: dict, family: Family, labe
                                + "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
 
 
-def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, label: str) -> dict:
+def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, label: str,
+               linear_layers: list[str]) -> dict:
     """Calibrate in memory with one format's config, or search the formats per layer (quant auto) and then
     calibrate the KV cache; returns the search's summary (empty for one format)."""
     batch_size = request.calibration_batch_size
@@ -125,9 +126,9 @@ def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, 
             adapter.calibrate(model, config, calibration, task.advance, batch_size,
                               on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))
         return {}
-    # Each format calibrates on every batch, then the first score_samples windows score the layers.
-    batches = -(-len(calibration) // batch_size)
-    forwards = len(request.auto.formats) * batches + -(-request.auto.score_samples // batch_size)
+    batches, score_batches = -(-len(calibration) // batch_size), -(-request.auto.score_samples // batch_size)
+    forwards = auto_precision.search_forwards(linear_layers, request.exclude, len(request.auto.formats), batches,
+                                              score_batches, request.auto.method)
     done = 0
     formats = "+".join(q.value for q in request.auto.formats)
     with progress.task(f"auto precision: calibrate {formats}, then score each layer", total=forwards) as task:

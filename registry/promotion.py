@@ -83,8 +83,12 @@ def promote(home: Path, name: str, version: str, alias: str, force: bool = False
     return Promotion(name, version, alias, previous, bool(force and failures), tuple(failures))
 
 
-def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict], dict | None]:
-    """A version's files (base and every SM it holds: path -> sha256, size) and its recipe.json, if any."""
+CHECKPOINT_RECORD = "kiln.json"   # what quantize wrote beside the checkpoint: its format, per layer for quant auto
+
+
+def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A version's files (base and every SM it holds: path -> sha256, size), and its recipe.json and kiln.json
+    where it holds them (downloaded and verified: what is shown as fact must be what was stored)."""
     from kiln.registry.confirm import fetch_manifest
 
     label = f"{found.name}/{found.version}"
@@ -95,13 +99,14 @@ def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict]
     for index, (rel, digest) in enumerate(stored):
         dst = scratch / str(found.version) / f"manifest-{index}.json"
         files.update(fetch_manifest(home, found.source, rel, digest, dst, f"{label}: {rel}")["files"])
-    recipe = None
-    if RECIPE_FILE in files and found.tags.get(STORAGE_TAG) == STORAGE:
+    wanted = {rel: files[rel] for rel in (RECIPE_FILE, CHECKPOINT_RECORD) if rel in files}
+    documents = {}
+    if wanted and found.tags.get(STORAGE_TAG) == STORAGE:
         out = scratch / str(found.version) / "files"
-        download_blobs(mlflow, home, {RECIPE_FILE: files[RECIPE_FILE]}, out, SILENT, "recipe")
-        verify_files(out, {RECIPE_FILE: files[RECIPE_FILE]}, label)   # what is shown as fact must be what was stored
-        recipe = json.loads((out / RECIPE_FILE).read_text())
-    return files, recipe
+        download_blobs(mlflow, home, wanted, out, SILENT, "recipe")
+        verify_files(out, wanted, label)
+        documents = {rel: json.loads((out / rel).read_text()) for rel in wanted}
+    return files, documents
 
 
 def _flatten(value, prefix: str = "") -> dict[str, object]:
@@ -127,8 +132,10 @@ def diff(home: Path, name: str, first: str, second: str) -> dict:
     mlflow = client(home)
     a, b = stored_version(mlflow, name, version=first), stored_version(mlflow, name, version=second)
     with tempfile.TemporaryDirectory(prefix="kiln-diff-") as scratch:
-        files_a, recipe_a = _artifact(mlflow, home, a, Path(scratch) / "a")
-        files_b, recipe_b = _artifact(mlflow, home, b, Path(scratch) / "b")
+        files_a, documents_a = _artifact(mlflow, home, a, Path(scratch) / "a")
+        files_b, documents_b = _artifact(mlflow, home, b, Path(scratch) / "b")
+    recipe_a, recipe_b = documents_a.get(RECIPE_FILE), documents_b.get(RECIPE_FILE)
+    layers_a, layers_b = ((d.get(CHECKPOINT_RECORD) or {}).get("layer_formats") or {} for d in (documents_a, documents_b))
 
     def metrics(tags):
         found = {f"checkpoint.{k}": v for k, v in metrics_of(tags).items()}
@@ -145,6 +152,8 @@ def diff(home: Path, name: str, first: str, second: str) -> dict:
         "metrics": {k: [x, y, None if x is None or y is None else y - x]
                     for k, (x, y) in _changed(metrics(a.tags), metrics(b.tags)).items()},
         "gates": _changed(gates_of(a.tags), gates_of(b.tags)),
+        # quant auto: the layers whose format changed ("none": kept 16-bit; absent: a single-format version)
+        "layers": _changed(layers_a, layers_b) if layers_a or layers_b else {},
         "sms": {"only_in_first": sorted(sms_a - sms_b), "only_in_second": sorted(sms_b - sms_a),
                 "both": sorted(sms_a & sms_b)},
         "files": _changed({k: v["sha256"] for k, v in files_a.items()}, {k: v["sha256"] for k, v in files_b.items()}),

@@ -62,6 +62,16 @@ class _Tiny(nn.Module):
         self.lm_head = nn.Linear(64, 1024, bias=False)                                    # 65536, kept 16-bit
 
 
+def test_the_search_counts_its_forward_passes():
+    layers = [f"model.layers.{i}.{kind}" for i in range(2) for kind in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj")]
+    # 4 groups a layer (q/k/v, o, gate/up, down): 2 formats x 8 batches, then 4 windows x (1 + 8 groups x 2 formats)
+    assert auto_precision.search_forwards(layers, (), 2, 8, 4) == 16 + 4 * 17
+    assert auto_precision.search_forwards(layers, ("*.mlp.down_proj",), 2, 8, 4) == 16 + 4 * 13
+    assert auto_precision.search_forwards(layers, (), 2, 8, 4, method="gradient") == 16 + 4
+
+
 def test_the_budget_is_translated_into_modelopts_count():
     model = _Tiny()
     model.layers = nn.ModuleList([nn.Sequential(layer) for layer in model.layers])   # names model.layers.i.0
@@ -171,7 +181,10 @@ def test_reference_runtime_decodes_each_layer_as_exported(tmp_path, test_model, 
     request = AutoRequest(formats, 6.0, "kl_div", 4)
     model = adapter.load_source_model(test_model, "bfloat16", False, False)
     layers = auto_precision.decoder_linear_layers(model)
-    adapter.auto_quantize(model, request, (), texts["calibration"], 1, lambda: None)
+    forwards = []
+    adapter.auto_quantize(model, request, (), texts["calibration"], 1, lambda: forwards.append(1))
+    if mix == "nvfp4-fp8":   # the progress bar's count is ModelOpt's (AWQ calibrates in passes of its own)
+        assert len(forwards) == auto_precision.search_forwards(layers, (), 2, len(texts["calibration"]), 4) == 8 * 2 + 4 * 33
     in_memory = copy.deepcopy(model).float()
     with auto_precision.nvfp4_on_cpu(), torch.no_grad():
         expected = [in_memory(input_ids=ids[None]).logits[0] for ids in texts["evaluation"]]
@@ -206,6 +219,52 @@ def test_reference_runtime_decodes_each_layer_as_exported(tmp_path, test_model, 
     with pytest.raises(ValueError, match=f"{victim}: its format stores weight, weight_scale, weight_scale_2"):
         agreement(corrupted)
     print(json.dumps({"mix": mix, "kl": kl, "top1": top1, "layers": chosen}))
+
+
+@pytest.mark.slow
+def test_mixed_exports_carry_what_the_loaders_read(tmp_path, test_model, texts):
+    """The fields vLLM's ModelOpt mixed loader (ModelOptMixedPrecisionConfig) and TensorRT-LLM's mixed-precision
+    config (PretrainedConfig.from_json_file -> quant_cfg.json) read, on a real [nvfp4, fp8] export with an FP8
+    KV cache: the label of each layer, its block size, the KV algorithm, and stored bytes that match the label."""
+    from kiln.quantize import modelopt_adapter as adapter
+    from kiln.quantize.headers import safetensors_header
+
+    model = adapter.load_source_model(test_model, "bfloat16", False, False)
+    adapter.auto_quantize(model, AutoRequest(NVFP4_FP8, 6.0, "kl_div", 4), (), texts["calibration"], 1, lambda: None)
+    adapter.calibrate_kv_cache(model, KVCacheFormat.fp8, texts["calibration"], 1)
+    adapter.export_hf(model, tmp_path / "hf")
+    adapter.export_trtllm(model, tmp_path / "trtllm", "bfloat16", 1)
+
+    # vLLM: config.json's quantization_config (preferred) names the method, MIXED_PRECISION and every layer; each
+    # layer's algorithm is one its mixed loader quantizes (the formats whose own vLLM cell says yes), NVFP4 blocks
+    # of 16, and the shards vLLM fuses (q/k/v, gate/up) share one algorithm or it refuses the checkpoint.
+    vllm_algos = {FORMATS[q].export_quant_algo for q in QuantFormat if runtime_cells(q)[Runtime.vllm].loads is Loads.yes}
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "modelopt" and config["quant_algo"] == MIXED_PRECISION
+    layers = config["quantized_layers"]
+    assert layers and {cfg["quant_algo"] for cfg in layers.values()} == {"NVFP4", "FP8"} <= vllm_algos
+    assert all(cfg["group_size"] == 16 for cfg in layers.values() if cfg["quant_algo"] == "NVFP4")
+    for i in range(4):
+        for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            kind = "self_attn" if fused[0] == "q_proj" else "mlp"
+            assert len({layers[f"model.layers.{i}.{kind}.{p}"]["quant_algo"] for p in fused}) == 1, (i, fused)
+    hf_quant = json.loads((tmp_path / "hf" / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant["kv_cache_quant_algo"] == "FP8" and hf_quant["quantized_layers"] == layers
+    stored = safetensors_header(tmp_path / "hf" / "model.safetensors")
+    for name, cfg in layers.items():
+        assert stored[f"{name}.weight"]["dtype"] == {"FP8": "F8_E4M3", "NVFP4": "U8"}[cfg["quant_algo"]], name
+
+    # TensorRT-LLM: config.json says MIXED_PRECISION; quant_cfg.json beside it carries the KV algorithm (global) and
+    # each layer's, by TensorRT-LLM's names, every one a layer rank0.safetensors holds, its bytes matching its label.
+    trt = json.loads((tmp_path / "trtllm" / "config.json").read_text())["quantization"]
+    quant_cfg = json.loads((tmp_path / "trtllm" / "quant_cfg.json").read_text())
+    assert trt["quant_algo"] == quant_cfg["quant_algo"] == MIXED_PRECISION
+    assert quant_cfg["kv_cache_quant_algo"] == "FP8"
+    rank0 = safetensors_header(tmp_path / "trtllm" / "rank0.safetensors")
+    for name, cfg in quant_cfg["quantized_layers"].items():
+        assert rank0[f"{name}.weight"]["dtype"] == {"FP8": "F8_E4M3", "NVFP4": "U8"}[cfg["quant_algo"]], name
+        assert cfg.get("group_size", 16) == 16
+    assert auto_precision.trtllm_disagreements({"quantization": hf_quant}, quant_cfg, 4) == []
 
 
 @pytest.mark.slow
@@ -258,3 +317,18 @@ def test_a_size_search_publishes_the_smallest_passing_candidate_and_pulls(tmp_pa
     again = run_kiln("build", recipe, "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["ran"] == [], again.stdout
+
+    # Another budget publishes version 2 with another mix; kiln diff names the layers whose format changed.
+    variants["mix"]["auto"]["effective_bits"] = 5.0
+    variants["mix"]["gates"] = {"max_kl": 0.1}
+    assert run_kiln("build", write_recipe(tmp_path, str(test_model), variants, name="auto", samples=8)).returncode == 0
+    second = tmp_path / "second"
+    assert run_kiln("pull", "auto-mix/2", "--out", second).returncode == 0
+    layers_2 = json.loads((second / "kiln.json").read_text())["layer_formats"]
+    diff = run_kiln("diff", "auto-mix", "1", "2", "--json")
+    assert diff.returncode == 0, diff.stderr
+    changed = json.loads(diff.stdout)["layers"]
+    expected = {name: [fmt, layers_2[name]] for name, fmt in record["layer_formats"].items() if fmt != layers_2[name]}
+    assert changed == expected and changed, changed
+    shown = run_kiln("diff", "auto-mix", "1", "2")
+    assert "layers" in shown.stdout and next(iter(changed)) in shown.stdout
