@@ -154,7 +154,24 @@ def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     """What the model folder's config and weights say this recipe cannot build: a family (or family x format)
     the family table does not hold, then block sizes that do not divide some layer's input width."""
     problems = family_problems(loaded, model_dir)
-    return problems or exclude_problems(loaded, model_dir) + width_problems(loaded, model_dir)
+    return problems or exclude_problems(loaded, model_dir) + width_problems(loaded, model_dir) + \
+        budget_problems(loaded, model_dir)
+
+
+def budget_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
+    """quant auto budgets below what the formats reach on this model once its excluded layers stay 16-bit."""
+    problems = []
+    for name, variant in loaded.recipe.variants.items():
+        if variant.auto is None:
+            continue
+        floor = quantize.lowest_budget(model_dir, variant.auto.formats, variant.exclude)
+        low = min(variant.auto.candidates)
+        if floor is not None and low < floor - 1e-6:
+            problems.append(f"{loaded.path}: variants.{name}.auto.effective_bits: {low:g} is below the {floor:.3f} bits "
+                            f"per weight {', '.join(q.value for q in variant.auto.formats)} reach on this model with "
+                            f"exclude {list(variant.exclude)} kept 16-bit (fix: give at least {floor:.2f}, or exclude "
+                            "fewer layers)")
+    return problems
 
 
 def exclude_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:

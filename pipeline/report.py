@@ -160,7 +160,7 @@ def versions_table(rows: list[dict]) -> Table:
                             ("engines", "left"), ("runtimes", "left"), ("ppl change %", "right"), ("KL", "right"), ("top-1 agree", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
-        fmt = format_label(row["quant"], row["kv_cache"], row.get("backend"))
+        fmt = format_label(row["quant"], row["kv_cache"], row.get("backend"), row.get("effective_bits"))
         table.add_row(row["name"], row["version"], ", ".join(row["aliases"]) or "-", fmt, ", ".join(row["sms"]) or "-",
                       ", ".join(row["runtimes"]) or "-",
                       _fmt(row["ppl_increase_pct"], "+.3f"), _fmt(row["mean_kl"], ".5f"),

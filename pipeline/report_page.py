@@ -54,7 +54,8 @@ class Version:
 
     @property
     def format(self) -> str:
-        return format_label(self.tags.get(t.QUANT), self.tags.get(t.KV_CACHE), self.tags.get(t.BACKEND))
+        return format_label(self.tags.get(t.QUANT), self.tags.get(t.KV_CACHE), self.tags.get(t.BACKEND),
+                            self.tags.get(t.AUTO_BITS))
 
     @property
     def passed(self) -> bool:

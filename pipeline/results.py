@@ -37,11 +37,14 @@ class TargetResult:
                 "published": self.published}
 
 
-def format_label(quant: str | None, kv_cache: str | None, backend: str | None = None) -> str:
-    """A variant's format as tables show it: int4_gptq, fp8 + kv fp8, int8_sq (llmcompressor)."""
+def format_label(quant: str | None, kv_cache: str | None, backend: str | None = None,
+                 auto_bits: float | str | None = None) -> str:
+    """A variant's format as tables show it: int4_gptq, fp8 + kv fp8, int8_sq (llmcompressor), auto 5.5b (quant
+    auto's budget)."""
     kv = "" if kv_cache in (None, "none") else f" + kv {kv_cache}"
     made = "" if backend in (None, "modelopt") else f" ({backend})"
-    return (quant or "-") + kv + made
+    budget = "" if auto_bits in (None, "") else f" {float(auto_bits):g}b"
+    return (quant or "-") + budget + kv + made
 
 
 @dataclass
@@ -78,12 +81,11 @@ class VariantResult:
     size: quantize.CheckpointSize | None = None
     tasks: dict[str, validate.TaskDrop] | None = None   # evaluation.tasks' drops against the baseline
     candidates: list[CandidateResult] = field(default_factory=list)   # a size search's, smallest first
+    auto_bits: float | None = None   # quant auto: the budget of the checkpoint it holds
 
     @property
     def format(self) -> str:
-        chosen = next((c for c in self.candidates if c.gate.passed), None)
-        quant = f"{self.quant} {chosen.bits:g}b" if chosen else self.quant   # the size search's published budget
-        return format_label(quant, self.kv_cache, self.backend)
+        return format_label(self.quant, self.kv_cache, self.backend, self.auto_bits)
 
     def as_dict(self) -> dict:
         return {

@@ -87,7 +87,9 @@ class CheckpointStages:
         candidates = self.plan.candidates(name)
         for q, v in candidates:
             checkpoint = self.quantize(name, q, v)
-            result.trtllm_corrections = quantize.CheckpointRecord.load(checkpoint).trtllm_corrections
+            record = quantize.CheckpointRecord.load(checkpoint)
+            result.trtllm_corrections = record.trtllm_corrections
+            result.auto_bits = record.auto["effective_bits"] if record.auto else None
             result.metrics, result.tasks = self.validate(name, v, checkpoint)
             result.gate = variant.gates.evaluate(result.metrics, tasks=result.tasks)
             result.size = self.size(checkpoint)

@@ -34,6 +34,7 @@ from kiln.quantize.placement import Device, Placement, VisibleGpu, plan_placemen
 from kiln.quantize.runtimes import (
     Loads, Quant, Runtime, loading_runtimes, runtime_cells, runtime_problem, vllm_device_problem,
 )
+from kiln.quantize.auto_precision import lowest_budget
 from kiln.quantize.widths import layer_width_problems, unmatched_excludes
 
 STAGE_VERSION = 2   # 2: family fields filled in trtllm/config.json; kiln.json records the family
@@ -44,7 +45,7 @@ __all__ = [
     "run", "require_backend", "tool_versions", "BACKENDS", "QuantizeRequest", "AutoRequest", "CheckpointRecord", "recorded_formats",
     "release_memory", "AUTO", "MIXED_PRECISION", "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
     "format_of_export", "kv_cache_of_export", "register_format", "unregister_format",
-    "layer_width_problems", "unmatched_excludes", "Device", "Placement", "VisibleGpu", "plan_placement",
+    "layer_width_problems", "unmatched_excludes", "lowest_budget", "Device", "Placement", "VisibleGpu", "plan_placement",
     "HF_DIR", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",

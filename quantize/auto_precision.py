@@ -25,6 +25,7 @@ from pathlib import Path
 from kiln.common.errors import KilnError
 from kiln.quantize.checkpoint import AutoRequest
 from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat, format_of_export
+from kiln.quantize.headers import safetensors_header
 from kiln.quantize.size import CheckpointSize
 
 UNQUANTIZED = "none"
@@ -216,6 +217,26 @@ def trtllm_disagreements(hf_quant_config: dict, trtllm_layer_config: dict, num_l
                 problems.append(f"layer {i} {'/'.join(hf_names)}: hf/ says {sorted(map(str, hf_algos))}, trtllm/ "
                                 f"says {sorted(map(str, trt_algos))}")
     return problems
+
+
+def lowest_budget(model_dir: Path, formats: tuple, exclude: tuple[str, ...]) -> float | None:
+    """The fewest bits per decoder weight a mix of `formats` can reach on this model: every layer in the cheapest
+    format, the excluded ones 16-bit (kiln's size definition). None before the weights are on disk."""
+    shards = sorted(Path(model_dir).glob("*.safetensors"))
+    if not shards:
+        return None
+    cheapest = min(FORMATS[q].weight_bits for q in formats)
+    searched = kept = 0
+    for path in shards:
+        for name, info in safetensors_header(path).items():
+            if ".layers." in name and name.endswith(".weight") and len(info["shape"]) == 2:
+                module, count = name[: -len(".weight")], info["shape"][0] * info["shape"][1]
+                if any(fnmatch.fnmatch(module, p) for p in exclude):
+                    kept += count
+                else:
+                    searched += count
+    total = searched + kept
+    return (cheapest * searched + 16.0 * kept) / total if total else None
 
 
 def check_budget(size: CheckpointSize, request: AutoRequest) -> float:

@@ -33,7 +33,7 @@ from kiln.registry.lookup import version_confirmed
 from kiln.registry.confirm import UNPULLABLE_TAG, ManifestLost, confirm_manifest, fetch_manifest, retire
 from kiln.registry.engines import SM_ROOT, CheckpointMismatch, add_runtime_check, add_sm, sm_manifest
 from kiln.registry.tags import (
-    BACKEND, KV_CACHE, QUANT, RECIPE, REGISTERED_MODEL, SM_MANIFEST, SM_TENSORRT, VARIANT, held_sms,
+    AUTO_BITS, BACKEND, KV_CACHE, QUANT, RECIPE, REGISTERED_MODEL, SM_MANIFEST, SM_TENSORRT, VARIANT, held_sms,
     loading_runtimes_of, metrics_of, sm_tag,
 )
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_tree
@@ -288,6 +288,7 @@ def list_versions(home: Path) -> list[dict]:
             "mean_kl": metrics.get("mean_kl"),
             "top1_agreement": metrics.get("top1_agreement"),
             "created": version.creation_timestamp,
+            **({"effective_bits": float(tags[AUTO_BITS])} if AUTO_BITS in tags else {}),
         })
     return rows
 

@@ -40,6 +40,7 @@ RUN_RECORDS_VERSION = "1"
 FIGURE = "kiln.figure"                    # digest of the data behind the accuracy-against-size figure on the run
 AUTO = "kiln.auto."                       # + field: quant auto's budget, measured size and chosen layer formats
 SEARCH_CANDIDATES = "candidates"          # AUTO + this: a size search's candidates, as JSON
+AUTO_BITS = AUTO + "effective_bits"       # quant auto's budget: tables show "auto 5.5b"
 
 # An SM's own fields (sm_tag): what built it, its gate and metrics, its publish key and manifest.
 SM_TARGET, SM_TENSORRT, SM_TENSORRT_LLM, SM_GPU = "target", "tensorrt", "tensorrt_llm", "gpu"

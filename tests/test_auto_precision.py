@@ -103,6 +103,20 @@ def test_hf_and_trtllm_layer_maps_are_compared():
         "layer 0 mlp.down_proj: hf/ says ['NVFP4'], trtllm/ says ['FP8']"]
 
 
+def test_check_refuses_a_budget_the_model_cannot_reach_with_its_excludes(tmp_path, test_model):
+    """Excluded layers stay 16-bit: on the test model the down projections (a third of the decoder's weights) lift
+    the lowest reachable budget from 4.5 to 7.57 bits, and check says so before anything is calibrated."""
+    variants = {"mix": {"quant": "auto", "exclude": ["*.mlp.down_proj"],
+                        "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": [6.0, 8.0]}}}
+    result = run_kiln("check", write_recipe(tmp_path, str(test_model), variants, name="floor"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert ("variants.mix.auto.effective_bits: 6 is below the 7.567 bits per weight nvfp4, fp8 reach on this model "
+            "with exclude ['*.mlp.down_proj'] kept 16-bit (fix: give at least 7.57") in result.stderr
+    variants["mix"]["auto"]["effective_bits"] = [8.0]
+    assert run_kiln("check", write_recipe(tmp_path, str(test_model), variants, name="floor")).returncode == 0
+
+
 def test_a_size_search_plans_one_candidate_per_budget(tmp_path, kiln_home, test_model):
     """search: smallest-passing without budgets plans every half bit from NVFP4's 4.5 to FP8's 8, smallest first,
     and one publish whose key follows the candidates and the gates; a single budget plans the variant itself."""

@@ -35,6 +35,11 @@ def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, 
         "pcpt": {"quant": "fp8_pc_pt", "runtimes": ["vllm"], "gates": {"max_kl": 0.01}},
         "w8a8": {"quant": "int8_sq", "backend": "llmcompressor", "runtimes": ["vllm"], "gates": {"max_kl": 0.01}},
         "fp8kv": {"quant": "fp8", "kv_cache": "fp8"},   # vLLM loads it; this CPU lacks its kernels
+        # quant auto (issue 27.5): no two-format mix has vLLM CPU kernels for both (per-tensor FP8 and NVFP4 have
+        # none, the others vLLM's mixed loader does not quantize), so the one auto checkpoint this CPU runs is
+        # FP8 per-channel with 16-bit layers: exported as FP8_PER_CHANNEL_PER_TOKEN with those layers excluded.
+        "auto": {"quant": "auto", "auto": {"formats": ["fp8_pc_pt"], "effective_bits": 12.0}, "runtimes": ["vllm"],
+                 "gates": {"max_kl": 0.01}},
     }
     recipe = write_recipe(tmp_path, str(test_model), variants=variants, name="v", samples=8, seq_len=128,
                           publish={"aliases": ["candidate"]})
@@ -42,13 +47,15 @@ def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, 
     built = run_kiln("build", recipe, "--json", env=env)
     assert built.returncode == 0, built.stderr
     checks = {v["variant"]: v["runtime_checks"] for v in json.loads(built.stdout)["variants"]}
-    for name in ("pcpt", "w8a8"):
+    for name in ("pcpt", "w8a8", "auto"):
         (check,) = checks[name]
         assert check["status"] == "checked" and check["gate"]["passed"], check
         report = check["report"]
         assert report["vllm"] == "0.32.0" and report["device"] == "cpu"
         assert 0 < report["metrics"]["mean_kl"] < 0.01 and report["metrics"]["tokens"] == 8 * 127
         assert report["greedy_agreement"] >= 0.5   # bf16 in vLLM, float32 in kiln: near-ties may differ
+    auto = json.loads(built.stdout)["variants"][-1]
+    assert auto["variant"] == "auto" and 8.5 < auto["size"]["bits_per_weight"] <= 12.1   # FP8 and 16-bit layers
     (skipped,) = checks["fp8kv"]
     assert skipped["status"] == "skipped: vLLM has no kernel for it on this CPU: static_scaled_fp8_quant is an " \
                                 "empty op in vLLM's CPU builds"
