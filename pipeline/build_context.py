@@ -19,7 +19,8 @@ from kiln.common.scratch import process_scratch
 from kiln.pipeline.cache import StageCache
 from kiln.pipeline.data import token_samples
 from kiln.pipeline.fetch import hub_model
-from kiln.pipeline.plan import Plan, model_problems
+from kiln.pipeline.plan import Plan
+from kiln.pipeline.plan_checks import model_problems
 from kiln.pipeline.stages import RAN, StageInstance
 
 

@@ -42,7 +42,8 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
     """
     from kiln.compile import detect_host
     from kiln.pipeline.memory import recipe_estimate
-    from kiln.pipeline.plan import checkable_model_folder, data_problems, model_problems
+    from kiln.pipeline.plan import checkable_model_folder
+    from kiln.pipeline.plan_checks import data_problems, model_problems
     from kiln.pipeline.recipe_loader import load_recipe
 
     problems: list[str] = []

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
-from kiln.pipeline.recipe_quant import AUTO, AutoMethod, AutoPrecision, FormatName, QuantName, Strict
+from kiln.pipeline.recipe_quant import AUTO, AutoPrecision, QuantName, Strict
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device
 from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem

@@ -11,7 +11,7 @@ from kiln.common.versions import installed_versions
 from kiln.quantize import auto_precision
 from kiln.quantize.checkpoint import HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory, save_tokenizer
 from kiln.quantize.families import Family
-from kiln.quantize.formats import FORMATS, KVCacheFormat
+from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat
 from kiln.quantize.placement import Placement, gpu_peak_bytes, reset_gpu_peaks
 from kiln.quantize.size import checkpoint_size
 from kiln.quantize.trtllm_checks import MIXED_LAYER_CONFIG, ExportCheckError, check_trtllm_checkpoint
@@ -104,11 +104,10 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
 def _check_mixed_export(out_dir: Path, source_config: dict, family: Family, label: str) -> None:
     """A mixed checkpoint's two exports give each decoder layer the same format."""
     hf = json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())
-    if not family.trtllm or hf["quantization"].get("quant_algo") != auto_precision.MIXED_PRECISION:
+    if not family.trtllm or hf["quantization"].get("quant_algo") != MIXED_PRECISION:
         return
     trt_config = json.loads((out_dir / TRTLLM_DIR / MIXED_LAYER_CONFIG).read_text())
-    problems = auto_precision.trtllm_disagreements(hf, trt_config,
-                                                   source_config["num_hidden_layers"])
+    problems = auto_precision.trtllm_disagreements(hf, trt_config, source_config["num_hidden_layers"])
     if problems:
         raise ExportCheckError(f"{label}: the HF and TensorRT-LLM exports disagree on layer formats: "
                                + "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))

@@ -239,12 +239,17 @@ def test_reference_runtime_decodes_each_layer_as_exported(tmp_path, test_model, 
 def test_mixed_exports_carry_what_the_loaders_read(tmp_path, test_model, texts):
     """The fields vLLM's ModelOpt mixed loader (ModelOptMixedPrecisionConfig) and TensorRT-LLM's mixed-precision
     config (PretrainedConfig.from_json_file -> quant_cfg.json) read, on a real [nvfp4, fp8] export with an FP8
-    KV cache: the label of each layer, its block size, the KV algorithm, and stored bytes that match the label."""
+    KV cache: the label of each layer, its block size, the KV algorithm, and stored bytes that match the label.
+    The search scores with method gradient here (the other tests use kl): the loss's backward pass on a CPU."""
     from kiln.quantize import modelopt_adapter as adapter
     from kiln.quantize.headers import safetensors_header
 
     model = adapter.load_source_model(test_model, "bfloat16", False, False)
-    adapter.auto_quantize(model, AutoRequest(NVFP4_FP8, 6.0, "kl_div", 4), (), texts["calibration"], 1, lambda: None)
+    forwards = []
+    request = AutoRequest(NVFP4_FP8, 6.0, "gradient", 4)
+    adapter.auto_quantize(model, request, (), texts["calibration"], 1, lambda: forwards.append(1))
+    assert len(forwards) == auto_precision.search_forwards(auto_precision.decoder_linear_layers(model), (), 2, 8, 4,
+                                                           "gradient")
     adapter.calibrate_kv_cache(model, KVCacheFormat.fp8, texts["calibration"], 1)
     adapter.export_hf(model, tmp_path / "hf")
     adapter.export_trtllm(model, tmp_path / "trtllm", "bfloat16", 1)
@@ -285,7 +290,8 @@ def test_mixed_exports_carry_what_the_loaders_read(tmp_path, test_model, texts):
 def test_a_size_search_publishes_the_smallest_passing_candidate_and_pulls(tmp_path, kiln_home, test_model):
     """Two budgets and a KL gate between them (all NVFP4 measures KL about 0.008 on the test model, the 6-bit
     mix about 0.0015): the 4.5-bit candidate fails and is reported, the 6-bit one is published."""
-    variants = {"mix": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": [4.5, 6.0]},
+    variants = {"mix": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": [4.5, 6.0],
+                                                  "search": "smallest-passing"},
                         "runtimes": ["trtllm", "vllm"], "gates": {"max_kl": 0.004, "min_top1_agreement": 0.8}}}
     recipe = write_recipe(tmp_path, str(test_model), variants, name="auto", samples=8)
     result = run_kiln("build", recipe, "--json")
@@ -333,7 +339,7 @@ def test_a_size_search_publishes_the_smallest_passing_candidate_and_pulls(tmp_pa
     assert json.loads(again.stdout)["ran"] == [], again.stdout
 
     # Another budget publishes version 2 with another mix; kiln diff names the layers whose format changed.
-    variants["mix"]["auto"]["effective_bits"] = 5.0
+    variants["mix"]["auto"] = {"formats": ["nvfp4", "fp8"], "effective_bits": 5.0}
     variants["mix"]["gates"] = {"max_kl": 0.1}
     assert run_kiln("build", write_recipe(tmp_path, str(test_model), variants, name="auto", samples=8)).returncode == 0
     second = tmp_path / "second"

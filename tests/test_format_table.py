@@ -126,7 +126,8 @@ def test_a_registered_row_is_checked_planned_built_and_validated(rtn_format, tes
     row registered in this process: about 20 s on the toy, and nothing cheaper shows that no stage keeps a list."""
     from kiln.common.progress import ProgressReporter
     from kiln.pipeline.cache import StageCache
-    from kiln.pipeline.plan import data_problems, make_plan, model_problems
+    from kiln.pipeline.plan import make_plan
+    from kiln.pipeline.plan_checks import data_problems, model_problems
     from kiln.pipeline.recipe_loader import load_recipe
     from kiln.pipeline.runner import run_plan
     from kiln.registry import tracking_uri
