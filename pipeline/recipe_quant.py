@@ -51,8 +51,8 @@ def _budgets(value) -> float | tuple[float, ...]:
     listed = value if isinstance(value, (list, tuple)) else [value]
     for bits in listed:
         if isinstance(bits, bool) or not isinstance(bits, (int, float)):
-            raise PydanticCustomError("budget", "{value!r} is not a number of bits; give a number such as 5.0, or a "
-                                      "list such as [4.5, 5.0, 6.0]", {"value": bits})
+            raise PydanticCustomError("budget", "{value} is not a number of bits; give a number such as 5.0, or a "
+                                      "list such as [4.5, 5.0, 6.0]", {"value": repr(bits)})
         if not 0 < bits < UNQUANTIZED_BITS:
             raise PydanticCustomError("budget", "{value} is not below 16 bits per weight (the unquantized model); "
                                       "give a budget the formats can save on", {"value": bits})
