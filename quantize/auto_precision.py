@@ -25,8 +25,7 @@ from pathlib import Path
 from kiln.common.errors import KilnError
 from kiln.quantize.checkpoint import AutoRequest
 from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat, format_of_export
-from kiln.quantize.headers import safetensors_header
-from kiln.quantize.size import CheckpointSize
+from kiln.quantize.size import CheckpointSize, decoder_linear_weights
 
 UNQUANTIZED = "none"
 # kiln's size definition leaves these out and every format keeps them 16-bit; auto precision does too.
@@ -222,21 +221,12 @@ def trtllm_disagreements(hf_quant_config: dict, trtllm_layer_config: dict, num_l
 def lowest_budget(model_dir: Path, formats: tuple, exclude: tuple[str, ...]) -> float | None:
     """The fewest bits per decoder weight a mix of `formats` can reach on this model: every layer in the cheapest
     format, the excluded ones 16-bit (kiln's size definition). None before the weights are on disk."""
-    shards = sorted(Path(model_dir).glob("*.safetensors"))
-    if not shards:
+    linears = decoder_linear_weights(model_dir)
+    if not linears:
         return None
-    cheapest = min(FORMATS[q].weight_bits for q in formats)
-    searched = kept = 0
-    for path in shards:
-        for name, info in safetensors_header(path).items():
-            if ".layers." in name and name.endswith(".weight") and len(info["shape"]) == 2:
-                module, count = name[: -len(".weight")], info["shape"][0] * info["shape"][1]
-                if any(fnmatch.fnmatch(module, p) for p in exclude):
-                    kept += count
-                else:
-                    searched += count
-    total = searched + kept
-    return (cheapest * searched + 16.0 * kept) / total if total else None
+    kept = sum(count for module, count in linears.items() if any(fnmatch.fnmatch(module, p) for p in exclude))
+    total = sum(linears.values())
+    return (min(FORMATS[q].weight_bits for q in formats) * (total - kept) + 16.0 * kept) / total
 
 
 def check_budget(size: CheckpointSize, request: AutoRequest) -> float:

@@ -37,12 +37,19 @@ def _stored_bytes(info: dict) -> int:
     return end - start
 
 
-def checkpoint_size(hf_dir: Path, source_dir: Path) -> CheckpointSize:
-    """The exported checkpoint in `hf_dir` measured against the source model in `source_dir`."""
+def decoder_linear_weights(source_dir: Path) -> dict[str, int]:
+    """The weight count of each of the source model's decoder linear layers, by module name: what bits per
+    weight is counted over."""
     linears = {}
     for name, info in _headers(source_dir).items():
         if ".layers." in name and name.endswith(".weight") and len(info["shape"]) == 2:
             linears[name[: -len(".weight")]] = info["shape"][0] * info["shape"][1]
+    return linears
+
+
+def checkpoint_size(hf_dir: Path, source_dir: Path) -> CheckpointSize:
+    """The exported checkpoint in `hf_dir` measured against the source model in `source_dir`."""
+    linears = decoder_linear_weights(source_dir)
     stored = sum(_stored_bytes(info) for name, info in _headers(hf_dir).items()
                  if name.rsplit(".", 1)[0] in linears)
     weights = sum(linears.values())
