@@ -108,7 +108,8 @@ def _rtn_group(model_dir: Path) -> int:
 
 def _rtn_int4(model_dir: Path, group: int):
     """Round-to-nearest INT4, symmetric per group of `group` inputs, computed here without ModelOpt."""
-    from kiln.validate.runtime import ReferenceLinear, load_baseline_model
+    from kiln.validate.runtime import ReferenceLinear
+    from kiln.validate.reference_loader import load_baseline_model
 
     model = load_baseline_model(model_dir)
     # The reference runtime keeps each linear's stored weight as the buffer `stored_weight` and

@@ -52,7 +52,7 @@ def _calibrate(model_dir: Path, quant, samples, batch_size: int):
 def _kl_to_source(model_dir: Path, hf_dir: Path, evaluation) -> float:
     import torch
 
-    from kiln.validate.runtime import load_baseline_model, load_reference_model
+    from kiln.validate.reference_loader import load_baseline_model, load_reference_model
 
     total = 0.0
     with torch.no_grad():

@@ -79,7 +79,7 @@ def _capture_inputs(model, layer: str, ids, device) -> torch.Tensor:
 def nvfp4_check(model_dir: Path, calibration, evaluation, baseline, device, dry_run: bool, workdir: Path) -> dict:
     from kiln.quantize import modelopt_adapter as adapter
     from kiln.validate import nvfp4
-    from kiln.validate.runtime import load_reference_model
+    from kiln.validate.reference_loader import load_reference_model
 
     model = _calibrated(model_dir, "NVFP4_DEFAULT_CFG", calibration, device)
     result = {}
@@ -120,7 +120,7 @@ def fp8_gemm_check(model_dir: Path, calibration, evaluation, device, dry_run: bo
     import modelopt.torch.quantization as mtq  # noqa: F401  (ensures the same install as the NVFP4 check)
 
     from kiln.quantize import modelopt_adapter as adapter
-    from kiln.validate.runtime import load_reference_model
+    from kiln.validate.reference_loader import load_reference_model
 
     model = _calibrated(model_dir, "FP8_DEFAULT_CFG", calibration, device)
     adapter.export_hf(model, workdir / "fp8")
@@ -161,7 +161,7 @@ def main() -> int:
         from kiln.pipeline.testmodel import ensure_test_model
 
         args.model = ensure_test_model()
-    from kiln.validate.runtime import load_baseline_model
+    from kiln.validate.reference_loader import load_baseline_model
 
     calibration = _tokens(args.model, "train", 32, 128)
     evaluation = _tokens(args.model, "heldout", 16, 128)

@@ -189,7 +189,8 @@ MIXES = {"int4_awq-fp8": (QuantFormat.int4_awq, QuantFormat.fp8), "nvfp4-fp8": N
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_reference_runtime_decodes_each_layer_as_exported(tmp_path, test_model, texts, mix):
     from kiln.quantize import modelopt_adapter as adapter
-    from kiln.validate.runtime import ReferenceLinear, load_reference_model
+    from kiln.validate.runtime import ReferenceLinear
+    from kiln.validate.reference_loader import load_reference_model
 
     formats = MIXES[mix]
     request = AutoRequest(formats, 6.0, "kl_div", 4)

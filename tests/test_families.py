@@ -23,7 +23,7 @@ from tests.family_models import FAMILY_CONFIGS
 from kiln.quantize import FAMILIES, KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter
 from kiln.quantize.trtllm_checks import check_trtllm_checkpoint, expected_fields
-from kiln.validate.runtime import load_reference_model
+from kiln.validate.reference_loader import load_reference_model
 from tests.conftest import run_kiln, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_baseline_keeps_16_bit_weights_and_gives_float32_logits(family_models, t
     from transformers import AutoModelForCausalLM
 
     from kiln.validate.metrics import logits_of
-    from kiln.validate.runtime import load_baseline_model
+    from kiln.validate.reference_loader import load_baseline_model
 
     ids = texts["evaluation"][0]
     baseline = load_baseline_model(family_models[family])

@@ -12,9 +12,8 @@ from torch import nn
 
 from kiln.validate import Baseline
 from kiln.validate.metrics import logits_of
-from kiln.validate.runtime import (
-    Float32Embedding, ReferenceLinear, float32_math_view, load_baseline_model, load_reference_model,
-)
+from kiln.validate.runtime import Float32Embedding, ReferenceLinear, float32_math_view
+from kiln.validate.reference_loader import load_baseline_model, load_reference_model
 
 IDS = torch.arange(0, 2048, 16)   # 128 tokens across the vocabulary
 

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, repo_recipe_beside_model, run_kiln
 
@@ -24,6 +25,7 @@ def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
     assert variants["int8-wo"]["metrics"]["mean_kl"] < variants["fp8"]["metrics"]["mean_kl"]
     assert variants["nvfp4-kv-nvfp4"]["metrics"]["mean_kl"] > variants["nvfp4"]["metrics"]["mean_kl"]
     _same_metrics_as_before(variants)
+    _same_metrics_one_layer_at_a_time(kiln_home, test_model)
 
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     from mlflow.tracking import MlflowClient
@@ -34,6 +36,33 @@ def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
     assert tags["kiln.algorithm"] == "gptq" and tags["kiln.quant"] == "int4_gptq"
     record = json.loads(next(kiln_home.glob("cache/quantize/*/kiln.json")).read_text())
     assert "export_quant_algo" in record
+
+
+def _same_metrics_one_layer_at_a_time(kiln_home, test_model) -> None:
+    """Every exported checkpoint of the matrix, validated again with one decoder layer resident at a time (what
+    calibration.offload selects), against the baseline streamed too: the build's metrics within 1e-4 relative.
+    The build's validation entries name their checkpoints, so the same files are measured both ways."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kiln import validate
+    from kiln.common.progress import SILENT
+    from kiln.pipeline.corpus import python_docs
+    from kiln.pipeline.data import token_samples
+
+    evaluation = yaml.safe_load((REPO / "recipes" / "demo-matrix.yaml").read_text())["evaluation"]
+    samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(test_model),
+                            evaluation["samples"], evaluation["seq_len"])
+    baseline = validate.Baseline(test_model, kiln_home / "streamed-baseline", stream_layers=True)
+    entries = [json.loads(p.read_text()) for p in (kiln_home / "cache" / "validate").glob("*/kiln-entry.json")]
+    assert len(entries) == 12
+    for entry in entries:
+        checkpoint = kiln_home / "cache" / "quantize" / entry["material"]["input_digests"]["checkpoint"] / "hf"
+        built = validate.load_metrics(kiln_home / "cache" / "validate" / entry["key"]).as_dict()
+        with torch.no_grad():
+            streamed = validate.run(checkpoint, baseline, samples, SILENT, stream_layers=True).as_dict()
+        for field in FIELDS:
+            assert abs(streamed[field] - built[field]) <= 1e-4 * abs(built[field]) + 1e-9, (checkpoint, field)
 
 
 PINNED = REPO / "tests" / "fixtures" / "metrics_demo_matrix.json"

@@ -23,7 +23,8 @@ from kiln.pipeline.corpus import python_docs
 from kiln.pipeline.data import token_samples
 from kiln.quantize import FORMATS, KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter
-from kiln.validate.runtime import ReferenceLinear, load_reference_model
+from kiln.validate.runtime import ReferenceLinear
+from kiln.validate.reference_loader import load_reference_model
 
 pytestmark = pytest.mark.slow
 

@@ -71,7 +71,7 @@ def test_a_sharded_source_builds_publishes_sharded_and_pulls_verified(tmp_path, 
 
 
 def test_the_baseline_reads_a_sharded_source_exactly(sharded_model, test_model):
-    from kiln.validate.runtime import load_baseline_model
+    from kiln.validate.reference_loader import load_baseline_model
 
     ids = torch.arange(64)[None] % 2048
     with torch.no_grad():

@@ -4,6 +4,7 @@ them the decoded layers took, so that what is left loads as the model's plain pa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -15,16 +16,18 @@ class CheckpointTensors:
         self._taken: set[str] = set()
 
     @classmethod
-    def read(cls, hf_dir: Path) -> "CheckpointTensors":
-        """Every tensor of the checkpoint, sharded or not, as stored (no dtype conversion)."""
-        from safetensors.torch import load_file
+    def read(cls, hf_dir: Path, where: Callable[[str], bool] | None = None) -> "CheckpointTensors":
+        """The checkpoint's tensors, sharded or not, as stored (no dtype conversion): every one, or those whose
+        name `where` accepts (only their bytes are read: one decoder layer of a model larger than memory)."""
+        from safetensors import safe_open
 
         files = sorted(Path(hf_dir).glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{hf_dir}: no *.safetensors in the exported checkpoint")
+            raise FileNotFoundError(f"{hf_dir}: no *.safetensors in the checkpoint")
         tensors: dict[str, torch.Tensor] = {}
         for path in files:
-            tensors.update(load_file(path))
+            with safe_open(path, framework="pt") as f:
+                tensors.update((k, f.get_tensor(k)) for k in f.keys() if where is None or where(k))
         return cls(tensors)
 
     def __contains__(self, name: str) -> bool:

@@ -26,7 +26,8 @@ class KilnLM(HFLM):
         from transformers import AutoTokenizer
 
         from kiln.common.progress import quiet_libraries
-        from kiln.validate.runtime import keep_decoded_weights, load_baseline_model, load_reference_model
+        from kiln.validate.runtime import keep_decoded_weights
+        from kiln.validate.reference_loader import load_baseline_model, load_reference_model
 
         with quiet_libraries():
             model = (load_baseline_model(Path(checkpoint), trust_remote_code) if baseline

@@ -28,13 +28,16 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def compare(baseline_logits, candidate, samples: torch.Tensor, on_sample=lambda: None) -> Metrics:
     """`baseline_logits(i)` gives the baseline's SampleLogits for sample i (so they can be cached).
 
-    `candidate` is a model (run on batches of samples, its head applied per block of positions), or a
-    function from token ids to logits [seq, vocab] (a TensorRT-LLM engine, one sample at a time).
+    `candidate` is a model (run on batches of samples, its head applied per block of positions), a
+    function from token ids to logits [seq, vocab] (a TensorRT-LLM engine, one sample at a time), or
+    the (i, SampleLogits) pairs themselves (a model run one layer at a time, kiln.validate.layerwise).
     """
     if isinstance(candidate, nn.Module):
         outputs = head_outputs(candidate, samples)
-    else:
+    elif callable(candidate):
         outputs = ((i, SampleLogits.full(candidate(ids))) for i, ids in enumerate(samples))
+    else:
+        outputs = candidate
     nll_base = nll_quant = kl_sum = agree = 0.0
     count = 0
     for i, logits in outputs:

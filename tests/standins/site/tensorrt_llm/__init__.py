@@ -58,7 +58,7 @@ class LLM:
         if kv.get("dtype") not in (None, "auto", "fp8", "nvfp4"):
             raise ValueError(f"kv_cache_config.dtype {kv.get('dtype')!r} is not a KV cache dtype")
         record({"tool": "LLM", "model": model, "kwargs": kwargs})
-        from kiln.validate.runtime import load_reference_model
+        from kiln.validate.reference_loader import load_reference_model
 
         self._model = load_reference_model(model)
 

@@ -24,7 +24,7 @@ class ModelRunnerCpp:
             raise FileNotFoundError(f"{engine_dir}/rank{rank}.engine")
         record({"tool": "ModelRunnerCpp.from_dir", "engine_dir": engine_dir, "rank": rank})
         if config.get("standin_hf_export"):
-            from kiln.validate.runtime import load_reference_model
+            from kiln.validate.reference_loader import load_reference_model
 
             model = load_reference_model(Path(config["standin_hf_export"]))
         else:
