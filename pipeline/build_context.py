@@ -88,8 +88,9 @@ class BuildContext:
 
             calibration = self.loaded.recipe.calibration
             try:
-                self._placement = quantize.plan_placement(calibration.device, visible_gpus(),
-                                                          calibration.gpu_memory_fraction, host_memory_bytes())
+                self._placement = quantize.plan_placement(
+                    calibration.device, visible_gpus(), calibration.gpu_memory_fraction, host_memory_bytes(),
+                    calibration.offload, calibration.max_host_memory)
             except ValueError as exc:
                 raise UserInputError(f"{self.loaded.path}: {exc}") from None
             if self._placement.on_gpu:
@@ -102,8 +103,9 @@ class BuildContext:
             model = self.loaded.recipe.model
             # Beside the cache (a big disk), in this process's scratch folder: reclaimed even after a SIGKILL.
             self._scratch = tempfile.TemporaryDirectory(prefix="kiln-baseline-", dir=process_scratch(self.plan.home))
+            placement = self.placement()
             self._baseline = validate.Baseline(self.model_dir(), Path(self._scratch.name), model.trust_remote_code,
-                                               model.allow_pickle, self.placement())
+                                               model.allow_pickle, placement, stream_layers=placement.to_disk)
         return self._baseline
 
     def close(self) -> None:

@@ -8,6 +8,9 @@ The numbers follow what the stages hold, fitted to bench/scale.py's peaks (0.17B
   (never both), and a batch of float32 logits;
 - every process: the interpreter, torch, transformers and ModelOpt (`RUNTIME_BYTES`).
 On GPUs the weights go to the GPUs up to each one's cap and the rest to CPU memory (offload).
+Under `calibration.offload: disk` host memory holds the weights up to the recipe's budget and one decoder layer
+read from disk at a time; validation holds the embeddings, the head, one layer and the evaluation batch's
+hidden states (kiln.validate.layerwise).
 """
 
 from __future__ import annotations
@@ -68,6 +71,18 @@ class StageMemory:
     host_bytes: int
     gpu_bytes: int            # summed over the GPUs used
     detail: str
+    disk_bytes: int = 0       # weights read from disk as their layer runs (offload: disk)
+
+
+@dataclass(frozen=True)
+class DiskOffload:
+    """What `calibration.offload: disk` sets: the host budget for weights, and what the estimate needs besides."""
+
+    host_budget: int          # bytes of weights kept in host memory (max_host_memory, or the host less a reserve)
+    evaluation_tokens: int    # samples x seq_len: their hidden states stay resident between layers
+    shard_bytes: int          # the streaming exporter buffers one shard before writing it
+    writes_folder: bool       # the source must be converted first (dtype, or not safetensors): it goes to the folder
+    folder_free: int          # free bytes on the offload folder's filesystem
 
 
 @dataclass(frozen=True)
@@ -77,17 +92,23 @@ class MemoryEstimate:
     host_total: int
     host_available: int
     gpu_caps: tuple[int, ...]   # per GPU, after the recipe's gpu_memory_fraction
+    offload: DiskOffload | None = None
 
     @property
     def peak(self) -> StageMemory:
         return max(self.stages, key=lambda s: s.host_bytes + s.gpu_bytes)
 
     def fits(self) -> bool:
-        """Whether the largest stage fits this host's memory and GPU caps, with offload to CPU memory."""
+        """Whether the largest stage fits this host's memory and GPU caps, with offload to CPU memory (or, under
+        disk offload, its resident set fits the host and the offload folder's disk what it writes)."""
+        if self.offload is not None:
+            return self._offload_refusal("") is None
         peak = self.peak
         return peak.host_bytes + peak.gpu_bytes <= self.host_total + sum(self.gpu_caps)
 
     def refusal(self, where: str) -> str | None:
+        if self.offload is not None:
+            return self._offload_refusal(where)
         if self.fits():
             return None
         peak = self.peak
@@ -96,7 +117,22 @@ class MemoryEstimate:
         return (f"{where}: the model ({self.shape.params_label} parameters) needs about "
                 f"{(peak.host_bytes + peak.gpu_bytes) / GB:.1f} GB at its peak ({peak.stage}: {peak.detail}), but this "
                 f"host has {self.host_total / GB:.1f} GB of memory{gpus} (fix: build on a host with more memory or "
-                "GPUs; `kiln plan` shows each stage's estimate)")
+                "GPUs; `kiln plan` shows each stage's estimate, or set calibration.offload: disk)")
+
+    def _offload_refusal(self, where: str) -> str | None:
+        peak = max(self.stages, key=lambda s: s.host_bytes)
+        if peak.host_bytes > self.host_total:
+            return (f"{where}: under calibration.offload: disk the smallest resident set still needs about "
+                    f"{peak.host_bytes / GB:.2f} GB of host memory ({peak.stage}: {peak.detail}), but this host has "
+                    f"{self.host_total / GB:.2f} GB (fix: lower calibration.max_host_memory, evaluation.samples or "
+                    "seq_len, or build on a host with more memory)")
+        disk = max(s.disk_bytes for s in self.stages)
+        if self.offload.writes_folder and disk > self.offload.folder_free:
+            return (f"{where}: disk offload writes {disk / GB:.2f} GB of converted weights to KILN_HOME/tmp, whose "
+                    f"filesystem has {self.offload.folder_free / GB:.2f} GB free (fix: free space there, point "
+                    "KILN_HOME at a larger disk, or store the source as safetensors in model.dtype so that accelerate "
+                    "reads it in place)")
+        return None
 
     def as_dict(self) -> dict:
         return {
@@ -105,8 +141,11 @@ class MemoryEstimate:
             "host_available_bytes": self.host_available,
             "gpu_caps_bytes": list(self.gpu_caps),
             "fits": self.fits(),
-            "stages": [{"stage": s.stage, "host_bytes": s.host_bytes, "gpu_bytes": s.gpu_bytes, "detail": s.detail}
-                       for s in self.stages],
+            "offload": None if self.offload is None else {
+                "host_budget_bytes": self.offload.host_budget, "writes_folder": self.offload.writes_folder,
+                "folder_free_bytes": self.offload.folder_free},
+            "stages": [{"stage": s.stage, "host_bytes": s.host_bytes, "gpu_bytes": s.gpu_bytes,
+                        "disk_bytes": s.disk_bytes, "detail": s.detail} for s in self.stages],
         }
 
 
@@ -115,12 +154,16 @@ def _quantized_bytes(shape: ModelShape, weight_bits: float) -> int:
 
 
 def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, evaluation_seq_len: int,
-             host_total: int, host_available: int, gpu_caps: tuple[int, ...] = ()) -> MemoryEstimate:
+             host_total: int, host_available: int, gpu_caps: tuple[int, ...] = (),
+             offload: DiskOffload | None = None) -> MemoryEstimate:
     """Peak memory per stage for a model of this config.json, quantized to each of `formats` (QuantFormat).
 
     `gpu_caps` are the GPUs' usable bytes when calibration runs on them (empty on the CPU).
     """
     shape = ModelShape.from_config(config)
+    if offload is not None:
+        return _offloaded(shape, dtype_bytes, formats, calibration_seq_len, evaluation_seq_len, host_total,
+                          host_available, tuple(gpu_caps), offload)
     weights = shape.params * dtype_bytes
     exported = max(_quantized_bytes(shape, FORMATS[f].weight_bits) for f in formats)
     # One window through the model: a few float activations of the widest layer, and the logits.
@@ -152,6 +195,36 @@ def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, 
     return MemoryEstimate(shape, tuple(stages), host_total, host_available, tuple(gpu_caps))
 
 
+def _offloaded(shape: ModelShape, dtype_bytes: int, formats, calibration_seq_len: int, evaluation_seq_len: int,
+               host_total: int, host_available: int, gpu_caps: tuple[int, ...], offload: DiskOffload) -> MemoryEstimate:
+    """Each stage's resident host memory and the weights it reads from disk under offload: disk."""
+    weights = shape.params * dtype_bytes
+    layer = shape.linear_params // shape.layers * dtype_bytes             # one decoder layer as loaded
+    edges = shape.other_params * dtype_bytes                              # embeddings, head, norms
+    on_gpus = min(weights, sum(gpu_caps))
+    in_host = min(weights - on_gpus, max(offload.host_budget, 0))
+    on_disk = weights - on_gpus - in_host
+    exported_layer = max(_quantized_bytes(shape, FORMATS[f].weight_bits) for f in formats) // max(shape.layers, 1)
+    calib_work = calibration_seq_len * (4 * shape.max_hidden * 4 + shape.vocab * dtype_bytes)
+    block = min(evaluation_seq_len, max(16, validate.LOGIT_BLOCK_BYTES // (4 * shape.vocab))) * shape.vocab * 4
+    hidden_states = 2 * offload.evaluation_tokens * shape.hidden * 4      # every sample's, into and out of a layer
+    decoded = 4 * shape.hidden * shape.max_hidden                         # its widest linear, decoded to float32
+    shard = min(offload.shard_bytes, exported_layer * shape.layers)
+    disk = f", {on_disk / GB:.2f} GB read from disk" if on_disk else ""
+    stages = (
+        StageMemory("quantize (calibrate)", RUNTIME_BYTES + in_host + layer + calib_work, on_gpus,
+                    f"{in_host / GB:.2f} GB of weights in host memory + one {layer / GB:.3f} GB layer{disk} + "
+                    f"{calib_work / GB:.2f} GB of activations", on_disk),
+        StageMemory("quantize (export)", RUNTIME_BYTES + in_host + layer + 2 * exported_layer + shard, on_gpus,
+                    f"{in_host / GB:.2f} GB of weights in host memory + one layer exported + a {shard / GB:.2f} GB "
+                    f"shard buffer{disk}", on_disk),
+        StageMemory("validate (layer by layer)", RUNTIME_BYTES + edges + layer + decoded + hidden_states + 6 * block, 0,
+                    f"{edges / GB:.2f} GB of embeddings and head + one layer (and {decoded / GB:.3f} GB decoded) + "
+                    f"{hidden_states / GB:.2f} GB of hidden states + logit blocks", weights - edges),
+    )
+    return MemoryEstimate(shape, stages, host_total, host_available, gpu_caps, offload)
+
+
 def host_memory() -> tuple[int, int]:
     """(total, available) bytes of this host's memory."""
     import psutil
@@ -181,7 +254,30 @@ def recipe_estimate(loaded, folder, host) -> MemoryEstimate | None:
     # A calibration batch holds batch_size windows at once: its activations scale with their tokens.
     return estimate(config, 2, [q for v in recipe.variants.values() for q in v.quant_formats],
                     recipe.calibration.seq_len * recipe.calibration.batch_size,
-                    recipe.evaluation.seq_len, total, available, caps)
+                    recipe.evaluation.seq_len, total, available, caps, disk_offload(recipe, Path(folder), config, available))
+
+
+def disk_offload(recipe, folder, config: dict, available: int) -> DiskOffload | None:
+    """The recipe's disk offload as the estimate needs it, or None when it does not offload to disk."""
+    import shutil
+
+    from pydantic import ByteSize, TypeAdapter
+
+    from kiln.common.scratch import kiln_home
+    from kiln.quantize.placement import HOST_RESERVE_BYTES
+
+    calibration = recipe.calibration
+    if calibration.offload.value != "disk":
+        return None
+    budget = calibration.max_host_memory if calibration.max_host_memory is not None else available - HOST_RESERVE_BYTES
+    stored = config.get("dtype") or config.get("torch_dtype")
+    in_place = stored == recipe.model.dtype and any(folder.glob("*.safetensors"))
+    home = kiln_home()
+    while not home.exists():
+        home = home.parent
+    return DiskOffload(int(budget), recipe.evaluation.samples * recipe.evaluation.seq_len,
+                       int(TypeAdapter(ByteSize).validate_python(recipe.build.max_shard_size)), not in_place,
+                       shutil.disk_usage(home).free)
 
 
 def memory_table(estimate_: MemoryEstimate, title: str):
@@ -189,13 +285,21 @@ def memory_table(estimate_: MemoryEstimate, title: str):
 
     table = Table(title=f"{title}: estimated peak memory ({estimate_.shape.params_label} parameters)",
                   title_justify="left")
-    for column, justify in (("stage", "left"), ("host GB", "right"), ("GPU GB", "right"), ("what", "left")):
+    offload = estimate_.offload
+    columns = (("stage", "left"), ("host GB", "right"), ("GPU GB", "right"),
+               *((("disk GB", "right"),) if offload else ()), ("what", "left"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     for stage in estimate_.stages:
-        table.add_row(stage.stage, f"{stage.host_bytes / GB:.2f}", f"{stage.gpu_bytes / GB:.2f}", stage.detail)
+        disk = (f"{stage.disk_bytes / GB:.2f}",) if offload else ()
+        table.add_row(stage.stage, f"{stage.host_bytes / GB:.2f}", f"{stage.gpu_bytes / GB:.2f}", *disk, stage.detail)
     gpus = f"{len(estimate_.gpu_caps)} GPU(s), {sum(estimate_.gpu_caps) / GB:.1f} GB usable" if estimate_.gpu_caps \
         else "no GPU used"
     verdict = "fits" if estimate_.fits() else "DOES NOT FIT"
+    budget = (f"; weights in host memory capped at {offload.host_budget / GB:.2f} GB, the rest read from disk "
+              + ("(converted into KILN_HOME/tmp first)" if offload.writes_folder else "in place from the source's "
+                 "safetensors")) if offload else ""
     table.add_row("this host", f"{estimate_.host_total / GB:.2f}", f"{sum(estimate_.gpu_caps) / GB:.2f}",
-                  f"{verdict}: {estimate_.host_available / GB:.1f} GB available now; {gpus}")
+                  *((f"{offload.folder_free / GB:.0f} free",) if offload else ()),
+                  f"{verdict}: {estimate_.host_available / GB:.1f} GB available now; {gpus}{budget}")
     return table

@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import ByteSize, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
 from kiln.pipeline.recipe_quant import AUTO, AutoPrecision, QuantName, Strict
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
-from kiln.quantize.placement import Device
+from kiln.quantize.placement import Device, Offload
 from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem
 from kiln.validate import BUILTIN_TASKS, GateResult, Metrics, TaskDrop, evaluate_gates
 
@@ -84,6 +84,18 @@ class CalibrationSpec(DataSpec):
     batch_size: PositiveInt = Field(default=1, description="samples per calibration forward pass: larger is faster "
                                     "for small models (AWQ: 1.6x at 16 on the demo model), but the float sums change "
                                     "and AWQ can pick another scale near a tie (bench/awq_calibration.py)")
+    offload: Offload = Field(default=Offload.none, description="none | cpu | disk: where weights that do not fit go. "
+                             "cpu: GPUs, then host memory; disk: GPUs, then host memory up to max_host_memory, then "
+                             "read from disk a decoder layer at a time (validation too): for models larger than memory")
+    max_host_memory: ByteSize | None = Field(default=None, description="host memory the weights may take under "
+                                             "offload: disk, e.g. 6GiB (default: what the host has free, less 2 GiB)")
+
+    @model_validator(mode="after")
+    def _budget_needs_disk(self) -> "CalibrationSpec":
+        if self.max_host_memory is not None and self.offload is not Offload.disk:
+            raise ValueError(f"max_host_memory caps the weights in host memory under offload: disk, but offload is "
+                             f"{self.offload.value} (fix: set offload: disk, or remove max_host_memory)")
+        return self
 
 
 class TaskSpec(Strict):
@@ -318,6 +330,11 @@ class Publish(Strict):
     aliases: tuple[Name, ...] = ()
 
 
+# Calibration that only reads weights (amax statistics): what ModelOpt 0.47 runs over disk-offloaded layers within
+# the host budget. AWQ, GPTQ and SmoothQuant rewrite weights, which its offload writeback keeps in host memory.
+OFFLOAD_ALGORITHMS = frozenset({"max"})
+
+
 class Recipe(Strict):
     kiln: Literal[1] = Field(description="schema version")
     name: Name
@@ -327,6 +344,28 @@ class Recipe(Strict):
     variants: dict[Name, Variant] = Field(min_length=1)
     build: BuildSizes = BuildSizes()
     publish: Publish = Publish()
+
+    @model_validator(mode="after")
+    def _offload_can_build(self) -> "Recipe":
+        if self.calibration.offload is not Offload.disk:
+            return self
+        if self.build.target is not Target.trtllm_pytorch:
+            raise ValueError("calibration.offload: disk writes the HF checkpoint only (ModelOpt's TensorRT-LLM exporter "
+                             "assembles the whole state dict), so it cannot feed build.target "
+                             f"{self.build.target.value} (fix: build.target: trtllm-pytorch, or offload: none)")
+        for name, variant in self.variants.items():
+            if variant.backend is not Backend.modelopt or variant.is_auto:
+                what = "quant auto" if variant.is_auto else f"backend {variant.backend.value}"
+                raise ValueError(f"variants.{name}: {what} does not run under calibration.offload: disk "
+                                 "(fix: offload: none, or a ModelOpt format)")
+            algorithm = FORMATS[variant.quant].algorithm
+            if algorithm not in OFFLOAD_ALGORITHMS:
+                raise ValueError(f"variants.{name}: {variant.quant.value} calibrates with {algorithm}, which rewrites "
+                                 "weights; under disk offload ModelOpt 0.47 keeps every rewritten layer in host memory "
+                                 "and its export then meets meta tensors (measured) (fix: offload: none, or a format "
+                                 f"calibrated by {', '.join(sorted(OFFLOAD_ALGORITHMS))}: "
+                                 f"{', '.join(f.value for f, spec in FORMATS.items() if spec.algorithm in OFFLOAD_ALGORITHMS)})")
+        return self
 
     @model_validator(mode="after")
     def _task_gates_name_tasks(self) -> "Recipe":

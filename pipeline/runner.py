@@ -67,6 +67,7 @@ class CheckpointStages:
             metrics = validate.run(
                 checkpoint / quantize.HF_DIR, context.baseline(), context.samples("evaluation"), self.progress, name,
                 trust_remote_code=self.loaded.recipe.model.trust_remote_code, placement=context.placement(),
+                stream_layers=context.placement().to_disk,
             )
             quantize.release_memory()
             drops = None

@@ -4,7 +4,8 @@ Public entry points:
   run(request, model_dir, calibration, out_dir, progress, placement) -> CheckpointRecord
       (request.auto set, quant "auto": ModelOpt's per-layer format search under a budget, auto_precision.py)
   layer_width_problems(model_dir, quant, group_size) -> list[str]
-  plan_placement(device, gpus, gpu_memory_fraction, host_memory) -> Placement   (CPU, or GPUs + offload)
+  plan_placement(device, gpus, gpu_memory_fraction, host_memory, offload, max_host_memory) -> Placement
+                                                  (CPU, or GPUs + offload to host memory, then disk)
   FAMILIES / family_of / family_problems        the model-family table (what TensorRT-LLM supports per family)
   Runtime / runtime_cells / runtime_problem     the runtimes table (which runtimes load each checkpoint format)
   require_backend(backend) / tool_versions(backend)   backend llmcompressor runs in its own interpreter
@@ -30,7 +31,7 @@ from kiln.quantize.formats import (
 )
 from kiln.quantize.modelopt_backend import TOOLS
 from kiln.quantize.size import CheckpointSize, checkpoint_size
-from kiln.quantize.placement import Device, Placement, VisibleGpu, plan_placement
+from kiln.quantize.placement import Device, Offload, Placement, VisibleGpu, plan_placement
 from kiln.quantize.runtimes import (
     Loads, Quant, Runtime, loading_runtimes, runtime_cells, runtime_problem, vllm_device_problem,
 )
@@ -45,7 +46,7 @@ __all__ = [
     "run", "require_backend", "tool_versions", "BACKENDS", "QuantizeRequest", "AutoRequest", "CheckpointRecord", "recorded_formats",
     "release_memory", "AUTO", "MIXED_PRECISION", "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
     "format_of_export", "kv_cache_of_export", "register_format", "unregister_format",
-    "layer_width_problems", "unmatched_excludes", "lowest_budget", "Device", "Placement", "VisibleGpu", "plan_placement",
+    "layer_width_problems", "unmatched_excludes", "lowest_budget", "Device", "Offload", "Placement", "VisibleGpu", "plan_placement",
     "HF_DIR", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
-from kiln.quantize.placement import Placement
+from kiln.quantize.placement import Placement, offload_device_map
 
 TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
@@ -49,20 +49,36 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
 
 
 def load_source_model(model_dir: Path, dtype: str, trust_remote_code: bool, allow_pickle: bool,
-                      placement: Placement | None = None):
+                      placement: Placement | None = None, offload_folder: Path | None = None):
     """The source model in `dtype`, read from its (memory-mapped) safetensors; on GPUs, spread over them by
-    accelerate's device map with the placement's caps, the rest offloaded to CPU memory."""
+    accelerate's device map with the placement's caps, the rest offloaded to CPU memory. Under disk offload,
+    the decoder layers past the caps stay on disk: accelerate's hooks read each one when it runs (from the
+    source's own safetensors; `offload_folder` takes only what must be converted first)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    kwargs = placement.load_kwargs() if placement else {}
+    if placement is not None and placement.to_disk:
+        from accelerate import init_empty_weights
+
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, TORCH_DTYPES[dtype]),
+                                                     trust_remote_code=trust_remote_code)
+        kwargs = placement.load_kwargs(offload_device_map(empty, placement), str(offload_folder))
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=getattr(torch, TORCH_DTYPES[dtype]),
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
-        **(placement.load_kwargs() if placement else {}),
+        **kwargs,
     )
     return model.eval()
+
+
+def on_disk(model) -> list[str]:
+    """The modules accelerate's device map left on disk (read back a layer at a time when they run)."""
+    return [name for name, where in (getattr(model, "hf_device_map", None) or {}).items() if where == "disk"]
 
 
 def input_device(model):
@@ -138,9 +154,17 @@ def calibrate_kv_cache(model, kv_cache: KVCacheFormat, samples, batch_size: int)
             mtq.calibrate(model, algorithm="max", forward_loop=forward_loop)
 
 
-def export_hf(model, export_dir: Path, max_shard_size: str = "5GB") -> None:
-    """The HF unified checkpoint; past `max_shard_size` it is sharded with model.safetensors.index.json."""
+def export_hf(model, export_dir: Path, max_shard_size: str = "5GB", offloaded: list[str] | bool = False) -> None:
+    """The HF unified checkpoint; past `max_shard_size` it is sharded with model.safetensors.index.json.
+    An `offloaded` model goes through ModelOpt's streaming exporter (one decoder layer resident at a time),
+    which it takes only when it sees accelerate's offload hooks: without them, the resident exporter would
+    read the offloaded weights as meta tensors, so that is refused before anything is written."""
     from modelopt.torch.export import export_hf_checkpoint
+    from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
+
+    if offloaded and not has_accelerate_offload(model):
+        raise RuntimeError("the model was loaded with disk offload but carries no accelerate offload hooks: "
+                           "ModelOpt's resident exporter would write meta tensors, so nothing is exported")
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -151,6 +175,11 @@ def export_trtllm(model, export_dir: Path, dtype: str, tp_size: int) -> None:
     import torch
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from modelopt.torch.export.model_utils import get_model_type
+    from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
+
+    if has_accelerate_offload(model):   # it assembles the whole state dict: offloaded weights would be meta
+        raise RuntimeError("ModelOpt's TensorRT-LLM exporter assembles the full state dict; an offloaded model's "
+                           "weights are meta tensors there, so it is not run under offload")
 
     decoder_type = get_model_type(model)
     if decoder_type is None:

@@ -4,6 +4,8 @@ families with a TensorRT-LLM checkpoint, trtllm/ (checked and completed by trtll
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +31,19 @@ def require() -> None:
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
         on_loaded, family: Family, source_config: dict) -> CheckpointRecord:
+    # Under disk offload: a folder of this process's scratch (KILN_HOME/tmp), removed when the stage ends, and by
+    # the next kiln if this process is killed (kiln.common.scratch).
+    offload_folder = Path(tempfile.mkdtemp(prefix="kiln-offload-")) if placement.to_disk else None
+    try:
+        return _run(request, model_dir, calibration, out_dir, progress, placement, on_loaded, family, source_config,
+                    offload_folder)
+    finally:
+        if offload_folder is not None:
+            shutil.rmtree(offload_folder, ignore_errors=True)
+
+
+def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
+         on_loaded, family: Family, source_config: dict, offload_folder: Path | None) -> CheckpointRecord:
     # ModelOpt and torch load here, when a variant is quantized: a cached build never imports them.
     from kiln.quantize import modelopt_adapter as adapter
 
@@ -36,8 +51,12 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     started = time.monotonic()
     reset_gpu_peaks(placement)
     model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle,
-                                      placement)
+                                      placement, offload_folder)
     seconds["load"] = time.monotonic() - started
+    on_disk = adapter.on_disk(model)
+    if placement.to_disk:
+        progress.log(f"disk offload: {len(on_disk)} of {len(model.hf_device_map)} modules read from disk as they run "
+                     f"(host budget {placement.max_memory['cpu'] / 2**20:.0f} MiB)")
     if on_loaded is not None:
         started = time.monotonic()
         on_loaded(model)
@@ -51,12 +70,15 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     seconds["calibrate"] = time.monotonic() - started
 
     started = time.monotonic()
-    with progress.task(f"export {label}", total=3 if family.trtllm else 2) as task:
-        adapter.export_hf(model, out_dir / HF_DIR, request.max_shard_size)
+    # Under disk offload only the HF checkpoint is written, streamed a layer at a time; ModelOpt's TensorRT-LLM
+    # exporter needs the whole state dict (TensorRT-LLM reads the HF checkpoint on the compile host instead).
+    trtllm = family.trtllm is not None and not placement.to_disk
+    with progress.task(f"export {label}", total=3 if trtllm else 2) as task:
+        adapter.export_hf(model, out_dir / HF_DIR, request.max_shard_size, offloaded=bool(on_disk))
         task.advance()
         save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
         task.advance()
-        if family.trtllm:
+        if trtllm:
             adapter.export_trtllm(model, out_dir / TRTLLM_DIR, request.dtype, request.tp_size)
             task.advance()
     seconds["export"] = time.monotonic() - started
@@ -65,11 +87,11 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     del model
 
     corrections = (check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size, label)
-                   if family.trtllm else [])
+                   if trtllm else [])
     auto = request.auto
     layer_formats, auto_record = {}, None
     if auto is not None:
-        _check_mixed_export(out_dir, source_config, family, label)
+        _check_mixed_export(out_dir, source_config, family if trtllm else None, label)
         layer_formats = auto_precision.read_layer_formats(out_dir / HF_DIR, linear_layers, auto.formats)
         measured = auto_precision.check_budget(checkpoint_size(out_dir / HF_DIR, model_dir), auto)
         auto_record = {"formats": [q.value for q in auto.formats], "effective_bits": auto.effective_bits,
@@ -91,9 +113,12 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
         export_quant_algo=json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())["quantization"].get("quant_algo"),
         alpha=request.alpha,
         exclude=list(request.exclude),
-        placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement)},
+        placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement), "on_disk": on_disk,
+                   # what accelerate converted into the folder (0 when it reads the source's safetensors in place)
+                   "offload_folder_bytes": sum(f.stat().st_size for f in offload_folder.rglob("*") if f.is_file())
+                   if offload_folder else 0},
         family=family.model_type,
-        trtllm_checkpoint=family.trtllm is not None,
+        trtllm_checkpoint=trtllm,
         layer_formats=layer_formats,
         auto=auto_record,
     )
@@ -101,10 +126,10 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     return record
 
 
-def _check_mixed_export(out_dir: Path, source_config: dict, family: Family, label: str) -> None:
+def _check_mixed_export(out_dir: Path, source_config: dict, family: Family | None, label: str) -> None:
     """A mixed checkpoint's two exports give each decoder layer the same format."""
     hf = json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())
-    if not family.trtllm or hf["quantization"].get("quant_algo") != MIXED_PRECISION:
+    if family is None or not family.trtllm or hf["quantization"].get("quant_algo") != MIXED_PRECISION:
         return
     trt_config = json.loads((out_dir / TRTLLM_DIR / MIXED_LAYER_CONFIG).read_text())
     problems = auto_precision.trtllm_disagreements(hf, trt_config, source_config["num_hidden_layers"])

@@ -22,6 +22,14 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Offload(str, Enum):
+    """Where weights that do not fit go: nowhere (none), host memory after the GPUs (cpu), then disk (disk)."""
+
+    none = "none"
+    cpu = "cpu"
+    disk = "disk"
+
+
 # Host memory kept back from the CPU offload budget: the interpreter, torch, ModelOpt and the
 # calibration activations live there too.
 HOST_RESERVE_BYTES = 2 << 30
@@ -39,13 +47,22 @@ class Placement:
     device: str                                   # "cpu" or "cuda": where the math runs
     gpus: tuple[VisibleGpu, ...] = ()
     max_memory: dict = field(default_factory=dict)   # accelerate's {gpu index: bytes, "cpu": bytes}
+    offload: str = Offload.none.value             # disk: what exceeds max_memory is read from disk per layer
 
     @property
     def on_gpu(self) -> bool:
         return self.device == "cuda"
 
-    def load_kwargs(self) -> dict:
-        """What `from_pretrained` gets beyond the dtype: nothing on the CPU; a device map with caps on GPUs."""
+    @property
+    def to_disk(self) -> bool:
+        return self.offload == Offload.disk.value
+
+    def load_kwargs(self, device_map: dict | None = None, offload_folder: str | None = None) -> dict:
+        """What `from_pretrained` gets beyond the dtype: nothing on the CPU; a device map with caps on GPUs;
+        under disk offload the device map kiln computed (offload_device_map) and the folder for what accelerate
+        cannot read back from the source files themselves."""
+        if self.to_disk:
+            return {"device_map": device_map, "offload_folder": offload_folder}
         if not self.on_gpu:
             return {}
         return {"device_map": "auto", "max_memory": dict(self.max_memory)}
@@ -55,32 +72,45 @@ class Placement:
         return {"max_memory": dict(self.max_memory)} if self.on_gpu else {}
 
     def record(self) -> dict:
-        """What kiln.json keeps: the device and the GPUs' names (the caps are this host's business)."""
-        return {"device": self.device, "gpus": [g.name for g in self.gpus]}
+        """What kiln.json keeps: the device, the GPUs' names and the offload (the caps are this host's business)."""
+        return {"device": self.device, "gpus": [g.name for g in self.gpus], "offload": self.offload}
 
     def as_dict(self) -> dict:
         return {**asdict(self), "max_memory": {str(k): v for k, v in self.max_memory.items()}}
 
 
 def plan_placement(device: Device | str, gpus: list[VisibleGpu] | tuple[VisibleGpu, ...], gpu_memory_fraction: float,
-                   host_memory_bytes: int) -> Placement:
-    """The placement for a recipe's `device` on a host with these GPUs and this much memory.
+                   host_memory_bytes: int, offload: Offload | str = Offload.none,
+                   max_host_memory: int | None = None) -> Placement:
+    """The placement for a recipe's `device` and `offload` on a host with these GPUs and this much memory.
 
     `auto` takes every visible GPU when there is one, else the CPU; `cuda` without a GPU is an
     input error (ValueError, naming the fix). Each GPU is capped at `gpu_memory_fraction` of its
-    memory; CPU offload may use the host's memory less a reserve.
+    memory; the weights in host memory at `max_host_memory`, or the host's memory less a reserve.
+    Offload `disk` fills the GPUs, then host memory, then disk; on a CPU-only host, host memory then disk.
     """
-    device = Device(device)
+    device, offload = Device(device), Offload(offload)
     if device is Device.cuda and not gpus:
         raise ValueError("calibration.device is cuda, but torch sees no CUDA GPU on this host "
                          "(fix: set calibration.device: auto or cpu, or check CUDA_VISIBLE_DEVICES and the driver)")
-    if device is Device.cpu or not gpus:
+    host = max_host_memory if max_host_memory is not None else max(host_memory_bytes - HOST_RESERVE_BYTES, 0)
+    on_cpu = device is Device.cpu or not gpus
+    if on_cpu and offload is not Offload.disk:
         return Placement("cpu")
     if not 0 < gpu_memory_fraction <= 1:
         raise ValueError(f"gpu_memory_fraction {gpu_memory_fraction} must be in (0, 1]")
-    max_memory: dict = {g.index: int(g.total_bytes * gpu_memory_fraction) for g in gpus}
-    max_memory["cpu"] = max(host_memory_bytes - HOST_RESERVE_BYTES, 0)
-    return Placement("cuda", tuple(gpus), max_memory)
+    max_memory: dict = {} if on_cpu else {g.index: int(g.total_bytes * gpu_memory_fraction) for g in gpus}
+    max_memory["cpu"] = host
+    return Placement("cpu" if on_cpu else "cuda", () if on_cpu else tuple(gpus), max_memory, offload.value)
+
+
+def offload_device_map(model, placement: Placement) -> dict[str, int | str]:
+    """accelerate's device map for a (meta) model under disk offload: whole decoder layers on each GPU up to its
+    cap, then in host memory up to the host cap, the rest on "disk" (module order: the head comes last)."""
+    from accelerate import infer_auto_device_map
+
+    return infer_auto_device_map(model, max_memory=dict(placement.max_memory),
+                                 no_split_module_classes=list(model._no_split_modules or ()))
 
 
 def visible_gpus() -> list[VisibleGpu]:

@@ -104,7 +104,7 @@ def test_cpu_placement_hands_transformers_nothing():
         placement = plan_placement(device, gpus, 0.8, 64 * GiB)
         assert placement == Placement("cpu")
         assert placement.load_kwargs() == {} and placement.dispatch_kwargs() == {}
-        assert placement.record() == {"device": "cpu", "gpus": []}
+        assert placement.record() == {"device": "cpu", "gpus": [], "offload": "none"}
 
 
 def test_auto_takes_every_visible_gpu_with_caps_and_cpu_offload():
@@ -116,7 +116,7 @@ def test_auto_takes_every_visible_gpu_with_caps_and_cpu_offload():
         "max_memory": {0: int(H100 * 0.8), 1: int(H100 * 0.8), "cpu": 512 * GiB - HOST_RESERVE_BYTES},
     }
     assert placement.dispatch_kwargs() == {"max_memory": placement.load_kwargs()["max_memory"]}
-    assert placement.record() == {"device": "cuda", "gpus": ["NVIDIA H100 80GB HBM3"] * 2}
+    assert placement.record() == {"device": "cuda", "gpus": ["NVIDIA H100 80GB HBM3"] * 2, "offload": "none"}
     # The caps follow the recipe's fraction, per GPU, whatever their sizes.
     mixed = plan_placement("cuda", [VisibleGpu(0, "A", 40 * GiB), VisibleGpu(1, "B", 80 * GiB)], 0.5, 8 * GiB)
     assert mixed.max_memory == {0: 20 * GiB, 1: 40 * GiB, "cpu": 6 * GiB}

@@ -1,0 +1,175 @@
+"""calibration.offload: disk: what kiln hands accelerate, the recipes it refuses, and a build whose layers are read
+from disk that measures what the in-memory build measures, leaves no offload folder, and is cleaned up after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from kiln.quantize.placement import HOST_RESERVE_BYTES, Placement, VisibleGpu, offload_device_map, plan_placement
+from tests.conftest import SPINE_VARIANTS, run_kiln, seed_home, write_recipe
+from tests.recipes import KILN
+
+GIB = 1 << 30
+H100 = VisibleGpu(0, "NVIDIA H100 80GB HBM3", 80 * GIB)
+L40S = VisibleGpu(1, "NVIDIA L40S", 48 * GIB)
+
+
+def test_the_placement_kiln_hands_accelerate():
+    # A GPU host: each GPU at its fraction, then host memory at the recipe's cap, then disk.
+    disk = plan_placement("auto", [H100, L40S], 0.5, 64 * GIB, "disk", 6 * GIB)
+    assert disk == Placement("cuda", (H100, L40S), {0: 40 * GIB, 1: 24 * GIB, "cpu": 6 * GIB}, "disk")
+    assert disk.load_kwargs({"model.layers.0": 0}, "/x") == {"device_map": {"model.layers.0": 0}, "offload_folder": "/x"}
+    # Without a cap, host memory less the reserve.
+    assert plan_placement("auto", [H100], 0.8, 64 * GIB, "disk").max_memory["cpu"] == 64 * GIB - HOST_RESERVE_BYTES
+    # CPU offload on a GPU host is today's placement: accelerate's auto map over the caps.
+    cpu = plan_placement("auto", [H100], 0.8, 64 * GIB, "cpu")
+    assert cpu.load_kwargs() == {"device_map": "auto", "max_memory": {0: int(80 * GIB * 0.8), "cpu": 62 * GIB}}
+    # A CPU-only host: host memory, then disk; `cpu` and `none` have nothing to offload to.
+    assert plan_placement("auto", [], 0.8, 24 * GIB, "disk", GIB) == Placement("cpu", (), {"cpu": GIB}, "disk")
+    assert plan_placement("auto", [], 0.8, 24 * GIB, "cpu") == Placement("cpu")
+    assert plan_placement("cpu", [H100], 0.8, 24 * GIB, "none").load_kwargs() == {}
+
+
+def test_the_device_map_on_a_cpu_host_fills_the_host_budget_then_disk():
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=4)
+    with init_empty_weights():
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    layer = 2 * (4 * 256 * 256 + 3 * 256 * 1024 + 2 * 256)   # bf16 bytes of one decoder layer
+    embedding = 2 * 4096 * 256
+    # accelerate keeps room for the largest layer it offloads: the budget holds the embedding and two layers.
+    budget = embedding + 3 * layer + 4096
+    device_map = offload_device_map(model, plan_placement("auto", [], 0.8, 24 * GIB, "disk", budget))
+    assert device_map["model.embed_tokens"] == "cpu"
+    assert [device_map[f"model.layers.{i}"] for i in range(6)] == ["cpu", "cpu"] + ["disk"] * 4
+    assert device_map["lm_head"] == "disk"
+
+
+@pytest.mark.parametrize("calibration, variants, build, message", [
+    ({"offload": "disk"}, {"awq": {"quant": "int4_awq"}}, {"target": "trtllm-pytorch"},
+     "variants.awq: int4_awq calibrates with awq_lite, which rewrites weights; under disk offload ModelOpt 0.47 keeps "
+     "every rewritten layer in host memory"),
+    ({"offload": "disk"}, {"fp8": {"quant": "fp8"}}, {},
+     "calibration.offload: disk writes the HF checkpoint only (ModelOpt's TensorRT-LLM exporter assembles the whole "
+     "state dict), so it cannot feed build.target trtllm-engine (fix: build.target: trtllm-pytorch, or offload: none)"),
+    ({"max_host_memory": "6GiB"}, {"fp8": {"quant": "fp8"}}, {},
+     "max_host_memory caps the weights in host memory under offload: disk, but offload is none (fix: set offload: "
+     "disk, or remove max_host_memory)"),
+    ({"offload": "tape"}, {"fp8": {"quant": "fp8"}}, {}, "calibration.offload"),
+    ({"offload": "disk", "max_host_memory": "six"}, {"fp8": {"quant": "fp8"}}, {"target": "trtllm-pytorch"},
+     "calibration.max_host_memory"),
+])
+def test_recipes_offload_cannot_build_are_refused(tmp_path, calibration, variants, build, message):
+    recipe = write_recipe(tmp_path, "/nonexistent/model", variants, **({"build": build} if build else {}))
+    text = json.loads(json.dumps(__import__("yaml").safe_load(recipe.read_text())))
+    text["calibration"].update(calibration)
+    recipe.write_text(json.dumps(text))
+    result = run_kiln("check", recipe)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _offload_recipe(tmp_path, test_model, budget: str, name: str = "spine"):
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": SPINE_VARIANTS["fp8"]}, name=name,
+                          build={"target": "trtllm-pytorch"})
+    text = __import__("yaml").safe_load(recipe.read_text())
+    text["calibration"].update({"offload": "disk", "max_host_memory": budget})
+    recipe.write_text(json.dumps(text))
+    return recipe
+
+
+@pytest.mark.slow
+def test_a_build_from_disk_measures_what_the_in_memory_build_measured(tmp_path, test_model, spine_cache):
+    """The demo model's spine FP8 + FP8-KV variant with a 2 MiB host budget: all but the embedding's neighbours
+    are read from disk while ModelOpt calibrates, exported by ModelOpt's streaming writer, validated one layer at
+    a time. The quantize key does not hold the offload (a placement, like calibration.device: same values), so
+    the in-memory build of the same variant (the shared spine cache) sits under the same key to compare with."""
+    home = tmp_path / "home"
+    env = {"KILN_HOME": str(home)}
+    result = run_kiln("build", _offload_recipe(tmp_path, test_model, "2MiB"), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "disk offload: 5 of 8 modules read from disk as they run (host budget 2 MiB)" in result.stderr
+    assert "evaluate fp8 (layer by layer)" in result.stderr
+    [variant] = json.loads(result.stdout)["variants"]
+    [entry] = list((home / "cache" / "validate").iterdir())
+    in_memory = json.loads((spine_cache / "validate" / entry.name / "report.json").read_text())
+    for field in ("baseline_ppl", "quantized_ppl", "mean_kl", "top1_agreement", "ppl_increase_pct"):
+        assert abs(variant["metrics"][field] - in_memory[field]) <= 1e-4 * abs(in_memory[field]), field
+    [checkpoint] = list((home / "cache" / "quantize").iterdir())
+    record = json.loads((checkpoint / "kiln.json").read_text())
+    assert record["placement"]["offload"] == "disk" and len(record["placement"]["on_disk"]) == 5
+    assert record["trtllm_checkpoint"] is False and not (checkpoint / "trtllm").exists()
+    # The same quantized bytes as the in-memory export, tensor by tensor.
+    from safetensors.torch import load_file
+
+    import torch
+
+    mine, theirs = (load_file(c / "hf" / "model.safetensors") for c in (checkpoint, spine_cache / "quantize" / checkpoint.name))
+    assert mine.keys() == theirs.keys()
+    assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine)
+    assert list((home / "tmp").iterdir()) == []   # the offload folder went with the build
+    pulled = run_kiln("pull", "spine-fp8/1", "--out", tmp_path / "pulled", env=env)
+    assert pulled.returncode == 0 and "all verified" in pulled.stdout, pulled.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_offloaded_build_leaves_its_offload_folder_to_the_next_kiln(tmp_path, test_model):
+    """SIGKILL runs no clean-up: the folder stays until the next build, which removes what dead processes left
+    under KILN_HOME/tmp (kiln.common.scratch) before it starts, then builds and removes its own."""
+    home = tmp_path / "home"
+    recipe = _offload_recipe(tmp_path, test_model, "2MiB", name="killed")
+    build = subprocess.Popen([str(KILN), "build", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "KILN_HOME": str(home)})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((home / "tmp").glob("*/kiln-offload-*")):
+        assert build.poll() is None, "the build ended before its offload folder was seen"
+        time.sleep(0.05)
+    [folder] = list((home / "tmp").glob("*/kiln-offload-*"))
+    build.send_signal(signal.SIGKILL)
+    build.communicate(timeout=60)
+    assert folder.is_dir()   # nothing of the killed process ran to remove it
+    again = run_kiln("build", recipe, env={"KILN_HOME": str(home)})   # the next kiln that writes clears it first
+    assert again.returncode == 0, again.stderr
+    assert not folder.exists() and list((home / "tmp").iterdir()) == []
+
+
+def _llama_70b_config() -> dict:
+    return {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "vocab_size": 128256,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672}
+
+
+def test_the_plan_under_disk_offload_counts_one_layer_resident_and_the_rest_read_from_disk():
+    from kiln.pipeline.memory import DiskOffload, estimate
+    from kiln.quantize import QuantFormat
+
+    offload = DiskOffload(host_budget=6 * GIB, evaluation_tokens=32 * 512, shard_bytes=GIB, writes_folder=False,
+                          folder_free=100 * GIB)
+    plan = estimate(_llama_70b_config(), 2, [QuantFormat.fp8], 512, 512, 24 * GIB, 20 * GIB, (), offload)
+    calibrate, export, validate = plan.stages
+    weights = plan.shape.params * 2
+    assert calibrate.disk_bytes == export.disk_bytes == weights - 6 * GIB   # 141 GB of a 70B model on disk
+    layer = plan.shape.linear_params // 80 * 2
+    assert 6 * GIB + layer < calibrate.host_bytes < 6 * GIB + layer + 2 * GIB   # budget + one layer + runtime
+    # Validation: the 4.2 GB embeddings and head, one layer and its widest linear in float32, 32 x 512 hidden states.
+    assert 7 * GIB < validate.host_bytes < 9 * GIB and plan.fits() and plan.refusal("r.yaml") is None
+    # The same model in a 4 GiB host: even one layer with the embeddings and the hidden states does not fit.
+    small = estimate(_llama_70b_config(), 2, [QuantFormat.fp8], 512, 512, 4 * GIB, 3 * GIB, (), offload)
+    assert not small.fits()
+    assert small.refusal("r.yaml").startswith("r.yaml: under calibration.offload: disk the smallest resident set "
+                                              "still needs about")
+    # A source that must be converted first needs the offload folder's disk.
+    converting = DiskOffload(6 * GIB, 32 * 512, GIB, writes_folder=True, folder_free=10 * GIB)
+    refusal = estimate(_llama_70b_config(), 2, [QuantFormat.fp8], 512, 512, 24 * GIB, 20 * GIB, (), converting) \
+        .refusal("r.yaml")
+    assert refusal.startswith("r.yaml: disk offload writes 1") and "whose filesystem has 10.74 GB free" in refusal
