@@ -3,6 +3,7 @@ bare ModelOpt calls on the same model and calibration tokens.
 
     python bench/scale.py                 # three sizes, the largest about 1.1B parameters
     python bench/scale.py --sizes small   # one size (small | medium | large)
+    python bench/scale.py --memory-cap    # kiln with disk offload, and the bare calls, under a hard memory limit
 
 For each size it prints parameters and bf16 bytes; kiln's wall time per stage and in total; the
 bare calls' wall time (load, calibrate, both exports) and the ratio; the peak RSS of each and RSS
@@ -12,6 +13,11 @@ run's peak is not another's. Both run in one go on this machine: compare the rat
 
 Targets at the largest size: kiln's peak RSS and total time (validation included) at most 1.5x the
 bare run's, and kiln's peak RSS at most 1.5x bf16 bytes + 1.5 GB.
+
+--memory-cap (root; cgroup v1's memory controller, or v2's memory.max): each run goes into a memory cgroup
+limited to 0.6 x the model's bf16 bytes + 1 GB, so the kernel kills what does not fit (no RSS sampling).
+kiln builds with calibration.offload: disk; the bare calls load the whole model as before. kiln's metrics are
+compared with the same recipe built without offload and without the cap.
 """
 
 from __future__ import annotations
@@ -174,15 +180,27 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
+                        help="default: all three; with --memory-cap, large")
+    parser.add_argument("--memory-cap", action="store_true", help="run under a hard memory limit (needs root)")
+    parser.add_argument("--nvfp4", action="store_true", help="with --memory-cap: an NVFP4 variant beside FP8 + FP8-KV")
+    parser.add_argument("--caps", nargs="+", type=float, metavar="GB",
+                        help="with --memory-cap: the limits to run under (default: 0.6 x bf16 + 1 GB)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="kiln-scale-") as tmp:
-        for size in args.sizes:
-            rows.append(measure(size, Path(tmp)))
-            print(table(rows[-1:]), file=sys.stderr)
-    print(table(rows))
+        if args.memory_cap:
+            from capped import capped_table, measure_capped
+
+            for size in args.sizes or ["large"]:
+                rows.append(measure_capped(size, Path(tmp), args.caps))
+            print(capped_table(rows))
+        else:
+            for size in args.sizes or list(SIZES):
+                rows.append(measure(size, Path(tmp)))
+                print(table(rows[-1:]), file=sys.stderr)
+            print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

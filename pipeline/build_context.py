@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln import quantize, validate
+from kiln.common.allocator import return_freed_memory
 from kiln.common.errors import RecipeErrors, UserInputError
 from kiln.common.progress import ProgressReporter
 from kiln.common.scratch import process_scratch
@@ -93,6 +94,9 @@ class BuildContext:
                     calibration.offload, calibration.max_host_memory)
             except ValueError as exc:
                 raise UserInputError(f"{self.loaded.path}: {exc}") from None
+            if self._placement.to_disk:
+                # A budget is only kept if freed tensors leave the process (kiln.common.allocator).
+                return_freed_memory()
             if self._placement.on_gpu:
                 names = ", ".join(g.name for g in self._placement.gpus)
                 self.progress.log(f"calibrating and validating on {len(self._placement.gpus)} GPU(s): {names}")

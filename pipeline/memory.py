@@ -226,11 +226,10 @@ def _offloaded(shape: ModelShape, dtype_bytes: int, formats, calibration_seq_len
 
 
 def host_memory() -> tuple[int, int]:
-    """(total, available) bytes of this host's memory."""
-    import psutil
+    """(total, available) bytes of this host's memory, or of this process's memory cgroup where that is lower."""
+    from kiln.quantize.placement import host_memory as usable
 
-    memory = psutil.virtual_memory()
-    return int(memory.total), int(memory.available)
+    return usable()
 
 
 def recipe_estimate(loaded, folder, host) -> MemoryEstimate | None:

@@ -125,10 +125,47 @@ def visible_gpus() -> list[VisibleGpu]:
 
 
 def host_memory_bytes() -> int:
-    """Memory available to this process now (MemAvailable), which is what offload can count on."""
+    """Memory available to this process now (MemAvailable, within its memory cgroup's limit), which is what
+    offload can count on."""
+    return host_memory()[1]
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of memory this process may use: the host's, or its memory cgroup's limit where that
+    is lower (a container, a CI job, `bench/scale.py --memory-cap`), which the host's numbers do not show."""
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    memory = psutil.virtual_memory()
+    limit = cgroup_memory_limit()
+    if limit is None:
+        return int(memory.total), int(memory.available)
+    return min(int(memory.total), limit), min(int(memory.available), limit)
+
+
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's cgroup (v1's memory.limit_in_bytes, v2's memory.max), or None."""
+    from pathlib import Path
+
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            candidates = [Path(root) / "memory" / path.lstrip("/") / "memory.limit_in_bytes"]
+        elif controllers == "":
+            candidates = [Path(root) / path.lstrip("/") / "memory.max"]
+        else:
+            continue
+        for file in candidates:
+            try:
+                value = file.read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 1 << 60:   # v1 writes its "no limit" as a huge number
+                return int(value)
+    return None
 
 
 def gpu_peak_bytes(placement: Placement) -> dict[str, int]:
