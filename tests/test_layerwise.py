@@ -68,15 +68,19 @@ def test_a_mixture_of_experts_is_refused_with_the_fix(family_models):
 @pytest.mark.slow
 def test_a_128k_vocabulary_validates_in_bounded_memory(tmp_path):
     """16 x 512 evaluation tokens of a 131,072-token vocabulary: their float32 logits are 4.3 GB, for the
-    baseline and again for the checkpoint. Validated one layer at a time, the whole process peaks under
-    1.5 GB (torch and transformers themselves are about 0.5 GB): logits only ever exist a block at a time."""
+    baseline and again for the checkpoint. Validated one layer at a time, as a build with disk offload runs it
+    (freed memory given back, kiln.common.allocator), the whole process peaks under 2 GB: logits only ever exist
+    a 128 MB block at a time, with the KL's few temporaries beside it. Measured 1.17 GB alone, 1.75 GB once
+    beside another test worker; torch and transformers themselves are about 0.5 GB."""
     script = textwrap.dedent(f"""
         import json, resource, sys, torch
         from pathlib import Path
+        from kiln.common.allocator import return_freed_memory
         from transformers import LlamaConfig, LlamaForCausalLM
         from kiln.common.progress import SILENT
         from kiln import validate
 
+        return_freed_memory()
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=131072, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
@@ -92,7 +96,7 @@ def test_a_128k_vocabulary_validates_in_bounded_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     full_logits = 16 * 512 * 131072 * 4
-    assert result["peak"] < 1.5e9 < full_logits, result["peak"]
+    assert result["peak"] < 2e9 < full_logits / 2, result["peak"]
     metrics = result["metrics"]
     assert metrics["tokens"] == 16 * 511
     # The same files on both sides: nothing lost, and a near-uniform random model's perplexity near the vocabulary.
