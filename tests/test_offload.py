@@ -12,7 +12,7 @@ import time
 import pytest
 
 from kiln.quantize.placement import HOST_RESERVE_BYTES, Placement, VisibleGpu, offload_device_map, plan_placement
-from tests.conftest import SPINE_VARIANTS, run_kiln, seed_home, write_recipe
+from tests.conftest import SPINE_VARIANTS, run_kiln, write_recipe
 from tests.recipes import KILN
 
 GIB = 1 << 30

@@ -94,8 +94,9 @@ class Baseline:
         """The outputs from a source model someone else loaded (the quantize stage, before calibration), so the
         weights are read from disk once for both. The model is given back unchanged. Skipped when some of
         its weights are offloaded (accelerate hooks fetch them per module; the baseline then loads itself)."""
-        if self.stream_layers or self.has(samples) or any(p.is_meta for p in model.parameters()) or model.dtype != self._stored_dtype():
-            return   # offloaded, or loaded in another dtype than stored: the baseline loads itself
+        if (self.stream_layers or self.has(samples) or any(p.is_meta for p in model.parameters())
+                or model.dtype != self._stored_dtype()):
+            return   # streamed, offloaded, or loaded in another dtype than stored: the baseline loads itself
         from kiln.validate.runtime import float32_math_view
 
         with float32_math_view(model):

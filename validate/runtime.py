@@ -4,23 +4,21 @@ transformers architecture on the CPU.
 It reads the very files that get published: weights are decoded from their
 stored dtypes and scales, activations and K/V are rounded with the exported
 scales. Nothing comes from ModelOpt's in-memory model, so an export bug shows.
+Here: the modules it runs with; kiln.validate.reference_loader builds models
+from the files with them (whole, or a decoder layer at a time).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from kiln.quantize import MIXED_PRECISION, family_of
-from kiln.validate.checkpoint_tensors import CheckpointTensors, replace_module
-from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear, plain_linear
-from kiln.validate.compressed import linear_decoder, read_compressed_config
-from kiln.validate.experts import ReferenceExperts, exported_block_names, fused_as_reference, is_fused_experts, replace_experts
+from kiln.validate.checkpoint_tensors import replace_module
+from kiln.validate.codecs import DecodedLinear, plain_linear
+from kiln.validate.experts import ReferenceExperts, fused_as_reference, is_fused_experts
 
 _KV_ATTENTION = "kiln_kv_fake_quant"
 
