@@ -263,12 +263,12 @@ def disk_offload(recipe, folder, config: dict, available: int) -> DiskOffload | 
     from pydantic import ByteSize, TypeAdapter
 
     from kiln.common.scratch import kiln_home
-    from kiln.quantize.placement import HOST_RESERVE_BYTES
+    from kiln.quantize.placement import host_budget
 
     calibration = recipe.calibration
     if calibration.offload.value != "disk":
         return None
-    budget = calibration.max_host_memory if calibration.max_host_memory is not None else available - HOST_RESERVE_BYTES
+    budget = host_budget(calibration.max_host_memory, available)
     stored = config.get("dtype") or config.get("torch_dtype")
     in_place = stored == recipe.model.dtype and any(folder.glob("*.safetensors"))
     home = kiln_home()

@@ -93,7 +93,7 @@ def plan_placement(device: Device | str, gpus: list[VisibleGpu] | tuple[VisibleG
     if device is Device.cuda and not gpus:
         raise ValueError("calibration.device is cuda, but torch sees no CUDA GPU on this host "
                          "(fix: set calibration.device: auto or cpu, or check CUDA_VISIBLE_DEVICES and the driver)")
-    host = max_host_memory if max_host_memory is not None else max(host_memory_bytes - HOST_RESERVE_BYTES, 0)
+    host = host_budget(max_host_memory, host_memory_bytes)
     on_cpu = device is Device.cpu or not gpus
     if on_cpu and offload is not Offload.disk:
         return Placement("cpu")
@@ -102,6 +102,11 @@ def plan_placement(device: Device | str, gpus: list[VisibleGpu] | tuple[VisibleG
     max_memory: dict = {} if on_cpu else {g.index: int(g.total_bytes * gpu_memory_fraction) for g in gpus}
     max_memory["cpu"] = host
     return Placement("cpu" if on_cpu else "cuda", () if on_cpu else tuple(gpus), max_memory, offload.value)
+
+
+def host_budget(max_host_memory: int | None, available_bytes: int) -> int:
+    """The bytes of weights host memory may hold: the recipe's max_host_memory, or what is available less a reserve."""
+    return max_host_memory if max_host_memory is not None else max(available_bytes - HOST_RESERVE_BYTES, 0)
 
 
 def offload_device_map(model, placement: Placement) -> dict[str, int | str]:
