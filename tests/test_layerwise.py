@@ -58,6 +58,31 @@ def test_one_layer_at_a_time_gives_the_whole_models_logits(family, family_models
             assert torch.equal(got[i], expected[i]), (family, whole.__name__, i)
 
 
+def test_a_large_output_head_decodes_a_slice_of_vocabulary_rows_at_a_time(monkeypatch):
+    """A head whose float32 weight exceeds HEAD_ROWS_BYTES is decoded and applied in slices of rows (a Gemma 3 head
+    would take 5.6 GB in float32 per block of positions otherwise): the same logits within float32 rounding of a
+    different GEMM split, and no slice past the bound."""
+    from kiln.validate import heads
+    from kiln.validate.codecs import plain_linear
+    from kiln.validate.runtime import ReferenceLinear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(5000, 96, dtype=torch.bfloat16), torch.randn(5000)
+    head = heads.OutputHead(ReferenceLinear(plain_linear(weight), bias), 30.0, 5000)
+    hidden = torch.randn(2, 7, 96)
+    whole = head(hidden)
+    monkeypatch.setattr(heads, "HEAD_ROWS_BYTES", 4 * 96 * 333)
+    sizes = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: sizes.append(w.numel() * 4) or linear(x, w, b))
+    sliced = head(hidden)
+    assert sliced.dtype == torch.float32 and sliced.shape == whole.shape == (2, 7, 5000)
+    assert len(sizes) == 16 and max(sizes) <= 4 * 96 * 333    # ceil(5000 / 333) slices
+    assert torch.allclose(sliced, whole, rtol=1e-6, atol=1e-5) and not torch.equal(sliced, torch.zeros_like(sliced))
+    quantized = ReferenceLinear(plain_linear(weight.to(torch.float32)), None)   # not 16-bit: applied whole
+    assert quantized.plain_rows is None
+
+
 def test_a_mixture_of_experts_is_refused_with_the_fix(family_models):
     with pytest.raises(NotImplementedError, match="mixture-of-experts.*calibration.offload: none"):
         stream_baseline_model(family_models["mixtral"])

@@ -11,7 +11,9 @@ The model's own forward runs with its decoder layers swapped for stand-ins, in t
 
 Everything between the decoder layers is the model's own code, so each family's masks (sliding windows,
 Gemma's per-layer types) are made as the model makes them. Resident: one decoder layer, the embeddings,
-norm and head, and every sample's hidden states (samples x positions x hidden, float32).
+norm and head, and every sample's hidden states (samples x positions x hidden, float32). The embeddings and
+head stay memory-mapped from the files as stored (pages the kernel reads as they are used and may drop again),
+and a large head is decoded to float32 a slice of vocabulary rows at a time (heads.HEAD_ROWS_BYTES).
 """
 
 from __future__ import annotations

@@ -54,6 +54,15 @@ class ReferenceLinear(nn.Module):
         each call is unchanged."""
         self._kept = self._decode(self._stored())
 
+    @property
+    def plain_rows(self) -> torch.Tensor | None:
+        """The stored 16-bit weight [out, in] of an unquantized layer, whose rows decode on their own (an exact
+        upcast); None for a quantized one, whose scales span rows, or one whose decoded weight is kept."""
+        if self._stored_names != ("weight",) or self._transform is not None or self._kept is not None:
+            return None
+        weight = self.stored_weight
+        return weight if weight.dtype in (torch.bfloat16, torch.float16) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stored = self._stored()
         if self._transform is not None:
