@@ -22,7 +22,7 @@ from kiln.compile.targets import (
     CHECK_REPORT, ENGINE_RECORD, LLM_API_OPTIONS, SM_DIR, CheckpointQuant, CompileRequest, Target,
 )
 from kiln.common.errors import KilnError
-from kiln.quantize import HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, family_of   # the checkpoint the quantize stage writes
+from kiln.quantize import HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, CheckpointRecord, family_of   # what quantize writes
 
 STAGE_VERSION = 1
 
@@ -50,10 +50,25 @@ def _build_engine(request: CompileRequest, checkpoint_dir: Path, sm_dir: Path, h
     from kiln.compile.engine import build_engine
     from kiln.compile.trtllm_config import check_against_trtllm
 
-    checked = check_against_trtllm(checkpoint_dir / TRTLLM_DIR, *_source_family_fields(checkpoint_dir), request.tp_size)
+    source_fields = _source_family_fields(checkpoint_dir)
     gpus = tuple(g.index for g in host.gpus_of(request.sm))
-    argv = build_engine(request, checkpoint_dir / TRTLLM_DIR, sm_dir, gpus, progress)
-    return {"command": argv, "inputs": TRTLLM_DIR, "trtllm_config_checked": checked}
+    if (checkpoint_dir / TRTLLM_DIR).is_dir():
+        checked = check_against_trtllm(checkpoint_dir / TRTLLM_DIR, *source_fields, request.tp_size)
+        argv = build_engine(request, checkpoint_dir / TRTLLM_DIR, sm_dir, gpus, progress)
+        return {"command": argv, "inputs": TRTLLM_DIR, "trtllm_config_checked": checked}
+    # hf/ only (a build under calibration.offload: disk): TensorRT-LLM's converter writes the checkpoint first,
+    # in this process's scratch; the engine is built from, and records, hf/.
+    import tempfile
+
+    from kiln.compile.trtllm_convert import convert_hf_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="kiln-trtllm-convert-") as scratch:
+        converted = Path(scratch) / TRTLLM_DIR
+        convert = convert_hf_checkpoint(checkpoint_dir / HF_DIR, converted, Path(scratch),
+                                        CheckpointRecord.load(checkpoint_dir).dtype, request.tp_size, progress)
+        checked = check_against_trtllm(converted, *source_fields, request.tp_size)
+        argv = build_engine(request, converted, sm_dir, gpus, progress)
+    return {"command": argv, "inputs": HF_DIR, "trtllm_config_checked": checked, "converted_by": convert}
 
 
 def _source_family_fields(checkpoint_dir: Path) -> tuple[dict, tuple[str, ...]]:
@@ -112,6 +127,7 @@ def run(request: CompileRequest, checkpoint_dir: Path, out: Path, host: Host, pr
         "cuda_driver": host.driver,
         "command": built["command"],
         "trtllm_config_checked": built.get("trtllm_config_checked"),
+        "converted_by": built.get("converted_by"),   # TensorRT-LLM's converter, when the checkpoint has hf/ only
         "build_seconds": round(time.monotonic() - started, 3),
         "request": request.key_config(),
         # The checkpoint files this SM's artifact was built from: the registry refuses to pair it with others.

@@ -64,9 +64,10 @@ class Plan:
         publishes = ("hf/ (TensorRT-LLM PyTorch backend) and trtllm/ (TensorRT-LLM checkpoint)" if family.trtllm
                      else "hf/ only, for target trtllm-pytorch (no TensorRT-LLM checkpoint: "
                           f"{family.no_trtllm_reason})")
-        if self.loaded.recipe.calibration.offload is quantize.Offload.disk:
-            publishes = ("hf/ only, for target trtllm-pytorch (calibration.offload: disk streams the HF export a layer "
-                         "at a time; ModelOpt's TensorRT-LLM exporter would assemble the whole state dict)")
+        if self.loaded.recipe.calibration.offload is quantize.Offload.disk and family.trtllm:
+            publishes = ("hf/ only (calibration.offload: disk streams the HF export a layer at a time; ModelOpt's "
+                         "TensorRT-LLM exporter would assemble the whole state dict): for target trtllm-engine, "
+                         "TensorRT-LLM's own converter makes the TensorRT-LLM checkpoint from hf/ on the compile host")
         if any(v.backend is quantize.Backend.llmcompressor for v in self.loaded.recipe.variants.values()):
             publishes += "; backend llmcompressor variants publish hf/ only (compressed-tensors, for vLLM and SGLang)"
         return {"model_type": family.model_type, "title": family.title, "trtllm_checkpoint": bool(family.trtllm),

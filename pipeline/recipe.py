@@ -349,10 +349,6 @@ class Recipe(Strict):
     def _offload_can_build(self) -> "Recipe":
         if self.calibration.offload is not Offload.disk:
             return self
-        if self.build.target is not Target.trtllm_pytorch:
-            raise ValueError("calibration.offload: disk writes the HF checkpoint only (ModelOpt's TensorRT-LLM exporter "
-                             "assembles the whole state dict), so it cannot feed build.target "
-                             f"{self.build.target.value} (fix: build.target: trtllm-pytorch, or offload: none)")
         for name, variant in self.variants.items():
             if variant.backend is not Backend.modelopt or variant.is_auto:
                 what = "quant auto" if variant.is_auto else f"backend {variant.backend.value}"

@@ -316,3 +316,42 @@ def test_triton_repo_for_engines_and_serve_refuses_engines_this_host_cannot_run(
     assert no_gpu.returncode == 2 and "this host has no NVIDIA GPU" in no_gpu.stderr
     scratch = Path(env["KILN_HOME"]) / "tmp"
     assert not scratch.exists() or not list(scratch.iterdir())   # no repository left behind
+
+
+def test_an_offloaded_build_gets_its_tensorrt_llm_checkpoint_from_tensorrt_llm_on_the_compile_host(world, tmp_path):
+    """calibration.offload: disk exports hf/ only (ModelOpt's TensorRT-LLM exporter assembles the whole state dict).
+    For trtllm-engine, the compile host hands hf/ to TensorRT-LLM's own converter, as its LLM API loads a
+    pre-quantized checkpoint (in KILN_TRTLLM_PYTHON, with transformers 4's RoPE keys), then builds from what it
+    wrote; the engine records hf/ as its inputs and the converter's command."""
+    import yaml
+
+    recipe = write_recipe(tmp_path, str(world["model"]), {"fp8": {**VARIANTS["fp8"], "gpus": ["sm90"]}}, name="off")
+    text = yaml.safe_load(recipe.read_text())
+    text["calibration"].update({"offload": "disk", "max_host_memory": "2MiB"})
+    recipe.write_text(json.dumps(text))
+    host, env = host_env(world, "offloaded", sms=("sm90",), home=tmp_path / "home", foreign_python=True)
+    built = run_kiln("build", recipe, "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    [variant] = json.loads(built.stdout)["variants"]
+    [engine] = variant["engines"]
+    assert engine["status"] == "built" and engine["published"]
+    # The stand-in engine runs the HF export through the reference runtime: the validated numbers.
+    assert engine["metrics"]["mean_kl"] == pytest.approx(variant["metrics"]["mean_kl"], rel=1e-6)
+
+    [convert] = host.calls("from_hugging_face")
+    assert convert["dtype"] == "bfloat16" and convert["kwargs"] == {"load_model_on_cpu": True}
+    assert convert["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1, "rank": 0}
+    assert convert["quant_config"]["quant_algo"] == "FP8" and convert["quant_config"]["kv_cache_quant_algo"] == "FP8"
+    assert convert["config_json"]["rope_theta"] == 500000.0   # transformers 4's key, beside rope_parameters
+    [build] = host.calls("trtllm-build")
+    converted = build["argv"][build["argv"].index("--checkpoint_dir") + 1]
+    assert "kiln-trtllm-convert-" in converted and not Path(converted).exists()   # scratch, gone with the stage
+
+    out = tmp_path / "pulled"
+    assert run_kiln("pull", "off-fp8/1", "--out", out, "--gpu", "sm90", env=env).returncode == 0
+    assert not (out / "trtllm").exists() and (out / "engines" / "sm90" / "rank0.engine").is_file()
+    record = json.loads((out / "engines" / "sm90" / "engine.json").read_text())
+    assert set(record["inputs"]) == {f"hf/{p.name}" for p in (out / "hf").iterdir()}
+    assert record["converted_by"][1:3] == ["-m", "kiln.compile.trtllm_convert"]
+    assert record["converted_by"][-2:] == ["bfloat16", "1"] and record["command"][1:] == build["argv"]
+    assert record["trtllm_config_checked"]["rotary_base"] == 500000.0

@@ -59,9 +59,6 @@ def test_the_device_map_on_a_cpu_host_fills_the_host_budget_then_disk():
     ({"offload": "disk"}, {"awq": {"quant": "int4_awq"}}, {"target": "trtllm-pytorch"},
      "variants.awq: int4_awq calibrates with awq_lite, which rewrites weights; under disk offload ModelOpt 0.47 keeps "
      "every rewritten layer in host memory"),
-    ({"offload": "disk"}, {"fp8": {"quant": "fp8"}}, {},
-     "calibration.offload: disk writes the HF checkpoint only (ModelOpt's TensorRT-LLM exporter assembles the whole "
-     "state dict), so it cannot feed build.target trtllm-engine (fix: build.target: trtllm-pytorch, or offload: none)"),
     ({"max_host_memory": "6GiB"}, {"fp8": {"quant": "fp8"}}, {},
      "max_host_memory caps the weights in host memory under offload: disk, but offload is none (fix: set offload: "
      "disk, or remove max_host_memory)"),

@@ -82,6 +82,38 @@ class _Model:
     def __init__(self, config_class):
         self.config_class = config_class
 
+    def from_hugging_face(self, hf_model_or_dir, dtype="auto", mapping=None, quant_config=None, **kwargs):
+        """The model class's from_hugging_face for a pre-quantized HF checkpoint: records what kiln handed it;
+        save_checkpoint writes the config TensorRT-LLM would and placeholder rank weights."""
+        from tensorrt_llm import record
+
+        allowed = {"load_model_on_cpu", "trust_remote_code", "use_preloading"}
+        if set(kwargs) - allowed:
+            raise TypeError(f"from_hugging_face got unexpected arguments {sorted(set(kwargs) - allowed)}")
+        record({"tool": "from_hugging_face", "hf_dir": str(hf_model_or_dir), "dtype": dtype,
+                "mapping": {**mapping.to_dict(), "rank": mapping.rank}, "quant_config": quant_config.to_dict(),
+                "kwargs": kwargs, "config_json": _read(hf_model_or_dir)})
+        config = self.config_class.from_hugging_face(hf_model_or_dir, dtype=dtype, mapping=mapping).to_dict()
+        return _Converted(config, quant_config, mapping.rank, Path(hf_model_or_dir))
+
+
+class _Converted:
+    def __init__(self, config: dict, quant_config, rank: int, hf_dir: Path):
+        self.config, self.quant_config, self.rank, self.hf_dir = config, quant_config, rank, hf_dir
+
+    def save_checkpoint(self, output_dir, save_config=True):
+        out = Path(output_dir)
+        weights = sorted(p.name for p in self.hf_dir.glob("*.safetensors"))
+        (out / f"rank{self.rank}.safetensors").write_bytes(
+            f"kiln stand-in: rank {self.rank} of {', '.join(weights)}\n".encode())
+        if save_config:
+            quant = self.quant_config.to_dict()
+            config = {**self.config, "quantization": quant,
+                      # where the stand-in trtllm-build finds the HF export for its "engine's" logits: the folder
+                      # kiln's view of hf/ links its weights from (the view goes with the compile stage)
+                      "standin_hf_export": str(next(self.hf_dir.glob("*.safetensors")).resolve().parent)}
+            (out / "config.json").write_text(json.dumps(config, indent=2))
+
 
 # tensorrt_llm/models/__init__.py MODEL_MAP (the rows kiln's family table uses; Qwen3-MoE has none there).
 MODEL_MAP = {
