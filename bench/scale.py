@@ -43,6 +43,7 @@ GB = 1e9
 
 BARE = r"""
 # The bare ModelOpt calls, as a hand-written script makes them: load, calibrate, both exports.
+# Arguments: model folder, calibration tokens, output folder, and optionally "int4_awq" (default FP8 + FP8-KV).
 import sys, time, json, copy, warnings
 warnings.simplefilter("ignore")
 import torch
@@ -55,7 +56,10 @@ seconds = {}
 t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
 seconds["load"] = time.perf_counter() - t
-config = mtq.update_quant_cfg_with_kv_cache_quant(copy.deepcopy(mtq.FP8_DEFAULT_CFG), mtq.FP8_KV_CFG["quant_cfg"])
+if sys.argv[4:] == ["int4_awq"]:
+    config = copy.deepcopy(mtq.INT4_AWQ_CFG)
+else:
+    config = mtq.update_quant_cfg_with_kv_cache_quant(copy.deepcopy(mtq.FP8_DEFAULT_CFG), mtq.FP8_KV_CFG["quant_cfg"])
 def forward_loop(m):
     with torch.no_grad():
         for row in samples:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from kiln import validate
 from kiln.quantize import FORMATS
+from kiln.quantize.formats import LAYER_BY_LAYER_UNDER_OFFLOAD, REWRITES_WEIGHTS
 
 RUNTIME_BYTES = int(0.6e9)   # fitted: peak = weights + 2 x exported + 0.6 GB at 0.17B-1.07B
 GB = 1e9
@@ -83,6 +84,7 @@ class DiskOffload:
     shard_bytes: int          # the streaming exporter buffers one shard before writing it
     writes_folder: bool       # the source must be converted first (dtype, or not safetensors): it goes to the folder
     folder_free: int          # free bytes on the offload folder's filesystem
+    calibration_tokens: int = 0   # samples x seq_len: GPTQ, a layer at a time, keeps every window's layer inputs
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class MemoryEstimate:
     host_available: int
     gpu_caps: tuple[int, ...]   # per GPU, after the recipe's gpu_memory_fraction
     offload: DiskOffload | None = None
+    folder_bytes: int = 0       # what the offload folder receives: converted weights, layers calibration rewrote
+    folder_holds: str = ""      # which of those, in words
 
     @property
     def peak(self) -> StageMemory:
@@ -126,9 +130,9 @@ class MemoryEstimate:
                     f"{peak.host_bytes / GB:.2f} GB of host memory ({peak.stage}: {peak.detail}), but this host has "
                     f"{self.host_total / GB:.2f} GB (fix: lower calibration.max_host_memory, evaluation.samples or "
                     "seq_len, or build on a host with more memory)")
-        disk = max(s.disk_bytes for s in self.stages)
-        if self.offload.writes_folder and disk > self.offload.folder_free:
-            return (f"{where}: disk offload writes {disk / GB:.2f} GB of converted weights to KILN_HOME/tmp, whose "
+        if self.folder_bytes > self.offload.folder_free:
+            return (f"{where}: disk offload writes {self.folder_bytes / GB:.2f} GB ({self.folder_holds}) to "
+                    f"KILN_HOME/tmp, whose "
                     f"filesystem has {self.offload.folder_free / GB:.2f} GB free (fix: free space there, point "
                     "KILN_HOME at a larger disk, or store the source as safetensors in model.dtype so that accelerate "
                     "reads it in place)")
@@ -143,7 +147,7 @@ class MemoryEstimate:
             "fits": self.fits(),
             "offload": None if self.offload is None else {
                 "host_budget_bytes": self.offload.host_budget, "writes_folder": self.offload.writes_folder,
-                "folder_free_bytes": self.offload.folder_free},
+                "folder_bytes": self.folder_bytes, "folder_free_bytes": self.offload.folder_free},
             "stages": [{"stage": s.stage, "host_bytes": s.host_bytes, "gpu_bytes": s.gpu_bytes,
                         "disk_bytes": s.disk_bytes, "detail": s.detail} for s in self.stages],
         }
@@ -204,6 +208,12 @@ def _offloaded(shape: ModelShape, dtype_bytes: int, formats, calibration_seq_len
     on_gpus = min(weights, sum(gpu_caps))
     in_host = min(weights - on_gpus, max(offload.host_budget, 0))
     on_disk = weights - on_gpus - in_host
+    # A source read in place is memory-mapped: the weights kept in host memory are file pages, which the kernel
+    # drops and reads again under pressure, not resident memory. Converted ones are (measured on a 1.07B model
+    # under a memory cgroup: 0.54 GB of weights in host memory, 0.90 GB resident while exporting).
+    resident_weights = in_host if offload.writes_folder else 0
+    kept = (f"{in_host / GB:.2f} GB of weights in host memory" if offload.writes_folder
+            else f"{in_host / GB:.2f} GB of weights memory-mapped")
     exported_layer = max(_quantized_bytes(shape, FORMATS[f].weight_bits) for f in formats) // max(shape.layers, 1)
     calib_work = calibration_seq_len * (4 * shape.max_hidden * 4 + shape.vocab * dtype_bytes)
     block = min(evaluation_seq_len, max(16, validate.LOGIT_BLOCK_BYTES // (4 * shape.vocab))) * shape.vocab * 4
@@ -211,18 +221,29 @@ def _offloaded(shape: ModelShape, dtype_bytes: int, formats, calibration_seq_len
     decoded = 4 * shape.hidden * shape.max_hidden                         # its widest linear, decoded to float32
     shard = min(offload.shard_bytes, exported_layer * shape.layers)
     disk = f", {on_disk / GB:.2f} GB read from disk" if on_disk else ""
+    algorithms = {FORMATS[f].algorithm for f in formats}
+    layer_state, state = 0, ""
+    if algorithms & LAYER_BY_LAYER_UNDER_OFFLOAD:
+        # GPTQ a layer at a time: the layer's Hessians (in_features^2 float32 per linear: six read the hidden
+        # state, one the MLP's) and every calibration window's inputs to the layer and outputs from it.
+        hessians = 4 * (6 * shape.hidden ** 2 + shape.max_hidden ** 2)
+        layer_state = hessians + 2 * offload.calibration_tokens * shape.hidden * dtype_bytes
+        state = f" + {layer_state / GB:.2f} GB of one layer's GPTQ Hessians and inputs"
     stages = (
-        StageMemory("quantize (calibrate)", RUNTIME_BYTES + in_host + layer + calib_work, on_gpus,
-                    f"{in_host / GB:.2f} GB of weights in host memory + one {layer / GB:.3f} GB layer{disk} + "
-                    f"{calib_work / GB:.2f} GB of activations", on_disk),
-        StageMemory("quantize (export)", RUNTIME_BYTES + in_host + layer + 2 * exported_layer + shard, on_gpus,
-                    f"{in_host / GB:.2f} GB of weights in host memory + one layer exported + a {shard / GB:.2f} GB "
-                    f"shard buffer{disk}", on_disk),
+        StageMemory("quantize (calibrate)", RUNTIME_BYTES + resident_weights + layer + calib_work + layer_state,
+                    on_gpus, f"{kept} + one {layer / GB:.3f} GB layer{disk} + {calib_work / GB:.2f} GB of "
+                    f"activations{state}", on_disk),
+        StageMemory("quantize (export)", RUNTIME_BYTES + resident_weights + layer + 2 * exported_layer + shard,
+                    on_gpus, f"{kept} + one layer exported + a {shard / GB:.2f} GB shard buffer{disk}", on_disk),
         StageMemory("validate (layer by layer)", RUNTIME_BYTES + edges + layer + decoded + hidden_states + 6 * block, 0,
                     f"{edges / GB:.2f} GB of embeddings and head + one layer (and {decoded / GB:.3f} GB decoded) + "
                     f"{hidden_states / GB:.2f} GB of hidden states + logit blocks", weights - edges),
     )
-    return MemoryEstimate(shape, stages, host_total, host_available, gpu_caps, offload)
+    # Converted weights go to the folder before calibration; rewritten layers go back there (offload_writeback).
+    writes = [what for what, written in (("converted weights", offload.writes_folder),
+                                          ("the layers calibration rewrites", algorithms & REWRITES_WEIGHTS)) if written]
+    return MemoryEstimate(shape, stages, host_total, host_available, gpu_caps, offload, len(writes) * on_disk,
+                          " and ".join(writes))
 
 
 def host_memory() -> tuple[int, int]:
@@ -276,7 +297,7 @@ def disk_offload(recipe, folder, config: dict, available: int) -> DiskOffload | 
         home = home.parent
     return DiskOffload(int(budget), recipe.evaluation.samples * recipe.evaluation.seq_len,
                        int(TypeAdapter(ByteSize).validate_python(recipe.build.max_shard_size)), not in_place,
-                       shutil.disk_usage(home).free)
+                       shutil.disk_usage(home).free, calibration.samples * calibration.seq_len)
 
 
 def memory_table(estimate_: MemoryEstimate, title: str):

@@ -330,11 +330,6 @@ class Publish(Strict):
     aliases: tuple[Name, ...] = ()
 
 
-# Calibration that only reads weights (amax statistics): what ModelOpt 0.47 runs over disk-offloaded layers within
-# the host budget. AWQ, GPTQ and SmoothQuant rewrite weights, which its offload writeback keeps in host memory.
-OFFLOAD_ALGORITHMS = frozenset({"max"})
-
-
 class Recipe(Strict):
     kiln: Literal[1] = Field(description="schema version")
     name: Name
@@ -354,13 +349,6 @@ class Recipe(Strict):
                 what = "quant auto" if variant.is_auto else f"backend {variant.backend.value}"
                 raise ValueError(f"variants.{name}: {what} does not run under calibration.offload: disk "
                                  "(fix: offload: none, or a ModelOpt format)")
-            algorithm = FORMATS[variant.quant].algorithm
-            if algorithm not in OFFLOAD_ALGORITHMS:
-                raise ValueError(f"variants.{name}: {variant.quant.value} calibrates with {algorithm}, which rewrites "
-                                 "weights; under disk offload ModelOpt 0.47 keeps every rewritten layer in host memory "
-                                 "and its export then meets meta tensors (measured) (fix: offload: none, or a format "
-                                 f"calibrated by {', '.join(sorted(OFFLOAD_ALGORITHMS))}: "
-                                 f"{', '.join(f.value for f, spec in FORMATS.items() if spec.algorithm in OFFLOAD_ALGORITHMS)})")
         return self
 
     @model_validator(mode="after")

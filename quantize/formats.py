@@ -170,6 +170,12 @@ MIXED_PRECISION = "MIXED_PRECISION"
 AUTO = "auto"
 # The calibration algorithms ModelOpt 0.47's auto_quantize runs (_AUTO_QUANTIZE_SUPPORTED_ALGORITHMS): GPTQ is not one.
 AUTO_QUANTIZE_ALGORITHMS = ("max", "mse", "local_hessian", "smoothquant", "awq_lite", "awq_full", "awq_clip")
+# Calibration that rewrites the weights it quantizes (scaled columns, GPTQ's corrections): under disk offload the
+# rewritten layers go back to the offload folder (quantize/offload_writeback.py), as many bytes as the layers on disk.
+REWRITES_WEIGHTS = frozenset({"awq_lite", "gptq", "smoothquant"})
+# GPTQ gathers every linear's Hessian in one pass (in_features^2 float32 each: about 5 GB for a 1B Llama); under disk
+# offload it runs a decoder layer at a time on the activations the whole-model pass would see, one layer's resident.
+LAYER_BY_LAYER_UNDER_OFFLOAD = frozenset({"gptq"})
 
 
 def format_of_export(quant_algo: str | None) -> FormatSpec | None:

@@ -11,22 +11,27 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, LAYER_BY_LAYER_UNDER_OFFLOAD, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Placement, offload_device_map
 
 TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
 def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None, alpha: float | None = None,
-                    exclude: tuple[str, ...] = ()) -> dict:
+                    exclude: tuple[str, ...] = (), offloaded: bool = False) -> dict:
     """The ModelOpt quantization config for a format, group size, KV-cache format, SmoothQuant alpha
-    and the module name patterns to keep unquantized."""
+    and the module name patterns to keep unquantized; `offloaded` (disk offload) runs GPTQ a layer at a time."""
     import modelopt.torch.quantization as mtq
 
     spec = FORMATS[quant]
     config = copy.deepcopy(getattr(mtq, spec.modelopt_config))
     if spec.algorithm_config:
         config["algorithm"] = dict(spec.algorithm_config)
+    if offloaded and spec.algorithm in LAYER_BY_LAYER_UNDER_OFFLOAD:
+        # Each layer's inputs are captured from the unquantized layers before it (not their QDQ outputs), as in
+        # the whole-model pass: the same weights come out (measured bit-identical on the demo model).
+        config["algorithm"] = {**config["algorithm"],
+                               "layerwise": {"enable": True, "get_qdq_activations_from_prev_layer": False}}
     if spec.takes_alpha and alpha is not None:
         config["algorithm"] = {**config.get("algorithm", {}), "alpha": alpha}
     if group_size is not None:
@@ -152,6 +157,46 @@ def calibrate_kv_cache(model, kv_cache: KVCacheFormat, samples, batch_size: int)
         mtq.set_quantizer_by_cfg(model, kv_cfg)
         with mtq.set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}, *kv_cfg]):
             mtq.calibrate(model, algorithm="max", forward_loop=forward_loop)
+
+
+def fold_input_scales_layer_by_layer(model) -> bool:
+    """Under disk offload: the export's rewrite of AWQ/SmoothQuant scales, a decoder layer at a time.
+
+    Before writing, ModelOpt's export averages the pre-quant scales of the linears that read one input (q/k/v,
+    gate/up), rescaling their weights, and folds AWQ's into the norm before them. It does that for the whole model
+    at once with every weight resident; on offloaded layers it meets meta tensors ("Tensor.item() cannot be called
+    on meta tensors"). Here each layer is read from disk, rewritten with ModelOpt's own fusion, and written back
+    (quantize/offload_writeback.py); ModelOpt's pass in the export then finds the scales equal and already folded,
+    and leaves them. Returns whether there was anything to fold."""
+    import torch
+    from modelopt.torch.export.quant_utils import get_quantization_format
+    from modelopt.torch.export.unified_export_hf import _fuse_shared_input_modules, collect_shared_input_modules
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    if not any(getattr(getattr(m, "input_quantizer", None), "_pre_quant_scale", None) is not None
+               for m in model.modules()):
+        return False
+    device = input_device(model)
+
+    def dummy_forward():   # ModelOpt's own way of finding which linears share an input
+        model(torch.ones([1, 2], dtype=torch.long, device=device))
+
+    with torch.no_grad():
+        shared_inputs, norms = collect_shared_input_modules(model, dummy_forward, collect_layernorms=True)
+    layers = LayerActivationCollector.get_decoder_layers(model)
+    if layers is None:   # ModelOpt's streaming exporter would refuse it next, for the same reason
+        raise RuntimeError(f"{type(model).__name__}: ModelOpt finds no decoder layers in it, so its scales cannot be "
+                           "folded a layer at a time under disk offload (fix: calibration.offload: none)")
+    quant_format = get_quantization_format(model)
+    modules = dict(model.named_modules())
+    for layer in layers:
+        own = {id(m) for m in layer.modules()}
+        groups = {tensor: linears for tensor, linears in shared_inputs.items() if all(id(m) in own for m in linears)}
+        with enable_weight_access_and_writeback(layer, model, modules), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # ModelOpt's "writeback is kept in CPU state_dict": kiln's is on disk
+            _fuse_shared_input_modules(model, groups, norms, fuse_layernorms=True, quantization_format=quant_format)
+    return True
 
 
 def export_hf(model, export_dir: Path, max_shard_size: str = "5GB", offloaded: list[str] | bool = False) -> None:

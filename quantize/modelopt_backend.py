@@ -13,7 +13,8 @@ from kiln.common.versions import installed_versions
 from kiln.quantize import auto_precision
 from kiln.quantize.checkpoint import HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory, save_tokenizer
 from kiln.quantize.families import Family
-from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat
+from kiln.quantize.formats import FORMATS, MIXED_PRECISION, REWRITES_WEIGHTS, KVCacheFormat
+from kiln.quantize.offload_writeback import write_back_to_disk
 from kiln.quantize.placement import Placement, gpu_peak_bytes, reset_gpu_peaks
 from kiln.quantize.size import checkpoint_size
 from kiln.quantize.trtllm_checks import MIXED_LAYER_CONFIG, ExportCheckError, check_trtllm_checkpoint
@@ -54,6 +55,10 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
                                       placement, offload_folder)
     seconds["load"] = time.monotonic() - started
     on_disk = adapter.on_disk(model)
+    # Max calibration hands back the weights it read (ModelOpt writes them back all the same: accelerate's loader
+    # keeps those as the file-backed tensors safetensors gave); rewritten weights would be new host memory.
+    rewrites = request.auto is None and FORMATS[request.quant].algorithm in REWRITES_WEIGHTS
+    written_back = write_back_to_disk(model, offload_folder) if on_disk and rewrites else []
     if placement.to_disk:
         progress.log(f"disk offload: {len(on_disk)} of {len(model.hf_device_map)} modules read from disk as they run "
                      f"(host budget {placement.max_memory['cpu'] / 2**20:.0f} MiB)")
@@ -66,7 +71,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     label = request.label + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
     started = time.monotonic()
     linear_layers = auto_precision.decoder_linear_layers(model)
-    search = _calibrate(adapter, model, request, calibration, progress, label, linear_layers)
+    search = _calibrate(adapter, model, request, calibration, progress, label, linear_layers, bool(on_disk))
     seconds["calibrate"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -74,6 +79,8 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     # exporter needs the whole state dict (TensorRT-LLM reads the HF checkpoint on the compile host instead).
     trtllm = family.trtllm is not None and not placement.to_disk
     with progress.task(f"export {label}", total=3 if trtllm else 2) as task:
+        if on_disk and adapter.fold_input_scales_layer_by_layer(model):
+            progress.log(f"{label}: pre-quant scales folded a decoder layer at a time, rewritten layers kept on disk")
         adapter.export_hf(model, out_dir / HF_DIR, request.max_shard_size, offloaded=bool(on_disk))
         task.advance()
         save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
@@ -115,8 +122,10 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
         exclude=list(request.exclude),
         placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement), "on_disk": on_disk,
                    # what accelerate converted into the folder (0 when it reads the source's safetensors in place)
+                   # and the layers calibration or export rewrote (AWQ, GPTQ, SmoothQuant), which wait there
                    "offload_folder_bytes": sum(f.stat().st_size for f in offload_folder.rglob("*") if f.is_file())
-                   if offload_folder else 0},
+                   if offload_folder else 0,
+                   "written_back_bytes": sum(w.bytes_written for w in written_back)},
         family=family.model_type,
         trtllm_checkpoint=trtllm,
         layer_formats=layer_formats,
@@ -139,13 +148,13 @@ def _check_mixed_export(out_dir: Path, source_config: dict, family: Family | Non
 
 
 def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, label: str,
-               linear_layers: list[str]) -> dict:
-    """Calibrate in memory with one format's config, or search the formats per layer (quant auto) and then
-    calibrate the KV cache; returns the search's summary (empty for one format)."""
+               linear_layers: list[str], offloaded: bool) -> dict:
+    """Calibrate with one format's config, or search the formats per layer (quant auto) and then calibrate the
+    KV cache; returns the search's summary (empty for one format)."""
     batch_size = request.calibration_batch_size
     if request.auto is None:
         config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha,
-                                         request.exclude)
+                                         request.exclude, offloaded)
         with progress.task(f"calibrate {label}", total=len(calibration)) as task:
             adapter.calibrate(model, config, calibration, task.advance, batch_size,
                               on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))

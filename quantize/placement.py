@@ -111,11 +111,34 @@ def host_budget(max_host_memory: int | None, available_bytes: int) -> int:
 
 def offload_device_map(model, placement: Placement) -> dict[str, int | str]:
     """accelerate's device map for a (meta) model under disk offload: whole decoder layers on each GPU up to its
-    cap, then in host memory up to the host cap, the rest on "disk" (module order: the head comes last)."""
+    cap, then in host memory up to the host cap, the rest on "disk" (module order: the head comes last).
+
+    The input embedding stays in host memory even past the cap: `model.device` is its weight's device, and
+    ModelOpt's export sends a dummy forward's input there, which on a disk-offloaded (meta) embedding fails with
+    "Cannot copy out of meta tensor" (measured with a 0.08 GB budget). Validation holds it resident anyway."""
     from accelerate import infer_auto_device_map
 
-    return infer_auto_device_map(model, max_memory=dict(placement.max_memory),
-                                 no_split_module_classes=list(model._no_split_modules or ()))
+    device_map = infer_auto_device_map(model, max_memory=dict(placement.max_memory),
+                                       no_split_module_classes=list(model._no_split_modules or ()))
+    embedding = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+    return _in_host_memory(device_map, model, embedding)
+
+
+def _in_host_memory(device_map: dict, model, name: str) -> dict:
+    """`device_map` with module `name` in host memory where it was on disk; an enclosing entry on disk (accelerate
+    maps a whole model to "" when nothing fits) is split into its children, the module's own ancestors again."""
+    holder = next((key for key in device_map if key == name or key == "" or name.startswith(key + ".")), None)
+    if holder is None or device_map[holder] != "disk":
+        return device_map
+    if holder == name:
+        return {**device_map, name: "cpu"}
+    parent = model.get_submodule(holder)
+    split = {key: where for key, where in device_map.items() if key != holder}
+    for child, _ in parent.named_children():
+        split[f"{holder}.{child}" if holder else child] = "disk"
+    for tensor, _ in [*parent.named_parameters(recurse=False), *parent.named_buffers(recurse=False)]:
+        split[f"{holder}.{tensor}" if holder else tensor] = "disk"
+    return _in_host_memory(split, model, name)
 
 
 def visible_gpus() -> list[VisibleGpu]:

@@ -26,6 +26,7 @@ def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
     assert variants["nvfp4-kv-nvfp4"]["metrics"]["mean_kl"] > variants["nvfp4"]["metrics"]["mean_kl"]
     _same_metrics_as_before(variants)
     _same_metrics_one_layer_at_a_time(kiln_home, test_model)
+    _same_checkpoints_from_disk(tmp_path, kiln_home, variants)
 
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     from mlflow.tracking import MlflowClient
@@ -63,6 +64,41 @@ def _same_metrics_one_layer_at_a_time(kiln_home, test_model) -> None:
             streamed = validate.run(checkpoint, baseline, samples, SILENT, stream_layers=True).as_dict()
         for field in FIELDS:
             assert abs(streamed[field] - built[field]) <= 1e-4 * abs(built[field]) + 1e-9, (checkpoint, field)
+
+
+# The formats whose calibration rewrites weights, besides int4_awq (tests/test_offload.py builds that one) and int8_sq
+# (disk offload feeds trtllm-pytorch only, which has no INT8 SmoothQuant for Llama).
+REWRITING = ("int4-gptq", "w4a8-awq")
+
+
+def _same_checkpoints_from_disk(tmp_path, kiln_home, variants: dict) -> None:
+    """GPTQ (run a decoder layer at a time under offload) and W4A8-AWQ built with all but one
+    decoder layer read from disk and their rewritten layers written back there: the matrix's in-memory
+    checkpoints, tensor for tensor, and the same metrics. The offload is not in the quantize key, so each
+    offloaded checkpoint has the in-memory one's name."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = yaml.safe_load((REPO / "recipes" / "demo-matrix.yaml").read_text())
+    recipe["variants"] = {name: recipe["variants"][name] for name in REWRITING}
+    recipe["calibration"].update({"offload": "disk", "max_host_memory": "2MiB"})
+    recipe["build"] = {"target": "trtllm-pytorch"}
+    path = tmp_path / "recipes" / "demo-matrix-from-disk.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    home = tmp_path / "from-disk"
+    result = run_kiln("build", path, "--json", env={"KILN_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    for v in json.loads(result.stdout)["variants"]:
+        for field in FIELDS:
+            built = variants[v["variant"]]["metrics"][field]
+            assert abs(v["metrics"][field] - built) <= 1e-4 * abs(built) + 1e-9, (v["variant"], field)
+    for checkpoint in (home / "cache" / "quantize").iterdir():
+        record = json.loads((checkpoint / "kiln.json").read_text())
+        assert record["placement"]["on_disk"] and record["placement"]["written_back_bytes"] > 0, record["quant"]
+        mine, theirs = (load_file(c / "hf" / "model.safetensors")
+                        for c in (checkpoint, kiln_home / "cache" / "quantize" / checkpoint.name))
+        assert mine.keys() == theirs.keys(), record["quant"]
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), record["quant"]
 
 
 PINNED = REPO / "tests" / "fixtures" / "metrics_demo_matrix.json"

@@ -53,12 +53,22 @@ def test_the_device_map_on_a_cpu_host_fills_the_host_budget_then_disk():
     assert device_map["model.embed_tokens"] == "cpu"
     assert [device_map[f"model.layers.{i}"] for i in range(6)] == ["cpu", "cpu"] + ["disk"] * 4
     assert device_map["lm_head"] == "disk"
+    # A budget smaller than the embedding: it stays in host memory all the same (model.device, where ModelOpt's
+    # export sends its dummy input, is the embedding's device), everything else goes to disk.
+    # (accelerate maps the whole model to "" then: kiln splits it along the embedding's ancestors).
+    device_map = offload_device_map(model, plan_placement("auto", [], 0.8, 24 * GIB, "disk", embedding // 2))
+
+    def where(name):
+        return device_map[max((k for k in device_map if k == name or name.startswith(k + ".")), key=len)]
+
+    assert where("model.embed_tokens") == "cpu"
+    assert {where(f"model.layers.{i}") for i in range(6)} == {where("lm_head")} == {where("model.norm")} == {"disk"}
 
 
 @pytest.mark.parametrize("calibration, variants, build, message", [
-    ({"offload": "disk"}, {"awq": {"quant": "int4_awq"}}, {"target": "trtllm-pytorch"},
-     "variants.awq: int4_awq calibrates with awq_lite, which rewrites weights; under disk offload ModelOpt 0.47 keeps "
-     "every rewritten layer in host memory"),
+    ({"offload": "disk"}, {"awq": {"quant": "int4_awq", "backend": "llmcompressor"}}, {"target": "trtllm-pytorch"},
+     "variants.awq: backend llmcompressor does not run under calibration.offload: disk (fix: offload: none, or a "
+     "ModelOpt format)"),
     ({"max_host_memory": "6GiB"}, {"fp8": {"quant": "fp8"}}, {},
      "max_host_memory caps the weights in host memory under offload: disk, but offload is none (fix: set offload: "
      "disk, or remove max_host_memory)"),
@@ -78,8 +88,7 @@ def test_recipes_offload_cannot_build_are_refused(tmp_path, calibration, variant
 
 
 def _offload_recipe(tmp_path, test_model, budget: str, name: str = "spine"):
-    recipe = write_recipe(tmp_path, str(test_model), {"fp8": SPINE_VARIANTS["fp8"]}, name=name,
-                          build={"target": "trtllm-pytorch"})
+    recipe = write_recipe(tmp_path, str(test_model), SPINE_VARIANTS, name=name, build={"target": "trtllm-pytorch"})
     text = __import__("yaml").safe_load(recipe.read_text())
     text["calibration"].update({"offload": "disk", "max_host_memory": budget})
     recipe.write_text(json.dumps(text))
@@ -88,36 +97,51 @@ def _offload_recipe(tmp_path, test_model, budget: str, name: str = "spine"):
 
 @pytest.mark.slow
 def test_a_build_from_disk_measures_what_the_in_memory_build_measured(tmp_path, test_model, spine_cache):
-    """The demo model's spine FP8 + FP8-KV variant with a 2 MiB host budget: all but the embedding's neighbours
-    are read from disk while ModelOpt calibrates, exported by ModelOpt's streaming writer, validated one layer at
-    a time. The quantize key does not hold the offload (a placement, like calibration.device: same values), so
-    the in-memory build of the same variant (the shared spine cache) sits under the same key to compare with."""
+    """The demo model's spine variants (FP8 + FP8-KV, INT4-AWQ) with a 2 MiB host budget: all but the embedding's
+    neighbours are read from disk while ModelOpt calibrates, AWQ's rewritten layers go back to the offload folder
+    and its scales are folded a layer at a time, ModelOpt's streaming writer exports, validation runs one layer at
+    a time. The quantize key does not hold the offload (a placement, like calibration.device: same values), so the
+    in-memory build of the same variants (the shared spine cache) sits under the same keys to compare with."""
+    from safetensors.torch import load_file
+
+    import torch
+
     home = tmp_path / "home"
     env = {"KILN_HOME": str(home)}
     result = run_kiln("build", _offload_recipe(tmp_path, test_model, "2MiB"), "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert "disk offload: 5 of 8 modules read from disk as they run (host budget 2 MiB)" in result.stderr
-    assert "evaluate fp8 (layer by layer)" in result.stderr
-    [variant] = json.loads(result.stdout)["variants"]
-    [entry] = list((home / "cache" / "validate").iterdir())
-    in_memory = json.loads((spine_cache / "validate" / entry.name / "report.json").read_text())
-    for field in ("baseline_ppl", "quantized_ppl", "mean_kl", "top1_agreement", "ppl_increase_pct"):
-        assert abs(variant["metrics"][field] - in_memory[field]) <= 1e-4 * abs(in_memory[field]), field
-    [checkpoint] = list((home / "cache" / "quantize").iterdir())
-    record = json.loads((checkpoint / "kiln.json").read_text())
-    assert record["placement"]["offload"] == "disk" and len(record["placement"]["on_disk"]) == 5
-    assert record["trtllm_checkpoint"] is False and not (checkpoint / "trtllm").exists()
-    # The same quantized bytes as the in-memory export, tensor by tensor.
-    from safetensors.torch import load_file
-
-    import torch
-
-    mine, theirs = (load_file(c / "hf" / "model.safetensors") for c in (checkpoint, spine_cache / "quantize" / checkpoint.name))
-    assert mine.keys() == theirs.keys()
-    assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine)
+    assert "evaluate fp8 (layer by layer)" in result.stderr and "evaluate int4-awq (layer by layer)" in result.stderr
+    assert "int4_awq: pre-quant scales folded a decoder layer at a time" in result.stderr
+    metrics = {v["variant"]: v["metrics"] for v in json.loads(result.stdout)["variants"]}
+    assert sorted(metrics) == sorted(SPINE_VARIANTS)
+    for entry in (home / "cache" / "validate").iterdir():
+        in_memory = json.loads((spine_cache / "validate" / entry.name / "report.json").read_text())
+        mine = json.loads((entry / "report.json").read_text())
+        for field in ("baseline_ppl", "quantized_ppl", "mean_kl", "top1_agreement", "ppl_increase_pct"):
+            assert abs(mine[field] - in_memory[field]) <= 1e-4 * abs(in_memory[field]), (entry.name, field)
+        assert any(mine["quantized_ppl"] == m["quantized_ppl"] for m in metrics.values())
+    checkpoints = list((home / "cache" / "quantize").iterdir())
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        record = json.loads((checkpoint / "kiln.json").read_text())
+        assert record["placement"]["offload"] == "disk" and len(record["placement"]["on_disk"]) == 5
+        assert record["trtllm_checkpoint"] is False and not (checkpoint / "trtllm").exists()
+        # AWQ rewrote the 4 offloaded layers (calibration, then the scale folding): they went to disk, not memory.
+        rewrote = record["quant"] == "int4_awq"
+        assert (record["placement"]["written_back_bytes"] > 0) == rewrote, record["placement"]
+        # The same quantized bytes as the in-memory export, tensor by tensor.
+        mine, theirs = (load_file(c / "hf" / "model.safetensors")
+                        for c in (checkpoint, spine_cache / "quantize" / checkpoint.name))
+        assert mine.keys() == theirs.keys()
+        assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine), record["quant"]
+        if rewrote:   # AWQ's pre-quant scales of q/k/v and gate/up went into the norms, as in memory
+            assert not any(k.endswith("q_proj.pre_quant_scale") for k in mine)
+            assert any(k.endswith("o_proj.pre_quant_scale") for k in mine)
     assert list((home / "tmp").iterdir()) == []   # the offload folder went with the build
-    pulled = run_kiln("pull", "spine-fp8/1", "--out", tmp_path / "pulled", env=env)
-    assert pulled.returncode == 0 and "all verified" in pulled.stdout, pulled.stderr
+    for name in SPINE_VARIANTS:
+        pulled = run_kiln("pull", f"spine-{name}/1", "--out", tmp_path / "pulled" / name, env=env)
+        assert pulled.returncode == 0 and "all verified" in pulled.stdout, pulled.stderr
 
 
 @pytest.mark.slow
@@ -157,7 +181,8 @@ def test_the_plan_under_disk_offload_counts_one_layer_resident_and_the_rest_read
     weights = plan.shape.params * 2
     assert calibrate.disk_bytes == export.disk_bytes == weights - 6 * GIB   # 141 GB of a 70B model on disk
     layer = plan.shape.linear_params // 80 * 2
-    assert 6 * GIB + layer < calibrate.host_bytes < 6 * GIB + layer + 2 * GIB   # budget + one layer + runtime
+    # Read in place, the 6 GiB kept in host memory are memory-mapped file pages: resident are one layer + runtime.
+    assert layer < calibrate.host_bytes < layer + 2 * GIB and "6.44 GB of weights memory-mapped" in calibrate.detail
     # Validation: the 4.2 GB embeddings and head, one layer and its widest linear in float32, 32 x 512 hidden states.
     assert 7 * GIB < validate.host_bytes < 9 * GIB and plan.fits() and plan.refusal("r.yaml") is None
     # The same model in a 4 GiB host: even one layer with the embeddings and the hidden states does not fit.
@@ -167,9 +192,37 @@ def test_the_plan_under_disk_offload_counts_one_layer_resident_and_the_rest_read
                                               "still needs about")
     # A source that must be converted first needs the offload folder's disk.
     converting = DiskOffload(6 * GIB, 32 * 512, GIB, writes_folder=True, folder_free=10 * GIB)
-    refusal = estimate(_llama_70b_config(), 2, [QuantFormat.fp8], 512, 512, 24 * GIB, 20 * GIB, (), converting) \
-        .refusal("r.yaml")
+    converted = estimate(_llama_70b_config(), 2, [QuantFormat.fp8], 512, 512, 24 * GIB, 20 * GIB, (), converting)
+    # Converted, the weights kept in host memory are the process's own: budget + one layer + runtime.
+    assert converted.stages[0].host_bytes == calibrate.host_bytes + 6 * GIB
+    refusal = converted.refusal("r.yaml")
     assert refusal.startswith("r.yaml: disk offload writes 1") and "whose filesystem has 10.74 GB free" in refusal
+    assert "(converted weights)" in refusal
+
+
+def test_the_plan_under_disk_offload_counts_rewritten_layers_and_gptq_layer_state():
+    """AWQ rewrites the layers it reads from disk and writes them back to the offload folder: as many bytes as
+    were read, which the folder's filesystem must hold even when the source is read in place. GPTQ, run a layer
+    at a time, holds that layer's Hessians and every calibration window's inputs to it."""
+    from kiln.pipeline.memory import DiskOffload, estimate
+    from kiln.quantize import QuantFormat
+
+    config = _llama_70b_config()
+    offload = DiskOffload(6 * GIB, 32 * 512, GIB, writes_folder=False, folder_free=200 * GIB,
+                          calibration_tokens=128 * 512)
+    fp8, awq, gptq = (estimate(config, 2, [q], 512, 512, 24 * GIB, 20 * GIB, (), offload)
+                      for q in (QuantFormat.fp8, QuantFormat.int4_awq, QuantFormat.int4_gptq))
+    on_disk = fp8.stages[0].disk_bytes
+    assert fp8.folder_bytes == 0 and awq.folder_bytes == gptq.folder_bytes == on_disk
+    assert awq.stages[0].host_bytes == fp8.stages[0].host_bytes
+    # 6 x 8192^2 + 28672^2 float32 Hessians (4.9 GB) and 2 x 65536 tokens x 8192 x 2 bytes of layer inputs (2.1 GB)
+    extra = gptq.stages[0].host_bytes - fp8.stages[0].host_bytes
+    assert extra == 4 * (6 * 8192 ** 2 + 28672 ** 2) + 2 * 128 * 512 * 8192 * 2
+    assert "GPTQ Hessians" in gptq.stages[0].detail and gptq.fits()
+    small_disk = DiskOffload(6 * GIB, 32 * 512, GIB, writes_folder=False, folder_free=100 * GIB)   # < 135 GB
+    refusal = estimate(config, 2, [QuantFormat.int4_awq], 512, 512, 24 * GIB, 20 * GIB, (), small_disk) \
+        .refusal("r.yaml")
+    assert refusal.startswith(f"r.yaml: disk offload writes {on_disk / 1e9:.2f} GB (the layers calibration rewrites)")
 
 
 FREED = """
@@ -243,3 +296,29 @@ def test_a_memory_cgroups_limit_is_the_memory_kiln_plans_with(tmp_path):
         assert total == 3 * GIB and available <= 3 * GIB
     finally:
         os.rmdir(group)
+
+
+def test_rewritten_weights_go_to_files_and_come_back_as_written(tmp_path):
+    """What ModelOpt writes back into an offload loader's state dict (AWQ's scaled weights) lands in a file, not
+    host memory; accelerate reads it back from there (the loader gives the state dict priority over the source)."""
+    import torch
+
+    from kiln.quantize.offload_writeback import WrittenBack
+
+    resident = torch.ones(3)
+    written = WrittenBack(tmp_path / "wb", {"kept": resident})
+    weight = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    written["layer.weight"] = weight * 2
+    assert written.bytes_written == 24 and len(list((tmp_path / "wb").iterdir())) == 1
+    back = written["layer.weight"]
+    assert back.dtype == torch.bfloat16 and back.shape == (3, 4) and torch.equal(back, weight * 2)
+    assert back.data_ptr() != weight.data_ptr() and written["kept"] is resident
+    written["layer.weight"] = weight   # a second rewrite replaces the file
+    assert torch.equal(written["layer.weight"], weight) and len(list((tmp_path / "wb").iterdir())) == 1
+    assert set(written) == {"kept", "layer.weight"} and "layer.weight" in written and "other" not in written
+    written["kept"] = resident * 3    # a resident entry, rewritten, leaves memory for a file too
+    assert len(list((tmp_path / "wb").iterdir())) == 2 and torch.equal(written["kept"], resident * 3)
+    del written["layer.weight"]
+    assert "layer.weight" not in written and len(written) == 1 and len(list((tmp_path / "wb").iterdir())) == 1
+    with pytest.raises(KeyError):
+        written["layer.weight"]
