@@ -145,6 +145,40 @@ def test_a_build_from_disk_measures_what_the_in_memory_build_measured(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_mixture_of_experts_builds_from_disk_as_it_builds_in_memory(tmp_path, family_models):
+    """Mixtral, FP8 + FP8-KV: calibrated with its layers (experts and router) read from disk, streamed out, and
+    validated one layer at a time, each layer's experts fused from the source's per-expert tensors as
+    transformers 5 loads them: the in-memory build's bytes and metrics."""
+    import torch
+    from safetensors.torch import load_file
+
+    variants = {"fp8": {"quant": "fp8", "kv_cache": "fp8"}}
+    built = {}
+    for offload in ("none", "disk"):
+        (tmp_path / offload).mkdir()
+        recipe = write_recipe(tmp_path / offload, str(family_models["mixtral"]), variants, name="moe", samples=8,
+                              seq_len=128, build={"target": "trtllm-pytorch"})
+        if offload == "disk":
+            text = __import__("yaml").safe_load(recipe.read_text())
+            text["calibration"].update({"offload": "disk", "max_host_memory": "1MiB"})
+            recipe.write_text(json.dumps(text))
+        home = tmp_path / offload / "home"
+        result = run_kiln("build", recipe, "--json", env={"KILN_HOME": str(home)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        [variant] = json.loads(result.stdout)["variants"]
+        [checkpoint] = (home / "cache" / "quantize").iterdir()
+        built[offload] = variant["metrics"], checkpoint, result.stderr
+    (in_memory, theirs, _), (from_disk, mine, log) = built["none"], built["disk"]
+    assert "read from disk as they run" in log and "evaluate fp8 (layer by layer)" in log
+    assert json.loads((mine / "kiln.json").read_text())["placement"]["on_disk"]
+    for field in ("baseline_ppl", "quantized_ppl", "mean_kl", "top1_agreement", "ppl_increase_pct"):
+        assert abs(from_disk[field] - in_memory[field]) <= 1e-4 * abs(in_memory[field]) + 1e-9, field
+    ours, reference = load_file(mine / "hf" / "model.safetensors"), load_file(theirs / "hf" / "model.safetensors")
+    assert ours.keys() == reference.keys() and any(".experts.3.w2." in k for k in ours)
+    assert all(ours[k].dtype == reference[k].dtype and torch.equal(ours[k], reference[k]) for k in ours)
+
+
+@pytest.mark.slow
 def test_a_killed_offloaded_build_leaves_its_offload_folder_to_the_next_kiln(tmp_path, test_model):
     """SIGKILL runs no clean-up: the folder stays until the next build, which removes what dead processes left
     under KILN_HOME/tmp (kiln.common.scratch) before it starts, then builds and removes its own."""

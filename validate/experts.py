@@ -61,23 +61,49 @@ def exported_block_names(tensors: CheckpointTensors, layout) -> dict[str, str]:
     return {key: key.replace(old, new) for key in tensors.tensors if old in key}
 
 
-def replace_experts(model: nn.Module, tensors: CheckpointTensors, layout, make_linear) -> int:
+def replace_experts(model: nn.Module, tensors: CheckpointTensors, layout, make_linear, prefix: str = "",
+                    streamed: str = "") -> int:
     """Swap every fused experts module for per-expert ReferenceLinear layers built by
-    `make_linear(exported_prefix)`; returns how many blocks were replaced."""
+    `make_linear(exported_prefix)`; returns how many blocks were replaced. `model` is named `prefix` in the
+    whole model (one decoder layer, built on its own); the layers under `streamed` are built later."""
     replaced = 0
-    for name, module in list(model.named_modules()):
-        if not is_fused_experts(module):
+    for local, module in list(model.named_modules()):
+        name = f"{prefix}.{local}" if prefix and local else prefix or local
+        if not is_fused_experts(module) or (streamed and name.startswith(f"{streamed}.")):
             continue
-        prefix = name.replace(".mlp.experts", f".{layout.block}.experts")
+        exported = name.replace(".mlp.experts", f".{layout.block}.experts")
         experts = []
         for e in range(module.num_experts):
-            names = [f"{prefix}.{e}.{proj}" for proj in (layout.gate, layout.up, layout.down)]
+            names = [f"{exported}.{e}.{proj}" for proj in (layout.gate, layout.up, layout.down)]
             missing = [n for n in names if f"{n}.weight" not in tensors]
             if missing:
                 raise ValueError(f"the checkpoint has no {missing[0]}.weight for the experts of {name}")
             experts.append(tuple(make_linear(n) for n in names))
             for n in names:
                 tensors.take_layer(n)
-        replace_module(model, name, ReferenceExperts(experts, module.act_fn))
+        replace_module(model, local, ReferenceExperts(experts, module.act_fn))
         replaced += 1
     return replaced
+
+
+def fused_source_experts(stored: dict[str, torch.Tensor], layout) -> dict[str, torch.Tensor]:
+    """One decoder layer's source tensors (names local to the layer) as transformers 5 loads them: per-expert
+    gate/up/down stacked into the fused `mlp.experts.gate_up_proj` [experts, 2 x width, hidden] (gate rows
+    first) and `mlp.experts.down_proj`, the block renamed to `mlp` (its conversion mapping for Mixtral and
+    Qwen-MoE: the same bytes, stacked). A source already stored fused comes back as it is."""
+    block, tensors = f"{layout.block}.", {}
+    for key, tensor in stored.items():
+        tensors["mlp." + key[len(block):] if key.startswith(block) else key] = tensor
+
+    def expert(e: int, proj: str) -> str:
+        return f"mlp.experts.{e}.{proj}.weight"
+
+    count = 0
+    while expert(count, layout.gate) in tensors:
+        count += 1
+    if count == 0:
+        return tensors
+    gate_up = [torch.cat([tensors.pop(expert(e, layout.gate)), tensors.pop(expert(e, layout.up))]) for e in range(count)]
+    tensors["mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+    tensors["mlp.experts.down_proj"] = torch.stack([tensors.pop(expert(e, layout.down)) for e in range(count)])
+    return tensors

@@ -22,7 +22,7 @@ from kiln.quantize import MIXED_PRECISION, family_of
 from kiln.validate.checkpoint_tensors import CheckpointTensors, replace_module
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS, DecodedLinear, plain_linear
 from kiln.validate.compressed import linear_decoder, read_compressed_config
-from kiln.validate.experts import exported_block_names, replace_experts
+from kiln.validate.experts import exported_block_names, fused_source_experts, replace_experts
 from kiln.validate.runtime import (
     Float32Embedding, ReferenceLinear, _float32_embedding, _is_plain_embedding, _use_kv_fake_quant_attention,
     float32_math,
@@ -128,7 +128,7 @@ class _ReferenceBuilder:
             if self.compressed:
                 raise NotImplementedError(f"{self.hf_dir}: kiln's reference runtime does not decode compressed-tensors "
                                           "experts of a mixture-of-experts model yet")
-            replace_experts(root, tensors, self.family.experts, reference_linear)
+            replace_experts(root, tensors, self.family.experts, reference_linear, prefix, streamed)
             tensors.rename(exported_block_names(tensors, self.family.experts))
         _replace_stored_layers(root, tensors, reference_linear, prefix)
         if root is self.model and getattr(self.config, "tie_word_embeddings", False):
@@ -149,9 +149,6 @@ class _ReferenceBuilder:
         return self._finish()
 
     def streamed(self) -> StreamedModel:
-        if self.family is not None and self.family.experts is not None:
-            raise NotImplementedError(f"{self.hf_dir}: validation one layer at a time does not load the experts of a "
-                                      "mixture-of-experts model yet (fix: calibration.offload: none)")
         prefix, layers = decoder_layers(self.model)
         templates = list(layers)   # on meta: copied for each layer built
         inside = f"{prefix}."
@@ -179,9 +176,7 @@ def stream_baseline_model(model_dir: Path, trust_remote_code: bool = False) -> S
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     family = family_of(config.to_dict())
-    if family is not None and family.experts is not None:
-        raise NotImplementedError(f"{model_dir}: validation one layer at a time does not load the experts of a "
-                                  "mixture-of-experts model yet (fix: calibration.offload: none)")
+    experts = family.experts if family is not None else None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=config.dtype, trust_remote_code=trust_remote_code)
     prefix, layers = decoder_layers(model)
@@ -198,8 +193,8 @@ def stream_baseline_model(model_dir: Path, trust_remote_code: bool = False) -> S
     def load_layer(index: int) -> nn.Module:
         name = f"{prefix}.{index}."
         layer = _fresh_copy(templates[index])
-        stored = CheckpointTensors.read(model_dir, lambda k: k.startswith(name)).tensors
-        _load_exactly(layer, {k[len(name):]: v for k, v in stored.items()}, model_dir)
+        stored = {k[len(name):]: v for k, v in CheckpointTensors.read(model_dir, lambda k: k.startswith(name)).tensors.items()}
+        _load_exactly(layer, fused_source_experts(stored, experts) if experts else stored, model_dir)
         _materialise_derived_buffers(layer, init)
         return float32_math(layer).eval()
 
