@@ -248,9 +248,16 @@ def test_the_plan_under_disk_offload_counts_rewritten_layers_and_gptq_layer_stat
                       for q in (QuantFormat.fp8, QuantFormat.int4_awq, QuantFormat.int4_gptq))
     on_disk = fp8.stages[0].disk_bytes
     assert fp8.folder_bytes == 0 and awq.folder_bytes == gptq.folder_bytes == on_disk
-    assert awq.stages[0].host_bytes == fp8.stages[0].host_bytes
+    # The layer being rewritten: read back from its files and rewritten in float32, calibrating and exporting.
+    layer = fp8.shape.linear_params // 80 * 2
+    assert awq.stages[0].host_bytes == fp8.stages[0].host_bytes + 3 * layer
+    # (exporting, beside a smaller exported layer than FP8's)
+    assert awq.stages[1].host_bytes > fp8.stages[1].host_bytes + 2 * layer
+    assert "GB of the layer being rewritten" in awq.stages[1].detail
+    # A 4-bit checkpoint's widest linear decodes through two float32 temporaries besides its result.
+    assert awq.stages[2].host_bytes == fp8.stages[2].host_bytes + 2 * 4 * 8192 * 28672
     # 6 x 8192^2 + 28672^2 float32 Hessians (4.9 GB) and 2 x 65536 tokens x 8192 x 2 bytes of layer inputs (2.1 GB)
-    extra = gptq.stages[0].host_bytes - fp8.stages[0].host_bytes
+    extra = gptq.stages[0].host_bytes - awq.stages[0].host_bytes
     assert extra == 4 * (6 * 8192 ** 2 + 28672 ** 2) + 2 * 128 * 512 * 8192 * 2
     assert "GPTQ Hessians" in gptq.stages[0].detail and gptq.fits()
     small_disk = DiskOffload(6 * GIB, 32 * 512, GIB, writes_folder=False, folder_free=100 * GIB)   # < 135 GB
