@@ -105,8 +105,8 @@ def tasks_table(result: BuildResult) -> Table:
         bounds = result.plan.loaded.recipe.variants[v.variant].gates.max_task_drop or {}
         for name, drop in (v.tasks or {}).items():
             failed = any(f.startswith(f"max_task_drop.{name}:") for f in (v.gate.failures if v.gate else ()))
-            verdict = ("within noise" if drop.within_noise else "FAIL" if failed else "pass") if name in bounds else \
-                ("within noise" if drop.within_noise else "-")
+            verdict = ("FAIL" if failed else "pass, within noise" if drop.within_noise else "pass") if name in bounds \
+                else ("within noise" if drop.within_noise else "-")
             bound = f" (max {bounds[name]:g})" if name in bounds else ""
             table.add_row(v.variant, name, drop.metric, f"{drop.value * 100:.1f}", f"{drop.baseline * 100:.1f}",
                           f"{drop.drop_points:+.2f} ± {drop.drop_stderr_points:.2f}", str(drop.n), verdict + bound)

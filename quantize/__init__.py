@@ -31,6 +31,7 @@ from kiln.quantize.formats import (
 )
 from kiln.quantize.modelopt_backend import TOOLS
 from kiln.quantize.size import CheckpointSize, checkpoint_size
+from kiln.quantize.source_check import refuse_nonfinite_weights
 from kiln.quantize.placement import Device, Offload, Placement, VisibleGpu, plan_placement
 from kiln.quantize.runtimes import (
     Loads, Quant, Runtime, loading_runtimes, runtime_cells, runtime_problem, vllm_device_problem,
@@ -71,6 +72,7 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     family = family_of(source_config)
     if family is None:   # `kiln check` refuses these first; this guards direct callers
         raise ValueError(f"{model_dir}: model_type '{source_config.get('model_type')}' is not in kiln's family table")
+    refuse_nonfinite_weights(Path(model_dir))
     with quiet_libraries():
         try:
             return BACKENDS[request.backend].run(request, model_dir, calibration, Path(out_dir), progress, placement,

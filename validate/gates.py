@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kiln.validate.records import Metrics
@@ -22,16 +23,30 @@ class GateResult:
         return "pass" if self.passed else "FAIL " + "; ".join(self.failures)
 
 
+_MEASURES = (("max_ppl_increase_pct", "ppl_increase_pct"), ("max_kl", "mean_kl"),
+             ("min_top1_agreement", "top1_agreement"))
+
+
 def evaluate_gates(metrics: Metrics, max_ppl_increase_pct=None, max_kl=None, min_top1_agreement=None,
                    max_task_drop=None, tasks: dict[str, TaskDrop] | None = None) -> GateResult:
-    """`tasks` (the variant's task drops) is given where tasks were scored: the checkpoint, not an engine."""
+    """`tasks` (the variant's task drops) is given where tasks were scored: the checkpoint, not an engine.
+
+    What could not be measured never passes: a metric that is NaN or infinite fails (whether or not the recipe
+    gates it: a checkpoint whose perplexity is NaN is broken), and so does a task bound the task's documents
+    cannot decide (module doc of kiln.validate.tasks, `TaskDrop.undecided`)."""
     failures, noise = [], []
-    if max_ppl_increase_pct is not None and metrics.ppl_increase_pct > max_ppl_increase_pct:
+    for gate, field in _MEASURES:
+        value = getattr(metrics, field)
+        if not math.isfinite(value):
+            failures.append(f"{gate}: {field} is {value}: it could not be measured, so no gate can pass (the "
+                            "checkpoint's outputs or the baseline's are not finite)")
+    finite = {field for _, field in _MEASURES if math.isfinite(getattr(metrics, field))}
+    if max_ppl_increase_pct is not None and "ppl_increase_pct" in finite and metrics.ppl_increase_pct > max_ppl_increase_pct:
         over = metrics.ppl_increase_pct - max_ppl_increase_pct
         failures.append(f"max_ppl_increase_pct: {metrics.ppl_increase_pct:.3f} > {max_ppl_increase_pct:g} (over by {over:.3f})")
-    if max_kl is not None and metrics.mean_kl > max_kl:
+    if max_kl is not None and "mean_kl" in finite and metrics.mean_kl > max_kl:
         failures.append(f"max_kl: {metrics.mean_kl:.5f} > {max_kl:g} (over by {metrics.mean_kl - max_kl:.5f})")
-    if min_top1_agreement is not None and metrics.top1_agreement < min_top1_agreement:
+    if min_top1_agreement is not None and "top1_agreement" in finite and metrics.top1_agreement < min_top1_agreement:
         under = min_top1_agreement - metrics.top1_agreement
         failures.append(
             f"min_top1_agreement: {metrics.top1_agreement:.4f} < {min_top1_agreement:g} (under by {under:.4f})"
@@ -42,10 +57,17 @@ def evaluate_gates(metrics: Metrics, max_ppl_increase_pct=None, max_kl=None, min
             continue
         if drop is None:
             failures.append(f"max_task_drop.{task}: the task was not scored")
-        elif drop.within_noise:
-            noise.append(f"max_task_drop.{task}: {drop.describe()}, within its standard error: neither a pass nor a "
-                         f"fail at {bound:g}")
+        elif drop.unmeasured is not None:
+            failures.append(f"max_task_drop.{task}: {drop.describe()}: {drop.unmeasured}, so the gate cannot pass")
         elif drop.drop_points > bound:
+            noisy = ", within its standard error: score more documents to tell" if drop.within_noise else ""
             failures.append(f"max_task_drop.{task}: {drop.describe()} > {bound:g} (over by "
-                            f"{drop.drop_points - bound:.2f})")
+                            f"{drop.drop_points - bound:.2f}{noisy})")
+        elif drop.drop_points + drop.drop_stderr_points > bound:
+            failures.append(f"max_task_drop.{task}: {drop.describe()}: {drop.n} documents are too few to bound the drop "
+                            f"at {bound:g} (it may be up to {drop.drop_points + drop.drop_stderr_points:.2f} within one "
+                            "standard error; fix: raise the task's limit, or the bound)")
+        elif drop.within_noise:
+            noise.append(f"max_task_drop.{task}: {drop.describe()}, within its standard error and under {bound:g} "
+                         "by more than it")
     return GateResult(not failures, tuple(failures), tuple(noise))

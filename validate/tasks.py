@@ -5,6 +5,10 @@ data is local) and the metric gates read. `run_tasks` scores one model through k
 (kiln.validate.lm_eval_model), keeping each document's score so a drop gets a paired standard error:
 the same documents are scored by the baseline and the variant, so the noise that matters is that of
 the per-document differences, sd(baseline_i - variant_i) / sqrt(n).
+
+A gate `max_task_drop: B` passes only when the drop plus that standard error is at most B: a task scored on
+too few documents has an error bar wider than the room under B, and fails as undecided rather than passing as
+"within noise"; a task scored on fewer than MIN_DOCUMENTS documents, or whose score is not a number, fails.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 TASKS_FILE = "tasks.json"               # a variant's drops, beside report.json in its validate entry
 SCORES_FILE = "task_scores.json"        # one model's scores (the baseline's, cached once)
 TOOLS = ("lm_eval", "datasets")
+MIN_DOCUMENTS = 2                       # fewer gives no paired standard error: a gate cannot be decided
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,17 @@ class TaskDrop:
     drop_points: float
     drop_stderr_points: float    # paired, from the per-document differences
     n: int
+
+    @property
+    def unmeasured(self) -> str | None:
+        """Why this drop says nothing (a score that is not a number, or too few documents for a standard error),
+        or None. A paired standard error needs two documents: with one, a 100-point drop has no error bar."""
+        if self.n < MIN_DOCUMENTS:
+            return f"scored on {self.n} document(s), and a standard error needs at least {MIN_DOCUMENTS}"
+        values = (self.baseline, self.value, self.drop_points, self.drop_stderr_points)
+        if not all(math.isfinite(v) for v in values):
+            return "a score or its standard error is not finite"
+        return None
 
     @property
     def within_noise(self) -> bool:
