@@ -60,8 +60,11 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     rewrites = request.auto is None and FORMATS[request.quant].algorithm in REWRITES_WEIGHTS
     written_back = write_back_to_disk(model, offload_folder) if on_disk and rewrites else []
     if placement.to_disk:
-        progress.log(f"disk offload: {len(on_disk)} of {len(model.hf_device_map)} modules read from disk as they run "
-                     f"(host budget {placement.max_memory['cpu'] / 2**20:.0f} MiB)")
+        # transformers sets no hf_device_map when everything landed on the CPU: the model fit the budget.
+        modules = len(getattr(model, "hf_device_map", None) or {})
+        budget = f"host budget {placement.max_memory['cpu'] / 2**20:.0f} MiB"
+        progress.log(f"disk offload: {len(on_disk)} of {modules} modules read from disk as they run ({budget})"
+                     if on_disk else f"disk offload: the model fits the {budget}; nothing is read from disk")
     if on_loaded is not None:
         started = time.monotonic()
         on_loaded(model)

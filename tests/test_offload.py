@@ -96,6 +96,29 @@ def _offload_recipe(tmp_path, test_model, budget: str, name: str = "spine"):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("budget", [None, "6GiB"])
+def test_offload_disk_builds_on_its_default_budget_and_the_readmes(tmp_path, test_model, budget):
+    """Issue 36.5: on 9edec45 every model that fit the host budget crashed (`'LlamaForCausalLM' object has no
+    attribute 'hf_device_map'`): with the default budget (available memory less 2 GiB) and the README's 6GiB, both
+    larger than the demo model. It builds, nothing is read from disk, and the log says so."""
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8"}}, name="fits", samples=4, seq_len=32,
+                          build={"target": "trtllm-pytorch"})
+    text = __import__("yaml").safe_load(recipe.read_text())
+    text["calibration"].update({"offload": "disk", **({"max_host_memory": budget} if budget else {})})
+    recipe.write_text(json.dumps(text))
+    home = tmp_path / "home"
+    result = run_kiln("build", recipe, "--json", env={"KILN_HOME": str(home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "disk offload: the model fits the host budget" in result.stderr and "nothing is read from disk" in \
+        result.stderr
+    [checkpoint] = (home / "cache" / "quantize").iterdir()
+    placement = json.loads((checkpoint / "kiln.json").read_text())["placement"]
+    assert placement["offload"] == "disk" and placement["on_disk"] == []
+    [variant] = json.loads(result.stdout)["variants"]
+    assert 0 < variant["metrics"]["mean_kl"] < 0.05
+
+
+@pytest.mark.slow
 def test_a_build_from_disk_measures_what_the_in_memory_build_measured(tmp_path, test_model, spine_cache):
     """The demo model's spine variants (FP8 + FP8-KV, INT4-AWQ) with a 2 MiB host budget: all but the embedding's
     neighbours are read from disk while ModelOpt calibrates, AWQ's rewritten layers go back to the offload folder
