@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kiln.common.errors import KilnError
+from kiln.common.errors import KilnError, UserInputError
 
 
 @contextlib.contextmanager
@@ -114,7 +116,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     kind = _existing_kind(path)
     if kind in ("device", "pipe"):
-        with open(path, "w", encoding="utf-8") as stream:
+        with _open_stream(path, kind) as stream:
             stream.write(text)
         return
     if kind is not None and kind != "file":
@@ -136,6 +138,30 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+FIFO_READER_WAIT_S = 10.0
+
+
+def _open_stream(path: Path, kind: str):
+    """A device, or a FIFO once a reader has it open: opening a FIFO nobody reads blocks forever, so it is opened
+    without blocking, retried for FIFO_READER_WAIT_S, then refused."""
+    if kind != "pipe":
+        return open(path, "w", encoding="utf-8")
+    deadline = time.monotonic() + FIFO_READER_WAIT_S
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:   # ENXIO: no reader yet
+                raise
+            if time.monotonic() >= deadline:
+                raise UserInputError(f"{path}: is a FIFO that nobody read within {FIFO_READER_WAIT_S:g} s (fix: start "
+                                     "its reader first, or name a regular file)") from None
+            time.sleep(0.1)
+    os.set_blocking(fd, True)   # a reader is there: write as a stream
+    return os.fdopen(fd, "w", encoding="utf-8")
 
 
 def _existing_kind(path: Path) -> str | None:

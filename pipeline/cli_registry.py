@@ -105,9 +105,11 @@ def backfill_records() -> None:
 def verify(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines.")) -> None:
     """Check that every version can be pulled, changing nothing: exit 1 if any cannot.
 
-    Each version's manifests must match the digests its tags record, and every file they list must be
-    in the blob store with the bytes its sha256 names (hashed in place on the embedded registry,
-    downloaded from a server). A version that fails names the first bad file and the fix.
+    Each version's run must exist, its manifests must match the digests its tags record, every file they
+    list must have the bytes its sha256 names (in the blob store, hashed in place on the embedded registry,
+    downloaded from a server; or in its own run), and its metric tags must equal its stored validation.json
+    and tasks.json. A version that fails names the first problem and the fix; one verify cannot check is
+    counted apart. A missing or empty registry database is reported and left as it is.
     """
     from kiln.common.errors import KilnError
     from kiln.common.progress import ProgressReporter
@@ -118,15 +120,21 @@ def verify(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         emit_json([check.as_dict() for check in checks])
     else:
         for check in checks:
-            state = (f"not pullable: {check.problem}" if check.problem else check.note
-                     or f"ok ({check.files} files, {check.bytes} bytes verified)")
+            state = (f"not pullable: {check.problem}" if check.problem else f"not checked: {check.note}"
+                     if check.unchecked else f"ok ({check.files} files, {check.bytes} bytes verified)")
             print(f"{check.label}: {state}")
     broken = [check.label for check in checks if check.problem]
-    if broken:
-        raise KilnError(f"{len(broken)} of {len(checks)} version(s) cannot be pulled: {', '.join(broken[:5])}"
-                        f"{' …' if len(broken) > 5 else ''}; nothing was changed")
+    unchecked = [check.label for check in checks if check.unchecked]
+    if broken or unchecked:
+        parts = [f"{len(broken)} of {len(checks)} version(s) cannot be pulled: {_first(broken)}"] if broken else []
+        parts += [f"{len(unchecked)} could not be checked: {_first(unchecked)}"] if unchecked else []
+        raise KilnError(f"{'; '.join(parts)}; nothing was changed")
     if not as_json:
         print(f"{len(checks)} version(s): every one can be pulled" if checks else "the registry holds no version")
+
+
+def _first(labels: list[str]) -> str:
+    return ", ".join(labels[:5]) + (" …" if len(labels) > 5 else "")
 
 
 def promote(

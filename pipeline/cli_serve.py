@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from kiln.common.errors import UserInputError
+from kiln.common.errors import KilnError, UserInputError
 from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, selected_sm
 from kiln.serve.stacks import runtime_help
 
@@ -118,10 +118,16 @@ def serve(
             print(f"prompt: {prompt!r}\ncompletion: {running.ask(prompt, max_tokens)!r}")
         else:
             while not stop.wait(0.5):
-                pass
+                died = running.server.process.poll() if running.server.process else None
+                if died is not None:   # nothing answers behind the endpoints any more: say so and fail
+                    how = f"signal {signal.Signals(-died).name}" if died < 0 else f"exit {died}"
+                    raise KilnError(f"{running.server.what} died while serving ({how}); its endpoints are closed (its "
+                                    f"log: {running.server.log_path})")
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        died = running.server.process is not None and running.server.process.poll() is not None
         code = running.stop()
-        print(f"{running.server.what} stopped (exit {code})", file=sys.stderr)
+        if not died:
+            print(f"{running.server.what} stopped (exit {code})", file=sys.stderr)

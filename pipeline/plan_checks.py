@@ -11,7 +11,7 @@ from kiln import quantize
 from kiln.common.errors import UserInputError
 from kiln.pipeline.data import resolve_data
 from kiln.pipeline.recipe_loader import LoadedRecipe
-from kiln.pipeline.tasks import task_problems
+from kiln.pipeline.tasks import task_length_problems, task_problems
 
 
 def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
@@ -19,7 +19,7 @@ def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     the family table does not hold, then block sizes that do not divide some layer's input width."""
     problems = family_problems(loaded, model_dir)
     return problems or exclude_problems(loaded, model_dir) + width_problems(loaded, model_dir) + \
-        budget_problems(loaded, model_dir)
+        budget_problems(loaded, model_dir) + task_length_problems(loaded, model_dir)
 
 
 def budget_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:

@@ -10,10 +10,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import ByteSize, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
-from kiln.pipeline.recipe_quant import AUTO, AutoPrecision, QuantName, Strict
+from kiln.pipeline.recipe_quant import (AUTO, AutoPrecision, Flag, HostBytes, NonNegativeInt, Number, PositiveInt,
+                                       QuantName, Strict)
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device, Offload
 from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem
@@ -30,8 +31,8 @@ class ModelSource(Strict):
     source: str = Field(description="hf://org/name (with revision) or a local folder, relative to the recipe")
     revision: str | None = Field(default=None, description="40-hex commit; required for hf:// sources")
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    trust_remote_code: bool = False
-    allow_pickle: bool = Field(default=False, description="load *.bin/*.pt weights (pickle can run code)")
+    trust_remote_code: Flag = False
+    allow_pickle: Flag = Field(default=False, description="load *.bin/*.pt weights (pickle can run code)")
 
     @property
     def is_hub(self) -> bool:
@@ -78,7 +79,7 @@ class CalibrationSpec(DataSpec):
     """Calibration text, and where calibration, export and validation run."""
 
     device: Device = Field(default=Device.auto, description="auto (every visible GPU, else the CPU) | cpu | cuda")
-    gpu_memory_fraction: float = Field(default=0.8, gt=0, le=1,
+    gpu_memory_fraction: Number = Field(default=0.8, gt=0, le=1,
                                        description="share of each GPU's memory the model may take; the rest is "
                                                    "offloaded to CPU memory")
     batch_size: PositiveInt = Field(default=1, description="samples per calibration forward pass: larger is faster "
@@ -87,7 +88,7 @@ class CalibrationSpec(DataSpec):
     offload: Offload = Field(default=Offload.none, description="none | cpu | disk: where weights that do not fit go. "
                              "cpu: GPUs, then host memory; disk: GPUs, then host memory up to max_host_memory, then "
                              "read from disk a decoder layer at a time (validation too): for models larger than memory")
-    max_host_memory: ByteSize | None = Field(default=None, description="host memory the weights may take under "
+    max_host_memory: HostBytes | None = Field(default=None, description="host memory the weights may take under "
                                              "offload: disk, e.g. 6GiB (default: what the host has free, less 2 GiB)")
 
     @model_validator(mode="after")
@@ -124,8 +125,11 @@ class EvaluationSpec(DataSpec):
     """Held-out text for the accuracy metrics, and the tasks scored on top of them."""
 
     tasks: tuple[TaskSpec, ...] = ()
-    allow_code_execution: bool = Field(default=False, description="let tasks that run generated code (humaneval) "
+    allow_code_execution: Flag = Field(default=False, description="let tasks that run generated code (humaneval) "
                                        "run it, in kiln's sandbox (README, \"Task evaluation\")")
+    allow_task_code: Flag = Field(default=False, description="let a task YAML's `!function` entries import and run "
+                                  "the Python modules beside it (they go into the cache key; README, \"Task "
+                                  "evaluation\")")
 
     @model_validator(mode="after")
     def _tasks(self) -> "EvaluationSpec":
@@ -140,10 +144,10 @@ class EvaluationSpec(DataSpec):
 
 
 class Gates(Strict):
-    max_ppl_increase_pct: float | None = Field(default=None, ge=0)
-    max_kl: float | None = Field(default=None, ge=0)
-    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
-    max_task_drop: dict[Name, Annotated[float, Field(ge=0)]] | None = Field(
+    max_ppl_increase_pct: Number | None = Field(default=None, ge=0)
+    max_kl: Number | None = Field(default=None, ge=0)
+    min_top1_agreement: Number | None = Field(default=None, ge=0, le=1)
+    max_task_drop: dict[Name, Annotated[Number, Field(ge=0)]] | None = Field(
         default=None, description="per task in evaluation.tasks: the most its score may drop against the baseline, "
                                   "in percentage points (a drop within its standard error never fails)")
 
@@ -161,7 +165,7 @@ class Variant(Strict):
                                          "checkpoint that vLLM and SGLang load: int4_gptq, int4_awq, int8_sq)")
     kv_cache: KVCacheFormat = KVCacheFormat.none
     group_size: PositiveInt | None = None
-    alpha: float | None = Field(default=None, gt=0, le=1, description="SmoothQuant migration strength (int8_sq)")
+    alpha: Number | None = Field(default=None, gt=0, le=1, description="SmoothQuant migration strength (int8_sq)")
     gpus: tuple[str, ...] = ()
     exclude: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
         default=(), description="module name patterns kept unquantized, e.g. lm_head, *.mlp.down_proj")
@@ -303,8 +307,8 @@ class BuildSizes(Strict):
     max_shard_size: str = Field(default="5GB", pattern=r"^[1-9][0-9]*(B|KB|MB|GB|KiB|MiB|GiB)$",
                                 description="largest safetensors file of the exported HF checkpoint; larger "
                                             "exports are sharded with model.safetensors.index.json")
-    kv_cache_reuse: bool = Field(default=False, description="prefix caching: reuse KV blocks across requests")
-    free_gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="share of free GPU memory for the KV cache")
+    kv_cache_reuse: Flag = Field(default=False, description="prefix caching: reuse KV blocks across requests")
+    free_gpu_memory_fraction: Number = Field(default=0.9, gt=0, le=1, description="share of free GPU memory for the KV cache")
     cuda_graph_batch_sizes: tuple[PositiveInt, ...] | None = Field(
         default=None, description="trtllm-pytorch: batch sizes captured as CUDA graphs (default: powers of 2 up to max_batch_size)")
     lora: LoraSpec | None = None

@@ -6,6 +6,7 @@ what to do: `recipes/x.yaml:12: variants.fp8.quant: ... (fix: ...)`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ _FIXES = {
     "missing": "add it",
     "string_pattern_mismatch": "use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit",
     "greater_than": "use a positive number",
+    "int_type": "write a whole number, without quotes",
+    "float_type": "write a number, without quotes",
+    "bool_type": "write true or false",
+    "byte_size_type": "write a size such as 6GiB",
     "enum": None,  # pydantic's message already lists the allowed values
     "literal_error": None,
 }
@@ -104,6 +109,16 @@ def _strip_model_suffix(loc: tuple) -> tuple:
 _MAX_RECIPE_BYTES = 2**20
 
 
+class RecipeYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-3` as the number YAML 1.2 says it is (PyYAML's 1.1 rules make it a string,
+    which the schema's strict numbers would then refuse)."""
+
+
+RecipeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def load_recipe(path: Path) -> LoadedRecipe:
     """Parse and validate one recipe; raise RecipeErrors listing every problem."""
     path = Path(path)
@@ -120,8 +135,8 @@ def load_recipe(path: Path) -> LoadedRecipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeErrors([f"{where}: cannot read: {exc}"]) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data: Any = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=RecipeYamlLoader)
+        data: Any = yaml.load(text, Loader=RecipeYamlLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

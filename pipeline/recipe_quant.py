@@ -9,7 +9,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PositiveInt, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, PlainSerializer, PlainValidator, StrictBool,
+                      StrictFloat, StrictInt, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from kiln.quantize.formats import AUTO, AUTO_QUANTIZE_ALGORITHMS, FORMATS, QuantFormat
@@ -40,6 +41,24 @@ QuantName = Annotated[QuantFormat | str, PlainValidator(lambda value: _format_in
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Numbers are numbers: pydantic's lax mode read `limit: true` as 1, `score_samples: '8'` as 8 and
+# `max_host_memory: true` as 1 byte. These refuse booleans and strings where a number or a flag belongs
+# (an int is a number; YAML's unquoted 1e-3 is one too: kiln.pipeline.recipe_loader reads it as YAML 1.2 does).
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+Number = StrictFloat
+Flag = StrictBool
+
+
+def _size_not_bool(value):
+    if isinstance(value, bool):
+        raise PydanticCustomError("byte_size_type", "a size such as 6GiB or a number of bytes, not a boolean")
+    return value
+
+
+HostBytes = Annotated[ByteSize, BeforeValidator(_size_not_bool)]
 
 
 HALF_BIT = 0.5   # the default search's step between candidate budgets

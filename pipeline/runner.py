@@ -29,7 +29,7 @@ from kiln.pipeline.plan import SIZE_RECORD, Plan, quantize_request
 from kiln.pipeline.results import BuildResult, CandidateResult, VariantResult
 from kiln.pipeline.runner_targets import TargetStages
 from kiln.pipeline.stages import PUBLISHED_RECORD, StageInstance
-from kiln.pipeline.tasks import task_key, task_requests
+from kiln.pipeline.tasks import task_code_lines, task_key, task_requests
 
 
 class CheckpointStages:
@@ -123,6 +123,8 @@ class CheckpointStages:
             self._task_requests = task_requests(self.loaded, self.plan.evaluation.documents)
             if evaluation.allow_code_execution and any(r.unsafe_code for r in self._task_requests):
                 self.progress.log(f"running generated code as the recipe allows: {validate.sandbox_description()}")
+            for line in task_code_lines(self._task_requests):
+                self.progress.log(line)
         try:
             scores = validate.run_tasks(model, self._task_requests, baseline=baseline,
                                         allow_code_execution=evaluation.allow_code_execution, progress=self.progress,

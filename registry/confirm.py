@@ -16,7 +16,8 @@ from kiln.common.errors import KilnError, VerificationError
 from kiln.registry.lookup import version_row
 from kiln.registry.manifest import MANIFEST, build_manifest, manifest_digest
 from kiln.registry.store import (
-    MANIFEST_TAG, PUBLISH_KEY_TAG, client, download_file, is_missing, tracking_uri, upload_manifest,
+    MANIFEST_TAG, PUBLISH_KEY_TAG, artifact_root, client, download_file, home_registry, is_missing, tracking_uri,
+    upload_manifest,
 )
 
 
@@ -71,6 +72,10 @@ def _stored_without_mlflow(home: Path, name: str, version: str):
     digest, source = row.tags.get(MANIFEST_TAG), row.source
     try:
         if source.startswith("file://"):
+            # A copied home's database still names the old home's files until MLflow's client rebases it: nothing
+            # outside KILN_HOME may confirm a version (a manifest deleted in the copy would read as present).
+            if home_registry(home) and not (source + "/").startswith(artifact_root(home) + "/"):
+                return None
             text = (Path(source[len("file://"):]) / MANIFEST).read_text()
         elif source.startswith("mlflow-artifacts:/") and tracking_uri(home).startswith(("http://", "https://")):
             path = urllib.parse.quote(f"{source[len('mlflow-artifacts:/'):].strip('/')}/{MANIFEST}")

@@ -10,7 +10,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from kiln.common.errors import UserInputError
 from kiln.serve.pbtxt import set_parameters, tensor, write_config
-from kiln.serve.requests import Limits, artifact_limits
+from kiln.serve.http_gate import TRITON_BODY_CAP
+from kiln.serve.requests import Limits, artifact_limits, max_prompt_bytes
 from kiln.serve.stack import Repository, ServeFlags, Stack, triton_serving_lines
 from kiln.serve.triton import Endpoints, TritonServer
 
@@ -59,6 +60,18 @@ def write_cpu_repository(repo: Path, options: CpuServeOptions) -> tuple[str, ...
     return (CPU_MODEL, CPU_STREAM_MODEL)
 
 
+def http_body_limit(artifact: Path, options: CpuServeOptions) -> int:
+    """The largest HTTP request body the artifact can accept: a full batch of the longest prompts its
+    build.max_input_len admits, each JSON-escaped at worst (6 bytes a byte: \\u0001), plus room for the rest of
+    the request; never more than kiln's HTTP gate lets reach Triton 2.51 (kiln.serve.http_gate)."""
+    from transformers import AutoTokenizer
+
+    limits = artifact_limits(artifact, options.default_max_tokens)
+    tokenizer = AutoTokenizer.from_pretrained(Path(artifact) / "hf", trust_remote_code=options.trust_remote_code)
+    prompt = max_prompt_bytes(tokenizer, limits.max_input_len)
+    return min(TRITON_BODY_CAP, options.max_batch_size * prompt * 6 + (64 << 10))
+
+
 class CpuStack(Stack):
     """kiln's reference runtime in Triton's python backend (nvidia-pytriton's tritonserver): any artifact,
     any host."""
@@ -73,10 +86,13 @@ class CpuStack(Stack):
                                   max_queue_delay_microseconds=flags.max_queue_delay_us, instances=flags.instances,
                                   default_max_tokens=flags.max_tokens)
         return {"models": write_cpu_repository(staging, options), "entry_model": CPU_MODEL,
-                "stream_model": CPU_STREAM_MODEL}
+                "stream_model": CPU_STREAM_MODEL, "http_body_limit": http_body_limit(artifact, options)}
 
     def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> TritonServer:
-        return TritonServer(repo.path, home, repo.models, endpoints, log_path=log)
+        limit = repo.http_body_limit
+        why = "kiln serve takes at most a full batch of prompts within the artifact's build.max_input_len"
+        return TritonServer(repo.path, home, repo.models, endpoints, log_path=log,
+                            http_body_limit=(limit, why) if limit else None)
 
     def ask(self, repo: Repository, endpoints: Endpoints, prompt: str, max_tokens: int) -> str:
         """Over gRPC, with the model's own refusal of a request past its limits as one line."""

@@ -13,6 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from kiln.serve.requests import max_prompt_bytes
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -33,11 +35,7 @@ class ReferenceGenerator:
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def max_prompt_bytes(self, max_tokens: int) -> int:
-        """More bytes than any text of `max_tokens` tokens can have: the longest vocabulary entry, written out
-        (a byte-level or SentencePiece entry is never shorter in UTF-8 than the bytes it stands for), times the
-        count. Special tokens the tokenizer adds cost no input bytes, so the bound holds with them."""
-        longest = max((len(token.encode("utf-8", "surrogatepass")) for token in self.tokenizer.get_vocab()), default=1)
-        return max_tokens * max(longest, 4)   # 4: one UTF-8 character even when the vocabulary is all single bytes
+        return max_prompt_bytes(self.tokenizer, max_tokens)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]

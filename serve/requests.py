@@ -35,6 +35,14 @@ class Limits:
         return cls(int(params["max_input_len"]), int(params["max_seq_len"]), int(params["default_max_tokens"]))
 
 
+def max_prompt_bytes(tokenizer, max_tokens: int) -> int:
+    """More bytes than any text of `max_tokens` tokens can have: the longest vocabulary entry, written out
+    (a byte-level or SentencePiece entry is never shorter in UTF-8 than the bytes it stands for), times the
+    count. Special tokens the tokenizer adds cost no input bytes, so the bound holds with them."""
+    longest = max((len(token.encode("utf-8", "surrogatepass")) for token in tokenizer.get_vocab()), default=1)
+    return max_tokens * max(longest, 4)   # 4: one UTF-8 character even when the vocabulary is all single bytes
+
+
 def artifact_limits(artifact: Path, default_max_tokens: int) -> Limits:
     """The build section of the artifact's recipe (recipe.json), capped by the model's own context."""
     config = json.loads((Path(artifact) / "hf" / "config.json").read_text())

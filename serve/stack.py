@@ -39,6 +39,7 @@ class Repository:
     sm: str | None = None
     gpu_layout: object | None = None    # gpu: its GpuLayout
     container_command: str | None = None
+    http_body_limit: int | None = None  # cpu: the largest request body kiln's HTTP gate lets through to Triton
 
 
 class Stack:

@@ -21,6 +21,7 @@ from pathlib import Path
 from kiln.common.errors import KilnError, UserInputError
 from kiln.common.fsutil import build_once
 from kiln.common.processes import wait_until_ready
+from kiln.serve.http_gate import HttpGate
 from kiln.serve.workers import WorkerWatch
 
 
@@ -82,12 +83,16 @@ class TritonServer:
     watch_workers = True   # python-backend stubs: reload a model whose stub died (kiln.serve.workers)
 
     def __init__(self, repo: Path, home: Path, models: tuple[str, ...], endpoints: Endpoints | None = None,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, http_body_limit: tuple[int, str] | None = None):
         self.repo, self.home, self.models = Path(repo), Path(home), models
         self.endpoints = endpoints or Endpoints(free_port(), free_port(), free_port())
         self.log_path = log_path or self.home / "triton" / "tritonserver.log"
         self.process: subprocess.Popen | None = None
         self.watch: WorkerWatch | None = None
+        # (bytes, why): Triton listens on a private port behind kiln's HTTP gate (kiln.serve.http_gate).
+        self.http_body_limit = http_body_limit
+        self.triton_http = free_port() if http_body_limit else self.endpoints.http
+        self.gate: HttpGate | None = None
 
     def command(self) -> list[str]:
         server = pytriton_server_dir()
@@ -95,7 +100,7 @@ class TritonServer:
             str(server / "bin" / "tritonserver"),
             "--model-repository", str(self.repo),
             "--backend-directory", str(_backend_directory(server, self.home)),
-            "--http-address", "127.0.0.1", "--http-port", str(self.endpoints.http),
+            "--http-address", "127.0.0.1", "--http-port", str(self.triton_http),
             "--grpc-address", "127.0.0.1", "--grpc-port", str(self.endpoints.grpc),
             "--metrics-address", "127.0.0.1", "--metrics-port", str(self.endpoints.metrics),
             "--allow-metrics", "true", "--log-verbose", "0",
@@ -127,6 +132,8 @@ class TritonServer:
 
     def start(self, timeout_s: float = 180, progress=None) -> "TritonServer":
         self._refuse_taken_ports()
+        if self.http_body_limit is not None:
+            self.gate = HttpGate(self.endpoints.http, self.triton_http, *self.http_body_limit).start()
         command = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w")
@@ -156,6 +163,8 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 30) -> int | None:
         """SIGTERM (Triton unloads models and exits), then SIGKILL for whatever is left of the group."""
+        if self.gate is not None:
+            self.gate.stop()
         if self.process is None:
             return None
         if self.watch is not None:

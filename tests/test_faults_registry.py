@@ -380,3 +380,92 @@ def test_registry_verify_names_each_version_that_cannot_be_pulled_and_changes_no
     assert broken.stderr.strip().splitlines()[-1] == ("kiln: 2 of 3 version(s) cannot be pulled: m-k1/1, m-k2/1; "
                                                        "nothing was changed")
     assert {p: p.read_bytes() for p in artifacts.rglob("*") if p.is_file()} == before
+
+
+def _publish_measured(home, key: str, metrics: dict):
+    """A version as a build publishes it: its weights, validation.json and the metric tags `kiln ls` shows."""
+    from kiln.common.progress import SILENT
+    from kiln.registry import PUBLISH_KEY_TAG, RECIPE_TAG, VARIANT_TAG, publish
+    from kiln.registry.tags import metric_tags
+
+    folder = home.parent / f"src-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "w.bin").write_bytes(b"weights " + key.encode())
+    (folder / "validation.json").write_text(json.dumps(metrics))
+    tags = {PUBLISH_KEY_TAG: key, RECIPE_TAG: "r", VARIANT_TAG: key, **metric_tags(metrics)}
+    return publish(home, f"m-{key}", {"hf/w.bin": folder / "w.bin", "validation.json": folder / "validation.json"},
+                   tags, ["candidate"], SILENT)
+
+
+@pytest.mark.slow   # MLflow's client in this process and three CLI runs (about 25 s)
+def test_registry_verify_checks_runs_own_run_files_and_metric_tags(kiln_home):
+    """Issue 36.4: on 9edec45 verify said "every one can be pulled" for a version whose run was deleted (lost at
+    `mlflow gc`), for an own-run version whose file was truncated (only blobs-1 storage was checked), and for a
+    version whose kiln.metric.* tags were forged (kiln ls showed them)."""
+    from kiln.registry import client
+    from kiln.registry.blobs import STORAGE_TAG
+
+    metrics = {"mean_kl": 0.0123, "ppl_increase_pct": 1.5, "top1_agreement": 0.93}
+    for key in ("fine", "deleted", "own", "forged", "own-ok"):
+        _publish_measured(kiln_home, key, metrics)
+    mlflow = client(kiln_home)
+    mlflow.delete_run(mlflow.get_model_version("m-deleted", "1").run_id)
+    mlflow.set_model_version_tag("m-forged", "1", "kiln.metric.mean_kl", "1e-07")
+    for name, damage in (("m-own", True), ("m-own-ok", False)):   # files in the version's own run, as before blobs
+        version = mlflow.get_model_version(name, "1")
+        mlflow.set_model_version_tag(name, "1", STORAGE_TAG, "own-run")
+        run_folder = Path(version.source[len("file://"):])
+        for rel, payload in (("hf/w.bin", b"weights " + name[2:].encode()), ("validation.json",
+                                                                              json.dumps(metrics).encode())):
+            (run_folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (run_folder / rel).write_bytes(payload[:3] if damage and rel == "hf/w.bin" else payload)
+    env = {"KILN_HOME": str(kiln_home)}
+    result = run_kiln("registry", "verify", "--json", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    rows = {row["version"]: row for row in json.loads(result.stdout)}
+    assert rows["m-fine/1"]["pullable"] and rows["m-own-ok/1"]["pullable"] and rows["m-own-ok/1"]["files"] == 2
+    assert rows["m-deleted/1"]["problem"].startswith("its run ") and "is deleted in MLflow, and `mlflow gc` would " \
+        "remove the version's files" in rows["m-deleted/1"]["problem"]
+    assert rows["m-own/1"]["problem"].startswith("hf/w.bin"), rows["m-own/1"]
+    assert rows["m-forged/1"]["problem"].startswith("its tag kiln.metric.mean_kl=1e-07 disagrees with the files it "
+                                                    "holds (its validation.json says 0.0123)")
+    assert result.stderr.strip().splitlines()[-1].startswith("kiln: 3 of 5 version(s) cannot be pulled")
+
+
+@pytest.mark.parametrize("state", ["deleted", "emptied"])
+def test_registry_verify_reports_a_missing_database_and_leaves_it_so(kiln_home, state):
+    """Issue 36.4: on 9edec45 verify created and migrated a new database over a deleted or emptied one, then said
+    the registry holds no version."""
+    _publish(kiln_home, "m-v", b"w", "k1")
+    database = kiln_home / "registry" / "mlflow.db"
+    database.unlink()
+    if state == "emptied":
+        database.write_bytes(b"")
+    result = run_kiln("registry", "verify", env={"KILN_HOME": str(kiln_home)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"kiln: {database}: the registry database is {'missing' if state == 'deleted' else 'empty'}, "
+                                     f"while {kiln_home / 'registry' / 'artifacts'} holds published files; verify changed "
+                                     "nothing (fix: restore it from a backup, or set MLFLOW_TRACKING_URI to the registry "
+                                     "you meant)")
+    assert database.exists() == (state == "emptied") and (state == "deleted" or database.stat().st_size == 0)
+    fresh = run_kiln("registry", "verify", env={"KILN_HOME": str(kiln_home.parent / "never-used")})
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "the registry holds no version"
+    assert not (kiln_home.parent / "never-used").exists()
+
+
+def test_a_copied_home_confirms_versions_only_from_its_own_files(tmp_path):
+    """Issue 36.6: a cached build's fast path read each version's manifest.json from the absolute file:// path in
+    the database, the old home's; with the manifest deleted in the copy, `kiln build` said every version was
+    confirmed and `kiln pull` then failed. Nothing outside KILN_HOME may decide what a build confirms."""
+    from kiln.registry import store
+    from kiln.registry.confirm import stored_manifest
+
+    old, new = tmp_path / "old-home", tmp_path / "copy" / "home"
+    _publish(old, "m-v", b"the weights", "k1", tmp=tmp_path)
+    shutil.copytree(old, new)
+    store._initialised.clear()
+    for manifest in (new / "registry" / "artifacts").rglob("manifest.json"):
+        manifest.unlink()
+    found, digest, _, trouble = stored_manifest(new, "m-v", "1")
+    assert found is None and trouble == "missing" and digest
+    assert stored_manifest(old, "m-v", "1")[0] is not None   # the old home still holds its own

@@ -39,6 +39,21 @@ def test_a_pipe_is_written_through_and_stays_a_pipe(tmp_path):
     assert received == ["streamed"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
+def test_a_pipe_nobody_reads_is_refused_after_a_bounded_wait(tmp_path, monkeypatch):
+    """Issue 36.6: `kiln report --out FIFO` with no reader blocked forever on 9edec45 (a blocking open)."""
+    import time
+
+    from kiln.common import fsutil
+
+    monkeypatch.setattr(fsutil, "FIFO_READER_WAIT_S", 1.0)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(UserInputError, match=r"fifo: is a FIFO that nobody read within 1 s \(fix: start its reader"):
+        atomic_write_text(fifo, "lost")
+    assert time.monotonic() - started < 5 and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a device node takes root (CI containers run as root)")
 def test_a_device_node_is_written_through_never_replaced(tmp_path):
     """Issue 24.1: `kiln report --out /dev/null`, as root, replaced the device node with a regular file."""

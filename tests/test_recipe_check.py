@@ -97,6 +97,27 @@ CASES = [
     ("auto-score-samples", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
                             "{quant: auto, auto: {formats: [fp8], effective_bits: 8, score_samples: 99}}"),
      r"variants\.fp8\.auto\.score_samples \(99\) exceeds calibration\.samples \(8\)"),
+    # Issue 36.6: lax numbers read `true` as 1 and '8' as 8; a number is a number, a flag is a flag.
+    ("bool-as-samples", ("samples: 8, seq_len: 64}\nevaluation", "samples: true, seq_len: 64}\nevaluation"),
+     r":6: calibration\.samples: Input should be a valid integer \(fix: write a whole number, without quotes\)"),
+    ("string-as-score-samples", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
+                                 "{quant: auto, auto: {formats: [fp8], effective_bits: 8, score_samples: '8'}}"),
+     r"variants\.fp8\.auto\.score_samples: Input should be a valid integer \(fix: write a whole number"),
+    ("bool-as-score-samples", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
+                               "{quant: auto, auto: {formats: [fp8], effective_bits: 8, score_samples: true}}"),
+     r"variants\.fp8\.auto\.score_samples: Input should be a valid integer"),
+    ("bool-as-host-memory", ("calibration: {builtin: python-docs-train,",
+                             "calibration: {offload: disk, max_host_memory: true, builtin: python-docs-train,"),
+     r"calibration\.max_host_memory: a size such as 6GiB or a number of bytes, not a boolean \(fix: write a size"),
+    ("string-as-gate", ("kv_cache: fp8,", "kv_cache: fp8, gates: {max_kl: '0.1'},"),
+     r"variants\.fp8\.gates\.max_kl: Input should be a valid number \(fix: write a number, without quotes\)"),
+    ("bool-as-gate", ("kv_cache: fp8,", "kv_cache: fp8, gates: {max_kl: true},"),
+     r"variants\.fp8\.gates\.max_kl: Input should be a valid number"),
+    ("string-as-flag", ("  revision:", "  trust_remote_code: 'yes'\n  revision:"),
+     r"model\.trust_remote_code: Input should be a valid boolean \(fix: write true or false\)"),
+    ("bool-as-limit", ("samples: 8, seq_len: 64}\nvariants", "samples: 8, seq_len: 64, tasks: [{name: next-line, "
+                                                                "limit: true}]}\nvariants"),
+     r"evaluation\.tasks\.0\.limit: Input should be a valid integer"),
 ]
 
 

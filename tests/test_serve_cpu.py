@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -366,8 +367,74 @@ def test_the_serve_front_door_starts_answers_and_cleans_up(home, fp8_server):
     with start_server(home, "s-fp8@candidate", "cpu", SILENT, (0, 0, 0)) as running:
         assert running.server.process.poll() is None and running.scratch.is_dir()
         answer = running.ask(PROMPTS[3], MAX_TOKENS)
+        # Issue 36.6: a 16 MB body killed tritonserver 2.51's HTTP server (SIGSEGV; about 5 MB and more, JSON or
+        # not); kiln's gate refuses it (413) before any of it reaches Triton, and the next request is answered,
+        # with the same tokens, through the gate, on one connection after another.
+        port = running.server.endpoints.http
+        assert port != running.server.triton_http and running.repo.http_body_limit == 2 << 20
+        status, body = _post(port, "/v2/models/kiln_llm/generate", json.dumps({"text_input": "x" * (16 << 20)}).encode())
+        assert status == 413 and "request body of 16777234 bytes; kiln serve takes at most a full batch" in body
+        status, body = _post(port, "/v2/models/kiln_llm/generate", b"{" + b" " * (6 << 20) + b"}")
+        assert status == 413 and running.server.process.poll() is None
+        status, body = _post(port, "/v2/models/kiln_llm/generate",
+                             json.dumps({"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS}).encode())
+        assert status == 200 and json.loads(body)["output_ids"] == expected_tokens(repo.path, PROMPTS[0])
+        with httpclient.InferenceServerClient(f"127.0.0.1:{port}") as http:   # keep-alive requests through the gate
+            for prompt in PROMPTS[1:3]:
+                tokens = http.infer("kiln_llm", _inputs(httpclient, prompt)).as_numpy("output_ids")[0].tolist()
+                assert tokens == expected_tokens(repo.path, prompt)
     generator = ReferenceGenerator(repo.path / "artifact" / "hf")
     assert answer == generator.tokenizer.decode(expected_tokens(repo.path, PROMPTS[3]), skip_special_tokens=True)
     assert running.server.process.returncode == 0 and not running.scratch.exists()
     with pytest.raises(ProcessLookupError):
         os.killpg(running.server.process.pid, 0)
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_kiln_serve_fails_in_one_line_when_its_server_dies(home):
+    """Issue 36.6: after tritonserver died, `kiln serve` kept its endpoints printed with nothing behind them and
+    exited 0 on Ctrl-C (pipeline/cli_serve.py never looked)."""
+    import subprocess
+
+    from tests.recipes import KILN
+
+    serve = subprocess.Popen([str(KILN), "serve", "s-fp8@candidate", "--http-port", "0", "--grpc-port", "0",
+                              "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "KILN_HOME": str(home)}, start_new_session=True)
+    try:
+        line = serve.stdout.readline()   # "serving ..." once ready
+        assert line.startswith("serving s-fp8/1 (cpu)"), (line, serve.stderr.read() if serve.poll() else "")
+        server = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_tritonserver(int(pid), serve.pid))
+        os.kill(server, signal.SIGKILL)
+        out, err = serve.communicate(timeout=30)
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+    assert serve.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("kiln: tritonserver died while serving (signal SIGKILL); its "
+                                                   "endpoints are closed (its log: ")
+
+
+def _is_tritonserver(pid: int, session: int) -> bool:
+    try:
+        return os.getsid(pid) != session and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(
+            b"/bin/tritonserver") and _ancestor(pid, session)
+    except OSError:
+        return False
+
+
+def _ancestor(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return False

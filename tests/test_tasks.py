@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,7 @@ def test_a_task_gate_fails_a_build_with_the_task_name_and_the_drop(tmp_path, tes
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
     _fragile_task(tasks_dir, test_model)
+    os.mkfifo(tasks_dir / "nobody-reads.yaml")   # lm-eval opened every YAML of the folder: this hung 9edec45's build
     evaluation = {"builtin": "python-docs-heldout", "samples": 16, "seq_len": 128}
     before = run_kiln("build", write_recipe(tmp_path, str(test_model), {"fp8": SPINE_VARIANTS["fp8"]}, name="spine",
                                             evaluation=evaluation), "--json")

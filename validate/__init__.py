@@ -24,6 +24,7 @@ from kiln.validate.engine_check import check_engine
 from kiln.validate.gates import GateResult, evaluate_gates
 from kiln.validate.records import Metrics
 from kiln.validate.sandbox import describe as sandbox_description
+from kiln.validate.task_config import TaskFiles, task_files
 from kiln.validate.sandbox import unavailable as sandbox_unavailable
 from kiln.validate.tasks import (
     TASKS_FILE, TaskDrop, TaskRequest, TaskScore, compare_tasks, load_task_drops, load_task_scores, run_tasks,
@@ -43,7 +44,7 @@ __all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_
            "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS", "VllmReport", "check_vllm", "vllm_build",
            "vllm_kv_cache_bytes", "BUILTIN_TASKS", "TASKS_FILE", "TaskDrop", "TaskRequest", "TaskScore",
            "compare_tasks", "load_task_drops", "load_task_scores", "run_tasks", "task_metrics", "write_task_drops",
-           "write_task_scores", "TASK_TOOLS", "sandbox_description", "sandbox_unavailable", "LOGIT_BLOCK_BYTES"]
+           "write_task_scores", "TASK_TOOLS", "sandbox_description", "sandbox_unavailable", "TaskFiles", "task_files", "LOGIT_BLOCK_BYTES"]
 
 
 def load_reference_model(hf_dir: Path, trust_remote_code: bool = False):

@@ -19,6 +19,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kiln.validate.task_config import TaskFiles
+
 TASKS_FILE = "tasks.json"               # a variant's drops, beside report.json in its validate entry
 SCORES_FILE = "task_scores.json"        # one model's scores (the baseline's, cached once)
 TOOLS = ("lm_eval", "datasets")
@@ -34,6 +36,7 @@ class TaskRequest:
     num_fewshot: int | None = None
     unsafe_code: bool = False    # runs generated code (the recipe must opt in)
     max_new_tokens: int | None = None
+    files: TaskFiles | None = None   # a task YAML's files (kiln.validate.task_config): lm-eval gets a copy of these
 
 
 @dataclass(frozen=True)
@@ -128,20 +131,24 @@ def run_tasks(model_path: Path, requests: list[TaskRequest], *, baseline: bool, 
 
 
 def _score(lm_eval, task_manager_type, model, request: TaskRequest, allow_code_execution: bool) -> TaskScore:
-    folder = Path(request.config).parent if isinstance(request.config, str) else None
-    if folder is not None:
-        manager = task_manager_type(include_path=str(folder), include_defaults=False, verbosity="ERROR")
-        tasks = [request.name]
-    else:
-        manager, tasks = task_manager_type(include_defaults=False, verbosity="ERROR"), [dict(request.config)]
-    # A task YAML's local data files are relative to the YAML (datasets reads them relative to the working folder).
-    previous = os.getcwd()
-    try:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kiln-task-") as staging:
+        # lm-eval opens every YAML of the folder it is given: it gets a copy of this task's own files, no others.
+        folder = request.files.stage(Path(staging)).parent if request.files is not None else None
         if folder is not None:
-            os.chdir(folder)
-        out = _evaluate(lm_eval, model, tasks, manager, request, allow_code_execution)
-    finally:
-        os.chdir(previous)
+            manager = task_manager_type(include_path=str(folder), include_defaults=False, verbosity="ERROR")
+            tasks = [request.name]
+        else:
+            manager, tasks = task_manager_type(include_defaults=False, verbosity="ERROR"), [dict(request.config)]
+        # A task YAML's local data files are relative to the YAML (datasets reads them relative to the working folder).
+        previous = os.getcwd()
+        try:
+            if folder is not None:
+                os.chdir(folder)
+            out = _evaluate(lm_eval, model, tasks, manager, request, allow_code_execution)
+        finally:
+            os.chdir(previous)
     if request.name not in out["results"]:
         raise ValueError(f"task {request.name}: lm-eval reported {sorted(out['results'])}, not {request.name}")
     result = out["results"][request.name]
