@@ -37,7 +37,39 @@ def kiln_home() -> Path:
         raise UserInputError(f"KILN_HOME={home}: holds {' and '.join(repr(c) for c in special)}, which the registry's "
                              "URI would read as a query, fragment or escape and so write outside the home; nothing "
                              "was written (fix: choose a path without ?, # or %)")
+    _refuse_overlong(home)
     return home
+
+
+# Room kept below the system's path limit for what kiln writes inside the home: registry run folders, cache keys
+# and engine manifests reach about 250 characters under it.
+_DEEPEST_INSIDE = 512
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return True
+    except OSError:   # missing, or a name too long to look up
+        return False
+
+
+def _refuse_overlong(home: Path) -> None:
+    """A home whose own path, or the paths kiln writes in it, the system cannot hold: one line, not an OSError."""
+    existing = next((p for p in (*home.parents, ) if _exists(p)), Path("/"))
+    try:
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    longest = max((len(os.fsencode(part)) for part in home.parts), default=0)
+    size = len(os.fsencode(str(home.absolute())))
+    if longest > name_max or size + _DEEPEST_INSIDE > path_max:
+        from kiln.common.errors import UserInputError
+
+        shown = str(home) if len(str(home)) <= 80 else f"{str(home)[:60]}…({len(str(home))} characters)"
+        raise UserInputError(f"KILN_HOME={shown}: longer than this system allows for the files kiln keeps in it "
+                             f"(folder names up to {name_max} bytes, paths up to {path_max - _DEEPEST_INSIDE} bytes for "
+                             "the home itself); nothing was written (fix: choose a shorter path)")
 _OWNER = re.compile(r"(?P<pid>\d+)-(?P<start>\d+)")
 
 

@@ -123,3 +123,17 @@ def test_a_kiln_home_with_uri_characters_is_refused_and_nothing_is_written(tmp_p
                                           "read as a query, fragment or escape and so write outside the home; nothing "
                                           "was written (fix: choose a path without ?, # or %)")
         assert list(root.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", ["one long name", "a deep path"])
+def test_a_kiln_home_longer_than_the_system_allows_is_one_line(tmp_path, shape):
+    """Issue 36.6: `ls`, `plan` and `registry verify` gave an OSError traceback (File name too long)."""
+    home = tmp_path / ("a" * 300) if shape == "one long name" else tmp_path.joinpath(*["b" * 200] * 19)
+    recipe = write_recipe(tmp_path, "/nonexistent/model", {"fp8": {"quant": "fp8"}})
+    for command in (("ls",), ("plan", recipe), ("registry", "verify")):
+        result = run_kiln(*command, env={"KILN_HOME": str(home)})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (command, result.stderr[-500:])
+        [line] = result.stderr.strip().splitlines()
+        assert "longer than this system allows for the files kiln keeps in it" in line and \
+            "(fix: choose a shorter path)" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.yaml"]
