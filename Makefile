@@ -105,7 +105,7 @@ bench: $(STAMP)
 	$(PY) bench/accuracy.py
 	$(PY) bench/validation_memory.py
 
-# Issue 24's hostile inputs replayed end to end (real tritonserver, real mlflow server): the README's guarantees.
+# Issues 24's and 36's hostile inputs replayed end to end (real tritonserver, real mlflow server): the README's guarantees.
 hostile: $(STAMP)
 	$(PY) bench/hostile.py
 

@@ -51,7 +51,7 @@ __all__ = [
     "HF_DIR", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
-    "CheckpointSize", "checkpoint_size",
+    "CheckpointSize", "checkpoint_size", "refuse_nonfinite_weights",
 ]
 
 

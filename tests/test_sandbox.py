@@ -18,60 +18,13 @@ import pytest
 from kiln.validate import sandbox
 from kiln.validate.sandbox import OUTPUT_TAIL_BYTES, run_program
 from tests.recipes import KILN, run_kiln, write_recipe
+from tests.sandbox_escapes import DISABLE_HOOK, host_write_attempts, sleepers, spawn_detached
 
 pytestmark = pytest.mark.skipif(sandbox.unavailable() is not None, reason=str(sandbox.unavailable()))
 
-# Ways to take the audit hook out of the way (the reviewer's three), each followed by a write outside the folder.
-_DISABLE_HOOK = {
-    "replace __main__._refuse": "import __main__; __main__._refuse = lambda what: None\n",
-    "reset _ROOT": "import __main__; __main__._ROOT = '/'\n",
-    "patch _hook through gc": ("import gc\nfor f in gc.get_objects():\n"
-                               "    if getattr(f, '__name__', '') == '_hook' and hasattr(f, '__code__'):\n"
-                               "        f.__code__ = (lambda event, args: None).__code__\n"),
-}
-
-
-def _host_write_attempts(target: Path) -> dict[str, str]:
-    """Programs that each try to create `target`, a path on the host outside the scratch folder."""
-    folder, name = str(target.parent), target.name
-    attempts = {f"{way}, then open()": code + f"open({str(target)!r}, 'w').write('escaped')\n"
-                for way, code in _DISABLE_HOOK.items()}
-    attempts.update({
-        "_posixsubprocess.fork_exec": (
-            "import _posixsubprocess, os\n"
-            f"args = [b'/bin/sh', b'-c', b'echo escaped > {target}']\n"
-            "pid = _posixsubprocess.fork_exec(args, [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1,"
-            " *os.pipe(), False, False, -1, None, None, None, -1, None, False)\n"
-            "os.waitpid(pid, 0)\n"),
-        "os.open(dir_fd=)": (f"import os\nd = os.open({folder!r}, os.O_RDONLY)\n"
-                             f"os.write(os.open({name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=d), b'escaped')\n"),
-        "os.chdir, then a relative path": f"import os\nos.chdir({folder!r})\nopen({name!r}, 'w').write('escaped')\n",
-        "sqlite3.connect": f"import sqlite3\nsqlite3.connect({str(target)!r}).execute('create table t (x)')\n",
-        "mmap of a file opened through dir_fd": (
-            f"import mmap, os\nd = os.open({folder!r}, os.O_RDONLY)\n"
-            f"fd = os.open({name!r}, os.O_RDWR | os.O_CREAT, dir_fd=d)\nos.ftruncate(fd, 7)\n"
-            "m = mmap.mmap(fd, 7)\nm[:] = b'escaped'\nm.flush()\n"),
-        "os.rename(dst_dir_fd=)": (f"import os\nopen('mine', 'w').write('escaped')\nd = os.open({folder!r}, "
-                                   f"os.O_RDONLY)\nos.rename('mine', {name!r}, dst_dir_fd=d)\n"),
-        "mkfifo": f"import os\nos.mkfifo({str(target)!r})\n",
-        "mknod": f"import os, stat\nos.mknod({str(target)!r}, 0o600 | stat.S_IFREG)\n",
-        "setxattr on the host's folder, then a write": (
-            f"import os\nos.setxattr({folder!r}, 'user.kiln', b'escaped')\nopen({str(target)!r}, 'w')\n"),
-        "cffi from the build's site-packages": (
-            f"import sys\nsys.path.append({_site_packages()!r})\nimport cffi\nffi = cffi.FFI()\n"
-            "ffi.cdef('int creat(const char *, int);')\nlibc = ffi.dlopen(None)\n"
-            f"assert libc.creat({str(target).encode()!r}, 0o644) >= 0\n"),
-    })
-    return attempts
-
-
-def _site_packages() -> str:
-    return next(p for p in sys.path if p.endswith("site-packages"))
-
-
 def test_no_write_reaches_the_host(tmp_path):
     target = tmp_path / "escaped"
-    for attempt, program in _host_write_attempts(target).items():
+    for attempt, program in host_write_attempts(target).items():
         result = run_program(program, timeout_s=5)
         assert not target.exists() and not target.is_symlink(), f"{attempt}: wrote {target} ({result})"
         assert not os.listxattr(tmp_path), attempt
@@ -117,7 +70,7 @@ def test_no_host_listener_is_reached(tmp_path):
             listener.settimeout(3)
             threading.Thread(target=lambda s=listener: reached.append(_accept(s)), daemon=True).start()
         port = tcp.getsockname()[1]
-        program = _DISABLE_HOOK["patch _hook through gc"] + (
+        program = DISABLE_HOOK["patch _hook through gc"] + (
             "import _socket\n"
             "for family, address in ((_socket.AF_UNIX, %r), (_socket.AF_UNIX, '\\0kiln-sandbox-test'), "
             "(_socket.AF_INET, ('127.0.0.1', %d))):\n"
@@ -133,10 +86,10 @@ def test_no_host_listener_is_reached(tmp_path):
 def test_no_host_process_can_be_signalled():
     victim = subprocess.Popen(["sleep", "60"])
     try:
-        run_program(_DISABLE_HOOK["patch _hook through gc"] +
+        run_program(DISABLE_HOOK["patch _hook through gc"] +
                     f"import os, signal\nfd = os.pidfd_open({victim.pid})\n"
                     "signal.pidfd_send_signal(fd, signal.SIGKILL)\n")
-        run_program(_DISABLE_HOOK["patch _hook through gc"] + f"import os\nos.kill({victim.pid}, 9)\n")
+        run_program(DISABLE_HOOK["patch _hook through gc"] + f"import os\nos.kill({victim.pid}, 9)\n")
         time.sleep(0.2)
         assert victim.poll() is None, "the sandboxed program killed a host process"
     finally:
@@ -144,44 +97,25 @@ def test_no_host_process_can_be_signalled():
         victim.wait()
 
 
-def _spawn_detached(seconds: float) -> str:
-    """A program whose grandchild detaches (new session) and sleeps, holding stdout; the program exits at once."""
-    return (_DISABLE_HOOK["patch _hook through gc"] +
-            "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-            f"        os.execv('/usr/bin/sleep', ['sleep', '{seconds}'])\n    os._exit(0)\n"
-            "os.wait()\n")
-
-
-def _sleepers(seconds: float) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", str(seconds).encode()]:
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
-
-
 def test_detached_grandchildren_end_with_the_run_and_do_not_stretch_its_limit():
     started = time.monotonic()
-    result = run_program(_spawn_detached(37.25) + "import time\ntime.sleep(30)\n", timeout_s=2)
+    result = run_program(spawn_detached(37.25) + "import time\ntime.sleep(30)\n", timeout_s=2)
     took = time.monotonic() - started
     assert not result.passed and result.reason == "timed out after 2 s"
     assert took < 8, f"a 2 s limit took {took:.1f} s"
     time.sleep(0.5)
-    assert _sleepers(37.25) == [], "a grandchild outlived the run"
+    assert sleepers(37.25) == [], "a grandchild outlived the run"
     # The program exits at once while its grandchild holds stdout: the run ends with the program.
     started = time.monotonic()
-    run_program(_spawn_detached(38.25), timeout_s=10)
+    run_program(spawn_detached(38.25), timeout_s=10)
     assert time.monotonic() - started < 8
     time.sleep(0.5)
-    assert _sleepers(38.25) == []
+    assert sleepers(38.25) == []
 
 
 def test_shared_memory_segments_do_not_outlive_the_run():
     name = f"kiln-sandbox-{os.getpid()}"
-    run_program(_DISABLE_HOOK["patch _hook through gc"] +
+    run_program(DISABLE_HOOK["patch _hook through gc"] +
                 f"import _posixshmem, os\nfd = _posixshmem.shm_open('/{name}', os.O_CREAT | os.O_RDWR, 0o600)\n"
                 "os.write(fd, b'escaped')\n")
     assert not Path("/dev/shm", name).exists()

@@ -24,10 +24,20 @@ def _poisoned_copy(test_model, folder, value: float):
     return shard, name
 
 
-@pytest.mark.parametrize("value, counts", [(float("nan"), "2 NaN and 0 infinite"), (float("inf"), "0 NaN and 2 infinite")])
-def test_a_source_whose_weights_are_not_finite_is_refused_before_calibration(tmp_path, test_model, value, counts):
+def test_an_infinite_weight_is_named_too(tmp_path, test_model):
+    from kiln.common.errors import UserInputError
+    from kiln.quantize import refuse_nonfinite_weights
+
+    shard, name = _poisoned_copy(test_model, tmp_path / "model", float("-inf"))
+    with pytest.raises(UserInputError, match=f"{shard}: tensor {name} holds 0 NaN and 2 infinite value"):
+        refuse_nonfinite_weights(tmp_path / "model")
+    refuse_nonfinite_weights(test_model)   # the clean source passes
+
+
+def test_a_source_whose_weights_are_not_finite_is_refused_before_calibration(tmp_path, test_model):
     """On 9edec45 a NaN weight gave a ValueError traceback that blamed the architecture (validate/heads.py)."""
-    shard, name = _poisoned_copy(test_model, tmp_path / "model", value)
+    counts = "2 NaN and 0 infinite"
+    shard, name = _poisoned_copy(test_model, tmp_path / "model", float("nan"))
     recipe = write_recipe(tmp_path, str(tmp_path / "model"), {"fp8": {"quant": "fp8"}}, samples=4, seq_len=32)
     home = tmp_path / "home"
     result = run_kiln("build", recipe, env={"KILN_HOME": str(home)})
