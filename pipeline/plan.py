@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kiln import compile as compile_stage
 from kiln import quantize, validate
-from kiln.pipeline.tasks import task_key
+from kiln.pipeline.tasks import sandbox_problems, task_key
 from kiln.pipeline.cache import StageCache, stage_key
 from kiln.pipeline.data import ResolvedData, resolve_data
 from kiln.common.digest import canonical_digest
@@ -167,7 +167,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
         local = local_model(source, loaded.resolve(source.source))
         model_digest = local.digest
     folder, fetched = (local.path, True) if local else _probe_hub_cache(source)
-    problems = model_problems(loaded, folder) if folder else []
+    problems = (model_problems(loaded, folder) if folder else []) + sandbox_problems(loaded)
     if problems:
         raise RecipeErrors(problems)
     plan = Plan(

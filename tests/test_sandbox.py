@@ -160,6 +160,10 @@ def test_kiln_check_refuses_code_execution_where_no_sandbox_can_be_built(tmp_pat
     assert without.stderr.strip().splitlines() == [
         f"kiln: {recipe}: evaluation.allow_code_execution: bubblewrap (bwrap) is not installed, and kiln runs "
         "model-written code only inside it (fix: apt-get install bubblewrap)"]
+    # A build refuses it too, before anything is calibrated.
+    built = run_kiln("build", recipe, env={"PATH": str(KILN.parent), "KILN_HOME": str(tmp_path / "home")})
+    assert built.returncode == 2 and built.stderr.strip().splitlines()[-1] == without.stderr.strip()
+    assert not (tmp_path / "home" / "cache").exists()
 
 
 def _accept(server: socket.socket) -> bool:
