@@ -28,6 +28,17 @@ def _completion(result: subprocess.CompletedProcess) -> str:
     return line[len("completion: "):]
 
 
+def _reference_completion(name: str, out) -> str:
+    """`kiln serve --prompt DEMO_PROMPT --max-tokens 16` on the CPU runtime, as it prints it: the pulled artifact's
+    greedy tokens from the reference runtime, decoded."""
+    from kiln.serve.generation import ReferenceGenerator, greedy_without_cache
+
+    assert run_kiln("pull", f"{name}@candidate", "--out", out, "--gpu", "none").returncode == 0
+    generator = ReferenceGenerator(out / "hf")
+    tokens = greedy_without_cache(generator.model, generator.encode(DEMO_PROMPT), 16, generator.eos_token_id)
+    return repr(generator.tokenizer.decode(tokens, skip_special_tokens=True))
+
+
 @pytest.mark.slow
 def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, kiln_home, vllm_python,
                                                           llmcompressor_python):  # noqa: F811
@@ -71,10 +82,10 @@ def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, 
     assert {s["status"] for s in json.loads(again.stdout)["stages"] if s["target"].endswith("@vllm")} <= {
         "cached", skipped["status"]}
 
-    # Greedy tokens from vLLM equal the reference runtime's on the demo prompt (the CPU Triton server's).
+    # Greedy tokens from vLLM equal the reference runtime's on the demo prompt (what the CPU Triton server answers:
+    # test_serve_cpu.py; computed here in this process, without starting a tritonserver per variant).
     for name in ("v-pcpt", "v-w8a8"):
-        reference = _completion(run_kiln("serve", f"{name}@candidate", "--http-port", "0", "--grpc-port", "0",
-                                         "--metrics-port", "0", "--prompt", DEMO_PROMPT, "--max-tokens", "16"))
+        reference = _reference_completion(name, tmp_path / "pulled" / name)
         served = run_kiln("serve", f"{name}@candidate", "--runtime", "vllm", "--http-port", "0",
                           "--prompt", DEMO_PROMPT, "--max-tokens", "16", env=env)
         # vLLM computes in bf16 with its own CPU kernels, the reference in float32: on AVX2 the 16 tokens were
