@@ -33,15 +33,17 @@ def evaluate_gates(metrics: Metrics, max_ppl_increase_pct=None, max_kl=None, min
 
     What could not be measured never passes: a metric that is NaN or infinite fails (whether or not the recipe
     gates it: a checkpoint whose perplexity is NaN is broken), and so does a task bound the task's documents
-    cannot decide (module doc of kiln.validate.tasks, `TaskDrop.undecided`)."""
-    failures, noise = [], []
+    cannot decide (module doc of kiln.validate.tasks, `TaskDrop.unmeasured`)."""
+    failures, noise, finite = [], [], set()
     for gate, field in _MEASURES:
         value = getattr(metrics, field)
-        if not math.isfinite(value):
+        if math.isfinite(value):
+            finite.add(field)
+        else:
             failures.append(f"{gate}: {field} is {value}: it could not be measured, so no gate can pass (the "
                             "checkpoint's outputs or the baseline's are not finite)")
-    finite = {field for _, field in _MEASURES if math.isfinite(getattr(metrics, field))}
-    if max_ppl_increase_pct is not None and "ppl_increase_pct" in finite and metrics.ppl_increase_pct > max_ppl_increase_pct:
+    if max_ppl_increase_pct is not None and "ppl_increase_pct" in finite and \
+            metrics.ppl_increase_pct > max_ppl_increase_pct:
         over = metrics.ppl_increase_pct - max_ppl_increase_pct
         failures.append(f"max_ppl_increase_pct: {metrics.ppl_increase_pct:.3f} > {max_ppl_increase_pct:g} (over by {over:.3f})")
     if max_kl is not None and "mean_kl" in finite and metrics.mean_kl > max_kl:
