@@ -22,7 +22,7 @@ from kiln.registry.blobs import STORAGE, STORAGE_TAG, _blob_store, _intact, _sto
 from kiln.registry.confirm import fetch_manifest
 from kiln.registry.engines import SM_ROOT, sm_manifest
 from kiln.registry.manifest import MANIFEST, verify_tree
-from kiln.registry.store import MANIFEST_TAG, artifact_root, client, download, is_embedded, tracking_uri
+from kiln.registry.store import ARTIFACT_PATH, MANIFEST_TAG, artifact_root, client, download, is_embedded, tracking_uri
 from kiln.registry.tags import METRIC, SM_MANIFEST, held_sms, sm_tag
 
 # Files of a version whose numbers its metric tags repeat (published as kiln.metric.<name>).
@@ -156,8 +156,6 @@ def _blob_json(store, sha: str, dest: Path) -> dict:
 def _check_own_run(home: Path, mlflow, version, scratch: Path):
     """A version published before the blob store (kiln.storage other than blobs-1): its run's files downloaded
     as a pull downloads them, then verified against its manifests."""
-    from kiln.registry.store import ARTIFACT_PATH
-
     root = scratch / "files"
     root.mkdir(parents=True)
     try:
