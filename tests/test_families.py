@@ -2,9 +2,9 @@
 
 Per family, the formats the issue names (FP8 + FP8 KV, INT4-AWQ group 64, NVFP4) that the family
 table allows for the PyTorch backend (the target every family has):
-- the reference runtime agrees with ModelOpt's in-memory model within the Llama tolerance
-  (test_reference_runtime.py: KL < 0.01, top-1 >= 0.92); NVFP4's fake-quant needs CUDA, so NVFP4 is
-  compared there (bench/nvfp4_gpu.py) and validated here;
+- the reference runtime computes what ModelOpt's in-memory model computes given the exported files
+  (tests/conformance.py, issue 42), and a planted difference breaks that; NVFP4's fake-quant needs CUDA, so
+  NVFP4 is compared there (bench/nvfp4_gpu.py) and validated here;
 - `kiln build` publishes each variant with its gates passed;
 - families with a TensorRT-LLM checkpoint carry every family field, as TensorRT-LLM would derive it.
 """
@@ -23,12 +23,16 @@ from tests.family_models import FAMILY_CONFIGS
 from kiln.quantize import FAMILIES, KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter
 from kiln.quantize.trtllm_checks import check_trtllm_checkpoint, expected_fields
-from kiln.validate.reference_loader import load_reference_model
+from kiln.validate.reference_loader import load_baseline_model, load_reference_model
+from tests import conformance
 from tests.conftest import run_kiln, write_recipe
 
 pytestmark = pytest.mark.slow
 
-MAX_KL, MIN_TOP1 = 0.01, 0.92   # the Llama tolerance of test_reference_runtime.py
+# The reference against the as-exported model directly: on the test families they agree to float rounding (KL
+# below 1e-4 of their KL to the baseline); one layer's activations left 16-bit gives 5 % and more. On the real
+# models (18 and 30 layers) FP8 rounding flips grow layer by layer, so the bench holds the mean KL only.
+MAX_KL_BETWEEN_SHARE = 0.03
 ISSUE_FORMATS = {
     "fp8": ({"quant": "fp8", "kv_cache": "fp8"}, QuantFormat.fp8, KVCacheFormat.fp8, None),
     "int4-awq-g64": ({"quant": "int4_awq", "group_size": 64}, QuantFormat.int4_awq, KVCacheFormat.none, 64),
@@ -60,25 +64,44 @@ def texts(family_models):
 IN_MEMORY_CASES = [(family, name) for family in FAMILY_CONFIGS for name in allowed(family) if name != "nvfp4"]
 
 
+def conforms(found: conformance.Agreement) -> bool:
+    """The mean KL agrees (within the bound, or the windows' noise), and so does every token's distribution:
+    with two decoder layers an FP8 rounding flip stays small, so the direct KL is held too."""
+    return found.holds and found.kl_between <= MAX_KL_BETWEEN_SHARE * found.kl_as_exported
+
+
+@pytest.fixture(scope="module")
+def baselines(family_models):
+    return {family: load_baseline_model(folder) for family, folder in family_models.items()}
+
+
 @pytest.mark.parametrize("family, name", IN_MEMORY_CASES, ids=[f"{f}-{n}" for f, n in IN_MEMORY_CASES])
-def test_reference_runtime_matches_modelopt(tmp_path, family_models, texts, family, name):
+def test_reference_runtime_computes_what_modelopt_computes_with_the_export(tmp_path, family_models, texts,
+                                                                            baselines, family, name):
+    """Issue 42: kiln's KL on the exported files is the in-memory model's given those files (within the bound
+    the real models show), and leaving one layer's activations 16-bit (FP8), or ignoring one layer's AWQ input
+    scale (INT4-AWQ), breaks that agreement."""
     _, quant, kv, group = ISSUE_FORMATS[name]
     model = adapter.load_source_model(family_models[family], "bfloat16", False, False)
     adapter.calibrate(model, adapter.modelopt_config(quant, kv, group), texts["calibration"], lambda n: None)
     in_memory = copy.deepcopy(model).float()
-    with torch.no_grad():
-        expected = [in_memory(input_ids=ids[None]).logits[0] for ids in texts["evaluation"]]
     adapter.export_hf(model, tmp_path / "hf")
     reference = load_reference_model(tmp_path / "hf")
-    with torch.no_grad():
-        got = [reference(input_ids=ids[None]).logits[0] for ids in texts["evaluation"]]
-    kl = top1 = 0.0
-    for e, g in zip(expected, got):
-        p, q = torch.log_softmax(e, -1), torch.log_softmax(g, -1)
-        kl += (p.exp() * (p - q)).sum(-1).mean().item() / len(got)
-        top1 += (p.argmax(-1) == q.argmax(-1)).float().mean().item() / len(got)
-    print(json.dumps({"family": family, "format": name, "kl": kl, "top1": top1}))
-    assert kl < MAX_KL and top1 >= MIN_TOP1, (kl, top1)
+    found = conformance.agreement(baselines[family], in_memory, reference, texts["evaluation"])
+    print(json.dumps({"family": family, "format": name, **found.as_dict()}))
+    quantized = sum(1 for m in in_memory.modules() if getattr(m, "weight_quantizer", None) is not None
+                    and m.weight_quantizer.is_enabled)
+    quantized += sum(len(m.gate_up_proj_weight_quantizers) * 2 for m in in_memory.modules()
+                     if hasattr(m, "gate_up_proj_weight_quantizers"))   # fused experts: one quantizer per expert
+    assert found.layers_replaced == quantized > 0   # every quantized layer compared with what it stores
+    assert found.kl_as_exported > 0 and conforms(found), found.as_dict()
+
+    # The planted difference: the first decoder layer's first layer with an input transform loses it (FP8: its
+    # activations stay 16-bit; INT4-AWQ: its unfolded AWQ scale is ignored).
+    planted = next(layer for layer in conformance.reference_layers(reference).values() if layer._transform)
+    planted._transform = None
+    broken = conformance.agreement(baselines[family], in_memory, reference, texts["evaluation"])
+    assert not conforms(broken), broken.as_dict()
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
