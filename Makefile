@@ -66,7 +66,7 @@ step = s=$$(date +%s.%N); $(2) || exit $$?; e=$$(date +%s.%N); \
 
 demo: $(STAMP)
 	@mkdir -p build && rm -f build/demo-steps.txt && date +%s.%N > build/demo-started
-	@$(call step,model,$(PY) -m kiln.pipeline.testmodel build/demo-model)
+	@$(call step,model,$(PY) -m tests.testmodel build/demo-model)
 	@$(call step,check,$(KILN) check recipes/demo.yaml)
 	@$(call step,plan,$(KILN) plan recipes/demo.yaml)
 	@$(call step,build,$(KILN) build recipes/demo.yaml)
@@ -98,7 +98,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/real_models.py
-	$(PY) -m kiln.pipeline.testmodel build/demo-model
+	$(PY) -m tests.testmodel build/demo-model
 	$(PY) bench/build_time.py recipes/demo.yaml
 	$(PY) bench/serve.py recipes/demo.yaml
 	# Every format on the toy and the real models, with lm-eval tasks: about an hour on 2 cores.

@@ -130,8 +130,8 @@ def _rtn_int4(model_dir: Path, group: int):
 def _rows(home: Path, model: Path, builds: list[tuple[str, dict]], evaluation: dict) -> list[dict]:
     from transformers import AutoTokenizer
 
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
     from kiln.validate import Baseline
     from kiln.validate.metrics import compare
 
@@ -223,7 +223,7 @@ def main() -> int:
         home = args.home or Path(tmp)
         for name in names:
             if name == "demo":
-                from kiln.pipeline.testmodel import ensure_test_model
+                from tests.testmodel import ensure_test_model
 
                 model = ensure_test_model()
                 builds = [("", _build(home, _demo_recipe(home, model, "demo-matrix.yaml")))]

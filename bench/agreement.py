@@ -102,8 +102,8 @@ def main() -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
     from kiln.quantize import KVCacheFormat, QuantFormat
     from kiln.quantize import modelopt_adapter as adapter
     from kiln.validate.reference_loader import load_baseline_model, load_reference_model

@@ -107,7 +107,7 @@ def tables(name: str, built: dict, bits: list[float]) -> list[str]:
 
 def model_folder(name: str, scratch: Path) -> Path:
     if name == "demo":
-        from kiln.pipeline.testmodel import ensure_test_model
+        from tests.testmodel import ensure_test_model
 
         return ensure_test_model()
     if name.startswith("random-"):

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
     from kiln.quantize import QuantFormat
     from kiln.quantize import modelopt_adapter as adapter
 

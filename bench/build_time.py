@@ -23,8 +23,8 @@ BARE = r"""
 import sys, time, json, torch, warnings
 warnings.simplefilter("ignore")
 from pathlib import Path
-from kiln.pipeline.recipe_loader import load_recipe
-from kiln.pipeline.data import resolve_data, token_samples
+from kiln.pipeline.recipe.loader import load_recipe
+from kiln.pipeline.data.documents import resolve_data, token_samples
 from kiln.quantize import modelopt_adapter as adapter
 from transformers import AutoTokenizer
 loaded = load_recipe(Path(sys.argv[1])); out = Path(sys.argv[2]); recipe = loaded.recipe

@@ -20,7 +20,7 @@ if [ -z "$SM" ]; then
     exit 2
 fi
 
-$PY -m kiln.pipeline.testmodel build/demo-model
+$PY -m tests.testmodel build/demo-model
 # One variant of the demo recipe, for this SM only.
 VARIANT=$($PY - "$SM" <<'EOF'
 import sys

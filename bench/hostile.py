@@ -309,7 +309,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print it")
     args = parser.parse_args()
 
-    from kiln.pipeline.testmodel import ensure_test_model
+    from tests.testmodel import ensure_test_model
     from kiln.registry.team import MlflowServer
     from kiln.serve.triton import free_port
 

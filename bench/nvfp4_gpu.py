@@ -31,8 +31,8 @@ WEIGHT_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "ml
 def _tokens(model_dir: Path, split: str, samples: int, seq_len: int):
     from transformers import AutoTokenizer
 
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
 
     return token_samples(python_docs(split), AutoTokenizer.from_pretrained(model_dir), samples, seq_len)
 
@@ -158,7 +158,7 @@ def main() -> int:
     warnings.simplefilter("ignore")
     device = "cpu" if args.dry_run else "cuda"
     if args.model is None:
-        from kiln.pipeline.testmodel import ensure_test_model
+        from tests.testmodel import ensure_test_model
 
         args.model = ensure_test_model()
     from kiln.validate.reference_loader import load_baseline_model

@@ -81,7 +81,7 @@ def make_model(folder: Path, size: str) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from kiln.pipeline.testmodel import ensure_test_model
+    from tests.testmodel import ensure_test_model
 
     hidden, layers, mlp, heads, kv_heads = SIZES[size]
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
@@ -128,8 +128,8 @@ def calibration_tokens(model: Path, path: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from kiln.pipeline.corpus import BUILTIN_CORPORA
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import BUILTIN_CORPORA
+    from kiln.pipeline.data.documents import token_samples
 
     tokens = token_samples(BUILTIN_CORPORA["python-docs-train"](), AutoTokenizer.from_pretrained(model), SAMPLES, SEQ_LEN)
     torch.save(tokens, path)

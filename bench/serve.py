@@ -65,7 +65,7 @@ def main() -> int:
     subprocess.run([str(kiln), "build", str(args.recipe)], check=True, stdout=subprocess.DEVNULL)
 
     from kiln.common.progress import ProgressReporter
-    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.pipeline.recipe.loader import load_recipe
     from kiln.serve import start_server
     from kiln.serve.generation import ReferenceGenerator
 

@@ -26,8 +26,8 @@ def _child(args) -> None:
     from transformers import AutoTokenizer
 
     from kiln.common.progress import ProgressReporter
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
     from kiln.validate import Baseline, run
 
     samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(args.model),

@@ -48,7 +48,7 @@ def _build_seconds(model: Path, variants: dict, workdir: Path, name: str) -> flo
 
 
 def main() -> int:
-    from kiln.pipeline.testmodel import ensure_test_model
+    from tests.testmodel import ensure_test_model
 
     model = ensure_test_model()
     with tempfile.TemporaryDirectory(prefix="kiln-scaling-") as tmp:

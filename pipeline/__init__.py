@@ -1,4 +1,5 @@
-"""kiln's pipeline: recipe schema, planning, the stage cache, the runner and the `kiln` CLI.
+"""kiln's pipeline: the `kiln` CLI (cli/), the recipe (recipe/), planning and the stage cache (plan/), the inputs
+stages share (data/), running a plan (run/) and what people read (report/).
 
 It imports the stages (kiln.quantize, kiln.validate, kiln.compile, kiln.registry, kiln.serve)
 through their entry points; no stage imports it. What both sides share lives in kiln.common.

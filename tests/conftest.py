@@ -57,7 +57,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def test_model() -> Path:
-    from kiln.pipeline.testmodel import ensure_test_model
+    from tests.testmodel import ensure_test_model
 
     return ensure_test_model()   # trained once per machine, kept outside the clone
 

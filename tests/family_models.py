@@ -1,13 +1,13 @@
 """One small model per family of the family table, each with the feature that family's TensorRT-LLM fields or
 reference-runtime quirks are about. Test material: kiln's package keeps only the trainer
-(kiln.pipeline.testmodel), which `make demo` uses for the demo model; these configs exist for the tests
+(tests.testmodel), which `make demo` uses for the demo model; these configs exist for the tests
 (tests/test_families.py and the modules that take the `family_models` fixture) and tests/prepare.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.pipeline.testmodel import TestModelSpec, ensure_test_model
+from tests.testmodel import TestModelSpec, ensure_test_model
 
 # The widths divide INT4-AWQ's group 64 and NVFP4's 16.
 FAMILY_SPEC = TestModelSpec(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,

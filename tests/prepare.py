@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from kiln.pipeline.testmodel import ensure_test_model
+from tests.testmodel import ensure_test_model
 from tests.family_models import FAMILY_CONFIGS, family_model
 
 

@@ -148,7 +148,7 @@ def test_the_figure_draws_failed_candidates_and_the_frontier():
     from dataclasses import asdict
 
     from kiln.common.digest import canonical_digest
-    from kiln.pipeline.figures import SizePoint, accuracy_size_figure, candidate_points, figure_digest, frontier
+    from kiln.pipeline.report.figures import SizePoint, accuracy_size_figure, candidate_points, figure_digest, frontier
 
     variants = [SizePoint("nvfp4", "nvfp4", 4.5, 0.008, True, 0.01), SizePoint("mix", "auto 5.5b", 5.5, 0.0018, True, 0.01),
                 SizePoint("int8", "int8_sq", 8.2, 0.0009, True, None), SizePoint("fp8", "fp8", 8.0, 0.0007, True, None)]
@@ -172,8 +172,8 @@ def test_the_figure_draws_failed_candidates_and_the_frontier():
 def texts(test_model):
     from transformers import AutoTokenizer
 
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
 
     tokenizer = AutoTokenizer.from_pretrained(test_model)
     return {"calibration": token_samples(python_docs("train"), tokenizer, 8, 128),

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kiln.pipeline.cache import ENTRY_FILE, StageCache, stage_key
+from kiln.pipeline.plan.cache import ENTRY_FILE, StageCache, stage_key
 from tests.conftest import KILN, write_recipe
 
 # Changing how keys are computed invalidates every cache: make that a visible diff here.

@@ -20,7 +20,7 @@ PROBE = ("import atexit, sys\n"
          "atexit.register(lambda: print('imported:', sorted(m for m in ('mlflow', 'torch', 'modelopt') if m in sys.modules),"
          " file=sys.stderr))\n"
          "sys.argv = ['kiln', *sys.argv[1:]]\n"
-         "from kiln.pipeline.cli import main\n"
+         "from kiln.pipeline.cli.app import main\n"
          "main()\n")
 
 

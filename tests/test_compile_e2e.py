@@ -225,7 +225,7 @@ def test_tensorrt_llm_in_another_python(world):
 
 def _alter_quantize_entry(home: Path) -> None:
     """Make this host's checkpoint differ from the published one, as another CPU's rounding might."""
-    from kiln.pipeline.cache import ENTRY_FILE
+    from kiln.pipeline.plan.cache import ENTRY_FILE
     from kiln.common.digest import file_sha256
 
     (entry,) = [e for e in (home / "cache" / "quantize").iterdir()   # the fp8 checkpoint (the spine also has int4)
@@ -283,7 +283,7 @@ def test_triton_repo_for_engines_and_serve_refuses_engines_this_host_cannot_run(
     assert trtllm.parameters["enable_kv_cache_reuse"].string_value == "false"   # the recipe's default
     assert read_config(out / "preprocessing" / "config.pbtxt").parameters["tokenizer_dir"].string_value == \
         str(out / "artifact" / "hf")
-    assert answer["container_command"].startswith(f"docker run --rm --gpus all")
+    assert answer["container_command"].startswith("docker run --rm --gpus all")
     text = run_kiln("triton-repo", "t-fp8@candidate", "--runtime", "gpu", "--templates", TEMPLATES,
                     "--out", tmp_path / "again", env=env)
     assert "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3 mpirun --allow-run-as-root -n 1" in text.stdout

@@ -17,8 +17,8 @@ import json
 import pytest
 import torch
 
-from kiln.pipeline.corpus import python_docs
-from kiln.pipeline.data import token_samples
+from kiln.pipeline.data.corpus import python_docs
+from kiln.pipeline.data.documents import token_samples
 from tests.family_models import FAMILY_CONFIGS
 from kiln.quantize import FAMILIES, KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter

@@ -81,7 +81,7 @@ def test_a_sliding_window_the_engine_would_ignore_is_refused(tmp_path, max_seq_l
 
 
 def test_the_readme_table_is_generated_from_the_family_table():
-    from kiln.pipeline.families_doc import README_BEGIN, README_END, families_markdown
+    from kiln.pipeline.cli.families_doc import README_BEGIN, README_END, families_markdown
     from tests.conftest import REPO
 
     readme = (REPO / "README.md").read_text()

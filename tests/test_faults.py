@@ -41,7 +41,7 @@ def test_a_link_out_of_the_model_folder_is_refused(tmp_path):
 
 
 def test_links_inside_the_folder_and_into_a_hub_blob_store_are_fine(tmp_path):
-    from kiln.pipeline.fetch import refuse_outside_links
+    from kiln.pipeline.data.fetch import refuse_outside_links
 
     model = _model_folder(tmp_path / "model")
     (model / "tokenizer_config.json").write_text("{}")
@@ -139,7 +139,7 @@ def test_progress_reaches_a_ci_log_at_least_every_interval(monkeypatch, capsys):
 
 def test_the_next_build_reclaims_what_a_killed_process_left(tmp_path):
     """Issue 13.15: after a kill, temporary folders piled up in /tmp and partial entries stayed a day."""
-    from kiln.pipeline.cache import StageCache
+    from kiln.pipeline.plan.cache import StageCache
     from kiln.common.scratch import owner_token, process_scratch, reclaim_dead
 
     home = tmp_path / "home"
@@ -188,8 +188,8 @@ def test_sigterm_during_a_build_is_ctrl_c_one_message_and_nothing_partial(tmp_pa
 
 
 def _data(tmp_path, name: str, text: str, **spec):
-    from kiln.pipeline.data import resolve_data
-    from kiln.pipeline.recipe import DataSpec
+    from kiln.pipeline.data.documents import resolve_data
+    from kiln.pipeline.recipe.schema import DataSpec
 
     path = tmp_path / name
     if not path.exists():
@@ -319,8 +319,8 @@ def test_calibration_progress_counts_each_pass_to_its_total(test_model, monkeypa
     from transformers import AutoTokenizer
 
     from kiln.common.progress import ProgressReporter
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
     from kiln.quantize import KVCacheFormat, QuantFormat
     from kiln.quantize import modelopt_adapter as adapter
 

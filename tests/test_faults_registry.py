@@ -119,7 +119,7 @@ def test_a_moved_kiln_home_pulls_and_publishes_in_place(tmp_path):
 
 
 def test_the_publish_key_does_not_name_the_embedded_registry_path(tmp_path):
-    from kiln.pipeline.stages import registry_identity
+    from kiln.pipeline.plan.stages import registry_identity
 
     assert registry_identity(f"sqlite:///{tmp_path}/a/registry/mlflow.db") == "embedded"
     assert registry_identity("http://registry:5000") == "http://registry:5000"
@@ -209,7 +209,7 @@ def test_an_out_folder_that_cannot_be_created_is_refused(kiln_home, command):
 PUBLISH_SCRIPT = """
 import sys
 from pathlib import Path
-from kiln.pipeline.cli_common import report_failure
+from kiln.pipeline.cli.common import report_failure
 from kiln.common.progress import ProgressReporter
 from kiln.registry import PUBLISH_KEY_TAG, publish
 try:

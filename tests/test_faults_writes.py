@@ -3,7 +3,6 @@ URI characters in KILN_HOME, relative paths handed to a container. Each test fai
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat

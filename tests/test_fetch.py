@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kiln.pipeline.fetch import _allow_patterns
-from kiln.pipeline.recipe import ModelSource
+from kiln.pipeline.data.fetch import _allow_patterns
+from kiln.pipeline.recipe.schema import ModelSource
 from tests.conftest import run_kiln, write_recipe
 from tests.hub_cache import COMMIT, model_files, seed_hub_cache
 

@@ -105,7 +105,7 @@ def rtn_format():
 
 
 def test_a_registered_row_is_in_every_table(rtn_format):
-    from kiln.pipeline.families_doc import family_document
+    from kiln.pipeline.cli.families_doc import family_document
     from kiln.quantize import FAMILIES, runtime_cells
 
     assert QuantFormat("int4_rtn_test") is rtn_format and format_table_problems() == []
@@ -125,11 +125,11 @@ def test_a_registered_row_is_checked_planned_built_and_validated(rtn_format, tes
     """Check, plan, quantize (ModelOpt), validate (the W4A16 codec) and publish a format that exists only as a
     row registered in this process: about 20 s on the toy, and nothing cheaper shows that no stage keeps a list."""
     from kiln.common.progress import ProgressReporter
-    from kiln.pipeline.cache import StageCache
-    from kiln.pipeline.plan import make_plan
-    from kiln.pipeline.plan_checks import data_problems, model_problems
-    from kiln.pipeline.recipe_loader import load_recipe
-    from kiln.pipeline.runner import run_plan
+    from kiln.pipeline.plan.cache import StageCache
+    from kiln.pipeline.plan.dag import make_plan
+    from kiln.pipeline.plan.checks import data_problems, model_problems
+    from kiln.pipeline.recipe.loader import load_recipe
+    from kiln.pipeline.run.runner import run_plan
     from kiln.registry import tracking_uri
     from tests.conftest import write_recipe
 

@@ -138,7 +138,7 @@ def test_build_section_errors_name_the_field(tmp_path, test_model, build, messag
 
 
 def test_recipe_build_section_round_trips(tmp_path, test_model):
-    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.pipeline.recipe.loader import load_recipe
 
     build = {"target": "trtllm-pytorch", "kv_cache_reuse": True, "cuda_graph_batch_sizes": [1, 4],
              "lora": {"target_modules": ["attn_q", "attn_v"], "max_rank": 8}}

@@ -43,13 +43,13 @@ def test_the_check_sees_a_violation(tmp_path, monkeypatch):
     fake = tmp_path / "repo"
     for folder in ("common", *STAGES):
         (fake / folder).mkdir(parents=True)
-    (fake / "serve" / "bad.py").write_text("from kiln.pipeline.recipe import Recipe\n"
+    (fake / "serve" / "bad.py").write_text("from kiln.pipeline.recipe.schema import Recipe\n"
                                            "def f():\n    from kiln.validate.runtime import load_reference_model\n")
     (fake / "common" / "bad.py").write_text("import kiln.registry\n")
     monkeypatch.setattr("tests.test_import_direction.REPO", fake)
     assert violations() == [
         "common/bad.py:1: kiln.common imports kiln.registry",
-        "serve/bad.py:1: the serve stage imports kiln.pipeline.recipe (the pipeline imports stages, not the other "
+        "serve/bad.py:1: the serve stage imports kiln.pipeline.recipe.schema (the pipeline imports stages, not the other "
         "way round; shared code belongs in kiln.common)",
         "serve/bad.py:3: kiln.validate.runtime reaches past the validate stage's entry point (import from "
         "kiln.validate, and export the name there)",

@@ -37,7 +37,10 @@ def test_wheel_holds_only_the_kiln_namespace(tmp_path):
     wheel = next(Path(tmp_path).glob("kiln-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     modules = [n for n in names if n.endswith(".py")]
-    assert "kiln/pipeline/cli.py" in modules and "kiln/quantize/formats.py" in modules
+    assert "kiln/pipeline/cli/app.py" in modules and "kiln/quantize/formats.py" in modules
+    pipeline = {f"kiln/{p.relative_to(REPO).as_posix()}" for p in (REPO / "pipeline").rglob("*.py")}
+    assert pipeline <= set(modules), pipeline - set(modules)   # every sub-package is listed in pyproject.toml
+    assert not any("testmodel" in n for n in modules)   # development tooling (tests/testmodel.py) stays out
     assert "kiln/serve/cpu_model/model.py" in modules   # copied into every CPU Triton repository
     assert all(n.startswith("kiln/") for n in modules), [n for n in modules if not n.startswith("kiln/")]
     metadata = next(n for n in names if n.endswith("METADATA"))
@@ -74,7 +77,7 @@ def help_problems(app) -> list[str]:
 def test_cli_help_teaches():
     import typer
 
-    from kiln.pipeline.cli import app
+    from kiln.pipeline.cli.app import app
     from tests.conftest import run_kiln
 
     assert help_problems(app) == []

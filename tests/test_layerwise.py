@@ -11,8 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from kiln.pipeline.corpus import python_docs
-from kiln.pipeline.data import token_samples
+from kiln.pipeline.data.corpus import python_docs
+from kiln.pipeline.data.documents import token_samples
 from kiln.validate.heads import head_outputs
 from kiln.validate.layerwise import streamed_head_outputs
 from kiln.validate.reference_loader import (

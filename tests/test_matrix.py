@@ -48,8 +48,8 @@ def _same_metrics_one_layer_at_a_time(kiln_home, test_model) -> None:
 
     from kiln import validate
     from kiln.common.progress import SILENT
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
 
     evaluation = yaml.safe_load((REPO / "recipes" / "demo-matrix.yaml").read_text())["evaluation"]
     samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(test_model),

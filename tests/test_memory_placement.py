@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kiln.pipeline.memory import ModelShape, estimate
+from kiln.pipeline.plan.memory import ModelShape, estimate
 from kiln.quantize import Placement, VisibleGpu, plan_placement
 from kiln.quantize.formats import QuantFormat
 from kiln.quantize.placement import HOST_RESERVE_BYTES

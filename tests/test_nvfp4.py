@@ -68,8 +68,8 @@ def test_round_trip_against_modelopts_export(tmp_path, test_model):
 
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
-    from kiln.pipeline.corpus import python_docs
-    from kiln.pipeline.data import token_samples
+    from kiln.pipeline.data.corpus import python_docs
+    from kiln.pipeline.data.documents import token_samples
     from kiln.quantize import KVCacheFormat, QuantFormat
     from kiln.quantize import modelopt_adapter as adapter
 

@@ -228,7 +228,7 @@ def _llama_70b_config() -> dict:
 
 
 def test_the_plan_under_disk_offload_counts_one_layer_resident_and_the_rest_read_from_disk():
-    from kiln.pipeline.memory import DiskOffload, estimate
+    from kiln.pipeline.plan.memory import DiskOffload, estimate
     from kiln.quantize import QuantFormat
 
     offload = DiskOffload(host_budget=6 * GIB, evaluation_tokens=32 * 512, shard_bytes=GIB, writes_folder=False,
@@ -261,7 +261,7 @@ def test_the_plan_under_disk_offload_counts_rewritten_layers_and_gptq_layer_stat
     """AWQ rewrites the layers it reads from disk and writes them back to the offload folder: as many bytes as
     were read, which the folder's filesystem must hold even when the source is read in place. GPTQ, run a layer
     at a time, holds that layer's Hessians and every calibration window's inputs to it."""
-    from kiln.pipeline.memory import DiskOffload, estimate
+    from kiln.pipeline.plan.memory import DiskOffload, estimate
     from kiln.quantize import QuantFormat
 
     config = _llama_70b_config()

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kiln.pipeline.corpus import python_docs
-from kiln.pipeline.data import token_samples
+from kiln.pipeline.data.corpus import python_docs
+from kiln.pipeline.data.documents import token_samples
 from kiln.quantize import FORMATS, KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter
 from kiln.validate.runtime import ReferenceLinear

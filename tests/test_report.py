@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from kiln.common.digest import file_sha256
 from kiln.common.progress import SILENT
-from kiln.pipeline.figures import SizePoint, accuracy_size_figure, accuracy_size_png, figure_digest
+from kiln.pipeline.report.figures import SizePoint, accuracy_size_figure, accuracy_size_png, figure_digest
 from kiln.quantize import checkpoint_size
 from kiln.registry import (
     add_runtime_check, add_sm, checkpoint_records, client, ensure_records, prefixed_metrics, publish, recorded_tags,
@@ -92,7 +92,7 @@ def test_the_figure_draws_every_variant_where_its_size_and_kl_are_and_marks_the_
 
 def test_dollar_signs_in_names_and_titles_are_drawn_as_written():
     """Issue 24.11: a `$` in a model path or variant made matplotlib parse math and fail every rebuild."""
-    from kiln.pipeline.figures import kl_history_png
+    from kiln.pipeline.report.figures import kl_history_png
 
     points = [SizePoint("a$b", "fp8 $x", 8.0, 7e-4, True, 0.01), SizePoint("c$", "int4", 4.3, None, True, 0.01)]
     figure, axes, _ = accuracy_size_figure("/models/$HOME/m$1 $x^{2}$", points)

@@ -1,6 +1,6 @@
 """The house's seams for the next runtimes (issue 26.2): a serving stack is a class plus a row in
 kiln.serve.stacks.STACKS, and a runtime check a validate entry point plus a row in
-kiln.pipeline.plan_runtimes.RUNTIME_CHECKS. Each test registers a stand-in and watches kiln use it
+kiln.pipeline.plan.runtimes.RUNTIME_CHECKS. Each test registers a stand-in and watches kiln use it
 through the same paths the real ones take; nothing else is edited."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 
 from kiln.common.errors import UserInputError
 from kiln.common.progress import SILENT
-from kiln.pipeline.plan_runtimes import RUNTIME_CHECKS, RuntimeCheck
-from kiln.pipeline.stages import Target
+from kiln.pipeline.plan.runtimes import RUNTIME_CHECKS, RuntimeCheck
+from kiln.pipeline.plan.stages import Target
 from kiln.quantize import Runtime
 from kiln.serve.stack import Repository, ServeFlags, Stack
 from kiln.serve.stacks import STACKS, StackRow
@@ -104,7 +104,7 @@ def echo_stack(monkeypatch):
 
 def test_a_registered_stack_is_written_started_asked_and_stopped(home, echo_stack, tmp_path, monkeypatch):
     from kiln.compile import Host
-    from kiln.pipeline.doctor import doctor_document
+    from kiln.pipeline.cli.doctor import doctor_document
     from kiln.serve import runtime_help, start_server, write_repository
 
     home, _ = home
@@ -132,10 +132,10 @@ def _stand_in_check(hf_dir, model_dir, samples, progress, label, max_model_len, 
 
 
 def test_a_registered_runtime_check_is_planned_run_gated_and_cached(home, monkeypatch):
-    from kiln.pipeline.cache import StageCache
-    from kiln.pipeline.plan import make_plan
-    from kiln.pipeline.recipe_loader import load_recipe
-    from kiln.pipeline.runner import run_plan
+    from kiln.pipeline.plan.cache import StageCache
+    from kiln.pipeline.plan.dag import make_plan
+    from kiln.pipeline.recipe.loader import load_recipe
+    from kiln.pipeline.run.runner import run_plan
     from kiln.registry import tracking_uri
 
     home, recipe = home

@@ -401,7 +401,7 @@ def _post(port: int, path: str, body: bytes) -> tuple[int, str]:
 
 def test_kiln_serve_fails_in_one_line_when_its_server_dies(home):
     """Issue 36.6: after tritonserver died, `kiln serve` kept its endpoints printed with nothing behind them and
-    exited 0 on Ctrl-C (pipeline/cli_serve.py never looked)."""
+    exited 0 on Ctrl-C (pipeline/cli/serve.py never looked)."""
     import subprocess
 
     from tests.recipes import KILN

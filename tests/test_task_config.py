@@ -10,9 +10,9 @@ import os
 import pytest
 import yaml
 
-from kiln.pipeline.plan_checks import data_problems
-from kiln.pipeline.recipe_loader import load_recipe
-from kiln.pipeline.tasks import task_key, task_requests
+from kiln.pipeline.plan.checks import data_problems
+from kiln.pipeline.recipe.loader import load_recipe
+from kiln.pipeline.data.tasks import task_key, task_requests
 from tests.recipes import run_kiln, write_recipe
 
 BASE = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "items.jsonl"}}, "test_split": "test",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.pipeline.corpus import python_docs
+from kiln.pipeline.data.corpus import python_docs
 from kiln.validate import TaskDrop, evaluate_gates
 from kiln.validate.builtin_tasks import (
     humaneval_config, humaneval_problems, humaneval_program, next_line_config, next_line_items,

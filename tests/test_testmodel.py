@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 from kiln.common.digest import file_sha256
-from kiln.pipeline.testmodel import TestModelSpec, ensure_test_model, spec_digest, training_environment
+from tests.testmodel import TestModelSpec, ensure_test_model, spec_digest, training_environment
 
 TINY = replace(TestModelSpec(), steps=3, vocab_size=512)
 

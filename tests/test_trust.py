@@ -11,7 +11,6 @@ from tests.recipes import run_kiln, write_recipe
 
 
 def _poisoned_copy(test_model, folder, value: float):
-    import torch
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(test_model, folder)

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 from kiln.common.digest import canonical_digest, file_sha256
 from kiln.common.errors import UserInputError
-from kiln.pipeline.recipe import DataSpec
+from kiln.pipeline.recipe.schema import DataSpec
 
 _BUILTIN_CORPUS_VERSION = 1
 
@@ -34,7 +34,7 @@ class ResolvedData:
         """The documents in order, read lazily: token_samples stops as soon as it has samples x seq_len
         tokens, and a file is never read past a budget of text for that many tokens."""
         if self.spec.builtin:
-            from kiln.pipeline.corpus import BUILTIN_CORPORA
+            from kiln.pipeline.data.corpus import BUILTIN_CORPORA
 
             return iter(BUILTIN_CORPORA[self.spec.builtin]())
         budget = max(_MIN_READ_CHARS, self.spec.samples * self.spec.seq_len * _CHARS_PER_TOKEN_BUDGET)

@@ -10,11 +10,11 @@ from pathlib import Path
 from kiln import compile as compile_stage
 from kiln import quantize, registry, validate
 from kiln.registry import tags as version_tags
-from kiln.pipeline.build_context import BuildContext
-from kiln.pipeline.plan import compile_request, gpu_instances
-from kiln.pipeline.plan_runtimes import RUNTIME_CHECKS
-from kiln.pipeline.results import TargetResult
-from kiln.pipeline.stages import NOT_PUBLISHED, PUBLISHED_RECORD, StageInstance
+from kiln.pipeline.run.context import BuildContext
+from kiln.pipeline.plan.dag import compile_request, gpu_instances
+from kiln.pipeline.plan.runtimes import RUNTIME_CHECKS
+from kiln.pipeline.run.results import TargetResult
+from kiln.pipeline.plan.stages import NOT_PUBLISHED, PUBLISHED_RECORD, StageInstance
 
 
 class TargetStages:

@@ -10,16 +10,16 @@ from typing import List
 import typer
 
 from kiln.common.errors import KilnError, RecipeErrors
-from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir
+from kiln.pipeline.cli.common import emit_json, kiln_home, private_tempdir
 
 _GPU_OPTION_HELP = ("Build only this GPU architecture (an SM such as sm90, or a GPU name such as H100), "
                     "as a CI runner with that GPU does; other SMs are skipped.")
 
 
 def _plan_for(recipe: Path, progress=None, gpu: str | None = None):
-    from kiln.pipeline.cache import StageCache
-    from kiln.pipeline.plan import make_plan
-    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.pipeline.plan.cache import StageCache
+    from kiln.pipeline.plan.dag import make_plan
+    from kiln.pipeline.recipe.loader import load_recipe
     from kiln.registry import tracking_uri
 
     home = kiln_home()
@@ -41,10 +41,10 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
     Prints one line per problem (file:line: field: message (fix: ...)) and exits 2, or exits 0.
     """
     from kiln.compile import detect_host
-    from kiln.pipeline.memory import recipe_estimate
-    from kiln.pipeline.plan import checkable_model_folder
-    from kiln.pipeline.plan_checks import data_problems, model_problems
-    from kiln.pipeline.recipe_loader import load_recipe
+    from kiln.pipeline.plan.memory import recipe_estimate
+    from kiln.pipeline.plan.dag import checkable_model_folder
+    from kiln.pipeline.plan.checks import data_problems, model_problems
+    from kiln.pipeline.recipe.loader import load_recipe
 
     problems: list[str] = []
     host = detect_host()
@@ -86,10 +86,10 @@ def plan(
     With --changed-since REF: the recipes and stage instances a merge since REF invalidates.
     """
     from kiln.common.errors import UserInputError
-    from kiln.pipeline.report import changes_table, family_line, plan_document, plan_table, stdout_console
+    from kiln.pipeline.report.tables import changes_table, family_line, plan_document, plan_table, stdout_console
 
     if changed_since is not None:
-        from kiln.pipeline.changes import changed_since as changes
+        from kiln.pipeline.plan.changes import changed_since as changes
 
         document = changes(changed_since, list(recipes or []), lambda path: _plan_for(path, gpu=gpu)[0])
         if as_json:
@@ -109,7 +109,7 @@ def plan(
         if line:
             stdout_console.print(line, soft_wrap=True)
         if memory is not None:
-            from kiln.pipeline.memory import memory_table
+            from kiln.pipeline.plan.memory import memory_table
 
             stdout_console.print(memory_table(memory, the_plan.loaded.recipe.name))
 
@@ -132,10 +132,10 @@ def build(
     --publish-failed).
     """
     from kiln.common.progress import ProgressReporter
-    from kiln.pipeline.report import (
+    from kiln.pipeline.report.tables import (
         build_document, build_table, candidates_table, engines_table, runtime_checks_table, stdout_console, tasks_table,
     )
-    from kiln.pipeline.runner import run_plan
+    from kiln.pipeline.run.runner import run_plan
 
     progress = ProgressReporter(enabled=True)
     the_plan, cache = _plan_for(recipe, progress, gpu)
@@ -194,12 +194,12 @@ def doctor(
     GPUs are found through NVML or nvidia-smi; CUDA is never initialised.
     """
     from kiln.compile import detect_host
-    from kiln.pipeline.doctor import doctor_document, doctor_tables
-    from kiln.pipeline.recipe_loader import load_recipe
-    from kiln.pipeline.report import stdout_console
+    from kiln.pipeline.cli.doctor import doctor_document, doctor_tables
+    from kiln.pipeline.recipe.loader import load_recipe
+    from kiln.pipeline.report.tables import stdout_console
 
-    from kiln.pipeline.memory import memory_table, recipe_estimate
-    from kiln.pipeline.plan import checkable_model_folder
+    from kiln.pipeline.plan.memory import memory_table, recipe_estimate
+    from kiln.pipeline.plan.dag import checkable_model_folder
 
     host = detect_host()
     loaded = [load_recipe(path) for path in recipes or ()]
@@ -226,7 +226,7 @@ def families(
 
     `kiln check` refuses any family or family x format this table does not hold.
     """
-    from kiln.pipeline.families_doc import families_markdown, family_document
+    from kiln.pipeline.cli.families_doc import families_markdown, family_document
     from kiln.quantize import FAMILIES
 
     if as_json:

@@ -1,7 +1,7 @@
 """The recipe schema: small frozen pydantic models, unknown keys refused.
 
 Loading YAML and turning validation errors into one line per problem lives in
-`recipe_loader.py`; this module only says what a valid recipe is.
+`recipe/loader.py`; this module only says what a valid recipe is.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
-from kiln.pipeline.recipe_quant import (AUTO, AutoPrecision, Flag, HostBytes, NonNegativeInt, Number, PositiveInt,
+from kiln.pipeline.recipe.quant import (AUTO, AutoPrecision, Flag, HostBytes, NonNegativeInt, Number, PositiveInt,
                                        QuantName, Strict)
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device, Offload

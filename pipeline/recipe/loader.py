@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from kiln.common.digest import canonical_digest
 from kiln.common.errors import RecipeErrors
-from kiln.pipeline.recipe import Recipe
+from kiln.pipeline.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def _train_with(spec: TestModelSpec, out: Path, log, family: FamilyModel | None)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kiln.pipeline.corpus import BUILTIN_CORPORA
+    from kiln.pipeline.data.corpus import BUILTIN_CORPORA
 
     torch.manual_seed(spec.seed)
     texts = BUILTIN_CORPORA[spec.corpus]()
@@ -222,7 +222,7 @@ def ensure_test_model(cache_root: Path | None = None, spec: TestModelSpec = Test
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m kiln.pipeline.testmodel DEST_LINK\n"
+        print("usage: python -m tests.testmodel DEST_LINK\n"
               "  trains (once) the demo model and points DEST_LINK at it", file=sys.stderr)
         return 2
     link = Path(argv[0])

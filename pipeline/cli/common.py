@@ -1,7 +1,7 @@
 """What every `kiln` command module shares: where KILN_HOME is, JSON output, GPU selection, temporary
 folders, and the one place where a failure becomes the line and exit code a person sees.
 
-The command modules (cli_recipes, cli_registry, cli_serve) import this; the root (cli) imports them and
+The command modules (cli.recipes, cli.registry, cli.serve) import this; the root (cli.app) imports them and
 registers their commands. Nothing here imports a command module.
 """
 
@@ -71,7 +71,7 @@ def report_failure(exc: BaseException) -> int:
         return code
     known = exc if isinstance(exc, KilnError) else None
     if known is None and isinstance(exc, Exception):
-        from kiln.pipeline.failures import known_failure
+        from kiln.pipeline.cli.failures import known_failure
 
         known = known_failure(exc)
     if known is None:

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 
 from kiln.common.errors import KilnError, UserInputError
-from kiln.pipeline.plan_runtimes import RUNTIME_CHECKS
+from kiln.pipeline.plan.runtimes import RUNTIME_CHECKS
 
 # Stages that a tool pin feeds, and the ones downstream of them (their keys chain).
 _CHECKS = tuple(check.stage for check in RUNTIME_CHECKS.values())

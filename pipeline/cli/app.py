@@ -1,7 +1,7 @@
 """The `kiln` command line: the root that registers every command and turns failures into one line.
 
-Commands live in cli_recipes (check, plan, build, doctor, families), cli_registry (ls, pull, promote,
-diff, report, registry …) and cli_serve (triton-repo, serve); what they share is in cli_common.
+Commands live in cli.recipes (check, plan, build, doctor, families), cli.registry (ls, pull, promote,
+diff, report, registry …) and cli.serve (triton-repo, serve); what they share is in cli.common.
 Data (tables, JSON) goes to stdout; progress, warnings and errors to stderr.
 Exit codes: 0 ok, 1 failure (including verification), 2 bad input, 3 a gate failed.
 """
@@ -12,8 +12,10 @@ import functools
 
 import typer
 
-from kiln.pipeline import cli_recipes, cli_registry, cli_serve
-from kiln.pipeline.cli_common import report_failure, set_debug, terminate_like_ctrl_c
+from kiln.pipeline.cli import recipes as cli_recipes
+from kiln.pipeline.cli import registry as cli_registry
+from kiln.pipeline.cli import serve as cli_serve
+from kiln.pipeline.cli.common import report_failure, set_debug, terminate_like_ctrl_c
 
 app = typer.Typer(
     name="kiln",
@@ -42,7 +44,7 @@ app.add_typer(cli_registry.registry_app, name="registry")
 
 
 def _reported(command):
-    """The command, with any failure printed as kiln's one line (cli_common.report_failure) and its exit code."""
+    """The command, with any failure printed as kiln's one line (cli.common.report_failure) and its exit code."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:

@@ -7,8 +7,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from kiln.pipeline.plan import Plan
-from kiln.pipeline.results import BuildResult, format_label
+from kiln.pipeline.plan.dag import Plan
+from kiln.pipeline.run.results import BuildResult, format_label
 
 # Wide enough for the summary when stdout is a file or a CI log, not a terminal.
 stdout_console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)

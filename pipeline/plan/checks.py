@@ -9,9 +9,9 @@ from pathlib import Path
 
 from kiln import quantize
 from kiln.common.errors import UserInputError
-from kiln.pipeline.data import resolve_data
-from kiln.pipeline.recipe_loader import LoadedRecipe
-from kiln.pipeline.tasks import task_length_problems, task_problems
+from kiln.pipeline.data.documents import resolve_data
+from kiln.pipeline.recipe.loader import LoadedRecipe
+from kiln.pipeline.data.tasks import task_length_problems, task_problems
 
 
 def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:

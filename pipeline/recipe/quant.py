@@ -45,7 +45,7 @@ class Strict(BaseModel):
 
 # Numbers are numbers: pydantic's lax mode read `limit: true` as 1, `score_samples: '8'` as 8 and
 # `max_host_memory: true` as 1 byte. These refuse booleans and strings where a number or a flag belongs
-# (an int is a number; YAML's unquoted 1e-3 is one too: kiln.pipeline.recipe_loader reads it as YAML 1.2 does).
+# (an int is a number; YAML's unquoted 1e-3 is one too: kiln.pipeline.recipe.loader reads it as YAML 1.2 does).
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 Number = StrictFloat

@@ -17,9 +17,9 @@ from typing import Callable
 
 from kiln import quantize, validate
 from kiln.common.versions import ABSENT, tool_versions
-from kiln.pipeline.cache import stage_key
-from kiln.pipeline.recipe import Variant
-from kiln.pipeline.stages import NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity
+from kiln.pipeline.plan.cache import stage_key
+from kiln.pipeline.recipe.schema import Variant
+from kiln.pipeline.plan.stages import NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity
 
 
 def cpu_flags() -> set[str]:

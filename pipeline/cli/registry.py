@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, selected_sm
+from kiln.pipeline.cli.common import emit_json, kiln_home, private_tempdir, selected_sm
 
 registry_app = typer.Typer(help="Run a team registry: PostgreSQL plus `mlflow server` with proxied artifacts. "
                                 "Point kiln at it with MLFLOW_TRACKING_URI=http://HOST:PORT. `backfill` gives "
@@ -170,7 +170,7 @@ def diff(
 ) -> None:
     """What changed between two versions: recipe fields, tool versions, metrics, gates, quant auto's layer formats,
     SMs, file digests."""
-    from kiln.pipeline.report import diff_tables, stdout_console
+    from kiln.pipeline.report.tables import diff_tables, stdout_console
     from kiln.registry import diff as diff_versions
 
     document = diff_versions(kiln_home(), name, first, second)
@@ -183,7 +183,7 @@ def diff(
 
 def list_registry(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List registered models, their versions, aliases and metrics."""
-    from kiln.pipeline.report import stdout_console, versions_table
+    from kiln.pipeline.report.tables import stdout_console, versions_table
     from kiln.registry import list_versions
 
     rows = list_versions(kiln_home())
@@ -239,8 +239,8 @@ def report(
     Example: kiln report recipes/demo.yaml --out build/report.html
     """
     from kiln.common.errors import UserInputError
-    from kiln.pipeline.recipe_loader import load_recipe
-    from kiln.pipeline.report_page import write_report
+    from kiln.pipeline.recipe.loader import load_recipe
+    from kiln.pipeline.report.page import write_report
     from kiln.registry import recipe_versions, tracking_uri
 
     loaded = load_recipe(recipe)

@@ -1,7 +1,7 @@
 """What every stage of one build shares: the plan, the cache, progress, the inputs stages make on first
 use (the model folder, token samples, placement, the baseline) and the record of what ran.
 
-The checkpoint stages (runner.py) and the per-SM and per-runtime stages (runner_targets.py) take this
+The checkpoint stages (run/runner.py) and the per-SM and per-runtime stages (run/targets.py) take this
 context explicitly; a stage method is its cache lookup plus what it builds, through `get_or_build`.
 """
 
@@ -17,12 +17,12 @@ from kiln.common.allocator import return_freed_memory
 from kiln.common.errors import RecipeErrors, UserInputError
 from kiln.common.progress import ProgressReporter
 from kiln.common.scratch import process_scratch
-from kiln.pipeline.cache import StageCache
-from kiln.pipeline.data import token_samples
-from kiln.pipeline.fetch import hub_model
-from kiln.pipeline.plan import Plan
-from kiln.pipeline.plan_checks import model_problems
-from kiln.pipeline.stages import RAN, StageInstance
+from kiln.pipeline.plan.cache import StageCache
+from kiln.pipeline.data.documents import token_samples
+from kiln.pipeline.data.fetch import hub_model
+from kiln.pipeline.plan.dag import Plan
+from kiln.pipeline.plan.checks import model_problems
+from kiln.pipeline.plan.stages import RAN, StageInstance
 
 
 class BuildContext:

@@ -2,7 +2,7 @@
 
 fetch(model) -> quantize(variant) -> validate(variant) -> publish(variant)
                                   -> compile(variant@sm) -> engine-check(variant@sm) -> publish(variant@sm)
-                                  -> vllm-check(variant@vllm) -> publish(variant@vllm)   (plan_runtimes.py)
+                                  -> vllm-check(variant@vllm) -> publish(variant@vllm)   (plan/runtimes.py)
 
 GPU stages run only on a host with that SM and TensorRT-LLM, the vLLM check only where vLLM is
 installed and has kernels for the format; elsewhere they are planned as skipped, with the reason,
@@ -21,18 +21,18 @@ from pathlib import Path
 
 from kiln import compile as compile_stage
 from kiln import quantize, validate
-from kiln.pipeline.tasks import sandbox_problems, task_key
-from kiln.pipeline.cache import StageCache, stage_key
-from kiln.pipeline.data import ResolvedData, resolve_data
+from kiln.pipeline.data.tasks import sandbox_problems, task_key
+from kiln.pipeline.plan.cache import StageCache, stage_key
+from kiln.pipeline.data.documents import ResolvedData, resolve_data
 from kiln.common.digest import canonical_digest
 from kiln.common.errors import RecipeErrors
 from kiln.common.versions import tool_versions
-from kiln.pipeline.fetch import FetchedModel, hub_digest, local_model
-from kiln.pipeline.recipe import Variant
-from kiln.pipeline.recipe_loader import LoadedRecipe
-from kiln.pipeline.plan_checks import model_problems
-from kiln.pipeline.plan_runtimes import installed_checks, runtime_check_instances
-from kiln.pipeline.stages import (
+from kiln.pipeline.data.fetch import FetchedModel, hub_digest, local_model
+from kiln.pipeline.recipe.schema import Variant
+from kiln.pipeline.recipe.loader import LoadedRecipe
+from kiln.pipeline.plan.checks import model_problems
+from kiln.pipeline.plan.runtimes import installed_checks, runtime_check_instances
+from kiln.pipeline.plan.stages import (
     MODEL, NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity,
 )
 
@@ -75,7 +75,7 @@ class Plan:
 
     def memory(self):
         """The plan-time memory estimate for this recipe on this host (None before config.json is at hand)."""
-        from kiln.pipeline.memory import recipe_estimate
+        from kiln.pipeline.plan.memory import recipe_estimate
 
         return recipe_estimate(self.loaded, self.model_folder, self.host)
 
@@ -95,7 +95,7 @@ class Plan:
         return f"{self.loaded.recipe.name}-{variant}"
 
     def runtime_check_instances(self, variant: str) -> list[tuple[str, StageInstance, StageInstance]]:
-        """(runtime, check, publish) for each runtime check planned for the variant (plan_runtimes.py)."""
+        """(runtime, check, publish) for each runtime check planned for the variant (plan/runtimes.py)."""
         return [(i.target.runtime, i, self.instance("publish", i.target)) for i in self.instances
                 if i.target.runtime and i.stage != "publish" and i.target.variant == variant]
 
@@ -339,7 +339,7 @@ def _probe_hub_cache(source) -> tuple[Path | None, bool]:
     or None; the network is never asked. Refusals (pickle-only weights) propagate.
     """
     from kiln.common.errors import KilnError, UserInputError
-    from kiln.pipeline.fetch import cached_hub_config, hub_model
+    from kiln.pipeline.data.fetch import cached_hub_config, hub_model
 
     try:
         return hub_model(source, local_only=True).path, True

@@ -6,8 +6,8 @@ The runner calls these at publish time; the registry stores them (kiln.registry.
 from __future__ import annotations
 
 from kiln import quantize, registry
-from kiln.pipeline.figures import SizePoint, accuracy_size_png, candidate_points, figure_digest
-from kiln.pipeline.results import VariantResult
+from kiln.pipeline.report.figures import SizePoint, accuracy_size_png, candidate_points, figure_digest
+from kiln.pipeline.run.results import VariantResult
 
 
 def size_metrics(size: quantize.CheckpointSize | None) -> dict[str, float]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from kiln.common.errors import KilnError, UserInputError
-from kiln.pipeline.cli_common import emit_json, kiln_home, private_tempdir, selected_sm
+from kiln.pipeline.cli.common import emit_json, kiln_home, private_tempdir, selected_sm
 from kiln.serve.stacks import runtime_help
 
 _RUNTIME_HELP = runtime_help()   # each serving stack's own sentence (kiln.serve.stacks)

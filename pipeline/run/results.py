@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from kiln import quantize, registry, validate
-from kiln.pipeline.plan import Plan
-from kiln.pipeline.stages import StageInstance, Target
+from kiln.pipeline.plan.dag import Plan
+from kiln.pipeline.plan.stages import StageInstance, Target
 
 
 @dataclass

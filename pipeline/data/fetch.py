@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kiln.common.digest import canonical_digest, tree_digest
 from kiln.common.errors import KilnError, UserInputError
-from kiln.pipeline.recipe import ModelSource
+from kiln.pipeline.recipe.schema import ModelSource
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 ALWAYS_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*")

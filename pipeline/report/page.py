@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.pipeline.figures import SizePoint, accuracy_size_png, candidate_points, kl_history_png
-from kiln.pipeline.results import format_label
+from kiln.pipeline.report.figures import SizePoint, accuracy_size_png, candidate_points, kl_history_png
+from kiln.pipeline.run.results import format_label
 from kiln.registry import tags as t
 
 _STYLE = """

@@ -4,7 +4,7 @@ Stages meet only through their cache entries on disk: quantize writes hf/,
 trtllm/ and kiln.json; validate reads hf/ and writes report.json; publish
 uploads those files and records the registry version it created. On a GPU
 host, compile writes engines/<sm>/, the engine check measures it, and its
-publish adds that SM's folder to the variant's version (runner_targets, with
+publish adds that SM's folder to the variant's version (run/targets.py, with
 the vLLM check). A build ends by logging the accuracy-against-size figure on
 every published variant's run.
 """
@@ -22,14 +22,14 @@ from kiln.common.errors import UserInputError
 from kiln.common.progress import ProgressReporter
 from kiln.common.versions import tool_versions
 from kiln.registry import tags as version_tags
-from kiln.pipeline.build_context import BuildContext
-from kiln.pipeline.build_records import log_figures, size_metrics, variant_records
-from kiln.pipeline.cache import StageCache
-from kiln.pipeline.plan import SIZE_RECORD, Plan, quantize_request
-from kiln.pipeline.results import BuildResult, CandidateResult, VariantResult
-from kiln.pipeline.runner_targets import TargetStages
-from kiln.pipeline.stages import PUBLISHED_RECORD, StageInstance
-from kiln.pipeline.tasks import task_code_lines, task_key, task_requests
+from kiln.pipeline.run.context import BuildContext
+from kiln.pipeline.run.records import log_figures, size_metrics, variant_records
+from kiln.pipeline.plan.cache import StageCache
+from kiln.pipeline.plan.dag import SIZE_RECORD, Plan, quantize_request
+from kiln.pipeline.run.results import BuildResult, CandidateResult, VariantResult
+from kiln.pipeline.run.targets import TargetStages
+from kiln.pipeline.plan.stages import PUBLISHED_RECORD, StageInstance
+from kiln.pipeline.data.tasks import task_code_lines, task_key, task_requests
 
 
 class CheckpointStages:
@@ -298,7 +298,7 @@ class CheckpointStages:
         return BuildResult(plan, results, self.context.ran)
 
 def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
-    from kiln.pipeline.cache import ENTRY_FILE
+    from kiln.pipeline.plan.cache import ENTRY_FILE
 
     files = {p.relative_to(checkpoint).as_posix(): p for p in sorted(checkpoint.rglob("*")) if p.is_file()}
     files.pop(ENTRY_FILE, None)

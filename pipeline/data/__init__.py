@@ -1,0 +1,1 @@
+"""Inputs stages share: the model fetch, calibration and evaluation text, builtin corpora, task requests."""
