@@ -111,7 +111,7 @@ def model_folder(name: str, scratch: Path) -> Path:
 
         return ensure_test_model()
     if name.startswith("random-"):
-        from scale import make_model
+        from scale_models import make_model
 
         folder = scratch / name
         params = make_model(folder, name[len("random-"):])

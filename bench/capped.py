@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from scale import BARE, GB, SAMPLES, SEQ_LEN, calibration_tokens, make_model
+from scale_models import BARE, GB, SAMPLES, SEQ_LEN, calibration_tokens, make_model
 
 V1 = Path("/sys/fs/cgroup/memory")
 V2 = Path("/sys/fs/cgroup")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))   # tests.testmodel: development tooling, not in kiln
 WEIGHT_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
@@ -78,7 +79,7 @@ def _capture_inputs(model, layer: str, ids, device) -> torch.Tensor:
 
 def nvfp4_check(model_dir: Path, calibration, evaluation, baseline, device, dry_run: bool, workdir: Path) -> dict:
     from kiln.quantize import modelopt_adapter as adapter
-    from kiln.validate import nvfp4
+    from kiln.common import nvfp4
     from kiln.validate.reference_loader import load_reference_model
 
     model = _calibrated(model_dir, "NVFP4_DEFAULT_CFG", calibration, device)

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))   # tests.testmodel: development tooling, not in kiln
 VARIANTS = {
     "fp8": {"quant": "fp8", "kv_cache": "fp8"},
     "nvfp4": {"quant": "nvfp4"},

@@ -10,7 +10,7 @@ of them first (ModelOpt reads both phases from the start of the same loader; AWQ
 quarter). The scores only rank layers: the held-out evaluation text decides the gates.
 
 On a CPU, ModelOpt's NVFP4 fake quantization asserts CUDA; while the search runs there, kiln's own NVFP4
-rounding (validate/nvfp4.py, the reference runtime's, compared with ModelOpt's CUDA kernel by
+rounding (common/nvfp4.py, the reference runtime's, compared with ModelOpt's CUDA kernel by
 bench/nvfp4_gpu.py) stands in for that one op.
 """
 
@@ -84,7 +84,7 @@ def nvfp4_on_cpu():
     """ModelOpt's dynamic-block fake quant with kiln's NVFP4 rounding for CPU tensors (ModelOpt's asserts CUDA)."""
     from modelopt.torch.quantization import tensor_quant
 
-    from kiln.validate import nvfp4
+    from kiln.common import nvfp4
 
     modelopt_op = tensor_quant.dynamic_block_quantize_op
 

@@ -71,7 +71,7 @@ def require_database(home: Path) -> bool:
 
 
 def verify_registry(home: Path, progress) -> list[VersionCheck]:
-    from kiln.registry import _versions
+    from kiln.registry.versions import _versions
 
     if not require_database(home):
         return []

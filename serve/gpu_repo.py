@@ -28,14 +28,14 @@ from kiln.quantize import HF_DIR
 from kiln.serve.pbtxt import write_config
 from kiln.serve.stack import Repository, ServeFlags, Stack, triton_serving_lines
 from kiln.serve.templates import TemplateError, fill_config
-from kiln.serve.triton import Endpoints, TritonServer, TrtllmTritonServer, trtllm_tritonserver
+from kiln.serve.triton import Endpoints, TritonServer
+from kiln.serve.trtllm_server import TrtllmTritonServer, server_argv, trtllm_tritonserver
 
 ENGINE_LAYOUT = "inflight_batcher_llm"
 LLMAPI_LAYOUT = "llmapi"
 ENGINE_MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 LLMAPI_MODEL = "tensorrt_llm"
 CONTAINER = "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3"
-TRITONSERVER = "/opt/tritonserver/bin/tritonserver"     # where NVIDIA's container has it
 
 # Mandatory parameters per model (docs/model_config.md); anything else kiln lacks is dropped.
 MANDATORY = {
@@ -188,28 +188,6 @@ def write_gpu_layout(repo: Path, sm: str, options: GpuServeOptions, final_root: 
     record_path = repo / "artifact" / sm_folder(sm) / ENGINE_RECORD
     record = json.loads(record_path.read_text())
     return LAYOUTS[Target(record["target"])](repo, Path(final_root or repo), sm, options, record.get("tensorrt_llm"))
-
-
-def server_argv(repo: Path, layout: GpuLayout, ports: tuple[int, int, int], tritonserver: str = TRITONSERVER,
-                address: str | None = None) -> list[str]:
-    """tritonserver under mpirun, one rank per GPU, as TensorRT-LLM's launch_triton_server.py runs it.
-
-    Every rank loads explicitly named models (the artifact folder is not one): rank 0 all of
-    them, the others only tensorrt_llm; each rank gets its own python shared-memory prefix.
-    """
-    http, grpc, metrics = ports
-    argv = ["mpirun", "--allow-run-as-root"]
-    for rank in range(layout.world_size):
-        argv += ["-n", "1", tritonserver, f"--model-repository={repo}",
-                 f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
-        if address:
-            argv += [f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}"]
-        argv += ["--model-control-mode=explicit"]
-        argv += [f"--load-model={m}" for m in (layout.models if rank == 0 else ("tensorrt_llm",))]
-        if layout.disable_auto_complete:
-            argv += ["--disable-auto-complete-config"]
-        argv += [f"--backend-config=python,shm-region-prefix-name=prefix{rank}_", ":"]
-    return argv[:-1]
 
 
 def docker_command(repo: Path, layout: GpuLayout, container: str, ports=(8000, 8001, 8002)) -> str:

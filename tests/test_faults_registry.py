@@ -33,7 +33,8 @@ def _publish(home, name, payload: bytes, key: str, recipe="r", variant="v", shar
 def test_two_publishers_of_one_checkpoint_converge_on_the_lowest_version(kiln_home, tmp_path):
     """The race test_compile_e2e runs for real cannot be forced there: here both publishers' versions exist,
     as when two created theirs at once, and each publisher's convergence keeps the lowest and deletes its own."""
-    from kiln.registry import PUBLISH_KEY_TAG, _converge, client, find_version, list_versions
+    from kiln.registry import PUBLISH_KEY_TAG, client, find_version, list_versions
+    from kiln.registry.versions import _converge
 
     first = _publish(kiln_home, "m-v", b"weights", "k-race", tmp=tmp_path)
     mlflow = client(kiln_home)

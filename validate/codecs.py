@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from kiln.validate import nvfp4
+from kiln.common import nvfp4
 
 FP8_E4M3_MAX = 448.0
 

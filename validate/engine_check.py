@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from kiln.validate import Baseline
+    from kiln.validate.measure import Baseline
     from kiln.validate.metrics import compare
     from kiln.validate.trtllm_runtime import RUNTIMES
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kiln.validate import LOGIT_BLOCK_BYTES
+from kiln.validate.records import LOGIT_BLOCK_BYTES
 
 BLOCK_BYTES = LOGIT_BLOCK_BYTES   # the head is a matrix product per block: larger blocks keep it fast
 # Samples run through a body together while their hidden states and attention stay small: batching

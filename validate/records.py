@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# One block of float32 logits stays under this (kiln.validate.heads): 128 positions of Gemma 3's vocabulary, a
+# whole 512-token sample of a 49k one. The memory estimate (kiln check) reads it too.
+LOGIT_BLOCK_BYTES = 128 << 20   # in the validate key only when a recipe names tasks
+
 
 @dataclass(frozen=True)
 class Metrics:

@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kiln.validate import Baseline, load_reference_model
+    from kiln.validate.measure import Baseline, load_reference_model
     from kiln.validate.metrics import compare
 
     request = VllmCheckRequest(**json.loads(Path(argv[0]).read_text()))

@@ -1,7 +1,8 @@
 """NVFP4 in plain torch on the CPU: E2M1 values, FP8 E4M3 block scales of 16, an FP32 global scale.
 
 ModelOpt's own NVFP4 fake-quant needs CUDA, so the reference runtime decodes the
-exported weights and rounds activations itself. Layout of the HF export: `weight`
+exported weights and rounds activations itself, and quant: auto estimates NVFP4's error with the same
+rounding: the numerics live here, below both stages. Layout of the HF export: `weight`
 uint8 [out, in/2], element 2i in the low nibble and 2i+1 in the high nibble;
 `weight_scale` float8_e4m3fn [out, in/16]; `weight_scale_2` and `input_scale`
 fp32 scalars (amax / (6 * 448)).
