@@ -257,6 +257,11 @@ def list_versions(home: Path) -> list[dict]:
     return rows
 
 
+def version_recipes(home: Path) -> dict[tuple[str, str], str | None]:
+    """(name, version) -> the recipe that published it (tag kiln.recipe), for every version in the registry."""
+    return {(name, str(version.version)): version.tags.get(RECIPE) for name, version, _ in _versions(client(home))}
+
+
 def recipe_versions(home: Path, recipe: str) -> list[dict]:
     """Every version that `recipe` published (tag kiln.recipe), with its tags: what `kiln report` shows."""
     return [{"name": name, "version": str(version.version), "aliases": aliases, "run_id": version.run_id,

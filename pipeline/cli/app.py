@@ -13,6 +13,7 @@ import functools
 import typer
 
 from kiln.pipeline.cli import recipes as cli_recipes
+from kiln.pipeline.cli.cache import cache_app
 from kiln.pipeline.cli import registry as cli_registry
 from kiln.pipeline.cli import serve as cli_serve
 from kiln.pipeline.cli.common import report_failure, set_debug, terminate_like_ctrl_c
@@ -41,6 +42,7 @@ for _name, _command in (
 ):
     app.command(_name)(_command)
 app.add_typer(cli_registry.registry_app, name="registry")
+app.add_typer(cache_app, name="cache")
 
 
 def _reported(command):
@@ -57,7 +59,7 @@ def _reported(command):
 
 
 # Errors are formatted here, once, for every command (not with a handler in each).
-for _app in (app, cli_registry.registry_app):
+for _app in (app, cli_registry.registry_app, cache_app):
     for _info in _app.registered_commands:
         _info.callback = _reported(_info.callback)
 

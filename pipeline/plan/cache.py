@@ -23,6 +23,22 @@ from kiln.common.digest import canonical_digest, file_sha256, tree_manifest
 from kiln.common.fsutil import atomic_dir
 
 ENTRY_FILE = "kiln-entry.json"
+HOLDS = ".holds"   # <root>/.holds/<owner>.json: the keys a running build uses (kiln cache prune leaves them)
+
+
+def held_keys(root: Path) -> set[str]:
+    """The keys every build still running holds; a dead build's hold file is ignored (and removed)."""
+    from kiln.common.scratch import owner_alive
+
+    held: set[str] = set()
+    for hold in Path(root, HOLDS).glob("*.json"):
+        if not owner_alive(hold.stem):
+            with contextlib.suppress(OSError):
+                hold.unlink()
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            held.update(json.loads(hold.read_text()))
+    return held
 
 
 def stage_key(stage: str, stage_version: int, config: dict, input_digests: dict, tools: dict) -> tuple[str, dict]:
@@ -54,6 +70,8 @@ class StageCache:
             return None
         problem = self._problem(entry)
         if problem is None:
+            with contextlib.suppress(OSError):
+                os.utime(entry)   # its last use, for `kiln cache ls` and `prune --older-than`
             return entry
         self._verified.discard(entry)
         self.warn(f"warning: cache entry {stage}/{key[:12]} is damaged ({problem}); discarding and rebuilding")
@@ -118,6 +136,21 @@ class StageCache:
         with self.write(stage, key, material) as out:
             build(out)
         return self.entry_dir(stage, key), True
+
+    @contextlib.contextmanager
+    def hold(self, keys) -> Iterator[None]:
+        """While the block runs, `kiln cache prune` removes none of these entries (a build holds its plan's)."""
+        from kiln.common.fsutil import atomic_write_text
+        from kiln.common.scratch import owner_token
+
+        path = Path(self.root, HOLDS, f"{owner_token()}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(sorted(set(keys))) + "\n")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def clean_stale_temporaries(self, older_than_s: float = 24 * 3600) -> int:
         """Remove partial entries of builds that no longer run (never mistaken for entries); those whose

@@ -321,6 +321,7 @@ def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_
             if plan.instance("publish", name).status.will_run:
                 registry.check_owner(plan.home, plan.registered_name(name), plan.loaded.recipe.name, name)
     try:
-        return CheckpointStages(context).run_variants()
+        with cache.hold(i.key for i in plan.instances):   # kiln cache prune leaves what this build reads
+            return CheckpointStages(context).run_variants()
     finally:
         context.close()
