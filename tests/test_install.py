@@ -83,8 +83,8 @@ def test_cli_help_teaches():
     assert help_problems(app) == []
     result = run_kiln("--help")
     assert result.returncode == 0
-    listed = {line.split()[1] for line in result.stdout.splitlines()
-              if line.startswith("│ ") and len(line.split()) > 2 and not line.split()[1].startswith("-")}
+    commands = result.stdout.split("Commands:", 1)[1].splitlines()
+    listed = {line.split()[0] for line in commands if line.startswith("  ") and len(line.split()) > 1}
     assert set(typer.main.get_command(app).commands) <= listed, listed   # every command, named in the listing
     build_help = run_kiln("build", "--help").stdout
     assert "--json" in build_help and "Exits 3" in build_help
@@ -104,3 +104,45 @@ def test_the_help_check_can_fail():
         pass
 
     assert help_problems(bare) == ["untaught: no help sentence", "untaught out: no help"]
+
+
+def help_layout_problems(text: str, width: int = 80) -> list[str]:
+    """What makes a help page read badly at `width` columns: a line past it, a cut ("..."), a `<bool>` on a flag,
+    or a line broken before the next word had to (a docstring's own line break kept mid-sentence)."""
+    problems = []
+    lines = text.splitlines()
+    in_description = True
+    for a, b in zip(lines, lines[1:] + [""]):
+        cut = a.rstrip().endswith(("...", "…")) and not a.startswith("Usage:")   # usage's [ARGS]... is syntax
+        if cut or len(a) > width or "<bool>" in a:
+            problems.append(a)
+        if a.endswith(":") and not a.startswith(" "):   # Options:, Arguments:, Commands:
+            in_description = False
+        if not a.strip() or not b.strip() or a.endswith("-"):
+            continue
+        if not in_description and "  " not in a.strip():   # a long option name alone; its help starts below
+            continue
+        indent_a, indent_b = len(a) - len(a.lstrip()), len(b) - len(b.lstrip())
+        continuation = indent_b == indent_a if in_description else indent_b > 2
+        if continuation and len(a) + 1 + len(b.split()[0]) <= width:
+            problems.append(f"broken early: {a.strip()!r} / {b.strip()!r}")
+    return problems
+
+
+def test_every_help_page_reads_well_at_80_columns():
+    import click
+    import typer
+
+    from kiln.pipeline.cli.app import app
+
+    pages = 0
+    for path, command in [((), typer.main.get_command(app)), *_commands(typer.main.get_command(app))]:
+        context = click.Context(command, info_name=" ".join(("kiln", *path)), terminal_width=80, max_content_width=80)
+        text = command.get_help(context)
+        assert help_layout_problems(text) == [], f"kiln {' '.join(path)} --help:\n{text}"
+        pages += 1
+    assert pages > 15
+    # The check can fail: two docstring line breaks mid-sentence, a flag's <bool>, a cut line.
+    assert len(help_layout_problems("  Print the model-family table: per Hugging Face model_type,\n"
+                                    "  whether kiln writes a TensorRT-LLM\n  checkpoint (target trtllm-engine).\n"
+                                    "Options:\n  --debug <bool>  Show tracebacks.\n  check  Validate recipes...")) == 4

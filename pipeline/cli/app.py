@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,   # click's own help: it rewraps docstrings to the terminal and shows flags without <bool>
 )
 
 
@@ -34,15 +35,24 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
     set_debug(debug)
 
 
-for _name, _command in (
-    ("check", cli_recipes.check), ("plan", cli_recipes.plan), ("build", cli_recipes.build),
-    ("ls", cli_registry.list_registry), ("pull", cli_registry.pull), ("doctor", cli_recipes.doctor),
-    ("families", cli_recipes.families), ("triton-repo", cli_serve.triton_repo), ("serve", cli_serve.serve),
-    ("promote", cli_registry.promote), ("diff", cli_registry.diff), ("report", cli_registry.report),
+# Each command's line in `kiln --help`: a whole sentence within 80 columns (click cuts longer ones with "...").
+for _name, _command, _short in (
+    ("check", cli_recipes.check, "Find what a recipe cannot build, before anything runs."),
+    ("plan", cli_recipes.plan, "Every stage with its key, status and peak memory."),
+    ("build", cli_recipes.build, "Quantize, validate, compile and publish what the plan needs."),
+    ("ls", cli_registry.list_registry, "Registered models, their versions, aliases and metrics."),
+    ("pull", cli_registry.pull, "Download a version and verify every file."),
+    ("doctor", cli_recipes.doctor, "What this host can build, and each recipe's memory."),
+    ("families", cli_recipes.families, "The model-family table and where each fact comes from."),
+    ("triton-repo", cli_serve.triton_repo, "Write a Triton model repository for an artifact."),
+    ("serve", cli_serve.serve, "Serve an artifact on 127.0.0.1 until Ctrl-C."),
+    ("promote", cli_registry.promote, "Point an alias at a version that passed its gates."),
+    ("diff", cli_registry.diff, "What changed between two versions."),
+    ("report", cli_registry.report, "One offline HTML page of what a recipe published."),
 ):
-    app.command(_name)(_command)
-app.add_typer(cli_registry.registry_app, name="registry")
-app.add_typer(cache_app, name="cache")
+    app.command(_name, short_help=_short)(_command)
+app.add_typer(cli_registry.registry_app, name="registry", short_help="Run a team registry (PostgreSQL, mlflow server).")
+app.add_typer(cache_app, name="cache", short_help="See and prune the stage cache.")
 
 
 def _reported(command):

@@ -7,7 +7,7 @@ import re
 import typer
 
 from kiln.common.errors import UserInputError
-from kiln.pipeline.cli.common import emit_json, kiln_home
+from kiln.pipeline.cli.common import emit_json, json_option, kiln_home
 
 cache_app = typer.Typer(help="See and prune the stage cache ($KILN_HOME/cache): what each entry is, its size and "
                              "last use, and which published versions still need it.", no_args_is_help=True)
@@ -71,8 +71,8 @@ def _table(entries, title: str):
     return table
 
 
-@cache_app.command("ls")
-def list_cache(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+@cache_app.command("ls", short_help="Cache entries: size, last use, who needs them.")
+def list_cache(as_json: bool = json_option()) -> None:
     """List cache entries by stage: size, last use, and the published versions (and recipes) that need them."""
     from kiln.pipeline.report.tables import stdout_console
 
@@ -85,7 +85,7 @@ def list_cache(as_json: bool = typer.Option(False, "--json", help="Print JSON in
     stdout_console.print(_table(entries, f"{len(entries)} cache entries, {human_bytes(total)}"))
 
 
-@cache_app.command("prune")
+@cache_app.command("prune", short_help="Remove entries by age or size, never held ones.")
 def prune(
     older_than: str = typer.Option(None, "--older-than", show_default=False,
                                    help="Remove entries unused for longer than this (30d, 12h, 90m)."),
@@ -95,7 +95,7 @@ def prune(
                                          help="Keep entries a published version needs to be rebuilt or repaired "
                                               "from (the default), or let them go too."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; remove nothing."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = json_option(),
 ) -> None:
     """Remove cache entries by age or total size, never one a running build holds.
 

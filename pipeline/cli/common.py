@@ -18,6 +18,15 @@ from kiln.common.scratch import kiln_home  # noqa: F401  (the command modules im
 
 _state = {"debug": False}
 
+# Options several commands share, defined once (help text included).
+JSON_HELP = "Print one JSON document on stdout instead of the human output."
+
+
+def json_option():
+    import typer
+
+    return typer.Option(False, "--json", help=JSON_HELP)
+
 
 def set_debug(debug: bool) -> None:
     _state["debug"] = debug

@@ -10,10 +10,10 @@ from typing import List
 import typer
 
 from kiln.common.errors import KilnError, RecipeErrors
-from kiln.pipeline.cli.common import emit_json, kiln_home, private_tempdir
+from kiln.pipeline.cli.common import emit_json, json_option, kiln_home, private_tempdir
 
-_GPU_OPTION_HELP = ("Build only this GPU architecture (an SM such as sm90, or a GPU name such as H100), "
-                    "as a CI runner with that GPU does; other SMs are skipped.")
+_GPU_OPTION_HELP = ("Only this GPU architecture (an SM such as sm90, or a GPU name such as H100), as a CI "
+                    "runner with that GPU does; other SMs are skipped.")
 
 
 def _plan_for(recipe: Path, progress=None, gpu: str | None = None):
@@ -76,7 +76,7 @@ def plan(
     changed_since: str = typer.Option(None, "--changed-since", show_default=False,
                                       help="A git commit, branch or tag: list only what changed since it (recipe "
                                            "edits, kiln version, tool pins), with a recipe x GPU matrix for CI."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
+    as_json: bool = json_option(),
 ) -> None:
     """List every stage instance with its key and status (cached, will run, skipped: reason), and each
     stage's estimated peak host and GPU memory for the recipe's model against this host; runs nothing.
@@ -117,7 +117,7 @@ def plan(
 def build(
     recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
     gpu: str = typer.Option(None, "--gpu", help=_GPU_OPTION_HELP, show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of the table."),
+    as_json: bool = json_option(),
     publish_failed: bool = typer.Option(False, "--publish-failed",
                                         help="Publish what fails its gates too, tagged failed and without aliases, "
                                              "for inspection and `kiln diff`; `kiln promote` refuses it."),
@@ -185,7 +185,7 @@ def _report_corrections(result, progress) -> None:
 def doctor(
     recipes: List[Path] = typer.Argument(None, help="Recipes to check against this host (optional).",
                                          show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    as_json: bool = json_option(),
 ) -> None:
     """Print what this host can build: its GPUs and their SM, the CUDA driver, TensorRT,
     TensorRT-LLM and ModelOpt versions, which targets (and recipe variants) it can compile, and
@@ -217,7 +217,7 @@ def doctor(
 
 
 def families(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+    as_json: bool = json_option(),
     markdown: bool = typer.Option(False, "--markdown", help="Print the README's Markdown table."),
 ) -> None:
     """Print the model-family table: per Hugging Face model_type, whether kiln writes a TensorRT-LLM

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from kiln.pipeline.cli.common import emit_json, kiln_home, private_tempdir, selected_sm
+from kiln.pipeline.cli.common import emit_json, json_option, kiln_home, private_tempdir, selected_sm
 
 registry_app = typer.Typer(help="Run a team registry: PostgreSQL plus `mlflow server` with proxied artifacts. "
                                 "Point kiln at it with MLFLOW_TRACKING_URI=http://HOST:PORT. `backfill` gives "
@@ -17,7 +17,7 @@ registry_app = typer.Typer(help="Run a team registry: PostgreSQL plus `mlflow se
                            no_args_is_help=True)
 
 
-@registry_app.command("postgres")
+@registry_app.command("postgres", short_help="Start PostgreSQL for a team registry in a folder.")
 def postgres(
     data: Path = typer.Option(..., "--data", help="The database's folder (created and initialised on first use)."),
     port: int = typer.Option(5432, "--port", help="Port on --host."),
@@ -41,7 +41,7 @@ def postgres(
     print(f"backend store: {database.uri}")
 
 
-@registry_app.command("serve")
+@registry_app.command("serve", short_help="Run `mlflow server` for a team registry until Ctrl-C.")
 def serve_registry(
     backend_store_uri: str = typer.Option(..., "--backend-store-uri",
                                           help="Where versions and tags live, e.g. postgresql://kiln@db:5432/mlflow."),
@@ -82,7 +82,7 @@ def serve_registry(
         server.stop()
 
 
-@registry_app.command("backfill")
+@registry_app.command("backfill", short_help="MLflow metrics and params for older versions.")
 def backfill_records() -> None:
     """Give versions an older kiln published their MLflow metrics and params, read from their tags.
 
@@ -101,8 +101,8 @@ def backfill_records() -> None:
           else "every version already has its run records")
 
 
-@registry_app.command("verify")
-def verify(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines.")) -> None:
+@registry_app.command("verify", short_help="Check that every version can be pulled.")
+def verify(as_json: bool = json_option()) -> None:
     """Check that every version can be pulled, changing nothing: exit 1 if any cannot.
 
     Each version's run must exist, its manifests must match the digests its tags record, every file they
@@ -143,7 +143,7 @@ def promote(
     alias: str = typer.Option(..., "--alias", help="The alias to move, e.g. production or candidate."),
     force: bool = typer.Option(False, "--force", help="Move it even past failed gates (needs --reason)."),
     reason: str = typer.Option(None, "--reason", help="Why you force it; recorded on the version with your name."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a line."),
+    as_json: bool = json_option(),
 ) -> None:
     """Point an alias at a version, only if its checkpoint and every SM it holds passed their gates.
 
@@ -166,7 +166,7 @@ def diff(
     name: str = typer.Argument(..., help="Registered model, e.g. demo-fp8.", show_default=False),
     first: str = typer.Argument(..., help="The older version.", show_default=False),
     second: str = typer.Argument(..., help="The newer version.", show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+    as_json: bool = json_option(),
 ) -> None:
     """What changed between two versions: recipe fields, tool versions, metrics, gates, quant auto's layer formats,
     SMs, file digests."""
@@ -181,7 +181,7 @@ def diff(
         stdout_console.print(table)
 
 
-def list_registry(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+def list_registry(as_json: bool = json_option()) -> None:
     """List registered models, their versions, aliases and metrics."""
     from kiln.pipeline.report.tables import stdout_console, versions_table
     from kiln.registry import list_versions
@@ -199,7 +199,7 @@ def pull(
     gpu: str = typer.Option(None, "--gpu", show_default=False,
                             help="Whose engines to fetch: an SM (sm90) or GPU name; `none` for the checkpoint only. "
                                  "Default: this host's GPU, or none on a host without one."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a line."),
+    as_json: bool = json_option(),
 ) -> None:
     """Download a registry version and verify every file against its manifest (exit 1 on any mismatch).
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from kiln.common.errors import KilnError, UserInputError
-from kiln.pipeline.cli.common import emit_json, kiln_home, private_tempdir, selected_sm
+from kiln.pipeline.cli.common import emit_json, json_option, kiln_home, private_tempdir, selected_sm
 from kiln.serve.stacks import runtime_help
 
 _RUNTIME_HELP = runtime_help()   # each serving stack's own sentence (kiln.serve.stacks)
@@ -41,7 +41,7 @@ def triton_repo(
     container: str = typer.Option(None, "--container", show_default=False,
                                   help="GPU and vllm runtimes: the image in the printed command (default "
                                        "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3, or -vllm-python-py3)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
+    as_json: bool = json_option(),
 ) -> None:
     """Pull an artifact (verified, as `kiln pull` does) and write a Triton model repository for it.
 
