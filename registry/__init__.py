@@ -39,6 +39,7 @@ from kiln.registry.tags import gate_failures, held_sms, sm_tag
 from kiln.registry.versions import (
     check_owner, check_pullable, checkpoint_digest, find_version, held_sms_of, list_versions, publish,
     pull, RECIPE_TAG, recipe_versions, repair_blobs, set_aliases, VARIANT_TAG, version_recipes,
+    named_version,
 )
 
 __all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", "RECIPE_TAG", "VARIANT_TAG", "add_sm",
@@ -50,4 +51,5 @@ __all__ = ["tags", "publish", "check_owner", "embedded_damage", "repair_blobs", 
            "Transfer", "RECIPE_FILE", "Promotion", "promote", "diff", "gate_failures", "RunRecords",
            "checkpoint_records", "prefixed_metrics", "ensure_records", "recorded_tags", "attach_figure", "FIGURE_FILE",
            "FIGURE_PATH", "recipe_versions", "backfill", "confirm_manifest", "ManifestLost", "retire",
-           "UNPULLABLE_TAG", "client", "set_aliases", "version_recipes"]
+           "UNPULLABLE_TAG", "client", "set_aliases", "version_recipes",
+           "named_version"]

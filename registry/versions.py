@@ -257,6 +257,16 @@ def list_versions(home: Path) -> list[dict]:
     return rows
 
 
+def named_version(home: Path, ref: str) -> tuple[str, str]:
+    """(name, version) that NAME/VERSION or NAME@ALIAS names (an alias is read from the registry)."""
+    from kiln.registry.refs import checked_version, parse_ref
+
+    name, alias, version = parse_ref(ref)
+    if version is not None:
+        return name, checked_version(name, version)
+    return name, str(resolve(client(home), ref).version)
+
+
 def version_recipes(home: Path) -> dict[tuple[str, str], str | None]:
     """(name, version) -> the recipe that published it (tag kiln.recipe), for every version in the registry."""
     return {(name, str(version.version)): version.tags.get(RECIPE) for name, version, _ in _versions(client(home))}

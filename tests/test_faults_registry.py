@@ -195,6 +195,14 @@ def test_promote_refuses_an_alias_that_is_not_a_name(kiln_home):
     result = run_kiln("promote", "m-v", "1", "--alias", "Bad Alias!", env={"KILN_HOME": str(kiln_home)})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--alias 'Bad Alias!': an alias is lower-case letters" in result.stderr
+    # Issue 37.6: NAME/VERSION and NAME@ALIAS name the version as NAME VERSION does (here: refused, no gate result).
+    env = {"KILN_HOME": str(kiln_home)}
+    old = run_kiln("promote", "m-v", "1", "--alias", "production", env=env)
+    assert old.returncode == 3 and "gate" in old.stderr, old.stderr
+    assert run_kiln("promote", "m-v", "1", "--alias", "candidate", "--force", "--reason", "test", env=env).returncode == 0
+    for ref in ("m-v/1", "m-v@candidate"):
+        new = run_kiln("promote", ref, "--alias", "production", env=env)
+        assert (new.returncode, new.stderr) == (old.returncode, old.stderr), ref
 
 
 @pytest.mark.parametrize("command", ["pull", "triton-repo"])

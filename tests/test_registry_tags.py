@@ -82,6 +82,15 @@ def test_diff_shows_only_what_the_manifests_verify(kiln_home, tmp_path):
     env = {"KILN_HOME": str(kiln_home)}
     shown = run_kiln("diff", "m", "1", "2", "--json", env=env)
     assert shown.returncode == 0 and json.loads(shown.stdout)["recipe"] == {"gates.max_kl": [0.05, 0.1]}
+    # Issue 37.6: the references pull and serve take name the same versions (the older NAME V1 V2 still works).
+    from kiln.registry import set_aliases
+
+    set_aliases(kiln_home, "m", "2", ["candidate"])
+    for refs in (("m/1", "m/2"), ("m/1", "m@candidate")):
+        assert json.loads(run_kiln("diff", *refs, "--json", env=env).stdout) == json.loads(shown.stdout), refs
+    for refs, line in ((("m/1",), "give 2 reference(s)"), (("m/1", "n/2"), "versions of one registered model only")):
+        refused = run_kiln("diff", *refs, env=env)
+        assert refused.returncode == 2 and line in refused.stderr and len(refused.stderr.splitlines()) == 1
 
     blob = next(p for p in (kiln_home / "registry" / "artifacts" / "blobs").glob("*/*")
                 if p.read_bytes() == json.dumps({"gates": {"max_kl": 0.1}}).encode())

@@ -20,6 +20,7 @@ _state = {"debug": False}
 
 # Options several commands share, defined once (help text included).
 JSON_HELP = "Print one JSON document on stdout instead of the human output."
+REF_HELP = "A registry version: NAME/VERSION or NAME@ALIAS, e.g. demo-fp8/3 or demo-fp8@candidate."
 
 
 def json_option():

@@ -6,10 +6,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import List
 
 import typer
 
-from kiln.pipeline.cli.common import emit_json, json_option, kiln_home, private_tempdir, selected_sm
+from kiln.common.errors import UserInputError
+from kiln.pipeline.cli.common import REF_HELP, emit_json, json_option, kiln_home, private_tempdir, selected_sm
 
 registry_app = typer.Typer(help="Run a team registry: PostgreSQL plus `mlflow server` with proxied artifacts. "
                                 "Point kiln at it with MLFLOW_TRACKING_URI=http://HOST:PORT. `backfill` gives "
@@ -137,9 +139,26 @@ def _first(labels: list[str]) -> str:
     return ", ".join(labels[:5]) + (" …" if len(labels) > 5 else "")
 
 
+def _versions_named(refs: list[str], count: int) -> tuple[str, list[str]]:
+    """One registered model's `count` versions, from references (NAME/VERSION, NAME@ALIAS) or, as older kiln
+    took them, a bare NAME followed by `count` version numbers."""
+    from kiln.registry import named_version
+
+    home = kiln_home()
+    if len(refs) == count + 1 and "/" not in refs[0] and "@" not in refs[0]:
+        refs = [f"{refs[0]}/{v}" for v in refs[1:]]
+    if len(refs) != count:
+        raise UserInputError(f"{' '.join(refs)}: give {count} reference(s) NAME/VERSION or NAME@ALIAS (fix: e.g. "
+                             f"{' '.join(['demo-fp8/2', 'demo-fp8/3'][:count])})")
+    named = [named_version(home, ref) for ref in refs]
+    if len({name for name, _ in named}) != 1:
+        raise UserInputError(f"{' '.join(refs)}: versions of one registered model only (fix: use one NAME)")
+    return named[0][0], [version for _, version in named]
+
+
 def promote(
-    name: str = typer.Argument(..., help="Registered model, e.g. demo-fp8.", show_default=False),
-    version: str = typer.Argument(..., help="Version number.", show_default=False),
+    refs: List[str] = typer.Argument(..., metavar="REF", show_default=False,
+                                     help=f"{REF_HELP} NAME VERSION, as older kiln took it, works too."),
     alias: str = typer.Option(..., "--alias", help="The alias to move, e.g. production or candidate."),
     force: bool = typer.Option(False, "--force", help="Move it even past failed gates (needs --reason)."),
     reason: str = typer.Option(None, "--reason", help="Why you force it; recorded on the version with your name."),
@@ -152,6 +171,7 @@ def promote(
     """
     from kiln.registry import promote as promote_version
 
+    name, (version,) = _versions_named(refs, 1)
     done = promote_version(kiln_home(), name, version, alias, force, reason)
     if as_json:
         emit_json({"name": done.name, "version": done.version, "alias": done.alias, "previous": done.previous,
@@ -163,9 +183,9 @@ def promote(
 
 
 def diff(
-    name: str = typer.Argument(..., help="Registered model, e.g. demo-fp8.", show_default=False),
-    first: str = typer.Argument(..., help="The older version.", show_default=False),
-    second: str = typer.Argument(..., help="The newer version.", show_default=False),
+    refs: List[str] = typer.Argument(..., metavar="REF REF", show_default=False,
+                                     help=f"The older version, then the newer. {REF_HELP} NAME V1 V2, as older kiln "
+                                          "took them, works too."),
     as_json: bool = json_option(),
 ) -> None:
     """What changed between two versions: recipe fields, tool versions, metrics, gates, quant auto's layer formats,
@@ -173,6 +193,7 @@ def diff(
     from kiln.pipeline.report.tables import diff_tables, stdout_console
     from kiln.registry import diff as diff_versions
 
+    name, (first, second) = _versions_named(refs, 2)
     document = diff_versions(kiln_home(), name, first, second)
     if as_json:
         emit_json(document)
@@ -194,7 +215,7 @@ def list_registry(as_json: bool = json_option()) -> None:
 
 
 def pull(
-    ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION, e.g. demo-fp8@candidate.", show_default=False),
+    ref: str = typer.Argument(..., help=REF_HELP, show_default=False),
     out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
     gpu: str = typer.Option(None, "--gpu", show_default=False,
                             help="Whose engines to fetch: an SM (sm90) or GPU name; `none` for the checkpoint only. "

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from kiln.common.errors import KilnError, UserInputError
-from kiln.pipeline.cli.common import emit_json, json_option, kiln_home, private_tempdir, selected_sm
+from kiln.pipeline.cli.common import REF_HELP, emit_json, json_option, kiln_home, private_tempdir, selected_sm
 from kiln.serve.stacks import runtime_help
 
 _RUNTIME_HELP = runtime_help()   # each serving stack's own sentence (kiln.serve.stacks)
@@ -19,7 +19,7 @@ _TEMPLATES_HELP = ("GPU runtime: TensorRT-LLM's triton_backend/all_models of the
 
 
 def triton_repo(
-    ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION.", show_default=False),
+    ref: str = typer.Argument(..., help=REF_HELP, show_default=False),
     out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
     runtime: str = typer.Option("cpu", "--runtime", help=_RUNTIME_HELP),
     gpu: str = typer.Option(None, "--gpu", show_default=False,
@@ -74,7 +74,7 @@ def triton_repo(
 
 
 def serve(
-    ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION.", show_default=False),
+    ref: str = typer.Argument(..., help=REF_HELP, show_default=False),
     runtime: str = typer.Option("cpu", "--runtime", help=_RUNTIME_HELP),
     http_port: int = typer.Option(8000, "--http-port", help="HTTP port on 127.0.0.1 (0: any free port)."),
     grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port on 127.0.0.1 (0: any free port)."),
