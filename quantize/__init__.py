@@ -10,6 +10,8 @@ Public entry points:
   Runtime / runtime_cells / runtime_problem     the runtimes table (which runtimes load each checkpoint format)
   require_backend(backend) / tool_versions(backend)   backend llmcompressor runs in its own interpreter
   checkpoint_size(hf_dir, source_dir) -> CheckpointSize   checkpoint bytes, bits per decoder weight
+  peak_memory(shape, dtype_bytes, formats, calibration_tokens, gpu_caps, offload) -> (calibrate, export)
+                                                  the stage's memory formula, from config.json alone
 Backends (one module each, in BACKENDS): modelopt_backend, llmcompressor_backend. Everything else in this
 folder is private to the stage.
 """
@@ -29,6 +31,7 @@ from kiln.quantize.formats import (
     AUTO, FORMATS, KV_CACHE_FORMATS, MIXED_PRECISION, Backend, FormatSpec, Kernel, KVCacheFormat, QuantFormat,
     format_of_export, kv_cache_of_export, register_format, unregister_format,
 )
+from kiln.quantize.memory import exported_bytes, min_weight_bits, offload_folder_writes, peak_memory
 from kiln.quantize.modelopt_backend import TOOLS
 from kiln.quantize.size import CheckpointSize, checkpoint_size
 from kiln.quantize.source_check import refuse_nonfinite_weights
@@ -52,6 +55,7 @@ __all__ = [
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
     "CheckpointSize", "checkpoint_size", "refuse_nonfinite_weights",
+    "peak_memory", "exported_bytes", "min_weight_bits", "offload_folder_writes",
 ]
 
 

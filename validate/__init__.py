@@ -11,6 +11,8 @@ Public entry points:
   load_reference_model(hf_dir, trust_remote_code) -> model   the exported checkpoint as validation runs it
   run_tasks(model_path, requests, baseline, allow_code_execution) -> {task: TaskScore}   lm-eval tasks
   compare_tasks(baseline_scores, variant_scores) -> {task: TaskDrop}   drops with paired standard errors
+  peak_memory(shape, dtype_bytes, evaluation_seq_len, exported_bytes, min_weight_bits, gpu_caps, offload)
+                                                  the stage's memory formula, from config.json alone
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kiln.validate.gates import GateResult, evaluate_gates
 from kiln.validate.measure import (
     REPORT, STAGE_VERSION, TASK_TOOLS, TOOLS, Baseline, load_metrics, load_reference_model, run, write_metrics,
 )
+from kiln.validate.memory import peak_memory
 from kiln.validate.records import LOGIT_BLOCK_BYTES, Metrics
 from kiln.validate.sandbox import describe as sandbox_description
 from kiln.validate.sandbox import unavailable as sandbox_unavailable
@@ -36,4 +39,4 @@ __all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_
            "vllm_kv_cache_bytes", "BUILTIN_TASKS", "TASKS_FILE", "TaskDrop", "TaskRequest", "TaskScore",
            "compare_tasks", "load_task_drops", "load_task_scores", "run_tasks", "task_metrics", "write_task_drops",
            "write_task_scores", "TASK_TOOLS", "sandbox_description", "sandbox_unavailable", "TaskFiles", "task_files", "LOGIT_BLOCK_BYTES",
-           "write_metrics"]
+           "write_metrics", "peak_memory"]

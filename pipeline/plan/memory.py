@@ -1,90 +1,17 @@
-"""Plan-time memory estimate: each stage's peak host and GPU memory, from config.json alone.
-
-The numbers follow what the stages hold, fitted to bench/scale.py's peaks (0.17B-1.07B Llama, FP8):
-- quantize: the source weights in the recipe's dtype and one calibration window's activations;
-  then ModelOpt's exports, which hold the quantized state dict (linear layers at the format's
-  bits, the rest at 16) and its serialised copy beside the model: weights + 2 x exported;
-- validate: the baseline (stored 16-bit, float32 math), then the exported checkpoint as stored
-  (never both), and a batch of float32 logits;
-- every process: the interpreter, torch, transformers and ModelOpt (`RUNTIME_BYTES`).
-On GPUs the weights go to the GPUs up to each one's cap and the rest to CPU memory (offload).
-Under `calibration.offload: disk` host memory holds the weights up to the recipe's budget and one decoder layer
-read from disk at a time; validation holds the embeddings, the head, one layer and the evaluation batch's
-hidden states (kiln.validate.layerwise).
-"""
+"""Plan-time memory estimate: each stage's peak host and GPU memory for a recipe on this host, from config.json
+alone. The stages own their formulas (kiln.quantize.peak_memory, kiln.validate.peak_memory); this module adds
+them up, says whether the largest fits this host's memory and GPUs (with CPU offload, or under
+`calibration.offload: disk` its resident set and what the offload folder receives), and draws the table."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln import validate
-from kiln.quantize import FORMATS
-from kiln.quantize.formats import LAYER_BY_LAYER_UNDER_OFFLOAD, REWRITES_WEIGHTS
+from kiln import quantize, validate
+from kiln.common.memory import GB, RUNTIME_BYTES, DiskOffload, ModelShape, StageMemory
 
-RUNTIME_BYTES = int(0.6e9)   # fitted: peak = weights + 2 x exported + 0.6 GB at 0.17B-1.07B
-GB = 1e9
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What memory depends on, read from a Hugging Face config.json."""
-
-    vocab: int
-    hidden: int
-    layers: int
-    linear_params: int        # the decoder layers' linear weights: what the formats quantize
-    other_params: int         # embeddings, output head, norms: kept in 16 bits
-    max_hidden: int           # the widest activation (hidden or MLP width)
-
-    @property
-    def params(self) -> int:
-        return self.linear_params + self.other_params
-
-    @property
-    def params_label(self) -> str:
-        return f"{self.params / 1e9:.2f}B" if self.params >= 1e9 else f"{self.params / 1e6:.1f}M"
-
-    @classmethod
-    def from_config(cls, config: dict) -> "ModelShape":
-        text = config.get("text_config") or config   # multimodal configs nest the language model
-        hidden, layers, vocab = text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]
-        heads = text["num_attention_heads"]
-        kv_heads = text.get("num_key_value_heads") or heads
-        head_dim = text.get("head_dim") or hidden // heads
-        attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-        experts = text.get("num_local_experts") or text.get("num_experts") or 0
-        if experts:
-            expert_width = text.get("moe_intermediate_size") or text["intermediate_size"]
-            shared = text.get("shared_expert_intermediate_size") or 0
-            mlp = 3 * hidden * (expert_width * experts + shared) + hidden * experts
-            widest = max(expert_width, shared, hidden)
-        else:
-            mlp = 3 * hidden * text["intermediate_size"]
-            widest = max(text["intermediate_size"], hidden)
-        tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        other = vocab * hidden * (1 if tied else 2) + hidden * (2 * layers + 1)
-        return cls(vocab, hidden, layers, layers * (attention + mlp), other, widest)
-
-
-@dataclass(frozen=True)
-class StageMemory:
-    stage: str
-    host_bytes: int
-    gpu_bytes: int            # summed over the GPUs used
-    detail: str
-    disk_bytes: int = 0       # weights read from disk as their layer runs (offload: disk)
-
-
-@dataclass(frozen=True)
-class DiskOffload:
-    """What `calibration.offload: disk` sets: the host budget for weights, and what the estimate needs besides."""
-
-    host_budget: int          # bytes of weights kept in host memory (max_host_memory, or the host less a reserve)
-    evaluation_tokens: int    # samples x seq_len: their hidden states stay resident between layers
-    shard_bytes: int          # the streaming exporter buffers one shard before writing it
-    writes_folder: bool       # the source must be converted first (dtype, or not safetensors): it goes to the folder
-    folder_free: int          # free bytes on the offload folder's filesystem
-    calibration_tokens: int = 0   # samples x seq_len: GPTQ, a layer at a time, keeps every window's layer inputs
+__all__ = ["GB", "RUNTIME_BYTES", "DiskOffload", "ModelShape", "StageMemory", "MemoryEstimate", "estimate",
+           "recipe_estimate", "disk_offload", "memory_table", "host_memory"]
 
 
 @dataclass(frozen=True)
@@ -153,10 +80,6 @@ class MemoryEstimate:
         }
 
 
-def _quantized_bytes(shape: ModelShape, weight_bits: float) -> int:
-    return int(shape.linear_params * weight_bits / 8 + shape.other_params * 2)
-
-
 def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, evaluation_seq_len: int,
              host_total: int, host_available: int, gpu_caps: tuple[int, ...] = (),
              offload: DiskOffload | None = None) -> MemoryEstimate:
@@ -164,97 +87,16 @@ def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, 
 
     `gpu_caps` are the GPUs' usable bytes when calibration runs on them (empty on the CPU).
     """
-    shape = ModelShape.from_config(config)
-    if offload is not None:
-        return _offloaded(shape, dtype_bytes, formats, calibration_seq_len, evaluation_seq_len, host_total,
-                          host_available, tuple(gpu_caps), offload)
-    weights = shape.params * dtype_bytes
-    exported = max(_quantized_bytes(shape, FORMATS[f].weight_bits) for f in formats)
-    # One window through the model: a few float activations of the widest layer, and the logits.
-    calib_work = calibration_seq_len * (4 * shape.max_hidden * 4 + shape.vocab * dtype_bytes)
-    # Validation (kiln.validate.heads): a block of float32 logits for the baseline and the variant, each with its
-    # log-softmax and the KL's temporaries (about 6 blocks), the baseline's head weight kept beside the variant,
-    # and a batch's activations.
-    block = min(evaluation_seq_len, max(16, validate.LOGIT_BLOCK_BYTES // (4 * shape.vocab))) * shape.vocab * 4
-    eval_work = 6 * block + shape.vocab * shape.hidden * dtype_bytes + evaluation_seq_len * 4 * shape.max_hidden * 4
-    gpu_total = sum(gpu_caps)
-
-    def split(on_device: int, host_only: int) -> tuple[int, int]:
-        """(host, gpu): what fits the GPUs goes there, the rest is offloaded to CPU memory."""
-        gpu = min(on_device, gpu_total)
-        return RUNTIME_BYTES + host_only + on_device - gpu, gpu
-
-    stages = []
-    host, gpu = split(weights + calib_work, 0)
-    stages.append(StageMemory("quantize (calibrate)", host, gpu,
-                              f"{weights / GB:.2f} GB of weights + {calib_work / GB:.2f} GB of activations"))
-    host, gpu = split(weights, 2 * exported)
-    stages.append(StageMemory("quantize (export)", host, gpu,
-                              f"{weights / GB:.2f} GB of weights + 2 x {exported / GB:.2f} GB exported state"))
-    held = max(weights, exported)
-    host, gpu = split(held, eval_work)
-    stages.append(StageMemory("validate", host, gpu,
-                              f"{held / GB:.2f} GB of one model + {eval_work / GB:.2f} GB of logit blocks and the "
-                              "baseline's output head"))
-    return MemoryEstimate(shape, tuple(stages), host_total, host_available, tuple(gpu_caps))
-
-
-def _offloaded(shape: ModelShape, dtype_bytes: int, formats, calibration_seq_len: int, evaluation_seq_len: int,
-               host_total: int, host_available: int, gpu_caps: tuple[int, ...], offload: DiskOffload) -> MemoryEstimate:
-    """Each stage's resident host memory and the weights it reads from disk under offload: disk."""
-    weights = shape.params * dtype_bytes
-    layer = shape.linear_params // shape.layers * dtype_bytes             # one decoder layer as loaded
-    edges = shape.other_params * dtype_bytes                              # embeddings, head, norms
-    on_gpus = min(weights, sum(gpu_caps))
-    in_host = min(weights - on_gpus, max(offload.host_budget, 0))
-    on_disk = weights - on_gpus - in_host
-    # A source read in place is memory-mapped: the weights kept in host memory are file pages, which the kernel
-    # drops and reads again under pressure, not resident memory. Converted ones are (measured on a 1.07B model
-    # under a memory cgroup: 0.54 GB of weights in host memory, 0.90 GB resident while exporting).
-    resident_weights = in_host if offload.writes_folder else 0
-    kept = (f"{in_host / GB:.2f} GB of weights in host memory" if offload.writes_folder
-            else f"{in_host / GB:.2f} GB of weights memory-mapped")
-    exported_layer = max(_quantized_bytes(shape, FORMATS[f].weight_bits) for f in formats) // max(shape.layers, 1)
-    calib_work = calibration_seq_len * (4 * shape.max_hidden * 4 + shape.vocab * dtype_bytes)
-    block = min(evaluation_seq_len, max(16, validate.LOGIT_BLOCK_BYTES // (4 * shape.vocab))) * shape.vocab * 4
-    hidden_states = 2 * offload.evaluation_tokens * shape.hidden * 4      # every sample's, into and out of a layer
-    decoded = 4 * shape.hidden * shape.max_hidden                         # its widest linear, decoded to float32
-    shard = min(offload.shard_bytes, exported_layer * shape.layers)
-    disk = f", {on_disk / GB:.2f} GB read from disk" if on_disk else ""
-    algorithms = {FORMATS[f].algorithm for f in formats}
-    layer_state, state = 0, ""
-    if algorithms & LAYER_BY_LAYER_UNDER_OFFLOAD:
-        # GPTQ a layer at a time: the layer's Hessians (in_features^2 float32 per linear: six read the hidden
-        # state, one the MLP's) and every calibration window's inputs to the layer and outputs from it.
-        hessians = 4 * (6 * shape.hidden ** 2 + shape.max_hidden ** 2)
-        layer_state = hessians + 2 * offload.calibration_tokens * shape.hidden * dtype_bytes
-        state = f" + {layer_state / GB:.2f} GB of one layer's GPTQ Hessians and inputs"
-    # A rewritten layer is read back from its written-back files (anonymous memory, its bytes) and rewritten in a
-    # float32 working copy (twice them), while calibrating and again while folding and exporting. Fitted: INT4-AWQ
-    # on the 1.07B Llama measured 0.87 / 1.22 GB of anonymous memory calibrating / exporting, against 0.73 /
-    # 1.03 GB estimated without this term.
-    rewrite = 3 * layer if algorithms & REWRITES_WEIGHTS else 0
-    rewritten = f" + {rewrite / GB:.2f} GB of the layer being rewritten" if rewrite else ""
-    # A 4-bit weight decodes through an unpacked copy and a scaled float32 temporary beside its float32 result
-    # (measured: 1.30 GB validating that INT4-AWQ checkpoint against 1.23 estimated with one decoded copy).
-    decoded *= 3 if min(FORMATS[f].weight_bits for f in formats) < 8 else 1
-    stages = (
-        StageMemory("quantize (calibrate)",
-                    RUNTIME_BYTES + resident_weights + layer + calib_work + layer_state + rewrite, on_gpus,
-                    f"{kept} + one {layer / GB:.3f} GB layer{disk} + {calib_work / GB:.2f} GB of "
-                    f"activations{state}{rewritten}", on_disk),
-        StageMemory("quantize (export)", RUNTIME_BYTES + resident_weights + layer + 2 * exported_layer + shard + rewrite,
-                    on_gpus, f"{kept} + one layer exported + a {shard / GB:.2f} GB shard buffer{disk}{rewritten}",
-                    on_disk),
-        StageMemory("validate (layer by layer)", RUNTIME_BYTES + edges + layer + decoded + hidden_states + 6 * block, 0,
-                    f"{edges / GB:.2f} GB of embeddings and head + one layer (and {decoded / GB:.3f} GB decoded) + "
-                    f"{hidden_states / GB:.2f} GB of hidden states + logit blocks", weights - edges),
-    )
+    shape, caps = ModelShape.from_config(config), tuple(gpu_caps)
+    stages = (*quantize.peak_memory(shape, dtype_bytes, formats, calibration_seq_len, caps, offload),
+              validate.peak_memory(shape, dtype_bytes, evaluation_seq_len, quantize.exported_bytes(shape, formats),
+                                   quantize.min_weight_bits(formats), caps, offload))
+    if offload is None:
+        return MemoryEstimate(shape, stages, host_total, host_available, caps)
     # Converted weights go to the folder before calibration; rewritten layers go back there (offload_writeback).
-    writes = [what for what, written in (("converted weights", offload.writes_folder),
-                                          ("the layers calibration rewrites", algorithms & REWRITES_WEIGHTS)) if written]
-    return MemoryEstimate(shape, stages, host_total, host_available, gpu_caps, offload, len(writes) * on_disk,
-                          " and ".join(writes))
+    writes = quantize.offload_folder_writes(formats, offload)
+    return MemoryEstimate(shape, stages, host_total, host_available, caps, offload,
+                          len(writes) * stages[0].disk_bytes, " and ".join(writes))
 
 
 def host_memory() -> tuple[int, int]:
