@@ -129,8 +129,9 @@ class Agreement:
 
     @property
     def ratio(self) -> float:
-        """kiln's KL over the as-exported model's: 1.0 when the runtime computes what ModelOpt would."""
-        return self.kl_reference / self.kl_as_exported
+        """kiln's KL over the as-exported model's: 1.0 when the runtime computes what ModelOpt would (nan when the
+        as-exported model loses nothing, so no ratio says anything)."""
+        return self.kl_reference / self.kl_as_exported if self.kl_as_exported else float("nan")
 
     @property
     def holds(self) -> bool:

@@ -117,5 +117,5 @@ def prune(
         emit_json({"dry_run": dry_run, "removed": [e.document() for e in removed],
                    "freed": sum(e.size for e in removed)})
         return
-    verb = "would remove" if dry_run else "removed"
-    stdout_console.print(_table(removed, f"{verb} {len(removed)} entries, {human_bytes(sum(e.size for e in removed))}"))
+    title = f"{'would remove' if dry_run else 'removed'} {len(removed)} entries, {human_bytes(sum(e.size for e in removed))}"
+    stdout_console.print(_table(removed, title) if removed else title)
