@@ -59,21 +59,6 @@ def test_links_inside_the_folder_and_into_a_hub_blob_store_are_fine(tmp_path):
         refuse_outside_links(snapshot)
 
 
-def test_kiln_diff_runs_from_the_command_line(kiln_home, tmp_path):
-    """Issue 13.11: `kiln diff NAME V1 V2` failed for every pair with TypeError: PosixPath / int."""
-    from kiln.common.progress import SILENT
-    from kiln.registry import PUBLISH_KEY_TAG, publish
-
-    for version, weights in (("a", b"one"), ("b", b"two")):
-        folder = tmp_path / version / "hf"
-        folder.mkdir(parents=True)
-        (folder / "w.bin").write_bytes(weights)
-        publish(kiln_home, "m", {"hf/w.bin": folder / "w.bin"}, {PUBLISH_KEY_TAG: version}, [], SILENT)
-    result = run_kiln("diff", "m", "1", "2", "--json", env={"KILN_HOME": str(kiln_home)})
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr and "hf/w.bin" in result.stdout
-
-
 def test_duplicate_yaml_keys_are_refused(tmp_path):
     """Issue 13.14: two `fp8:` blocks under variants silently kept the last one."""
     recipe = tmp_path / "dup.yaml"

@@ -65,7 +65,8 @@ def test_gate_failures_names_each_unpassed_gate():
 
 
 def test_diff_shows_only_what_the_manifests_verify(kiln_home, tmp_path):
-    """Issue 24.7: a truncated recipe.json gave a traceback; one rewritten with max_kl 999 was shown as fact."""
+    """Issue 24.7: a truncated recipe.json gave a traceback; one rewritten with max_kl 999 was shown as fact. And
+    issue 13.11: `kiln diff NAME V1 V2` from the command line failed for every pair (TypeError: PosixPath / int)."""
     import json
 
     from kiln.common.progress import SILENT
@@ -82,12 +83,13 @@ def test_diff_shows_only_what_the_manifests_verify(kiln_home, tmp_path):
     env = {"KILN_HOME": str(kiln_home)}
     shown = run_kiln("diff", "m", "1", "2", "--json", env=env)
     assert shown.returncode == 0 and json.loads(shown.stdout)["recipe"] == {"gates.max_kl": [0.05, 0.1]}
+    assert "Traceback" not in shown.stderr and "hf/w.bin" in shown.stdout   # the files that differ are listed
     # Issue 37.6: the references pull and serve take name the same versions (the older NAME V1 V2 still works).
     from kiln.registry import set_aliases
 
     set_aliases(kiln_home, "m", "2", ["candidate"])
-    for refs in (("m/1", "m/2"), ("m/1", "m@candidate")):
-        assert json.loads(run_kiln("diff", *refs, "--json", env=env).stdout) == json.loads(shown.stdout), refs
+    by_refs = run_kiln("diff", "m/1", "m@candidate", "--json", env=env)   # both reference forms in one call
+    assert json.loads(by_refs.stdout) == json.loads(shown.stdout), by_refs.stderr
     for refs, line in ((("m/1",), "give 2 reference(s)"), (("m/1", "n/2"), "versions of one registered model only")):
         refused = run_kiln("diff", *refs, env=env)
         assert refused.returncode == 2 and line in refused.stderr and len(refused.stderr.splitlines()) == 1
