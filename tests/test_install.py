@@ -146,3 +146,27 @@ def test_every_help_page_reads_well_at_80_columns():
     assert len(help_layout_problems("  Print the model-family table: per Hugging Face model_type,\n"
                                     "  whether kiln writes a TensorRT-LLM\n  checkpoint (target trtllm-engine).\n"
                                     "Options:\n  --debug <bool>  Show tracebacks.\n  check  Validate recipes...")) == 4
+
+
+# Options whose name several commands use for different things: one help each is right.
+MEANS_DIFFERENT_THINGS = {
+    "--gpu": "build/plan: the one SM to build; pull: whose engines, or none; triton-repo: whose engines to serve",
+    "--out": "a folder to create (pull, triton-repo), the HTML file (report)",
+    "--host": "PostgreSQL's address, mlflow server's", "--port": "PostgreSQL's port, mlflow server's",
+}
+
+
+def test_an_option_shared_by_commands_has_one_help():
+    """Issue 37.6: serve and triton-repo declared five shared options whose help drifted apart; --json had 7 texts."""
+    import typer
+
+    from kiln.pipeline.cli.app import app
+
+    helps: dict[str, set[str]] = {}
+    for _, command in _commands(typer.main.get_command(app)):
+        for param in command.params:
+            if getattr(param, "param_type_name", "") == "option":
+                helps.setdefault(param.opts[0], set()).add(param.help)
+    drifted = {option for option, texts in helps.items() if len(texts) > 1}
+    assert drifted == set(MEANS_DIFFERENT_THINGS), drifted
+    assert len(helps["--json"]) == 1 and len(helps["--runtime"]) == 1 and len(helps["--max-tokens"]) == 1

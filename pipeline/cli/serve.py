@@ -14,30 +14,48 @@ from kiln.pipeline.cli.common import REF_HELP, emit_json, json_option, kiln_home
 from kiln.serve.stacks import runtime_help
 
 _RUNTIME_HELP = runtime_help()   # each serving stack's own sentence (kiln.serve.stacks)
-_TEMPLATES_HELP = ("GPU runtime: TensorRT-LLM's triton_backend/all_models of the release that built the artifact "
-                   "(git clone --branch v<version> https://github.com/NVIDIA/TensorRT-LLM).")
+
+
+# The options triton-repo and serve share, defined once so that their help cannot drift apart.
+def _runtime_option():
+    return typer.Option("cpu", "--runtime", help=_RUNTIME_HELP)
+
+
+def _templates_option():
+    return typer.Option(None, "--templates", envvar="KILN_TRTLLM_TEMPLATES", show_default=False,
+                        help="GPU runtime: TensorRT-LLM's triton_backend/all_models of the release that built the "
+                             "artifact (git clone --branch v<version> https://github.com/NVIDIA/TensorRT-LLM).")
+
+
+def _decoupled_option():
+    return typer.Option(False, "--decoupled/--no-decoupled",
+                        help="GPU runtime: stream responses (decoupled models; gRPC streaming).")
+
+
+def _max_batch_size_option():
+    return typer.Option(8, "--max-batch-size", min=1, help="CPU runtime: Triton max_batch_size (GPU: the engine's own).")
+
+
+def _max_tokens_option():
+    return typer.Option(64, "--max-tokens", min=1, help="CPU runtime: tokens generated when a request names none.")
 
 
 def triton_repo(
     ref: str = typer.Argument(..., help=REF_HELP, show_default=False),
     out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
-    runtime: str = typer.Option("cpu", "--runtime", help=_RUNTIME_HELP),
+    runtime: str = _runtime_option(),
     gpu: str = typer.Option(None, "--gpu", show_default=False,
                             help="GPU runtime: whose engines, as an SM (sm90) or GPU name. Default: this host's GPU."),
-    templates: Path = typer.Option(None, "--templates", envvar="KILN_TRTLLM_TEMPLATES", show_default=False,
-                                   help=_TEMPLATES_HELP),
-    decoupled: bool = typer.Option(False, "--decoupled/--no-decoupled",
-                                   help="GPU runtime: stream responses (decoupled models; gRPC streaming)."),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
-                                       help="CPU runtime: Triton max_batch_size (GPU: the engine's own)."),
+    templates: Path = _templates_option(),
+    decoupled: bool = _decoupled_option(),
+    max_batch_size: int = _max_batch_size_option(),
     max_queue_delay_us: int = typer.Option(1000, "--max-queue-delay-us", min=0,
                                            help="Dynamic batching: how long a request may wait for others."),
     max_queue_size: int = typer.Option(0, "--max-queue-size", min=0,
                                        help="GPU runtime: requests queued before new ones are refused (0: no limit)."),
     instances: int = typer.Option(1, "--instances", min=1,
                                   help="Instances per model (GPU: of pre/postprocessing and BLS)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", min=1,
-                                   help="CPU runtime: tokens generated when a request names none."),
+    max_tokens: int = _max_tokens_option(),
     container: str = typer.Option(None, "--container", show_default=False,
                                   help="GPU and vllm runtimes: the image in the printed command (default "
                                        "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3, or -vllm-python-py3)."),
@@ -75,17 +93,14 @@ def triton_repo(
 
 def serve(
     ref: str = typer.Argument(..., help=REF_HELP, show_default=False),
-    runtime: str = typer.Option("cpu", "--runtime", help=_RUNTIME_HELP),
+    runtime: str = _runtime_option(),
     http_port: int = typer.Option(8000, "--http-port", help="HTTP port on 127.0.0.1 (0: any free port)."),
     grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port on 127.0.0.1 (0: any free port)."),
     metrics_port: int = typer.Option(8002, "--metrics-port", help="Metrics port on 127.0.0.1 (0: any free port)."),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
-                                       help="CPU runtime: Triton max_batch_size (GPU: the engine's own)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated when a request names none."),
-    templates: Path = typer.Option(None, "--templates", envvar="KILN_TRTLLM_TEMPLATES", show_default=False,
-                                   help=_TEMPLATES_HELP),
-    decoupled: bool = typer.Option(False, "--decoupled/--no-decoupled",
-                                   help="GPU runtime: stream responses (decoupled models; gRPC streaming)."),
+    max_batch_size: int = _max_batch_size_option(),
+    max_tokens: int = _max_tokens_option(),
+    templates: Path = _templates_option(),
+    decoupled: bool = _decoupled_option(),
     prompt: str = typer.Option(None, "--prompt", show_default=False,
                                help="Send this one prompt once the server is ready, print the completion, stop."),
 ) -> None:
