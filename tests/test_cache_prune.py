@@ -44,7 +44,11 @@ def test_references_follow_inputs_and_prune_keeps_what_is_needed_or_held(tmp_pat
     _entry(cache, "quantize", "q2", size=3000, used=now - 3 * 86400)   # nothing published from it
     _entry(cache, "quantize", "q3", size=2000, used=now - 1 * 86400)
     _entry(cache, "publish", "p9", inputs={"checkpoint": "q3"}, published=("gone", "4"), used=now)   # deleted version
+    foreign = cache.root / "quantize" / "not-an-entry"   # a folder with a JSON that is no entry record
+    foreign.mkdir()
+    (foreign / "kiln-entry.json").write_text('["a list"]')
     entries = cache_entries(cache.root)
+    assert "not-an-entry" not in {e.key for e in entries}
     mark_references(entries, {("t-fp8", "1"): "t"})
     needed = {(e.stage, e.key): (sorted(e.versions), sorted(e.recipes)) for e in entries if e.versions}
     assert needed == {(s, k): ([("t-fp8", "1")], ["t"]) for s, k in

@@ -46,19 +46,19 @@ def cache_entries(root: Path) -> list[CacheEntry]:
     found = []
     for stage_dir in sorted(p for p in Path(root).glob("*") if p.is_dir() and not p.name.startswith(".")):
         for entry in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            try:
+            try:   # what a damaged or foreign folder holds is not an entry (a build discards it on lookup)
                 record = json.loads((entry / ENTRY_FILE).read_text())
                 published = json.loads((entry / PUBLISHED_FILE).read_text()) if (entry / PUBLISHED_FILE).is_file() \
                     else None
                 used = entry.stat().st_mtime
-            except (OSError, ValueError):
+                inputs = {name: value for name, value in record.get("material", {}).get("input_digests", {}).items()
+                          if isinstance(value, str)}
+                found.append(CacheEntry(
+                    stage_dir.name, entry.name, entry, sum(int(f["size"]) for f in record.get("files", {}).values()),
+                    float(record.get("created", used)), used, inputs,
+                    (published["name"], str(published["version"])) if published else None))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-            inputs = {name: value for name, value in record.get("material", {}).get("input_digests", {}).items()
-                      if isinstance(value, str)}
-            found.append(CacheEntry(
-                stage_dir.name, entry.name, entry, sum(f["size"] for f in record.get("files", {}).values()),
-                float(record.get("created", used)), used, inputs,
-                (published["name"], str(published["version"])) if published else None))
     return sorted(found, key=lambda e: (e.last_used, e.stage, e.key))
 
 
