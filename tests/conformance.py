@@ -34,8 +34,10 @@ def mean_kl(reference_logits: list[torch.Tensor], logits: list[torch.Tensor]) ->
 
 
 def logits(model: nn.Module, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    from kiln.validate.metrics import logits_of
+
     with torch.no_grad():
-        return [model(input_ids=ids[None]).logits[0].float() for ids in windows]
+        return [logits_of(model, ids) for ids in windows]
 
 
 def reference_layers(reference: nn.Module) -> dict[str, nn.Module]:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.pipeline.plan.cache import ENTRY_FILE, HOLDS, StageCache, held_keys
+from kiln.pipeline.plan.cache import ENTRY_FILE, StageCache, held_keys
 
 PUBLISHED_FILE = "published.json"   # what the publish stage records: the registry version it created
 
@@ -126,6 +126,3 @@ def remove_entry(cache: StageCache, entry: CacheEntry) -> bool:
             pass
     shutil.rmtree(tombstone, ignore_errors=True)
     return True
-
-
-__all__ = ["CacheEntry", "PruneRules", "cache_entries", "choose", "mark_references", "remove_entry", "HOLDS"]
