@@ -167,6 +167,9 @@ def _columns(*names: str) -> frozenset[str]:
 
 _FP8, _FP8_ROWWISE, _NVFP4 = "FP8", "FP8 rowwise", "NVFP4"
 _AWQ, _GPTQ, _W4A8, _SQ, _W8A16 = "W4A16 AWQ", "W4A16 GPTQ", "W4A8 AWQ", "W8A8 SQ", "W8A16"
+# The columns of TensorRT-LLM's support matrices the rows below read: a format's TrtllmMapping.matrix must be one
+# (quantize.register_format and tests/test_format_table.py check), or no family would ever take it.
+MATRIX_COLUMNS = frozenset({_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16})
 # [precision] LLaMA: FP8, SQ, W8A16, AWQ, GPTQ; [pt-matrix] LLaMA rows: NVFP4, FP8 rowwise, W4A8 AWQ
 _LLAMA_ENGINE = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16)
 _LLAMA_PYTORCH = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8)   # [pt-matrix] LLaMA rows

@@ -1,32 +1,71 @@
 """The formats table: the one place that says what each quantization format is.
 
-Recipes validate against these enums, planning checks layer widths with the
-block sizes here, the ModelOpt adapter picks configs from here and records the
-algorithm from here; the export check (packing), trtllm-build (GEMM plugin, FP8 context
-FMHA) and the LLM-API options (KV dtype) read their TensorRT-LLM facts from here, and
-validation decodes by the export name given here; backend llmcompressor reads its
-modifiers and preset scheme from here. The GPU table derives what an SM runs from each
-row's `kernel`, and the family table what a family supports from each row's
-`trtllm.matrix` column. A new format is its row (`register_format` at run time) plus,
-for a new export name, its codec in validate/codecs.py and its runtimes row:
-tests/test_format_table.py registers a throw-away row and watches the stages accept it.
+A format is its row, keyed by its name: `QuantFormat` is that name (a string the table hands out, so
+`QuantFormat.fp8`, `QuantFormat("fp8")` and `for quant in QuantFormat` read the table; a registered row is a
+format everywhere). Recipes validate against the table; planning checks layer widths with the block sizes
+here and picks its memory formula by the row's policy fields (`rewrites_weights`,
+`layer_by_layer_under_offload`); `quant: auto` searches the rows that are `auto_searchable`; the ModelOpt
+adapter picks configs and records the algorithm from here; the export check (packing), trtllm-build (GEMM
+plugin, FP8 context FMHA) and the LLM-API options (KV dtype) read their TensorRT-LLM facts from here; backend
+llmcompressor reads its modifiers and preset scheme from here. Three tables read a row by one of its fields:
+the GPU table (compile/gpus.py) by `kernel`, the family table (quantize/families.py) by `trtllm.matrix`, and
+validation's codecs and the runtimes table by the checkpoint label the export writes (`export_label`): a
+runtime's loader decides by what the checkpoint says about itself, and INT4-AWQ and GPTQ share W4A16_AWQ.
+A new format is its row (`kiln.quantize.register_format` at run time, which checks the row against those
+tables) plus, for a new export label, its codec in validate/codecs.py; tests/test_format_table.py registers a
+throw-away row and watches the stages accept it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 
 
-class QuantFormat(str, Enum):
-    fp8 = "fp8"
-    fp8_pc_pt = "fp8_pc_pt"
-    nvfp4 = "nvfp4"
-    int4_awq = "int4_awq"
-    int4_gptq = "int4_gptq"
-    w4a8_awq = "w4a8_awq"
-    int8_sq = "int8_sq"
-    int8_wo = "int8_wo"
+class _FormatNames(type):
+    """The class of format names: `QuantFormat.fp8`, `for quant in QuantFormat` and `name in QuantFormat` read the
+    formats table, so a registered row is a format everywhere without touching any class."""
+
+    def __iter__(cls):
+        return iter(list(FORMATS))
+
+    def __len__(cls) -> int:
+        return len(FORMATS)
+
+    def __contains__(cls, name) -> bool:
+        return name in FORMATS
+
+    def __getattr__(cls, name: str) -> "QuantFormat":
+        spec = FORMATS.get(name) if not name.startswith("_") else None
+        if spec is None:
+            raise AttributeError(f"no format '{name}' in the formats table")
+        return spec.name
+
+
+class QuantFormat(str, metaclass=_FormatNames):
+    """A format's name: the key of its row in FORMATS. `QuantFormat("fp8")` gives the table's own name object
+    (so `is` compares formats) and refuses a name the table lacks, as an Enum would."""
+
+    def __new__(cls, name: str) -> "QuantFormat":
+        spec = FORMATS.get(name)
+        if spec is None:
+            raise ValueError(f"'{name}' is not a format in the formats table")
+        return spec.name
+
+    @classmethod
+    def _named(cls, name: str) -> "QuantFormat":
+        """A new name, for a row being added to the table (the only way names are made)."""
+        return str.__new__(cls, name)
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"QuantFormat({self.value!r})"
+
+    def __reduce__(self):
+        return QuantFormat, (self.value,)
 
 
 class KVCacheFormat(str, Enum):
@@ -104,6 +143,19 @@ class FormatSpec:
     export_quant_algo: str = ""
     trtllm: TrtllmMapping | None = None
     llmcompressor: LlmCompressorMapping | None = None   # None: backend llmcompressor does not make it
+    # What the stages do differently for it (tests/test_format_table.py checks `algorithm` and
+    # `auto_searchable` against ModelOpt's config and auto_quantize):
+    # calibration rewrites the weights it quantizes (AWQ's scaled columns, GPTQ's corrections, SmoothQuant's
+    # migration): under disk offload the rewritten layers go back to the offload folder (quantize/offload_writeback.py).
+    rewrites_weights: bool = False
+    # calibration gathers every linear's Hessian in one pass (in_features^2 float32 each: about 5 GB for a 1B
+    # Llama): under disk offload it runs a decoder layer at a time on the activations the whole-model pass sees.
+    layer_by_layer_under_offload: bool = False
+    auto_searchable: bool = True    # ModelOpt's auto_quantize runs its algorithm: `quant: auto` may pick it
+
+    def __post_init__(self):
+        if not isinstance(self.name, QuantFormat):   # a row names its format with a string; the table owns the name
+            object.__setattr__(self, "name", QuantFormat._named(str(self.name)))
 
     def export_label(self, backend: "Backend") -> str:
         """What the checkpoint calls its format: ModelOpt's quant_algo, or compressed-tensors' scheme."""
@@ -120,35 +172,37 @@ class KVCacheSpec:
     fp8_context_fmha: bool = False  # an FP8 cache that FP8 context FMHA writes (with an FP8 format)
 
 
+# The formats table, keyed by each format's name (a QuantFormat, equal to its string).
 FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
-    FormatSpec(QuantFormat.fp8, "FP8 E4M3 weights and activations, per-tensor scales", Kernel.fp8,
+    FormatSpec("fp8", "FP8 E4M3 weights and activations, per-tensor scales", Kernel.fp8,
                "FP8_DEFAULT_CFG", "max", 8, 8, export_quant_algo="FP8",
                trtllm=TrtllmMapping("FP8", gemm_plugin="fp8", fp8_context_fmha=True)),
-    FormatSpec(QuantFormat.fp8_pc_pt, "FP8 weights with per-channel scales, activations per token (dynamic)",
+    FormatSpec("fp8_pc_pt", "FP8 weights with per-channel scales, activations per token (dynamic)",
                Kernel.fp8_rowwise, "FP8_PER_CHANNEL_PER_TOKEN_CFG", "max", 8, 8,
                export_quant_algo="FP8_PER_CHANNEL_PER_TOKEN", trtllm=TrtllmMapping("FP8 rowwise")),
-    FormatSpec(QuantFormat.nvfp4, "FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
+    FormatSpec("nvfp4", "FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
                Kernel.nvfp4, "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16,
                modelopt_fake_quant_on_cpu=False, export_quant_algo="NVFP4",
                trtllm=TrtllmMapping("NVFP4", packing="fp4", gemm_plugin="nvfp4")),
-    FormatSpec(QuantFormat.int4_awq, "INT4 weights (W4A16), AWQ, per-group scales", Kernel.w4a16,
+    FormatSpec("int4_awq", "INT4 weights (W4A16), AWQ, per-group scales", Kernel.w4a16,
                "INT4_AWQ_CFG", "awq_lite", 4.25, 16, group_sizes=(64, 128), default_group_size=128,
                export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping("W4A16 AWQ", packing="int4"),
-               llmcompressor=LlmCompressorMapping(("awq",), "W4A16_ASYM", (128,))),
-    FormatSpec(QuantFormat.int4_gptq, "INT4 weights (W4A16), GPTQ, per-group scales", Kernel.w4a16,
+               llmcompressor=LlmCompressorMapping(("awq",), "W4A16_ASYM", (128,)), rewrites_weights=True),
+    FormatSpec("int4_gptq", "INT4 weights (W4A16), GPTQ, per-group scales", Kernel.w4a16,
                "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq", 4.25, 16, group_sizes=(128,), default_group_size=128,
                algorithm_config={"method": "gptq"},
                export_quant_algo="W4A16_AWQ", trtllm=TrtllmMapping("W4A16 GPTQ", packing="int4"),   # ModelOpt names it so
-               llmcompressor=LlmCompressorMapping(("gptq",), "W4A16", (128,))),
-    FormatSpec(QuantFormat.w4a8_awq, "INT4 weights, AWQ, per-group scales; FP8 activations", Kernel.w4a8,
+               llmcompressor=LlmCompressorMapping(("gptq",), "W4A16", (128,)),
+               rewrites_weights=True, layer_by_layer_under_offload=True, auto_searchable=False),
+    FormatSpec("w4a8_awq", "INT4 weights, AWQ, per-group scales; FP8 activations", Kernel.w4a8,
                "W4A8_AWQ_BETA_CFG", "awq_lite", 4.25, 8, group_sizes=(128,), default_group_size=128,
-               export_quant_algo="W4A8_AWQ", trtllm=TrtllmMapping("W4A8 AWQ", packing="int4")),
-    FormatSpec(QuantFormat.int8_sq, "INT8 weights (per channel) and activations (per tensor), SmoothQuant", Kernel.w8a8,
+               export_quant_algo="W4A8_AWQ", trtllm=TrtllmMapping("W4A8 AWQ", packing="int4"), rewrites_weights=True),
+    FormatSpec("int8_sq", "INT8 weights (per channel) and activations (per tensor), SmoothQuant", Kernel.w8a8,
                "INT8_SMOOTHQUANT_CFG", "smoothquant", 8, 8, algorithm_config={"method": "smoothquant"},
                takes_alpha=True, export_quant_algo="W8A8_SQ_PER_CHANNEL", trtllm=TrtllmMapping("W8A8 SQ"),
                # llm-compressor's W8A8: per-channel weights, activations per token at run time (dynamic)
-               llmcompressor=LlmCompressorMapping(("smoothquant", "gptq"), "W8A8")),
-    FormatSpec(QuantFormat.int8_wo, "INT8 weights (per channel), W8A16", Kernel.w8a16,
+               llmcompressor=LlmCompressorMapping(("smoothquant", "gptq"), "W8A8"), rewrites_weights=True),
+    FormatSpec("int8_wo", "INT8 weights (per channel), W8A16", Kernel.w8a16,
                "INT8_WEIGHT_ONLY_CFG", "max", 8, 16, export_quant_algo="W8A16", trtllm=TrtllmMapping("W8A16")),
 )}
 
@@ -168,16 +222,6 @@ KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec i
 MIXED_PRECISION = "MIXED_PRECISION"
 # A recipe's `quant: auto`: ModelOpt's auto_quantize picks each layer's format (quantize/auto_precision.py).
 AUTO = "auto"
-# The calibration algorithms ModelOpt 0.47's auto_quantize runs (_AUTO_QUANTIZE_SUPPORTED_ALGORITHMS): GPTQ is not one.
-AUTO_QUANTIZE_ALGORITHMS = ("max", "mse", "local_hessian", "smoothquant", "awq_lite", "awq_full", "awq_clip")
-# Calibration that rewrites the weights it quantizes (scaled columns, GPTQ's corrections): under disk offload the
-# rewritten layers go back to the offload folder (quantize/offload_writeback.py), as many bytes as the layers on disk.
-REWRITES_WEIGHTS = frozenset({"awq_lite", "gptq", "smoothquant"})
-# GPTQ gathers every linear's Hessian in one pass (in_features^2 float32 each: about 5 GB for a 1B Llama); under disk
-# offload it runs a decoder layer at a time on the activations the whole-model pass would see, one layer's resident.
-LAYER_BY_LAYER_UNDER_OFFLOAD = frozenset({"gptq"})
-
-
 def format_of_export(quant_algo: str | None) -> FormatSpec | None:
     """The row whose export carries this `quant_algo` (INT4 AWQ and GPTQ share W4A16_AWQ and all it implies)."""
     return next((spec for spec in FORMATS.values() if quant_algo and spec.export_quant_algo == quant_algo), None)
@@ -186,31 +230,3 @@ def format_of_export(quant_algo: str | None) -> FormatSpec | None:
 def kv_cache_of_export(kv_cache_quant_algo: str | None) -> KVCacheSpec | None:
     return next((spec for spec in KV_CACHE_FORMATS.values()
                  if kv_cache_quant_algo and spec.export_algo == kv_cache_quant_algo), None)
-
-
-def register_format(spec: FormatSpec) -> QuantFormat:
-    """Add a format at run time (a plugin's row, or a test's throw-away one): a QuantFormat member named
-    `spec.name` (a string) and its row. Every stage reads the table, so nothing else needs to know.
-
-    Python's Enum has no public way to grow; the member is added as EnumType itself adds one
-    (a fresh member in the class's maps, then the class attribute), which recipes' validators read."""
-    name = str(getattr(spec.name, "value", spec.name))
-    if name in QuantFormat.__members__ or name in QuantFormat._value2member_map_:
-        raise ValueError(f"format '{name}' is already in the formats table")
-    member = str.__new__(QuantFormat, name)
-    member._name_, member._value_ = name, name
-    member.__objclass__ = QuantFormat
-    setattr(QuantFormat, name, member)
-    QuantFormat._member_map_[name] = member
-    QuantFormat._value2member_map_[name] = member
-    QuantFormat._member_names_.append(name)
-    FORMATS[member] = replace(spec, name=member)
-    return member
-
-
-def unregister_format(quant: QuantFormat) -> None:
-    """Remove a format `register_format` added (tests restore the table this way)."""
-    FORMATS.pop(quant, None)
-    QuantFormat._member_names_.remove(quant.value)
-    del QuantFormat._member_map_[quant.value], QuantFormat._value2member_map_[quant.value]
-    delattr(QuantFormat, quant.value)

@@ -8,7 +8,7 @@ beside it (GPTQ's Hessians, AWQ's rewritten layer)."""
 from __future__ import annotations
 
 from kiln.common.memory import GB, RUNTIME_BYTES, DiskOffload, ModelShape, OffloadedWeights, StageMemory, on_gpus_first
-from kiln.quantize.formats import FORMATS, LAYER_BY_LAYER_UNDER_OFFLOAD, REWRITES_WEIGHTS
+from kiln.quantize.formats import FORMATS
 
 
 def exported_bytes(shape: ModelShape, formats) -> int:
@@ -22,9 +22,9 @@ def min_weight_bits(formats) -> float:
 
 def offload_folder_writes(formats, offload: DiskOffload) -> list[str]:
     """What disk offload writes to its folder besides reading: converted weights, layers calibration rewrites."""
-    algorithms = {FORMATS[f].algorithm for f in formats}
+    rewrites = any(FORMATS[f].rewrites_weights for f in formats)
     return [what for what, written in (("converted weights", offload.writes_folder),
-                                       ("the layers calibration rewrites", algorithms & REWRITES_WEIGHTS)) if written]
+                                       ("the layers calibration rewrites", rewrites)) if written]
 
 
 def peak_memory(shape: ModelShape, dtype_bytes: int, formats, calibration_tokens: int, gpu_caps: tuple[int, ...] = (),
@@ -50,9 +50,8 @@ def _offloaded(shape: ModelShape, dtype_bytes: int, formats, calib_work: int, gp
     placed = OffloadedWeights.of(shape, dtype_bytes, gpu_caps, offload)
     exported_layer = exported_bytes(shape, formats) // max(shape.layers, 1)
     shard = min(offload.shard_bytes, exported_layer * shape.layers)
-    algorithms = {FORMATS[f].algorithm for f in formats}
     layer_state, state = 0, ""
-    if algorithms & LAYER_BY_LAYER_UNDER_OFFLOAD:
+    if any(FORMATS[f].layer_by_layer_under_offload for f in formats):
         # GPTQ a layer at a time: the layer's Hessians (in_features^2 float32 per linear: six read the hidden
         # state, one the MLP's) and every calibration window's inputs to the layer and outputs from it.
         hessians = 4 * (6 * shape.hidden ** 2 + shape.max_hidden ** 2)
@@ -62,7 +61,7 @@ def _offloaded(shape: ModelShape, dtype_bytes: int, formats, calib_work: int, gp
     # float32 working copy (twice them), while calibrating and again while folding and exporting. Fitted: INT4-AWQ
     # on the 1.07B Llama measured 0.87 / 1.22 GB of anonymous memory calibrating / exporting, against 0.73 /
     # 1.03 GB estimated without this term.
-    rewrite = 3 * placed.layer if algorithms & REWRITES_WEIGHTS else 0
+    rewrite = 3 * placed.layer if any(FORMATS[f].rewrites_weights for f in formats) else 0
     rewritten = f" + {rewrite / GB:.2f} GB of the layer being rewritten" if rewrite else ""
     resident = RUNTIME_BYTES + placed.resident + placed.layer
     return (

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, LAYER_BY_LAYER_UNDER_OFFLOAD, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Placement, offload_device_map
 
 TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -27,7 +27,7 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
     config = copy.deepcopy(getattr(mtq, spec.modelopt_config))
     if spec.algorithm_config:
         config["algorithm"] = dict(spec.algorithm_config)
-    if offloaded and spec.algorithm in LAYER_BY_LAYER_UNDER_OFFLOAD:
+    if offloaded and spec.layer_by_layer_under_offload:
         # Each layer's inputs are captured from the unquantized layers before it (not their QDQ outputs), as in
         # the whole-model pass: the same weights come out (measured bit-identical on the demo model).
         config["algorithm"] = {**config["algorithm"],

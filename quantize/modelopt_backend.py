@@ -13,7 +13,7 @@ from kiln.common.versions import installed_versions
 from kiln.quantize import auto_precision
 from kiln.quantize.checkpoint import HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory, save_tokenizer
 from kiln.quantize.families import Family
-from kiln.quantize.formats import FORMATS, MIXED_PRECISION, REWRITES_WEIGHTS, KVCacheFormat
+from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat
 from kiln.quantize.offload_writeback import write_back_to_disk
 from kiln.quantize.placement import Placement, gpu_peak_bytes, reset_gpu_peaks
 from kiln.quantize.size import checkpoint_size
@@ -57,7 +57,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     on_disk = adapter.on_disk(model)
     # Max calibration hands back the weights it read (ModelOpt writes them back all the same: accelerate's loader
     # keeps those as the file-backed tensors safetensors gave); rewritten weights would be new host memory.
-    rewrites = request.auto is None and FORMATS[request.quant].algorithm in REWRITES_WEIGHTS
+    rewrites = request.auto is None and FORMATS[request.quant].rewrites_weights
     written_back = write_back_to_disk(model, offload_folder) if on_disk and rewrites else []
     if placement.to_disk:
         # transformers sets no hf_device_map when everything landed on the CPU: the model fit the budget.

@@ -11,14 +11,34 @@ from pathlib import Path
 import pytest
 
 from kiln.compile import ARCHS
-from kiln.quantize import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat, register_format, unregister_format
+from kiln.quantize import (FAMILIES, FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat, register_format, row_problems,
+                           unregister_format)
+from kiln.quantize.families import MATRIX_COLUMNS
 from kiln.validate.codecs import KV_CODECS, WEIGHT_CODECS
+
+
+def modelopt_policy_problems(spec) -> list[str]:
+    """The row's `algorithm` is what its ModelOpt config runs, and `auto_searchable` what auto_quantize accepts:
+    the offload and `quant: auto` policies follow these fields, so they must not drift from ModelOpt."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.model_quant import _AUTO_QUANTIZE_SUPPORTED_ALGORITHMS
+
+    algorithm = spec.algorithm_config or getattr(mtq, spec.modelopt_config).get("algorithm", "max")
+    method = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+    problems = []
+    if method != spec.algorithm:
+        problems.append(f"algorithm is '{spec.algorithm}' but {spec.modelopt_config} runs '{method}'")
+    if spec.auto_searchable != (method in _AUTO_QUANTIZE_SUPPORTED_ALGORITHMS):
+        problems.append(f"auto_searchable is {spec.auto_searchable} but ModelOpt's auto_quantize "
+                        f"{'runs' if method in _AUTO_QUANTIZE_SUPPORTED_ALGORITHMS else 'does not run'} '{method}'")
+    return problems
 
 
 def format_table_problems(formats=FORMATS, kv_caches=KV_CACHE_FORMATS) -> list[str]:
     problems = []
     for quant, spec in formats.items():
         where = f"FORMATS[{quant.value}]"
+        problems += [f"{where}: {problem}" for problem in row_problems(spec) + modelopt_policy_problems(spec)]
         if not spec.export_quant_algo:
             problems.append(f"{where}: no export_quant_algo (the quant_algo ModelOpt writes for it)")
         elif spec.export_quant_algo not in WEIGHT_CODECS:
@@ -40,19 +60,24 @@ def format_table_problems(formats=FORMATS, kv_caches=KV_CACHE_FORMATS) -> list[s
 
 def test_every_format_row_is_complete():
     assert format_table_problems() == []
+    for family in FAMILIES.values():   # the other side of a row's matrix column: the family table's columns
+        assert family.engine_columns | family.pytorch_columns <= MATRIX_COLUMNS, family.model_type
 
 
 def test_a_new_row_without_its_codec_or_mapping_is_named():
     int4_awq = FORMATS[QuantFormat.int4_awq]
     new = dataclasses.replace(int4_awq, export_quant_algo="W4A16_NEW", trtllm=None)
-    bare = dataclasses.replace(int4_awq, export_quant_algo="")
+    bare = dataclasses.replace(int4_awq, export_quant_algo="", algorithm="max", auto_searchable=False,
+                               trtllm=dataclasses.replace(int4_awq.trtllm, matrix="W4A16 RTN"))
     kv = dataclasses.replace(KV_CACHE_FORMATS[KVCacheFormat.fp8], export_algo="FP6")
-    assert format_table_problems({QuantFormat.int4_awq: new, QuantFormat.int4_gptq: bare},
-                                 {KVCacheFormat.fp8: kv}) == [
-        "FORMATS[int4_awq]: validate has no weight codec for quant_algo W4A16_NEW (add it to validate/codecs.py "
-        "WEIGHT_CODECS)",
-        "FORMATS[int4_awq]: no TensorRT-LLM mapping (FormatSpec.trtllm: weight packing, GEMM plugin)",
-        "FORMATS[int4_gptq]: no export_quant_algo (the quant_algo ModelOpt writes for it)",
+    problems = format_table_problems({QuantFormat.int4_awq: new, QuantFormat.int4_gptq: bare}, {KVCacheFormat.fp8: kv})
+    assert [p.split(" (")[0] for p in problems] == [
+        "FORMATS[int4_awq]: validate has no weight codec for quant_algo W4A16_NEW",
+        "FORMATS[int4_awq]: no TensorRT-LLM mapping",
+        "FORMATS[int4_gptq]: trtllm.matrix 'W4A16 RTN' is not a column the family table reads",
+        "FORMATS[int4_gptq]: algorithm is 'max' but INT4_AWQ_CFG runs 'awq_lite'",
+        "FORMATS[int4_gptq]: auto_searchable is False but ModelOpt's auto_quantize runs 'awq_lite'",
+        "FORMATS[int4_gptq]: no export_quant_algo",
         "KV_CACHE_FORMATS[fp8]: validate has no KV codec for FP6",
     ]
 
@@ -91,6 +116,7 @@ def _rtn_row():
     return dataclasses.replace(
         FORMATS[QuantFormat.int4_gptq], name="int4_rtn_test", summary="INT4 weights rounded to nearest (test row)",
         algorithm="max", algorithm_config={}, llmcompressor=None,
+        rewrites_weights=False, layer_by_layer_under_offload=False, auto_searchable=True,
         trtllm=dataclasses.replace(FORMATS[QuantFormat.int4_gptq].trtllm, matrix="W4A16 AWQ"))
 
 
@@ -101,7 +127,7 @@ def rtn_format():
         yield quant
     finally:
         unregister_format(quant)
-    assert "int4_rtn_test" not in QuantFormat.__members__
+    assert "int4_rtn_test" not in QuantFormat and not hasattr(QuantFormat, "int4_rtn_test")
 
 
 def test_a_registered_row_is_in_every_table(rtn_format):
@@ -118,6 +144,17 @@ def test_a_registered_row_is_in_every_table(rtn_format):
         {r: c.loads for r, c in runtime_cells(QuantFormat.int4_awq).items()}
     with pytest.raises(ValueError, match="already in the formats table"):
         register_format(_rtn_row())
+    assert QuantFormat.int4_rtn_test is rtn_format and rtn_format in list(QuantFormat)
+
+
+def test_a_row_the_family_table_cannot_read_is_refused():
+    typo = dataclasses.replace(_rtn_row(), name="int4_typo_test",
+                               trtllm=dataclasses.replace(FORMATS[QuantFormat.int4_gptq].trtllm, matrix="W4A16 AWQQ"))
+    with pytest.raises(ValueError, match="format 'int4_typo_test': trtllm.matrix 'W4A16 AWQQ' is not a column"):
+        register_format(typo)
+    assert "int4_typo_test" not in QuantFormat
+    with pytest.raises(ValueError, match="'int4_typo_test' is not a format in the formats table"):
+        QuantFormat("int4_typo_test")
 
 
 @pytest.mark.slow

@@ -7,7 +7,22 @@ import textwrap
 
 import pytest
 
+from kiln.quantize import FORMATS, Backend, KVCacheFormat, QuantFormat, Runtime, loading_runtimes
+from kiln.quantize.runtimes import backend_makes
 from tests.conftest import repo_recipe_beside_model, run_kiln
+
+
+# The lists refusals name, read from the tables, so that adding a format or a runtime changes them and not this test.
+def _quoted(names) -> str:
+    names = [f"'{name}'" for name in names]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _loaded_by(runtime: Runtime) -> str:
+    return " or ".join(q.value for q in QuantFormat if runtime in loading_runtimes(q, KVCacheFormat.none))
+
+
+_LLMC_MAKES = " or ".join(q.value for q in QuantFormat if backend_makes(Backend.llmcompressor, q))
 
 GOOD = """\
 kiln: 1
@@ -40,7 +55,7 @@ CASES = [
     ("negative-build", ("variants:", "build: {max_batch_size: -4}\nvariants:"),
      r":8: build\.max_batch_size: Input should be greater than 0"),
     ("unknown-format", ("quant: fp8,", "quant: fp9,"),
-     r"variants\.fp8\.quant: Input should be 'fp8', 'fp8_pc_pt', 'nvfp4', 'int4_awq', 'int4_gptq', 'w4a8_awq', 'int8_sq', 'int8_wo' or 'auto'"),
+     r"variants\.fp8\.quant: Input should be " + _quoted([*FORMATS, "auto"])),
     ("group-size-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, group_size: 128,"),
      r"variants\.fp8: group_size does not apply to fp8"),
     ("alpha-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, alpha: 0.5,"), r"variants\.fp8: alpha applies only to int8_sq"),
@@ -48,16 +63,16 @@ CASES = [
     ("unknown-gpu", ("gpus: [sm90]", "gpus: [sm91]"), r"variants\.fp8\.gpus: unknown GPU 'sm91'; use an SM or GPU name: sm80 \(A100/A30\)"),
     ("runtime-refuses", ("{quant: fp8, kv_cache: fp8,", "{quant: int4_awq, runtimes: [trtllm, vllm],"),
      r"variants\.fp8: vllm does not load int4_awq \(vLLM 0\.32\.0, source: .*modelopt\.py.*\) "
-     r"\(fix: choose quant fp8 or fp8_pc_pt or nvfp4, set backend: llmcompressor, or drop vllm from runtimes\)"),
+     rf"\(fix: choose quant {_loaded_by(Runtime.vllm)}, set backend: llmcompressor, or drop vllm from runtimes\)"),
     ("llmc-format", ("{quant: fp8, kv_cache: fp8,", "{quant: fp8, backend: llmcompressor,"),
-     r"variants\.fp8: backend llmcompressor makes int4_awq or int4_gptq or int8_sq in kiln, not fp8 "
+     rf"variants\.fp8: backend llmcompressor makes {_LLMC_MAKES} in kiln, not fp8 "
      r"\(fix: choose one of those, or set backend: modelopt\)"),
     ("llmc-kv", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: int4_gptq, backend: llmcompressor, kv_cache: fp8}"),
      r"variants\.fp8: kv_cache applies to backend modelopt"),
     ("llmc-gpus", ("{quant: fp8, kv_cache: fp8,", "{quant: int8_sq, backend: llmcompressor,"),
      r"variants\.fp8: gpus applies to backend modelopt: .*\(fix: remove gpus, or set backend: modelopt\)"),
     ("unknown-runtime", ("kv_cache: fp8,", "kv_cache: fp8, runtimes: [tgi],"),
-     r"variants\.fp8\.runtimes\.0: Input should be 'trtllm', 'trtllm-pytorch', 'vllm' or 'sglang'"),
+     r"variants\.fp8\.runtimes\.0: Input should be " + _quoted(r.value for r in Runtime)),
     # quant auto (issue 27): a budget the formats cannot reach, a format a GPU cannot run, a runtime that cannot
     # load the mix, and the auto block's own shape.
     ("auto-below-floor", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
@@ -71,10 +86,11 @@ CASES = [
     ("auto-vllm", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
                    "{quant: auto, auto: {formats: [int4_awq, fp8], effective_bits: 5}, runtimes: [vllm]}"),
      r"variants\.fp8: vllm does not load a mix of int4_awq and fp8 \(vLLM 0\.32\.0, .*\) \(fix: mix only formats among "
-     r"fp8 or fp8_pc_pt or nvfp4, or drop vllm from runtimes\)"),
+     rf"{_loaded_by(Runtime.vllm)}, or drop vllm from runtimes\)"),
     ("auto-sglang", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
                      "{quant: auto, auto: {formats: [nvfp4, fp8], effective_bits: 5}, runtimes: [sglang]}"),
-     r"variants\.fp8: sglang is not known to load a mix of nvfp4 and fp8 .*\(fix: choose one format, quant fp8 or nvfp4, "
+     r"variants\.fp8: sglang is not known to load a mix of nvfp4 and fp8 .*\(fix: choose one format, quant "
+     rf"{_loaded_by(Runtime.sglang)}, "
      r"or drop sglang from runtimes\)"),
     ("auto-missing", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: auto}"),
      r"variants\.fp8: quant auto needs `auto:` with formats and effective_bits"),
@@ -85,7 +101,7 @@ CASES = [
      r"variants\.fp8: group_size does not apply to quant auto"),
     ("auto-gptq", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}", "{quant: auto, auto: {formats: [int4_gptq, fp8], effective_bits: 6}}"),
      r"variants\.fp8\.auto\.formats: int4_gptq calibrates with gptq, which ModelOpt's auto_quantize does not run "
-     r"\(fix: search among fp8, fp8_pc_pt, nvfp4, int4_awq, w4a8_awq, int8_sq, int8_wo\)"),
+     rf"\(fix: search among {', '.join(q for q, spec in FORMATS.items() if spec.auto_searchable)}\)"),
     ("auto-search-one-budget", ("{quant: fp8, kv_cache: fp8, gpus: [sm90]}",
                                 "{quant: auto, auto: {formats: [fp8], effective_bits: 8, search: smallest-passing}}"),
      r"variants\.fp8\.auto: search: smallest-passing needs candidates: give effective_bits as a list"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.quantize import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, Loads, QuantFormat, Runtime, runtime_cells
+from kiln.quantize import (FORMATS, KV_CACHE_FORMATS, KVCacheFormat, Loads, QuantFormat, Runtime, loading_runtimes,
+                           runtime_cells)
 from kiln.quantize.runtimes import KV_LOADERS, WEIGHT_LOADERS, runtime_problem
 from kiln.registry.tags import checkpoint_tags, loading_runtimes_of, runtimes_of
 
@@ -28,7 +29,9 @@ def test_the_weaker_part_decides_and_every_refusal_names_an_alternative():
     assert runtime_cells(QuantFormat.fp8, KVCacheFormat.fp8)[Runtime.sglang].loads is Loads.yes
     problem = runtime_problem(Runtime.vllm, QuantFormat.int8_sq, KVCacheFormat.fp8)
     assert problem.startswith("vllm does not load int8_sq with a fp8 KV cache (vLLM 0.32.0")
-    assert "fix: choose quant fp8 or fp8_pc_pt or nvfp4 with a fp8 KV cache" in problem
+    loads_fp8_kv = [q.value for q in QuantFormat if Runtime.vllm in loading_runtimes(q, KVCacheFormat.fp8)]
+    assert {"fp8", "fp8_pc_pt", "nvfp4"} <= set(loads_fp8_kv)   # the measured and read cells, as of vLLM 0.32
+    assert f"fix: choose quant {' or '.join(loads_fp8_kv)} with a fp8 KV cache" in problem
     assert "fix: choose kv_cache none" in runtime_problem(Runtime.sglang, QuantFormat.fp8, KVCacheFormat.nvfp4)
     assert runtime_problem(Runtime.trtllm, QuantFormat.int8_sq, KVCacheFormat.fp8) is None
 

@@ -119,7 +119,7 @@ def test_a_registered_stack_is_written_started_asked_and_stopped(home, echo_stac
     assert running.server.process.returncode is not None and not running.scratch.exists()
     assert "echo: a stand-in that echoes." in runtime_help()
     assert doctor_document(Host(), [])["interpreters"]["echo"]["env"] == "KILN_ECHO_PYTHON"
-    with pytest.raises(UserInputError, match="--runtime sglang: not one of cpu, gpu, vllm, echo"):
+    with pytest.raises(UserInputError, match=f"--runtime sglang: not one of {', '.join(STACKS)}"):
         write_repository(home, "seam-fp8@candidate", tmp_path / "other", "sglang", SILENT)
 
 

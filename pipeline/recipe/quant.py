@@ -1,7 +1,7 @@
 """What a variant's `quant` may say: a format from the formats table, or `auto` with its budget (`auto:`).
 
 Recipes validate formats against the table when they are read, so formats registered after import
-(quantize.register_format) are recipes' formats too. `recipe.py` holds the rest of the schema.
+(quantize.register_format) are recipes' formats too. `schema.py` holds the rest of the schema.
 """
 
 from __future__ import annotations
@@ -13,19 +13,17 @@ from pydantic import (BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, P
                       StrictFloat, StrictInt, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from kiln.quantize.formats import AUTO, AUTO_QUANTIZE_ALGORITHMS, FORMATS, QuantFormat
+from kiln.quantize.formats import AUTO, FORMATS, QuantFormat
 
 def _format_in_table(value, extra: tuple[str, ...] = ()) -> QuantFormat | str:
     """A format read from the formats table when a recipe is validated, so formats registered after this
     module was imported (quantize.register_format) are recipes' formats too; or one of `extra`."""
     if isinstance(value, QuantFormat) or value in extra:
         return value
-    try:
+    if isinstance(value, str) and value in QuantFormat:
         return QuantFormat(value)
-    except (ValueError, TypeError):
-        names = [f"'{name}'" for name in [quant.value for quant in QuantFormat] + list(extra)]
-        raise PydanticCustomError("enum", "Input should be {expected}",
-                                  {"expected": ", ".join(names[:-1]) + " or " + names[-1]}) from None
+    names = [f"'{name}'" for name in [quant.value for quant in QuantFormat] + list(extra)]
+    raise PydanticCustomError("enum", "Input should be {expected}", {"expected": ", ".join(names[:-1]) + " or " + names[-1]})
 
 
 def _serialize_quant(quant: QuantFormat | str) -> str:
@@ -118,10 +116,9 @@ class AutoPrecision(Strict):
         if repeated:
             raise ValueError(f"format(s) {', '.join(repeated)} listed twice; give each format once")
         for quant in formats:
-            algorithm = FORMATS[quant].algorithm
-            if algorithm not in AUTO_QUANTIZE_ALGORITHMS:
-                searchable = ", ".join(q.value for q in QuantFormat if FORMATS[q].algorithm in AUTO_QUANTIZE_ALGORITHMS)
-                raise ValueError(f"{quant.value} calibrates with {algorithm}, which ModelOpt's auto_quantize does not "
+            if not FORMATS[quant].auto_searchable:
+                searchable = ", ".join(q.value for q in QuantFormat if FORMATS[q].auto_searchable)
+                raise ValueError(f"{quant.value} calibrates with {FORMATS[quant].algorithm}, which ModelOpt's auto_quantize does not "
                                  f"run (fix: search among {searchable})")
         return formats
 
