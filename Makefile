@@ -27,7 +27,7 @@ link_env = mkdir -p build && { [ -L build/$(2) ] || rm -rf build/$(2); } && ln -
 LLMC_PINS = torch==2.13.0 llmcompressor==0.14.0.1
 LLMC_ENV ?= $(KILN_CACHE)/tools/llmcompressor-$(call pin_key,$(LLMC_PINS))
 
-# vLLM's CPU build in its own interpreter, for the vllm-check stage and `kiln serve --runtime vllm`
+# vLLM's CPU build in its own interpreter, for the vllm-check stage and `kiln serve --stack vllm`
 # (KILN_VLLM_PYTHON). It brings torch 2.13 CPU and transformers 5.19, and pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that break it ("operator torchvision::nms does not exist"): those three go.
 # About 3 minutes and 3.5 GB the first time.

@@ -101,10 +101,10 @@ def writes(root: Path, env: dict, recipe: Path) -> None:
         row("24.3", f"KILN_HOME with {special!r}: kiln ls", one_line(result, 2) and not any(parent.iterdir())
             and not (root / "a").exists(), result.stderr)
 
-    result = kiln("triton-repo", "h-fp8@candidate", "--runtime", "vllm", "--out", "vr2", "--json", env=env, cwd=root)
+    result = kiln("triton-repo", "h-fp8@candidate", "--stack", "vllm", "--out", "vr2", "--json", env=env, cwd=root)
     document = json.loads(result.stdout) if result.returncode == 0 else {}
     model_json = json.loads(next((root / "vr2").glob("*/1/model.json")).read_text()) if document else {}
-    row("24.14", "triton-repo --runtime vllm --out vr2 (relative)", bool(document) and
+    row("24.14", "triton-repo --stack vllm --out vr2 (relative)", bool(document) and
         model_json["model"].startswith(str(root.resolve())) and f" {root.resolve() / 'vr2'}:" in
         document["container_command"], json.dumps(model_json.get("model")))
 

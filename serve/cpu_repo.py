@@ -13,7 +13,8 @@ from kiln.serve.pbtxt import set_parameters, tensor, write_config
 from kiln.serve.http_gate import TRITON_BODY_CAP
 from kiln.serve.requests import Limits, artifact_limits, max_prompt_bytes
 from kiln.serve.stack import Repository, ServeFlags, Stack, triton_serving_lines
-from kiln.serve.triton import Endpoints, TritonServer
+from kiln.serve.server import Endpoints
+from kiln.serve.triton import TritonServer
 
 CPU_MODEL = "kiln_llm"                  # one response per request: HTTP and gRPC infer
 CPU_STREAM_MODEL = "kiln_llm_stream"    # decoupled: one response per token over gRPC streaming
@@ -116,7 +117,7 @@ class CpuStack(Stack):
 
     def written_lines(self, repo: Repository, ref: str) -> list[str]:
         loads = " ".join("--load-model=" + m for m in repo.models)
-        return [f"start it with: kiln serve {ref} --runtime {self.name}   (or tritonserver --model-repository "
+        return [f"start it with: kiln serve {ref} --stack {self.name}   (or tritonserver --model-repository "
                 f"{repo.path} --model-control-mode explicit {loads})"]
 
     def serving_lines(self, repo: Repository, endpoints: Endpoints) -> list[str]:

@@ -28,7 +28,8 @@ from kiln.quantize import HF_DIR
 from kiln.serve.pbtxt import write_config
 from kiln.serve.stack import Repository, ServeFlags, Stack, triton_serving_lines
 from kiln.serve.templates import TemplateError, fill_config
-from kiln.serve.triton import Endpoints, TritonServer
+from kiln.serve.server import Endpoints
+from kiln.serve.triton import TritonServer
 from kiln.serve.trtllm_server import TrtllmTritonServer, server_argv, trtllm_tritonserver
 
 ENGINE_LAYOUT = "inflight_batcher_llm"
@@ -210,8 +211,8 @@ class GpuStack(Stack):
         from kiln.registry import check_pullable
 
         if host is None or not host.sms:
-            raise UserInputError("--runtime gpu: this host has no NVIDIA GPU (fix: --runtime cpu, or prepare a "
-                                 "repository for a GPU host with `kiln triton-repo REF --runtime gpu --gpu sm90 "
+            raise UserInputError("--stack gpu: this host has no NVIDIA GPU (fix: --stack cpu, or prepare a "
+                                 "repository for a GPU host with `kiln triton-repo REF --stack gpu --gpu sm90 "
                                  "--templates DIR`)")
         sm, tensorrt = host.sms[0], host.tensorrt
         check_pullable(home, ref, sm, tensorrt)   # before gigabytes of engines are downloaded
@@ -254,7 +255,7 @@ class GpuStack(Stack):
         if CONTAINER in repo.container_command:
             lines.append(f"  <yy.mm>: the container release whose TensorRT-LLM is "
                          f"{layout.tensorrt_llm or 'the one that built it'} (NVIDIA's Triton/TensorRT-LLM support "
-                         "matrix); or kiln serve --runtime gpu inside it")
+                         "matrix); or kiln serve --stack gpu inside it")
         return lines
 
     def serving_lines(self, repo: Repository, endpoints: Endpoints) -> list[str]:

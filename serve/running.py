@@ -19,13 +19,13 @@ from kiln.common.scratch import LOGS, process_scratch, reclaim_dead
 from kiln.serve.repository import write_repository
 from kiln.serve.stack import Repository, ServeFlags
 from kiln.serve.stacks import stack_named
-from kiln.serve.triton import Endpoints, TritonServer, free_port
+from kiln.serve.server import Endpoints, ServerProcess, free_port
 
 
 @dataclass
 class RunningServer:
     repo: Repository
-    server: TritonServer
+    server: ServerProcess
     scratch: Path
 
     @property
@@ -34,10 +34,10 @@ class RunningServer:
 
     def ask(self, prompt: str, max_tokens: int) -> str:
         """One completion, as the stack's server takes it (gRPC, HTTP generate, OpenAI completions)."""
-        return stack_named(self.repo.runtime).ask(self.repo, self.endpoints, prompt, max_tokens)
+        return stack_named(self.repo.stack).ask(self.repo, self.endpoints, prompt, max_tokens)
 
     def serving_lines(self) -> list[str]:
-        return stack_named(self.repo.runtime).serving_lines(self.repo, self.endpoints)
+        return stack_named(self.repo.stack).serving_lines(self.repo, self.endpoints)
 
     def stop(self) -> int | None:
         """Stop the server and its stubs, remove the repository; the server's exit code."""
@@ -53,20 +53,20 @@ class RunningServer:
         self.stop()
 
 
-def start_server(home: Path, ref: str, runtime: str, progress, ports: tuple[int, int, int] = (8000, 8001, 8002),
+def start_server(home: Path, ref: str, stack_name: str, progress, ports: tuple[int, int, int] = (8000, 8001, 8002),
                  flags: ServeFlags = ServeFlags(), host=None) -> RunningServer:
-    """Serve `ref` with the stack `runtime` (cpu | gpu | vllm) on 127.0.0.1 `ports` (HTTP, gRPC, metrics; 0: any
+    """Serve `ref` with the stack `stack_name` (cpu | gpu | vllm) on 127.0.0.1 `ports` (HTTP, gRPC, metrics; 0: any
     free one; vLLM's server takes the HTTP port only).
 
     A stack serving engines (gpu) serves this host's SM only and refuses, before downloading, engines the
     version lacks for it or that another TensorRT built. `host` (kiln.compile.detect_host()) for such a stack.
     """
-    stack = stack_named(runtime)
+    stack = stack_named(stack_name)
     sm, tensorrt = stack.host_engines(home, ref, host)
     reclaim_dead(home)
     scratch = Path(tempfile.mkdtemp(prefix="kiln-serve-", dir=process_scratch(home)))
     try:
-        repo = write_repository(home, ref, scratch / "repository", runtime, progress, flags, sm=sm,
+        repo = write_repository(home, ref, scratch / "repository", stack_name, progress, flags, sm=sm,
                                 installed_tensorrt=tensorrt)
         endpoints = Endpoints(*(port or free_port() for port in ports))
         # The log outlives the scratch folder: a failed start's message points at it.

@@ -1,4 +1,4 @@
-"""What a serving stack is: the server kiln writes a repository for and starts (`--runtime cpu | gpu | vllm`).
+"""What a serving stack is: the server kiln writes a repository for and starts (`--stack cpu | gpu | vllm`).
 
 Not to be confused with the recipe's runtimes (`trtllm | trtllm-pytorch | vllm | sglang`), which say who
 loads a checkpoint (kiln.quantize.Runtime). A stack is one subclass of `Stack`, registered
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.serve.triton import Endpoints, TritonServer
+from kiln.serve.server import Endpoints, ServerProcess
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Repository:
     path: Path
     name: str
     version: str
-    runtime: str                 # the stack's name
+    stack: str                   # the stack's name
     models: tuple[str, ...]
     entry_model: str             # the model a client sends text to
     stream_model: str | None     # the decoupled model for token streaming (gRPC)
@@ -62,7 +62,7 @@ class Stack:
         `final_root`); the Repository fields it decides (models, entry_model, ...)."""
         raise NotImplementedError
 
-    def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> TritonServer:
+    def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> ServerProcess:
         """The process that serves `repo` (not started)."""
         raise NotImplementedError
 
@@ -87,5 +87,5 @@ def triton_serving_lines(repo: Repository, endpoints: Endpoints) -> list[str]:
     """`kiln serve`'s lines for a tritonserver: where it listens and which models to ask."""
     where = f", {repo.sm}" if repo.sm else ""
     streaming = f", {repo.stream_model} (gRPC streaming, stream=true)" if repo.stream_model else ""
-    return [f"serving {repo.name}/{repo.version} ({repo.runtime}{where}): {endpoints.describe()}",
+    return [f"serving {repo.name}/{repo.version} ({repo.stack}{where}): {endpoints.describe()}",
             f"models: {repo.entry_model} (one response per request){streaming}"]

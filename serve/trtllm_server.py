@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from kiln.common.errors import KilnError
-from kiln.serve.triton import Endpoints, TritonServer
+from kiln.serve.server import Endpoints
+from kiln.serve.triton import TritonServer
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"     # where NVIDIA's container has it
 
@@ -48,7 +49,7 @@ def trtllm_tritonserver(target_needs_backend: bool) -> Path:
         problem = "no mpirun on PATH"
     if problem:
         raise KilnError(f"{problem}: the GPU runtime runs in NVIDIA's TensorRT-LLM Triton container "
-                        "(fix: run `kiln triton-repo ... --runtime gpu`, which prints its `docker run`, or run "
+                        "(fix: run `kiln triton-repo ... --stack gpu`, which prints its `docker run`, or run "
                         "kiln inside that container, or set KILN_TRITONSERVER)")
     return binary
 

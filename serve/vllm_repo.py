@@ -18,7 +18,6 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from kiln.common.errors import UserInputError
 from kiln.serve.pbtxt import tensor, write_config
 from kiln.serve.requests import artifact_limits
 
@@ -36,18 +35,12 @@ class VllmServeOptions:
 
 
 def engine_args(artifact: Path, hf_dir: Path, options: VllmServeOptions) -> dict:
-    """vLLM engine arguments for the artifact; refused (exit 2) where the runtimes table says vLLM cannot load it."""
-    from kiln.quantize import Backend, KVCacheFormat, Runtime, recorded_formats, runtime_problem
-
+    """vLLM engine arguments for the artifact (which kiln.serve.repository gated by the runtimes table)."""
     record = json.loads((artifact / "kiln.json").read_text())
-    backend, kv_cache = record.get("backend", "modelopt"), KVCacheFormat(record["kv_cache"])
-    quant = recorded_formats(record["quant"], record.get("layer_formats", {}))
-    problem = runtime_problem(Runtime.vllm, quant, kv_cache, Backend(backend))
-    if problem:
-        raise UserInputError(f"--runtime vllm: {problem}")
+    backend, kv_cache = record.get("backend", "modelopt"), record["kv_cache"]
     limits = artifact_limits(artifact, default_max_tokens=1)
     return {"model": str(hf_dir), "tokenizer": str(hf_dir), "quantization": QUANTIZATION[backend],
-            "kv_cache_dtype": KV_CACHE_DTYPE[kv_cache.value], "max_model_len": limits.max_seq_len,
+            "kv_cache_dtype": KV_CACHE_DTYPE[kv_cache], "max_model_len": limits.max_seq_len,
             "gpu_memory_utilization": options.gpu_memory_utilization}
 
 

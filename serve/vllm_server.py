@@ -1,4 +1,4 @@
-"""`vllm serve` (vLLM's OpenAI-compatible server) on loopback, for `kiln serve --runtime vllm`.
+"""`vllm serve` (vLLM's OpenAI-compatible server) on loopback, for `kiln serve --stack vllm`.
 
 It runs in vLLM's own interpreter (KILN_VLLM_PYTHON) with the engine arguments kiln wrote for Triton's
 vLLM backend (model.json): one source for both ways of serving a checkpoint with vLLM.
@@ -12,7 +12,8 @@ from pathlib import Path
 from kiln.common.errors import UserInputError
 from kiln.common.foreign_python import VLLM_PYTHON_ENV, tool_python
 from kiln.serve.stack import Repository, ServeFlags, Stack
-from kiln.serve.triton import Endpoints, HttpServer, TritonServer
+from kiln.serve.openai_client import complete, completions_url
+from kiln.serve.server import Endpoints, ServerProcess
 from kiln.serve.vllm_repo import VLLM_CONTAINER, VllmServeOptions, vllm_docker_command, write_vllm_repository
 
 # model.json keys and the `vllm serve` flags that take them
@@ -25,19 +26,19 @@ def vllm_python() -> str:
     from kiln.validate import vllm_build
 
     if vllm_build() == "absent":
-        raise UserInputError(f"--runtime vllm needs vLLM, which {tool_python(VLLM_PYTHON_ENV)} does not have (fix: "
+        raise UserInputError(f"--stack vllm needs vLLM, which {tool_python(VLLM_PYTHON_ENV)} does not have (fix: "
                              f"set {VLLM_PYTHON_ENV} to the python of an environment with vLLM; `make vllm-env` "
                              "builds one under build/)")
     return tool_python(VLLM_PYTHON_ENV)
 
 
-class VllmServer(HttpServer):
+class VllmServer(ServerProcess):
     """`vllm serve` for one model of a vLLM repository, on the HTTP port only (metrics are at /metrics there)."""
 
     what = "vllm serve"
 
     def __init__(self, repo: Path, home: Path, model: str, endpoints: Endpoints, log_path: Path, on_gpu: bool):
-        super().__init__(repo, home, (model,), endpoints, log_path)
+        super().__init__(home, endpoints, log_path)
         self.model, self.on_gpu = model, on_gpu
         self.arguments = json.loads((Path(repo) / model / "1" / "model.json").read_text())
 
@@ -57,17 +58,6 @@ class VllmServer(HttpServer):
         return argv
 
 
-def ask_vllm(endpoints: Endpoints, model: str, prompt: str, max_tokens: int) -> str:
-    """One greedy completion from the OpenAI-compatible completions endpoint."""
-    import urllib.request
-
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{endpoints.http}/v1/completions", body,
-                                     {"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=600) as answer:
-        return json.loads(answer.read())["choices"][0]["text"]
-
-
 class VllmStack(Stack):
     """vLLM: `kiln triton-repo` writes a model for Triton's vLLM backend (model.json from the artifact);
     `kiln serve` starts `vllm serve` (OpenAI-compatible) in KILN_VLLM_PYTHON with the same arguments."""
@@ -83,14 +73,14 @@ class VllmStack(Stack):
         return {"models": (model,), "entry_model": model, "stream_model": model,
                 "container_command": vllm_docker_command(final_root, model, options.container)}
 
-    def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> TritonServer:
+    def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path) -> ServerProcess:
         from kiln.validate import vllm_build
 
         vllm_python()   # refused, with the fix, before anything starts
         return VllmServer(repo.path, home, repo.entry_model, endpoints, log, on_gpu=not vllm_build().startswith("cpu:"))
 
     def ask(self, repo: Repository, endpoints: Endpoints, prompt: str, max_tokens: int) -> str:
-        return ask_vllm(endpoints, repo.entry_model, prompt, max_tokens)
+        return complete(endpoints, repo.entry_model, prompt, max_tokens)
 
     def interpreter(self) -> tuple[str, dict] | None:
         from kiln.validate import vllm_build
@@ -101,8 +91,8 @@ class VllmStack(Stack):
         return ["start it in NVIDIA's vLLM Triton container (it must see the repository at the same path):",
                 f"  {repo.container_command}",
                 "  <yy.mm>: a container release whose vLLM loads this checkpoint (see kiln's runtimes table); "
-                f"or kiln serve {ref} --runtime vllm where vLLM is installed"]
+                f"or kiln serve {ref} --stack vllm where vLLM is installed"]
 
     def serving_lines(self, repo: Repository, endpoints: Endpoints) -> list[str]:
         return [f"serving {repo.name}/{repo.version} (vllm serve): OpenAI-compatible API at "
-                f"http://127.0.0.1:{endpoints.http}/v1, model {repo.entry_model}"]
+                f"{completions_url(endpoints)}, model {repo.entry_model}"]

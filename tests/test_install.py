@@ -169,4 +169,4 @@ def test_an_option_shared_by_commands_has_one_help():
                 helps.setdefault(param.opts[0], set()).add(param.help)
     drifted = {option for option, texts in helps.items() if len(texts) > 1}
     assert drifted == set(MEANS_DIFFERENT_THINGS), drifted
-    assert len(helps["--json"]) == 1 and len(helps["--runtime"]) == 1 and len(helps["--max-tokens"]) == 1
+    assert len(helps["--json"]) == 1 and len(helps["--stack"]) == 1 and len(helps["--max-tokens"]) == 1

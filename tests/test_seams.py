@@ -19,8 +19,8 @@ from kiln.pipeline.plan.stages import Target
 from kiln.quantize import Runtime
 from kiln.serve.stack import Repository, ServeFlags, Stack
 from kiln.serve.stacks import STACKS, StackRow
-from kiln.serve.triton import Endpoints, HttpServer
-from kiln.validate import Metrics, VllmReport
+from kiln.serve.server import Endpoints, ServerProcess
+from kiln.validate import Metrics, RuntimeReport
 from tests.conftest import run_kiln, seed_home, write_recipe
 
 # Both tests start from a published build (about 40 s together): the slow tier, beside test_serve_cpu.
@@ -47,8 +47,12 @@ http.server.HTTPServer(("127.0.0.1", port), Answer).serve_forever()
 """
 
 
-class _EchoServer(HttpServer):
+class _EchoServer(ServerProcess):
     what = "echo server"
+
+    def __init__(self, repo: Path, home: Path, endpoints: Endpoints, log_path: Path):
+        super().__init__(home, endpoints, log_path)
+        self.repo = repo
 
     def command(self) -> list[str]:
         return [sys.executable, "-c", _ECHO_SERVER, str(self.endpoints.http), str(self.repo)]
@@ -67,7 +71,7 @@ class EchoStack(Stack):
         return {"models": ("echo",), "entry_model": "echo", "stream_model": None}
 
     def server(self, repo: Repository, home: Path, endpoints: Endpoints, log: Path):
-        return _EchoServer(repo.path, home, repo.models, endpoints, log_path=log)
+        return _EchoServer(repo.path, home, endpoints, log)
 
     def ask(self, repo: Repository, endpoints: Endpoints, prompt: str, max_tokens: int) -> str:
         request = urllib.request.Request(f"http://127.0.0.1:{endpoints.http}/ask",
@@ -79,7 +83,7 @@ class EchoStack(Stack):
         return "echo", {"python": sys.executable, "env": "KILN_ECHO_PYTHON", "version": "0.1"}
 
     def written_lines(self, repo: Repository, ref: str) -> list[str]:
-        return [f"start it with: kiln serve {ref} --runtime echo"]
+        return [f"start it with: kiln serve {ref} --stack echo"]
 
     def serving_lines(self, repo: Repository, endpoints: Endpoints) -> list[str]:
         return [f"echoing {repo.name}/{repo.version} on {endpoints.http}"]
@@ -99,28 +103,37 @@ def home(tmp_path_factory, test_model, spine_cache):
 
 @pytest.fixture()
 def echo_stack(monkeypatch):
-    monkeypatch.setitem(STACKS, "echo", StackRow("echo", "a stand-in that echoes.", "tests.test_seams:EchoStack"))
+    # It serves through SGLang's loader: the runtimes table gates what it may serve, once, for every stack.
+    monkeypatch.setitem(STACKS, "echo", StackRow("echo", "a stand-in that echoes.", "tests.test_seams:EchoStack",
+                                                 loader=Runtime.sglang))
 
 
 def test_a_registered_stack_is_written_started_asked_and_stopped(home, echo_stack, tmp_path, monkeypatch):
     from kiln.compile import Host
     from kiln.pipeline.cli.doctor import doctor_document
-    from kiln.serve import runtime_help, start_server, write_repository
+    from kiln.quantize.runtimes import WEIGHT_LOADERS, Cell, Evidence, Loads
+    from kiln.serve import stack_help, start_server, write_repository
 
     home, _ = home
     monkeypatch.setenv("KILN_HOME", str(home))
     repo = write_repository(home, "seam-fp8@candidate", tmp_path / "repo", "echo", SILENT, ServeFlags(max_tokens=7))
-    assert (repo.runtime, repo.models, repo.version) == ("echo", ("echo",), "1")
+    assert (repo.stack, repo.models, repo.version) == ("echo", ("echo",), "1")
     assert json.loads((repo.path / "echo" / "settings.json").read_text()) == {"max_tokens": 7}
     assert (repo.path / "artifact" / "hf" / "config.json").is_file()
     with start_server(home, "seam-fp8@candidate", "echo", SILENT, (0, 0, 0)) as running:
         assert running.ask("def f(x):", 4) == "llama:" + ":)x(f fed"
         assert running.serving_lines() == [f"echoing seam-fp8/1 on {running.endpoints.http}"]
     assert running.server.process.returncode is not None and not running.scratch.exists()
-    assert "echo: a stand-in that echoes." in runtime_help()
+    assert "echo: a stand-in that echoes." in stack_help()
     assert doctor_document(Host(), [])["interpreters"]["echo"]["env"] == "KILN_ECHO_PYTHON"
-    with pytest.raises(UserInputError, match=f"--runtime sglang: not one of {', '.join(STACKS)}"):
+    with pytest.raises(UserInputError, match=f"--stack sglang: not one of {', '.join(STACKS)}"):
         write_repository(home, "seam-fp8@candidate", tmp_path / "other", "sglang", SILENT)
+    # Where its loader does not load the artifact, nothing is written and the line names the loader's cell.
+    refused = Cell(Loads.no, Evidence("SGLang test", "a planted cell", "source"))
+    monkeypatch.setitem(WEIGHT_LOADERS, "FP8", {**WEIGHT_LOADERS["FP8"], Runtime.sglang: refused})
+    with pytest.raises(UserInputError, match=r"--stack echo: sglang does not load fp8 with a fp8 KV cache \(SGLang test"):
+        write_repository(home, "seam-fp8@candidate", tmp_path / "gated", "echo", SILENT)
+    assert not (tmp_path / "gated").exists() or not any((tmp_path / "gated").iterdir())
 
 
 def _stand_in_check(hf_dir, model_dir, samples, progress, label, max_model_len, trust_remote_code):
@@ -128,7 +141,7 @@ def _stand_in_check(hf_dir, model_dir, samples, progress, label, max_model_len, 
     bytes, so the gate below fails on it (a number kiln did not choose)."""
     size = sum(p.stat().st_size for p in Path(hf_dir).glob("*.safetensors"))
     metrics = Metrics(int(samples.numel()), 10.0, 10.0, 0.0, 0.0, top1_agreement=1.0 / (1.0 + size / 1e6))
-    return VllmReport(metrics, 0.5, [], "0.1-standin", f"stand-in ({label}, max_model_len {max_model_len})")
+    return RuntimeReport("sglang", "0.1-standin", f"stand-in ({label}, max_model_len {max_model_len})", metrics, 0.5, [])
 
 
 def test_a_registered_runtime_check_is_planned_run_gated_and_cached(home, monkeypatch):
@@ -142,7 +155,7 @@ def test_a_registered_runtime_check_is_planned_run_gated_and_cached(home, monkey
     monkeypatch.setenv("KILN_HOME", str(home))
     monkeypatch.setitem(RUNTIME_CHECKS, Runtime.sglang, RuntimeCheck(
         Runtime.sglang, lambda: "0.1-standin", "needs the stand-in", lambda host, variant, installed: None,
-        _stand_in_check, VllmReport.from_dict))
+        _stand_in_check, RuntimeReport.from_dict))
 
     def build():
         cache = StageCache(home / "cache")
@@ -158,3 +171,15 @@ def test_a_registered_runtime_check_is_planned_run_gated_and_cached(home, monkey
     assert checked.gate.failures[0].startswith("min_top1_agreement: ") and result.exit_code == 3
     _, again = build()
     assert next(c for c in again.variants[0].runtime_checks if c.runtime == "sglang").status == "cached"
+
+
+def test_a_vllm_report_cached_before_reports_were_runtime_neutral_still_reads():
+    """A build whose vllm-check entry predates RuntimeReport reads it from the cache instead of running vLLM again."""
+    metrics = {"tokens": 8, "baseline_ppl": 2.0, "quantized_ppl": 2.1, "ppl_increase_pct": 5.0, "mean_kl": 0.01,
+               "top1_agreement": 0.9}
+    old = {"metrics": metrics, "greedy_agreement": 1.0, "greedy": [{"prompt": [1], "vllm": [2], "reference": [2]}],
+           "vllm": "0.32.0", "device": "cpu"}
+    report = RuntimeReport.from_dict(old)
+    assert (report.runtime, report.version, report.device, report.metrics.mean_kl) == ("vllm", "0.32.0", "cpu", 0.01)
+    assert report.greedy == [{"prompt": [1], "served": [2], "reference": [2]}]
+    assert RuntimeReport.from_dict(report.as_dict()) == report

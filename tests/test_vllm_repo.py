@@ -1,4 +1,4 @@
-"""`kiln triton-repo REF --runtime vllm` (issue 15.4): a model for Triton's vLLM backend whose engine arguments
+"""`kiln triton-repo REF --stack vllm` (issue 15.4): a model for Triton's vLLM backend whose engine arguments
 come from the artifact, parsed back with Triton's schema; refused where the runtimes table says vLLM cannot load."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_the_vllm_repository_carries_the_artifacts_engine_arguments(kiln_home, t
                                                                      backend, quantization, kv_dtype):
     _publish(kiln_home, tmp_path, name, quant, kv_cache, backend)
     out = tmp_path / "repo"
-    result = run_kiln("triton-repo", f"r-{name}@candidate", "--runtime", "vllm", "--out", out, "--json")
+    result = run_kiln("triton-repo", f"r-{name}@candidate", "--stack", "vllm", "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     model = f"r-{name}"
@@ -67,10 +67,10 @@ def test_the_vllm_repository_carries_the_artifacts_engine_arguments(kiln_home, t
 def test_a_format_vllm_cannot_load_is_refused_with_the_alternative(kiln_home, tmp_path):
     _publish(kiln_home, tmp_path, "awq", "int4_awq", "none", "modelopt")
     out = tmp_path / "repo"
-    result = run_kiln("triton-repo", "r-awq@candidate", "--runtime", "vllm", "--out", out)
+    result = run_kiln("triton-repo", "r-awq@candidate", "--runtime", "vllm", "--out", out)   # the option's older name
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("kiln: --runtime vllm: vllm does not load int4_awq (vLLM 0.32.0")
+    assert line.startswith("kiln: --stack vllm: vllm does not load int4_awq (vLLM 0.32.0")
     assert "set backend: llmcompressor" in line
     assert not out.exists() or not any(out.iterdir())
 
@@ -78,7 +78,7 @@ def test_a_format_vllm_cannot_load_is_refused_with_the_alternative(kiln_home, tm
 def test_a_relative_out_becomes_absolute_paths_in_model_json_and_the_mount(kiln_home, tmp_path):
     """Issue 24.14: `--out vr2` wrote relative paths into model.json and `-v vr2:vr2` (a named volume)."""
     _publish(kiln_home, tmp_path, "fp8kv", "fp8", "fp8", "modelopt")
-    result = run_kiln("triton-repo", "r-fp8kv@candidate", "--runtime", "vllm", "--out", "vr2", "--json",
+    result = run_kiln("triton-repo", "r-fp8kv@candidate", "--stack", "vllm", "--out", "vr2", "--json",
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = (tmp_path / "vr2").resolve()

@@ -5,7 +5,7 @@ Public entry points:
   run(hf_dir, baseline, samples, progress) -> Metrics
   evaluate_gates(metrics, **gates) -> GateResult
   check_engine(target, sm_dir, hf_dir, model_dir, samples, progress, label) -> Metrics   (GPU hosts)
-  check_vllm(hf_dir, model_dir, samples, progress, label, max_model_len) -> VllmReport   (where vLLM is installed)
+  check_vllm(hf_dir, model_dir, samples, progress, label, max_model_len) -> RuntimeReport (where vLLM is installed)
   vllm_build() -> "absent" | "cpu:<version>" | "<version>"   the vLLM in KILN_VLLM_PYTHON
   vllm_kv_cache_bytes(config, max_model_len)   the KV cache vLLM is given on CPUs (the check, kiln serve)
   load_reference_model(hf_dir, trust_remote_code) -> model   the exported checkpoint as validation runs it
@@ -24,7 +24,7 @@ from kiln.validate.measure import (
     REPORT, STAGE_VERSION, TASK_TOOLS, TOOLS, Baseline, load_metrics, load_reference_model, run, write_metrics,
 )
 from kiln.validate.memory import peak_memory
-from kiln.validate.records import LOGIT_BLOCK_BYTES, Metrics
+from kiln.validate.records import LOGIT_BLOCK_BYTES, Metrics, RuntimeReport
 from kiln.validate.sandbox import describe as sandbox_description
 from kiln.validate.sandbox import unavailable as sandbox_unavailable
 from kiln.validate.task_config import TaskFiles, task_files
@@ -32,10 +32,10 @@ from kiln.validate.tasks import (
     TASKS_FILE, TaskDrop, TaskRequest, TaskScore, compare_tasks, load_task_drops, load_task_scores, run_tasks,
     task_metrics, write_task_drops, write_task_scores,
 )
-from kiln.validate.vllm_check import VllmReport, check_vllm, vllm_build, vllm_kv_cache_bytes
+from kiln.validate.vllm_check import check_vllm, vllm_build, vllm_kv_cache_bytes
 
 __all__ = ["Baseline", "run", "check_engine", "load_reference_model", "evaluate_gates", "GateResult", "Metrics",
-           "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS", "VllmReport", "check_vllm", "vllm_build",
+           "load_metrics", "REPORT", "STAGE_VERSION", "TOOLS", "RuntimeReport", "check_vllm", "vllm_build",
            "vllm_kv_cache_bytes", "BUILTIN_TASKS", "TASKS_FILE", "TaskDrop", "TaskRequest", "TaskScore",
            "compare_tasks", "load_task_drops", "load_task_scores", "run_tasks", "task_metrics", "write_task_drops",
            "write_task_scores", "TASK_TOOLS", "sandbox_description", "sandbox_unavailable", "TaskFiles", "task_files", "LOGIT_BLOCK_BYTES",

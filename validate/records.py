@@ -20,3 +20,30 @@ class Metrics:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RuntimeReport:
+    """What a runtime check measured (kiln.validate.vllm_check; any runtime's check writes one): the published
+    checkpoint's metrics in that runtime against the unquantized baseline, and its greedy tokens against the
+    reference runtime's."""
+
+    runtime: str                   # the loader checked (a kiln.quantize.Runtime value: "vllm")
+    version: str                   # its version as installed
+    device: str
+    metrics: Metrics
+    greedy_agreement: float        # share of prompts whose greedy tokens equal the reference runtime's
+    greedy: list[dict]             # per prompt: its tokens, the runtime's ("served") and the reference's continuation
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "metrics": self.metrics.as_dict()}
+
+    @classmethod
+    def from_dict(cls, document: dict) -> "RuntimeReport":
+        if "vllm" in document:   # a report cached before checks were runtime-neutral: vLLM's, keyed by its name
+            document = {**{key: value for key, value in document.items() if key != "vllm"},
+                        "runtime": "vllm", "version": document["vllm"],
+                        "greedy": [{("served" if key == "vllm" else key): value for key, value in prompt.items()}
+                                   for prompt in document.get("greedy", [])]}
+        return cls(**{**document, "metrics": Metrics(**document["metrics"])})
+

@@ -20,7 +20,7 @@ from pathlib import Path
 from kiln.common.errors import KilnError
 from kiln.common.foreign_python import VLLM_PYTHON_ENV, run_logged, tool_python
 from kiln.common.versions import ABSENT, installed_versions
-from kiln.validate.records import Metrics
+from kiln.validate.records import RuntimeReport
 
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 4, 32, 16
 # vLLM hands log-probabilities back as Python objects: a full distribution per position is fine for a
@@ -37,27 +37,6 @@ class VllmCheckRequest:
     max_model_len: int
     trust_remote_code: bool = False
     prompts: tuple[str, ...] = ()  # texts continued greedily besides the first samples' prefixes
-
-
-@dataclass(frozen=True)
-class VllmReport:
-    metrics: Metrics
-    greedy_agreement: float        # share of prompts whose greedy tokens equal the reference runtime's
-    greedy: list[dict]             # per prompt: its tokens, vLLM's and the reference runtime's continuations
-    vllm: str                      # the vllm version that ran it
-    device: str
-
-    @property
-    def version(self) -> str:
-        """The runtime's version, as every runtime check's report names it."""
-        return self.vllm
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "metrics": self.metrics.as_dict()}
-
-    @classmethod
-    def from_dict(cls, document: dict) -> "VllmReport":
-        return cls(**{**document, "metrics": Metrics(**document["metrics"])})
 
 
 def vllm_python() -> str | None:
@@ -79,7 +58,7 @@ def vllm_version(python: str | None = None) -> str:
 
 
 def check_vllm(hf_dir: Path, model_dir: Path, samples, progress, label: str, max_model_len: int,
-               trust_remote_code: bool = False, prompts: tuple[str, ...] = ()) -> VllmReport:
+               trust_remote_code: bool = False, prompts: tuple[str, ...] = ()) -> RuntimeReport:
     """Run the vLLM check in vLLM's interpreter and return its report."""
     python = vllm_python()
     if python is None:
@@ -95,7 +74,7 @@ def check_vllm(hf_dir: Path, model_dir: Path, samples, progress, label: str, max
                        tmp_path / "vllm-check.log", f"vLLM check for {label}")
         if not Path(request.report).is_file():
             raise KilnError(f"vLLM check for {label} wrote no report")
-        return VllmReport.from_dict(json.loads(Path(request.report).read_text()))
+        return RuntimeReport.from_dict(json.loads(Path(request.report).read_text()))
 
 
 def _as_logits(position_logprobs: list[dict], vocab: int):
@@ -167,11 +146,11 @@ def main(argv: list[str]) -> int:
     served = [list(out.outputs[0].token_ids) for out in
               llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)]
     reference = load_reference_model(Path(request.hf_dir), request.trust_remote_code)
-    continuations = [{"prompt": p, "vllm": tokens, "reference": _reference_greedy(reference, p, GREEDY_NEW_TOKENS)}
+    continuations = [{"prompt": p, "served": tokens, "reference": _reference_greedy(reference, p, GREEDY_NEW_TOKENS)}
                      for p, tokens in zip(prompts, served)]
-    agreed = sum(c["vllm"] == c["reference"] for c in continuations)
-    report = VllmReport(metrics, agreed / len(prompts), continuations, vllm_version(sys.executable),
-                        "cuda" if torch.cuda.is_available() else "cpu")
+    agreed = sum(c["served"] == c["reference"] for c in continuations)
+    report = RuntimeReport("vllm", vllm_version(sys.executable), "cuda" if torch.cuda.is_available() else "cpu",
+                           metrics, agreed / len(prompts), continuations)
     Path(request.report).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
     return 0
 

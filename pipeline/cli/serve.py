@@ -11,53 +11,55 @@ import typer
 
 from kiln.common.errors import KilnError, UserInputError
 from kiln.pipeline.cli.common import REF_HELP, emit_json, json_option, kiln_home, private_tempdir, selected_sm
-from kiln.serve.stacks import runtime_help
+from kiln.serve.stacks import stack_help
 
-_RUNTIME_HELP = runtime_help()   # each serving stack's own sentence (kiln.serve.stacks)
+# Each serving stack's own sentence (kiln.serve.stacks). `--runtime` is the option's older name: a recipe's
+# `runtimes:` name loaders (who reads a checkpoint), a stack is what serves it.
+_STACK_HELP = "The serving stack. " + stack_help() + " (--runtime: its older name.)"
 
 
 # The options triton-repo and serve share, defined once so that their help cannot drift apart.
-def _runtime_option():
-    return typer.Option("cpu", "--runtime", help=_RUNTIME_HELP)
+def _stack_option():
+    return typer.Option("cpu", "--stack", "--runtime", help=_STACK_HELP)
 
 
 def _templates_option():
     return typer.Option(None, "--templates", envvar="KILN_TRTLLM_TEMPLATES", show_default=False,
-                        help="GPU runtime: TensorRT-LLM's triton_backend/all_models of the release that built the "
+                        help="gpu stack: TensorRT-LLM's triton_backend/all_models of the release that built the "
                              "artifact (git clone --branch v<version> https://github.com/NVIDIA/TensorRT-LLM).")
 
 
 def _decoupled_option():
     return typer.Option(False, "--decoupled/--no-decoupled",
-                        help="GPU runtime: stream responses (decoupled models; gRPC streaming).")
+                        help="gpu stack: stream responses (decoupled models; gRPC streaming).")
 
 
 def _max_batch_size_option():
-    return typer.Option(8, "--max-batch-size", min=1, help="CPU runtime: Triton max_batch_size (GPU: the engine's own).")
+    return typer.Option(8, "--max-batch-size", min=1, help="cpu stack: Triton max_batch_size (gpu: the engine's own).")
 
 
 def _max_tokens_option():
-    return typer.Option(64, "--max-tokens", min=1, help="CPU runtime: tokens generated when a request names none.")
+    return typer.Option(64, "--max-tokens", min=1, help="cpu stack: tokens generated when a request names none.")
 
 
 def triton_repo(
     ref: str = typer.Argument(..., help=REF_HELP, show_default=False),
     out: Path = typer.Option(..., "--out", help="Folder to create; must not exist or be empty."),
-    runtime: str = _runtime_option(),
+    stack_name: str = _stack_option(),
     gpu: str = typer.Option(None, "--gpu", show_default=False,
-                            help="GPU runtime: whose engines, as an SM (sm90) or GPU name. Default: this host's GPU."),
+                            help="gpu stack: whose engines, as an SM (sm90) or GPU name. Default: this host's GPU."),
     templates: Path = _templates_option(),
     decoupled: bool = _decoupled_option(),
     max_batch_size: int = _max_batch_size_option(),
     max_queue_delay_us: int = typer.Option(1000, "--max-queue-delay-us", min=0,
                                            help="Dynamic batching: how long a request may wait for others."),
     max_queue_size: int = typer.Option(0, "--max-queue-size", min=0,
-                                       help="GPU runtime: requests queued before new ones are refused (0: no limit)."),
+                                       help="gpu stack: requests queued before new ones are refused (0: no limit)."),
     instances: int = typer.Option(1, "--instances", min=1,
-                                  help="Instances per model (GPU: of pre/postprocessing and BLS)."),
+                                  help="Instances per model (gpu: of pre/postprocessing and BLS)."),
     max_tokens: int = _max_tokens_option(),
     container: str = typer.Option(None, "--container", show_default=False,
-                                  help="GPU and vllm runtimes: the image in the printed command (default "
+                                  help="gpu and vllm stacks: the image in the printed command (default "
                                        "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3, or -vllm-python-py3)."),
     as_json: bool = json_option(),
 ) -> None:
@@ -72,15 +74,16 @@ def triton_repo(
     from kiln.serve import ServeFlags, stack_named, write_repository
 
     private_tempdir()
-    stack = stack_named(runtime)
+    stack = stack_named(stack_name)
     sm = selected_sm(gpu, detect_host()) if stack.pulls_engines else None
     flags = ServeFlags(templates=templates, decoupled=decoupled, max_batch_size=max_batch_size,
                        max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, instances=instances,
                        max_tokens=max_tokens, container=container)
-    repo = write_repository(kiln_home(), ref, out, runtime, ProgressReporter(), flags, sm=sm)
+    repo = write_repository(kiln_home(), ref, out, stack_name, ProgressReporter(), flags, sm=sm)
     if as_json:
         layout = repo.gpu_layout
-        emit_json({"path": str(repo.path), "name": repo.name, "version": repo.version, "runtime": repo.runtime,
+        emit_json({"path": str(repo.path), "name": repo.name, "version": repo.version, "stack": repo.stack,
+                    "runtime": repo.stack,   # the key's older name, kept for scripts that read it
                     "sm": repo.sm, "models": list(repo.models), "entry_model": repo.entry_model,
                     "stream_model": repo.stream_model, "container_command": repo.container_command,
                     "world_size": layout.world_size if layout else 1,
@@ -93,7 +96,7 @@ def triton_repo(
 
 def serve(
     ref: str = typer.Argument(..., help=REF_HELP, show_default=False),
-    runtime: str = _runtime_option(),
+    stack_name: str = _stack_option(),
     http_port: int = typer.Option(8000, "--http-port", help="HTTP port on 127.0.0.1 (0: any free port)."),
     grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port on 127.0.0.1 (0: any free port)."),
     metrics_port: int = typer.Option(8002, "--metrics-port", help="Metrics port on 127.0.0.1 (0: any free port)."),
@@ -122,8 +125,8 @@ def serve(
                              "to serve until Ctrl-C)")
     private_tempdir()
     flags = ServeFlags(templates=templates, decoupled=decoupled, max_batch_size=max_batch_size, max_tokens=max_tokens)
-    running = start_server(kiln_home(), ref, runtime, ProgressReporter(), (http_port, grpc_port, metrics_port),
-                           flags, host=detect_host() if stack_named(runtime).pulls_engines else None)
+    running = start_server(kiln_home(), ref, stack_name, ProgressReporter(), (http_port, grpc_port, metrics_port),
+                           flags, host=detect_host() if stack_named(stack_name).pulls_engines else None)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -60,7 +60,7 @@ def _vllm_device_problem(host, variant: Variant, vllm: str) -> str | None:
 RUNTIME_CHECKS: dict[quantize.Runtime, RuntimeCheck] = {check.runtime: check for check in (
     RuntimeCheck(quantize.Runtime.vllm, validate.vllm_build,
                  "needs vLLM (set KILN_VLLM_PYTHON to a Python that has it)", _vllm_device_problem,
-                 validate.check_vllm, validate.VllmReport.from_dict),
+                 validate.check_vllm, validate.RuntimeReport.from_dict),
 )}
 
 

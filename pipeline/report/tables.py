@@ -139,7 +139,7 @@ def runtime_checks_table(result: BuildResult) -> Table:
     for v in result.variants:
         for c in v.runtime_checks:
             m = c.report.metrics if c.report else None
-            runtime = f"{c.runtime} {c.report.vllm} ({c.report.device})" if c.report else c.runtime
+            runtime = f"{c.runtime} {c.report.version} ({c.report.device})" if c.report else c.runtime
             table.add_row(v.variant, runtime, c.status, _fmt(m and m.mean_kl, ".5f"), _fmt(m and m.top1_agreement, ".4f"),
                           _fmt(c.report and c.report.greedy_agreement, ".2f"), c.gate.summary() if c.gate else "-")
     return table

@@ -19,7 +19,7 @@ class TargetResult:
     metrics: validate.Metrics | None = None
     gate: validate.GateResult | None = None
     published: bool = False
-    report: validate.VllmReport | None = None   # a runtime check's full report (its metrics, greedy agreement)
+    report: validate.RuntimeReport | None = None   # a runtime check's full report (its metrics, greedy agreement)
 
     @property
     def sm(self) -> str | None:

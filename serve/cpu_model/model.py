@@ -1,6 +1,6 @@
 """Triton python-backend model: text in, text out, from a kiln artifact on the CPU.
 
-Copied by `kiln triton-repo --runtime cpu` into two models that share the artifact at
+Copied by `kiln triton-repo --stack cpu` into two models that share the artifact at
 <repo>/artifact/: kiln_llm answers each request with one response (HTTP and gRPC infer);
 kiln_llm_stream is decoupled and, with stream=true, sends one response per token, then a
 final flag (gRPC streaming). Generation is kiln's reference runtime, the code that
