@@ -7,6 +7,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.common.versions import installed_versions
@@ -43,72 +44,105 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
             shutil.rmtree(offload_folder, ignore_errors=True)
 
 
+@dataclass
+class _Facts:
+    """What the steps of one quantize run learn, for its record."""
+
+    label: str
+    seconds: dict = field(default_factory=dict)
+    on_disk: list[str] = field(default_factory=list)   # modules disk offload reads as they run
+    written_back: list = field(default_factory=list)   # rewritten layers sent back to the offload folder
+    linear_layers: list[str] = field(default_factory=list)
+    search: dict = field(default_factory=dict)         # quant auto's summary
+    trtllm: bool = False                               # a TensorRT-LLM checkpoint was exported
+
+
 def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
          on_loaded, family: Family, source_config: dict, offload_folder: Path | None) -> CheckpointRecord:
+    """load -> calibrate -> export -> record."""
     # ModelOpt and torch load here, when a variant is quantized: a cached build never imports them.
     from kiln.quantize import modelopt_adapter as adapter
 
-    seconds = {}
+    facts = _Facts(request.label + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else ""))
+    model = _load(adapter, request, model_dir, placement, offload_folder, on_loaded, progress, facts)
+    started = time.monotonic()
+    facts.linear_layers = auto_precision.decoder_linear_layers(model)
+    facts.search = _calibrate(adapter, model, request, calibration, progress, facts.label, facts.linear_layers,
+                              bool(facts.on_disk))
+    facts.seconds["calibrate"] = time.monotonic() - started
+    _export(adapter, model, request, model_dir, out_dir, family, placement, progress, facts)
+    # Measured: a frame captured while ModelOpt first imports keeps this frame, and with it the model, alive
+    # after return; dropping the name here is what lets the next stage's memory replace this one's.
+    del model
+    record = _record(request, model_dir, calibration, out_dir, placement, offload_folder, family, source_config, facts)
+    record.write(out_dir, model_dir)
+    return record
+
+
+def _load(adapter, request: QuantizeRequest, model_dir: Path, placement: Placement, offload_folder: Path | None,
+          on_loaded, progress, facts: _Facts):
+    """The source model, placed (and its offloaded layers that calibration rewrites written back to the folder);
+    `on_loaded` sees it before calibration changes it."""
     started = time.monotonic()
     reset_gpu_peaks(placement)
     model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle,
                                       placement, offload_folder)
-    seconds["load"] = time.monotonic() - started
-    on_disk = adapter.on_disk(model)
+    facts.seconds["load"] = time.monotonic() - started
+    facts.on_disk = adapter.on_disk(model)
     # Max calibration hands back the weights it read (ModelOpt writes them back all the same: accelerate's loader
     # keeps those as the file-backed tensors safetensors gave); rewritten weights would be new host memory.
     rewrites = request.auto is None and FORMATS[request.quant].rewrites_weights
-    written_back = write_back_to_disk(model, offload_folder) if on_disk and rewrites else []
+    facts.written_back = write_back_to_disk(model, offload_folder) if facts.on_disk and rewrites else []
     if placement.to_disk:
         # transformers sets no hf_device_map when everything landed on the CPU: the model fit the budget.
         modules = len(getattr(model, "hf_device_map", None) or {})
         budget = f"host budget {placement.max_memory['cpu'] / 2**20:.0f} MiB"
-        progress.log(f"disk offload: {len(on_disk)} of {modules} modules read from disk as they run ({budget})"
-                     if on_disk else f"disk offload: the model fits the {budget}; nothing is read from disk")
+        progress.log(f"disk offload: {len(facts.on_disk)} of {modules} modules read from disk as they run ({budget})"
+                     if facts.on_disk else f"disk offload: the model fits the {budget}; nothing is read from disk")
     if on_loaded is not None:
         started = time.monotonic()
         on_loaded(model)
         release_memory()   # what on_loaded computed with is gone before calibration grows the heap again
-        seconds["before_calibration"] = time.monotonic() - started
+        facts.seconds["before_calibration"] = time.monotonic() - started
+    return model
 
-    label = request.label + (f"+kv {request.kv_cache.value}" if request.kv_cache != KVCacheFormat.none else "")
-    started = time.monotonic()
-    linear_layers = auto_precision.decoder_linear_layers(model)
-    search = _calibrate(adapter, model, request, calibration, progress, label, linear_layers, bool(on_disk))
-    seconds["calibrate"] = time.monotonic() - started
 
+def _export(adapter, model, request: QuantizeRequest, model_dir: Path, out_dir: Path, family: Family,
+            placement: Placement, progress, facts: _Facts) -> None:
+    """hf/ with the tokenizer, and trtllm/ for a family TensorRT-LLM has a checkpoint for."""
     started = time.monotonic()
     # Under disk offload only the HF checkpoint is written, streamed a layer at a time; ModelOpt's TensorRT-LLM
     # exporter needs the whole state dict (TensorRT-LLM reads the HF checkpoint on the compile host instead).
-    trtllm = family.trtllm is not None and not placement.to_disk
-    with progress.task(f"export {label}", total=3 if trtllm else 2) as task:
-        if on_disk and adapter.fold_input_scales_layer_by_layer(model):
-            progress.log(f"{label}: pre-quant scales folded a decoder layer at a time, rewritten layers kept on disk")
-        adapter.export_hf(model, out_dir / HF_DIR, request.max_shard_size, offloaded=bool(on_disk))
+    facts.trtllm = family.trtllm is not None and not placement.to_disk
+    with progress.task(f"export {facts.label}", total=3 if facts.trtllm else 2) as task:
+        if facts.on_disk and adapter.fold_input_scales_layer_by_layer(model):
+            progress.log(f"{facts.label}: pre-quant scales folded a decoder layer at a time, rewritten layers kept on disk")
+        adapter.export_hf(model, out_dir / HF_DIR, request.max_shard_size, offloaded=bool(facts.on_disk))
         task.advance()
         save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
         task.advance()
-        if trtllm:
+        if facts.trtllm:
             adapter.export_trtllm(model, out_dir / TRTLLM_DIR, request.dtype, request.tp_size)
             task.advance()
-    seconds["export"] = time.monotonic() - started
-    # Measured: a frame captured while ModelOpt first imports keeps this frame, and with it the model, alive
-    # after return; dropping the name here is what lets the next stage's memory replace this one's.
-    del model
+    facts.seconds["export"] = time.monotonic() - started
 
-    corrections = (check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size, label)
-                   if trtllm else [])
+
+def _record(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, placement: Placement,
+            offload_folder: Path | None, family: Family, source_config: dict, facts: _Facts) -> CheckpointRecord:
+    """The exports checked (TensorRT-LLM's derived fields, a mix's layer formats and budget) and kiln.json's record."""
+    corrections = (check_trtllm_checkpoint(out_dir / TRTLLM_DIR, source_config, request.tp_size, facts.label)
+                   if facts.trtllm else [])
     auto = request.auto
     layer_formats, auto_record = {}, None
     if auto is not None:
-        _check_mixed_export(out_dir, source_config, family if trtllm else None, label)
-        layer_formats = auto_precision.read_layer_formats(out_dir / HF_DIR, linear_layers, auto.formats)
+        _check_mixed_export(out_dir, source_config, family if facts.trtllm else None, facts.label)
+        layer_formats = auto_precision.read_layer_formats(out_dir / HF_DIR, facts.linear_layers, auto.formats)
         measured = auto_precision.check_budget(checkpoint_size(out_dir / HF_DIR, model_dir), auto)
         auto_record = {"formats": [q.value for q in auto.formats], "effective_bits": auto.effective_bits,
                        "measured_bits": measured, "method": auto.method, "score_samples": auto.score_samples,
-                       **search}
+                       **facts.search}
     spec = FORMATS[request.quant] if auto is None else None
-    record = CheckpointRecord(
+    return CheckpointRecord(
         quant=getattr(request.quant, "value", request.quant),
         kv_cache=request.kv_cache.value,
         algorithm=spec.algorithm if spec else f"auto_quantize:{auto.method}",
@@ -119,23 +153,21 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
         calibration_seq_len=int(calibration.shape[1]),
         tools=installed_versions(TOOLS),
         trtllm_corrections=[c.as_dict() for c in corrections],
-        seconds={k: round(v, 3) for k, v in seconds.items()},
+        seconds={k: round(v, 3) for k, v in facts.seconds.items()},
         export_quant_algo=json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())["quantization"].get("quant_algo"),
         alpha=request.alpha,
         exclude=list(request.exclude),
-        placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement), "on_disk": on_disk,
+        placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement), "on_disk": facts.on_disk,
                    # what accelerate converted into the folder (0 when it reads the source's safetensors in place)
                    # and the layers calibration or export rewrote (AWQ, GPTQ, SmoothQuant), which wait there
                    "offload_folder_bytes": sum(f.stat().st_size for f in offload_folder.rglob("*") if f.is_file())
                    if offload_folder else 0,
-                   "written_back_bytes": sum(w.bytes_written for w in written_back)},
+                   "written_back_bytes": sum(w.bytes_written for w in facts.written_back)},
         family=family.model_type,
-        trtllm_checkpoint=trtllm,
+        trtllm_checkpoint=facts.trtllm,
         layer_formats=layer_formats,
         auto=auto_record,
     )
-    record.write(out_dir, model_dir)
-    return record
 
 
 def _check_mixed_export(out_dir: Path, source_config: dict, family: Family | None, label: str) -> None:

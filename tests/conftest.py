@@ -80,7 +80,7 @@ def tool_python(target: str) -> Path:
 
 # The spine's two variants at write_recipe's default 16 x 128 samples: what most end-to-end modules build first.
 SPINE_VARIANTS = {"fp8": {"quant": "fp8", "kv_cache": "fp8"}, "int4-awq": {"quant": "int4_awq"}}
-CPU_STAGES = ("fetch", "quantize", "validate")
+CPU_STAGES = ("fetch", "quantize", "validate", "size", "task-baseline")
 
 
 def session_root(tmp_path_factory) -> Path:

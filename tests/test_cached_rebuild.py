@@ -66,7 +66,7 @@ def test_a_cached_rebuild_says_so_verifies_the_stored_blobs_and_plan_verifies_th
     recipe = write_recipe(tmp_path, str(test_model), VARIANTS, name="cv", samples=8, seq_len=128)
     first = run_kiln("build", recipe)
     assert first.returncode == 0, first.stderr
-    assert "ran 3 stage(s)" in first.stdout and "quantize, validate, publish" in first.stdout
+    assert "ran 4 stage(s)" in first.stdout and "quantize, validate, size, publish" in first.stdout
 
     cached = run_kiln("build", recipe)
     assert cached.returncode == 0, cached.stderr

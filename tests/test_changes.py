@@ -48,7 +48,7 @@ def test_a_new_kiln_version_invalidates_every_stage_but_fetch(repo, kiln_home):
     (recipe,) = document["recipes"]
     assert recipe["reasons"] == ["kiln version changed"]
     assert {(i["stage"], i["why"]) for i in recipe["invalidated"]} == {
-        ("quantize", "kiln version"), ("validate", "kiln version"), ("publish", "kiln version"),
+        ("quantize", "kiln version"), ("validate", "kiln version"), ("size", "kiln version"), ("publish", "kiln version"),
         ("compile", "kiln version"), ("engine-check", "kiln version"), ("vllm-check", "kiln version")}
     assert document["matrix"] == [{"recipe": "recipes/c.yaml", "gpu": "sm90", "runner": "gpu-sm90"}]
 
@@ -58,7 +58,7 @@ def test_a_moved_quantizer_pin_invalidates_quantize_onward_and_an_unrelated_pin_
     document = changes(repo, {"KILN_HOME": str(kiln_home)})
     assert document["pins"] == {"nvidia-modelopt": ["==0.47.0", "==0.48.0"]}
     (recipe,) = document["recipes"]
-    assert {i["stage"] for i in recipe["invalidated"]} == {"quantize", "validate", "publish", "compile",
+    assert {i["stage"] for i in recipe["invalidated"]} == {"quantize", "validate", "size", "publish", "compile",
                                                            "engine-check", "vllm-check"}
     (repo / "pyproject.toml").write_text((repo / "pyproject.toml").read_text().replace("typer>=0.15", "typer>=0.16"))
     git(repo, "commit", "-q", "-am", "typer")

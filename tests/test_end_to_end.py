@@ -54,7 +54,7 @@ def _entry(world, stage, target):
 def test_build_publishes_every_variant_with_metrics(world):
     build = world["build"]
     assert build["exit_code"] == 0
-    assert sorted(build["ran"]) == sorted(f"{s}:{v}" for s in ("quantize", "validate", "publish") for v in VARIANTS)
+    assert sorted(build["ran"]) == sorted(f"{s}:{v}" for s in ("quantize", "validate", "size", "publish") for v in VARIANTS)
     for name in VARIANTS:
         v = _variant(world, name)
         assert v["gate"]["passed"] and v["registry"]["name"] == f"spine-{name}" and v["registry"]["version"] == "1"

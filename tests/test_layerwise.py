@@ -104,8 +104,10 @@ def test_a_128k_vocabulary_validates_in_bounded_memory(tmp_path):
         model_dir = Path({str(tmp_path)!r}) / "model"
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
         samples = torch.randint(0, 131072, (16, 512))
-        baseline = validate.Baseline(model_dir, Path({str(tmp_path)!r}) / "scratch", stream_layers=True)
-        metrics = validate.run(model_dir, baseline, samples, SILENT, stream_layers=True)
+        from kiln.quantize import Offload
+        baseline = validate.Baseline(model_dir, Path({str(tmp_path)!r}) / "scratch",
+                                     validate.ValidateRequest(offload=Offload.disk))
+        metrics = validate.run(model_dir, baseline, samples, SILENT)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps({{"metrics": metrics.as_dict(), "peak": peak}}))
     """)

@@ -54,14 +54,16 @@ def _same_metrics_one_layer_at_a_time(kiln_home, test_model) -> None:
     evaluation = yaml.safe_load((REPO / "recipes" / "demo-matrix.yaml").read_text())["evaluation"]
     samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(test_model),
                             evaluation["samples"], evaluation["seq_len"])
-    baseline = validate.Baseline(test_model, kiln_home / "streamed-baseline", stream_layers=True)
+    from kiln.quantize import Offload
+
+    baseline = validate.Baseline(test_model, kiln_home / "streamed-baseline", validate.ValidateRequest(offload=Offload.disk))
     entries = [json.loads(p.read_text()) for p in (kiln_home / "cache" / "validate").glob("*/kiln-entry.json")]
     assert len(entries) == 12
     for entry in entries:
         checkpoint = kiln_home / "cache" / "quantize" / entry["material"]["input_digests"]["checkpoint"] / "hf"
         built = validate.load_metrics(kiln_home / "cache" / "validate" / entry["key"]).as_dict()
         with torch.no_grad():
-            streamed = validate.run(checkpoint, baseline, samples, SILENT, stream_layers=True).as_dict()
+            streamed = validate.run(checkpoint, baseline, samples, SILENT).as_dict()
         for field in FIELDS:
             assert abs(streamed[field] - built[field]) <= 1e-4 * abs(built[field]) + 1e-9, (checkpoint, field)
 

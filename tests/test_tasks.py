@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from kiln.pipeline.data.corpus import python_docs
-from kiln.validate import TaskDrop, evaluate_gates
+from kiln.validate import TaskDrop, ValidateRequest, evaluate_gates
 from kiln.validate.builtin_tasks import (
     humaneval_config, humaneval_problems, humaneval_program, next_line_config, next_line_items,
 )
@@ -88,8 +88,8 @@ def test_humaneval_runs_only_with_the_recipe_opt_in(tmp_path, test_model, kiln_h
     request = TaskRequest("humaneval", humaneval_config(humaneval_problems(), max_new_tokens=32), "pass_at_1",
                           limit=2, unsafe_code=True, max_new_tokens=32)
     with pytest.raises(PermissionError, match="allow_code_execution"):
-        run_tasks(test_model, [request], baseline=True, allow_code_execution=False)
-    scores = run_tasks(test_model, [request], baseline=True, allow_code_execution=True)
+        run_tasks(test_model, [request], ValidateRequest(allow_code_execution=False), baseline=True)
+    scores = run_tasks(test_model, [request], ValidateRequest(allow_code_execution=True), baseline=True)
     assert scores["humaneval"].n == 2 and set(scores["humaneval"].per_doc) <= {0.0, 1.0}
 
 

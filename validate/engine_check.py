@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     from kiln.validate.measure import Baseline
+    from kiln.validate.request import ValidateRequest
     from kiln.validate.metrics import compare
     from kiln.validate.trtllm_runtime import RUNTIMES
 
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> int:
             engine(ids)
         return 0
     with tempfile.TemporaryDirectory(prefix="kiln-baseline-") as scratch:
-        baseline = Baseline(Path(request.model_dir), Path(scratch), request.trust_remote_code)
+        baseline = Baseline(Path(request.model_dir), Path(scratch), ValidateRequest(trust_remote_code=request.trust_remote_code))
         metrics = compare(baseline.logits(torch.stack(samples)), engine, samples)
     Path(request.report).write_text(json.dumps(metrics.as_dict(), indent=2, sort_keys=True) + "\n")
     return 0

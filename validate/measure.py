@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from kiln.validate.records import Metrics
+from kiln.validate.request import ValidateRequest
 
 STAGE_VERSION = 1
 TOOLS = ("torch", "transformers", "compressed-tensors")
@@ -33,14 +34,11 @@ class Baseline:
     (kiln.validate.heads): neither memory nor scratch grows with positions x vocabulary.
     """
 
-    def __init__(self, model_dir: Path, scratch: Path, trust_remote_code: bool = False, allow_pickle: bool = False,
-                 placement=None, stream_layers: bool = False):
+    def __init__(self, model_dir: Path, scratch: Path, request: ValidateRequest = ValidateRequest(), placement=None):
         self.model_dir = Path(model_dir)
-        self.stream_layers = stream_layers   # one decoder layer resident at a time (kiln.validate.layerwise)
+        self.request = request
         self.scratch = Path(scratch)
         self.placement = placement
-        self.trust_remote_code = trust_remote_code
-        self.allow_pickle = allow_pickle
         self._computed: dict[bytes, tuple[Path, object]] = {}
 
     def logits(self, samples, progress=None):
@@ -64,7 +62,7 @@ class Baseline:
         """The outputs from a source model someone else loaded (the quantize stage, before calibration), so the
         weights are read from disk once for both. The model is given back unchanged. Skipped when some of
         its weights are offloaded (accelerate hooks fetch them per module; the baseline then loads itself)."""
-        if (self.stream_layers or self.has(samples) or any(p.is_meta for p in model.parameters())
+        if (self.request.layer_by_layer or self.has(samples) or any(p.is_meta for p in model.parameters())
                 or model.dtype != self._stored_dtype()):
             return   # streamed, offloaded, or loaded in another dtype than stored: the baseline loads itself
         from kiln.validate.runtime import float32_math_view
@@ -96,11 +94,11 @@ class Baseline:
         loaded_here = model is None
         streamed = None
         with quiet_libraries():
-            if loaded_here and self.stream_layers:
-                streamed = stream_baseline_model(self.model_dir, self.trust_remote_code)
+            if loaded_here and self.request.layer_by_layer:
+                streamed = stream_baseline_model(self.model_dir, self.request.trust_remote_code)
                 model = streamed.model
             elif loaded_here:
-                model = load_baseline_model(self.model_dir, self.trust_remote_code, self.allow_pickle)
+                model = load_baseline_model(self.model_dir, self.request.trust_remote_code, self.request.allow_pickle)
                 if self.placement is not None:
                     model = place(model, self.placement)
         with _outputs_task(progress, "evaluate baseline", samples, streamed) as advance:
@@ -117,12 +115,11 @@ class Baseline:
         return folder, head
 
 
-def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", trust_remote_code: bool = False,
-        placement=None, stream_layers: bool = False) -> Metrics:
+def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", placement=None) -> Metrics:
     """Load the exported checkpoint in the reference runtime and compare it with the baseline.
 
-    `placement` (kiln.quantize.Placement, or None for the CPU) says where the models run; `stream_layers`
-    builds one decoder layer at a time from the files (kiln.validate.layerwise), on the CPU.
+    `placement` (kiln.quantize.Placement, or None for the CPU) says where the models run; the baseline's
+    request says how (under `offload: disk` one decoder layer at a time from the files, on the CPU).
     """
     from kiln.common.progress import quiet_libraries
     from kiln.validate.layerwise import streamed_head_outputs
@@ -132,8 +129,9 @@ def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", tr
 
     reference = baseline.logits(samples, progress)  # before the variant loads: one model at a time
     with quiet_libraries():
-        streamed = stream_reference_model(hf_dir, trust_remote_code) if stream_layers else None
-        model = streamed.model if streamed else load_reference_model(hf_dir, trust_remote_code)
+        request = baseline.request
+        streamed = stream_reference_model(hf_dir, request.trust_remote_code) if request.layer_by_layer else None
+        model = streamed.model if streamed else load_reference_model(hf_dir, request.trust_remote_code)
         if placement is not None and not streamed:
             model = place(model, placement)
         with _outputs_task(progress, f"evaluate {label}".strip(), samples, streamed) as advance:

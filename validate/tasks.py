@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kiln.validate.task_config import TaskFiles
+from kiln.validate.request import ValidateRequest
 
 TASKS_FILE = "tasks.json"               # a variant's drops, beside report.json in its validate entry
 SCORES_FILE = "task_scores.json"        # one model's scores (the baseline's, cached once)
@@ -92,12 +93,14 @@ class TaskDrop:
                 f"{prefix}_drop_points": self.drop_points, f"{prefix}_drop_stderr_points": self.drop_stderr_points}
 
 
-def run_tasks(model_path: Path, requests: list[TaskRequest], *, baseline: bool, allow_code_execution: bool,
-              progress=None, label: str = "", trust_remote_code: bool = False, tokenizer: Path | None = None,
+def run_tasks(model_path: Path, requests: list[TaskRequest], settings: ValidateRequest, *, baseline: bool,
+              progress=None, label: str = "", tokenizer: Path | None = None,
               batch_size: int | None = None) -> dict[str, TaskScore]:
-    """Each task's score on one model: the exported checkpoint folder, or the source with `baseline`."""
+    """Each task's score on one model: the exported checkpoint folder, or the source with `baseline`.
+    `settings` says whether generated code may run and whether the model's own code may."""
     import contextlib
 
+    allow_code_execution = settings.allow_code_execution
     refused = [r.name for r in requests if r.unsafe_code and not allow_code_execution]
     if refused:
         raise PermissionError(f"task(s) {', '.join(refused)} run generated code; set evaluation.allow_code_execution: "
@@ -117,7 +120,7 @@ def run_tasks(model_path: Path, requests: list[TaskRequest], *, baseline: bool, 
     import lm_eval.evaluator
 
     lm_eval.evaluator.get_git_commit_hash = lambda: None
-    model = KilnLM(str(model_path), baseline=baseline, trust_remote_code=trust_remote_code,
+    model = KilnLM(str(model_path), baseline=baseline, trust_remote_code=settings.trust_remote_code,
                    tokenizer=str(tokenizer) if tokenizer else None, batch_size=batch_size)
     scores = {}
     task = progress.task(f"tasks {label}".strip(), total=len(requests)) if progress else contextlib.nullcontext()

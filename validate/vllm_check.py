@@ -119,6 +119,7 @@ def main(argv: list[str]) -> int:
     from vllm.inputs import TokensPrompt
 
     from kiln.validate.measure import Baseline, load_reference_model
+    from kiln.validate.request import ValidateRequest
     from kiln.validate.metrics import compare
 
     request = VllmCheckRequest(**json.loads(Path(argv[0]).read_text()))
@@ -136,7 +137,7 @@ def main(argv: list[str]) -> int:
     # prompt_logprobs[j] scores token j (None for the first); the generated token's logprobs score the last position.
     logits = [_as_logits(out.prompt_logprobs[1:] + [out.outputs[0].logprobs[0]], vocab) for out in outputs]
     with tempfile.TemporaryDirectory(prefix="kiln-baseline-") as scratch:
-        baseline = Baseline(Path(request.model_dir), Path(scratch), request.trust_remote_code)
+        baseline = Baseline(Path(request.model_dir), Path(scratch), ValidateRequest(trust_remote_code=request.trust_remote_code))
         metrics = compare(baseline.logits(samples), lambda ids, it=iter(logits): next(it), samples)
 
     tokenizer = llm.get_tokenizer()

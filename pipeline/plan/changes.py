@@ -20,8 +20,8 @@ from kiln.pipeline.plan.runtimes import RUNTIME_CHECKS
 # Stages that a tool pin feeds, and the ones downstream of them (their keys chain).
 _CHECKS = tuple(check.stage for check in RUNTIME_CHECKS.values())
 _DOWNSTREAM = {
-    "quantize": ("quantize", "validate", "publish", "compile", "engine-check", *_CHECKS),
-    "validate": ("validate", "publish", "engine-check", *_CHECKS),
+    "quantize": ("quantize", "validate", "size", "publish", "compile", "engine-check", *_CHECKS),
+    "validate": ("task-baseline", "validate", "publish", "engine-check", *_CHECKS),
 }
 
 

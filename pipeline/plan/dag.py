@@ -1,8 +1,10 @@
 """Planning: the DAG of stage instances for a recipe, each with its content key.
 
 fetch(model) -> quantize(variant) -> validate(variant) -> publish(variant)
+                                  -> size(variant) -> publish(variant)
                                   -> compile(variant@sm) -> engine-check(variant@sm) -> publish(variant@sm)
                                   -> vllm-check(variant@vllm) -> publish(variant@vllm)   (plan/runtimes.py)
+             -> task-baseline(model) -> validate(variant)   (where the recipe names evaluation.tasks)
 
 GPU stages run only on a host with that SM and TensorRT-LLM, the vLLM check only where vLLM is
 installed and has kernels for the format; elsewhere they are planned as skipped, with the reason,
@@ -31,13 +33,14 @@ from kiln.pipeline.data.fetch import FetchedModel, hub_digest, local_model
 from kiln.pipeline.recipe.schema import Variant
 from kiln.pipeline.recipe.loader import LoadedRecipe
 from kiln.pipeline.plan.checks import model_problems
+from kiln.pipeline.plan.requests import compile_request, quantize_key_config, quantize_request, quantize_tools
 from kiln.pipeline.plan.runtimes import installed_checks, runtime_check_instances
 from kiln.pipeline.plan.stages import (
     MODEL, NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity,
 )
 
 FETCH_VERSION = 1
-SIZE_RECORD = "size.json"          # the runner's "size" cache entries (quantize.checkpoint_size)
+SIZE_RECORD = "size.json"          # the "size" stage's cache entries (quantize.checkpoint_size)
 
 
 @dataclass
@@ -106,55 +109,6 @@ class Plan:
                 for sm in sms]
 
 
-def compile_request(loaded: LoadedRecipe, sm: str) -> compile_stage.CompileRequest:
-    build = loaded.recipe.build
-    return compile_stage.CompileRequest(
-        target=build.target,
-        sm=sm,
-        tp_size=build.tp_size,
-        max_batch_size=build.max_batch_size,
-        max_input_len=build.max_input_len,
-        max_seq_len=build.max_seq_len,
-        max_num_tokens=build.max_num_tokens,
-        kv_cache_reuse=build.kv_cache_reuse,
-        free_gpu_memory_fraction=build.free_gpu_memory_fraction,
-        cuda_graph_batch_sizes=build.cuda_graph_batch_sizes,
-        lora_target_modules=build.lora.target_modules if build.lora else (),
-        max_lora_rank=build.lora.max_rank if build.lora else 64,
-        speculative_mode=build.speculative.mode if build.speculative else None,
-        max_draft_len=build.speculative.max_draft_len if build.speculative else 0,
-    )
-
-
-def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None = None) -> quantize.QuantizeRequest:
-    """What quantize is asked for; `bits`: the candidate budget of a quant-auto variant's size search."""
-    model = loaded.recipe.model
-    return quantize.QuantizeRequest(
-        quant=variant.quant,
-        kv_cache=variant.kv_cache,
-        group_size=variant.effective_group_size,
-        dtype=model.dtype,
-        tp_size=loaded.recipe.build.tp_size,
-        trust_remote_code=model.trust_remote_code,
-        allow_pickle=model.allow_pickle,
-        alpha=variant.alpha,
-        exclude=variant.exclude,
-        max_shard_size=loaded.recipe.build.max_shard_size,
-        calibration_batch_size=loaded.recipe.calibration.batch_size,
-        backend=variant.backend,
-        auto=auto_request(loaded, variant, bits),
-    )
-
-
-def auto_request(loaded: LoadedRecipe, variant: Variant, bits: float | None) -> quantize.AutoRequest | None:
-    auto = variant.auto
-    if auto is None:
-        return None
-    calibration = loaded.recipe.calibration.samples
-    return quantize.AutoRequest(formats=auto.formats, effective_bits=bits if bits is not None else auto.candidates[0],
-                                method=auto.method.modelopt, score_samples=auto.score_samples or min(16, calibration))
-
-
 def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri: str,
               gpu: str | None = None, host: compile_stage.Host | None = None) -> Plan:
     recipe = loaded.recipe
@@ -190,9 +144,11 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
 
     checked_runtimes = installed_checks()
     tasks = task_key(loaded, plan.evaluation.digest)   # None without evaluation.tasks: keys stay as they were
+    if tasks:
+        plan.instances.append(task_baseline_instance(plan, cache, tasks, fetch_key))
     for name, variant in recipe.variants.items():
         candidates, p, checkpoint_key = checkpoint_instances(plan, cache, name, variant, fetch_key, tasks)
-        plan.instances += [i for pair in candidates for i in pair] + [p]
+        plan.instances += [i for q, v in candidates for i in (q, v, size_instance(cache, q))] + [p]
         for sm in variant.sms:
             plan.instances += gpu_instances(plan, cache, name, sm, checkpoint_key, p)
         plan.instances += runtime_check_instances(plan, cache, name, variant, checkpoint_key, p, checked_runtimes)
@@ -200,6 +156,23 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
 
 
 Candidate = tuple[StageInstance, StageInstance]   # (quantize, validate) of one checkpoint a variant may publish
+
+
+def task_baseline_instance(plan: Plan, cache: StageCache, tasks: dict, fetch_key: str) -> StageInstance:
+    """The unquantized model's task scores, once per model and task list: every variant's task drops read them."""
+    key = canonical_digest({"tasks": tasks, "model": plan.model_digest,
+                            "trust_remote_code": plan.loaded.recipe.model.trust_remote_code,
+                            "tools": tool_versions(validate.TOOLS + validate.TASK_TOOLS)})
+    return StageInstance("task-baseline", MODEL, key, {"model": plan.model_digest},
+                         Status.of_cache(cache.intact("task-baseline", key)), depends_on=(fetch_key,))
+
+
+def size_instance(cache: StageCache, quantize_instance: StageInstance) -> StageInstance:
+    """A checkpoint's bytes and bits per weight, measured once (it reads the source's headers); keyed by the
+    quantize entry it measures."""
+    key, quantized = quantize_instance.key, quantize_instance.status
+    status = quantized if quantized.skipped else Status.of_cache(cache.intact("size", key))
+    return StageInstance("size", quantize_instance.target, key, {"quantize": key}, status, depends_on=(key,))
 
 
 def checkpoint_instances(plan: Plan, cache: StageCache, name: str, variant: Variant, fetch_key: str,
@@ -235,8 +208,9 @@ def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
     loaded, source = plan.loaded, plan.loaded.recipe.model
     q_key, q_material = stage_key(
         "quantize", quantize.STAGE_VERSION,
-        {"request": _jsonable(quantize_request(loaded, variant, bits)), "calibration": plan.calibration.key_config()},
-        {"model": plan.model_digest}, _quantize_tools(variant.backend),
+        {"request": quantize_key_config(quantize_request(loaded, variant, bits)),
+         "calibration": plan.calibration.key_config()},
+        {"model": plan.model_digest}, quantize_tools(variant.backend),
     )
     v_key, v_material = stage_key(
         "validate", validate.STAGE_VERSION,
@@ -360,23 +334,3 @@ def checkable_model_folder(loaded: LoadedRecipe) -> Path | None:
     if not source.is_hub:
         return local_model(source, loaded.resolve(source.source)).path
     return _probe_hub_cache(source)[0]
-
-
-def _jsonable(request: quantize.QuantizeRequest) -> dict:
-    def encode(value):
-        return list(value) if isinstance(value, tuple) else value.value
-
-    fields = dict(request.__dict__)
-    if request.backend is quantize.Backend.modelopt:
-        del fields["backend"]   # ModelOpt keys predate backends: their cache entries stay valid
-    if request.auto is None:
-        del fields["auto"]      # and single-format keys predate auto precision
-    else:
-        fields["auto"] = {**request.auto.__dict__, "formats": [q.value for q in request.auto.formats]}
-    return json.loads(json.dumps(fields, default=encode))
-
-
-def _quantize_tools(backend: quantize.Backend) -> dict[str, str]:
-    if backend is quantize.Backend.modelopt:
-        return tool_versions(quantize.TOOLS)
-    return {**quantize.tool_versions(backend), **tool_versions(())}

@@ -21,6 +21,7 @@ from kiln.pipeline.plan.cache import StageCache
 from kiln.pipeline.data.documents import token_samples
 from kiln.pipeline.data.fetch import hub_model
 from kiln.pipeline.plan.dag import Plan
+from kiln.pipeline.plan.requests import validate_request
 from kiln.pipeline.plan.checks import model_problems
 from kiln.pipeline.plan.stages import RAN, StageInstance
 
@@ -104,12 +105,11 @@ class BuildContext:
 
     def baseline(self) -> validate.Baseline:
         if self._baseline is None:
-            model = self.loaded.recipe.model
             # Beside the cache (a big disk), in this process's scratch folder: reclaimed even after a SIGKILL.
             self._scratch = tempfile.TemporaryDirectory(prefix="kiln-baseline-", dir=process_scratch(self.plan.home))
             placement = self.placement()
-            self._baseline = validate.Baseline(self.model_dir(), Path(self._scratch.name), model.trust_remote_code,
-                                               model.allow_pickle, placement, stream_layers=placement.to_disk)
+            self._baseline = validate.Baseline(self.model_dir(), Path(self._scratch.name),
+                                               validate_request(self.loaded), placement)
         return self._baseline
 
     def close(self) -> None:

@@ -1,0 +1,90 @@
+"""The requests the plan hands each stage, built from the recipe: what compile, quantize and validate are asked
+for, each setting under the recipe's own name. Their fields are what the stages' keys are made of."""
+
+from __future__ import annotations
+
+import json
+
+from kiln import compile as compile_stage
+from kiln import quantize, validate
+from kiln.common.versions import tool_versions
+from kiln.pipeline.recipe.loader import LoadedRecipe
+from kiln.pipeline.recipe.schema import Variant
+
+
+def compile_request(loaded: LoadedRecipe, sm: str) -> compile_stage.CompileRequest:
+    build = loaded.recipe.build
+    return compile_stage.CompileRequest(
+        target=build.target,
+        sm=sm,
+        tp_size=build.tp_size,
+        max_batch_size=build.max_batch_size,
+        max_input_len=build.max_input_len,
+        max_seq_len=build.max_seq_len,
+        max_num_tokens=build.max_num_tokens,
+        kv_cache_reuse=build.kv_cache_reuse,
+        free_gpu_memory_fraction=build.free_gpu_memory_fraction,
+        cuda_graph_batch_sizes=build.cuda_graph_batch_sizes,
+        lora_target_modules=build.lora.target_modules if build.lora else (),
+        max_lora_rank=build.lora.max_rank if build.lora else 64,
+        speculative_mode=build.speculative.mode if build.speculative else None,
+        max_draft_len=build.speculative.max_draft_len if build.speculative else 0,
+    )
+
+
+def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None = None) -> quantize.QuantizeRequest:
+    """What quantize is asked for; `bits`: the candidate budget of a quant-auto variant's size search."""
+    model = loaded.recipe.model
+    return quantize.QuantizeRequest(
+        quant=variant.quant,
+        kv_cache=variant.kv_cache,
+        group_size=variant.effective_group_size,
+        dtype=model.dtype,
+        tp_size=loaded.recipe.build.tp_size,
+        trust_remote_code=model.trust_remote_code,
+        allow_pickle=model.allow_pickle,
+        alpha=variant.alpha,
+        exclude=variant.exclude,
+        max_shard_size=loaded.recipe.build.max_shard_size,
+        calibration_batch_size=loaded.recipe.calibration.batch_size,
+        backend=variant.backend,
+        auto=auto_request(loaded, variant, bits),
+    )
+
+
+def auto_request(loaded: LoadedRecipe, variant: Variant, bits: float | None) -> quantize.AutoRequest | None:
+    auto = variant.auto
+    if auto is None:
+        return None
+    calibration = loaded.recipe.calibration.samples
+    return quantize.AutoRequest(formats=auto.formats, effective_bits=bits if bits is not None else auto.candidates[0],
+                                method=auto.method.modelopt, score_samples=auto.score_samples or min(16, calibration))
+
+
+def validate_request(loaded: LoadedRecipe) -> validate.ValidateRequest:
+    """What validate is asked for; the baseline and every variant of the recipe share it."""
+    recipe = loaded.recipe
+    return validate.ValidateRequest(trust_remote_code=recipe.model.trust_remote_code,
+                                    allow_pickle=recipe.model.allow_pickle, offload=recipe.calibration.offload,
+                                    allow_code_execution=recipe.evaluation.allow_code_execution)
+
+
+def quantize_key_config(request: quantize.QuantizeRequest) -> dict:
+    """The request as the quantize key records it."""
+    def encode(value):
+        return list(value) if isinstance(value, tuple) else value.value
+
+    fields = dict(request.__dict__)
+    if request.backend is quantize.Backend.modelopt:
+        del fields["backend"]   # ModelOpt keys predate backends: their cache entries stay valid
+    if request.auto is None:
+        del fields["auto"]      # and single-format keys predate auto precision
+    else:
+        fields["auto"] = {**request.auto.__dict__, "formats": [q.value for q in request.auto.formats]}
+    return json.loads(json.dumps(fields, default=encode))
+
+
+def quantize_tools(backend: quantize.Backend) -> dict[str, str]:
+    if backend is quantize.Backend.modelopt:
+        return tool_versions(quantize.TOOLS)
+    return {**quantize.tool_versions(backend), **tool_versions(())}
