@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kiln.quantize import FORMATS, Kernel, KVCacheFormat, QuantFormat
+from kiln.quantize import FORMATS, KV_CACHE_FORMATS, Kernel, KVCacheFormat, QuantFormat
 
-K, KV = Kernel, KVCacheFormat
+K = Kernel
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class GpuArch:
     sm: str
     gpus: tuple[str, ...]
     kernels: frozenset[Kernel]
-    kv_caches: frozenset[KVCacheFormat]
+    kv_dtypes: frozenset[str]           # the KV cache dtypes its attention kernels take (KVCacheSpec.runtime_dtype)
     # trtllm-build --use_fp8_context_fmha: the FP8 workflow's context FMHA kernels exist on Ada and Hopper only.
     fp8_context_fmha: bool = False
 
@@ -36,6 +36,11 @@ class GpuArch:
     def formats(self) -> frozenset[QuantFormat]:
         """The formats whose kernel this SM has (read from the formats table each time: rows can be added)."""
         return frozenset(quant for quant, spec in FORMATS.items() if spec.kernel in self.kernels)
+
+    @property
+    def kv_caches(self) -> frozenset[KVCacheFormat]:
+        """The KV formats whose cache dtype this SM takes (read from the KV table: a new row needs no edit here)."""
+        return frozenset(kv for kv, spec in KV_CACHE_FORMATS.items() if spec.runtime_dtype in self.kv_dtypes)
 
     def describe(self) -> str:
         formats = ", ".join(sorted(f.value for f in self.formats))
@@ -46,7 +51,8 @@ class GpuArch:
 _AMPERE_KERNELS = frozenset({K.w4a16, K.w8a8, K.w8a16})       # [doc] W4A16 AWQ/GPTQ; [builder] INT8
 _ADA_KERNELS = _AMPERE_KERNELS | {K.fp8, K.w4a8}                # [doc] FP8 per tensor, W4A8; [modelopt] FP8 >= 8.9
 _BLACKWELL_KERNELS = frozenset({K.fp8, K.nvfp4})               # [doc] NVFP4 (Blackwell only); [builder] no INT8/INT4
-_PRE_BLACKWELL_KV = frozenset({KV.none, KV.fp8, KV.int8})
+_PRE_BLACKWELL_KV = frozenset({"auto", "fp8", "int8"})   # "auto": the model's own dtype, an unquantized cache
+_BLACKWELL_KV = frozenset({"auto", "fp8", "nvfp4"})
 
 ARCHS: dict[str, GpuArch] = {arch.sm: arch for arch in (
     GpuArch("sm80", ("A100", "A30"), _AMPERE_KERNELS, _PRE_BLACKWELL_KV),
@@ -57,9 +63,9 @@ ARCHS: dict[str, GpuArch] = {arch.sm: arch for arch in (
     GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_KERNELS | {K.fp8_rowwise}, _PRE_BLACKWELL_KV,
             fp8_context_fmha=True),
     # [builder]: no INT8/INT4 weight-only, SmoothQuant or INT8 KV on 100 <= SM < 120; [doc]: no W4A16/W4A8.
-    GpuArch("sm100", ("B200", "GB200", "B100"), _BLACKWELL_KERNELS, frozenset({KV.none, KV.fp8, KV.nvfp4})),
+    GpuArch("sm100", ("B200", "GB200", "B100"), _BLACKWELL_KERNELS, _BLACKWELL_KV),
     GpuArch("sm120", ("RTX 5090", "RTX 5080", "RTX PRO 6000"), _BLACKWELL_KERNELS,
-            frozenset({KV.none, KV.fp8, KV.nvfp4})),
+            _BLACKWELL_KV),
 )}
 
 

@@ -29,7 +29,7 @@ from kiln.quantize.checkpoint import (
 from kiln.quantize.families import FAMILIES, Family, family_of, family_problems, trtllm_values_agree
 from kiln.quantize.formats import (
     AUTO, FORMATS, KV_CACHE_FORMATS, MIXED_PRECISION, Backend, FormatSpec, Kernel, KVCacheFormat, QuantFormat,
-    format_of_export, kv_cache_of_export,
+    format_of_export, kv_cache_of_export, kv_calibration_note,
 )
 from kiln.quantize.memory import exported_bytes, min_weight_bits, offload_folder_writes, peak_memory
 from kiln.quantize.modelopt_backend import TOOLS
@@ -50,7 +50,7 @@ BACKENDS = {Backend.modelopt: modelopt_backend, Backend.llmcompressor: llmcompre
 __all__ = [
     "run", "require_backend", "tool_versions", "BACKENDS", "QuantizeRequest", "AutoRequest", "CheckpointRecord", "recorded_formats",
     "release_memory", "AUTO", "MIXED_PRECISION", "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
-    "format_of_export", "kv_cache_of_export", "register_format", "unregister_format", "row_problems",
+    "format_of_export", "kv_cache_of_export", "kv_calibration_note", "register_format", "unregister_format", "row_problems",
     "layer_width_problems", "unmatched_excludes", "lowest_budget", "Device", "Offload", "Placement", "VisibleGpu", "plan_placement",
     "HF_DIR", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS",
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",

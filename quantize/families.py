@@ -21,9 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kiln.quantize.formats import FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 
-KV = KVCacheFormat
 
 
 # What each tag in a row cites (TensorRT-LLM unless said otherwise).
@@ -105,7 +104,7 @@ class Family:
     no_trtllm_reason: str | None
     engine_columns: frozenset[str]     # TensorRT-LLM matrix columns (TrtllmMapping.matrix) of the engine flow
     pytorch_columns: frozenset[str]    # and of the PyTorch backend
-    kv_formats: frozenset[KVCacheFormat]
+    kv_dtypes: frozenset[str]          # the KV cache dtypes its sources list (KVCacheSpec.runtime_dtype)
     formats_source: str
     experts: ExpertLayout | None = None
     notes: tuple[str, ...] = field(default=())
@@ -114,6 +113,11 @@ class Family:
         """The formats whose matrix column the target's source lists for this family."""
         columns = self.engine_columns if target == "trtllm-engine" else self.pytorch_columns
         return frozenset(quant for quant, spec in FORMATS.items() if spec.trtllm and spec.trtllm.matrix in columns)
+
+    @property
+    def kv_formats(self) -> frozenset[KVCacheFormat]:
+        """The KV formats whose cache dtype the family takes (read from the KV table: new rows need no edit here)."""
+        return frozenset(kv for kv, spec in KV_CACHE_FORMATS.items() if spec.runtime_dtype in self.kv_dtypes)
 
     @property
     def engine_formats(self) -> frozenset[QuantFormat]:
@@ -174,7 +178,7 @@ MATRIX_COLUMNS = frozenset({_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ,
 _LLAMA_ENGINE = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16)
 _LLAMA_PYTORCH = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8)   # [pt-matrix] LLaMA rows
 _QWEN_ENGINE = _columns(_FP8, _SQ, _W8A16, _AWQ, _GPTQ)   # [precision] Qwen; FP8: examples/qwen
-_FP8_KV = frozenset({KV.none, KV.fp8})
+_FP8_KV = frozenset({"auto", "fp8"})   # "auto": an unquantized cache in the model's dtype
 _NO_ENGINE = frozenset()
 
 
@@ -186,7 +190,7 @@ def _modelopt_cannot(model_type: str) -> str:
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "Llama 2, 3.x", "LlamaForCausalLM",
            TrtllmCheckpoint("LlamaForCausalLM", "LLaMAForCausalLM", "[llama-cfg]", _LLAMA_FIELDS),
-           None, _LLAMA_ENGINE, _LLAMA_PYTORCH, frozenset({KV.none, KV.fp8, KV.nvfp4}),
+           None, _LLAMA_ENGINE, _LLAMA_PYTORCH, frozenset({"auto", "fp8", "nvfp4"}),
            "[precision] LLaMA; [pt-matrix] LLaMA, LLaMA-v2, LLaMA 3"),
     Family("mistral", "Mistral", "MistralForCausalLM",
            TrtllmCheckpoint("MistralForCausalLM", "LLaMAForCausalLM", "[llama-cfg]", _LLAMA_FIELDS),

@@ -71,6 +71,7 @@ class QuantFormat(str, metaclass=_FormatNames):
 class KVCacheFormat(str, Enum):
     none = "none"
     fp8 = "fp8"
+    fp8_cast = "fp8_cast"
     int8 = "int8"
     nvfp4 = "nvfp4"
 
@@ -168,8 +169,13 @@ class KVCacheSpec:
     modelopt_config: str | None     # attribute of modelopt.torch.quantization
     unsupported: str | None = None  # why kiln refuses it, when it does
     export_algo: str | None = None  # `kv_cache_quant_algo` of the exported configs
-    runtime_dtype: str = "auto"     # tensorrt_llm KvCacheConfig.dtype ("auto": the model's dtype)
+    # tensorrt_llm KvCacheConfig.dtype ("auto": the model's dtype): what the cache holds, so also what the GPU
+    # table (compile/gpus.py) and the family table (quantize/families.py) say a GPU or family takes.
+    runtime_dtype: str = "auto"
     fp8_context_fmha: bool = False  # an FP8 cache that FP8 context FMHA writes (with an FP8 format)
+    # ModelOpt's `constant_amax` for the K/V quantizers: no KV calibration, and the exported k_scale / v_scale
+    # are amax / 448 (448: scale 1.0, a plain cast to FP8). The files are an FP8 KV checkpoint like any other.
+    constant_amax: float | None = None
 
 
 # The formats table, keyed by each format's name (a QuantFormat, equal to its string).
@@ -209,10 +215,15 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
 KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec in (
     KVCacheSpec(KVCacheFormat.none, None),
     KVCacheSpec(KVCacheFormat.fp8, "FP8_KV_CFG", export_algo="FP8", runtime_dtype="fp8", fp8_context_fmha=True),
+    # Measured (ModelOpt 0.47, CPU): with constant_amax 448 the HF export carries k_scale = v_scale = 1.0 and the
+    # TensorRT-LLM checkpoint kv_cache_quant_algo FP8 with kv_cache_scaling_factor 1.0. (use_constant_amax, the
+    # other spelling, exports no scales at all and drops the KV algorithm from the TensorRT-LLM checkpoint.)
+    KVCacheSpec(KVCacheFormat.fp8_cast, "FP8_KV_CFG", export_algo="FP8", runtime_dtype="fp8", fp8_context_fmha=True,
+                constant_amax=448.0),
     KVCacheSpec(KVCacheFormat.nvfp4, "NVFP4_KV_CFG", export_algo="NVFP4", runtime_dtype="nvfp4"),
     # Measured: ModelOpt 0.47 calibrates an INT8 KV cache but its HF export stops with
     # "Invalid KV cache quantization format", so no checkpoint kiln could validate exists.
-    KVCacheSpec(KVCacheFormat.int8, None, unsupported="ModelOpt 0.47 cannot export an INT8 KV cache to the HF "
+    KVCacheSpec(KVCacheFormat.int8, None, runtime_dtype="int8", unsupported="ModelOpt 0.47 cannot export an INT8 KV cache to the HF "
                 "checkpoint (\"Invalid KV cache quantization format\"); use fp8 or nvfp4"),
 )}
 
@@ -222,6 +233,15 @@ KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec i
 MIXED_PRECISION = "MIXED_PRECISION"
 # A recipe's `quant: auto`: ModelOpt's auto_quantize picks each layer's format (quantize/auto_precision.py).
 AUTO = "auto"
+def kv_calibration_note(kv_cache: KVCacheFormat) -> str | None:
+    """What a build and `kiln plan` say of a KV format that takes no calibration; None for one that does."""
+    spec = KV_CACHE_FORMATS[kv_cache]
+    if spec.constant_amax is None:
+        return None
+    return (f"KV cache {kv_cache.value}: a constant scale ({spec.constant_amax / 448:g}, amax {spec.constant_amax:g}), "
+            "no KV calibration")
+
+
 def format_of_export(quant_algo: str | None) -> FormatSpec | None:
     """The row whose export carries this `quant_algo` (INT4 AWQ and GPTQ share W4A16_AWQ and all it implies)."""
     return next((spec for spec in FORMATS.values() if quant_algo and spec.export_quant_algo == quant_algo), None)

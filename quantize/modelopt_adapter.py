@@ -45,12 +45,24 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
     if kv_spec.unsupported:
         raise ValueError(f"kv_cache {kv_cache.value}: {kv_spec.unsupported}")
     if kv_spec.modelopt_config is not None:
-        config = mtq.update_quant_cfg_with_kv_cache_quant(config, getattr(mtq, kv_spec.modelopt_config)["quant_cfg"])
+        config = mtq.update_quant_cfg_with_kv_cache_quant(config, kv_quant_cfg(kv_cache))
     # Later entries win in ModelOpt's list: exclusions go last, disabling every quantizer under the module.
     config["quant_cfg"] = list(config["quant_cfg"]) + [
         {"quantizer_name": f"{pattern}.*", "enable": False} for pattern in exclude
     ]
     return config
+
+
+def kv_quant_cfg(kv_cache: KVCacheFormat) -> list:
+    """ModelOpt's K/V quantizer entries for a KV format; a constant-scale format pins their amax, so calibration
+    collects nothing for them."""
+    import modelopt.torch.quantization as mtq
+
+    spec = KV_CACHE_FORMATS[kv_cache]
+    entries = copy.deepcopy(list(getattr(mtq, spec.modelopt_config)["quant_cfg"]))
+    if spec.constant_amax is not None:
+        entries = [{**entry, "cfg": {**entry["cfg"], "constant_amax": spec.constant_amax}} for entry in entries]
+    return entries
 
 
 def load_source_model(model_dir: Path, dtype: str, trust_remote_code: bool, allow_pickle: bool,
@@ -137,14 +149,14 @@ def auto_quantize(model, request, exclude: tuple[str, ...], samples, batch_size:
 def calibrate_kv_cache(model, kv_cache: KVCacheFormat, samples, batch_size: int) -> None:
     """Add a quantized KV cache to a model auto_quantize left quantized: ModelOpt's auto_quantize searches
     linear layers only, so the K/V quantizers are enabled and calibrated (max) here, every other quantizer
-    left as the search calibrated it."""
+    left as the search calibrated it. A constant-scale KV format has its amax once set: no forward runs."""
     import modelopt.torch.quantization as mtq
     import torch
 
     kv_spec = KV_CACHE_FORMATS[kv_cache]
     if kv_spec.modelopt_config is None:
         return
-    kv_cfg = list(getattr(mtq, kv_spec.modelopt_config)["quant_cfg"])
+    kv_cfg = kv_quant_cfg(kv_cache)
     device = input_device(model)
 
     def forward_loop(m):
@@ -155,6 +167,8 @@ def calibrate_kv_cache(model, kv_cache: KVCacheFormat, samples, batch_size: int)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mtq.set_quantizer_by_cfg(model, kv_cfg)
+        if kv_spec.constant_amax is not None:
+            return
         with mtq.set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}, *kv_cfg]):
             mtq.calibrate(model, algorithm="max", forward_loop=forward_loop)
 

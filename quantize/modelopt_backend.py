@@ -14,7 +14,7 @@ from kiln.common.versions import installed_versions
 from kiln.quantize import auto_precision
 from kiln.quantize.checkpoint import HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory, save_tokenizer
 from kiln.quantize.families import Family
-from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat
+from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat, kv_calibration_note
 from kiln.quantize.offload_writeback import write_back_to_disk
 from kiln.quantize.placement import Placement, gpu_peak_bytes, reset_gpu_peaks
 from kiln.quantize.size import checkpoint_size
@@ -187,6 +187,9 @@ def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, 
     """Calibrate with one format's config, or search the formats per layer (quant auto) and then calibrate the
     KV cache; returns the search's summary (empty for one format)."""
     batch_size = request.calibration_batch_size
+    kv_note = kv_calibration_note(request.kv_cache)
+    if kv_note:
+        progress.log(f"{label}: {kv_note}")
     if request.auto is None:
         config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha,
                                          request.exclude, offloaded)
@@ -208,6 +211,6 @@ def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, 
 
         search = adapter.auto_quantize(model, request.auto, request.exclude, calibration, batch_size, on_forward)
     if request.kv_cache is not KVCacheFormat.none:
-        with progress.task(f"calibrate the {request.kv_cache.value} KV cache", total=None):
+        with progress.task(f"{'set' if kv_note else 'calibrate'} the {request.kv_cache.value} KV cache", total=None):
             adapter.calibrate_kv_cache(model, request.kv_cache, calibration, batch_size)
     return search

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from kiln.pipeline.data.corpus import python_docs
 from kiln.pipeline.data.documents import token_samples
-from kiln.quantize import FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 from kiln.quantize import modelopt_adapter as adapter
 from kiln.validate.runtime import ReferenceLinear
 from kiln.validate.reference_loader import load_reference_model
@@ -57,9 +57,10 @@ def texts(test_model):
 
 
 # Every format whose ModelOpt fake-quant runs on a CPU (NVFP4 needs CUDA: bench/nvfp4_gpu.py compares it there),
-# from the format table; these also carry an FP8 KV cache, so its scales are compared too.
-WITH_FP8_KV = {QuantFormat.fp8, QuantFormat.w4a8_awq, QuantFormat.int8_sq}
-CPU_FORMATS = [(quant, KVCacheFormat.fp8 if quant in WITH_FP8_KV else KVCacheFormat.none)
+# from the format table; these also carry an FP8 KV cache, calibrated or cast, so its scales are compared too.
+KV_OF = {QuantFormat.fp8: KVCacheFormat.fp8, QuantFormat.w4a8_awq: KVCacheFormat.fp8,
+         QuantFormat.int8_sq: KVCacheFormat.fp8, QuantFormat.int8_wo: KVCacheFormat.fp8_cast}
+CPU_FORMATS = [(quant, KV_OF.get(quant, KVCacheFormat.none))
                for quant, spec in FORMATS.items() if spec.modelopt_fake_quant_on_cpu]
 
 
@@ -71,6 +72,10 @@ def test_reference_runtime_matches_modelopt(tmp_path, test_model, texts, quant, 
     with torch.no_grad():
         expected = [in_memory(input_ids=ids[None]).logits[0] for ids in texts["evaluation"]]
     adapter.export_hf(model, tmp_path / "hf")  # after: the export rewrites the model in place
+    constant = KV_CACHE_FORMATS[kv].constant_amax
+    if constant is not None:   # nothing calibrated the cache: every exported K/V scale is the constant's
+        scales = [v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items() if k.endswith(("k_scale", "v_scale"))]
+        assert len(scales) == 2 * 4 and {float(s) for s in scales} == {constant / 448}
 
     def agreement(checkpoint):
         reference = load_reference_model(checkpoint)

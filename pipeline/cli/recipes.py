@@ -108,6 +108,8 @@ def plan(
         line = family_line(the_plan)
         if line:
             stdout_console.print(line, soft_wrap=True)
+        for note in the_plan.notes():
+            stdout_console.print(note, soft_wrap=True)
         if memory is not None:
             from kiln.pipeline.plan.memory import memory_table
 

@@ -76,6 +76,11 @@ class Plan:
         return {"model_type": family.model_type, "title": family.title, "trtllm_checkpoint": bool(family.trtllm),
                 "publishes": publishes}
 
+    def notes(self) -> list[str]:
+        """What the variants' quantize stages will do that a reader might not expect (a KV cache not calibrated)."""
+        return [f"{name}: {note}" for name, variant in self.loaded.recipe.variants.items()
+                if (note := quantize.kv_calibration_note(variant.kv_cache))]
+
     def memory(self):
         """The plan-time memory estimate for this recipe on this host (None before config.json is at hand)."""
         from kiln.pipeline.plan.memory import recipe_estimate

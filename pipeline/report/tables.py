@@ -38,6 +38,7 @@ def plan_document(plan: Plan) -> dict:
         "registry": plan.registry_uri,
         "stages": [instance.as_dict() for instance in plan.instances],
         "family": plan.family_summary(),
+        "notes": plan.notes(),
     }
 
 
