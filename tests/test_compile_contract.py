@@ -19,7 +19,7 @@ from kiln.compile import ARCHS, CompileRequest, Target
 from kiln.compile.engine import trtllm_build_argv
 from kiln.compile.llmapi import llm_api_options
 from kiln.compile.targets import CheckpointQuant
-from kiln.quantize.formats import FORMATS, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 
 STANDIN_BUILD = Path(__file__).parent / "standins" / "bin" / "trtllm-build"
 
@@ -39,6 +39,17 @@ def test_the_rows_carry_the_measured_quant_algo():
 
 
 KV_ALGO = {KVCacheFormat.none: None, KVCacheFormat.fp8: "FP8", KVCacheFormat.nvfp4: "NVFP4", KVCacheFormat.int8: "INT8"}
+
+
+def kv_algo_of(kv: KVCacheFormat) -> str | None:
+    """As quant_algo_of: the measured label, or a newer KV row's own (fp8_cast's export was measured FP8 too)."""
+    return KV_ALGO.get(kv, KV_CACHE_FORMATS[kv].export_algo)
+
+
+def test_the_kv_rows_carry_the_measured_kv_cache_quant_algo():
+    exported = [kv for kv, spec in KV_CACHE_FORMATS.items() if kv in KV_ALGO and not spec.unsupported]
+    assert {kv: KV_CACHE_FORMATS[kv].export_algo for kv in exported} == {kv: KV_ALGO[kv] for kv in exported}
+    assert kv_algo_of(KVCacheFormat.fp8_cast) == "FP8"
 
 # Each flag kiln passes, and where TensorRT-LLM defines it (paths in NVIDIA/TensorRT-LLM, release 0.17-1.2):
 #   --checkpoint_dir/--output_dir/--max_batch_size/--max_input_len/--max_seq_len/--max_num_tokens:
@@ -108,7 +119,7 @@ def run_standin(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("quant,kv,sm", list(allowed_combinations()))
 def test_trtllm_build_argv_contract(quant, kv, sm, tmp_path):
-    quant_algo, kv_algo = quant_algo_of(quant), KV_ALGO[kv]
+    quant_algo, kv_algo = quant_algo_of(quant), kv_algo_of(kv)
     ckpt, out = fake_checkpoint(tmp_path, quant_algo, kv_algo), tmp_path / "engine"
     argv = trtllm_build_argv(request_for(sm, Target.trtllm_engine), CheckpointQuant(quant_algo, kv_algo, 1), ckpt, out)
     assert argv == expected_argv(quant_algo, kv_algo, sm, ckpt, out)
@@ -153,7 +164,7 @@ KV_DTYPE = {None: "auto", "FP8": "fp8", "NVFP4": "nvfp4"}
 
 @pytest.mark.parametrize("quant,kv,sm", list(allowed_combinations()))
 def test_llm_api_options_contract(quant, kv, sm):
-    kv_algo = KV_ALGO[kv]
+    kv_algo = kv_algo_of(kv)
     options = llm_api_options(request_for(sm, Target.trtllm_pytorch), CheckpointQuant(quant_algo_of(quant), kv_algo, 1))
     assert options == {
         "tensor_parallel_size": 1, "max_batch_size": 8, "max_num_tokens": 4096, "max_seq_len": 2048,

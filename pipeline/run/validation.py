@@ -46,8 +46,10 @@ class MeasureStages:
 
     def task_baseline(self) -> dict:
         """The unquantized model's task scores: computed once per model and task list, then cached."""
-        entry = self.context.get_or_build(self.plan.instance("task-baseline", "model"), lambda out: validate.write_task_scores(
-            self._run_tasks(self.context.model_dir(), baseline=True, label="baseline"), out))
+        def build(out: Path) -> None:
+            validate.write_task_scores(self._run_tasks(self.context.model_dir(), baseline=True, label="baseline"), out)
+
+        entry = self.context.get_or_build(self.plan.instance("task-baseline", "model"), build)
         return validate.load_task_scores(entry)
 
     def _run_tasks(self, model: Path, baseline: bool, label: str) -> dict:
