@@ -1,6 +1,7 @@
 """Accuracy of every format on exported checkpoints: the trained test model and real pretrained models.
 
-    python bench/accuracy.py [--models demo,smollm2-135m,gemma3-270m] [--home DIR] [--markdown FILE]
+    python bench/accuracy.py [--models demo,smollm2-135m,gemma3-270m] [--sets matrix,2026] [--home DIR]
+                             [--markdown FILE]
 
 For each model, kiln builds every variant of recipes/demo-matrix.yaml, so every number comes from
 the reference runtime running the exported files. The real models (bench/real_models.py: weights
@@ -12,6 +13,9 @@ model also gets llm-compressor's variants ("(llmc) ...") where its interpreter i
 (KILN_LLMCOMPRESSOR_PYTHON, or `make llmcompressor-env`). The bench adds two rows itself: the
 unquantized model and plain round-to-nearest INT4 (no AWQ, no GPTQ). It prints the tables and checks
 three expectations from the literature per model; a contradiction is printed, not hidden.
+
+`--sets 2026` builds the 2026 formats instead (FORMATS_2026: block FP8, MXFP8, weight-only NVFP4), with
+`build.target: trtllm-pytorch`, the target that publishes their HF checkpoints.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 
 from tests.recipes import repo_recipe_beside_model, run_kiln  # noqa: E402  (the suite's helpers, no pytest)
-FOUR_BIT = ("nvfp4", "int4_awq", "int4_gptq", "w4a8_awq")
+FOUR_BIT = ("nvfp4", "nvfp4_a16", "int4_awq", "int4_gptq", "w4a8_awq")
 LLMC_PYTHON = os.environ.get("KILN_LLMCOMPRESSOR_PYTHON") or str(REPO / "build" / "llmcompressor-env" / "bin" / "python")
 
 # The example recipes' gates (recipes/demo.yaml, recipes/tinyllama-1.1b.yaml), drawn from SmolLM2's numbers here:
@@ -43,6 +47,11 @@ LLMC_PYTHON = os.environ.get("KILN_LLMCOMPRESSOR_PYTHON") or str(REPO / "build" 
 # gate of their weight width, so the figure draws both lines and marks what each refuses.
 GATES = {8: {"max_ppl_increase_pct": 5.0, "max_kl": 0.1, "min_top1_agreement": 0.73},
          4: {"max_ppl_increase_pct": 50.0, "max_kl": 0.5, "min_top1_agreement": 0.46}}
+
+# The 2026 formats (issue 38), a recipe of their own: their HF checkpoints publish with target trtllm-pytorch.
+FORMATS_2026 = {"fp8-block": {"quant": "fp8_block"}, "fp8-block-kv-fp8-cast": {"quant": "fp8_block", "kv_cache": "fp8_cast"},
+                "mxfp8": {"quant": "mxfp8"}, "nvfp4-a16": {"quant": "nvfp4_a16"}}
+SETS = {"matrix": None, "2026": FORMATS_2026}
 
 # Per real model: what its recipe needs beyond the matrix, and the tasks it is scored on.
 REAL = {
@@ -74,17 +83,31 @@ def _demo_recipe(home: Path, model: Path, recipe_name: str) -> Path:
     return repo_recipe_beside_model(workdir, model, recipe_name)
 
 
-def _real_recipe(home: Path, name: str, model: Path) -> tuple[Path, dict[str, str]]:
-    """The matrix's variants for a real model, less those `kiln check` refuses (returned with its reasons)."""
+def _demo_2026_recipe(home: Path, model: Path) -> Path:
+    """recipes/demo-matrix.yaml's data settings with the 2026 formats' variants, for their target."""
+    recipe = yaml.safe_load(_demo_recipe(home, model, "demo-matrix.yaml").read_text())
+    recipe.update(name="matrix-2026", variants=FORMATS_2026, build={"target": "trtllm-pytorch"})
+    recipe["model"]["source"] = str(model)
+    path = home / "bench-recipes" / "matrix-2026.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _real_recipe(home: Path, name: str, model: Path, variants: dict | None = None) -> tuple[Path, dict[str, str]]:
+    """The matrix's variants (or `variants`, with target trtllm-pytorch) for a real model, less those `kiln check`
+    refuses (returned with its reasons)."""
     matrix = yaml.safe_load((REPO / "recipes" / "demo-matrix.yaml").read_text())
+    if variants is not None:
+        matrix = {"variants": variants}
     tasks = REAL[name]["tasks"]
-    recipe = {"kiln": 1, "name": f"real-{name}", "model": {"source": str(model)},
+    extra = {**REAL[name]["recipe"], **({"build": {"target": "trtllm-pytorch"}} if variants is not None else {})}
+    recipe = {"kiln": 1, "name": f"real-{name}" + ("-2026" if variants is not None else ""), "model": {"source": str(model)},
               "calibration": {"builtin": "python-docs-train", "samples": 8, "seq_len": 256},
               "evaluation": {"builtin": "python-docs-heldout", "samples": 16, "seq_len": 256, "tasks": tasks,
                              "allow_code_execution": any(t["name"] == "humaneval" for t in tasks)},
               "variants": {variant: {**spec, "gates": GATES[8 if FORMATS[QuantFormat(spec["quant"])].weight_bits >= 8 else 4]}
-                           for variant, spec in matrix["variants"].items()}, **REAL[name]["recipe"]}
-    path = home / "bench-recipes" / f"real-{name}.yaml"
+                           for variant, spec in matrix["variants"].items()}, **extra}
+    path = home / "bench-recipes" / f"{recipe['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     refused = {}
@@ -207,6 +230,8 @@ def main() -> int:
     parser.add_argument("--home", type=Path, help="KILN_HOME to build in (default: a temporary one)")
     parser.add_argument("--models", default="demo," + ",".join(REAL), help="comma-separated: demo and/or "
                         + ", ".join(REAL))
+    parser.add_argument("--sets", default="matrix", help="comma-separated variant sets: matrix (recipes/demo-matrix.yaml)"
+                        " and/or 2026 (the 2026 formats, target trtllm-pytorch)")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--humaneval", type=int, default=0, metavar="N",
                         help="also score the first N HumanEval problems on the real models (runs generated code in "
@@ -216,6 +241,9 @@ def main() -> int:
     unknown = [n for n in names if n != "demo" and n not in REAL]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from demo, {', '.join(REAL)}")
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if not sets or any(s not in SETS for s in sets):
+        parser.error(f"--sets takes {', '.join(SETS)}")
 
     out = [f"Measured {date.today().isoformat()} on {os.cpu_count()} CPU cores; every row is the reference runtime "
            "on the exported files.", ""]
@@ -226,10 +254,12 @@ def main() -> int:
                 from tests.testmodel import ensure_test_model
 
                 model = ensure_test_model()
-                builds = [("", _build(home, _demo_recipe(home, model, "demo-matrix.yaml")))]
-                if Path(LLMC_PYTHON).exists():
+                builds = [("", _build(home, _demo_recipe(home, model, "demo-matrix.yaml")))] if "matrix" in sets else []
+                if "2026" in sets:
+                    builds.append(("", _build(home, _demo_2026_recipe(home, model))))
+                if "matrix" in sets and Path(LLMC_PYTHON).exists():
                     builds.append(("(llmc) ", _build(home, _demo_recipe(home, model, "demo-llmcompressor.yaml"))))
-                else:
+                elif "matrix" in sets:
                     print(f"llm-compressor rows skipped: no {LLMC_PYTHON} (make llmcompressor-env)", file=sys.stderr)
                 rows, refused = _rows(home, model, builds, {"samples": 32, "seq_len": 256}), {}
                 title = f"trained test model {model.name}: python-docs-heldout, 32 x 256 tokens"
@@ -240,12 +270,15 @@ def main() -> int:
                 if args.humaneval:
                     REAL[name]["tasks"] = [*REAL[name]["tasks"], {"name": "humaneval", "limit": args.humaneval,
                                                                   "max_new_tokens": 256}]
-                recipe, refused = _real_recipe(home, name, model)
-                print(f"building {recipe.name} ({len(yaml.safe_load(recipe.read_text())['variants'])} variants)",
-                      file=sys.stderr)
-                # Published whatever their gates say, so that the report figure marks the failures too.
-                rows = _rows(home, model, [("", _build(home, recipe, "--publish-failed"))],
-                             {"samples": 16, "seq_len": 256})
+                builds, refused = [], {}
+                for variants in (SETS[s] for s in sets):
+                    recipe, not_built = _real_recipe(home, name, model, variants)
+                    refused.update(not_built)
+                    print(f"building {recipe.name} ({len(yaml.safe_load(recipe.read_text())['variants'])} variants)",
+                          file=sys.stderr)
+                    # Published whatever their gates say, so that the report figure marks the failures too.
+                    builds.append(("", _build(home, recipe, "--publish-failed")))
+                rows = _rows(home, model, builds, {"samples": 16, "seq_len": 256})
                 title = f"{MODELS[name].origin}: python-docs-heldout, 16 x 256 tokens"
             lines = _table(f"{title}; baseline perplexity {rows[0]['baseline_ppl']:.2f}", rows, refused)
             lines += _checks(rows) + [""]

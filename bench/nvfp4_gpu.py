@@ -10,6 +10,12 @@
    ModelOpt's CUDA quantizer on real activations.
 2. FP8: the exported FP8 weights and activation scales through torch._scaled_mm (a real
    FP8 tensor-core GEMM) against kiln's reference linear layers on the CPU.
+3. The 2026 block formats whose ModelOpt fake quant is a CUDA op (issue 38): MXFP8 (its E8M0
+   rounding, common/blockscale.py) and weight-only NVFP4. ModelOpt's in-memory model on the GPU
+   against kiln's reference runtime on the export, and MXFP8's activation rounding element by
+   element against ModelOpt's CUDA kernel. Until this has run on a GPU, those rows rest on kiln's
+   rounding (tests/test_reference_runtime.py compares everything else on the CPU, with kiln's
+   rounding standing in for that one op); --dry-run does the same here.
 """
 
 from __future__ import annotations
@@ -117,6 +123,44 @@ def nvfp4_check(model_dir: Path, calibration, evaluation, baseline, device, dry_
     return result
 
 
+def block_format_check(model_dir: Path, config_name: str, calibration, evaluation, baseline, device, dry_run: bool,
+                       workdir: Path) -> dict:
+    """ModelOpt's in-memory model (its CUDA block quantizer; kiln's stand-in on a dry run) against kiln's reference
+    runtime on the export, and, where activations are quantized, one layer's rounding element by element."""
+    import contextlib
+
+    from kiln.quantize import modelopt_adapter as adapter
+    from kiln.quantize.auto_precision import block_formats_on_cpu
+    from kiln.validate.reference_loader import load_reference_model
+
+    stand_in = block_formats_on_cpu if dry_run else contextlib.nullcontext
+    layer = "model.layers.1.mlp.down_proj"
+    with stand_in():
+        model = _calibrated(model_dir, config_name, calibration, device)
+        in_memory = copy.deepcopy(model).float()
+        modelopt_logits = _logits(in_memory, evaluation, device)
+        x = _capture_inputs(in_memory, layer, evaluation[0], device)
+        quantizer = in_memory.get_submodule(layer).input_quantizer
+        with torch.no_grad():
+            theirs = quantizer(x).float().cpu() if quantizer.is_enabled else None
+    del in_memory
+    adapter.export_hf(model, workdir / config_name)
+    reference = load_reference_model(workdir / config_name)
+    kiln_logits = _logits(reference, evaluation, "cpu")
+    result = {"kiln_cpu_vs_baseline": _compare(baseline, kiln_logits, evaluation),
+              "modelopt_vs_baseline": _compare(baseline, modelopt_logits, evaluation),
+              "kiln_cpu_vs_modelopt": _compare(modelopt_logits, kiln_logits, evaluation)}
+    if theirs is not None:
+        linear = reference.get_submodule(layer)
+        mine = linear._transform(x.float().cpu(), linear._stored())
+        result["activation_rounding"] = {"layer": layer, "fraction_identical": (mine == theirs).float().mean().item(),
+                                         "relative_difference": ((mine - theirs).norm() / theirs.norm()).item()}
+    return result
+
+
+BLOCK_FORMATS = {"mxfp8": "MXFP8_DEFAULT_CFG", "nvfp4_a16": "W4A16_NVFP4_CFG"}
+
+
 def fp8_gemm_check(model_dir: Path, calibration, evaluation, device, dry_run: bool, workdir: Path) -> dict:
     import modelopt.torch.quantization as mtq  # noqa: F401  (ensures the same install as the NVFP4 check)
 
@@ -173,6 +217,8 @@ def main() -> int:
             "torch": torch.__version__,
             "nvfp4": nvfp4_check(args.model, calibration, evaluation, baseline, device, args.dry_run, Path(tmp)),
             "fp8": fp8_gemm_check(args.model, calibration, evaluation, device, args.dry_run, Path(tmp)),
+            "block_formats": {name: block_format_check(args.model, config, calibration, evaluation, baseline, device,
+                                                       args.dry_run, Path(tmp)) for name, config in BLOCK_FORMATS.items()},
         }
     print(f"device: {results['device']}, torch {results['torch']}, 16 held-out samples x 128 tokens")
     print(f"{'NVFP4 comparison':<34} {'KL':>9} {'top-1':>7} {'ppl %':>8} {'max |dlogit|':>13}")
@@ -191,6 +237,17 @@ def main() -> int:
     print(f"FP8 layers, kiln reference vs {results['fp8']['gemm']}:")
     for row in results["fp8"]["layers"]:
         print(f"  {row['layer']:<34} relative difference {row['relative_difference']:.2e}")
+    print(f"{'block formats (ModelOpt ' + ('kiln stand-in' if args.dry_run else 'CUDA') + ')':<34} {'KL':>9} {'top-1':>7} "
+          f"{'ppl %':>8} {'max |dlogit|':>13}")
+    for name, rows in results["block_formats"].items():
+        for label, row in rows.items():
+            if "mean_kl" in row:
+                print(f"{name + ' ' + label:<34} {row['mean_kl']:9.5f} {row['top1_agreement']:7.4f} "
+                      f"{row['ppl_change_pct']:+8.3f} {row['max_abs_logit_diff']:13.4f}")
+        if "activation_rounding" in rows:
+            act = rows["activation_rounding"]
+            print(f"  {name} activation rounding ({act['layer']}): identical elements {act['fraction_identical']:.4f}, "
+                  f"relative difference {act['relative_difference']:.2e}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

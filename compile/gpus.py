@@ -8,6 +8,12 @@ Sources (TensorRT-LLM; cited per cell below):
   [builder] the TensorRT engine builder raises RuntimeError for INT8/INT4 weight-only, INT8 KV cache and
             SmoothQuant when 100 <= SM < 120 (design card).
   [modelopt] ModelOpt's fp8_compatible (SM >= 8.9) and fp4_compatible (SM >= 10.0).
+  [mx]      MX formats (E8M0 scales per 32) are Blackwell's block-scaled tensor-core MMA (sm100 and sm120); [doc]'s
+            note: its sm100/103 FP8 block-scaling GEMMs run the MXFP8 recipe. Elsewhere vLLM only dequantizes MXFP8
+            weights (Marlin, sm80+), which is not the format kiln validated (activations stay 16-bit there).
+  [w4a16]   weight-only FP4 (NVFP4A16) needs no FP4 tensor core: vLLM 0.32 dequantizes it with Marlin on SM >= 7.5
+            (model_executor/layers/quantization/modelopt.py ModelOptNvFp4Config.get_min_capability); kiln lists
+            the SMs of this table from sm80.
 The design card's "check" cells for sm120 (INT4 AWQ/GPTQ, W4A8-AWQ, INT8-SQ, INT8 KV) are resolved
 as "no": the builder does not forbid them there, but [doc] lists no sm120 kernels for W4A16 or W4A8,
 and none of INT8-SQ or INT8 KV for Blackwell. kiln refuses what no source says works.
@@ -48,9 +54,10 @@ class GpuArch:
         return f"{self.sm} runs {formats}; KV cache {kv}"
 
 
-_AMPERE_KERNELS = frozenset({K.w4a16, K.w8a8, K.w8a16})       # [doc] W4A16 AWQ/GPTQ; [builder] INT8
+_AMPERE_KERNELS = frozenset({K.w4a16, K.w8a8, K.w8a16, K.fp4_a16})  # [doc] W4A16 AWQ/GPTQ; [builder] INT8; [w4a16]
 _ADA_KERNELS = _AMPERE_KERNELS | {K.fp8, K.w4a8}                # [doc] FP8 per tensor, W4A8; [modelopt] FP8 >= 8.9
-_BLACKWELL_KERNELS = frozenset({K.fp8, K.nvfp4})               # [doc] NVFP4 (Blackwell only); [builder] no INT8/INT4
+# [doc] NVFP4 (Blackwell only); [builder] no INT8/INT4; [mx] MXFP8; [w4a16]
+_BLACKWELL_KERNELS = frozenset({K.fp8, K.nvfp4, K.mxfp8, K.fp4_a16})
 _PRE_BLACKWELL_KV = frozenset({"auto", "fp8", "int8"})   # "auto": the model's own dtype, an unquantized cache
 _BLACKWELL_KV = frozenset({"auto", "fp8", "nvfp4"})
 
@@ -59,11 +66,12 @@ ARCHS: dict[str, GpuArch] = {arch.sm: arch for arch in (
     GpuArch("sm86", ("A10", "A40", "RTX 3090", "RTX 3080", "RTX A6000"), _AMPERE_KERNELS, _PRE_BLACKWELL_KV),
     GpuArch("sm89", ("L4", "L40", "L40S", "RTX 4090", "RTX 6000 Ada"), _ADA_KERNELS, _PRE_BLACKWELL_KV,
             fp8_context_fmha=True),
-    # FP8 rowwise (per-channel weights, per-token activations) has Hopper kernels only [doc].
-    GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_KERNELS | {K.fp8_rowwise}, _PRE_BLACKWELL_KV,
+    # FP8 rowwise (per-channel weights, per-token activations) has Hopper kernels only [doc]; FP8 block scaling
+    # Hopper and sm100/103, not sm120 [doc].
+    GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_KERNELS | {K.fp8_rowwise, K.fp8_block}, _PRE_BLACKWELL_KV,
             fp8_context_fmha=True),
     # [builder]: no INT8/INT4 weight-only, SmoothQuant or INT8 KV on 100 <= SM < 120; [doc]: no W4A16/W4A8.
-    GpuArch("sm100", ("B200", "GB200", "B100"), _BLACKWELL_KERNELS, _BLACKWELL_KV),
+    GpuArch("sm100", ("B200", "GB200", "B100"), _BLACKWELL_KERNELS | {K.fp8_block}, _BLACKWELL_KV),
     GpuArch("sm120", ("RTX 5090", "RTX 5080", "RTX PRO 6000"), _BLACKWELL_KERNELS,
             _BLACKWELL_KV),
 )}

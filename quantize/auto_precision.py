@@ -11,7 +11,7 @@ quarter). The scores only rank layers: the held-out evaluation text decides the 
 
 On a CPU, ModelOpt's NVFP4 fake quantization asserts CUDA; while the search runs there, kiln's own NVFP4
 rounding (common/nvfp4.py, the reference runtime's, compared with ModelOpt's CUDA kernel by
-bench/nvfp4_gpu.py) stands in for that one op.
+bench/nvfp4_gpu.py) stands in for that one op, and kiln's MXFP8 rounding (common/blockscale.py) for MXFP8's.
 """
 
 from __future__ import annotations
@@ -80,20 +80,24 @@ def modelopt_budget(model, bits: float, exclude: tuple[str, ...]) -> float:
 
 
 @contextlib.contextmanager
-def nvfp4_on_cpu():
-    """ModelOpt's dynamic-block fake quant with kiln's NVFP4 rounding for CPU tensors (ModelOpt's asserts CUDA)."""
+def block_formats_on_cpu():
+    """ModelOpt's dynamic-block fake quant with kiln's rounding for CPU tensors (ModelOpt's asserts CUDA): NVFP4
+    (common/nvfp4.py) and MXFP8 (common/blockscale.py), the reference runtime's own numerics."""
     from modelopt.torch.quantization import tensor_quant
 
-    from kiln.common import nvfp4
+    from kiln.common import blockscale, nvfp4
 
     modelopt_op = tensor_quant.dynamic_block_quantize_op
 
     def block_quantize(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
+        bits = (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
         # E2M1 values (4 bits, 2 exponent) in blocks of 16 with E4M3 scales (8 bits, 4 exponent): NVFP4.
-        if (not inputs.is_cuda and amax is not None and block_size == nvfp4.BLOCK
-                and (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) == (4, 2, 8, 4)):
+        if not inputs.is_cuda and amax is not None and block_size == nvfp4.BLOCK and bits == (4, 2, 8, 4):
             global_scale = amax.float().amax() / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
             return nvfp4.fake_quant_activation(inputs, global_scale)
+        # E4M3 values (8 bits, 4 exponent) in blocks of 32 with E8M0 scales (9 bits as ModelOpt counts, 8 exponent).
+        if not inputs.is_cuda and block_size == blockscale.MX_BLOCK and bits == (8, 4, 9, 8):
+            return blockscale.fake_quant_mxfp8(inputs)
         return modelopt_op(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
 
     tensor_quant.dynamic_block_quantize_op = block_quantize
@@ -138,7 +142,7 @@ def search(model, request: AutoRequest, exclude: tuple[str, ...], batches: list,
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten().to(logits.device))
 
     budget = modelopt_budget(model, request.effective_bits, exclude)
-    with nvfp4_on_cpu(), quiet_search():
+    with block_formats_on_cpu(), quiet_search():
         try:
             _, state = mtq.auto_quantize(
                 model, constraints={"effective_bits": budget},

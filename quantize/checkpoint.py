@@ -8,7 +8,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kiln.quantize.formats import AUTO, Backend, KVCacheFormat, QuantFormat
+from kiln.quantize.formats import AUTO, FORMATS, Backend, KVCacheFormat, QuantFormat
 
 CHECKPOINT_RECORD = "kiln.json"
 SOURCE_CONFIG = "source-config.json"   # the source model's config.json, verbatim: compile hands it to TensorRT-LLM
@@ -42,6 +42,16 @@ class QuantizeRequest:
     calibration_batch_size: int = 1  # samples per calibration forward pass
     backend: Backend = Backend.modelopt
     auto: AutoRequest | None = None
+
+    @property
+    def formats(self) -> tuple[QuantFormat, ...]:
+        """The formats its checkpoint may hold: the one asked for, or those auto precision mixes."""
+        return self.auto.formats if self.auto else (QuantFormat(self.quant),)
+
+    @property
+    def engine_checkpoint(self) -> bool:
+        """Whether ModelOpt's TensorRT-LLM export makes an engine-flow checkpoint for every format it may hold."""
+        return all(FORMATS[q].trtllm is None or FORMATS[q].trtllm.engine_checkpoint for q in self.formats)
 
     @property
     def label(self) -> str:

@@ -37,6 +37,10 @@ SOURCES = {
     "[modelopt]": "ModelOpt 0.47 convert_to_tensorrt_llm_config: without tensorrt_llm it knows the family fields of "
                   "gpt, gemma (1), llama, qwen, mpt, dbrx, mllama and some encoder-decoders, and raises "
                   "NotImplementedError for the rest",
+    "[linear]": "inferred for the 2026 formats (FP8 block scaling, W4A16 NVFP4, MXFP8), which no matrix row lists for "
+                "these families: the runtimes pick each linear layer's method from the checkpoint's quant_algo, not by "
+                "model (TensorRT-LLM _torch/modules/linear.py get_quant_method; vLLM modelopt.py LINEAR_ALGOS); "
+                "quantize/runtimes.py says which runtime loads which",
     "[measured]": "kiln on a CPU host with ModelOpt 0.47 and transformers 5.24 (tests/test_families.py)",
 }
 
@@ -171,12 +175,15 @@ def _columns(*names: str) -> frozenset[str]:
 
 _FP8, _FP8_ROWWISE, _NVFP4 = "FP8", "FP8 rowwise", "NVFP4"
 _AWQ, _GPTQ, _W4A8, _SQ, _W8A16 = "W4A16 AWQ", "W4A16 GPTQ", "W4A8 AWQ", "W8A8 SQ", "W8A16"
+_FP8_BLOCK, _NVFP4_A16, _MXFP8 = "FP8 block scaling", "W4A16 NVFP4", "MXFP8"
+# [linear]: the dense families' HF checkpoints in the 2026 formats (the MoE rows wait for a measured expert export).
+_LINEAR_2026 = _columns(_FP8_BLOCK, _NVFP4_A16, _MXFP8)
 # The columns of TensorRT-LLM's support matrices the rows below read: a format's TrtllmMapping.matrix must be one
 # (quantize.register_format and tests/test_format_table.py check), or no family would ever take it.
-MATRIX_COLUMNS = frozenset({_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16})
+MATRIX_COLUMNS = frozenset({_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16}) | _LINEAR_2026
 # [precision] LLaMA: FP8, SQ, W8A16, AWQ, GPTQ; [pt-matrix] LLaMA rows: NVFP4, FP8 rowwise, W4A8 AWQ
 _LLAMA_ENGINE = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16)
-_LLAMA_PYTORCH = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8)   # [pt-matrix] LLaMA rows
+_LLAMA_PYTORCH = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8) | _LINEAR_2026   # [pt-matrix] LLaMA rows; [linear]
 _QWEN_ENGINE = _columns(_FP8, _SQ, _W8A16, _AWQ, _GPTQ)   # [precision] Qwen; FP8: examples/qwen
 _FP8_KV = frozenset({"auto", "fp8"})   # "auto": an unquantized cache in the model's dtype
 _NO_ENGINE = frozenset()
@@ -191,39 +198,39 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "Llama 2, 3.x", "LlamaForCausalLM",
            TrtllmCheckpoint("LlamaForCausalLM", "LLaMAForCausalLM", "[llama-cfg]", _LLAMA_FIELDS),
            None, _LLAMA_ENGINE, _LLAMA_PYTORCH, frozenset({"auto", "fp8", "nvfp4"}),
-           "[precision] LLaMA; [pt-matrix] LLaMA, LLaMA-v2, LLaMA 3"),
+           "[precision] LLaMA; [pt-matrix] LLaMA, LLaMA-v2, LLaMA 3; [linear]"),
     Family("mistral", "Mistral", "MistralForCausalLM",
            TrtllmCheckpoint("MistralForCausalLM", "LLaMAForCausalLM", "[llama-cfg]", _LLAMA_FIELDS),
-           None, _LLAMA_ENGINE, _columns(_FP8, _AWQ), _FP8_KV,
+           None, _LLAMA_ENGINE, _columns(_FP8, _AWQ) | _LINEAR_2026, _FP8_KV,
            "engine: MODEL_MAP builds Mistral with LLaMAForCausalLM, so Llama's formats [model-map]; "
-           "PyTorch backend: [pt-matrix] Mistral",
+           "PyTorch backend: [pt-matrix] Mistral; [linear]",
            notes=("The engine flow ignores sliding_window (LLaMAConfig has no such field): kiln refuses "
                   "trtllm-engine when the window is shorter than build.max_seq_len.",)),
     Family("qwen2", "Qwen2, Qwen2.5", "Qwen2ForCausalLM",
            TrtllmCheckpoint("Qwen2ForCausalLM", "QWenForCausalLM", "[qwen-cfg]", _qwen_fields(True), 100000.0),
-           None, _QWEN_ENGINE, _columns(_FP8, _NVFP4, _W4A8, _AWQ, _GPTQ), _FP8_KV,
-           "[precision] Qwen (FP8 from examples/models/core/qwen); [pt-matrix] Qwen-2/2.5"),
+           None, _QWEN_ENGINE, _columns(_FP8, _NVFP4, _W4A8, _AWQ, _GPTQ) | _LINEAR_2026, _FP8_KV,
+           "[precision] Qwen (FP8 from examples/models/core/qwen); [pt-matrix] Qwen-2/2.5; [linear]"),
     Family("qwen3", "Qwen3", "Qwen3ForCausalLM",
            TrtllmCheckpoint("Qwen3ForCausalLM", "QWenForCausalLM", "[qwen-cfg]", _qwen_fields(False), 100000.0),
-           None, _QWEN_ENGINE, _columns(_FP8, _NVFP4, _AWQ, _GPTQ), _FP8_KV,
-           "[precision] Qwen; [pt-matrix] Qwen-3",
+           None, _QWEN_ENGINE, _columns(_FP8, _NVFP4, _AWQ, _GPTQ) | _LINEAR_2026, _FP8_KV,
+           "[precision] Qwen; [pt-matrix] Qwen-3; [linear]",
            notes=("The q/k norms are exported as attention.q_layernorm / k_layernorm; qwen_type qwen3 "
                   "is what makes TensorRT-LLM's QWenDecoderLayer read them.",)),
     Family("gemma2", "Gemma 2", "Gemma2ForCausalLM", None, _modelopt_cannot("gemma2"),
-           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8), _FP8_KV,
+           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8) | _LINEAR_2026, _FP8_KV,
            "inferred: no Gemma 2 row in [pt-matrix]; Gemma 3's row, whose Linear/GatedMLP modules "
-           "_torch/models/modeling_gemma2.py reuses",
+           "_torch/models/modeling_gemma2.py reuses; [linear]",
            notes=("Soft-capping (attn_logit_softcapping, final_logit_softcapping): the reference runtime keeps "
                   "the model's eager attention, and the KV-cache quantizer wraps that, not SDPA.",
                   "Embeddings are scaled by sqrt(hidden_size) and tied to the output projection.")),
     Family("gemma3_text", "Gemma 3 (text)", "Gemma3ForCausalLM", None, _modelopt_cannot("gemma3"),
-           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8), _FP8_KV, "[pt-matrix] Gemma 3",
+           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8) | _LINEAR_2026, _FP8_KV, "[pt-matrix] Gemma 3; [linear]",
            notes=("Sliding-window and global layers alternate (layer_types); embeddings scaled and tied.",)),
     Family("phi3", "Phi-3, Phi-4", "Phi3ForCausalLM", None, _modelopt_cannot("phi3"),
-           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8), _FP8_KV,
+           _NO_ENGINE, _columns(_FP8, _AWQ, _W4A8) | _LINEAR_2026, _FP8_KV,
            "inferred: [pt-matrix] has a Phi row (W4A8 AWQ, FP8 KV) but none for Phi-3; "
            "_torch/models/modeling_phi3.py uses the generic fused qkv / gate_up Linear modules (Llama's formats "
-           "that ModelOpt exports for fused projections)",
+           "that ModelOpt exports for fused projections); [linear]",
            notes=("qkv_proj and gate_up_proj are fused in the checkpoint; the HF export keeps them fused.",)),
     Family("mixtral", "Mixtral (MoE)", "MixtralForCausalLM", None,
            "ModelOpt 0.47's TensorRT-LLM export fails on transformers 5's fused experts "
@@ -276,8 +283,11 @@ def family_problems(source_config: dict, variants: dict[str, tuple[tuple[QuantFo
         for quant in formats:
             if quant not in allowed:
                 listed = ", ".join(sorted(f.value for f in allowed)) or "none"
+                fix = (" (fix: set build.target: trtllm-pytorch, which publishes the HF checkpoint)"
+                       if target == "trtllm-engine" and quant in family.pytorch_formats
+                       else " (fix: choose one of those formats)")
                 problems.append((name, f"{quant.value} is not a format TensorRT-LLM supports for {family.title} with "
-                                       f"target {target} (it supports {listed}; source: {family.formats_source})"))
+                                       f"target {target} (it supports {listed}; source: {family.formats_source}){fix}"))
         if kv_cache not in family.kv_formats:
             listed = ", ".join(sorted(k.value for k in family.kv_formats))
             problems.append((name, f"kv_cache {kv_cache.value} is not supported for {family.title} (use {listed})"))

@@ -87,6 +87,9 @@ class Kernel(str, Enum):
     w4a8 = "w4a8"                  # INT4 weights, FP8 activations
     w8a8 = "w8a8"                  # INT8 SmoothQuant
     w8a16 = "w8a16"                # INT8 weight-only
+    fp8_block = "fp8_block"        # FP8 weights in 128 x 128 blocks, activations in 1 x 128 groups (DeepSeek-V3's)
+    mxfp8 = "mxfp8"                # MX FP8: E8M0 scales per 32, Blackwell's block-scaled tensor cores
+    fp4_a16 = "fp4_a16"            # FP4 weights dequantized to 16-bit activations (no FP4 tensor core needed)
 
 
 class Backend(str, Enum):
@@ -121,6 +124,9 @@ class TrtllmMapping:
     gemm_plugin: str = "auto"       # trtllm-build --gemm_plugin ("auto": TensorRT-LLM chooses)
     # trtllm-build --use_fp8_context_fmha: the FP8 workflow's context attention, with an FP8 KV cache too.
     fp8_context_fmha: bool = False
+    # ModelOpt's TensorRT-LLM checkpoint export makes a checkpoint trtllm-build takes. False: the quantize stage
+    # writes hf/ only (the engine flow has no kernels for it, or the export fails; the row says which).
+    engine_checkpoint: bool = True
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,8 @@ class FormatSpec:
     summary: str
     kernel: Kernel                  # the GEMM it runs on: which GPUs run it (compile/gpus.py)
     modelopt_config: str            # attribute of modelopt.torch.quantization
-    algorithm: str                  # what produced the weights, recorded in kiln.json and registry tags
+    algorithm: str                  # what produced the weights, recorded in kiln.json and registry tags ("none": no
+                                    # calibration, every scale is derived from its own block at export and run time)
     weight_bits: float              # storage bits per weight, scales included
     activation_bits: int            # 16: activations stay in the model dtype
     group_sizes: tuple[int, ...] = ()  # allowed weight block sizes; () means per-tensor or per-channel
@@ -210,6 +217,22 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
                llmcompressor=LlmCompressorMapping(("smoothquant", "gptq"), "W8A8"), rewrites_weights=True),
     FormatSpec("int8_wo", "INT8 weights (per channel), W8A16", Kernel.w8a16,
                "INT8_WEIGHT_ONLY_CFG", "max", 8, 16, export_quant_algo="W8A16", trtllm=TrtllmMapping("W8A16")),
+    # The 2026 formats (measured on ModelOpt 0.47, CPU): none has an engine-flow checkpoint. fp8_pb_wo's TensorRT-LLM
+    # export asserts on a one-block layer ("Mismatch in expected scale shape"), and TensorRT-LLM's QuantAlgo has no
+    # W4A16_NVFP4 or MXFP8, so the HF checkpoint is what ships.
+    FormatSpec("fp8_block", "FP8 E4M3 weights with an FP32 scale per 128 x 128 block (DeepSeek-V3's layout); the "
+               "block-scaled GEMMs quantize activations per token in groups of 128", Kernel.fp8_block,
+               "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "max", 8, 8, group_sizes=(128,), default_group_size=128,
+               export_quant_algo="fp8_pb_wo", trtllm=TrtllmMapping("FP8 block scaling", engine_checkpoint=False)),
+    FormatSpec("mxfp8", "MXFP8: FP8 E4M3 weights and activations with a power-of-two (E8M0) scale per 32",
+               Kernel.mxfp8, "MXFP8_DEFAULT_CFG", "none", 8.25, 8, group_sizes=(32,), default_group_size=32,
+               modelopt_fake_quant_on_cpu=False, export_quant_algo="MXFP8",
+               trtllm=TrtllmMapping("MXFP8", engine_checkpoint=False)),
+    FormatSpec("nvfp4_a16", "weight-only NVFP4 (NVFP4A16): FP4 E2M1 weights, E4M3 scale per 16 plus an FP32 global "
+               "scale; 16-bit activations, so no FP4 tensor core is needed", Kernel.fp4_a16,
+               "W4A16_NVFP4_CFG", "max", 4.5, 16, group_sizes=(16,), default_group_size=16,
+               modelopt_fake_quant_on_cpu=False, export_quant_algo="W4A16_NVFP4",
+               trtllm=TrtllmMapping("W4A16 NVFP4", packing="fp4", engine_checkpoint=False)),
 )}
 
 KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec in (

@@ -109,11 +109,11 @@ def _load(adapter, request: QuantizeRequest, model_dir: Path, placement: Placeme
 
 def _export(adapter, model, request: QuantizeRequest, model_dir: Path, out_dir: Path, family: Family,
             placement: Placement, progress, facts: _Facts) -> None:
-    """hf/ with the tokenizer, and trtllm/ for a family TensorRT-LLM has a checkpoint for."""
+    """hf/ with the tokenizer, and trtllm/ for a family and format TensorRT-LLM's engine flow has a checkpoint for."""
     started = time.monotonic()
     # Under disk offload only the HF checkpoint is written, streamed a layer at a time; ModelOpt's TensorRT-LLM
     # exporter needs the whole state dict (TensorRT-LLM reads the HF checkpoint on the compile host instead).
-    facts.trtllm = family.trtllm is not None and not placement.to_disk
+    facts.trtllm = family.trtllm is not None and not placement.to_disk and request.engine_checkpoint
     with progress.task(f"export {facts.label}", total=3 if facts.trtllm else 2) as task:
         if facts.on_disk and adapter.fold_input_scales_layer_by_layer(model):
             progress.log(f"{facts.label}: pre-quant scales folded a decoder layer at a time, rewritten layers kept on disk")

@@ -97,6 +97,12 @@ _TRTLLM_PYTORCH_MIXED = Evidence("TensorRT-LLM main (read 2026-12-05)", "tensorr
 _VLLM_MIXED = Evidence("vLLM 0.32.0", "vllm/model_executor/layers/quantization/modelopt.py "
                        "ModelOptMixedPrecisionConfig: each layer's quant_algo must be in LINEAR_ALGOS", "source")
 
+_TRTLLM_ALGOS = Evidence("TensorRT-LLM main (read 2026-12-06)", "tensorrt_llm/quantization/mode.py QuantAlgo (no "
+                         "W4A16_NVFP4 or MXFP8 member) and quantization/modelopt_config.py (reads fp8_pb_wo as "
+                         "FP8_BLOCK_SCALES); docs/source/features/quantization.md (FP8 block scaling: Hopper, sm100/103)",
+                         "source")
+_SGLANG_2026 = Evidence("SGLang main (2026-11)", "python/sglang/srt/layers/quantization/modelopt_quant.py", "source")
+
 _YES, _NO, _UNCHECKED = Loads.yes, Loads.no, Loads.unchecked
 
 
@@ -137,6 +143,18 @@ WEIGHT_LOADERS: dict[str, dict[Runtime, Cell]] = {
     "compressed-tensors:W8A8": _row(_NO_ENGINE, _PYTORCH_CT,
                                     Cell(_YES, _VLLM_CPU, "compressed-tensors W8A8 INT8 generated on an AVX2 CPU"),
                                     Cell(_YES, _SGLANG_CT)),
+    # The 2026 formats: the HF checkpoint is what ships (no engine-flow checkpoint: FormatSpec.trtllm.engine_checkpoint).
+    "fp8_pb_wo": _row(Cell(_NO, _TRTLLM_ENGINE, "the engine flow has no block-scaled FP8; ModelOpt's export asserts"),
+                      Cell(_YES, _TRTLLM_ALGOS, "as FP8_BLOCK_SCALES"),
+                      Cell(_YES, _VLLM_LOADER, "LINEAR_ALGOS FP8_PB_WO; input widths a multiple of 128"),
+                      Cell(_UNCHECKED, _SGLANG_2026, "no FP8_PB_WO in its ModelOpt configs")),
+    "W4A16_NVFP4": _row(Cell(_NO, _TRTLLM_ALGOS, "QuantAlgo has no W4A16_NVFP4"),
+                        Cell(_NO, _TRTLLM_ALGOS, "QuantAlgo has no W4A16_NVFP4"),
+                        Cell(_YES, _VLLM_LOADER, "LINEAR_ALGOS W4A16_NVFP4 (Marlin on SM >= 7.5)"),
+                        Cell(_UNCHECKED, _SGLANG_2026, "ModelOptFp4Config reads NVFP4; W4A16_NVFP4 not checked")),
+    "MXFP8": _row(Cell(_NO, _TRTLLM_ALGOS, "QuantAlgo has no MXFP8"), Cell(_NO, _TRTLLM_ALGOS, "QuantAlgo has no MXFP8"),
+                  Cell(_YES, _VLLM_LOADER, "LINEAR_ALGOS MXFP8"),
+                  Cell(_UNCHECKED, _SGLANG_2026, "no MXFP8 in its ModelOpt configs")),
     # A mixed checkpoint loads where this row and every mixed format's own row say yes (runtime_cells).
     MIXED_PRECISION: _row(Cell(_YES, _TRTLLM_MIXED), Cell(_YES, _TRTLLM_PYTORCH_MIXED),
                           Cell(_YES, _VLLM_MIXED, "FP8, FP8_PER_CHANNEL_PER_TOKEN and NVFP4 layers; others load "
@@ -234,6 +252,10 @@ VLLM_WEIGHT_KERNELS: dict[str, Kernels] = {
     "compressed-tensors:W4A16": Kernels(("avx512f",), 80, "cpu_gemm_wna16 exists only in AVX-512 builds"),
     "compressed-tensors:W4A16_ASYM": Kernels(("avx512f",), 80, "cpu_gemm_wna16 exists only in AVX-512 builds"),
     "compressed-tensors:W8A8": Kernels(("avx2",), 75),
+    # From each ModelOpt config's get_min_capability (vLLM 0.32); no CPU build was tried with them.
+    "fp8_pb_wo": Kernels((), 80, "not measured on a CPU build"),
+    "W4A16_NVFP4": Kernels((), 75, "not measured on a CPU build"),
+    "MXFP8": Kernels((), 80, "not measured on a CPU build"),
 }
 VLLM_KV_KERNELS: dict[str, Kernels] = {
     "FP8": Kernels(("avx512f", "amx_tile"), 89, "an FP8 KV cache needs AVX-512 or AMX on CPUs"),

@@ -181,7 +181,7 @@ def texts(test_model):
 
 
 # [int4_awq, fp8]: both run ModelOpt's own fake quantization on a CPU, so the comparison is independent of kiln's
-# code. [nvfp4, fp8]: the mix; on a CPU the search's NVFP4 rounding is kiln's (auto_precision.nvfp4_on_cpu).
+# code. [nvfp4, fp8]: the mix; on a CPU the search's NVFP4 rounding is kiln's (auto_precision.block_formats_on_cpu).
 MIXES = {"int4_awq-fp8": (QuantFormat.int4_awq, QuantFormat.fp8), "nvfp4-fp8": NVFP4_FP8}
 
 
@@ -201,7 +201,7 @@ def test_reference_runtime_decodes_each_layer_as_exported(tmp_path, test_model, 
     if mix == "nvfp4-fp8":   # the progress bar's count is ModelOpt's (AWQ calibrates in passes of its own)
         assert len(forwards) == auto_precision.search_forwards(layers, (), 2, len(texts["calibration"]), 4) == 8 * 2 + 4 * 33
     in_memory = copy.deepcopy(model).float()
-    with auto_precision.nvfp4_on_cpu(), torch.no_grad():
+    with auto_precision.block_formats_on_cpu(), torch.no_grad():
         expected = [in_memory(input_ids=ids[None]).logits[0] for ids in texts["evaluation"]]
     adapter.export_hf(model, tmp_path / "hf")
     chosen = auto_precision.read_layer_formats(tmp_path / "hf", layers, formats)

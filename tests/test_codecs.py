@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from kiln.common import blockscale
 from kiln.validate.codecs import WEIGHT_CODECS, fake_quant_fp8, unpack_int4
 
 
@@ -45,3 +47,60 @@ def test_fp8_fake_quant_keeps_dtype_and_zero():
     x = torch.tensor([0.0, 1.0, -3.3], dtype=torch.bfloat16)
     y = fake_quant_fp8(x, torch.tensor(1.0))
     assert y.dtype == torch.bfloat16 and y[0] == 0 and y[1] == 1.0 and y[2] == -3.25
+
+
+def test_fp8_block_scales_each_128_block_and_rounds_activations_per_group():
+    """fp8_pb_wo: one FP32 scale per 128 x 128 block, read in ModelOpt's [ob, 1, ib, 1] layout; a 200-row weight has a
+    partial second block row. Reading the scale grid transposed (a mis-read) gives a different weight."""
+    codes = torch.ones(200, 256).to(torch.float8_e4m3fn)
+    scale = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 1, 2, 1)
+    decoded = WEIGHT_CODECS["fp8_pb_wo"]("l", {"l.weight": codes, "l.weight_scale": scale}, 128)
+    weight = decoded.weight
+    assert weight.shape == (200, 256) and weight.dtype == torch.float32
+    assert (weight[0, 0], weight[0, 128], weight[199, 0], weight[199, 255]) == (1.0, 2.0, 3.0, 4.0)
+    misread = WEIGHT_CODECS["fp8_pb_wo"]("l", {"l.weight": codes, "l.weight_scale": scale.reshape(2, 2).T}, 128)
+    assert not torch.equal(misread.weight, weight)
+    # Activations: each group of 128 has its own scale amax / 448: a large group does not coarsen a small one.
+    x = torch.cat([torch.full((128,), 0.001), torch.full((128,), 1000.0)]).reshape(1, 256)
+    out = decoded.transform_input(x)
+    assert torch.allclose(out[0, :128], x[0, :128], rtol=1e-6) and torch.allclose(out[0, 128:], x[0, 128:], rtol=1e-6)
+    with pytest.raises(ValueError, match="one scale per 128 x 128 block"):
+        WEIGHT_CODECS["fp8_pb_wo"]("l", {"l.weight": codes, "l.weight_scale": torch.ones(3, 1, 2, 1)}, 128)
+
+
+def test_mxfp8_decodes_e8m0_exponents_and_matches_modelopt_on_the_cpu():
+    """The weight decode is ModelOpt's own MXFP8 dequantize (CPU torch); activations round with the NV E8M0 rule of
+    ModelOpt's CUDA kernel, whose scale is exact just above a power of two (where torch.log2 rounds down)."""
+    from modelopt.torch.quantization.qtensor import MXFP8QTensor
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 128, generator=generator) * torch.logspace(-3, 2, 64).reshape(64, 1)
+    qtensor, scale = MXFP8QTensor.quantize(weight)
+    tensors = {"l.weight": qtensor._quantized_data, "l.weight_scale": scale}
+    decoded = WEIGHT_CODECS["MXFP8"]("l", tensors, 32)
+    assert torch.equal(decoded.weight, qtensor.dequantize(dtype=torch.float32, scale=scale))
+    shifted = WEIGHT_CODECS["MXFP8"]("l", {**tensors, "l.weight_scale": scale + 1}, 32)
+    assert torch.equal(shifted.weight, decoded.weight * 2)
+    # The same rounding on activations as ModelOpt's MXFP8 quantize of a weight (both ceil(log2(amax / 448))).
+    x = torch.randn(4, 128, generator=generator) * 30
+    reference, reference_scale = MXFP8QTensor.quantize(x)
+    assert torch.equal(decoded.transform_input(x), reference.dequantize(dtype=torch.float32, scale=reference_scale))
+    just_above = torch.tensor([448.0 * 2 ** 20 * (1 + 2 ** -23)])
+    assert torch.log2(just_above / 448).item() == 20.0 and blockscale.e8m0_exponent(just_above).item() == 21.0
+    assert blockscale.e8m0_exponent(torch.tensor([448.0 * 8, 0.0])).tolist() == [3.0, 0.0]
+    with pytest.raises(ValueError, match="uint8"):
+        WEIGHT_CODECS["MXFP8"]("l", {**tensors, "l.weight_scale": scale.float()}, 32)
+
+
+def test_weight_only_nvfp4_keeps_activations_16_bit():
+    from kiln.common import nvfp4
+
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    global_scale = weight.abs().amax() / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
+    block = (weight.reshape(32, 4, 16).abs().amax(-1) / nvfp4.E2M1_MAX / global_scale).to(torch.float8_e4m3fn)
+    codes = torch.zeros(32, 32, dtype=torch.uint8)
+    tensors = {"l.weight": codes, "l.weight_scale": block, "l.weight_scale_2": global_scale}
+    decoded = WEIGHT_CODECS["W4A16_NVFP4"]("l", tensors, 16)
+    x = torch.randn(3, 64)
+    assert decoded.input_transform is None and torch.equal(decoded.transform_input(x), x)
+    assert decoded.weight.shape == (32, 64) and not decoded.weight.any()

@@ -26,7 +26,7 @@ def modelopt_policy_problems(spec) -> list[str]:
     algorithm = spec.algorithm_config or getattr(mtq, spec.modelopt_config).get("algorithm", "max")
     method = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
     problems = []
-    if method != spec.algorithm:
+    if ("none" if method is None else method) != spec.algorithm:   # None: MX formats' dynamic scales, no calibration
         problems.append(f"algorithm is '{spec.algorithm}' but {spec.modelopt_config} runs '{method}'")
     if spec.auto_searchable != (method in _AUTO_QUANTIZE_SUPPORTED_ALGORITHMS):
         problems.append(f"auto_searchable is {spec.auto_searchable} but ModelOpt's auto_quantize "

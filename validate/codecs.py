@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from kiln.common import nvfp4
+from kiln.common import blockscale, nvfp4
 
 FP8_E4M3_MAX = 448.0
 
@@ -202,6 +202,33 @@ def _decode_nvfp4(prefix: str, tensors: dict[str, torch.Tensor], group_size: int
     return DecodedLinear(stored, _nvfp4_weight, transform, stored["weight"].shape[-1] * 2)
 
 
+def _decode_fp8_blocks(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
+    """fp8_pb_wo: FP8 weights with an FP32 scale per 128 x 128 block. The checkpoint stores no activation scale;
+    the block-scaled GEMMs that load it quantize activations per token in groups of 128 at run time."""
+    stored = _layer_tensors(prefix, tensors, "weight", "weight_scale")
+    _check_dtype(prefix, stored["weight"], torch.float8_e4m3fn)
+    try:
+        blockscale.block_scale_grid(stored["weight"], stored["weight_scale"])
+    except ValueError as exc:
+        raise ValueError(f"{prefix}: {exc}") from None
+    return DecodedLinear(stored, lambda s: blockscale.dequantize_fp8_blocks(s["weight"], s["weight_scale"]),
+                         lambda x, _: blockscale.fake_quant_fp8_groups(x), stored["weight"].shape[1])
+
+
+def _decode_mxfp8(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
+    """MXFP8: FP8 weights with an E8M0 exponent per 32; activations quantized the same way at run time."""
+    if group_size not in (None, blockscale.MX_BLOCK):
+        raise ValueError(f"{prefix}: MXFP8 blocks are {blockscale.MX_BLOCK} wide, hf_quant_config.json says {group_size}")
+    stored = _layer_tensors(prefix, tensors, "weight", "weight_scale")
+    _check_dtype(prefix, stored["weight"], torch.float8_e4m3fn)
+    try:
+        blockscale.dequantize_mxfp8(stored["weight"][:1], stored["weight_scale"][:1])
+    except ValueError as exc:
+        raise ValueError(f"{prefix}: {exc}") from None
+    return DecodedLinear(stored, lambda s: blockscale.dequantize_mxfp8(s["weight"], s["weight_scale"]),
+                         lambda x, _: blockscale.fake_quant_mxfp8(x), stored["weight"].shape[1])
+
+
 def plain_linear(weight: torch.Tensor) -> DecodedLinear:
     """An unquantized layer: the stored 16-bit weight, upcast exactly."""
     return DecodedLinear({"weight": weight}, lambda s: s["weight"].to(torch.float32), None, weight.shape[1])
@@ -216,6 +243,9 @@ WEIGHT_CODECS: dict[str, Callable[[str, dict, int | None], DecodedLinear]] = {
     "W8A8_SQ_PER_CHANNEL": _decode_int8_smoothquant,
     "W8A16": _decode_int8_weight_only,
     "NVFP4": _decode_nvfp4,
+    "W4A16_NVFP4": _decode_nvfp4,   # NVFP4 weights without an input_scale: activations stay 16-bit
+    "fp8_pb_wo": _decode_fp8_blocks,   # ModelOpt writes this label in lower case
+    "MXFP8": _decode_mxfp8,
 }
 
 

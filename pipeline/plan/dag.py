@@ -73,6 +73,10 @@ class Plan:
                          "TensorRT-LLM's own converter makes the TensorRT-LLM checkpoint from hf/ on the compile host")
         if any(v.backend is quantize.Backend.llmcompressor for v in self.loaded.recipe.variants.values()):
             publishes += "; backend llmcompressor variants publish hf/ only (compressed-tensors, for vLLM and SGLang)"
+        hf_only = sorted({q.value for v in self.loaded.recipe.variants.values() for q in v.quant_formats
+                          if not quantize.FORMATS[q].trtllm.engine_checkpoint})
+        if family.trtllm and hf_only:
+            publishes += f"; {', '.join(hf_only)} variants publish hf/ only (no engine-flow checkpoint for the format)"
         return {"model_type": family.model_type, "title": family.title, "trtllm_checkpoint": bool(family.trtllm),
                 "publishes": publishes}
 

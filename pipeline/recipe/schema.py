@@ -17,7 +17,7 @@ from kiln.pipeline.recipe.quant import (AUTO, AutoPrecision, Flag, HostBytes, No
                                        QuantName, Strict)
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device, Offload
-from kiln.quantize.runtimes import Runtime, backend_makes, runtime_problem
+from kiln.quantize.runtimes import Loads, Runtime, backend_makes, loading_runtimes, runtime_cells, runtime_problem
 from kiln.validate import BUILTIN_TASKS, GateResult, Metrics, TaskDrop, evaluate_gates
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -353,6 +353,22 @@ class Recipe(Strict):
                 what = "quant auto" if variant.is_auto else f"backend {variant.backend.value}"
                 raise ValueError(f"variants.{name}: {what} does not run under calibration.offload: disk "
                                  "(fix: offload: none, or a ModelOpt format)")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_builds_load(self) -> "Recipe":
+        """`gpus` builds TensorRT-LLM artifacts of the target: a format TensorRT-LLM does not load for it cannot
+        have any (its HF checkpoint still publishes, for the runtimes that load it)."""
+        runtime = Runtime.trtllm if self.build.target is Target.trtllm_engine else Runtime.trtllm_pytorch
+        for name, variant in self.variants.items():
+            cell = runtime_cells(variant.quant_formats, variant.kv_cache, variant.backend)[runtime]
+            if variant.gpus and cell.loads is Loads.no:
+                where = ", ".join(r.value for r in loading_runtimes(variant.quant_formats, variant.kv_cache,
+                                                                      variant.backend)) or "no runtime"
+                raise ValueError(f"variants.{name}.gpus: target {self.build.target.value} builds TensorRT-LLM "
+                                 f"artifacts per GPU, and {runtime.value} does not load {variant.quant_label} "
+                                 f"({cell.evidence_text()}) (fix: remove gpus to publish the HF checkpoint, which "
+                                 f"{where} loads, or choose another format)")
         return self
 
     @model_validator(mode="after")
