@@ -38,6 +38,7 @@ class QuantizeRequest:
     allow_pickle: bool = False
     alpha: float | None = None
     exclude: tuple[str, ...] = ()   # module name patterns kept unquantized
+    only: tuple[str, ...] = ()      # when set, the only module name patterns quantized (exclude still applies)
     max_shard_size: str = "5GB"     # the HF export's largest safetensors file
     calibration_batch_size: int = 1  # samples per calibration forward pass
     backend: Backend = Backend.modelopt
@@ -78,6 +79,7 @@ class CheckpointRecord:
     export_quant_algo: str | None = None
     alpha: float | None = None
     exclude: list[str] = field(default_factory=list)
+    only: list[str] = field(default_factory=list)   # the only module patterns quantized ([]: every linear)
     # Where it was calibrated: {"device": "cpu" | "cuda", "gpus": [names], "peak_gpu_memory_bytes": {gpu: bytes}}.
     placement: dict = field(default_factory=dict)
     # The family-table row (model_type) and whether a TensorRT-LLM checkpoint (trtllm/) was written:

@@ -18,9 +18,10 @@ TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
 def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None, alpha: float | None = None,
-                    exclude: tuple[str, ...] = (), offloaded: bool = False) -> dict:
-    """The ModelOpt quantization config for a format, group size, KV-cache format, SmoothQuant alpha
-    and the module name patterns to keep unquantized; `offloaded` (disk offload) runs GPTQ a layer at a time."""
+                    exclude: tuple[str, ...] = (), offloaded: bool = False, only: tuple[str, ...] = ()) -> dict:
+    """The ModelOpt quantization config for a format, group size, KV-cache format, SmoothQuant alpha, the module name
+    patterns to keep unquantized and, with `only`, the only ones to quantize; `offloaded` (disk offload) runs GPTQ a
+    layer at a time."""
     import modelopt.torch.quantization as mtq
 
     spec = FORMATS[quant]
@@ -41,6 +42,8 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
             for stage in (cfg if isinstance(cfg, list) else [cfg]):
                 if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(stage, dict) and stage.get("block_sizes"):
                     stage["block_sizes"] = {**stage["block_sizes"], -1: group_size}
+    if only:
+        config["quant_cfg"] = only_under(config["quant_cfg"], only)
     kv_spec = KV_CACHE_FORMATS[kv_cache]
     if kv_spec.unsupported:
         raise ValueError(f"kv_cache {kv_cache.value}: {kv_spec.unsupported}")
@@ -51,6 +54,21 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
         {"quantizer_name": f"{pattern}.*", "enable": False} for pattern in exclude
     ]
     return config
+
+
+def only_under(entries: list, only: tuple[str, ...]) -> list:
+    """The format's entries with each one that turns weight or input quantizers on narrowed to the modules under the
+    `only` patterns, in place, so the format's own refusals after it (routers, lm_head) still apply. ModelOpt's
+    NVFP4_EXPERTS_ONLY_CFG is NVFP4_DEFAULT_CFG so narrowed to `*.experts`."""
+    narrowed = []
+    for entry in entries:
+        name = entry.get("quantizer_name", "") if isinstance(entry, dict) else ""
+        turns_on = entry.get("enable", True) is not False and "cfg" in entry if isinstance(entry, dict) else False
+        if turns_on and name.startswith("*") and name.endswith(("weight_quantizer", "input_quantizer")):
+            narrowed += [{**entry, "quantizer_name": f"{pattern}.{name}"} for pattern in only]
+        else:
+            narrowed.append(entry)
+    return narrowed
 
 
 def kv_quant_cfg(kv_cache: KVCacheFormat) -> list:

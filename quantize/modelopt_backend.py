@@ -157,6 +157,7 @@ def _record(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Pat
         export_quant_algo=json.loads((out_dir / HF_DIR / "hf_quant_config.json").read_text())["quantization"].get("quant_algo"),
         alpha=request.alpha,
         exclude=list(request.exclude),
+        only=list(request.only),
         placement={**placement.record(), "peak_gpu_memory_bytes": gpu_peak_bytes(placement), "on_disk": facts.on_disk,
                    # what accelerate converted into the folder (0 when it reads the source's safetensors in place)
                    # and the layers calibration or export rewrote (AWQ, GPTQ, SmoothQuant), which wait there
@@ -192,7 +193,7 @@ def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, 
         progress.log(f"{label}: {kv_note}")
     if request.auto is None:
         config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha,
-                                         request.exclude, offloaded)
+                                         request.exclude, offloaded, request.only)
         with progress.task(f"calibrate {label}", total=len(calibration)) as task:
             adapter.calibrate(model, config, calibration, task.advance, batch_size,
                               on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))

@@ -42,12 +42,17 @@ def _config_input_widths(config: dict) -> dict[str, int]:
     return widths
 
 
+def under(name: str, pattern: str) -> bool:
+    """Whether module `name` is `pattern` or lies under a module it names (exclude and only apply as `pattern.*`)."""
+    return fnmatchcase(name, pattern) or fnmatchcase(name, f"{pattern}.*")
+
+
 def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | None,
-                         exclude: tuple[str, ...] = ()) -> list[str]:
+                         exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> list[str]:
     """Layers whose input width the format's block size does not divide, grouped by name pattern.
 
-    Reads safetensors headers when the weights are there, else config.json. Excluded layers
-    stay unquantized, so their widths do not matter.
+    Reads safetensors headers when the weights are there, else config.json. Excluded layers, and with `only`
+    the layers under none of its patterns, stay unquantized, so their widths do not matter.
     """
     spec = FORMATS[quant]
     block = group_size or spec.default_group_size
@@ -62,13 +67,16 @@ def layer_width_problems(model_dir: Path, quant: QuantFormat, group_size: int | 
     for name, width in widths.items():
         if any(fnmatchcase(name, pattern) for pattern in exclude):
             continue
+        if only and not any(under(name, pattern) for pattern in only):
+            continue
         if width % block:
             bad.setdefault(re.sub(r"\.\d+\.", ".*.", name), width)
     return [f"{pattern} (input width {width})" for pattern, width in sorted(bad.items())]
 
 
 def unmatched_excludes(model_dir: Path, exclude: tuple[str, ...]) -> list[str]:
-    """Exclude patterns that name no module of the model: a typo would otherwise quantize everything.
+    """Exclude (or only) patterns that name no module of the model, nor a parent of one: a typo would otherwise
+    quantize everything (or, for only, nothing).
 
     Module names come from the safetensors headers (a tensor's name less its last part); `lm_head`
     exists even when tied to the embeddings. Without weights on disk nothing can be said: [].
@@ -79,4 +87,4 @@ def unmatched_excludes(model_dir: Path, exclude: tuple[str, ...]) -> list[str]:
     modules = {"lm_head"}
     for path in shards:
         modules |= {name.rsplit(".", 1)[0] for name in safetensors_header(path) if "." in name}
-    return [p for p in exclude if not any(fnmatchcase(m, p) for m in modules)]
+    return [p for p in exclude if not any(under(m, p) for m in modules)]

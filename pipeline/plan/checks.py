@@ -44,6 +44,10 @@ def exclude_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
         for pattern in quantize.unmatched_excludes(model_dir, variant.exclude):
             problems.append(f"{loaded.path}: variants.{name}.exclude: '{pattern}' matches no module of the model, so "
                             "nothing would be excluded (fix: use module names such as lm_head or *.mlp.down_proj)")
+        for pattern in quantize.unmatched_excludes(model_dir, variant.only):
+            problems.append(f"{loaded.path}: variants.{name}.only: '{pattern}' matches no module of the model, so "
+                            "nothing would be quantized under it (fix: use module names such as *.mlp.experts or "
+                            "*.mlp)")
     return problems
 
 
@@ -83,7 +87,7 @@ def width_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     for name, variant in loaded.recipe.variants.items():
         for quant in variant.quant_formats:
             group_size = variant.effective_group_size if not variant.is_auto else quantize.FORMATS[quant].default_group_size
-            layers = quantize.layer_width_problems(model_dir, quant, group_size, variant.exclude)
+            layers = quantize.layer_width_problems(model_dir, quant, group_size, variant.exclude, variant.only)
             if layers:
                 fix = "drop it from auto.formats" if variant.is_auto else "choose a group size that divides these widths, or another format"
                 problems.append(f"{loaded.path}: variants.{name}: {quant.value} with group size {group_size} "

@@ -45,6 +45,7 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None 
         allow_pickle=model.allow_pickle,
         alpha=variant.alpha,
         exclude=variant.exclude,
+        only=variant.only,
         max_shard_size=loaded.recipe.build.max_shard_size,
         calibration_batch_size=loaded.recipe.calibration.batch_size,
         backend=variant.backend,
@@ -77,6 +78,8 @@ def quantize_key_config(request: quantize.QuantizeRequest) -> dict:
     fields = dict(request.__dict__)
     if request.backend is quantize.Backend.modelopt:
         del fields["backend"]   # ModelOpt keys predate backends: their cache entries stay valid
+    if not request.only:
+        del fields["only"]      # keys of variants that quantize every layer predate `only`
     if request.auto is None:
         del fields["auto"]      # and single-format keys predate auto precision
     else:

@@ -169,6 +169,11 @@ class Variant(Strict):
     gpus: tuple[str, ...] = ()
     exclude: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
         default=(), description="module name patterns kept unquantized, e.g. lm_head, *.mlp.down_proj")
+    # Left out of the dump when empty, like `auto`: recipe digests (publish keys) of whole-model variants predate it.
+    only: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        default=(), exclude_if=lambda only: not only,
+        description="module name patterns that alone are quantized, e.g. *.mlp.experts (NVFP4 on the experts only) "
+                    "or *.mlp (the MLPs only); the rest stays 16-bit, and exclude still applies")
     gates: Gates = Gates()
     runtimes: tuple[Runtime, ...] = Field(
         default=(), description="runtimes this variant must load in: trtllm, trtllm-pytorch, vllm, sglang "
@@ -214,6 +219,9 @@ class Variant(Strict):
         if self.group_size is not None and self.group_size not in spec.group_sizes:
             allowed = " or ".join(str(g) for g in spec.group_sizes)
             raise ValueError(f"group_size {self.group_size} is not supported by {self.quant.value}; use {allowed}")
+        if self.only and self.backend is not Backend.modelopt:
+            raise ValueError("only applies to backend modelopt (ModelOpt's quantizer patterns); remove it or set "
+                             "backend: modelopt")
         if self.alpha is not None and not spec.takes_alpha:
             raise ValueError(f"alpha applies only to int8_sq (SmoothQuant); remove it from this {self.quant.value} variant")
         return self._runs_where_asked()
@@ -226,8 +234,9 @@ class Variant(Strict):
             raise ValueError("quant auto needs `auto:` with formats and effective_bits, e.g. "
                              "auto: {formats: [nvfp4, fp8], effective_bits: 5.0}")
         for field_name, fix in (("group_size", "each format uses its default block size"),
-                                ("alpha", "SmoothQuant layers use ModelOpt's default")):
-            if getattr(self, field_name) is not None:
+                                ("alpha", "SmoothQuant layers use ModelOpt's default"),
+                                ("only", "the search picks each layer's format; exclude keeps layers 16-bit")):
+            if getattr(self, field_name) not in (None, ()):
                 raise ValueError(f"{field_name} does not apply to quant auto ({fix}); remove it")
         if self.backend is not Backend.modelopt:
             raise ValueError("quant auto is ModelOpt's auto_quantize; set backend: modelopt or choose one format")
