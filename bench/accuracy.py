@@ -15,7 +15,8 @@ unquantized model and plain round-to-nearest INT4 (no AWQ, no GPTQ). It prints t
 three expectations from the literature per model; a contradiction is printed, not hidden.
 
 `--sets 2026` builds the 2026 formats instead (FORMATS_2026: block FP8, MXFP8, weight-only NVFP4), with
-`build.target: trtllm-pytorch`, the target that publishes their HF checkpoints.
+`build.target: trtllm-pytorch`, the target that publishes their HF checkpoints; `--sets nvfp4-search` NVFP4 with
+each of its scale searches (`algorithm:`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ GATES = {8: {"max_ppl_increase_pct": 5.0, "max_kl": 0.1, "min_top1_agreement": 0
 # The 2026 formats (issue 38), a recipe of their own: their HF checkpoints publish with target trtllm-pytorch.
 FORMATS_2026 = {"fp8-block": {"quant": "fp8_block"}, "fp8-block-kv-fp8-cast": {"quant": "fp8_block", "kv_cache": "fp8_cast"},
                 "mxfp8": {"quant": "mxfp8"}, "nvfp4-a16": {"quant": "nvfp4_a16"}}
-SETS = {"matrix": None, "2026": FORMATS_2026}
+# NVFP4's scale searches (`algorithm:`), beside its default (max) and weight-only NVFP4.
+NVFP4_SEARCHES = {"nvfp4": {"quant": "nvfp4"}, **{f"nvfp4-{name.replace('_', '-')}": {"quant": "nvfp4", "algorithm": name}
+                                                   for name in FORMATS[QuantFormat("nvfp4")].algorithms}}
+SETS = {"matrix": None, "2026": FORMATS_2026, "nvfp4-search": NVFP4_SEARCHES}
 
 # Per real model: what its recipe needs beyond the matrix, and the tasks it is scored on.
 REAL = {
@@ -86,14 +90,14 @@ def _demo_recipe(home: Path, model: Path, recipe_name: str) -> Path:
 def _demo_2026_recipe(home: Path, model: Path) -> Path:
     """recipes/demo-matrix.yaml's data settings with the 2026 formats' variants, for their target."""
     recipe = yaml.safe_load(_demo_recipe(home, model, "demo-matrix.yaml").read_text())
-    recipe.update(name="matrix-2026", variants=FORMATS_2026, build={"target": "trtllm-pytorch"})
+    recipe.update(name="matrix-2026", variants={**FORMATS_2026, **NVFP4_SEARCHES}, build={"target": "trtllm-pytorch"})
     recipe["model"]["source"] = str(model)
     path = home / "bench-recipes" / "matrix-2026.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
-def _real_recipe(home: Path, name: str, model: Path, variants: dict | None = None) -> tuple[Path, dict[str, str]]:
+def _real_recipe(home: Path, name: str, model: Path, variants: dict | None = None, label: str = "") -> tuple[Path, dict[str, str]]:
     """The matrix's variants (or `variants`, with target trtllm-pytorch) for a real model, less those `kiln check`
     refuses (returned with its reasons)."""
     matrix = yaml.safe_load((REPO / "recipes" / "demo-matrix.yaml").read_text())
@@ -101,7 +105,7 @@ def _real_recipe(home: Path, name: str, model: Path, variants: dict | None = Non
         matrix = {"variants": variants}
     tasks = REAL[name]["tasks"]
     extra = {**REAL[name]["recipe"], **({"build": {"target": "trtllm-pytorch"}} if variants is not None else {})}
-    recipe = {"kiln": 1, "name": f"real-{name}" + ("-2026" if variants is not None else ""), "model": {"source": str(model)},
+    recipe = {"kiln": 1, "name": f"real-{name}" + (f"-{label}" if variants is not None else ""), "model": {"source": str(model)},
               "calibration": {"builtin": "python-docs-train", "samples": 8, "seq_len": 256},
               "evaluation": {"builtin": "python-docs-heldout", "samples": 16, "seq_len": 256, "tasks": tasks,
                              "allow_code_execution": any(t["name"] == "humaneval" for t in tasks)},
@@ -231,7 +235,8 @@ def main() -> int:
     parser.add_argument("--models", default="demo," + ",".join(REAL), help="comma-separated: demo and/or "
                         + ", ".join(REAL))
     parser.add_argument("--sets", default="matrix", help="comma-separated variant sets: matrix (recipes/demo-matrix.yaml)"
-                        " and/or 2026 (the 2026 formats, target trtllm-pytorch)")
+                        ", 2026 (the 2026 formats) and nvfp4-search (NVFP4's scale searches); the last two with target "
+                        "trtllm-pytorch")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--humaneval", type=int, default=0, metavar="N",
                         help="also score the first N HumanEval problems on the real models (runs generated code in "
@@ -271,8 +276,8 @@ def main() -> int:
                     REAL[name]["tasks"] = [*REAL[name]["tasks"], {"name": "humaneval", "limit": args.humaneval,
                                                                   "max_new_tokens": 256}]
                 builds, refused = [], {}
-                for variants in (SETS[s] for s in sets):
-                    recipe, not_built = _real_recipe(home, name, model, variants)
+                for label, variants in ((s, SETS[s]) for s in sets):
+                    recipe, not_built = _real_recipe(home, name, model, variants, label)
                     refused.update(not_built)
                     print(f"building {recipe.name} ({len(yaml.safe_load(recipe.read_text())['variants'])} variants)",
                           file=sys.stderr)

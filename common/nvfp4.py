@@ -71,3 +71,21 @@ def fake_quant_activation(x: torch.Tensor, global_scale: torch.Tensor) -> torch.
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.where(scale > 0, round_to_e2m1(blocks / safe) * scale, torch.zeros_like(blocks))
     return q.reshape(shape).to(dtype)
+
+
+def fake_quant_static(x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor | None = None,
+                      fp8_max: float = E4M3_MAX) -> torch.Tensor:
+    """NVFP4 with calibrated (static) per-block amax, as ModelOpt's scale searches leave the weights (MSE, local
+    Hessian, four over six): block scale amax / 6 stored as E4M3 under a per-tensor scale of global_amax / (6 *
+    fp8_max); four over six normalises by 256 instead of 448, leaving the E4M3 headroom its 4-or-6 choice uses.
+    ModelOpt's kernel for this is Triton (modelopt/torch/kernels/quantization/gemm/fp4_kernel.py); a block whose
+    scale is zero becomes zeros, as there."""
+    dtype, shape = x.dtype, x.shape
+    blocks = x.to(torch.float32).reshape(block_amax.numel(), -1)
+    amax = block_amax.to(torch.float32).reshape(-1, 1)
+    top = (amax.max() if global_amax is None else global_amax.to(torch.float32)) * (E4M3_MAX / fp8_max) / E2M1_MAX
+    scale = amax / E2M1_MAX
+    scale = (scale * E4M3_MAX / top).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * top / E4M3_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(scale > 0, round_to_e2m1(blocks / safe) * scale, torch.zeros_like(blocks))
+    return q.reshape(shape).to(dtype)

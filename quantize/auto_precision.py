@@ -81,9 +81,11 @@ def modelopt_budget(model, bits: float, exclude: tuple[str, ...]) -> float:
 
 @contextlib.contextmanager
 def block_formats_on_cpu():
-    """ModelOpt's dynamic-block fake quant with kiln's rounding for CPU tensors (ModelOpt's asserts CUDA): NVFP4
-    (common/nvfp4.py) and MXFP8 (common/blockscale.py), the reference runtime's own numerics."""
+    """ModelOpt's block fake quant with kiln's rounding for CPU tensors (ModelOpt's asserts CUDA, or needs Triton):
+    dynamic NVFP4 and static NVFP4 blocks (common/nvfp4.py) and MXFP8 (common/blockscale.py), the reference
+    runtime's own numerics."""
     from modelopt.torch.quantization import tensor_quant
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer as quantizer_module
 
     from kiln.common import blockscale, nvfp4
 
@@ -100,11 +102,22 @@ def block_formats_on_cpu():
             return blockscale.fake_quant_mxfp8(inputs)
         return modelopt_op(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
 
+    def static_fp4(inputs, amax, global_amax=None, quantize_block_scales=True, fp8_max=nvfp4.E4M3_MAX,
+                   out_dtype=None, pass_through_bwd=False):
+        if inputs.is_cuda or not quantize_block_scales:
+            return modelopt_static(inputs, amax, global_amax, quantize_block_scales, fp8_max, out_dtype,
+                                   pass_through_bwd)
+        return nvfp4.fake_quant_static(inputs, amax, global_amax, fp8_max).to(out_dtype or inputs.dtype)
+
+    # The scale searches' static NVFP4 blocks (MSE, local Hessian, four over six) are a Triton kernel in ModelOpt.
+    modelopt_static = quantizer_module.static_blockwise_fp4_fake_quant
     tensor_quant.dynamic_block_quantize_op = block_quantize
+    quantizer_module.static_blockwise_fp4_fake_quant = static_fp4
     try:
         yield
     finally:
         tensor_quant.dynamic_block_quantize_op = modelopt_op
+        quantizer_module.static_blockwise_fp4_fake_quant = modelopt_static
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ class QuantizeRequest:
     alpha: float | None = None
     exclude: tuple[str, ...] = ()   # module name patterns kept unquantized
     only: tuple[str, ...] = ()      # when set, the only module name patterns quantized (exclude still applies)
+    algorithm: str | None = None    # one of the format's `algorithms` (None: its default)
     max_shard_size: str = "5GB"     # the HF export's largest safetensors file
     calibration_batch_size: int = 1  # samples per calibration forward pass
     backend: Backend = Backend.modelopt
@@ -51,13 +52,18 @@ class QuantizeRequest:
 
     @property
     def engine_checkpoint(self) -> bool:
-        """Whether ModelOpt's TensorRT-LLM export makes an engine-flow checkpoint for every format it may hold."""
-        return all(FORMATS[q].trtllm is None or FORMATS[q].trtllm.engine_checkpoint for q in self.formats)
+        """Whether ModelOpt's TensorRT-LLM export makes an engine-flow checkpoint for every format it may hold (and
+        for the scale search asked for)."""
+        search = FORMATS[self.quant].algorithms.get(self.algorithm) if self.algorithm else None
+        return (all(FORMATS[q].trtllm is None or FORMATS[q].trtllm.engine_checkpoint for q in self.formats)
+                and (search is None or search.engine_checkpoint))
 
     @property
     def label(self) -> str:
         """What progress lines call it: fp8, or auto 5.5b."""
-        return f"auto {self.auto.effective_bits:g}b" if self.auto else getattr(self.quant, "value", self.quant)
+        if self.auto:
+            return f"auto {self.auto.effective_bits:g}b"
+        return getattr(self.quant, "value", self.quant) + (f" {self.algorithm}" if self.algorithm else "")
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,8 @@ _LINEAR_2026 = _columns(_FP8_BLOCK, _NVFP4_A16, _MXFP8)
 MATRIX_COLUMNS = frozenset({_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16}) | _LINEAR_2026
 # [precision] LLaMA: FP8, SQ, W8A16, AWQ, GPTQ; [pt-matrix] LLaMA rows: NVFP4, FP8 rowwise, W4A8 AWQ
 _LLAMA_ENGINE = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16)
-_LLAMA_PYTORCH = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8) | _LINEAR_2026   # [pt-matrix] LLaMA rows; [linear]
+# [pt-matrix] LLaMA rows; [linear]
+_LLAMA_PYTORCH = _columns(_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8) | _LINEAR_2026
 _QWEN_ENGINE = _columns(_FP8, _SQ, _W8A16, _AWQ, _GPTQ)   # [precision] Qwen; FP8: examples/qwen
 _FP8_KV = frozenset({"auto", "fp8"})   # "auto": an unquantized cache in the model's dtype
 _NO_ENGINE = frozenset()

@@ -130,6 +130,17 @@ class TrtllmMapping:
 
 
 @dataclass(frozen=True)
+class ScaleSearch:
+    """One of a format's other ways of finding its scales: the ModelOpt config that runs it."""
+
+    modelopt_config: str
+    # Whether ModelOpt's TensorRT-LLM export takes the result. Measured on 0.47: static per-block scales (MSE, local
+    # Hessian, four over six) fail on the fused q/k/v ("shape '[128, 4]' is invalid"); the HF export is whole, and
+    # trtllm-engine builds convert it on the compile host, as for disk-offloaded builds.
+    engine_checkpoint: bool = True
+
+
+@dataclass(frozen=True)
 class FormatSpec:
     name: QuantFormat
     summary: str
@@ -141,6 +152,9 @@ class FormatSpec:
     activation_bits: int            # 16: activations stay in the model dtype
     group_sizes: tuple[int, ...] = ()  # allowed weight block sizes; () means per-tensor or per-channel
     default_group_size: int | None = None
+    # A recipe's `algorithm:` choices beside `algorithm` (its default), by name. Each exports this row's label
+    # (measured), so the codec, the tables and the runtimes are the row's.
+    algorithms: dict[str, "ScaleSearch"] = field(default_factory=dict)
     # Overrides of the ModelOpt config's "algorithm" entry (GPTQ is an INT4 config run with method gptq).
     algorithm_config: dict = field(default_factory=dict)
     takes_alpha: bool = False       # SmoothQuant's migration strength, set in the recipe
@@ -195,6 +209,12 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
                export_quant_algo="FP8_PER_CHANNEL_PER_TOKEN", trtllm=TrtllmMapping("FP8 rowwise")),
     FormatSpec("nvfp4", "FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
                Kernel.nvfp4, "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16,
+               # ModelOpt's scale searches that export plain NVFP4 (measured on 0.47). awq_lite and awq_full export
+               # NVFP4_AWQ, a label no runtime in quantize/runtimes.py loads: not offered.
+               algorithms={"awq_clip": ScaleSearch("NVFP4_AWQ_CLIP_CFG"),
+                           "mse": ScaleSearch("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", engine_checkpoint=False),
+                           "local_hessian": ScaleSearch("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", engine_checkpoint=False),
+                           "four_over_six": ScaleSearch("NVFP4_FOUR_OVER_SIX_CFG", engine_checkpoint=False)},
                modelopt_fake_quant_on_cpu=False, export_quant_algo="NVFP4",
                trtllm=TrtllmMapping("NVFP4", packing="fp4", gemm_plugin="nvfp4")),
     FormatSpec("int4_awq", "INT4 weights (W4A16), AWQ, per-group scales", Kernel.w4a16,

@@ -18,14 +18,16 @@ TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
 def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None, alpha: float | None = None,
-                    exclude: tuple[str, ...] = (), offloaded: bool = False, only: tuple[str, ...] = ()) -> dict:
+                    exclude: tuple[str, ...] = (), offloaded: bool = False, only: tuple[str, ...] = (),
+                    algorithm: str | None = None) -> dict:
     """The ModelOpt quantization config for a format, group size, KV-cache format, SmoothQuant alpha, the module name
     patterns to keep unquantized and, with `only`, the only ones to quantize; `offloaded` (disk offload) runs GPTQ a
     layer at a time."""
     import modelopt.torch.quantization as mtq
 
     spec = FORMATS[quant]
-    config = copy.deepcopy(getattr(mtq, spec.modelopt_config))
+    search = spec.algorithms.get(algorithm)
+    config = copy.deepcopy(getattr(mtq, search.modelopt_config if search else spec.modelopt_config))
     if spec.algorithm_config:
         config["algorithm"] = dict(spec.algorithm_config)
     if offloaded and spec.layer_by_layer_under_offload:

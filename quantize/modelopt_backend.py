@@ -3,6 +3,7 @@ families with a TensorRT-LLM checkpoint, trtllm/ (checked and completed by trtll
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -145,7 +146,7 @@ def _record(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Pat
     return CheckpointRecord(
         quant=getattr(request.quant, "value", request.quant),
         kv_cache=request.kv_cache.value,
-        algorithm=spec.algorithm if spec else f"auto_quantize:{auto.method}",
+        algorithm=(request.algorithm or spec.algorithm) if spec else f"auto_quantize:{auto.method}",
         group_size=(request.group_size or spec.default_group_size) if spec else None,
         dtype=request.dtype,
         tp_size=request.tp_size,
@@ -193,8 +194,10 @@ def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, 
         progress.log(f"{label}: {kv_note}")
     if request.auto is None:
         config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha,
-                                         request.exclude, offloaded, request.only)
-        with progress.task(f"calibrate {label}", total=len(calibration)) as task:
+                                         request.exclude, offloaded, request.only, request.algorithm)
+        # A scale search fake-quantizes as it calibrates: on a CPU kiln's rounding stands in for ModelOpt's CUDA ops.
+        stand_in = auto_precision.block_formats_on_cpu if request.algorithm else contextlib.nullcontext
+        with progress.task(f"calibrate {label}", total=len(calibration)) as task, stand_in():
             adapter.calibrate(model, config, calibration, task.advance, batch_size,
                               on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))
         return {}

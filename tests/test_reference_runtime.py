@@ -69,16 +69,22 @@ def texts(test_model):
 KV_OF = {QuantFormat.fp8: KVCacheFormat.fp8, QuantFormat.w4a8_awq: KVCacheFormat.fp8,
          QuantFormat.int8_sq: KVCacheFormat.fp8, QuantFormat.int8_wo: KVCacheFormat.fp8_cast}
 STAND_IN = {QuantFormat.mxfp8, QuantFormat.nvfp4_a16}
-CPU_FORMATS = [(quant, KV_OF.get(quant, KVCacheFormat.none))
+CPU_FORMATS = [(quant, KV_OF.get(quant, KVCacheFormat.none), None)
                for quant, spec in FORMATS.items() if spec.modelopt_fake_quant_on_cpu or quant in STAND_IN]
+# NVFP4's scale searches with static blocks: their per-block amax (not the weights' own) must reach the export's
+# scales. (awq_clip's blocks are dynamic, as max's; both are bench/nvfp4_gpu.py's NVFP4 on a GPU.)
+CPU_FORMATS += [(QuantFormat.nvfp4, KVCacheFormat.none, "local_hessian"),
+                (QuantFormat.nvfp4, KVCacheFormat.none, "four_over_six")]
 
 
-@pytest.mark.parametrize("quant, kv", CPU_FORMATS, ids=[f"{q.value}-kv-{k.value}" for q, k in CPU_FORMATS])
-def test_reference_runtime_matches_modelopt(tmp_path, test_model, texts, quant, kv):
+@pytest.mark.parametrize("quant, kv, algorithm", CPU_FORMATS,
+                         ids=[f"{q.value}{'-' + a if a else ''}-kv-{k.value}" for q, k, a in CPU_FORMATS])
+def test_reference_runtime_matches_modelopt(tmp_path, test_model, texts, quant, kv, algorithm):
     model = adapter.load_source_model(test_model, "bfloat16", False, False)
-    stand_in = block_formats_on_cpu if quant in STAND_IN else contextlib.nullcontext
+    stand_in = block_formats_on_cpu if quant in STAND_IN or algorithm else contextlib.nullcontext
     with stand_in():
-        adapter.calibrate(model, adapter.modelopt_config(quant, kv, None), texts["calibration"], lambda n: None)
+        adapter.calibrate(model, adapter.modelopt_config(quant, kv, None, algorithm=algorithm), texts["calibration"],
+                          lambda n: None)
         in_memory = copy.deepcopy(model).float()  # compare formats, not bf16 arithmetic
         with torch.no_grad():
             expected = [in_memory(input_ids=ids[None]).logits[0] for ids in texts["evaluation"]]
@@ -122,4 +128,4 @@ def test_reference_runtime_matches_modelopt(tmp_path, test_model, texts, quant, 
     save_file(tensors, corrupted / "model.safetensors", metadata={"format": "pt"})
     bad_kl, bad_top1 = agreement(corrupted)
     assert bad_kl > MAX_KL or bad_top1 < MIN_TOP1, (bad_kl, bad_top1)
-    print(json.dumps({"quant": quant.value, "kl": kl, "top1": top1, "corrupted_kl": bad_kl, "corrupted_top1": bad_top1}))
+    print(json.dumps({"quant": quant.value, "algorithm": algorithm, "kl": kl, "top1": top1, "corrupted_kl": bad_kl, "corrupted_top1": bad_top1}))

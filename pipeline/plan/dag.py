@@ -73,10 +73,13 @@ class Plan:
                          "TensorRT-LLM's own converter makes the TensorRT-LLM checkpoint from hf/ on the compile host")
         if any(v.backend is quantize.Backend.llmcompressor for v in self.loaded.recipe.variants.values()):
             publishes += "; backend llmcompressor variants publish hf/ only (compressed-tensors, for vLLM and SGLang)"
-        hf_only = sorted({q.value for v in self.loaded.recipe.variants.values() for q in v.quant_formats
-                          if not quantize.FORMATS[q].trtllm.engine_checkpoint})
+        hf_only = sorted({q.value + (f" {v.algorithm}" if v.algorithm in quantize.FORMATS[q].algorithms else "")
+                          for v in self.loaded.recipe.variants.values() for q in v.quant_formats
+                          if not quantize.FORMATS[q].trtllm.engine_checkpoint
+                          or not getattr(quantize.FORMATS[q].algorithms.get(v.algorithm), "engine_checkpoint", True)})
         if family.trtllm and hf_only:
-            publishes += f"; {', '.join(hf_only)} variants publish hf/ only (no engine-flow checkpoint for the format)"
+            publishes += (f"; {', '.join(hf_only)} variants publish hf/ only (ModelOpt writes no engine-flow "
+                          "checkpoint for them)")
         return {"model_type": family.model_type, "title": family.title, "trtllm_checkpoint": bool(family.trtllm),
                 "publishes": publishes}
 

@@ -46,6 +46,9 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None 
         alpha=variant.alpha,
         exclude=variant.exclude,
         only=variant.only,
+        # The format's default named explicitly is the default: the same key and checkpoint as leaving it out.
+        algorithm=None if variant.is_auto or variant.algorithm not in quantize.FORMATS[variant.quant].algorithms
+        else variant.algorithm,
         max_shard_size=loaded.recipe.build.max_shard_size,
         calibration_batch_size=loaded.recipe.calibration.batch_size,
         backend=variant.backend,
@@ -80,6 +83,8 @@ def quantize_key_config(request: quantize.QuantizeRequest) -> dict:
         del fields["backend"]   # ModelOpt keys predate backends: their cache entries stay valid
     if not request.only:
         del fields["only"]      # keys of variants that quantize every layer predate `only`
+    if request.algorithm is None:
+        del fields["algorithm"]   # and those of a format's default algorithm, `algorithm`
     if request.auto is None:
         del fields["auto"]      # and single-format keys predate auto precision
     else:

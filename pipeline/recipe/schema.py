@@ -166,6 +166,10 @@ class Variant(Strict):
     kv_cache: KVCacheFormat = KVCacheFormat.none
     group_size: PositiveInt | None = None
     alpha: Number | None = Field(default=None, gt=0, le=1, description="SmoothQuant migration strength (int8_sq)")
+    # Left out of the dump when unset, like `only`: digests of variants on a format's default algorithm predate it.
+    algorithm: str | None = Field(default=None, exclude_if=lambda algorithm: algorithm is None,
+                                  description="how the format's scales are found, where it offers a choice (nvfp4: max, "
+                                              "awq_clip, mse, local_hessian, four_over_six); default: the format's own")
     gpus: tuple[str, ...] = ()
     exclude: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
         default=(), description="module name patterns kept unquantized, e.g. lm_head, *.mlp.down_proj")
@@ -219,6 +223,14 @@ class Variant(Strict):
         if self.group_size is not None and self.group_size not in spec.group_sizes:
             allowed = " or ".join(str(g) for g in spec.group_sizes)
             raise ValueError(f"group_size {self.group_size} is not supported by {self.quant.value}; use {allowed}")
+        choices = (spec.algorithm, *spec.algorithms)
+        if self.algorithm is not None and self.algorithm not in choices:
+            offered = f"choose {' or '.join(choices)}" if spec.algorithms else \
+                f"{self.quant.value} offers only {spec.algorithm}; remove it"
+            raise ValueError(f"algorithm {self.algorithm} is not one {self.quant.value} has ({offered})")
+        if self.algorithm is not None and self.backend is not Backend.modelopt:
+            raise ValueError("algorithm applies to backend modelopt (ModelOpt's scale searches); remove it or set "
+                             "backend: modelopt")
         if self.only and self.backend is not Backend.modelopt:
             raise ValueError("only applies to backend modelopt (ModelOpt's quantizer patterns); remove it or set "
                              "backend: modelopt")
@@ -235,7 +247,8 @@ class Variant(Strict):
                              "auto: {formats: [nvfp4, fp8], effective_bits: 5.0}")
         for field_name, fix in (("group_size", "each format uses its default block size"),
                                 ("alpha", "SmoothQuant layers use ModelOpt's default"),
-                                ("only", "the search picks each layer's format; exclude keeps layers 16-bit")):
+                                ("only", "the search picks each layer's format; exclude keeps layers 16-bit"),
+                                ("algorithm", "each format's default algorithm runs")):
             if getattr(self, field_name) not in (None, ()):
                 raise ValueError(f"{field_name} does not apply to quant auto ({fix}); remove it")
         if self.backend is not Backend.modelopt:
