@@ -16,7 +16,8 @@ three expectations from the literature per model; a contradiction is printed, no
 
 `--sets 2026` builds the 2026 formats instead (FORMATS_2026: block FP8, MXFP8, weight-only NVFP4), with
 `build.target: trtllm-pytorch`, the target that publishes their HF checkpoints; `--sets nvfp4-search` NVFP4 with
-each of its scale searches (`algorithm:`).
+each of its scale searches (`algorithm:`); `--sets fp4-mixes` MXFP4, the W4A8 FP4 x FP8 formats and the NVFP4 KV
+caches, calibrated and cast; `--sets nvfp4-a16-search` weight-only NVFP4 with four_over_six and awq_clip.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 
 from tests.recipes import repo_recipe_beside_model, run_kiln  # noqa: E402  (the suite's helpers, no pytest)
-FOUR_BIT = ("nvfp4", "nvfp4_a16", "int4_awq", "int4_gptq", "w4a8_awq")
+FOUR_BIT = ("nvfp4", "nvfp4_a16", "int4_awq", "int4_gptq", "w4a8_awq", "mxfp4", "w4a8_nvfp4_fp8", "w4a8_mxfp4_fp8")
 LLMC_PYTHON = os.environ.get("KILN_LLMCOMPRESSOR_PYTHON") or str(REPO / "build" / "llmcompressor-env" / "bin" / "python")
 
 # The example recipes' gates (recipes/demo.yaml, recipes/tinyllama-1.1b.yaml), drawn from SmolLM2's numbers here:
@@ -55,7 +56,18 @@ FORMATS_2026 = {"fp8-block": {"quant": "fp8_block"}, "fp8-block-kv-fp8-cast": {"
 # NVFP4's scale searches (`algorithm:`), beside its default (max) and weight-only NVFP4.
 NVFP4_SEARCHES = {"nvfp4": {"quant": "nvfp4"}, **{f"nvfp4-{name.replace('_', '-')}": {"quant": "nvfp4", "algorithm": name}
                                                    for name in FORMATS[QuantFormat("nvfp4")].algorithms}}
-SETS = {"matrix": None, "2026": FORMATS_2026, "nvfp4-search": NVFP4_SEARCHES}
+# MXFP4 and the FP4 x FP8 mixes, and the calibration-free NVFP4 cache beside the calibrated one.
+FP4_MIXES = {"mxfp4": {"quant": "mxfp4"}, "w4a8-nvfp4-fp8": {"quant": "w4a8_nvfp4_fp8"},
+             "w4a8-mxfp4-fp8": {"quant": "w4a8_mxfp4_fp8"},
+             "w4a8-nvfp4-fp8-kv-nvfp4-cast": {"quant": "w4a8_nvfp4_fp8", "kv_cache": "nvfp4_cast"},
+             "nvfp4-kv-nvfp4": {"quant": "nvfp4", "kv_cache": "nvfp4"},
+             "nvfp4-kv-nvfp4-cast": {"quant": "nvfp4", "kv_cache": "nvfp4_cast"}}
+# Weight-only NVFP4 with the searches that finish on 2 CPU cores (mse and local_hessian take over 40 minutes here).
+NVFP4_A16_SEARCHES = {"nvfp4-a16": {"quant": "nvfp4_a16"},
+                      **{f"nvfp4-a16-{name.replace('_', '-')}": {"quant": "nvfp4_a16", "algorithm": name}
+                         for name in ("four_over_six", "awq_clip")}}
+SETS = {"matrix": None, "2026": FORMATS_2026, "nvfp4-search": NVFP4_SEARCHES, "fp4-mixes": FP4_MIXES,
+        "nvfp4-a16-search": NVFP4_A16_SEARCHES}
 
 # Per real model: what its recipe needs beyond the matrix, and the tasks it is scored on.
 REAL = {
@@ -235,7 +247,8 @@ def main() -> int:
     parser.add_argument("--models", default="demo," + ",".join(REAL), help="comma-separated: demo and/or "
                         + ", ".join(REAL))
     parser.add_argument("--sets", default="matrix", help="comma-separated variant sets: matrix (recipes/demo-matrix.yaml)"
-                        ", 2026 (the 2026 formats) and nvfp4-search (NVFP4's scale searches); the last two with target "
+                        ", 2026 (the 2026 formats), nvfp4-search (NVFP4's scale searches), fp4-mixes (MXFP4, W4A8 FP4 x FP8, "
+                        "NVFP4 KV) and nvfp4-a16-search; all but matrix with target "
                         "trtllm-pytorch")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--humaneval", type=int, default=0, metavar="N",

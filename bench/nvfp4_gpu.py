@@ -10,10 +10,12 @@
    ModelOpt's CUDA quantizer on real activations.
 2. FP8: the exported FP8 weights and activation scales through torch._scaled_mm (a real
    FP8 tensor-core GEMM) against kiln's reference linear layers on the CPU.
-3. The 2026 block formats whose ModelOpt fake quant is a CUDA op (issue 38): MXFP8 (its E8M0
-   rounding, common/blockscale.py) and weight-only NVFP4. ModelOpt's in-memory model on the GPU
-   against kiln's reference runtime on the export, and MXFP8's activation rounding element by
-   element against ModelOpt's CUDA kernel. Until this has run on a GPU, those rows rest on kiln's
+3. The 2026 block formats whose ModelOpt fake quant is a CUDA op (issue 38): MXFP8 and MXFP4 (their
+   E8M0 rounding, common/blockscale.py), weight-only NVFP4 and the W4A8 FP4 x FP8 mixes. ModelOpt's
+   in-memory model on the GPU against kiln's reference runtime on the export, the activation rounding
+   element by element against ModelOpt's CUDA kernel, and one layer's weight fake quant against kiln's
+   stand-in (block_formats_on_cpu) on the same weight: for W4A8_NVFP4_FP8 ModelOpt's source suggests its
+   Triton kernel rounds blocks of 16, not 32. Until this has run on a GPU, those rows rest on kiln's
    rounding (tests/test_reference_runtime.py compares everything else on the CPU, with kiln's
    rounding standing in for that one op); --dry-run does the same here.
 """
@@ -141,15 +143,24 @@ def block_format_check(model_dir: Path, config_name: str, calibration, evaluatio
         modelopt_logits = _logits(in_memory, evaluation, device)
         x = _capture_inputs(in_memory, layer, evaluation[0], device)
         quantizer = in_memory.get_submodule(layer).input_quantizer
+        weight = in_memory.get_submodule(layer).weight.detach()
+        weight_quantizer = in_memory.get_submodule(layer).weight_quantizer
         with torch.no_grad():
             theirs = quantizer(x).float().cpu() if quantizer.is_enabled else None
+            theirs_weight = weight_quantizer(weight).float().cpu()
+    with block_formats_on_cpu(), torch.no_grad():
+        mine_weight = copy.deepcopy(weight_quantizer).cpu()(weight.cpu()).float()
     del in_memory
     adapter.export_hf(model, workdir / config_name)
     reference = load_reference_model(workdir / config_name)
     kiln_logits = _logits(reference, evaluation, "cpu")
     result = {"kiln_cpu_vs_baseline": _compare(baseline, kiln_logits, evaluation),
               "modelopt_vs_baseline": _compare(baseline, modelopt_logits, evaluation),
-              "kiln_cpu_vs_modelopt": _compare(modelopt_logits, kiln_logits, evaluation)}
+              "kiln_cpu_vs_modelopt": _compare(modelopt_logits, kiln_logits, evaluation),
+              "weight_rounding": {"layer": layer,
+                                  "fraction_identical": (mine_weight == theirs_weight).float().mean().item(),
+                                  "relative_difference": ((mine_weight - theirs_weight).norm()
+                                                          / theirs_weight.norm()).item()}}
     if theirs is not None:
         linear = reference.get_submodule(layer)
         mine = linear._transform(x.float().cpu(), linear._stored())
@@ -158,7 +169,8 @@ def block_format_check(model_dir: Path, config_name: str, calibration, evaluatio
     return result
 
 
-BLOCK_FORMATS = {"mxfp8": "MXFP8_DEFAULT_CFG", "nvfp4_a16": "W4A16_NVFP4_CFG"}
+BLOCK_FORMATS = {"mxfp8": "MXFP8_DEFAULT_CFG", "nvfp4_a16": "W4A16_NVFP4_CFG", "mxfp4": "MXFP4_DEFAULT_CFG",
+                 "w4a8_nvfp4_fp8": "W4A8_NVFP4_FP8_CFG", "w4a8_mxfp4_fp8": "W4A8_MXFP4_FP8_CFG"}
 
 
 def fp8_gemm_check(model_dir: Path, calibration, evaluation, device, dry_run: bool, workdir: Path) -> dict:
@@ -244,10 +256,11 @@ def main() -> int:
             if "mean_kl" in row:
                 print(f"{name + ' ' + label:<34} {row['mean_kl']:9.5f} {row['top1_agreement']:7.4f} "
                       f"{row['ppl_change_pct']:+8.3f} {row['max_abs_logit_diff']:13.4f}")
-        if "activation_rounding" in rows:
-            act = rows["activation_rounding"]
-            print(f"  {name} activation rounding ({act['layer']}): identical elements {act['fraction_identical']:.4f}, "
-                  f"relative difference {act['relative_difference']:.2e}")
+        for what in ("weight_rounding", "activation_rounding"):
+            if what in rows:
+                row = rows[what]
+                print(f"  {name} {what.replace('_', ' ')} ({row['layer']}): identical elements "
+                      f"{row['fraction_identical']:.4f}, relative difference {row['relative_difference']:.2e}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

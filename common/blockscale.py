@@ -1,16 +1,19 @@
-"""FP8 with a scale per block, in plain torch on the CPU: 128 x 128 FP32-scaled blocks (ModelOpt's `fp8_pb_wo`,
-DeepSeek-V3's layout) and MXFP8 (E4M3 elements, a power-of-two E8M0 scale per 32).
+"""Block-scaled formats in plain torch on the CPU: FP8 in 128 x 128 FP32-scaled blocks (ModelOpt's `fp8_pb_wo`,
+DeepSeek-V3's layout), and the MX formats, a power-of-two E8M0 scale per 32 elements of E4M3 (MXFP8) or E2M1
+(MXFP4, packed two per byte as NVFP4 is).
 
 The reference runtime decodes the exported weights with these and rounds activations as the serving kernels do.
 ModelOpt's MX fake quant is a CUDA extension (`fused_amax_convert`), so the rounding here follows its source
 (modelopt/torch/kernels/quantization/gemm/tensor_quant_mx.cu, `compute_scale_e8m0_NV`): the block's scale is
-2 ** ceil(log2(amax / 448)), exact at powers of two, clamped to [-127, 127]; a block of zeros keeps scale 1.
+2 ** ceil(log2(amax / max)), max 448 for E4M3 and 6 for E2M1, exact at powers of two, clamped to [-127, 127]; a block of zeros keeps scale 1.
 bench/nvfp4_gpu.py compares it with that kernel on a GPU.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kiln.common import nvfp4
 
 E4M3_MAX = 448.0
 FP8_BLOCK = 128        # fp8_pb_wo: weight blocks of 128 x 128; serving quantizes activations in 1 x 128 groups
@@ -63,25 +66,30 @@ def fake_quant_fp8_groups(x: torch.Tensor, group: int = FP8_BLOCK) -> torch.Tens
 
 # --- MXFP8: E4M3 elements, E8M0 scales per 32 --------------------------------------------------------------------
 
-def e8m0_exponent(amax: torch.Tensor) -> torch.Tensor:
-    """ceil(log2(amax / 448)) computed exactly from the float32 ratio's bits (torch.log2 rounds just above a
-    power of two down to it), clamped to [-127, 127]; 0 for a block of zeros, inf or nan, whose scale is 1."""
-    ratio = amax.to(torch.float32) / E4M3_MAX
+def e8m0_exponent(amax: torch.Tensor, element_max: float = E4M3_MAX) -> torch.Tensor:
+    """ceil(log2(amax / element_max)) computed exactly from the float32 ratio's bits (torch.log2 rounds just above
+    a power of two down to it), clamped to [-127, 127]; 0 for a block of zeros, inf or nan, whose scale is 1."""
+    ratio = amax.to(torch.float32) / element_max
     mantissa, exponent = torch.frexp(ratio)            # ratio = mantissa * 2 ** exponent, mantissa in [0.5, 1)
     ceil_log2 = torch.where(mantissa == 0.5, exponent - 1, exponent).to(torch.float32)
     usable = (amax > 0) & torch.isfinite(amax)
     return torch.where(usable, ceil_log2.clamp(-127, 127), torch.zeros_like(ceil_log2))
 
 
+def _e8m0_descale(values: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
+    """Element values [out, in] times 2 ** (e - 127) per 32 (uint8 biased exponents [out, in / 32]) -> float32."""
+    if scale.dtype != torch.uint8:
+        raise ValueError(f"an {name} weight_scale holds E8M0 exponents as uint8, got {scale.dtype}")
+    if scale.shape != (*values.shape[:-1], values.shape[-1] // MX_BLOCK) or values.shape[-1] % MX_BLOCK:
+        raise ValueError(f"{name} weight_scale {tuple(scale.shape)} is not one exponent per {MX_BLOCK} of a "
+                         f"{tuple(values.shape)} weight")
+    descale = torch.exp2(scale.to(torch.float32) - E8M0_BIAS).unsqueeze(-1)
+    return (_blocks(values.to(torch.float32), MX_BLOCK) * descale).reshape(values.shape)
+
+
 def dequantize_mxfp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """FP8 [out, in] codes times 2 ** (e - 127) per 32 (uint8 biased exponents [out, in / 32]) -> float32."""
-    if scale.dtype != torch.uint8:
-        raise ValueError(f"an MXFP8 weight_scale holds E8M0 exponents as uint8, got {scale.dtype}")
-    if scale.shape != (*weight.shape[:-1], weight.shape[-1] // MX_BLOCK) or weight.shape[-1] % MX_BLOCK:
-        raise ValueError(f"weight_scale {tuple(scale.shape)} is not one exponent per {MX_BLOCK} of a "
-                         f"{tuple(weight.shape)} weight")
-    descale = torch.exp2(scale.to(torch.float32) - E8M0_BIAS).unsqueeze(-1)
-    return (_blocks(weight.to(torch.float32), MX_BLOCK) * descale).reshape(weight.shape)
+    return _e8m0_descale(weight, scale, "MXFP8")
 
 
 def fake_quant_mxfp8(x: torch.Tensor) -> torch.Tensor:
@@ -89,3 +97,17 @@ def fake_quant_mxfp8(x: torch.Tensor) -> torch.Tensor:
     blocks = _blocks(x.to(torch.float32), MX_BLOCK)
     unscale = torch.exp2(e8m0_exponent(blocks.abs().amax(-1, keepdim=True)))
     return (_to_e4m3(blocks / unscale) * unscale).reshape(x.shape).to(x.dtype)
+
+
+# --- MXFP4: E2M1 elements, E8M0 scales per 32 --------------------------------------------------------------------
+
+def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in / 2] (two E2M1 codes a byte, low nibble first) times 2 ** (e - 127) per 32 -> float32."""
+    return _e8m0_descale(nvfp4.decode_e2m1(nvfp4.unpack_fp4(packed)), scale, "MXFP4")
+
+
+def fake_quant_mxfp4(x: torch.Tensor) -> torch.Tensor:
+    """MXFP4 per 32 channels: scale 2 ** ceil(log2(amax / 6)) (ModelOpt's NV rule), E2M1 rounded to even."""
+    blocks = _blocks(x.to(torch.float32), MX_BLOCK)
+    unscale = torch.exp2(e8m0_exponent(blocks.abs().amax(-1, keepdim=True), nvfp4.E2M1_MAX))
+    return (nvfp4.round_to_e2m1(blocks / unscale) * unscale).reshape(x.shape).to(x.dtype)

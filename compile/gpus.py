@@ -14,6 +14,9 @@ Sources (TensorRT-LLM; cited per cell below):
   [w4a16]   weight-only FP4 (NVFP4A16) needs no FP4 tensor core: vLLM 0.32 dequantizes it with Marlin on SM >= 7.5
             (model_executor/layers/quantization/modelopt.py ModelOptNvFp4Config.get_min_capability); kiln lists
             the SMs of this table from sm80.
+  [w4a8-fp4] FP4 weights times FP8 activations: TensorRT-LLM's W4A8NVFP4FP8LinearMethod and
+            W4A8MXFP4FP8LinearMethod (_torch/modules/linear.py) call Blackwell GEMMs; its fused-MoE capability
+            matrix lists both for SM100/103 only (TRTLLMGen, Cutlass), so kiln lists sm100.
 The design card's "check" cells for sm120 (INT4 AWQ/GPTQ, W4A8-AWQ, INT8-SQ, INT8 KV) are resolved
 as "no": the builder does not forbid them there, but [doc] lists no sm120 kernels for W4A16 or W4A8,
 and none of INT8-SQ or INT8 KV for Blackwell. kiln refuses what no source says works.
@@ -56,8 +59,8 @@ class GpuArch:
 
 _AMPERE_KERNELS = frozenset({K.w4a16, K.w8a8, K.w8a16, K.fp4_a16})  # [doc] W4A16 AWQ/GPTQ; [builder] INT8; [w4a16]
 _ADA_KERNELS = _AMPERE_KERNELS | {K.fp8, K.w4a8}                # [doc] FP8 per tensor, W4A8; [modelopt] FP8 >= 8.9
-# [doc] NVFP4 (Blackwell only); [builder] no INT8/INT4; [mx] MXFP8; [w4a16]
-_BLACKWELL_KERNELS = frozenset({K.fp8, K.nvfp4, K.mxfp8, K.fp4_a16})
+# [doc] NVFP4 (Blackwell only); [builder] no INT8/INT4; [mx] MXFP8, MXFP4; [w4a16]
+_BLACKWELL_KERNELS = frozenset({K.fp8, K.nvfp4, K.mxfp8, K.mxfp4, K.fp4_a16})
 _PRE_BLACKWELL_KV = frozenset({"auto", "fp8", "int8"})   # "auto": the model's own dtype, an unquantized cache
 _BLACKWELL_KV = frozenset({"auto", "fp8", "nvfp4"})
 
@@ -71,7 +74,8 @@ ARCHS: dict[str, GpuArch] = {arch.sm: arch for arch in (
     GpuArch("sm90", ("H100", "H200", "GH200", "H20"), _ADA_KERNELS | {K.fp8_rowwise, K.fp8_block}, _PRE_BLACKWELL_KV,
             fp8_context_fmha=True),
     # [builder]: no INT8/INT4 weight-only, SmoothQuant or INT8 KV on 100 <= SM < 120; [doc]: no W4A16/W4A8.
-    GpuArch("sm100", ("B200", "GB200", "B100"), _BLACKWELL_KERNELS | {K.fp8_block}, _BLACKWELL_KV),
+    # [w4a8-fp4]: FP4 x FP8 GEMMs (W4A8 NVFP4 FP8, W4A8 MXFP4 FP8) on SM100/103 only.
+    GpuArch("sm100", ("B200", "GB200", "B100"), _BLACKWELL_KERNELS | {K.fp8_block, K.w4a8_fp4}, _BLACKWELL_KV),
     GpuArch("sm120", ("RTX 5090", "RTX 5080", "RTX PRO 6000"), _BLACKWELL_KERNELS,
             _BLACKWELL_KV),
 )}

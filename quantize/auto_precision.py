@@ -82,8 +82,8 @@ def modelopt_budget(model, bits: float, exclude: tuple[str, ...]) -> float:
 @contextlib.contextmanager
 def block_formats_on_cpu():
     """ModelOpt's block fake quant with kiln's rounding for CPU tensors (ModelOpt's asserts CUDA, or needs Triton):
-    dynamic NVFP4 and static NVFP4 blocks (common/nvfp4.py) and MXFP8 (common/blockscale.py), the reference
-    runtime's own numerics."""
+    dynamic NVFP4 and static NVFP4 blocks (common/nvfp4.py) and MXFP8 and MXFP4 (common/blockscale.py), the
+    reference runtime's own numerics."""
     from modelopt.torch.quantization import tensor_quant
     from modelopt.torch.quantization.nn.modules import tensor_quantizer as quantizer_module
 
@@ -93,13 +93,18 @@ def block_formats_on_cpu():
 
     def block_quantize(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
         bits = (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
-        # E2M1 values (4 bits, 2 exponent) in blocks of 16 with E4M3 scales (8 bits, 4 exponent): NVFP4.
-        if not inputs.is_cuda and amax is not None and block_size == nvfp4.BLOCK and bits == (4, 2, 8, 4):
+        if inputs.is_cuda:
+            return modelopt_op(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
+        # E2M1 values (4 bits, 2 exponent) in blocks of 16 (W4A8_NVFP4_FP8's weights: 32) with E4M3 scales (8 bits,
+        # 4 exponent): NVFP4.
+        if amax is not None and block_size in (nvfp4.BLOCK, 2 * nvfp4.BLOCK) and bits == (4, 2, 8, 4):
             global_scale = amax.float().amax() / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
-            return nvfp4.fake_quant_activation(inputs, global_scale)
-        # E4M3 values (8 bits, 4 exponent) in blocks of 32 with E8M0 scales (9 bits as ModelOpt counts, 8 exponent).
-        if not inputs.is_cuda and block_size == blockscale.MX_BLOCK and bits == (8, 4, 9, 8):
+            return nvfp4.fake_quant_activation(inputs, global_scale, block_size)
+        # E4M3 or E2M1 values in blocks of 32 with E8M0 scales (9 bits as ModelOpt counts, 8 exponent): MXFP8, MXFP4.
+        if block_size == blockscale.MX_BLOCK and bits == (8, 4, 9, 8):
             return blockscale.fake_quant_mxfp8(inputs)
+        if block_size == blockscale.MX_BLOCK and bits == (4, 2, 9, 8):
+            return blockscale.fake_quant_mxfp4(inputs)
         return modelopt_op(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
 
     def static_fp4(inputs, amax, global_amax=None, quantize_block_scales=True, fp8_max=nvfp4.E4M3_MAX,

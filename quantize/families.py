@@ -37,7 +37,8 @@ SOURCES = {
     "[modelopt]": "ModelOpt 0.47 convert_to_tensorrt_llm_config: without tensorrt_llm it knows the family fields of "
                   "gpt, gemma (1), llama, qwen, mpt, dbrx, mllama and some encoder-decoders, and raises "
                   "NotImplementedError for the rest",
-    "[linear]": "inferred for the 2026 formats (FP8 block scaling, W4A16 NVFP4, MXFP8), which no matrix row lists for "
+    "[linear]": "inferred for the 2026 formats (FP8 block scaling, W4A16 NVFP4, MXFP8, MXFP4, W4A8 NVFP4 FP8, W4A8 "
+                "MXFP4 FP8), which no matrix row lists for "
                 "these families: the runtimes pick each linear layer's method from the checkpoint's quant_algo, not by "
                 "model (TensorRT-LLM _torch/modules/linear.py get_quant_method; vLLM modelopt.py LINEAR_ALGOS); "
                 "quantize/runtimes.py says which runtime loads which",
@@ -120,8 +121,10 @@ class Family:
 
     @property
     def kv_formats(self) -> frozenset[KVCacheFormat]:
-        """The KV formats whose cache dtype the family takes (read from the KV table: new rows need no edit here)."""
-        return frozenset(kv for kv, spec in KV_CACHE_FORMATS.items() if spec.runtime_dtype in self.kv_dtypes)
+        """The KV formats whose cache dtype the family takes (read from the KV table: new rows need no edit here), less
+        those kiln refuses everywhere."""
+        return frozenset(kv for kv, spec in KV_CACHE_FORMATS.items()
+                         if spec.runtime_dtype in self.kv_dtypes and not spec.unsupported)
 
     @property
     def engine_formats(self) -> frozenset[QuantFormat]:
@@ -176,8 +179,9 @@ def _columns(*names: str) -> frozenset[str]:
 _FP8, _FP8_ROWWISE, _NVFP4 = "FP8", "FP8 rowwise", "NVFP4"
 _AWQ, _GPTQ, _W4A8, _SQ, _W8A16 = "W4A16 AWQ", "W4A16 GPTQ", "W4A8 AWQ", "W8A8 SQ", "W8A16"
 _FP8_BLOCK, _NVFP4_A16, _MXFP8 = "FP8 block scaling", "W4A16 NVFP4", "MXFP8"
+_MXFP4, _W4A8_NVFP4, _W4A8_MXFP4 = "MXFP4", "W4A8 NVFP4 FP8", "W4A8 MXFP4 FP8"
 # [linear]: the dense families' HF checkpoints in the 2026 formats (the MoE rows wait for a measured expert export).
-_LINEAR_2026 = _columns(_FP8_BLOCK, _NVFP4_A16, _MXFP8)
+_LINEAR_2026 = _columns(_FP8_BLOCK, _NVFP4_A16, _MXFP8, _MXFP4, _W4A8_NVFP4, _W4A8_MXFP4)
 # The columns of TensorRT-LLM's support matrices the rows below read: a format's TrtllmMapping.matrix must be one
 # (quantize.register_format and tests/test_format_table.py check), or no family would ever take it.
 MATRIX_COLUMNS = frozenset({_FP8, _FP8_ROWWISE, _NVFP4, _AWQ, _GPTQ, _W4A8, _SQ, _W8A16}) | _LINEAR_2026

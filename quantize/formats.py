@@ -74,6 +74,8 @@ class KVCacheFormat(str, Enum):
     fp8_cast = "fp8_cast"
     int8 = "int8"
     nvfp4 = "nvfp4"
+    nvfp4_cast = "nvfp4_cast"
+    nvfp4_rotate = "nvfp4_rotate"
 
 
 class Kernel(str, Enum):
@@ -90,6 +92,8 @@ class Kernel(str, Enum):
     fp8_block = "fp8_block"        # FP8 weights in 128 x 128 blocks, activations in 1 x 128 groups (DeepSeek-V3's)
     mxfp8 = "mxfp8"                # MX FP8: E8M0 scales per 32, Blackwell's block-scaled tensor cores
     fp4_a16 = "fp4_a16"            # FP4 weights dequantized to 16-bit activations (no FP4 tensor core needed)
+    mxfp4 = "mxfp4"                # MX FP4 weights and activations: Blackwell's block-scaled FP4 tensor cores
+    w4a8_fp4 = "w4a8_fp4"          # FP4 weights (NVFP4 or MXFP4 blocks of 32) times FP8 activations
 
 
 class Backend(str, Enum):
@@ -199,6 +203,14 @@ class KVCacheSpec:
     constant_amax: float | None = None
 
 
+# ModelOpt's NVFP4 scale searches that export plain NVFP4 (measured on 0.47). awq_lite and awq_full export NVFP4_AWQ,
+# a label no runtime in quantize/runtimes.py loads: not offered. Weight-only NVFP4 runs the same searches with its
+# input quantizers off (modelopt_adapter.modelopt_config), and exports W4A16_NVFP4 (measured).
+NVFP4_SEARCHES = {"awq_clip": ScaleSearch("NVFP4_AWQ_CLIP_CFG"),
+                  "mse": ScaleSearch("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", engine_checkpoint=False),
+                  "local_hessian": ScaleSearch("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", engine_checkpoint=False),
+                  "four_over_six": ScaleSearch("NVFP4_FOUR_OVER_SIX_CFG", engine_checkpoint=False)}
+
 # The formats table, keyed by each format's name (a QuantFormat, equal to its string).
 FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
     FormatSpec("fp8", "FP8 E4M3 weights and activations, per-tensor scales", Kernel.fp8,
@@ -209,12 +221,7 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
                export_quant_algo="FP8_PER_CHANNEL_PER_TOKEN", trtllm=TrtllmMapping("FP8 rowwise")),
     FormatSpec("nvfp4", "FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
                Kernel.nvfp4, "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16,
-               # ModelOpt's scale searches that export plain NVFP4 (measured on 0.47). awq_lite and awq_full export
-               # NVFP4_AWQ, a label no runtime in quantize/runtimes.py loads: not offered.
-               algorithms={"awq_clip": ScaleSearch("NVFP4_AWQ_CLIP_CFG"),
-                           "mse": ScaleSearch("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", engine_checkpoint=False),
-                           "local_hessian": ScaleSearch("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", engine_checkpoint=False),
-                           "four_over_six": ScaleSearch("NVFP4_FOUR_OVER_SIX_CFG", engine_checkpoint=False)},
+               algorithms=NVFP4_SEARCHES,
                modelopt_fake_quant_on_cpu=False, export_quant_algo="NVFP4",
                trtllm=TrtllmMapping("NVFP4", packing="fp4", gemm_plugin="nvfp4")),
     FormatSpec("int4_awq", "INT4 weights (W4A16), AWQ, per-group scales", Kernel.w4a16,
@@ -251,8 +258,24 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
     FormatSpec("nvfp4_a16", "weight-only NVFP4 (NVFP4A16): FP4 E2M1 weights, E4M3 scale per 16 plus an FP32 global "
                "scale; 16-bit activations, so no FP4 tensor core is needed", Kernel.fp4_a16,
                "W4A16_NVFP4_CFG", "max", 4.5, 16, group_sizes=(16,), default_group_size=16,
-               modelopt_fake_quant_on_cpu=False, export_quant_algo="W4A16_NVFP4",
+               algorithms=NVFP4_SEARCHES, modelopt_fake_quant_on_cpu=False, export_quant_algo="W4A16_NVFP4",
                trtllm=TrtllmMapping("W4A16 NVFP4", packing="fp4", engine_checkpoint=False)),
+    # ModelOpt's TensorRT-LLM export writes these three, but trtllm-build has no GEMM for them (the engine flow's
+    # precision matrix has no MX or FP4 x FP8 column): the HF checkpoint ships.
+    FormatSpec("mxfp4", "MXFP4 (OCP MX): FP4 E2M1 weights and activations with a power-of-two (E8M0) scale per 32",
+               Kernel.mxfp4, "MXFP4_DEFAULT_CFG", "none", 4.25, 4, group_sizes=(32,), default_group_size=32,
+               modelopt_fake_quant_on_cpu=False, export_quant_algo="mxfp4",   # ModelOpt writes it in lower case
+               trtllm=TrtllmMapping("MXFP4", packing="fp4", engine_checkpoint=False)),
+    FormatSpec("w4a8_nvfp4_fp8", "NVFP4 weights in blocks of 32 (E4M3 scales plus an FP32 global scale); FP8 "
+               "activations with a calibrated per-tensor scale", Kernel.w4a8_fp4, "W4A8_NVFP4_FP8_CFG", "max", 4.25, 8,
+               group_sizes=(32,), default_group_size=32, modelopt_fake_quant_on_cpu=False,
+               export_quant_algo="W4A8_NVFP4_FP8",
+               trtllm=TrtllmMapping("W4A8 NVFP4 FP8", packing="fp4", engine_checkpoint=False)),
+    FormatSpec("w4a8_mxfp4_fp8", "MXFP4 weights (E8M0 scale per 32); FP8 activations, their per-tensor scale taken "
+               "at run time (no calibration)", Kernel.w4a8_fp4, "W4A8_MXFP4_FP8_CFG", "none", 4.25, 8,
+               group_sizes=(32,), default_group_size=32, modelopt_fake_quant_on_cpu=False,
+               export_quant_algo="W4A8_MXFP4_FP8",
+               trtllm=TrtllmMapping("W4A8 MXFP4 FP8", packing="fp4", engine_checkpoint=False)),
 )}
 
 KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec in (
@@ -264,6 +287,17 @@ KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec i
     KVCacheSpec(KVCacheFormat.fp8_cast, "FP8_KV_CFG", export_algo="FP8", runtime_dtype="fp8", fp8_context_fmha=True,
                 constant_amax=448.0),
     KVCacheSpec(KVCacheFormat.nvfp4, "NVFP4_KV_CFG", export_algo="NVFP4", runtime_dtype="nvfp4"),
+    # Measured: with constant_amax 448 (ModelOpt's use_constant_amax value: the FP8 attention math both KV formats
+    # share) the HF export carries k_scale = v_scale = 1.0 and kv_cache_quant_algo NVFP4; the K/V blocks of 16 keep
+    # their dynamic E4M3 scales under the global scale 1/6.
+    KVCacheSpec(KVCacheFormat.nvfp4_cast, "NVFP4_KV_CFG", export_algo="NVFP4", runtime_dtype="nvfp4",
+                constant_amax=448.0),
+    # Measured (a CPU Hadamard transform standing in for fast_hadamard_transform, which ModelOpt needs): the export
+    # of NVFP4_KV_ROTATE_CFG is a plain NVFP4 KV checkpoint, kv_cache_quant_algo NVFP4, no word of the rotation.
+    KVCacheSpec(KVCacheFormat.nvfp4_rotate, None, runtime_dtype="nvfp4", unsupported="ModelOpt 0.47 exports a rotated "
+                "NVFP4 KV cache as plain NVFP4 (nothing in hf_quant_config.json or the tensors says K was Hadamard-"
+                "rotated), so a runtime loading it would quantize unrotated keys against scales measured on rotated "
+                "ones; use nvfp4 or nvfp4_cast"),
     # Measured: ModelOpt 0.47 calibrates an INT8 KV cache but its HF export stops with
     # "Invalid KV cache quantization format", so no checkpoint kiln could validate exists.
     KVCacheSpec(KVCacheFormat.int8, None, runtime_dtype="int8", unsupported="ModelOpt 0.47 cannot export an INT8 KV cache to the HF "

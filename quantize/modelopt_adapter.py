@@ -28,6 +28,8 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
     spec = FORMATS[quant]
     search = spec.algorithms.get(algorithm)
     config = copy.deepcopy(getattr(mtq, search.modelopt_config if search else spec.modelopt_config))
+    if search and spec.activation_bits == 16:   # a weight-only row runs a W4A4 config's search on its weights alone
+        config["quant_cfg"] = list(config["quant_cfg"]) + [{"quantizer_name": "*input_quantizer", "enable": False}]
     if spec.algorithm_config:
         config["algorithm"] = dict(spec.algorithm_config)
     if offloaded and spec.layer_by_layer_under_offload:

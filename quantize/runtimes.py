@@ -101,6 +101,9 @@ _TRTLLM_ALGOS = Evidence("TensorRT-LLM main (read 2026-12-06)", "tensorrt_llm/qu
                          "W4A16_NVFP4 or MXFP8 member) and quantization/modelopt_config.py (reads fp8_pb_wo as "
                          "FP8_BLOCK_SCALES); docs/source/features/quantization.md (FP8 block scaling: Hopper, sm100/103)",
                          "source")
+_TRTLLM_W4A8_FP4 = Evidence("TensorRT-LLM main (read 2026-12-06)", "tensorrt_llm/_torch/modules/linear.py get_quant_method "
+                             "(W4A8NVFP4FP8LinearMethod, W4A8MXFP4FP8LinearMethod; the latter quantizes activations "
+                             "to FP8 per tensor at run time) and quantization/mode.py QuantAlgo", "source")
 _SGLANG_2026 = Evidence("SGLang main (2026-11)", "python/sglang/srt/layers/quantization/modelopt_quant.py", "source")
 
 _YES, _NO, _UNCHECKED = Loads.yes, Loads.no, Loads.unchecked
@@ -118,6 +121,12 @@ _PYTORCH = Cell(_YES, _TRTLLM_PYTORCH)
 # TensorRT-LLM engines are built from the TensorRT-LLM checkpoint only ModelOpt exports write (trtllm/).
 _NO_ENGINE = Cell(_NO, _TRTLLM_ENGINE, "trtllm-build reads TensorRT-LLM checkpoints; a compressed-tensors export has none")
 _PYTORCH_CT = Cell(_UNCHECKED, _TRTLLM_PYTORCH, "its loader reads ModelOpt's hf_quant_config.json")
+
+def _fp4_by_fp8(label: str, method: str, sglang: str) -> dict[Runtime, Cell]:
+    """A W4A8 FP4 x FP8 label: TensorRT-LLM's PyTorch backend has a linear method for it, nothing else checked does."""
+    return _row(Cell(_NO, _TRTLLM_ENGINE, "the engine flow has no FP4 x FP8 GEMM"), Cell(_YES, _TRTLLM_W4A8_FP4, method),
+                Cell(_NO, _VLLM_LOADER, f"LINEAR_ALGOS has no {label}"), Cell(_UNCHECKED, _SGLANG_2026, sglang))
+
 
 # Keyed by the checkpoint's format label (FormatSpec.export_label): ModelOpt's `quant_algo` in
 # hf_quant_config.json, or `compressed-tensors:<scheme>` for llm-compressor's exports.
@@ -155,6 +164,14 @@ WEIGHT_LOADERS: dict[str, dict[Runtime, Cell]] = {
     "MXFP8": _row(Cell(_NO, _TRTLLM_ALGOS, "QuantAlgo has no MXFP8"), Cell(_NO, _TRTLLM_ALGOS, "QuantAlgo has no MXFP8"),
                   Cell(_YES, _VLLM_LOADER, "LINEAR_ALGOS MXFP8"),
                   Cell(_UNCHECKED, _SGLANG_2026, "no MXFP8 in its ModelOpt configs")),
+    "mxfp4": _row(Cell(_NO, _TRTLLM_ENGINE, "the engine flow has no MX GEMM"),
+                  Cell(_NO, _TRTLLM_W4A8_FP4, "QuantAlgo has W4A16_MXFP4 and W4A8_MXFP4_MXFP8 but no W4A4 MXFP4, and "
+                                              "nothing maps ModelOpt's lower-case mxfp4"),
+                  Cell(_NO, _VLLM_LOADER, "LINEAR_ALGOS has no MXFP4"),
+                  Cell(_UNCHECKED, _SGLANG_2026, "no MXFP4 in its ModelOpt configs")),
+    "W4A8_NVFP4_FP8": _fp4_by_fp8("W4A8_NVFP4_FP8", "W4A8NVFP4FP8LinearMethod",
+                                  "ModelOptFp4Config reads NVFP4; W4A8_NVFP4_FP8 not checked"),
+    "W4A8_MXFP4_FP8": _fp4_by_fp8("W4A8_MXFP4_FP8", "W4A8MXFP4FP8LinearMethod", "no MXFP4 in its ModelOpt configs"),
     # A mixed checkpoint loads where this row and every mixed format's own row say yes (runtime_cells).
     MIXED_PRECISION: _row(Cell(_YES, _TRTLLM_MIXED), Cell(_YES, _TRTLLM_PYTORCH_MIXED),
                           Cell(_YES, _VLLM_MIXED, "FP8, FP8_PER_CHANNEL_PER_TOKEN and NVFP4 layers; others load "

@@ -104,3 +104,75 @@ def test_weight_only_nvfp4_keeps_activations_16_bit():
     x = torch.randn(3, 64)
     assert decoded.input_transform is None and torch.equal(decoded.transform_input(x), x)
     assert decoded.weight.shape == (32, 64) and not decoded.weight.any()
+
+
+def test_mxfp4_decodes_modelopts_export_and_rounds_activations_to_even():
+    """The weight decode is ModelOpt's own MXFP4 dequantize of what its export writes (MXFP4QTensor, CPU torch); a
+    shifted exponent doubles a block. Activations round as ModelOpt's CUDA kernel does: 2 ** ceil(log2(amax / 6)),
+    E2M1 midpoints to the even code (the export's weights round midpoints down, which is theirs to keep)."""
+    from modelopt.torch.quantization.qtensor.mxfp4_tensor import MXFP4QTensor
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 128, generator=generator) * torch.logspace(-3, 2, 64).reshape(64, 1)
+    qtensor, scale = MXFP4QTensor.quantize(weight, 32)
+    scale = scale.reshape(64, 4)
+    tensors = {"l.weight": qtensor._quantized_data, "l.weight_scale": scale}
+    for label in ("mxfp4", "W4A8_MXFP4_FP8"):
+        decoded = WEIGHT_CODECS[label]("l", tensors, 32)
+        assert decoded.weight.shape == (64, 128)
+        assert torch.equal(decoded.weight, qtensor.dequantize(dtype=torch.float32, scale=scale, block_sizes={-1: 32}))
+        shifted = WEIGHT_CODECS[label]("l", {**tensors, "l.weight_scale": scale + 1}, 32)
+        assert torch.equal(shifted.weight, decoded.weight * 2)
+        with pytest.raises(ValueError, match="blocks are 32 wide"):
+            WEIGHT_CODECS[label]("l", tensors, 16)
+    x = torch.tensor([[0.75, 1.75, 2.5, 3.5, 5.0, 6.0] + [0.0] * 26])   # midpoints under amax 6: scale 1
+    assert blockscale.fake_quant_mxfp4(x)[0, :6].tolist() == [1.0, 2.0, 2.0, 4.0, 4.0, 6.0]
+    mxfp4 = WEIGHT_CODECS["mxfp4"]("l", tensors, None)
+    assert torch.equal(mxfp4.transform_input(x), blockscale.fake_quant_mxfp4(x))
+
+
+def test_w4a8_mxfp4_fp8_takes_its_fp8_activation_scale_per_call():
+    """No input_scale is exported: each GEMM input gets amax / 448, as TensorRT-LLM's W4A8MXFP4FP8LinearMethod does."""
+    from modelopt.torch.quantization.qtensor.mxfp4_tensor import MXFP4QTensor
+
+    qtensor, scale = MXFP4QTensor.quantize(torch.randn(8, 32), 32)
+    decoded = WEIGHT_CODECS["W4A8_MXFP4_FP8"]("l", {"l.weight": qtensor._quantized_data, "l.weight_scale": scale.reshape(8, 1)}, 32)
+    x = torch.randn(2, 5, 32) * 7
+    expected = fake_quant_fp8(x, x.abs().amax() / 448)
+    assert torch.equal(decoded.transform_input(x), expected) and not torch.equal(expected, x)
+    assert torch.equal(decoded.transform_input(x * 10), fake_quant_fp8(x * 10, (x * 10).abs().amax() / 448))
+
+
+def test_w4a8_nvfp4_fp8_is_nvfp4_in_blocks_of_32_with_fp8_activations():
+    from kiln.common import nvfp4
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(16, 64, generator=generator)
+    global_scale = weight.abs().amax() / nvfp4.E4M3_MAX      # ModelOpt's weight_scale_2 for this format: amax / 448
+    block = (weight.reshape(16, 2, 32).abs().amax(-1) / nvfp4.E2M1_MAX / global_scale).to(torch.float8_e4m3fn)
+    codes = torch.full((16, 32), 0x21, dtype=torch.uint8)    # every element: low nibble 1 (0.5), high nibble 2 (1.0)
+    tensors = {"l.weight": codes, "l.weight_scale": block, "l.weight_scale_2": global_scale,
+               "l.input_scale": torch.tensor(0.05)}
+    decoded = WEIGHT_CODECS["W4A8_NVFP4_FP8"]("l", tensors, 32)
+    per_element = block.float().repeat_interleave(32, -1) * global_scale
+    assert torch.equal(decoded.weight[:, 0::2], 0.5 * per_element[:, 0::2])
+    assert torch.equal(decoded.weight[:, 1::2], per_element[:, 1::2])
+    x = torch.randn(3, 64)
+    assert torch.equal(decoded.transform_input(x), fake_quant_fp8(x, torch.tensor(0.05)))
+    with pytest.raises(ValueError, match="blocks of 32"):
+        WEIGHT_CODECS["W4A8_NVFP4_FP8"]("l", {**tensors, "l.weight_scale": block.repeat_interleave(2, -1)}, None)
+    with pytest.raises(ValueError, match="lacks l.input_scale"):
+        WEIGHT_CODECS["W4A8_NVFP4_FP8"]("l", {k: v for k, v in tensors.items() if k != "l.input_scale"}, 32)
+
+
+def test_nvfp4_kv_rounds_under_k_scale_over_six_as_modelopt_quantizes():
+    """ModelOpt exports an NVFP4 cache's k_scale as amax / 448 (FP8 attention math) and quantizes K with the NVFP4
+    global scale amax / (6 * 448): the codec's blocks must sit under k_scale / 6, not k_scale (measured)."""
+    from kiln.common import nvfp4
+    from kiln.validate.codecs import KV_CODECS
+
+    k = torch.randn(2, 4, 9, 64, generator=torch.Generator().manual_seed(3)) * 3
+    amax = torch.tensor(448.0)     # nvfp4_cast's constant: k_scale 1.0
+    modelopt = nvfp4.fake_quant_activation(k, amax / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX))
+    assert torch.equal(KV_CODECS["NVFP4"](k, amax / 448), modelopt)
+    assert not torch.equal(nvfp4.fake_quant_activation(k, amax / 448), modelopt)   # what k_scale as-is would give

@@ -1,8 +1,9 @@
-"""The 2026 formats (issue 38): block FP8 (fp8_block), MXFP8 (mxfp8) and weight-only NVFP4 (nvfp4_a16).
+"""The 2026 formats (issue 38): block FP8 (fp8_block), MXFP8 (mxfp8), weight-only NVFP4 (nvfp4_a16), MXFP4 (mxfp4)
+and the FP4 x FP8 mixes (w4a8_nvfp4_fp8, w4a8_mxfp4_fp8), and the calibration-free NVFP4 KV cache (nvfp4_cast).
 
 Each is its row in quantize/formats.py plus a codec; the GPU, family and runtimes tables read the row. Here: what
 those tables say of each (and where it comes from), `kiln check` refusing what a GPU, a runtime or a family cannot
-take, and one build that validates, publishes and pulls all three on the test model. Their codecs are
+take, and one build that validates, publishes and pulls each on the test model. Their codecs are
 tests/test_codecs.py's; the reference runtime's agreement with ModelOpt, tests/test_reference_runtime.py's.
 Also NVFP4's scale searches (`algorithm:`), which export plain NVFP4."""
 
@@ -17,14 +18,18 @@ from kiln.quantize import FAMILIES, FORMATS, Loads, QuantFormat, Runtime, runtim
 from tests.conftest import run_kiln, write_recipe
 from tests.test_family_check import _config_only_model
 
-NEW = ("fp8_block", "mxfp8", "nvfp4_a16")
+NEW = ("fp8_block", "mxfp8", "nvfp4_a16", "mxfp4", "w4a8_nvfp4_fp8", "w4a8_mxfp4_fp8")
 DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 # Which SMs run each, and which runtimes load its HF checkpoint (compile/gpus.py, quantize/runtimes.py).
 SMS = {"fp8_block": {"sm90", "sm100"},                       # FP8 block scaling: Hopper, sm100/103
        "mxfp8": {"sm100", "sm120"},                          # MX tensor cores: Blackwell
-       "nvfp4_a16": {"sm80", "sm86", "sm89", "sm90", "sm100", "sm120"}}   # weight-only: dequantized anywhere
-LOADS = {"fp8_block": {Runtime.trtllm_pytorch, Runtime.vllm}, "mxfp8": {Runtime.vllm}, "nvfp4_a16": {Runtime.vllm}}
+       "nvfp4_a16": {"sm80", "sm86", "sm89", "sm90", "sm100", "sm120"},   # weight-only: dequantized anywhere
+       "mxfp4": {"sm100", "sm120"},
+       "w4a8_nvfp4_fp8": {"sm100"}, "w4a8_mxfp4_fp8": {"sm100"}}          # FP4 x FP8 GEMMs: SM100/103
+LOADS = {"fp8_block": {Runtime.trtllm_pytorch, Runtime.vllm}, "mxfp8": {Runtime.vllm}, "nvfp4_a16": {Runtime.vllm},
+         "mxfp4": set(),   # TensorRT-LLM has no W4A4 MXFP4 and reads no lower-case mxfp4; vLLM 0.32 neither
+         "w4a8_nvfp4_fp8": {Runtime.trtllm_pytorch}, "w4a8_mxfp4_fp8": {Runtime.trtllm_pytorch}}
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -57,6 +62,14 @@ CHECKS = [
      "load nvfp4_a16"),
     ("llama", {"quant": "mxfp8", "group_size": 16}, {"target": "trtllm-pytorch"},
      "group_size 16 is not supported by mxfp8; use 32"),
+    ("llama", {"quant": "w4a8_nvfp4_fp8", "gpus": ["H100"]}, {"target": "trtllm-pytorch"},
+     "H100 (sm90) cannot run w4a8_nvfp4_fp8"),
+    ("llama", {"quant": "mxfp4", "runtimes": ["vllm"]}, {"target": "trtllm-pytorch"},
+     "vllm does not load mxfp4 (vLLM 0.32.0, source"),
+    ("llama", {"quant": "w4a8_mxfp4_fp8", "runtimes": ["vllm"]}, {"target": "trtllm-pytorch"},
+     "vllm does not load w4a8_mxfp4_fp8"),
+    ("llama", {"quant": "fp8", "kv_cache": "nvfp4_rotate"}, {"target": "trtllm-pytorch"},
+     "exports a rotated NVFP4 KV cache as plain NVFP4"),
 ]
 
 
@@ -92,7 +105,10 @@ def test_what_each_row_runs_on_passes_the_same_checks(tmp_path):
     recipe = write_recipe(tmp_path, str(model), {"block": {"quant": "fp8_block", "gpus": ["H100", "B200"],
                                                            "runtimes": ["vllm", "trtllm-pytorch"]},
                                                  "mx": {"quant": "mxfp8", "runtimes": ["vllm"]},
-                                                 "a16": {"quant": "nvfp4_a16", "runtimes": ["vllm"]}},
+                                                 "a16": {"quant": "nvfp4_a16", "runtimes": ["vllm"]},
+                                                 "w4a8": {"quant": "w4a8_nvfp4_fp8", "kv_cache": "nvfp4_cast",
+                                                          "gpus": ["B200"], "runtimes": ["trtllm-pytorch"]},
+                                                 "mx4": {"quant": "w4a8_mxfp4_fp8", "gpus": ["GB200"]}},
                           name="ok", build={"target": "trtllm-pytorch"})
     assert _check_problems(recipe, model) == []
 
@@ -112,6 +128,22 @@ def test_each_scale_search_is_a_modelopt_config_of_the_rows_format():
             assert name != spec.algorithm
             assert weight_format(search.modelopt_config) == weight_format(spec.modelopt_config), (quant, name)
     assert set(FORMATS[QuantFormat("nvfp4")].algorithms) == {"awq_clip", "mse", "local_hessian", "four_over_six"}
+    assert FORMATS[QuantFormat("nvfp4_a16")].algorithms == FORMATS[QuantFormat("nvfp4")].algorithms
+
+
+def test_a_weight_only_rows_search_quantizes_no_activation():
+    """nvfp4_a16 runs NVFP4's W4A4 search configs with their input quantizers off: ModelOpt then exports
+    W4A16_NVFP4 (measured for all four), so the row's codec, GPUs and runtimes hold."""
+    from kiln.quantize import modelopt_adapter as adapter
+    from kiln.quantize.formats import KVCacheFormat
+
+    for name in FORMATS[QuantFormat("nvfp4_a16")].algorithms:
+        entries = adapter.modelopt_config(QuantFormat("nvfp4_a16"), KVCacheFormat.fp8, None, algorithm=name)["quant_cfg"]
+        last_input = [e for e in entries if e.get("quantizer_name") == "*input_quantizer"][-1]
+        assert last_input == {"quantizer_name": "*input_quantizer", "enable": False}, name
+        assert any(e.get("quantizer_name", "").endswith("bmm_quantizer") and e.get("enable", True) for e in entries)
+    w4a4 = adapter.modelopt_config(QuantFormat("nvfp4"), KVCacheFormat.none, None, algorithm="mse")["quant_cfg"]
+    assert [e for e in w4a4 if e.get("quantizer_name") == "*input_quantizer"][-1].get("enable", True)
 
 
 @pytest.mark.parametrize("variant, says", [
@@ -148,14 +180,20 @@ def test_each_new_row_builds_validates_publishes_and_pulls(tmp_path, test_model,
     variants = {"block": {"quant": "fp8_block", "runtimes": ["vllm", "trtllm-pytorch"], "gates": {"max_kl": 0.02}},
                 "mx": {"quant": "mxfp8", "runtimes": ["vllm"], "gates": {"max_kl": 0.02}},
                 "a16": {"quant": "nvfp4_a16", "runtimes": ["vllm"], "gates": {"max_kl": 0.02}},
-                "fos": {"quant": "nvfp4", "algorithm": "four_over_six", "gates": {"max_kl": 0.05}}}
+                "fos": {"quant": "nvfp4", "algorithm": "four_over_six", "gates": {"max_kl": 0.05}},
+                "mx4": {"quant": "mxfp4", "runtimes": [], "gates": {"max_kl": 0.05}},
+                "w4nv": {"quant": "w4a8_nvfp4_fp8", "kv_cache": "nvfp4_cast", "runtimes": ["trtllm-pytorch"],
+                         "gates": {"max_kl": 0.05}},
+                "w4mx": {"quant": "w4a8_mxfp4_fp8", "runtimes": ["trtllm-pytorch"], "gates": {"max_kl": 0.05}}}
     recipe = write_recipe(tmp_path, str(test_model), variants, name="f26", samples=8, seq_len=64,
                           build={"target": "trtllm-pytorch"})
     built = run_kiln("build", recipe, "--json")
     assert built.returncode == 0, built.stderr
     report = {v["variant"]: v for v in json.loads(built.stdout)["variants"]}
     expected = {"block": ("fp8_block", "fp8_pb_wo", "max"), "mx": ("mxfp8", "MXFP8", "none"),
-                "a16": ("nvfp4_a16", "W4A16_NVFP4", "max"), "fos": ("nvfp4", "NVFP4", "four_over_six")}
+                "a16": ("nvfp4_a16", "W4A16_NVFP4", "max"), "fos": ("nvfp4", "NVFP4", "four_over_six"),
+                "mx4": ("mxfp4", "mxfp4", "none"), "w4nv": ("w4a8_nvfp4_fp8", "W4A8_NVFP4_FP8", "max"),
+                "w4mx": ("w4a8_mxfp4_fp8", "W4A8_MXFP4_FP8", "none")}
     for name, (quant, label, algorithm) in expected.items():
         assert report[name]["gate"]["passed"] and 0 < report[name]["metrics"]["mean_kl"] < 0.05, report[name]
         out = tmp_path / f"pulled-{name}"
@@ -166,3 +204,7 @@ def test_each_new_row_builds_validates_publishes_and_pulls(tmp_path, test_model,
         assert not record["trtllm_checkpoint"] and not (out / "trtllm").exists()
         hf = json.loads((out / "hf" / "hf_quant_config.json").read_text())["quantization"]
         assert hf["quant_algo"] == label
+    # The calibration-free NVFP4 cache: said in the build log, its constant scales exported (k_scale 1.0: amax 448).
+    assert "KV cache nvfp4_cast: a constant scale (1, amax 448), no KV calibration" in built.stderr
+    cast = json.loads((tmp_path / "pulled-w4nv" / "hf" / "hf_quant_config.json").read_text())["quantization"]
+    assert cast["kv_cache_quant_algo"] == "NVFP4"

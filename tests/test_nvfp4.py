@@ -107,3 +107,12 @@ def test_nvfp4_variant_builds_and_validates_on_cpu(tmp_path, test_model, kiln_ho
     assert 0 < variant["metrics"]["mean_kl"] < 0.05 and variant["registry"]["version"] == "1"
     quant = json.loads(next(kiln_home.rglob("hf/hf_quant_config.json")).read_text())["quantization"]
     assert quant["quant_algo"] == "NVFP4" and quant["group_size"] == 16
+
+
+def test_e2m1_rounding_by_step_is_the_table_search_it_replaced():
+    """Every midpoint (ties to the even code), both signs, saturation, and a million random values."""
+    midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    x = torch.cat([midpoints, -midpoints, torch.tensor([0.0, 6.0, 6.5, -100.0, 1.9999999, 3.9999998]),
+                   torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)) * 3])
+    assert torch.equal(nvfp4.round_to_e2m1(x), nvfp4._round_to_e2m1_by_table(x))
+    assert nvfp4.round_to_e2m1(midpoints).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]

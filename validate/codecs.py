@@ -185,6 +185,11 @@ def _decode_int8_smoothquant(prefix: str, tensors: dict[str, torch.Tensor], grou
     return _per_channel(prefix, tensors, torch.int8, lambda s: _then(_pre_quant(s), _int8_input))
 
 
+def _check_block(prefix: str, group_size: int | None, block: int, name: str) -> None:
+    if group_size not in (None, block):
+        raise ValueError(f"{prefix}: {name} blocks are {block} wide, hf_quant_config.json says {group_size}")
+
+
 def _nvfp4_weight(s: Stored) -> torch.Tensor:
     return nvfp4.dequantize_weight(s["weight"], s["weight_scale"], s["weight_scale_2"])
 
@@ -194,8 +199,7 @@ def _nvfp4_input(x, s):
 
 
 def _decode_nvfp4(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
-    if group_size not in (None, nvfp4.BLOCK):
-        raise ValueError(f"{prefix}: NVFP4 blocks are {nvfp4.BLOCK} wide, hf_quant_config.json says {group_size}")
+    _check_block(prefix, group_size, nvfp4.BLOCK, "NVFP4")
     stored = _layer_tensors(prefix, tensors, "weight", "weight_scale", "weight_scale_2")
     nvfp4.check_weight_layout(stored["weight"], stored["weight_scale"])
     transform = _nvfp4_input if "input_scale" in stored else None
@@ -215,18 +219,66 @@ def _decode_fp8_blocks(prefix: str, tensors: dict[str, torch.Tensor], group_size
                          lambda x, _: blockscale.fake_quant_fp8_groups(x), stored["weight"].shape[1])
 
 
-def _decode_mxfp8(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
-    """MXFP8: FP8 weights with an E8M0 exponent per 32; activations quantized the same way at run time."""
-    if group_size not in (None, blockscale.MX_BLOCK):
-        raise ValueError(f"{prefix}: MXFP8 blocks are {blockscale.MX_BLOCK} wide, hf_quant_config.json says {group_size}")
+def _mx_blocks(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None, name: str,
+               elements: torch.dtype, dequantize) -> Stored:
+    """An MX layer's weight (FP8 codes, or E2M1 codes two a byte) and its uint8 E8M0 exponents per 32, checked."""
+    _check_block(prefix, group_size, blockscale.MX_BLOCK, name)
     stored = _layer_tensors(prefix, tensors, "weight", "weight_scale")
-    _check_dtype(prefix, stored["weight"], torch.float8_e4m3fn)
+    _check_dtype(prefix, stored["weight"], elements)
     try:
-        blockscale.dequantize_mxfp8(stored["weight"][:1], stored["weight_scale"][:1])
+        dequantize(stored["weight"][:1], stored["weight_scale"][:1])
     except ValueError as exc:
         raise ValueError(f"{prefix}: {exc}") from None
+    return stored
+
+
+def _decode_mxfp8(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
+    """MXFP8: FP8 weights with an E8M0 exponent per 32; activations quantized the same way at run time."""
+    stored = _mx_blocks(prefix, tensors, group_size, "MXFP8", torch.float8_e4m3fn, blockscale.dequantize_mxfp8)
     return DecodedLinear(stored, lambda s: blockscale.dequantize_mxfp8(s["weight"], s["weight_scale"]),
                          lambda x, _: blockscale.fake_quant_mxfp8(x), stored["weight"].shape[1])
+
+
+def _fp8_dynamic_per_tensor(x: torch.Tensor, _: Stored) -> torch.Tensor:
+    """FP8 with one scale per call, amax / 448 of the whole input: W4A8_MXFP4_FP8 exports no input_scale and
+    TensorRT-LLM's W4A8MXFP4FP8LinearMethod quantizes each GEMM's input so (quantize_e4m3_per_tensor)."""
+    scale = x.to(torch.float32).abs().amax() / FP8_E4M3_MAX
+    return fake_quant_fp8(x, torch.where(scale > 0, scale, torch.ones_like(scale)))
+
+
+def _mx_fp4(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None, name: str) -> Stored:
+    """MXFP4 weights: E2M1 codes two a byte [out, in/2], uint8 E8M0 exponents [out, in/32]."""
+    return _mx_blocks(prefix, tensors, group_size, name, torch.uint8, blockscale.dequantize_mxfp4)
+
+
+def _mxfp4_weight(s: Stored) -> torch.Tensor:
+    return blockscale.dequantize_mxfp4(s["weight"], s["weight_scale"])
+
+
+def _decode_mxfp4(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
+    """MXFP4 (W4A4): weights and, at run time, activations in E2M1 blocks of 32 with E8M0 scales."""
+    stored = _mx_fp4(prefix, tensors, group_size, "MXFP4")
+    return DecodedLinear(stored, _mxfp4_weight, lambda x, _: blockscale.fake_quant_mxfp4(x),
+                         stored["weight"].shape[1] * 2)
+
+
+def _decode_w4a8_mxfp4_fp8(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
+    stored = _mx_fp4(prefix, tensors, group_size, "W4A8_MXFP4_FP8")
+    return DecodedLinear(stored, _mxfp4_weight, _fp8_dynamic_per_tensor, stored["weight"].shape[1] * 2)
+
+
+def _decode_w4a8_nvfp4_fp8(prefix: str, tensors: dict[str, torch.Tensor], group_size: int | None) -> DecodedLinear:
+    """NVFP4 weights in blocks of 32 (E4M3 scales under weight_scale_2); FP8 activations with the input_scale."""
+    block = 2 * nvfp4.BLOCK
+    _check_block(prefix, group_size, block, "W4A8_NVFP4_FP8")
+    stored = _layer_tensors(prefix, tensors, "weight", "weight_scale", "weight_scale_2", "input_scale")
+    try:
+        nvfp4.check_weight_layout(stored["weight"], stored["weight_scale"], block)
+    except ValueError as exc:
+        raise ValueError(f"{prefix}: {exc}") from None
+    return DecodedLinear(stored, lambda s: nvfp4.dequantize_weight(s["weight"], s["weight_scale"], s["weight_scale_2"],
+                                                                   block),
+                         _fp8_input, stored["weight"].shape[-1] * 2)
 
 
 def plain_linear(weight: torch.Tensor) -> DecodedLinear:
@@ -246,11 +298,16 @@ WEIGHT_CODECS: dict[str, Callable[[str, dict, int | None], DecodedLinear]] = {
     "W4A16_NVFP4": _decode_nvfp4,   # NVFP4 weights without an input_scale: activations stay 16-bit
     "fp8_pb_wo": _decode_fp8_blocks,   # ModelOpt writes this label in lower case
     "MXFP8": _decode_mxfp8,
+    "mxfp4": _decode_mxfp4,            # lower case, as ModelOpt writes it
+    "W4A8_NVFP4_FP8": _decode_w4a8_nvfp4_fp8,
+    "W4A8_MXFP4_FP8": _decode_w4a8_mxfp4_fp8,
 }
 
 
 # Keyed by `kv_cache_quant_algo`: how K and V are rounded with k_scale / v_scale.
 KV_CODECS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "FP8": fake_quant_fp8,
-    "NVFP4": nvfp4.fake_quant_activation,  # dynamic blocks of 16 under the exported global k/v scale
+    "NVFP4": lambda x, scale: nvfp4.fake_quant_activation(x, scale / nvfp4.E2M1_MAX),
 }
+# NVFP4 K/V: dynamic blocks of 16 under a global scale. ModelOpt exports k_scale / v_scale in the FP8 attention math
+# both KV formats share, amax / 448 (measured), and quantizes with the NVFP4 global scale amax / (6 * 448): k_scale / 6.
