@@ -70,6 +70,8 @@ CHECKS = [
      "vllm does not load w4a8_mxfp4_fp8"),
     ("llama", {"quant": "fp8", "kv_cache": "nvfp4_rotate"}, {"target": "trtllm-pytorch"},
      "exports a rotated NVFP4 KV cache as plain NVFP4"),
+    ("mixtral", {"quant": "w4a8_nvfp4_fp8"}, {"target": "trtllm-pytorch"},
+     "w4a8_nvfp4_fp8 is not a format TensorRT-LLM supports for Mixtral (MoE) with target trtllm-pytorch"),
 ]
 
 

@@ -123,12 +123,17 @@ def _same_metrics_as_before(variants: dict) -> None:
     known = [m for m in models if abs(m["variants"]["fp8"]["baseline_ppl"] / baseline - 1) < 1e-3]
     for name in variants:
         now = variants[name]["metrics"]
+        current = [m for m in known or models if "stale" not in m["variants"][name]]
+        # Its pins predate a change of what it measures and this CPU's were not re-measured, or too few were for
+        # an envelope (one pin has no spread).
+        if not current or (not known and len(current) < 2):
+            continue
         for field in FIELDS:
-            pinned = [m["variants"][name][field] for m in known or models]
+            pinned = [m["variants"][name][field] for m in current]
             slack = 0.002 if field == "ppl_increase_pct" else 0.0
             if known:
                 allowed = 0.01 * abs(pinned[0]) + slack
-                assert abs(now[field] - pinned[0]) <= allowed, (name, field, known[0]["cpu"], pinned[0], now[field])
+                assert abs(now[field] - pinned[0]) <= allowed, (name, field, current[0]["cpu"], pinned[0], now[field])
             else:
                 spread = max(pinned) - min(pinned)
                 low, high = min(pinned) - spread - slack, max(pinned) + spread + slack
@@ -138,11 +143,12 @@ def _same_metrics_as_before(variants: dict) -> None:
 def test_the_pins_check_can_fail():
     """A metric 2 % off its pin fails on a known model, and one far outside the envelope on an unknown model."""
     model = json.loads(PINNED.read_text())["models"][0]["variants"]
-    off = {name: {"metrics": dict(metrics)} for name, metrics in model.items()}
+    off = {name: {"metrics": {k: v for k, v in metrics.items() if k != "stale"}} for name, metrics in model.items()}
     off["int4-awq"]["metrics"]["mean_kl"] *= 1.02
     with pytest.raises(AssertionError, match="int4-awq"):
         _same_metrics_as_before(off)
-    unknown = {name: {"metrics": {k: v * 1.5 for k, v in metrics.items()}} for name, metrics in model.items()}
+    unknown = {name: {"metrics": {k: v * 1.5 for k, v in metrics.items() if k != "stale"}}
+               for name, metrics in model.items()}
     with pytest.raises(AssertionError, match="envelope"):
         _same_metrics_as_before(unknown)
 
