@@ -17,7 +17,6 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 # Magnitudes of the eight E2M1 codes; bit 3 is the sign.
 E2M1_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_MIDPOINTS = (E2M1_MAGNITUDES[1:] + E2M1_MAGNITUDES[:-1]) / 2
 
 
 def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
@@ -46,14 +45,6 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0)).to(magnitude.dtype)
     return torch.copysign(torch.round(magnitude / step) * step, x)
 
-
-def _round_to_e2m1_by_table(x: torch.Tensor) -> torch.Tensor:
-    """The table search round_to_e2m1 replaced, kept for tests/test_nvfp4.py to hold it to."""
-    magnitude = x.abs().clamp(max=E2M1_MAX)
-    index = torch.bucketize(magnitude, _MIDPOINTS)  # a value on a midpoint gets the lower neighbour
-    on_midpoint = magnitude == _MIDPOINTS[index.clamp(max=len(_MIDPOINTS) - 1)]
-    index = index + (on_midpoint & (index % 2 == 1)).to(index.dtype)  # the lower neighbour's code is odd
-    return torch.copysign(E2M1_MAGNITUDES[index], x)
 
 
 def check_weight_layout(packed: torch.Tensor, block_scale: torch.Tensor, block: int = BLOCK) -> None:

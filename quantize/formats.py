@@ -296,8 +296,8 @@ KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec i
     # of NVFP4_KV_ROTATE_CFG is a plain NVFP4 KV checkpoint, kv_cache_quant_algo NVFP4, no word of the rotation.
     KVCacheSpec(KVCacheFormat.nvfp4_rotate, None, runtime_dtype="nvfp4", unsupported="ModelOpt 0.47 exports a rotated "
                 "NVFP4 KV cache as plain NVFP4 (nothing in hf_quant_config.json or the tensors says K was Hadamard-"
-                "rotated), so a runtime loading it would quantize unrotated keys against scales measured on rotated "
-                "ones; use nvfp4 or nvfp4_cast"),
+                "rotated), so a runtime would serve unrotated keys while kiln measured rotated ones; use nvfp4 or "
+                "nvfp4_cast"),
     # Measured: ModelOpt 0.47 calibrates an INT8 KV cache but its HF export stops with
     # "Invalid KV cache quantization format", so no checkpoint kiln could validate exists.
     KVCacheSpec(KVCacheFormat.int8, None, runtime_dtype="int8", unsupported="ModelOpt 0.47 cannot export an INT8 KV cache to the HF "
