@@ -5,7 +5,8 @@ DeepSeek-V3's layout), and the MX formats, a power-of-two E8M0 scale per 32 elem
 The reference runtime decodes the exported weights with these and rounds activations as the serving kernels do.
 ModelOpt's MX fake quant is a CUDA extension (`fused_amax_convert`), so the rounding here follows its source
 (modelopt/torch/kernels/quantization/gemm/tensor_quant_mx.cu, `compute_scale_e8m0_NV`): the block's scale is
-2 ** ceil(log2(amax / max)), max 448 for E4M3 and 6 for E2M1, exact at powers of two, clamped to [-127, 127]; a block of zeros keeps scale 1.
+2 ** ceil(log2(amax / max)), max 448 for E4M3 and 6 for E2M1, exact at powers of two, clamped to
+[-127, 127]; a block of zeros keeps scale 1.
 bench/nvfp4_gpu.py compares it with that kernel on a GPU.
 """
 

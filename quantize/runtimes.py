@@ -101,7 +101,8 @@ _TRTLLM_ALGOS = Evidence("TensorRT-LLM main (read 2026-12-06)", "tensorrt_llm/qu
                          "W4A16_NVFP4 or MXFP8 member) and quantization/modelopt_config.py (reads fp8_pb_wo as "
                          "FP8_BLOCK_SCALES); docs/source/features/quantization.md (FP8 block scaling: Hopper, sm100/103)",
                          "source")
-_TRTLLM_W4A8_FP4 = Evidence("TensorRT-LLM main (read 2026-12-06)", "tensorrt_llm/_torch/modules/linear.py get_quant_method "
+_TRTLLM_W4A8_FP4 = Evidence("TensorRT-LLM main (read 2026-12-06)",
+                             "tensorrt_llm/_torch/modules/linear.py get_quant_method "
                              "(W4A8NVFP4FP8LinearMethod, W4A8MXFP4FP8LinearMethod; the latter quantizes activations "
                              "to FP8 per tensor at run time) and quantization/mode.py QuantAlgo", "source")
 _SGLANG_2026 = Evidence("SGLang main (2026-11)", "python/sglang/srt/layers/quantization/modelopt_quant.py", "source")
@@ -124,7 +125,8 @@ _PYTORCH_CT = Cell(_UNCHECKED, _TRTLLM_PYTORCH, "its loader reads ModelOpt's hf_
 
 def _fp4_by_fp8(label: str, method: str, sglang: str) -> dict[Runtime, Cell]:
     """A W4A8 FP4 x FP8 label: TensorRT-LLM's PyTorch backend has a linear method for it, nothing else checked does."""
-    return _row(Cell(_NO, _TRTLLM_ENGINE, "the engine flow has no FP4 x FP8 GEMM"), Cell(_YES, _TRTLLM_W4A8_FP4, method),
+    return _row(Cell(_NO, _TRTLLM_ENGINE, "the engine flow has no FP4 x FP8 GEMM"),
+                Cell(_YES, _TRTLLM_W4A8_FP4, method),
                 Cell(_NO, _VLLM_LOADER, f"LINEAR_ALGOS has no {label}"), Cell(_UNCHECKED, _SGLANG_2026, sglang))
 
 
