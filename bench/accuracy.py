@@ -63,15 +63,18 @@ FP4_MIXES = {"mxfp4": {"quant": "mxfp4"}, "w4a8-nvfp4-fp8": {"quant": "w4a8_nvfp
              "w4a8-nvfp4-fp8-kv-nvfp4-cast": {"quant": "w4a8_nvfp4_fp8", "kv_cache": "nvfp4_cast"},
              "nvfp4-kv-nvfp4": {"quant": "nvfp4", "kv_cache": "nvfp4"},
              "nvfp4-kv-nvfp4-cast": {"quant": "nvfp4", "kv_cache": "nvfp4_cast"}}
-# Weight-only NVFP4 with the searches that finish on 2 CPU cores (mse and local_hessian take over 40 minutes here).
+# Weight-only NVFP4 with the searches that pick a scale per block; `nvfp4-sweeps` holds the two that sweep every E4M3
+# block scale (mse, local_hessian), for NVFP4 and weight-only NVFP4.
 NVFP4_A16_SEARCHES = {"nvfp4-a16": {"quant": "nvfp4_a16"},
                       **{f"nvfp4-a16-{name.replace('_', '-')}": {"quant": "nvfp4_a16", "algorithm": name}
                          for name in ("four_over_six", "awq_clip")}}
+NVFP4_SWEEPS = {f"{quant.replace('_', '-')}-{name.replace('_', '-')}": {"quant": quant, "algorithm": name}
+                for quant in ("nvfp4_a16", "nvfp4") for name in ("mse", "local_hessian")}
 # The recommendation's candidates, for a model whose task scoring is slow here (Gemma 3's 262,144-token vocabulary).
 RECOMMENDED = {"mxfp8": {"quant": "mxfp8"}, "nvfp4-a16": {"quant": "nvfp4_a16"},
                "nvfp4-a16-four-over-six": {"quant": "nvfp4_a16", "algorithm": "four_over_six"}}
 SETS = {"matrix": None, "2026": FORMATS_2026, "nvfp4-search": NVFP4_SEARCHES, "fp4-mixes": FP4_MIXES,
-        "nvfp4-a16-search": NVFP4_A16_SEARCHES, "recommended": RECOMMENDED}
+        "nvfp4-a16-search": NVFP4_A16_SEARCHES, "nvfp4-sweeps": NVFP4_SWEEPS, "recommended": RECOMMENDED}
 
 # Per real model: what its recipe needs beyond the matrix, and the tasks it is scored on.
 REAL = {
@@ -252,8 +255,11 @@ def main() -> int:
                         + ", ".join(REAL))
     parser.add_argument("--sets", default="matrix", help="comma-separated variant sets: matrix (recipes/demo-matrix.yaml)"
                         ", 2026 (the 2026 formats), nvfp4-search (NVFP4's scale searches), fp4-mixes (MXFP4, W4A8 FP4 x FP8, "
-                        "NVFP4 KV), nvfp4-a16-search and recommended; all but matrix with target "
+                        "NVFP4 KV), nvfp4-a16-search, nvfp4-sweeps (mse and local_hessian, with and without FP4 "
+                        "activations) and recommended; all but matrix with target "
                         "trtllm-pytorch")
+    parser.add_argument("--variants", default="", help="comma-separated: only these variants of the sets, on the "
+                        "real models (e.g. nvfp4-a16-local-hessian)")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--humaneval", type=int, default=0, metavar="N",
                         help="also score the first N HumanEval problems on the real models (runs generated code in "
@@ -293,7 +299,10 @@ def main() -> int:
                     REAL[name]["tasks"] = [*REAL[name]["tasks"], {"name": "humaneval", "limit": args.humaneval,
                                                                   "max_new_tokens": 256}]
                 builds, refused = [], {}
-                for label, variants in ((s, SETS[s]) for s in sets):
+                keep = {v.strip() for v in args.variants.split(",") if v.strip()}
+                chosen = ((s, None if SETS[s] is None else {k: v for k, v in SETS[s].items()
+                                                               if not keep or k in keep}) for s in sets)
+                for label, variants in ((s, v) for s, v in chosen if v is None or v):
                     recipe, not_built = _real_recipe(home, name, model, variants, label)
                     refused.update(not_built)
                     print(f"building {recipe.name} ({len(yaml.safe_load(recipe.read_text())['variants'])} variants)",

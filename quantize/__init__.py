@@ -24,7 +24,8 @@ from typing import Callable
 
 from kiln.quantize import llmcompressor_backend, modelopt_backend
 from kiln.quantize.checkpoint import (
-    HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, AutoRequest, CheckpointRecord, QuantizeRequest, recorded_formats, release_memory,
+    HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, UNQUANTIZED_BY_DEFAULT, AutoRequest, CheckpointRecord, QuantizeRequest,
+    recorded_formats, release_memory,
 )
 from kiln.quantize.families import FAMILIES, Family, family_of, family_problems, trtllm_values_agree
 from kiln.quantize.formats import (
@@ -52,7 +53,7 @@ __all__ = [
     "release_memory", "AUTO", "MIXED_PRECISION", "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
     "format_of_export", "kv_cache_of_export", "kv_calibration_note", "register_format", "unregister_format", "row_problems",
     "layer_width_problems", "unmatched_excludes", "lowest_budget", "Device", "Offload", "Placement", "VisibleGpu", "plan_placement",
-    "HF_DIR", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS",
+    "HF_DIR", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS", "UNQUANTIZED_BY_DEFAULT",
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
     "CheckpointSize", "checkpoint_size", "refuse_nonfinite_weights",

@@ -14,6 +14,15 @@ CHECKPOINT_RECORD = "kiln.json"
 SOURCE_CONFIG = "source-config.json"   # the source model's config.json, verbatim: compile hands it to TensorRT-LLM
 HF_DIR = "hf"
 TRTLLM_DIR = "trtllm"
+# The module-name patterns ModelOpt 0.47 leaves 16-bit whatever the format (its _default_disabled_quantizer_cfg,
+# matched against "<module>.weight_quantizer"; tests/test_structure.py holds it equal): routers, output heads,
+# vision towers. A recipe's format skipping any other layer is a fault the structure checks name.
+UNQUANTIZED_BY_DEFAULT = (
+    "*block_sparse_moe.gate*", "*linear_attn.conv1d*", "*self_attention.conv1d*", "*linear_attn.in_proj_a*",
+    "*linear_attn.in_proj_b*", "*lm_head*", "*mixer.conv1d*", "*mlp.gate.*", "*mlp.shared_expert_gate.*",
+    "*output_layer*", "*proj_out.*", "*router*", "mtp.*", "output.*", "*embed_vision*", "*vision_tower*", "*visual*",
+    "*vision_model*", "*multi_modal_projector*",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,8 @@ class QuantizeRequest:
     calibration_batch_size: int = 1  # samples per calibration forward pass
     backend: Backend = Backend.modelopt
     auto: AutoRequest | None = None
+    # Mixture-of-experts: every token through every expert while calibrating (ModelOpt's moe_calib_experts_ratio 1.0).
+    all_experts: bool = False
 
     @property
     def formats(self) -> tuple[QuantFormat, ...]:
@@ -97,6 +108,10 @@ class CheckpointRecord:
     # exported config says; and the search's numbers (requested and measured bits per weight, method, formats).
     layer_formats: dict[str, str] = field(default_factory=dict)
     auto: dict | None = None
+    # Mixture-of-experts: per MoE block, the calibration tokens its router sent each expert on the first calibration
+    # pass (quantize/expert_tokens.py); all_experts: whether every token also went through every expert.
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    all_experts: bool = False
 
     @property
     def quant_formats(self) -> tuple[QuantFormat, ...]:

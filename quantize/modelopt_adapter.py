@@ -19,7 +19,7 @@ TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None, alpha: float | None = None,
                     exclude: tuple[str, ...] = (), offloaded: bool = False, only: tuple[str, ...] = (),
-                    algorithm: str | None = None) -> dict:
+                    algorithm: str | None = None, all_experts: bool = False) -> dict:
     """The ModelOpt quantization config for a format, group size, KV-cache format, SmoothQuant alpha, the module name
     patterns to keep unquantized and, with `only`, the only ones to quantize; `offloaded` (disk offload) runs GPTQ a
     layer at a time."""
@@ -39,6 +39,10 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
                                "layerwise": {"enable": True, "get_qdq_activations_from_prev_layer": False}}
     if spec.takes_alpha and alpha is not None:
         config["algorithm"] = {**config.get("algorithm", {}), "alpha": alpha}
+    if all_experts:   # every token through every expert while calibrating; the forward's outputs are unchanged
+        method = config.get("algorithm", "max")
+        config["algorithm"] = {**(method if isinstance(method, dict) else {"method": method}),
+                               "moe_calib_experts_ratio": 1.0}
     if group_size is not None:
         for entry in config["quant_cfg"]:
             cfg = entry.get("cfg") if isinstance(entry, dict) else None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kiln.common.versions import installed_versions
 from kiln.quantize import auto_precision
+from kiln.quantize.expert_tokens import ExpertTokens, every_expert_calibrated
 from kiln.quantize.checkpoint import HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory, save_tokenizer
 from kiln.quantize.families import Family
 from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat, kv_calibration_note
@@ -55,6 +56,7 @@ class _Facts:
     written_back: list = field(default_factory=list)   # rewritten layers sent back to the offload folder
     linear_layers: list[str] = field(default_factory=list)
     search: dict = field(default_factory=dict)         # quant auto's summary
+    expert_tokens: dict = field(default_factory=dict)  # MoE: tokens per expert on the first calibration pass
     trtllm: bool = False                               # a TensorRT-LLM checkpoint was exported
 
 
@@ -68,8 +70,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     model = _load(adapter, request, model_dir, placement, offload_folder, on_loaded, progress, facts)
     started = time.monotonic()
     facts.linear_layers = auto_precision.decoder_linear_layers(model)
-    facts.search = _calibrate(adapter, model, request, calibration, progress, facts.label, facts.linear_layers,
-                              bool(facts.on_disk))
+    facts.search = _calibrate(adapter, model, request, calibration, progress, facts, bool(facts.on_disk))
     facts.seconds["calibrate"] = time.monotonic() - started
     _export(adapter, model, request, model_dir, out_dir, family, placement, progress, facts)
     # Measured: a frame captured while ModelOpt first imports keeps this frame, and with it the model, alive
@@ -169,6 +170,8 @@ def _record(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Pat
         trtllm_checkpoint=facts.trtllm,
         layer_formats=layer_formats,
         auto=auto_record,
+        expert_tokens=facts.expert_tokens,
+        all_experts=request.all_experts,
     )
 
 
@@ -184,22 +187,35 @@ def _check_mixed_export(out_dir: Path, source_config: dict, family: Family | Non
                                + "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
 
 
-def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, label: str,
-               linear_layers: list[str], offloaded: bool) -> dict:
-    """Calibrate with one format's config, or search the formats per layer (quant auto) and then calibrate the
-    KV cache; returns the search's summary (empty for one format)."""
+def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, facts: _Facts,
+               offloaded: bool) -> dict:
+    """Calibrate with one format's config (counting each MoE expert's tokens), or search the formats per layer
+    (quant auto) and then calibrate the KV cache; returns the search's summary (empty for one format)."""
+    label, linear_layers = facts.label, facts.linear_layers
     batch_size = request.calibration_batch_size
     kv_note = kv_calibration_note(request.kv_cache)
     if kv_note:
         progress.log(f"{label}: {kv_note}")
     if request.auto is None:
         config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha,
-                                         request.exclude, offloaded, request.only, request.algorithm)
+                                         request.exclude, offloaded, request.only, request.algorithm,
+                                         request.all_experts)
         # A scale search fake-quantizes as it calibrates: on a CPU kiln's rounding stands in for ModelOpt's CUDA ops.
         stand_in = auto_precision.block_formats_on_cpu if request.algorithm else contextlib.nullcontext
-        with progress.task(f"calibrate {label}", total=len(calibration)) as task, stand_in():
-            adapter.calibrate(model, config, calibration, task.advance, batch_size,
-                              on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))
+        tokens = ExpertTokens(model)
+        tokens.counting = True
+
+        def next_pass(n: int) -> None:   # AWQ's later passes search scales on the statistics the first one took
+            tokens.counting = False
+            task.restart(f"calibrate {label} (pass {n})")
+
+        try:
+            widened = every_expert_calibrated(model) if request.all_experts else contextlib.nullcontext()
+            with progress.task(f"calibrate {label}", total=len(calibration)) as task, stand_in(), widened:
+                adapter.calibrate(model, config, calibration, task.advance, batch_size, on_pass=next_pass)
+        finally:
+            tokens.close()
+        facts.expert_tokens = tokens.table()
         return {}
     batches, score_batches = -(-len(calibration) // batch_size), -(-request.auto.score_samples // batch_size)
     forwards = auto_precision.search_forwards(linear_layers, request.exclude, len(request.auto.formats), batches,

@@ -20,6 +20,9 @@ def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
     assert len(variants) == 12
     for name, v in variants.items():
         assert v["registry"]["version"] == "1", name
+        # No structure check cries wolf on any format (issue 39): every check looked, none found a fault.
+        checked = {check: n for check, n in v["structure"]["checked"].items() if check != "experts"}   # dense model
+        assert v["structure"]["problems"] == [] and min(checked.values()) > 0, (name, v["structure"])
         assert 0 <= v["metrics"]["mean_kl"] < 0.05, (name, v["metrics"])
     # 8-bit weight-only is all but lossless; 4-bit weights and activations cost the most.
     assert variants["int8-wo"]["metrics"]["mean_kl"] < variants["fp8"]["metrics"]["mean_kl"]

@@ -5,6 +5,8 @@ Public entry points:
   Baseline(model_dir, scratch, request)   the unquantized model's outputs, computed once per build
   run(hf_dir, baseline, samples, progress) -> Metrics   (the baseline's request says how)
   evaluate_gates(metrics, **gates) -> GateResult
+  check_structure(hf_dir, source_dir, StructureExpectation) -> StructureReport   the exported files against the plan
+                                                  and the source, before any metric (write_/load_structure)
   check_engine(target, sm_dir, hf_dir, model_dir, samples, progress, label) -> Metrics   (GPU hosts)
   check_vllm(hf_dir, model_dir, samples, progress, label, max_model_len) -> RuntimeReport (where vLLM is installed)
   vllm_build() -> "absent" | "cpu:<version>" | "<version>"   the vLLM in KILN_VLLM_PYTHON
@@ -25,11 +27,14 @@ from kiln.validate.measure import (
     REPORT, STAGE_VERSION, TASK_TOOLS, TOOLS, Baseline, load_metrics, load_reference_model, run, write_metrics,
 )
 from kiln.validate.memory import peak_memory
-from kiln.validate.records import LOGIT_BLOCK_BYTES, Metrics, RuntimeReport
+from kiln.validate.records import LOGIT_BLOCK_BYTES, UNMEASURED, Metrics, RuntimeReport
 from kiln.validate.request import ValidateRequest
 from kiln.validate.sandbox import describe as sandbox_description
 from kiln.validate.sandbox import unavailable as sandbox_unavailable
 from kiln.validate.task_config import TaskFiles, task_files
+from kiln.validate.structure import (
+    STRUCTURE_VERSION, StructureExpectation, StructureReport, check_structure, load_structure, write_structure,
+)
 from kiln.validate.tasks import (
     TASKS_FILE, TaskDrop, TaskRequest, TaskScore, compare_tasks, load_task_drops, load_task_scores, run_tasks,
     task_metrics, write_task_drops, write_task_scores,
@@ -41,4 +46,5 @@ __all__ = ["ValidateRequest", "Baseline", "run", "check_engine", "load_reference
            "vllm_kv_cache_bytes", "BUILTIN_TASKS", "TASKS_FILE", "TaskDrop", "TaskRequest", "TaskScore",
            "compare_tasks", "load_task_drops", "load_task_scores", "run_tasks", "task_metrics", "write_task_drops",
            "write_task_scores", "TASK_TOOLS", "sandbox_description", "sandbox_unavailable", "TaskFiles", "task_files", "LOGIT_BLOCK_BYTES",
-           "write_metrics", "peak_memory"]
+           "write_metrics", "peak_memory", "UNMEASURED", "STRUCTURE_VERSION", "StructureExpectation", "StructureReport",
+           "check_structure", "load_structure", "write_structure"]

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from kiln.validate.records import Metrics
+from kiln.validate.structure import StructureReport
 from kiln.validate.tasks import TaskDrop
 
 
@@ -28,12 +29,17 @@ _MEASURES = (("max_ppl_increase_pct", "ppl_increase_pct"), ("max_kl", "mean_kl")
 
 
 def evaluate_gates(metrics: Metrics, max_ppl_increase_pct=None, max_kl=None, min_top1_agreement=None,
-                   max_task_drop=None, tasks: dict[str, TaskDrop] | None = None) -> GateResult:
+                   max_task_drop=None, tasks: dict[str, TaskDrop] | None = None,
+                   structure: StructureReport | None = None) -> GateResult:
     """`tasks` (the variant's task drops) is given where tasks were scored: the checkpoint, not an engine.
+    `structure` (the checkpoint's structure checks) likewise: a checkpoint that fails them fails with their lines
+    alone, since its metrics were not measured.
 
     What could not be measured never passes: a metric that is NaN or infinite fails (whether or not the recipe
     gates it: a checkpoint whose perplexity is NaN is broken), and so does a task bound the task's documents
     cannot decide (module doc of kiln.validate.tasks, `TaskDrop.unmeasured`)."""
+    if structure is not None and not structure.passed:
+        return GateResult(False, tuple(f"structure: {problem}" for problem in structure.problems))
     failures, noise, finite = [], [], set()
     for gate, field in _MEASURES:
         value = getattr(metrics, field)

@@ -22,6 +22,11 @@ class Metrics:
         return asdict(self)
 
 
+# What a checkpoint that failed its structure checks records: nothing was measured.
+UNMEASURED = Metrics(tokens=0, baseline_ppl=float("nan"), quantized_ppl=float("nan"), ppl_increase_pct=float("nan"),
+                     mean_kl=float("nan"), top1_agreement=float("nan"))
+
+
 @dataclass(frozen=True)
 class RuntimeReport:
     """What a runtime check measured (kiln.validate.vllm_check; any runtime's check writes one): the published

@@ -227,6 +227,7 @@ def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
     v_key, v_material = stage_key(
         "validate", validate.STAGE_VERSION,
         {"evaluation": plan.evaluation.key_config(), "trust_remote_code": source.trust_remote_code,
+         "structure": validate.STRUCTURE_VERSION, "min_expert_tokens": loaded.recipe.calibration.min_expert_tokens,
          **({"tasks": tasks} if tasks else {})},
         {"checkpoint": q_key, "model": plan.model_digest},
         tool_versions(validate.TOOLS + (validate.TASK_TOOLS if tasks else ())),
@@ -307,7 +308,8 @@ def _publish_status(cache: StageCache, candidates: list[Candidate], publish_inst
         if not v.status.cached:
             return Status.of_cache(cache.intact("publish", publish_instance.key))
         entry = cache.entry_dir("validate", v.key)
-        gate = variant.gates.evaluate(validate.load_metrics(entry), tasks=validate.load_task_drops(entry))
+        gate = variant.gates.evaluate(validate.load_metrics(entry), tasks=validate.load_task_drops(entry),
+                                      structure=validate.load_structure(entry))
         if gate.passed:
             passed = Status.skip(f"{q.target} passed the gates")
             for later in candidates[index + 1:]:

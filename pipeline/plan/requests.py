@@ -53,6 +53,7 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None 
         calibration_batch_size=loaded.recipe.calibration.batch_size,
         backend=variant.backend,
         auto=auto_request(loaded, variant, bits),
+        all_experts=loaded.recipe.calibration.all_experts,
     )
 
 
@@ -73,6 +74,29 @@ def validate_request(loaded: LoadedRecipe) -> validate.ValidateRequest:
                                     allow_code_execution=recipe.evaluation.allow_code_execution)
 
 
+def structure_expectation(record: quantize.CheckpointRecord, loaded: LoadedRecipe) -> validate.StructureExpectation:
+    """What the structure checks hold an exported checkpoint to: what its kiln.json says quantize was asked to make.
+    A size search's mix that came out as one format exports as that format."""
+    formats = record.quant_formats
+    if quantize.Backend(record.backend) is not quantize.Backend.modelopt:
+        quant_algo = None   # compressed-tensors: config.json's own config groups, no hf_quant_config.json
+    elif record.quant == quantize.AUTO and len(formats) > 1:
+        quant_algo = quantize.MIXED_PRECISION
+    else:
+        quant_algo = quantize.FORMATS[formats[0]].export_quant_algo if formats else None
+    labels = {name: "none" if fmt == "none" else quantize.FORMATS[quantize.QuantFormat(fmt)].export_quant_algo
+              for name, fmt in record.layer_formats.items()}
+    return validate.StructureExpectation(
+        quant_algo=quant_algo,
+        kv_cache_quant_algo=quantize.KV_CACHE_FORMATS[quantize.KVCacheFormat(record.kv_cache)].export_algo,
+        layer_formats=labels if quant_algo == quantize.MIXED_PRECISION else {},
+        exclude=tuple(record.exclude), only=tuple(record.only),
+        unquantized_by_default=quantize.UNQUANTIZED_BY_DEFAULT,
+        norms_may_change=any(quantize.FORMATS[f].rewrites_weights for f in formats),
+        trust_remote_code=loaded.recipe.model.trust_remote_code,
+        expert_tokens=record.expert_tokens, min_expert_tokens=loaded.recipe.calibration.min_expert_tokens)
+
+
 def quantize_key_config(request: quantize.QuantizeRequest) -> dict:
     """The request as the quantize key records it."""
     def encode(value):
@@ -83,6 +107,8 @@ def quantize_key_config(request: quantize.QuantizeRequest) -> dict:
         del fields["backend"]   # ModelOpt keys predate backends: their cache entries stay valid
     if not request.only:
         del fields["only"]      # keys of variants that quantize every layer predate `only`
+    if not request.all_experts:
+        del fields["all_experts"]   # and those that calibrate experts on their routed tokens, all_experts
     if request.algorithm is None:
         del fields["algorithm"]   # and those of a format's default algorithm, `algorithm`
     if request.auto is None:

@@ -18,7 +18,7 @@ from kiln.pipeline.recipe.quant import (AUTO, AutoPrecision, Flag, HostBytes, No
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device, Offload
 from kiln.quantize.runtimes import Loads, Runtime, backend_makes, loading_runtimes, runtime_cells, runtime_problem
-from kiln.validate import BUILTIN_TASKS, GateResult, Metrics, TaskDrop, evaluate_gates
+from kiln.validate import BUILTIN_TASKS, GateResult, Metrics, StructureReport, TaskDrop, evaluate_gates
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -90,6 +90,11 @@ class CalibrationSpec(DataSpec):
                              "read from disk a decoder layer at a time (validation too): for models larger than memory")
     max_host_memory: HostBytes | None = Field(default=None, description="host memory the weights may take under "
                                              "offload: disk, e.g. 6GiB (default: what the host has free, less 2 GiB)")
+    min_expert_tokens: NonNegativeInt = Field(default=1, description="mixture-of-experts: the fewest calibration "
+                                              "tokens an expert may receive; one below it fails the build (its scales "
+                                              "came from nothing)")
+    all_experts: bool = Field(default=False, description="mixture-of-experts: calibrate every expert on every token "
+                              "(ModelOpt's moe_calib_experts_ratio 1.0; the forward's outputs are unchanged)")
 
     @model_validator(mode="after")
     def _budget_needs_disk(self) -> "CalibrationSpec":
@@ -151,9 +156,11 @@ class Gates(Strict):
         default=None, description="per task in evaluation.tasks: the most its score may drop against the baseline, "
                                   "in percentage points (a drop within its standard error never fails)")
 
-    def evaluate(self, metrics: Metrics, tasks: dict[str, TaskDrop] | None = None) -> GateResult:
-        """These gates over measured metrics; `tasks` where the checkpoint's tasks were scored (not an engine)."""
-        return evaluate_gates(metrics, **self.model_dump(), tasks=tasks)
+    def evaluate(self, metrics: Metrics, tasks: dict[str, TaskDrop] | None = None,
+                 structure: StructureReport | None = None) -> GateResult:
+        """These gates over measured metrics; `tasks` and `structure` where the checkpoint's tasks were scored and
+        its files checked (not an engine)."""
+        return evaluate_gates(metrics, **self.model_dump(), tasks=tasks, structure=structure)
 
 
 class Variant(Strict):

@@ -5,6 +5,8 @@ The runner calls these at publish time; the registry stores them (kiln.registry.
 
 from __future__ import annotations
 
+import math
+
 from kiln import quantize, registry
 from kiln.pipeline.report.figures import SizePoint, accuracy_size_png, candidate_points, figure_digest
 from kiln.pipeline.run.results import VariantResult
@@ -38,7 +40,8 @@ def size_points(loaded, results: list[VariantResult]) -> list[SizePoint]:
         points.append(SizePoint(
             variant=result.variant, label=result.format,
             bits_per_weight=result.size.bits_per_weight if result.size else None,
-            mean_kl=result.metrics.mean_kl if result.metrics else None,
+            # None where it was not measured (a checkpoint that failed its structure checks records NaN)
+            mean_kl=result.metrics.mean_kl if result.metrics and math.isfinite(result.metrics.mean_kl) else None,
             passed=bool(result.gate and result.gate.passed), max_kl=gates.max_kl))
         points += candidate_points(result.variant, [c.summary() for c in result.candidates])
     return points

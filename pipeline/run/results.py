@@ -82,6 +82,7 @@ class VariantResult:
     tasks: dict[str, validate.TaskDrop] | None = None   # evaluation.tasks' drops against the baseline
     candidates: list[CandidateResult] = field(default_factory=list)   # a size search's, smallest first
     auto_bits: float | None = None   # quant auto: the budget of the checkpoint it holds
+    structure: validate.StructureReport | None = None   # the exported files' structure checks
 
     @property
     def format(self) -> str:
@@ -96,6 +97,7 @@ class VariantResult:
             "metrics": self.metrics.as_dict() if self.metrics else None,
             "size": self.size.as_dict() if self.size else None,
             "gate": self.gate.as_dict() if self.gate else None,
+            "structure": self.structure.as_dict() if self.structure else None,
             **({"tasks": {name: asdict(drop) for name, drop in self.tasks.items()}} if self.tasks else {}),
             "registry": self.published.as_dict() if self.published else None,
             "upload": self.published.transfer.as_dict() if self.published and self.published.transfer else None,

@@ -65,8 +65,8 @@ class CheckpointStages:
             record = quantize.CheckpointRecord.load(checkpoint)
             result.trtllm_corrections = record.trtllm_corrections
             result.auto_bits = record.auto["effective_bits"] if record.auto else None
-            result.metrics, result.tasks = self.measures.validate(name, v, checkpoint)
-            result.gate = variant.gates.evaluate(result.metrics, tasks=result.tasks)
+            result.metrics, result.tasks, result.structure = self.measures.validate(name, v, checkpoint)
+            result.gate = variant.gates.evaluate(result.metrics, tasks=result.tasks, structure=result.structure)
             result.size = self.measures.size(checkpoint)
             if q.target.bits is None:
                 break

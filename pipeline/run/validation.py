@@ -11,7 +11,7 @@ from kiln import quantize, validate
 from kiln.common.errors import UserInputError
 from kiln.pipeline.data.tasks import task_code_lines, task_requests
 from kiln.pipeline.plan.dag import SIZE_RECORD
-from kiln.pipeline.plan.requests import validate_request
+from kiln.pipeline.plan.requests import structure_expectation, validate_request
 from kiln.pipeline.plan.stages import StageInstance
 from kiln.pipeline.run.context import BuildContext
 
@@ -26,10 +26,19 @@ class MeasureStages:
         self._task_requests: list | None = None
 
     def validate(self, name: str, instance: StageInstance, checkpoint: Path):
-        """(metrics, task drops or None) of the exported checkpoint against the baseline."""
+        """(metrics, task drops or None, structure report) of the exported checkpoint: its structure checked
+        against the source first; measured against the baseline only when that passes."""
         context = self.context
 
         def build(out: Path) -> None:
+            expected = structure_expectation(quantize.CheckpointRecord.load(checkpoint), self.loaded)
+            structure = validate.check_structure(checkpoint / quantize.HF_DIR, context.model_dir(), expected)
+            validate.write_structure(structure, out)
+            if not structure.passed:
+                for problem in structure.problems:
+                    self.progress.log(f"{name}: structure check failed: {problem}")
+                validate.write_metrics(validate.UNMEASURED, out)
+                return
             metrics = validate.run(checkpoint / quantize.HF_DIR, context.baseline(), context.samples("evaluation"),
                                    self.progress, name, placement=context.placement())
             quantize.release_memory()
@@ -42,7 +51,7 @@ class MeasureStages:
                 validate.write_task_drops(drops, out)
 
         entry = context.get_or_build(instance, build)
-        return validate.load_metrics(entry), validate.load_task_drops(entry)
+        return validate.load_metrics(entry), validate.load_task_drops(entry), validate.load_structure(entry)
 
     def task_baseline(self) -> dict:
         """The unquantized model's task scores: computed once per model and task list, then cached."""

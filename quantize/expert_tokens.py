@@ -1,0 +1,102 @@
+"""How many calibration tokens each mixture-of-experts expert received (issue 39.2).
+
+An expert no calibration token reaches keeps default or NaN scales, and the evaluation text may never route to it
+either: a checkpoint that measures well and answers some prompts with token salad. kiln counts, per MoE block, the
+experts its router picks on the first calibration pass (what every format's statistics come from) and records
+the table in kiln.json; the validate stage's structure checks refuse a block whose expert got fewer than
+`calibration.min_expert_tokens`. ModelOpt's remedy is `moe_calib_experts_ratio` in its algorithm config (0.47,
+modelopt/torch/quantization/config.py): during calibration every token also goes through that share of the
+experts, the outputs unchanged; `calibration.all_experts: true` sets it to 1.0, and the table then shows what the
+experts saw. ModelOpt applies it only to blocks whose experts are separate modules: transformers 5's fused experts
+(Mixtral's MixtralExperts, one 3-D weight) are not its _QuantSparseSequentialMoe, and the ratio silently does
+nothing there (measured on the Mixtral test model: the table stayed [2, 0, 2, 0]). For those kiln does what ModelOpt
+does for the others (every_expert_calibrated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+COUNT_ATTRIBUTES = ("num_experts", "n_routed_experts", "num_local_experts")
+
+
+def moe_blocks(model) -> list[tuple[str, object, int]]:
+    """(name, block, number of experts) of every module with a router (`gate`) and `experts`."""
+    from torch import nn
+
+    blocks = []
+    for name, module in model.named_modules():
+        gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+        if not isinstance(gate, nn.Module) or not isinstance(experts, nn.Module):
+            continue
+        count = next((getattr(owner, attribute) for owner in (gate, module, experts) for attribute in COUNT_ATTRIBUTES
+                      if isinstance(getattr(owner, attribute, None), int)), None)
+        if count is None and isinstance(experts, nn.ModuleList):
+            count = len(experts)
+        if count:
+            blocks.append((name, module, count))
+    return blocks
+
+
+class ExpertTokens:
+    """Router hooks counting the tokens routed to each expert while `counting` is on."""
+
+    def __init__(self, model):
+        import torch
+
+        self.counting = False
+        self.counts = {name: torch.zeros(count, dtype=torch.long) for name, _, count in moe_blocks(model)}
+        self._hooks = [block.gate.register_forward_hook(partial(self._count, name, block))
+                       for name, block, _ in moe_blocks(model)]
+
+    def _count(self, name: str, block, router, inputs, output) -> None:
+        import torch
+
+        if not self.counting:
+            return
+        if isinstance(output, tuple) and len(output) >= 3:   # transformers 5's routers: (logits, scores, indices)
+            indices = output[2]
+        else:                                                 # a linear router: its logits
+            logits = output[0] if isinstance(output, tuple) else output
+            top_k = getattr(router, "top_k", None) or getattr(block, "top_k", 1)
+            indices = torch.topk(logits.float(), top_k, dim=-1).indices
+        counts = self.counts[name]
+        counts += torch.bincount(indices.reshape(-1).cpu(), minlength=len(counts))[: len(counts)]
+
+    def table(self) -> dict[str, list[int]]:
+        return {name: [int(c) for c in counts] for name, counts in self.counts.items()}
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def every_expert_calibrated(model):
+    """ModelOpt's moe_calib_experts_ratio 1.0 for the fused-expert blocks it does not reach: each calibration forward
+    first runs the block with its router widened to every expert (its output dropped, so every expert's quantizers
+    see every token), then as routed (the output the next layer gets)."""
+    patched = []
+    for _, block, count in moe_blocks(model):
+        if hasattr(block.experts, "__iter__") or not hasattr(block.gate, "top_k"):
+            continue   # separate expert modules: ModelOpt's own ratio applies
+        block.forward = partial(_every_expert_then_routed, block, count)
+        patched.append(block)
+    try:
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
+def _every_expert_then_routed(block, experts: int, *args, **kwargs):
+    forward = type(block).forward   # looked up per call: ModelOpt may have converted the block's class
+    routed = block.gate.top_k
+    block.gate.top_k = experts
+    try:
+        forward(block, *args, **kwargs)
+    finally:
+        block.gate.top_k = routed
+    return forward(block, *args, **kwargs)
+
