@@ -72,7 +72,8 @@ NVFP4_SWEEPS = {f"{quant.replace('_', '-')}-{name.replace('_', '-')}": {"quant":
                 for quant in ("nvfp4_a16", "nvfp4") for name in ("mse", "local_hessian")}
 # The recommendation's candidates, for a model whose task scoring is slow here (Gemma 3's 262,144-token vocabulary).
 RECOMMENDED = {"mxfp8": {"quant": "mxfp8"}, "nvfp4-a16": {"quant": "nvfp4_a16"},
-               "nvfp4-a16-four-over-six": {"quant": "nvfp4_a16", "algorithm": "four_over_six"}}
+               "nvfp4-a16-four-over-six": {"quant": "nvfp4_a16", "algorithm": "four_over_six"},
+               "nvfp4-a16-local-hessian": {"quant": "nvfp4_a16", "algorithm": "local_hessian"}}
 SETS = {"matrix": None, "2026": FORMATS_2026, "nvfp4-search": NVFP4_SEARCHES, "fp4-mixes": FP4_MIXES,
         "nvfp4-a16-search": NVFP4_A16_SEARCHES, "nvfp4-sweeps": NVFP4_SWEEPS, "recommended": RECOMMENDED}
 

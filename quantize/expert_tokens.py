@@ -81,22 +81,27 @@ def every_expert_calibrated(model):
     for _, block, count in moe_blocks(model):
         if hasattr(block.experts, "__iter__") or not hasattr(block.gate, "top_k"):
             continue   # separate expert modules: ModelOpt's own ratio applies
-        block.forward = partial(_every_expert_then_routed, block, count)
-        patched.append(block)
+        hooked = block.__dict__.get("forward")   # accelerate's offload hook, where it set one: kept and restored
+        block.forward = partial(_every_expert_then_routed, block, count, hooked)
+        patched.append((block, hooked))
     try:
         yield
     finally:
-        for block in patched:
-            del block.forward
+        for block, hooked in patched:
+            if hooked is None:
+                del block.forward
+            else:
+                block.forward = hooked
 
 
-def _every_expert_then_routed(block, experts: int, *args, **kwargs):
-    forward = type(block).forward   # looked up per call: ModelOpt may have converted the block's class
+def _every_expert_then_routed(block, experts: int, hooked, *args, **kwargs):
+    # The class's forward is looked up per call: ModelOpt may have converted the block's class.
+    forward = hooked or partial(type(block).forward, block)
     routed = block.gate.top_k
     block.gate.top_k = experts
     try:
-        forward(block, *args, **kwargs)
+        forward(*args, **kwargs)
     finally:
         block.gate.top_k = routed
-    return forward(block, *args, **kwargs)
+    return forward(*args, **kwargs)
 

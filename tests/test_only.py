@@ -59,7 +59,9 @@ def test_nvfp4_on_the_experts_only_keeps_attention_16_bit_and_the_bits_say_so(tm
 
     model = family_model("mixtral")
     recipe = write_recipe(tmp_path, str(model), {"experts": {"quant": "nvfp4", "only": ["*.experts"]}},
-                          name="moe", samples=4, seq_len=64, build={"target": "trtllm-pytorch"})
+                          name="moe", samples=4, seq_len=64, build={"target": "trtllm-pytorch"},
+                          calibration={"builtin": "python-docs-train", "samples": 4, "seq_len": 64,
+                                       "all_experts": True})
     built = run_kiln("build", recipe, "--json")
     assert built.returncode == 0, built.stderr
     (variant,) = json.loads(built.stdout)["variants"]

@@ -89,7 +89,7 @@ def structure_expectation(record: quantize.CheckpointRecord, loaded: LoadedRecip
     return validate.StructureExpectation(
         quant_algo=quant_algo,
         kv_cache_quant_algo=quantize.KV_CACHE_FORMATS[quantize.KVCacheFormat(record.kv_cache)].export_algo,
-        layer_formats=labels if quant_algo == quantize.MIXED_PRECISION else {},
+        layer_formats=labels,
         exclude=tuple(record.exclude), only=tuple(record.only),
         unquantized_by_default=quantize.UNQUANTIZED_BY_DEFAULT,
         norms_may_change=any(quantize.FORMATS[f].rewrites_weights for f in formats),

@@ -28,7 +28,7 @@ class StructureExpectation:
 
     quant_algo: str | None                # the export label; MIXED_PRECISION for auto; None for compressed-tensors
     kv_cache_quant_algo: str | None = None
-    layer_formats: dict[str, str] = field(default_factory=dict)   # auto: layer -> export label ("none": 16-bit)
+    layer_formats: dict[str, str] = field(default_factory=dict)   # auto: layer -> export label ("none": chosen 16-bit)
     exclude: tuple[str, ...] = ()
     only: tuple[str, ...] = ()
     unquantized_by_default: tuple[str, ...] = ()   # what the quantizer leaves 16-bit whatever the recipe says

@@ -196,7 +196,8 @@ def _intent_problems(layer: str, stored: bool, expected: StructureExpectation) -
     if stored and tower and not expected.only:
         return [f"{layer}: a module outside the language model ({tower}) was quantized (fix: name it in `only:` if "
                 "that is meant)"]
-    default = any(fnmatchcase(f"{layer}.weight_quantizer", p) for p in expected.unquantized_by_default)
+    default = any(fnmatchcase(f"{layer}.weight_quantizer", p) for p in expected.unquantized_by_default) \
+        or expected.layer_formats.get(layer) == "none"   # a size search chose 16 bits for it
     if not stored and not excluded and not outside_only and not default and not tower \
             and expected.quant_algo is not None:
         return [f"{layer}: the recipe quantizes it, but the export leaves it 16-bit"]
