@@ -312,3 +312,10 @@ def test_experts_without_calibration_tokens_fail_the_build_and_all_experts_fixes
     (record,) = [r for r in records if r["all_experts"]]
     # Each expert saw both tokens in the widened pass, and its routed ones again in the routed pass.
     assert all(min(counts) >= 2 and sum(counts) == 2 * 4 + 2 * 2 for counts in record["expert_tokens"].values())
+
+
+def test_a_tokenizer_that_does_not_load_is_named(export, test_model):
+    hf = export("fp8")
+    (hf / "tokenizer.json").write_text('{"truncated": ')
+    (line,) = _problems(hf, test_model)
+    assert line.startswith("hf/ tokenizer: it does not load (")

@@ -60,8 +60,12 @@ def _tokenizer(hf_dir: Path, source_dir: Path, expected: StructureExpectation) -
     from kiln.common.progress import quiet_libraries
 
     with quiet_libraries():
-        exported = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=expected.trust_remote_code)
         source = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=expected.trust_remote_code)
+        try:
+            exported = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=expected.trust_remote_code)
+        except Exception as exc:   # whatever a damaged file raises: a server could not load it either
+            said = str(exc).splitlines()[0][:120] if str(exc) else ""
+            return 1, [f"hf/ tokenizer: it does not load ({type(exc).__name__}: {said})"]
     problems = []
     if exported.get_vocab() != source.get_vocab():
         changed = set(exported.get_vocab().items()) ^ set(source.get_vocab().items())
