@@ -16,7 +16,6 @@ PACKED_NAMES = ("weight_packed", "weight_shape", "weight_zero_point", "input_zer
 KV_SCALES = ("k_scale", "v_scale")
 # Modules outside the language model: a recipe quantizes them only by naming them in `only`.
 TOWERS = ("vision", "visual", "audio", "speech", "multi_modal_projector", "image")
-MIXED_PRECISION = "MIXED_PRECISION"
 # Encoded by both tokenizers: spaces, digits, accents, CJK, a chat marker, code.
 PROBE_TEXT = "kiln checks: Hello, world! 1234 \u00e9\u00e8 \u4f60\u597d <|im_start|> \n\tdef f(x): return x"
 IGNORED_CONFIG_KEYS = ("quantization_config", "transformers_version", "_name_or_path")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from kiln.quantize import MIXED_PRECISION
 from kiln.validate.codecs import WEIGHT_CODECS
 from kiln.validate.structure.records import (
-    KV_SCALES, MIXED_PRECISION, PACKED_NAMES, SCALE_NAMES, TOWERS, StructureExpectation, finite_positive,
+    KV_SCALES, PACKED_NAMES, SCALE_NAMES, TOWERS, StructureExpectation, finite_positive,
     matches, summarise,
 )
 
