@@ -1,7 +1,8 @@
 """Quantize stage: calibrate a model with its backend (ModelOpt, llm-compressor) and export what ships.
 
 Public entry points:
-  run(request, model_dir, calibration, out_dir, progress, placement) -> CheckpointRecord
+  run(request, model_dir, calibration, out_dir, progress, placement, on_loaded, resume_dir) -> CheckpointRecord
+  resume_point(resume_dir) -> Resumed | None    where a killed calibration would resume (layer k of n)
       (request.auto set, quant "auto": ModelOpt's per-layer format search under a budget, auto_precision.py)
   layer_width_problems(model_dir, quant, group_size) -> list[str]
   plan_placement(device, gpus, gpu_memory_fraction, host_memory, offload, max_host_memory) -> Placement
@@ -34,6 +35,7 @@ from kiln.quantize.formats import (
 )
 from kiln.quantize.memory import exported_bytes, min_weight_bits, offload_folder_writes, peak_memory
 from kiln.quantize.modelopt_backend import TOOLS
+from kiln.quantize.resume import Resumed, resume_point
 from kiln.quantize.registration import register_format, row_problems, unregister_format
 from kiln.quantize.size import CheckpointSize, checkpoint_size
 from kiln.quantize.source_check import refuse_nonfinite_weights
@@ -57,12 +59,13 @@ __all__ = [
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
     "CheckpointSize", "checkpoint_size", "refuse_nonfinite_weights",
-    "peak_memory", "exported_bytes", "min_weight_bits", "offload_folder_writes",
+    "peak_memory", "exported_bytes", "min_weight_bits", "offload_folder_writes", "Resumed", "resume_point",
 ]
 
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
-        placement: Placement = Placement("cpu"), on_loaded: Callable[[object], None] | None = None) -> CheckpointRecord:
+        placement: Placement = Placement("cpu"), on_loaded: Callable[[object], None] | None = None,
+        resume_dir: Path | None = None) -> CheckpointRecord:
     """Calibrate `model_dir` on `calibration` ([n, seq_len] token ids) and write hf/, trtllm/, kiln.json.
 
     `progress` is a pipeline progress reporter (task(description, total) -> context with advance()).
@@ -71,6 +74,8 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     model lives while it is calibrated and exported (the CPU, or GPUs with CPU offload).
     `on_loaded(model)` sees the source model as loaded, before calibration changes it, and must
     give it back unchanged (the pipeline takes the baseline's hidden states there: one read of the weights).
+    With `resume_dir`, ModelOpt calibrates a decoder layer at a time and saves each one there: the same checkpoint,
+    and a run killed mid-way resumes from the last layer whose digests kiln recorded (quantize/resume.py).
     """
     from kiln.common.progress import quiet_libraries
 
@@ -82,7 +87,7 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     with quiet_libraries():
         try:
             return BACKENDS[request.backend].run(request, model_dir, calibration, Path(out_dir), progress, placement,
-                                                 on_loaded, family, source_config)
+                                                 on_loaded, family, source_config, resume_dir)
         finally:
             release_memory()
 

@@ -112,6 +112,9 @@ class CheckpointRecord:
     # pass (quantize/expert_tokens.py); all_experts: whether every token also went through every expert.
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     all_experts: bool = False
+    # Resumable calibration (quantize/resume.py): {"layers": n, "resumed_from_layer": k} (k = 0: it ran through);
+    # None when calibration saved no per-layer checkpoints.
+    layer_checkpoints: dict | None = None
 
     @property
     def quant_formats(self) -> tuple[QuantFormat, ...]:

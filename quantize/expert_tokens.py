@@ -2,10 +2,10 @@
 
 An expert no calibration token reaches keeps default or NaN scales, and the evaluation text may never route to it
 either: a checkpoint that measures well and answers some prompts with token salad. kiln counts, per MoE block, the
-experts its router picks on the first calibration pass (what every format's statistics come from) and records
-the table in kiln.json; the validate stage's structure checks refuse a block whose expert got fewer than
-`calibration.min_expert_tokens`. ModelOpt's remedy is `moe_calib_experts_ratio` in its algorithm config (0.47,
-modelopt/torch/quantization/config.py): during calibration every token also goes through that share of the
+experts its router picks on the block's first pass over the calibration set (what every format's statistics come
+from) and records the table in kiln.json; the validate stage's structure checks refuse a block whose expert got
+fewer than `calibration.min_expert_tokens`. ModelOpt's remedy is `moe_calib_experts_ratio` in its algorithm config
+(0.47, modelopt/torch/quantization/config.py): during calibration every token also goes through that share of the
 experts, the outputs unchanged; `calibration.all_experts: true` sets it to 1.0, and the table then shows what the
 experts saw. ModelOpt applies it only to blocks whose experts are separate modules: transformers 5's fused experts
 (Mixtral's MixtralExperts, one 3-D weight) are not its _QuantSparseSequentialMoe, and the ratio silently does
@@ -40,20 +40,28 @@ def moe_blocks(model) -> list[tuple[str, object, int]]:
 
 
 class ExpertTokens:
-    """Router hooks counting the tokens routed to each expert while `counting` is on."""
+    """Router hooks counting the tokens routed to each expert on its block's first pass over the calibration set: the
+    block's first `first_pass` forwards. That is the first pass of a whole-model calibration (AWQ's later passes
+    search scales on its statistics), and each block's first replay when ModelOpt calibrates a layer at a time."""
 
-    def __init__(self, model):
+    def __init__(self, model, first_pass: int):
         import torch
 
-        self.counting = False
-        self.counts = {name: torch.zeros(count, dtype=torch.long) for name, _, count in moe_blocks(model)}
-        self._hooks = [block.gate.register_forward_hook(partial(self._count, name, block))
-                       for name, block, _ in moe_blocks(model)]
+        self.first_pass = first_pass
+        blocks = moe_blocks(model)
+        self.counts = {name: torch.zeros(count, dtype=torch.long) for name, _, count in blocks}
+        self.calls = {name: 0 for name, _, _ in blocks}
+        self._hooks = [hook for name, block, _ in blocks for hook in (
+            block.register_forward_pre_hook(partial(self._called, name)),
+            block.gate.register_forward_hook(partial(self._count, name, block)))]
+
+    def _called(self, name: str, block, args) -> None:
+        self.calls[name] += 1
 
     def _count(self, name: str, block, router, inputs, output) -> None:
         import torch
 
-        if not self.counting:
+        if self.calls[name] > self.first_pass:
             return
         if isinstance(output, tuple) and len(output) >= 3:   # transformers 5's routers: (logits, scores, indices)
             indices = output[2]
@@ -66,6 +74,19 @@ class ExpertTokens:
 
     def table(self) -> dict[str, list[int]]:
         return {name: [int(c) for c in counts] for name, counts in self.counts.items()}
+
+    def state(self) -> dict:
+        """What a resumed calibration needs to count on where this one stopped (quantize/resume.py)."""
+        return {"expert_tokens": self.table(), "expert_block_calls": dict(self.calls)}
+
+    def restore(self, state: dict) -> None:
+        import torch
+
+        for name, counts in (state.get("expert_tokens") or {}).items():
+            if name in self.counts:
+                self.counts[name] = torch.tensor(counts, dtype=torch.long)
+        self.calls.update({name: calls for name, calls in (state.get("expert_block_calls") or {}).items()
+                           if name in self.calls})
 
     def close(self) -> None:
         for hook in self._hooks:

@@ -52,9 +52,10 @@ def require() -> None:
 
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
-        on_loaded, family: Family, source_config: dict) -> CheckpointRecord:
-    """oneshot in llm-compressor's interpreter; `placement` and `on_loaded` are ModelOpt's (that interpreter
-    loads the model itself, so the baseline is computed by validate from its own load)."""
+        on_loaded, family: Family, source_config: dict, resume_dir: Path | None = None) -> CheckpointRecord:
+    """oneshot in llm-compressor's interpreter; `placement`, `on_loaded` and `resume_dir` are ModelOpt's (that
+    interpreter loads the model itself, so the baseline is computed by validate from its own load, and its
+    calibration is not resumable)."""
     from safetensors.torch import save_file
 
     spec = FORMATS[request.quant]

@@ -19,10 +19,10 @@ TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int | None, alpha: float | None = None,
                     exclude: tuple[str, ...] = (), offloaded: bool = False, only: tuple[str, ...] = (),
-                    algorithm: str | None = None, all_experts: bool = False) -> dict:
+                    algorithm: str | None = None, all_experts: bool = False, checkpoints=None) -> dict:
     """The ModelOpt quantization config for a format, group size, KV-cache format, SmoothQuant alpha, the module name
     patterns to keep unquantized and, with `only`, the only ones to quantize; `offloaded` (disk offload) runs GPTQ a
-    layer at a time."""
+    layer at a time; `checkpoints` (quantize/resume.py) runs every format a layer at a time, saving each layer."""
     import modelopt.torch.quantization as mtq
 
     spec = FORMATS[quant]
@@ -37,6 +37,10 @@ def modelopt_config(quant: QuantFormat, kv_cache: KVCacheFormat, group_size: int
         # the whole-model pass: the same weights come out (measured bit-identical on the demo model).
         config["algorithm"] = {**config["algorithm"],
                                "layerwise": {"enable": True, "get_qdq_activations_from_prev_layer": False}}
+    if checkpoints is not None:
+        method = config.get("algorithm", "max")
+        method = method if isinstance(method, dict) else {"method": method}
+        config["algorithm"] = {**method, "layerwise": checkpoints.layerwise(method.get("method"))}
     if spec.takes_alpha and alpha is not None:
         config["algorithm"] = {**config.get("algorithm", {}), "alpha": alpha}
     if all_experts:   # every token through every expert while calibrating; the forward's outputs are unchanged
@@ -133,11 +137,12 @@ def input_device(model):
 
 
 def calibrate(model, config: dict, samples, on_samples: Callable[[int], None], batch_size: int = 1,
-              on_pass: Callable[[int], None] | None = None) -> None:
+              on_pass: Callable[[int], None] | None = None, at_each_pass: Callable[[], None] | None = None) -> None:
     """Run ModelOpt's calibration with the recipe's token windows ([n, seq_len]), `batch_size` per forward.
 
     ModelOpt may run the loop more than once (AWQ: statistics, then the scale search); each later pass calls
-    `on_pass(n)` before its samples count again, so progress never reads 59/32."""
+    `on_pass(n)` before its samples count again, so progress never reads 59/32. `at_each_pass()` runs before
+    every pass: a layer-at-a-time calibration calls the loop once per layer boundary."""
     import modelopt.torch.quantization as mtq
     import torch
 
@@ -147,6 +152,8 @@ def calibrate(model, config: dict, samples, on_samples: Callable[[int], None], b
     def forward_loop(m):
         nonlocal passes
         passes += 1
+        if at_each_pass is not None:
+            at_each_pass()
         if passes > 1 and on_pass is not None:
             on_pass(passes)
         with torch.no_grad():
@@ -158,6 +165,14 @@ def calibrate(model, config: dict, samples, on_samples: Callable[[int], None], b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mtq.quantize(model, config, forward_loop)
+
+
+def decoder_layers(model) -> int | None:
+    """How many decoder layers ModelOpt's layer-at-a-time calibration finds (None: it finds none, and cannot run)."""
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    layers = LayerActivationCollector.get_decoder_layers(model)
+    return len(layers) if layers else None
 
 
 def auto_quantize(model, request, exclude: tuple[str, ...], samples, batch_size: int, on_forward) -> dict:

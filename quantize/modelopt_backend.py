@@ -19,6 +19,7 @@ from kiln.quantize.families import Family
 from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat, kv_calibration_note
 from kiln.quantize.offload_writeback import write_back_to_disk
 from kiln.quantize.placement import Placement, gpu_peak_bytes, reset_gpu_peaks
+from kiln.quantize.resume import LayerCheckpoints, Resumed
 from kiln.quantize.size import checkpoint_size
 from kiln.quantize.trtllm_checks import MIXED_LAYER_CONFIG, ExportCheckError, check_trtllm_checkpoint
 
@@ -34,13 +35,14 @@ def require() -> None:
 
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
-        on_loaded, family: Family, source_config: dict) -> CheckpointRecord:
+        on_loaded, family: Family, source_config: dict, resume_dir: Path | None = None) -> CheckpointRecord:
+    """`resume_dir`: where calibration keeps per-layer checkpoints that a killed build resumes from."""
     # Under disk offload: a folder of this process's scratch (KILN_HOME/tmp), removed when the stage ends, and by
     # the next kiln if this process is killed (kiln.common.scratch).
     offload_folder = Path(tempfile.mkdtemp(prefix="kiln-offload-")) if placement.to_disk else None
     try:
         return _run(request, model_dir, calibration, out_dir, progress, placement, on_loaded, family, source_config,
-                    offload_folder)
+                    offload_folder, resume_dir)
     finally:
         if offload_folder is not None:
             shutil.rmtree(offload_folder, ignore_errors=True)
@@ -57,11 +59,14 @@ class _Facts:
     linear_layers: list[str] = field(default_factory=list)
     search: dict = field(default_factory=dict)         # quant auto's summary
     expert_tokens: dict = field(default_factory=dict)  # MoE: tokens per expert on the first calibration pass
+    resumed: Resumed | None = None                     # where a killed calibration's checkpoints picked up
+    layer_checkpoints: dict | None = None              # kiln.json's record of them
     trtllm: bool = False                               # a TensorRT-LLM checkpoint was exported
 
 
 def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
-         on_loaded, family: Family, source_config: dict, offload_folder: Path | None) -> CheckpointRecord:
+         on_loaded, family: Family, source_config: dict, offload_folder: Path | None,
+         resume_dir: Path | None) -> CheckpointRecord:
     """load -> calibrate -> export -> record."""
     # ModelOpt and torch load here, when a variant is quantized: a cached build never imports them.
     from kiln.quantize import modelopt_adapter as adapter
@@ -70,7 +75,7 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     model = _load(adapter, request, model_dir, placement, offload_folder, on_loaded, progress, facts)
     started = time.monotonic()
     facts.linear_layers = auto_precision.decoder_linear_layers(model)
-    facts.search = _calibrate(adapter, model, request, calibration, progress, facts, bool(facts.on_disk))
+    facts.search = _calibrate(adapter, model, request, calibration, progress, facts, bool(facts.on_disk), resume_dir)
     facts.seconds["calibrate"] = time.monotonic() - started
     _export(adapter, model, request, model_dir, out_dir, family, placement, progress, facts)
     # Measured: a frame captured while ModelOpt first imports keeps this frame, and with it the model, alive
@@ -172,6 +177,7 @@ def _record(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Pat
         auto=auto_record,
         expert_tokens=facts.expert_tokens,
         all_experts=request.all_experts,
+        layer_checkpoints=facts.layer_checkpoints,
     )
 
 
@@ -188,7 +194,7 @@ def _check_mixed_export(out_dir: Path, source_config: dict, family: Family | Non
 
 
 def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, facts: _Facts,
-               offloaded: bool) -> dict:
+               offloaded: bool, resume_dir: Path | None) -> dict:
     """Calibrate with one format's config (counting each MoE expert's tokens), or search the formats per layer
     (quant auto) and then calibrate the KV cache; returns the search's summary (empty for one format)."""
     label, linear_layers = facts.label, facts.linear_layers
@@ -197,22 +203,21 @@ def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, 
     if kv_note:
         progress.log(f"{label}: {kv_note}")
     if request.auto is None:
+        checkpoints = _layer_checkpoints(adapter, model, resume_dir, label, progress, facts)
         config = adapter.modelopt_config(request.quant, request.kv_cache, request.group_size, request.alpha,
                                          request.exclude, offloaded, request.only, request.algorithm,
-                                         request.all_experts)
+                                         request.all_experts, checkpoints)
         # A scale search fake-quantizes as it calibrates: on a CPU kiln's rounding stands in for ModelOpt's CUDA ops.
         stand_in = auto_precision.block_formats_on_cpu if request.algorithm else contextlib.nullcontext
-        tokens = ExpertTokens(model)
-        tokens.counting = True
-
-        def next_pass(n: int) -> None:   # AWQ's later passes search scales on the statistics the first one took
-            tokens.counting = False
-            task.restart(f"calibrate {label} (pass {n})")
-
+        tokens = ExpertTokens(model, first_pass=-(-len(calibration) // batch_size))
         try:
             widened = every_expert_calibrated(model) if request.all_experts else contextlib.nullcontext()
-            with progress.task(f"calibrate {label}", total=len(calibration)) as task, stand_in(), widened:
-                adapter.calibrate(model, config, calibration, task.advance, batch_size, on_pass=next_pass)
+            with stand_in(), widened:
+                if checkpoints is None:
+                    _calibrate_whole_model(adapter, model, config, calibration, batch_size, label, progress)
+                else:
+                    _calibrate_layer_by_layer(adapter, model, config, calibration, batch_size, checkpoints, tokens,
+                                              facts, progress)
         finally:
             tokens.close()
         facts.expert_tokens = tokens.table()
@@ -234,3 +239,49 @@ def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, 
         with progress.task(f"{'set' if kv_note else 'calibrate'} the {request.kv_cache.value} KV cache", total=None):
             adapter.calibrate_kv_cache(model, request.kv_cache, calibration, batch_size)
     return search
+
+
+def _calibrate_whole_model(adapter, model, config: dict, calibration, batch_size: int, label: str, progress) -> None:
+    with progress.task(f"calibrate {label}", total=len(calibration)) as task:
+        # AWQ's later passes search scales on the statistics the first one took
+        adapter.calibrate(model, config, calibration, task.advance, batch_size,
+                          on_pass=lambda n: task.restart(f"calibrate {label} (pass {n})"))
+
+
+def _layer_checkpoints(adapter, model, resume_dir: Path | None, label: str, progress, facts: _Facts):
+    """The calibration's per-layer checkpoints when the build is resumable and ModelOpt can calibrate this model a
+    layer at a time, after checking what a killed run left there."""
+    if resume_dir is None:
+        return None
+    layers = adapter.decoder_layers(model)
+    if layers is None:
+        progress.log(f"{label}: not resumable (ModelOpt finds no decoder layers to calibrate one at a time)")
+        return None
+    checkpoints = LayerCheckpoints(resume_dir)
+    facts.resumed = checkpoints.start(progress.log)
+    if facts.resumed is not None:
+        progress.log(f"{label}: calibration resumes from layer {facts.resumed.layer} of {layers} "
+                     "(every recorded layer's digests verified)")
+    return checkpoints
+
+
+def _calibrate_layer_by_layer(adapter, model, config: dict, calibration, batch_size: int,
+                              checkpoints: LayerCheckpoints, tokens: ExpertTokens, facts: _Facts, progress) -> None:
+    """ModelOpt's layer-at-a-time calibration, each layer saved as it completes; kiln records the digests (and its
+    expert counts) at every boundary, where ModelOpt calls the forward loop again."""
+    resumed = facts.resumed
+    if resumed is not None:
+        tokens.restore(resumed.state)
+    layers = adapter.decoder_layers(model)
+    facts.layer_checkpoints = {"layers": layers, "resumed_from_layer": resumed.layer if resumed else 0}
+    with progress.task(f"calibrate {facts.label}, a layer at a time", total=layers) as task:
+        done = resumed.layer if resumed else 0
+        task.advance(done)
+
+        def at_boundary() -> None:
+            nonlocal done
+            recorded = checkpoints.boundary(tokens.state())
+            task.advance(max(recorded - done, 0))
+            done = max(done, recorded)
+
+        adapter.calibrate(model, config, calibration, lambda n: None, batch_size, at_each_pass=at_boundary)

@@ -100,9 +100,11 @@ def upload_blobs(mlflow, home: Path, files: dict[str, Path], manifest_files: dic
     return transfer
 
 
-def download_blobs(mlflow, home: Path, manifest_files: dict[str, dict], out: Path, progress, label: str) -> None:
-    """Fetch each manifest entry's blob to out/<path>; the caller verifies the tree."""
-    store = _blob_store(mlflow, home)
+def download_blobs(mlflow, home: Path, manifest_files: dict[str, dict], out: Path, progress, label: str,
+                   store=None) -> None:
+    """Fetch each manifest entry's blob to out/<path> (from `store`, or the registry's); the caller verifies the
+    tree."""
+    store = store or _blob_store(mlflow, home)
     total = sum(info["size"] for info in manifest_files.values())
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kiln-blobs-", dir=out) as scratch, \

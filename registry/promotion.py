@@ -29,6 +29,7 @@ from kiln.registry.refs import stored_version
 from kiln.registry.store import MANIFEST_TAG, client
 
 RECIPE_FILE = "recipe.json"      # the recipe as it applies to the version's variant
+STRUCTURE_FILE = "structure.json"   # what the structure checks found (the validate stage's report)
 _ALIAS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")   # what NAME@ALIAS references can name
 
 
@@ -87,8 +88,8 @@ CHECKPOINT_RECORD = "kiln.json"   # what quantize wrote beside the checkpoint: i
 
 
 def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict], dict[str, dict]]:
-    """A version's files (base and every SM it holds: path -> sha256, size), and its recipe.json and kiln.json
-    where it holds them (downloaded and verified: what is shown as fact must be what was stored)."""
+    """A version's files (base and every SM it holds: path -> sha256, size), and its recipe.json, kiln.json and
+    structure.json where it holds them (downloaded and verified: what is shown as fact must be what was stored)."""
     from kiln.registry.confirm import fetch_manifest
 
     label = f"{found.name}/{found.version}"
@@ -99,7 +100,7 @@ def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict]
     for index, (rel, digest) in enumerate(stored):
         dst = scratch / str(found.version) / f"manifest-{index}.json"
         files.update(fetch_manifest(home, found.source, rel, digest, dst, f"{label}: {rel}")["files"])
-    wanted = {rel: files[rel] for rel in (RECIPE_FILE, CHECKPOINT_RECORD) if rel in files}
+    wanted = {rel: files[rel] for rel in (RECIPE_FILE, CHECKPOINT_RECORD, STRUCTURE_FILE) if rel in files}
     documents = {}
     if wanted and found.tags.get(STORAGE_TAG) == STORAGE:
         out = scratch / str(found.version) / "files"
@@ -107,6 +108,12 @@ def _artifact(mlflow, home: Path, found, scratch: Path) -> tuple[dict[str, dict]
         verify_files(out, wanted, label)
         documents = {rel: json.loads((out / rel).read_text()) for rel in wanted}
     return files, documents
+
+
+def _structure_fields(report: dict) -> dict[str, object]:
+    fields = {f"checked {name}": count for name, count in report.get("checked", {}).items()}
+    fields["problems"] = "; ".join(report.get("problems", ())) or "none"
+    return fields
 
 
 def _flatten(value, prefix: str = "") -> dict[str, object]:
@@ -143,6 +150,10 @@ def diff(home: Path, name: str, first: str, second: str) -> dict:
             found.update({f"{sm}.{k}": v for k, v in metrics_of(tags, sm).items()})
         return found
 
+    structure_a, structure_b = documents_a.get(STRUCTURE_FILE), documents_b.get(STRUCTURE_FILE)
+    experts_a, experts_b = ({block: " ".join(map(str, counts)) for block, counts in
+                             ((d.get(CHECKPOINT_RECORD) or {}).get("expert_tokens") or {}).items()}
+                            for d in (documents_a, documents_b))
     sms_a, sms_b = set(held_sms(a.tags)), set(held_sms(b.tags))
     return {
         "name": name, "versions": [first, second],
@@ -154,6 +165,10 @@ def diff(home: Path, name: str, first: str, second: str) -> dict:
         "gates": _changed(gates_of(a.tags), gates_of(b.tags)),
         # quant auto: the layers whose format changed ("none": kept 16-bit; absent: a single-format version)
         "layers": _changed(layers_a, layers_b) if layers_a or layers_b else {},
+        # the structure checks (counts checked, each problem) and, for MoE, each block's calibration tokens per expert
+        "structure": (_changed(_structure_fields(structure_a), _structure_fields(structure_b))
+                      if structure_a is not None and structure_b is not None else "not recorded for both versions"),
+        "experts": _changed(experts_a, experts_b) if experts_a or experts_b else {},
         "sms": {"only_in_first": sorted(sms_a - sms_b), "only_in_second": sorted(sms_b - sms_a),
                 "both": sorted(sms_a & sms_b)},
         "files": _changed({k: v["sha256"] for k, v in files_a.items()}, {k: v["sha256"] for k, v in files_b.items()}),

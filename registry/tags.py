@@ -40,6 +40,8 @@ RUN_RECORDS_VERSION = "1"
 FIGURE = "kiln.figure"                    # digest of the data behind the accuracy-against-size figure on the run
 AUTO = "kiln.auto."                       # + field: quant auto's budget, measured size and chosen layer formats
 SEARCH_CANDIDATES = "candidates"          # AUTO + this: a size search's candidates, as JSON
+STRUCTURE = "kiln.structure"              # the structure checks: "passed; checked scales 84, ..." | "failed: ..."
+EXPERTS = "kiln.experts"                  # MoE: the calibration tokens table summed up (kiln.json holds the table)
 AUTO_BITS = AUTO + "effective_bits"       # quant auto's budget: tables show "auto 5.5b"
 
 # An SM's own fields (sm_tag): what built it, its gate and metrics, its publish key and manifest.
@@ -170,13 +172,34 @@ def gate_failures(tags: Mapping[str, str]) -> list[str]:
 def checkpoint_tags(*, publish_key: str, recipe: str, recipe_digest: str, variant: str, source: str, revision: str,
                     quant: str, kv_cache: str, backend: str = "modelopt", algorithm: str, export_quant_algo: str, group_size: str,
                     metrics: Mapping[str, object], tools: Mapping[str, str], passed: bool, failures,
-                    runtimes: Mapping[str, str] | None = None, auto: Mapping[str, str] | None = None) -> dict[str, str]:
+                    runtimes: Mapping[str, str] | None = None, auto: Mapping[str, str] | None = None,
+                    structure: Mapping[str, str] | None = None) -> dict[str, str]:
     """What a variant's version carries: who published it from what, its format (quant auto: its budget and
-    layer formats, auto_tags), the runtimes that load it, its metrics, tools and gate."""
+    layer formats, auto_tags), the runtimes that load it, its structure checks (structure_tags), its metrics, tools
+    and gate."""
     return {PUBLISH_KEY: publish_key, RECIPE: recipe, RECIPE_DIGEST: recipe_digest, VARIANT: variant,
             SOURCE: source, REVISION: revision, QUANT: quant, KV_CACHE: kv_cache, BACKEND: backend, ALGORITHM: algorithm,
             EXPORT_QUANT_ALGO: export_quant_algo, GROUP_SIZE: group_size, **{AUTO + k: v for k, v in (auto or {}).items()},
-            **runtime_tags(runtimes or {}), **metric_tags(metrics), **tool_tags(tools), **gate_tags(passed, failures)}
+            **runtime_tags(runtimes or {}), **metric_tags(metrics), **tool_tags(tools), **gate_tags(passed, failures),
+            **(structure or {})}
+
+
+def structure_tags(structure: Mapping | None, expert_tokens: Mapping[str, list[int]]) -> dict[str, str]:
+    """The structure checks on a version (structure.json in the artifact holds every problem) and, for a
+    mixture-of-experts model, the expert that got the fewest calibration tokens (kiln.json holds the table)."""
+    tags = {}
+    if structure is not None:
+        checked = ", ".join(f"{name} {count}" for name, count in structure["checked"].items())
+        problems = structure["problems"]
+        tags[STRUCTURE] = (f"failed: {len(problems)} problem{'s' if len(problems) != 1 else ''}; checked {checked}"
+                           if problems else f"passed; checked {checked}")
+    if expert_tokens:
+        fewest, block, expert = min((n, block, i) for block, counts in expert_tokens.items()
+                                    for i, n in enumerate(counts))
+        widths = "/".join(str(w) for w in sorted({len(counts) for counts in expert_tokens.values()}))
+        tags[EXPERTS] = (f"{len(expert_tokens)} MoE blocks x {widths} experts; fewest calibration tokens: {fewest} "
+                         f"({block} expert {expert})")
+    return tags
 
 
 def auto_tags(auto: Mapping[str, object], layer_formats: Mapping[str, str],

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.common.errors import KilnError, VerificationError
-from kiln.registry.blobs import STORAGE, STORAGE_TAG, _blob_store, _intact, _stored
+from kiln.common.progress import SILENT
+from kiln.registry.blobs import STORAGE, STORAGE_TAG, _blob_store, _intact, _stored, download_blobs
 from kiln.registry.confirm import fetch_manifest
 from kiln.registry.engines import SM_ROOT, sm_manifest
-from kiln.registry.manifest import MANIFEST, verify_tree
+from kiln.registry.manifest import MANIFEST, verify_files, verify_tree
 from kiln.registry.store import ARTIFACT_PATH, MANIFEST_TAG, artifact_root, client, download, is_embedded, tracking_uri
 from kiln.registry.tags import METRIC, SM_MANIFEST, held_sms, sm_tag
 
@@ -37,14 +38,18 @@ class VersionCheck:
     problem: str | None       # None: a pull of it verifies (unless unchecked)
     note: str = ""            # why a version was not checked
     unchecked: bool = False   # verify could not check it: neither pullable nor broken as far as it knows
+    structure: dict | None = None   # what the caller's re-check of its stored files found (verify_registry's recheck)
 
     @property
     def pullable(self) -> bool:
         return self.problem is None and not self.unchecked
 
     def as_dict(self) -> dict:
-        return {"version": self.label, "files": self.files, "bytes": self.bytes, "pullable": self.pullable,
-                "checked": not self.unchecked, "problem": self.problem, "note": self.note}
+        document = {"version": self.label, "files": self.files, "bytes": self.bytes, "pullable": self.pullable,
+                    "checked": not self.unchecked, "problem": self.problem, "note": self.note}
+        if self.structure is not None:
+            document["structure"] = self.structure
+        return document
 
 
 class RegistryMissing(KilnError):
@@ -70,7 +75,10 @@ def require_database(home: Path) -> bool:
                           "from a backup, or set MLFLOW_TRACKING_URI to the registry you meant)")
 
 
-def verify_registry(home: Path, progress) -> list[VersionCheck]:
+def verify_registry(home: Path, progress, recheck=None) -> list[VersionCheck]:
+    """Every version's check. `recheck(tags, folder)`, where given, sees each version whose blobs verified, with
+    its checkpoint's files (not its engines) laid out in `folder` (links into the embedded store, downloads from a
+    server), and returns what goes into the check's `structure`."""
     from kiln.registry.versions import _versions
 
     if not require_database(home):
@@ -84,12 +92,13 @@ def verify_registry(home: Path, progress) -> list[VersionCheck]:
             tempfile.TemporaryDirectory(prefix="kiln-verify-") as scratch:
         for index, (name, version, _) in enumerate(versions):
             label = f"{name}/{version.version}"
-            checks.append(_check(home, mlflow, store, version, label, Path(scratch) / str(index), intact))
+            checks.append(_check(home, mlflow, store, version, label, Path(scratch) / str(index), intact, recheck))
             task.advance()
     return checks
 
 
-def _check(home: Path, mlflow, store, version, label: str, scratch: Path, intact: dict[str, bool]) -> VersionCheck:
+def _check(home: Path, mlflow, store, version, label: str, scratch: Path, intact: dict[str, bool],
+           recheck=None) -> VersionCheck:
     tags = version.tags
     deleted = _deleted_run(mlflow, version.run_id)
     if deleted:
@@ -98,14 +107,34 @@ def _check(home: Path, mlflow, store, version, label: str, scratch: Path, intact
         return VersionCheck(label, 0, 0, None, note="it records no manifest digest (not published by kiln): verify "
                                                    "cannot check it", unchecked=True)
     try:
+        structure = None
         if tags.get(STORAGE_TAG) == STORAGE:
-            files, total, reports = _check_blobs(home, store, version, scratch, intact)
+            files, total, reports, listed = _check_blobs(home, store, version, scratch, intact)
+            if recheck is not None:
+                structure = recheck(tags, _lay_out(home, store, listed, scratch / "checkpoint"))
         else:
             files, total, reports = _check_own_run(home, mlflow, version, scratch)
+            if recheck is not None:
+                structure = {"rechecked": False, "note": "published before the blob store: not re-checked"}
     except VerificationError as exc:
         return VersionCheck(label, 0, 0, str(exc))
     forged = _metric_tags_disagree(tags, reports)
-    return VersionCheck(label, files, total, forged)
+    return VersionCheck(label, files, total, forged, structure=structure)
+
+
+def _lay_out(home: Path, store, listed: dict[str, dict], out: Path) -> Path:
+    """A version's checkpoint files (what its base manifest lists but the TensorRT-LLM checkpoint), verified just
+    before: links to the embedded store's blobs, or downloaded from a server's."""
+    wanted = {rel: info for rel, info in listed.items() if not rel.startswith((f"{SM_ROOT}/", "trtllm/"))}
+    local_root = getattr(store, "artifact_dir", None)
+    if local_root is None:
+        download_blobs(None, home, wanted, out, SILENT, "checkpoint", store=store)
+        verify_files(out, wanted, "checkpoint")
+        return out
+    for rel, info in wanted.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).symlink_to(Path(local_root) / info["sha256"][:2] / info["sha256"])
+    return out
 
 
 def _deleted_run(mlflow, run_id: str | None) -> str | None:
@@ -141,7 +170,7 @@ def _check_blobs(home: Path, store, version, scratch: Path, intact: dict[str, bo
                                 "with `kiln build`, which uploads them again from its verified cache)")
     reports = {rel: _blob_json(store, listed[rel]["sha256"], scratch / rel) for rel in (VALIDATION_FILE, TASKS_FILE)
                if rel in listed}
-    return len(listed), sum(info["size"] for info in listed.values()), reports
+    return len(listed), sum(info["size"] for info in listed.values()), reports, listed
 
 
 def _blob_json(store, sha: str, dest: Path) -> dict:

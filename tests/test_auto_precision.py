@@ -351,5 +351,7 @@ def test_a_size_search_publishes_the_smallest_passing_candidate_and_pulls(tmp_pa
     changed = json.loads(diff.stdout)["layers"]
     expected = {name: [fmt, layers_2[name]] for name, fmt in record["layer_formats"].items() if fmt != layers_2[name]}
     assert changed == expected and changed, changed
+    structure = json.loads(diff.stdout)["structure"]   # both versions hold structure.json: a dict of what changed
+    assert isinstance(structure, dict) and "problems" not in structure, structure
     shown = run_kiln("diff", "auto-mix", "1", "2")
     assert "layers" in shown.stdout and next(iter(changed)) in shown.stdout

@@ -268,6 +268,35 @@ def test_a_planted_fault_fails_the_build_and_is_not_published(tmp_path, spine_ca
     assert validate.load_structure(next((kiln_home / "cache" / "validate").glob("*"))).problems == (
         f"{LAYER}.input_scale: 1 of 1 is NaN",)
 
+    # Seen where people look (39.4): the version's tag and structure.json, kiln report, and kiln registry verify,
+    # which checks the stored files again against the source and changes nothing.
+    from kiln.registry import client
+
+    name = variant["registry"]["name"]
+    tags = client(kiln_home).get_model_version(name, "1").tags
+    assert tags["kiln.structure"].startswith("failed: 1 problem; checked ") and "scales 64" in tags["kiln.structure"]
+    report = run_kiln("report", recipe, "--out", tmp_path / "report.html")
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Structure checks</h2>" in page and 'class="fail">failed: 1 problem</td>' in page
+    unseen = run_kiln("registry", "verify")
+    assert unseen.returncode == 0, unseen.stderr
+    assert (f"{name}/1: ok (" in unseen.stdout and "structure not re-checked: its source (a local folder with content "
+            "digest " in unseen.stdout and "(fix: --source FOLDER)" in unseen.stdout)
+    artifacts = kiln_home / "registry" / "artifacts"
+    before = {p: p.read_bytes() for p in artifacts.rglob("*") if p.is_file()}
+    again = run_kiln("registry", "verify", "--source", test_model, "--json")
+    assert again.returncode == 0, again.stderr   # published as failed, and failing again: nothing new
+    (row,) = json.loads(again.stdout)
+    assert row["structure"]["rechecked"] and row["structure"]["problems"] == [f"{LAYER}.input_scale: 1 of 1 is NaN"]
+    assert row["structure"]["checked"] == variant["structure"]["checked"]
+    client(kiln_home).set_model_version_tag(name, "1", "kiln.gate", "pass")   # a forged "passed"
+    forged = run_kiln("registry", "verify", "--source", test_model)
+    assert forged.returncode == 1 and "Traceback" not in forged.stderr
+    assert f"{name}/1: ok (" in forged.stdout and f"structure re-checked: 1 problem: {LAYER}.input_scale" in forged.stdout
+    assert forged.stderr.strip().splitlines()[-1] == f"kiln: 1 fail the structure checks: {name}/1; nothing was changed"
+    assert {p: p.read_bytes() for p in artifacts.rglob("*") if p.is_file()} == before
+
 
 def test_an_expert_below_the_minimum_is_named():
     from kiln.validate.structure import check_experts
@@ -312,6 +341,12 @@ def test_experts_without_calibration_tokens_fail_the_build_and_all_experts_fixes
     (record,) = [r for r in records if r["all_experts"]]
     # Each expert saw both tokens in the widened pass, and its routed ones again in the routed pass.
     assert all(min(counts) >= 2 and sum(counts) == 2 * 4 + 2 * 2 for counts in record["expert_tokens"].values())
+    from kiln.registry import client
+
+    (published,) = json.loads(built.stdout)["variants"]
+    tags = client(kiln_home).get_model_version(published["registry"]["name"], "1").tags
+    fewest = min(min(counts) for counts in record["expert_tokens"].values())
+    assert tags["kiln.experts"].startswith(f"2 MoE blocks x 4 experts; fewest calibration tokens: {fewest} (")
 
 
 def test_a_tokenizer_that_does_not_load_is_named(export, test_model):

@@ -33,6 +33,8 @@ def set_debug(debug: bool) -> None:
     _state["debug"] = debug
     if debug:
         os.environ["KILN_DEBUG"] = "1"
+    else:   # libraries' own tqdm bars (ModelOpt's layer-at-a-time calibration): kiln's progress reports that work.
+        os.environ.setdefault("TQDM_DISABLE", "1")   # read when tqdm is first imported, which is later
 
 
 def emit_json(document) -> None:

@@ -103,8 +103,14 @@ def backfill_records() -> None:
           else "every version already has its run records")
 
 
-@registry_app.command("verify", short_help="Check that every version can be pulled.")
-def verify(as_json: bool = json_option()) -> None:
+@registry_app.command("verify", short_help="Check that every version can be pulled, and its structure.")
+def verify(
+    sources: List[Path] = typer.Option(None, "--source", show_default=False,
+                                       help="A local source model folder the structure checks may compare against "
+                                            "(used for the versions whose recorded content digest it has; repeat "
+                                            "for several)."),
+    as_json: bool = json_option(),
+) -> None:
     """Check that every version can be pulled, changing nothing: exit 1 if any cannot.
 
     Each version's run must exist, its manifests must match the digests its tags record, every file they
@@ -112,27 +118,44 @@ def verify(as_json: bool = json_option()) -> None:
     downloaded from a server; or in its own run), and its metric tags must equal its stored validation.json
     and tasks.json. A version that fails names the first problem and the fix; one verify cannot check is
     counted apart. A missing or empty registry database is reported and left as it is.
+
+    Then the structure checks run again on each version's stored checkpoint against its source model, where
+    this host has it: a hub source's pinned revision in the Hugging Face cache (never downloaded), a local one
+    given with --source. A version that passed its gates and now fails them cannot be trusted: exit 1.
     """
     from kiln.common.errors import KilnError
     from kiln.common.progress import ProgressReporter
+    from kiln.pipeline.run.recheck import StructureRecheck, structure_line
     from kiln.registry.verify import verify_registry
 
-    checks = verify_registry(kiln_home(), ProgressReporter())
+    for folder in sources or []:
+        if not (folder / "config.json").is_file():
+            raise UserInputError(f"--source {folder}: not a model folder with a config.json (fix: the folder the "
+                                 "recipe's model.source named)")
+    progress = ProgressReporter()
+    checks = verify_registry(kiln_home(), progress, recheck=StructureRecheck(list(sources or []), progress))
     if as_json:
         emit_json([check.as_dict() for check in checks])
     else:
         for check in checks:
             state = (f"not pullable: {check.problem}" if check.problem else f"not checked: {check.note}"
                      if check.unchecked else f"ok ({check.files} files, {check.bytes} bytes verified)")
-            print(f"{check.label}: {state}")
+            print(f"{check.label}: {state}{structure_line(check.structure)}")
     broken = [check.label for check in checks if check.problem]
     unchecked = [check.label for check in checks if check.unchecked]
-    if broken or unchecked:
+    # A version published as failing its gates (--publish-failed) may fail them again; one that passed may not.
+    faulty = [check.label for check in checks if (check.structure or {}).get("passed") is False
+              and check.structure.get("published_as_passed")]
+    if broken or unchecked or faulty:
         parts = [f"{len(broken)} of {len(checks)} version(s) cannot be pulled: {_first(broken)}"] if broken else []
         parts += [f"{len(unchecked)} could not be checked: {_first(unchecked)}"] if unchecked else []
+        parts += [f"{len(faulty)} fail the structure checks: {_first(faulty)}"] if faulty else []
         raise KilnError(f"{'; '.join(parts)}; nothing was changed")
     if not as_json:
-        print(f"{len(checks)} version(s): every one can be pulled" if checks else "the registry holds no version")
+        rechecked = sum(bool((check.structure or {}).get("rechecked")) for check in checks)
+        again = f"; the structure checks passed again on {rechecked} of them" if rechecked else ""
+        print(f"{len(checks)} version(s): every one can be pulled{again}" if checks
+              else "the registry holds no version")
 
 
 def _first(labels: list[str]) -> str:

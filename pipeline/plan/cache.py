@@ -24,6 +24,7 @@ from kiln.common.fsutil import atomic_dir
 
 ENTRY_FILE = "kiln-entry.json"
 HOLDS = ".holds"   # <root>/.holds/<owner>.json: the keys a running build uses (kiln cache prune leaves them)
+RESUME = ".resume"   # <root>/.resume/<stage>/<key>/: what a killed stage instance resumes from
 
 
 def held_keys(root: Path) -> set[str]:
@@ -62,6 +63,11 @@ class StageCache:
 
     def entry_dir(self, stage: str, key: str) -> Path:
         return Path(self.root) / stage / key
+
+    def resume_dir(self, stage: str, key: str) -> Path:
+        """Where a stage instance keeps what a killed run of it resumes from (a calibration's finished layers):
+        outside the entries, removed when the entry is written, and by `kiln cache prune` when no build holds it."""
+        return Path(self.root) / RESUME / stage / key
 
     def lookup(self, stage: str, key: str) -> Path | None:
         """The entry's folder if complete and intact; a damaged entry is removed."""
@@ -159,7 +165,7 @@ class StageCache:
 
         removed = 0
         now = time.time()
-        for tmp in Path(self.root).glob("*/.tmp-*"):
+        for tmp in [*Path(self.root).glob("*/.tmp-*"), *Path(self.root, RESUME).glob("*/.tmp-*")]:
             owner = owner_in(tmp.name)
             with contextlib.suppress(OSError):
                 if (owner is not None and not owner_alive(owner)) or now - tmp.stat().st_mtime > older_than_s:

@@ -10,6 +10,7 @@ folder that the next build removes, never half an entry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.pipeline.plan.cache import ENTRY_FILE, StageCache, held_keys
+from kiln.pipeline.plan.cache import ENTRY_FILE, RESUME, StageCache, held_keys
 
 PUBLISHED_FILE = "published.json"   # what the publish stage records: the registry version it created
 
@@ -59,7 +60,20 @@ def cache_entries(root: Path) -> list[CacheEntry]:
                     (published["name"], str(published["version"])) if published else None))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-    return sorted(found, key=lambda e: (e.last_used, e.stage, e.key))
+    return sorted(found + _resume_folders(root), key=lambda e: (e.last_used, e.stage, e.key))
+
+
+def _resume_folders(root: Path) -> list[CacheEntry]:
+    """What killed builds left to resume from (`<stage> (resume)`): listed and pruned like entries, needed by no
+    published version, held while a build of that key runs."""
+    found = []
+    for folder in sorted(p for p in Path(root, RESUME).glob("*/*") if p.is_dir() and not p.name.startswith(".")):
+        with contextlib.suppress(OSError):
+            files = [f for f in folder.rglob("*") if f.is_file()]
+            used = max([f.stat().st_mtime for f in files] or [folder.stat().st_mtime])
+            found.append(CacheEntry(f"{folder.parent.name} (resume)", folder.name, folder,
+                                    sum(f.stat().st_size for f in files), folder.stat().st_mtime, used, {}, None))
+    return found
 
 
 def mark_references(entries: list[CacheEntry], versions: dict[tuple[str, str], str | None]) -> None:

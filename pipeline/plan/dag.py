@@ -233,11 +233,19 @@ def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
         tool_versions(validate.TOOLS + (validate.TASK_TOOLS if tasks else ())),
     )
     target = Target(name, bits=bits)
-    q = StageInstance("quantize", target, q_key, q_material, Status.of_cache(cache.intact("quantize", q_key)),
-                      depends_on=(fetch_key,))
+    q = StageInstance("quantize", target, q_key, q_material, _quantize_status(cache, q_key), depends_on=(fetch_key,))
     v = StageInstance("validate", target, v_key, v_material, Status.of_cache(cache.intact("validate", v_key)),
                       depends_on=(q_key,))
     return q, v
+
+
+def _quantize_status(cache: StageCache, key: str) -> Status:
+    """Cached, or will run: from a killed calibration's last recorded layer where it left one (digests are
+    verified when the build resumes, not here)."""
+    status = Status.of_cache(cache.intact("quantize", key))
+    resumed = quantize.resume_point(cache.resume_dir("quantize", key)) if status.will_run else None
+    return Status(status.state, detail=f"resumable from layer {resumed.layer} of {resumed.layers}") if resumed \
+        else status
 
 
 def _selected_sm(loaded: LoadedRecipe, gpu: str | None) -> str | None:

@@ -7,6 +7,7 @@ import json
 
 from kiln import compile as compile_stage
 from kiln import quantize, validate
+from kiln.common.memory import ModelShape
 from kiln.common.versions import tool_versions
 from kiln.pipeline.recipe.loader import LoadedRecipe
 from kiln.pipeline.recipe.schema import Variant
@@ -57,6 +58,22 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None 
     )
 
 
+RESUMABLE_FROM_PARAMS = 1e9   # calibration.resumable auto: where calibration takes minutes to hours on one host
+
+
+def resumable(loaded: LoadedRecipe, variant: Variant, source_config: dict) -> bool:
+    """Whether the variant's calibration saves each layer to resume from (quantize/resume.py): ModelOpt calibrating
+    one format. `auto`: sources of RESUMABLE_FROM_PARAMS or more whose calibration makes more than one pass (AWQ,
+    GPTQ, SmoothQuant, a scale search); a max-calibrated format's one pass would run twice a layer at a time (each
+    layer once to calibrate, once to feed the next), which costs more than a kill could."""
+    setting = loaded.recipe.calibration.resumable
+    if variant.backend is not quantize.Backend.modelopt or variant.is_auto or setting is False:
+        return False
+    spec = quantize.FORMATS[variant.quant]
+    searches = spec.rewrites_weights or variant.algorithm in spec.algorithms
+    return setting is True or (searches and ModelShape.from_config(source_config).params >= RESUMABLE_FROM_PARAMS)
+
+
 def auto_request(loaded: LoadedRecipe, variant: Variant, bits: float | None) -> quantize.AutoRequest | None:
     auto = variant.auto
     if auto is None:
@@ -74,9 +91,11 @@ def validate_request(loaded: LoadedRecipe) -> validate.ValidateRequest:
                                     allow_code_execution=recipe.evaluation.allow_code_execution)
 
 
-def structure_expectation(record: quantize.CheckpointRecord, loaded: LoadedRecipe) -> validate.StructureExpectation:
-    """What the structure checks hold an exported checkpoint to: what its kiln.json says quantize was asked to make.
-    A size search's mix that came out as one format exports as that format."""
+def structure_expectation(record: quantize.CheckpointRecord, min_expert_tokens: int,
+                          trust_remote_code: bool) -> validate.StructureExpectation:
+    """What the structure checks hold an exported checkpoint to: what its kiln.json says quantize was asked to make,
+    and the recipe's `calibration.min_expert_tokens` and `model.trust_remote_code`. A size search's mix that came
+    out as one format exports as that format."""
     formats = record.quant_formats
     if quantize.Backend(record.backend) is not quantize.Backend.modelopt:
         quant_algo = None   # compressed-tensors: config.json's own config groups, no hf_quant_config.json
@@ -93,8 +112,7 @@ def structure_expectation(record: quantize.CheckpointRecord, loaded: LoadedRecip
         exclude=tuple(record.exclude), only=tuple(record.only),
         unquantized_by_default=quantize.UNQUANTIZED_BY_DEFAULT,
         norms_may_change=any(quantize.FORMATS[f].rewrites_weights for f in formats),
-        trust_remote_code=loaded.recipe.model.trust_remote_code,
-        expert_tokens=record.expert_tokens, min_expert_tokens=loaded.recipe.calibration.min_expert_tokens)
+        trust_remote_code=trust_remote_code, expert_tokens=record.expert_tokens, min_expert_tokens=min_expert_tokens)
 
 
 def quantize_key_config(request: quantize.QuantizeRequest) -> dict:

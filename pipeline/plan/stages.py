@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 
-PUBLISH_VERSION = 2   # 2: files go to the content-addressed blob store (kiln.registry.blobs)
+PUBLISH_VERSION = 3   # 2: files go to the content-addressed blob store (kiln.registry.blobs); 3: structure.json
 PUBLISHED_RECORD = "published.json"
 
 
@@ -49,6 +49,7 @@ class State(str, Enum):
 class Status:
     state: State
     reason: str = ""   # why a skipped stage does not run
+    detail: str = ""   # what a stage that will run starts from (a killed calibration's last layer)
 
     @classmethod
     def skip(cls, reason: str) -> Status:
@@ -71,7 +72,9 @@ class Status:
         return self.state is State.will_run
 
     def __str__(self) -> str:
-        return f"skipped: {self.reason}" if self.skipped else self.state.value
+        if self.skipped:
+            return f"skipped: {self.reason}"
+        return f"{self.state.value} ({self.detail})" if self.detail else self.state.value
 
 
 WILL_RUN, CACHED, RAN = Status(State.will_run), Status(State.cached), Status(State.ran)

@@ -95,6 +95,11 @@ class CalibrationSpec(DataSpec):
                                               "came from nothing)")
     all_experts: bool = Field(default=False, description="mixture-of-experts: calibrate every expert on every token "
                               "(ModelOpt's moe_calib_experts_ratio 1.0; the forward's outputs are unchanged)")
+    resumable: Flag | Literal["auto"] = Field(
+        default="auto", description="save each decoder layer as calibration finishes it, so that a killed build "
+        "resumes from the last one when run again (the same checkpoint, byte for byte; backend modelopt, one format "
+        "per variant). auto: for sources of 1B parameters or more calibrated in several passes (AWQ, GPTQ, "
+        "SmoothQuant, scale searches) | true | false")
 
     @model_validator(mode="after")
     def _budget_needs_disk(self) -> "CalibrationSpec":

@@ -7,6 +7,7 @@ accuracy-against-size PNG on every published variant's run, and `kiln report` in
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass
 
 from kiln.common.digest import canonical_digest
@@ -46,7 +47,8 @@ def candidate_points(variant: str, candidates: list[dict]) -> list[SizePoint]:
 def frontier(points: list[SizePoint]) -> list[SizePoint]:
     """The published points no other beats on both size and KL, smallest first: the best accuracy each size buys."""
     placed = sorted((p for p in points if p.passed and not p.candidate and p.bits_per_weight is not None
-                     and p.mean_kl is not None), key=lambda p: (p.bits_per_weight, p.mean_kl))
+                     and p.mean_kl is not None and math.isfinite(p.mean_kl)),
+                    key=lambda p: (p.bits_per_weight, p.mean_kl))
     best: list[SizePoint] = []
     for point in placed:
         if not best or point.mean_kl < best[-1].mean_kl:
@@ -85,8 +87,9 @@ def accuracy_size_figure(title: str, points: list[SizePoint]):
     are named in the legend, in order of size, so that formats of equal size stay readable."""
     figure = _figure(9.0, 4.6)
     axes = figure.add_subplot()
-    everything = sorted((p for p in points if p.bits_per_weight is not None and p.mean_kl is not None),
-                        key=lambda p: (p.bits_per_weight, p.mean_kl))
+    # A KL that could not be measured (NaN: a checkpoint the structure checks refused) has no place on the axes.
+    everything = sorted((p for p in points if p.bits_per_weight is not None and p.mean_kl is not None
+                         and math.isfinite(p.mean_kl)), key=lambda p: (p.bits_per_weight, p.mean_kl))
     placed = [p for p in everything if not p.candidate]
     kls = [max(p.mean_kl, 1e-9) for p in everything] + [p.max_kl for p in points if p.max_kl]
     low, high = (min(kls) / 8, max(kls) * 4) if kls else (1e-5, 1e-1)
@@ -136,6 +139,8 @@ def kl_history_png(title: str, series: dict[str, list[tuple[int, float]]]) -> by
     """Each variant's mean KL over its registry versions (x: version number)."""
     figure = _figure(7.2, 3.2)
     axes = figure.add_subplot()
+    series = {variant: [(v, kl) for v, kl in values if math.isfinite(kl)] for variant, values in series.items()}
+    series = {variant: values for variant, values in series.items() if values}
     for variant, values in sorted(series.items()):
         values = [(v, max(kl, 1e-9)) for v, kl in values]
         axes.plot([v for v, _ in values], [kl for _, kl in values], marker="o", label=_plain(variant))

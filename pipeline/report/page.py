@@ -138,6 +138,18 @@ def _gates(recipe, newest: dict[str, Version]) -> str:
     return _table(["variant", "max ppl change %", "max KL", "min top-1", "newest version"], rows)
 
 
+def _structure(newest: dict[str, Version]) -> str:
+    rows = []
+    for variant, v in newest.items():
+        checks = v.tags.get(t.STRUCTURE)
+        outcome, _, checked = (checks or "").partition("; checked ")
+        css = "pass" if outcome == "passed" else "fail" if outcome.startswith("failed") else "none"
+        rows.append(f"<td>{_e(variant)}</td><td>{_e(v.label)}</td>"
+                    f'<td class="{css}">{_e(outcome or "not recorded (published before structure checks)")}</td>'
+                    f"<td>{_e(checked or '-')}</td><td>{_e(v.tags.get(t.EXPERTS, '-'))}</td>")
+    return _table(["variant", "newest version", "structure checks", "items checked", "experts (MoE)"], rows)
+
+
 def _tasks(recipe, newest: dict[str, Version]) -> str:
     """Each task's score on the newest version of each variant, the baseline's and the drop in points with its
     paired standard error (recorded as task.<name>.<metric>* metrics)."""
@@ -249,6 +261,12 @@ of {len(newest)} variant(s) &middot; written {_e(_when(int(time.time() * 1000)))
 {_summary(newest)}
 <h2>Gates and failures</h2>
 {_gates(recipe, newest)}
+<h2>Structure checks</h2>
+<p class="meta">What the exported files hold, checked before any metric: scales finite, positive and normal; per-layer
+formats as planned; what the format leaves alone bit-identical to the source; tokenizer, chat template and configs
+equal to the source's; for mixture-of-experts models, the calibration tokens each expert received
+(<code>kiln diff</code> shows every problem and the whole table).</p>
+{_structure(newest)}
 <h2>Tasks</h2>
 <p class="meta">lm-evaluation-harness tasks scored on the exported checkpoint and on the unquantized model; a drop
 within its standard error is reported as such, neither a pass nor a fail.</p>

@@ -173,9 +173,12 @@ def diff_tables(document: dict) -> list[Table]:
     """`kiln diff`: one table per section that changed; a line saying so for those that did not."""
     first, second = document["versions"]
     tables = []
-    sections = [("recipe", "recipe field"), ("tools", "tool"), ("gates", "gate"), ("files", "file (sha256)")]
+    sections = [("recipe", "recipe field"), ("tools", "tool"), ("gates", "gate"), ("structure", "structure check"),
+                ("files", "file (sha256)")]
     if document.get("layers"):   # quant auto's layers whose format changed
         sections.insert(3, ("layers", "layer format"))
+    if document.get("experts"):   # MoE: the blocks whose experts' calibration tokens changed
+        sections.insert(-1, ("experts", "MoE block: tokens per expert"))
     for key, label in sections[:-1]:
         changes = document[key]
         table = Table(title=f"{document['name']} {first} -> {second}: {key}", title_justify="left")

@@ -34,14 +34,14 @@ class PublishStage:
             recorded = json.loads((entry / PUBLISHED_RECORD).read_text())
             found = self._confirmed(recorded, instance.key, aliases, backfill=lambda version: registry.ensure_records(
                 home, version, self._records(name, checkpoint, metrics),
-                self._tags(name, instance, checkpoint, metrics, gate, candidates)))
+                self._tags(name, instance, checkpoint, report, metrics, gate, candidates)))
             if found is not None and self._check_stored_version(name, found, checkpoint, report):
                 return found
             if found is None:
                 self.progress.log(f"warning: {recorded['name']}/{recorded['version']} is gone from the registry; "
                                   "publishing again")
             shutil.rmtree(entry, ignore_errors=True)
-        tags = self._tags(name, instance, checkpoint, metrics, gate, candidates)
+        tags = self._tags(name, instance, checkpoint, report, metrics, gate, candidates)
         with tempfile.TemporaryDirectory(prefix="kiln-recipe-") as scratch:
             files = self._artifact_files(name, checkpoint, report, Path(scratch))
             published = registry.publish(home, self.plan.registered_name(name), files, tags, aliases, self.progress,
@@ -127,9 +127,10 @@ class PublishStage:
         path.write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
         return path
 
-    def _tags(self, name: str, instance: StageInstance, checkpoint: Path, metrics: dict,
+    def _tags(self, name: str, instance: StageInstance, checkpoint: Path, report: Path, metrics: dict,
               gate: validate.GateResult, candidates: list[CandidateResult] = ()) -> dict[str, str]:
         record = quantize.CheckpointRecord.load(checkpoint)
+        structure = validate.load_structure(report)
         model = self.loaded.recipe.model
         return version_tags.checkpoint_tags(
             publish_key=instance.key, recipe=self.loaded.recipe.name, recipe_digest=self.loaded.digest, variant=name,
@@ -144,7 +145,8 @@ class PublishStage:
             if record.auto else None, runtimes={
                 runtime.value: cell.describe() for runtime, cell in quantize.runtime_cells(
                     record.quant_formats, quantize.KVCacheFormat(record.kv_cache),
-                    quantize.Backend(record.backend)).items()})
+                    quantize.Backend(record.backend)).items()},
+            structure=version_tags.structure_tags(structure.as_dict() if structure else None, record.expert_tokens))
 
 
 def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
@@ -158,5 +160,7 @@ def _artifact_files(checkpoint: Path, report: Path) -> dict[str, Path]:
     return files
 
 
-# What a version holds of its validate entry: the metrics, and the task drops where the recipe names tasks.
-_REPORT_FILES = (("validation.json", validate.REPORT), ("tasks.json", validate.TASKS_FILE))
+# What a version holds of its validate entry: the metrics, the task drops where the recipe names tasks, and what
+# the structure checks found.
+_REPORT_FILES = (("validation.json", validate.REPORT), ("tasks.json", validate.TASKS_FILE),
+                 (validate.STRUCTURE, validate.STRUCTURE))

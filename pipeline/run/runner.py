@@ -11,13 +11,15 @@ every published variant's run.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from kiln import quantize, registry, validate
 from kiln.common.progress import ProgressReporter
 from kiln.pipeline.plan.cache import StageCache
 from kiln.pipeline.plan.dag import Plan
-from kiln.pipeline.plan.requests import quantize_request
+from kiln.pipeline.plan.requests import quantize_request, resumable
 from kiln.pipeline.plan.stages import StageInstance
 from kiln.pipeline.run.context import BuildContext
 from kiln.pipeline.run.publishing import PublishStage
@@ -48,12 +50,19 @@ class CheckpointStages:
 
             on_loaded = compute_baseline
 
-        def build(out: Path) -> None:
-            request = quantize_request(self.loaded, self.loaded.recipe.variants[name], instance.target.bits)
-            quantize.run(request, context.model_dir(),
-                         context.samples("calibration"), out, self.progress, context.placement(), on_loaded)
+        variant = self.loaded.recipe.variants[name]
+        resume_dir = self.cache.resume_dir(instance.stage, instance.key)
 
-        return context.get_or_build(instance, build)
+        def build(out: Path) -> None:
+            request = quantize_request(self.loaded, variant, instance.target.bits)
+            model_dir = context.model_dir()
+            source_config = json.loads((model_dir / "config.json").read_text())
+            quantize.run(request, model_dir, context.samples("calibration"), out, self.progress, context.placement(),
+                         on_loaded, resume_dir if resumable(self.loaded, variant, source_config) else None)
+
+        entry = context.get_or_build(instance, build)
+        shutil.rmtree(resume_dir, ignore_errors=True)   # the entry is written: its calibration is never resumed
+        return entry
 
     def checkpoint_to_publish(self, name: str, variant, result: VariantResult) -> tuple[Path, StageInstance]:
         """Quantize and validate the variant's checkpoint; a size search's candidates from the smallest budget up,

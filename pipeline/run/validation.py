@@ -31,7 +31,9 @@ class MeasureStages:
         context = self.context
 
         def build(out: Path) -> None:
-            expected = structure_expectation(quantize.CheckpointRecord.load(checkpoint), self.loaded)
+            recipe = self.loaded.recipe
+            expected = structure_expectation(quantize.CheckpointRecord.load(checkpoint),
+                                             recipe.calibration.min_expert_tokens, recipe.model.trust_remote_code)
             structure = validate.check_structure(checkpoint / quantize.HF_DIR, context.model_dir(), expected)
             validate.write_structure(structure, out)
             if not structure.passed:

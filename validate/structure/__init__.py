@@ -22,11 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.validate.structure.records import (
-    STRUCTURE_VERSION, StructureExpectation, StructureReport, load_structure, write_structure,
+    STRUCTURE, STRUCTURE_VERSION, StructureExpectation, StructureReport, load_structure, write_structure,
 )
 
-__all__ = ["check_structure", "StructureExpectation", "StructureReport", "STRUCTURE_VERSION", "load_structure",
-           "write_structure"]
+__all__ = ["check_structure", "StructureExpectation", "StructureReport", "STRUCTURE", "STRUCTURE_VERSION",
+           "load_structure", "write_structure"]
 
 
 def check_structure(hf_dir: Path, source_dir: Path, expected: StructureExpectation) -> StructureReport:
