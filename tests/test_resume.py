@@ -180,7 +180,8 @@ def test_which_calibrations_are_resumable(tmp_path, test_model):
     from kiln.pipeline.plan.requests import resumable
     from kiln.pipeline.recipe.loader import load_recipe
 
-    variants = {"fp8": {"quant": "fp8"}, "awq": {"quant": "int4_awq"}, "searched": {"quant": "nvfp4", "algorithm": "mse"},
+    variants = {"fp8": {"quant": "fp8"}, "awq": {"quant": "int4_awq"},
+                "searched": {"quant": "nvfp4", "algorithm": "mse"},
                 "compressed": {"quant": "int4_awq", "backend": "llmcompressor", "group_size": 128},
                 "mix": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": 6.0}}}
     small = json.loads((test_model / "config.json").read_text())
