@@ -60,6 +60,11 @@ CASES = [
      r"variants\.fp8: group_size does not apply to fp8"),
     ("alpha-on-fp8", ("kv_cache: fp8,", "kv_cache: fp8, alpha: 0.5,"), r"variants\.fp8: alpha applies only to int8_sq"),
     ("schema-version", ("kiln: 1", "kiln: 2"), r":1: kiln: Input should be 1"),
+    ("unknown-difference", ("seq_len: 64}\nvariants", "seq_len: 64, allow_differences: [weights]}\nvariants"),
+     r":7: evaluation\.allow_differences\.0: Input should be 'config', 'generation_config', 'tokenizer' or "
+     r"'chat_template'"),
+    ("resumable-word", ("samples: 8, seq_len: 64}\nevaluation", "samples: 8, seq_len: 64, resumable: always}\nevaluation"),
+     r":6: calibration\.resumable: 'always' is not auto, true or false \(fix: "),
     ("unknown-gpu", ("gpus: [sm90]", "gpus: [sm91]"), r"variants\.fp8\.gpus: unknown GPU 'sm91'; use an SM or GPU name: sm80 \(A100/A30\)"),
     ("runtime-refuses", ("{quant: fp8, kv_cache: fp8,", "{quant: int4_awq, runtimes: [trtllm, vllm],"),
      r"variants\.fp8: vllm does not load int4_awq \(vLLM 0\.32\.0, source: .*modelopt\.py.*\) "

@@ -203,6 +203,26 @@ def test_tokenizer_template_and_generation_config_must_be_the_sources(export, tm
     assert "hf/ tokenizer: eos_token is '<|pad|>', the source's is '<|eos|>'" in _problems(hf, source)
 
 
+def test_differences_the_recipe_allows_are_listed_not_refused(export, tmp_path, test_model):
+    """`evaluation.allow_differences: [chat_template, generation_config]`: those two are listed in the report
+    (`allowed`) and pass; a difference of another kind (the tokenizer's eos) still fails."""
+    from dataclasses import replace
+
+    source, hf = _source_copy(tmp_path, test_model), export("fp8")
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    _edit_json(source / "tokenizer_config.json", lambda d: d.update(chat_template=template))
+    _edit_json(hf / "generation_config.json", lambda d: d.update(eos_token_id=2))
+    allowing = replace(FP8, allowed_differences=("chat_template", "generation_config"))
+    report = check_structure(hf, source, allowing)
+    assert report.passed and report.allowed == (
+        "hf/generation_config.json: eos_token_id is 2, the source's is 1",
+        "hf/ tokenizer: the chat template is missing (chat requests would be formatted differently)")
+    assert validate.StructureReport.from_dict(report.as_dict()) == report
+    _edit_json(hf / "tokenizer_config.json", lambda d: d.update(eos_token="<|pad|>"))
+    assert check_structure(hf, source, allowing).problems[0] == (
+        "hf/ tokenizer: eos_token is '<|pad|>', the source's is '<|eos|>'")
+
+
 def test_untied_embeddings_are_named(export, tmp_path, test_model):
     """A source that ties its output head to the embeddings: an export with its own lm_head must keep it equal."""
     source, hf = _source_copy(tmp_path, test_model), export("fp8")

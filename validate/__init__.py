@@ -33,7 +33,7 @@ from kiln.validate.sandbox import describe as sandbox_description
 from kiln.validate.sandbox import unavailable as sandbox_unavailable
 from kiln.validate.task_config import TaskFiles, task_files
 from kiln.validate.structure import (
-    STRUCTURE, STRUCTURE_VERSION, StructureExpectation, StructureReport, check_structure, load_structure,
+    DIFFERENCES, STRUCTURE, STRUCTURE_VERSION, StructureExpectation, StructureReport, check_structure, load_structure,
     write_structure,
 )
 from kiln.validate.tasks import (
@@ -47,5 +47,5 @@ __all__ = ["ValidateRequest", "Baseline", "run", "check_engine", "load_reference
            "vllm_kv_cache_bytes", "BUILTIN_TASKS", "TASKS_FILE", "TaskDrop", "TaskRequest", "TaskScore",
            "compare_tasks", "load_task_drops", "load_task_scores", "run_tasks", "task_metrics", "write_task_drops",
            "write_task_scores", "TASK_TOOLS", "sandbox_description", "sandbox_unavailable", "TaskFiles", "task_files", "LOGIT_BLOCK_BYTES",
-           "write_metrics", "peak_memory", "UNMEASURED", "STRUCTURE", "STRUCTURE_VERSION", "StructureExpectation", "StructureReport",
+           "write_metrics", "peak_memory", "UNMEASURED", "DIFFERENCES", "STRUCTURE", "STRUCTURE_VERSION", "StructureExpectation", "StructureReport",
            "check_structure", "load_structure", "write_structure"]

@@ -228,7 +228,9 @@ def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
         "validate", validate.STAGE_VERSION,
         {"evaluation": plan.evaluation.key_config(), "trust_remote_code": source.trust_remote_code,
          "structure": validate.STRUCTURE_VERSION, "min_expert_tokens": loaded.recipe.calibration.min_expert_tokens,
-         **({"tasks": tasks} if tasks else {})},
+         **({"tasks": tasks} if tasks else {}),
+         **({"allow_differences": list(loaded.recipe.evaluation.allow_differences)}
+            if loaded.recipe.evaluation.allow_differences else {})},
         {"checkpoint": q_key, "model": plan.model_digest},
         tool_versions(validate.TOOLS + (validate.TASK_TOOLS if tasks else ())),
     )

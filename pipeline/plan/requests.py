@@ -91,11 +91,11 @@ def validate_request(loaded: LoadedRecipe) -> validate.ValidateRequest:
                                     allow_code_execution=recipe.evaluation.allow_code_execution)
 
 
-def structure_expectation(record: quantize.CheckpointRecord, min_expert_tokens: int,
-                          trust_remote_code: bool) -> validate.StructureExpectation:
+def structure_expectation(record: quantize.CheckpointRecord, min_expert_tokens: int, trust_remote_code: bool,
+                          allowed_differences: tuple[str, ...] = ()) -> validate.StructureExpectation:
     """What the structure checks hold an exported checkpoint to: what its kiln.json says quantize was asked to make,
-    and the recipe's `calibration.min_expert_tokens` and `model.trust_remote_code`. A size search's mix that came
-    out as one format exports as that format."""
+    and the recipe's `calibration.min_expert_tokens`, `model.trust_remote_code` and
+    `evaluation.allow_differences`. A size search's mix that came out as one format exports as that format."""
     formats = record.quant_formats
     if quantize.Backend(record.backend) is not quantize.Backend.modelopt:
         quant_algo = None   # compressed-tensors: config.json's own config groups, no hf_quant_config.json
@@ -112,7 +112,8 @@ def structure_expectation(record: quantize.CheckpointRecord, min_expert_tokens: 
         exclude=tuple(record.exclude), only=tuple(record.only),
         unquantized_by_default=quantize.UNQUANTIZED_BY_DEFAULT,
         norms_may_change=any(quantize.FORMATS[f].rewrites_weights for f in formats),
-        trust_remote_code=trust_remote_code, expert_tokens=record.expert_tokens, min_expert_tokens=min_expert_tokens)
+        trust_remote_code=trust_remote_code, expert_tokens=record.expert_tokens, min_expert_tokens=min_expert_tokens,
+        allowed_differences=tuple(allowed_differences))
 
 
 def quantize_key_config(request: quantize.QuantizeRequest) -> dict:

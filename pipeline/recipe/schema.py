@@ -18,7 +18,7 @@ from kiln.pipeline.recipe.quant import (AUTO, AutoPrecision, Flag, HostBytes, No
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device, Offload
 from kiln.quantize.runtimes import Loads, Runtime, backend_makes, loading_runtimes, runtime_cells, runtime_problem
-from kiln.validate import BUILTIN_TASKS, GateResult, Metrics, StructureReport, TaskDrop, evaluate_gates
+from kiln.validate import BUILTIN_TASKS, DIFFERENCES, GateResult, Metrics, StructureReport, TaskDrop, evaluate_gates
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -101,6 +101,14 @@ class CalibrationSpec(DataSpec):
         "per variant). auto: for sources of 1B parameters or more calibrated in several passes (AWQ, GPTQ, "
         "SmoothQuant, scale searches) | true | false")
 
+    @field_validator("resumable", mode="before")
+    @classmethod
+    def _auto_true_or_false(cls, value):
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f"{value!r} is not auto, true or false (fix: auto saves layers for 1B+ models calibrated in "
+                         "several passes; true or false decides)")
+
     @model_validator(mode="after")
     def _budget_needs_disk(self) -> "CalibrationSpec":
         if self.max_host_memory is not None and self.offload is not Offload.disk:
@@ -140,6 +148,10 @@ class EvaluationSpec(DataSpec):
     allow_task_code: Flag = Field(default=False, description="let a task YAML's `!function` entries import and run "
                                   "the Python modules beside it (they go into the cache key; README, \"Task "
                                   "evaluation\")")
+    allow_differences: tuple[Literal[DIFFERENCES], ...] = Field(  # type: ignore[valid-type]
+        default=(), exclude_if=lambda allowed: not allowed,
+        description="files the exported checkpoint may differ from the source in, listed in the structure report "
+                    "instead of failing the build: config (config.json), generation_config, tokenizer, chat_template")
 
     @model_validator(mode="after")
     def _tasks(self) -> "EvaluationSpec":

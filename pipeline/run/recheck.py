@@ -35,7 +35,8 @@ class StructureRecheck:
         recipe = json.loads((folder / registry.RECIPE_FILE).read_text()) if (folder / registry.RECIPE_FILE).is_file() \
             else {}
         expected = structure_expectation(record, recipe.get("calibration", {}).get("min_expert_tokens", 1),
-                                         bool(recipe.get("model", {}).get("trust_remote_code", False)))
+                                         bool(recipe.get("model", {}).get("trust_remote_code", False)),
+                                         tuple(recipe.get("evaluation", {}).get("allow_differences", ())))
         report = validate.check_structure(folder / quantize.HF_DIR, source, expected)
         return {"rechecked": True, "passed": report.passed, **report.as_dict(),
                 "published_as_passed": tags.get(registry.tags.GATE) == "pass"}

@@ -33,9 +33,12 @@ class MeasureStages:
         def build(out: Path) -> None:
             recipe = self.loaded.recipe
             expected = structure_expectation(quantize.CheckpointRecord.load(checkpoint),
-                                             recipe.calibration.min_expert_tokens, recipe.model.trust_remote_code)
+                                             recipe.calibration.min_expert_tokens, recipe.model.trust_remote_code,
+                                             recipe.evaluation.allow_differences)
             structure = validate.check_structure(checkpoint / quantize.HF_DIR, context.model_dir(), expected)
             validate.write_structure(structure, out)
+            for difference in structure.allowed:
+                self.progress.log(f"{name}: structure: allowed by evaluation.allow_differences: {difference}")
             if not structure.passed:
                 for problem in structure.problems:
                     self.progress.log(f"{name}: structure check failed: {problem}")

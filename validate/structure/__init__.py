@@ -12,7 +12,8 @@ cannot see. Each check reads the exported files and the source's, and names the 
 - experts: every mixture-of-experts expert received at least `calibration.min_expert_tokens` calibration tokens
   (the quantize stage's table in kiln.json);
 - files: the tokenizer (vocabulary, special tokens, how a probe text encodes), the chat template, the generation
-  config and config.json (but its quantization_config) equal the source's; tied embeddings stay tied.
+  config and config.json (but its quantization_config) equal the source's, or differ where the recipe allows it
+  (`evaluation.allow_differences`: listed in the report, not refused); tied embeddings stay tied.
 
 Tensors are read one at a time from the memory-mapped files: the checks hold one tensor of each side at once.
 """
@@ -26,7 +27,11 @@ from kiln.validate.structure.records import (
 )
 
 __all__ = ["check_structure", "StructureExpectation", "StructureReport", "STRUCTURE", "STRUCTURE_VERSION",
-           "load_structure", "write_structure"]
+           "load_structure", "write_structure", "DIFFERENCES"]
+
+# What a recipe may let the exported files differ from the source in (evaluation.allow_differences): listed, not
+# refused. Here rather than in files.py, which imports transformers lazily but is not needed to plan.
+DIFFERENCES = ("config", "generation_config", "tokenizer", "chat_template")
 
 
 def check_structure(hf_dir: Path, source_dir: Path, expected: StructureExpectation) -> StructureReport:
@@ -36,15 +41,16 @@ def check_structure(hf_dir: Path, source_dir: Path, expected: StructureExpectati
 
     export, source = Checkpoint(Path(hf_dir)), Checkpoint(Path(source_dir))
     checked, problems = {}, []
+    files, file_problems, allowed = check_files(Path(hf_dir), Path(source_dir), expected)
     for name, check in (("scales", lambda: check_scales(export)),
                         ("layers", lambda: check_layers(export, source, expected)),
                         ("untouched", lambda: check_untouched(export, source, expected)),
-                        ("files", lambda: check_files(Path(hf_dir), Path(source_dir), expected)),
+                        ("files", lambda: (files, file_problems)),
                         ("experts", lambda: check_experts(expected))):
         count, found = check()
         checked[name] = count
         problems += found
-    return StructureReport(checked, tuple(problems))
+    return StructureReport(checked, tuple(problems), tuple(allowed))
 
 
 def check_experts(expected: StructureExpectation) -> tuple[int, list[str]]:

@@ -13,13 +13,17 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def check_files(hf_dir: Path, source_dir: Path, expected: StructureExpectation) -> tuple[int, list[str]]:
-    problems, count = [], 0
-    for check in (_config, _generation_config, _tokenizer):
+def check_files(hf_dir: Path, source_dir: Path,
+                expected: StructureExpectation) -> tuple[int, list[str], list[str]]:
+    """(files checked, problems, differences the recipe allows: listed, not refused)."""
+    problems, allowed, count = [], [], 0
+    for kind, check in (("config", _config), ("generation_config", _generation_config), ("tokenizer", _tokenizer)):
         checked, found = check(hf_dir, source_dir, expected)
         count += checked
-        problems += found
-    return count, problems
+        for problem in found:
+            what = "chat_template" if "chat template" in problem else kind
+            (allowed if what in expected.allowed_differences else problems).append(problem)
+    return count, problems, allowed
 
 
 def _short_value(value) -> str:

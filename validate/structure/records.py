@@ -35,6 +35,7 @@ class StructureExpectation:
     trust_remote_code: bool = False
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)   # MoE block -> calibration tokens per expert
     min_expert_tokens: int = 1
+    allowed_differences: tuple[str, ...] = ()   # evaluation.allow_differences: files.DIFFERENCES listed, not refused
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,21 @@ class StructureReport:
 
     checked: dict[str, int]
     problems: tuple[str, ...]
+    allowed: tuple[str, ...] = ()   # differences from the source the recipe allows: listed, not refused
 
     @property
     def passed(self) -> bool:
         return not self.problems
 
     def as_dict(self) -> dict:
-        return {"checked": self.checked, "problems": list(self.problems)}
+        document = {"checked": self.checked, "problems": list(self.problems)}
+        if self.allowed:
+            document["allowed"] = list(self.allowed)
+        return document
 
     @classmethod
     def from_dict(cls, document: dict) -> "StructureReport":
-        return cls(dict(document["checked"]), tuple(document["problems"]))
+        return cls(dict(document["checked"]), tuple(document["problems"]), tuple(document.get("allowed", ())))
 
 
 def write_structure(report: StructureReport, out_dir: Path) -> None:
