@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +60,9 @@ def test_a_killed_build_resumes_from_its_last_layer_and_makes_the_same_checkpoin
     assert planned.returncode == 0, planned.stderr
     (stage,) = [s for s in json.loads(planned.stdout)["stages"] if s["stage"] == "quantize"]
     assert stage["status"] == "will run (resumable from layer 2 of 4)"
+    assert json.loads(planned.stdout)["notes"] == ["int4-awq: calibration saves each decoder layer as it finishes "
+                                                   "(calibration.resumable: true): a killed build resumes from the "
+                                                   "last one"]
     listed = run_kiln("cache", "ls", "--json")
     (left,) = [e for e in json.loads(listed.stdout) if e["stage"] == "quantize (resume)"]
     assert left["key"] == stage["key"] and left["size"] > 0   # what `kiln cache prune` may remove
@@ -120,7 +122,7 @@ def test_only_files_matching_their_digests_are_resumed_from(tmp_path, monkeypatc
     4-layer Mixtral (max: quantizer buffers, and the expert-token table carried across the stop):
     - a calibration stopped after its first layers resumes where kiln's record ends, even where ModelOpt's manifest
       claims one more layer (committed, never recorded), and gives the whole-model build's bytes and expert table;
-    - a recorded file altered afterwards discards every layer: calibration starts again from layer 0, saying why."""
+    - a recorded file altered afterwards discards every layer (calibration would start from layer 0), saying why."""
     model = test_model if family == "llama" else _deeper(family, tmp_path / "model")
     samples = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
     request = quantize.QuantizeRequest(quant=quantize.QuantFormat(quant), kv_cache=quantize.KVCacheFormat.none,
@@ -159,18 +161,16 @@ def test_only_files_matching_their_digests_are_resumed_from(tmp_path, monkeypatc
         assert sorted(whole_record.expert_tokens) == [f"model.layers.{i}.mlp" for i in range(4)]
         assert all(sum(counts) == 4 * 32 * 2 for counts in whole_record.expert_tokens.values())
 
-    shutil.rmtree(resume_dir)   # as the pipeline does once the entry is written
-    with monkeypatch.context() as patched:
-        patched.setattr(LayerCheckpoints, "boundary", _stopped_after(stop_at))
-        with pytest.raises(_Stop):
-            build("stopped-again", resume_dir)
+    # What the resumed build left (the pipeline removes it once the entry is written) with one recorded file
+    # altered: nothing is trusted, the folder is emptied, and the line names the file.
+    recorded = quantize.resume_point(resume_dir)
+    assert recorded is not None and recorded.layer == 2   # layers 0 and 1: the last boundary of 4 layers
     altered = next((resume_dir / "layer_0000").glob("quantizer_*.pt"))
     altered.write_bytes(altered.read_bytes() + b"\0")
-    logged.clear()
-    again, again_record = build("again", resume_dir)
-    assert again_record.layer_checkpoints["resumed_from_layer"] == 0 and again == whole
-    assert any(f"layer_0000/{altered.name} does not match its recorded digest); calibrating from layer 0" in line
-               for line in logged), logged
+    assert LayerCheckpoints(resume_dir).start(logged.append) is None
+    assert logged[-1] == (f"calibration checkpoints in {resume_dir} are not trusted (layer_0000/{altered.name} does "
+                          "not match its recorded digest); calibrating from layer 0")
+    assert list(resume_dir.iterdir()) == []
 
 
 def test_which_calibrations_are_resumable(tmp_path, test_model):

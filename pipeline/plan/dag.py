@@ -33,7 +33,9 @@ from kiln.pipeline.data.fetch import FetchedModel, hub_digest, local_model
 from kiln.pipeline.recipe.schema import Variant
 from kiln.pipeline.recipe.loader import LoadedRecipe
 from kiln.pipeline.plan.checks import model_problems
-from kiln.pipeline.plan.requests import compile_request, quantize_key_config, quantize_request, quantize_tools
+from kiln.pipeline.plan.requests import (
+    compile_request, quantize_key_config, quantize_request, quantize_tools, resumable,
+)
 from kiln.pipeline.plan.runtimes import installed_checks, runtime_check_instances
 from kiln.pipeline.plan.stages import (
     MODEL, NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity,
@@ -84,9 +86,17 @@ class Plan:
                 "publishes": publishes}
 
     def notes(self) -> list[str]:
-        """What the variants' quantize stages will do that a reader might not expect (a KV cache not calibrated)."""
-        return [f"{name}: {note}" for name, variant in self.loaded.recipe.variants.items()
-                if (note := quantize.kv_calibration_note(variant.kv_cache))]
+        """What the variants' quantize stages will do that a reader might not expect (a KV cache not calibrated,
+        a calibration saved a layer at a time)."""
+        notes = [f"{name}: {note}" for name, variant in self.loaded.recipe.variants.items()
+                 if (note := quantize.kv_calibration_note(variant.kv_cache))]
+        config = json.loads((Path(self.model_folder) / "config.json").read_text()) if self.model_folder else None
+        for name, variant in self.loaded.recipe.variants.items():
+            if config is not None and resumable(self.loaded, variant, config):
+                notes.append(f"{name}: calibration saves each decoder layer as it finishes "
+                             f"(calibration.resumable: {str(self.loaded.recipe.calibration.resumable).lower()}): a "
+                             "killed build resumes from the last one")
+        return notes
 
     def memory(self):
         """The plan-time memory estimate for this recipe on this host (None before config.json is at hand)."""
