@@ -259,6 +259,7 @@ def _layer_checkpoints(adapter, model, resume_dir: Path | None, label: str, prog
         return None
     checkpoints = LayerCheckpoints(resume_dir)
     facts.resumed = checkpoints.start(progress.log)
+    facts.layer_checkpoints = {"layers": layers, "resumed_from_layer": facts.resumed.layer if facts.resumed else 0}
     if facts.resumed is not None:
         progress.log(f"{label}: calibration resumes from layer {facts.resumed.layer} of {layers} "
                      "(every recorded layer's digests verified)")
@@ -269,13 +270,10 @@ def _calibrate_layer_by_layer(adapter, model, config: dict, calibration, batch_s
                               checkpoints: LayerCheckpoints, tokens: ExpertTokens, facts: _Facts, progress) -> None:
     """ModelOpt's layer-at-a-time calibration, each layer saved as it completes; kiln records the digests (and its
     expert counts) at every boundary, where ModelOpt calls the forward loop again."""
-    resumed = facts.resumed
-    if resumed is not None:
-        tokens.restore(resumed.state)
-    layers = adapter.decoder_layers(model)
-    facts.layer_checkpoints = {"layers": layers, "resumed_from_layer": resumed.layer if resumed else 0}
-    with progress.task(f"calibrate {facts.label}, a layer at a time", total=layers) as task:
-        done = resumed.layer if resumed else 0
+    if facts.resumed is not None:
+        tokens.restore(facts.resumed.state)
+    done = facts.layer_checkpoints["resumed_from_layer"]
+    with progress.task(f"calibrate {facts.label}, a layer at a time", total=facts.layer_checkpoints["layers"]) as task:
         task.advance(done)
 
         def at_boundary() -> None:

@@ -43,6 +43,7 @@ def _quantize_entry(cache: Path, quant: str) -> Path:
                 if json.loads(p.read_text())["quant"] == quant)
 
 
+@pytest.mark.slow   # three kiln commands and a build killed mid-calibration (about 35 s beside the spine build)
 def test_a_killed_build_resumes_from_its_last_layer_and_makes_the_same_checkpoint(tmp_path, kiln_home, test_model,
                                                                                   spine_cache):
     """INT4-AWQ on the test model (4 decoder layers), killed once layers 0 and 1 are recorded: the plan says
