@@ -313,7 +313,8 @@ def test_a_planted_fault_fails_the_build_and_is_not_published(tmp_path, spine_ca
     client(kiln_home).set_model_version_tag(name, "1", "kiln.gate", "pass")   # a forged "passed"
     forged = run_kiln("registry", "verify", "--source", test_model)
     assert forged.returncode == 1 and "Traceback" not in forged.stderr
-    assert f"{name}/1: ok (" in forged.stdout and f"structure re-checked: 1 problem: {LAYER}.input_scale" in forged.stdout
+    assert f"{name}/1: ok (" in forged.stdout
+    assert f"structure re-checked: 1 problem: {LAYER}.input_scale" in forged.stdout
     assert forged.stderr.strip().splitlines()[-1] == f"kiln: 1 fail the structure checks: {name}/1; nothing was changed"
     assert {p: p.read_bytes() for p in artifacts.rglob("*") if p.is_file()} == before
 
@@ -374,3 +375,21 @@ def test_a_tokenizer_that_does_not_load_is_named(export, test_model):
     (hf / "tokenizer.json").write_text('{"truncated": ')
     (line,) = _problems(hf, test_model)
     assert line.startswith("hf/ tokenizer: it does not load (")
+
+
+def test_verify_names_a_stored_version_it_cannot_read_instead_of_failing(tmp_path, test_model):
+    """kiln registry verify's re-check of one version whose kiln.json no longer reads as kiln wrote it: one note for
+    that version, not a traceback for the whole command."""
+    from kiln.common.digest import tree_digest
+    from kiln.common.progress import SILENT
+    from kiln.pipeline.run.recheck import StructureRecheck, structure_line
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "kiln.json").write_text('{"quant": "fp8"}')
+    tags = {"kiln.source": "local:0123", "kiln.revision": tree_digest(test_model)}
+    found = StructureRecheck([test_model], SILENT)(tags, tmp_path)
+    assert not found["rechecked"] and found["note"].startswith("its stored files could not be checked (TypeError: ")
+    assert structure_line(found).startswith("; structure not re-checked: its stored files could not be checked")
+    elsewhere = StructureRecheck([], SILENT)({**tags, "kiln.revision": "f" * 64}, tmp_path)
+    assert elsewhere["note"] == ("its source (a local folder with content digest ffffffffffffffff) is not among "
+                                 "--source (none given) (fix: --source FOLDER)")

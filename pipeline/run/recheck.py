@@ -31,6 +31,13 @@ class StructureRecheck:
             return {"rechecked": False, "note": why}
         if not (folder / quantize.HF_DIR).is_dir() or not (folder / "kiln.json").is_file():
             return {"rechecked": False, "note": "it holds no hf/ checkpoint with kiln.json"}
+        try:
+            return self._recheck(tags, folder, source)
+        except Exception as exc:   # a stored file kiln cannot read as it wrote it: said, never a traceback
+            said = str(exc).splitlines()[0][:160] if str(exc) else ""
+            return {"rechecked": False, "note": f"its stored files could not be checked ({type(exc).__name__}: {said})"}
+
+    def _recheck(self, tags: dict, folder: Path, source: Path) -> dict:
         record = quantize.CheckpointRecord.load(folder)
         recipe = json.loads((folder / registry.RECIPE_FILE).read_text()) if (folder / registry.RECIPE_FILE).is_file() \
             else {}
