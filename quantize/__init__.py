@@ -1,7 +1,9 @@
 """Quantize stage: calibrate a model with its backend (ModelOpt, llm-compressor) and export what ships.
 
 Public entry points:
-  run(request, model_dir, calibration, out_dir, progress, placement, on_loaded, resume_dir) -> CheckpointRecord
+  run(request, model_dir, calibration, out_dir, progress, placement, on_loaded, resume_dir, workers)
+                                                  -> CheckpointRecord (request.day0: quantize/day0.py, from the shards)
+  day0_problem(quant, kv_cache, algorithm, backend, family) -> str | None   why the day-0 path cannot; QuantizePath
   resume_point(resume_dir) -> Resumed | None    where a killed calibration would resume (layer k of n)
       (request.auto set, quant "auto": ModelOpt's per-layer format search under a budget, auto_precision.py)
   layer_width_problems(model_dir, quant, group_size) -> list[str]
@@ -13,6 +15,8 @@ Public entry points:
   checkpoint_size(hf_dir, source_dir) -> CheckpointSize   checkpoint bytes, bits per decoder weight
   peak_memory(shape, dtype_bytes, formats, calibration_tokens, gpu_caps, offload) -> (calibrate, export)
                                                   the stage's memory formula, from config.json alone
+The day-0 path (day0.py) is ModelOpt's own quantization of each linear, run from the safetensors shards: no model,
+no calibration, the same HF checkpoint byte for byte, for the formats whose rows are `calibration_free`.
 Backends (one module each, in BACKENDS): modelopt_backend, llmcompressor_backend. Everything else in this
 folder is private to the stage.
 """
@@ -23,7 +27,10 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from kiln.quantize import llmcompressor_backend, modelopt_backend
+from kiln.quantize import day0, llmcompressor_backend, modelopt_backend
+from kiln.quantize.day0 import DayZeroError, QuantizePath
+from kiln.quantize.day0 import model_problem as day0_model_problem
+from kiln.quantize.day0 import problem as day0_problem
 from kiln.quantize.checkpoint import (
     HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, UNQUANTIZED_BY_DEFAULT, AutoRequest, CheckpointRecord, QuantizeRequest,
     recorded_formats, release_memory,
@@ -59,13 +66,14 @@ __all__ = [
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
     "CheckpointSize", "checkpoint_size", "refuse_nonfinite_weights",
+    "DayZeroError", "QuantizePath", "day0_problem", "day0_model_problem",
     "peak_memory", "exported_bytes", "min_weight_bits", "offload_folder_writes", "Resumed", "resume_point",
 ]
 
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
         placement: Placement = Placement("cpu"), on_loaded: Callable[[object], None] | None = None,
-        resume_dir: Path | None = None) -> CheckpointRecord:
+        resume_dir: Path | None = None, workers: int | None = None) -> CheckpointRecord:
     """Calibrate `model_dir` on `calibration` ([n, seq_len] token ids) and write hf/, trtllm/, kiln.json.
 
     `progress` is a pipeline progress reporter (task(description, total) -> context with advance()).
@@ -76,6 +84,9 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     give it back unchanged (the pipeline takes the baseline's hidden states there: one read of the weights).
     With `resume_dir`, ModelOpt calibrates a decoder layer at a time and saves each one there: the same checkpoint,
     and a run killed mid-way resumes from the last layer whose digests kiln recorded (quantize/resume.py).
+    With `request.day0`, `calibration`, `placement` and `on_loaded` go unused: `workers` threads quantize the
+    shards (quantize/day0.py), checking each tensor is finite as they read it, and `resume_dir` keeps the finished
+    output shards.
     """
     from kiln.common.progress import quiet_libraries
 
@@ -83,6 +94,12 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     family = family_of(source_config)
     if family is None:   # `kiln check` refuses these first; this guards direct callers
         raise ValueError(f"{model_dir}: model_type '{source_config.get('model_type')}' is not in kiln's family table")
+    if request.day0:
+        with quiet_libraries():
+            try:
+                return day0.run(request, Path(model_dir), Path(out_dir), progress, family, resume_dir, workers)
+            finally:
+                release_memory()
     refuse_nonfinite_weights(Path(model_dir))
     with quiet_libraries():
         try:

@@ -55,6 +55,8 @@ class QuantizeRequest:
     auto: AutoRequest | None = None
     # Mixture-of-experts: every token through every expert while calibrating (ModelOpt's moe_calib_experts_ratio 1.0).
     all_experts: bool = False
+    # The day-0 path (quantize/day0.py): from the safetensors shards, no model built and no calibration.
+    day0: bool = False
 
     @property
     def formats(self) -> tuple[QuantFormat, ...]:
@@ -115,6 +117,9 @@ class CheckpointRecord:
     # Resumable calibration (quantize/resume.py): {"layers": n, "resumed_from_layer": k} (k = 0: it ran through);
     # None when calibration saved no per-layer checkpoints.
     layer_checkpoints: dict | None = None
+    # The day-0 path (quantize/day0.py): {"workers", "shards", "kept_shards", "units", "bytes_read",
+    # "bytes_written"}; None when ModelOpt built and calibrated the model.
+    day0: dict | None = None
 
     @property
     def quant_formats(self) -> tuple[QuantFormat, ...]:

@@ -178,6 +178,11 @@ class FormatSpec:
     # Llama): under disk offload it runs a decoder layer at a time on the activations the whole-model pass sees.
     layer_by_layer_under_offload: bool = False
     auto_searchable: bool = True    # ModelOpt's auto_quantize runs its algorithm: `quant: auto` may pick it
+    # Every scale comes from the weight itself or from the activations at run time (weights by max or block scales,
+    # activations dynamic or 16-bit): no calibration data changes a byte, so the day-0 path (quantize/day0.py)
+    # quantizes it tensor by tensor from the source's shards. tests/test_format_table.py checks it against ModelOpt's
+    # config (no static input scale).
+    calibration_free: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, QuantFormat):   # a row names its format with a string; the table owns the name
@@ -218,7 +223,8 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
                trtllm=TrtllmMapping("FP8", gemm_plugin="fp8", fp8_context_fmha=True)),
     FormatSpec("fp8_pc_pt", "FP8 weights with per-channel scales, activations per token (dynamic)",
                Kernel.fp8_rowwise, "FP8_PER_CHANNEL_PER_TOKEN_CFG", "max", 8, 8,
-               export_quant_algo="FP8_PER_CHANNEL_PER_TOKEN", trtllm=TrtllmMapping("FP8 rowwise")),
+               export_quant_algo="FP8_PER_CHANNEL_PER_TOKEN", trtllm=TrtllmMapping("FP8 rowwise"),
+               calibration_free=True),
     FormatSpec("nvfp4", "FP4 E2M1 weights and activations, E4M3 scale per 16 elements plus an FP32 global scale",
                Kernel.nvfp4, "NVFP4_DEFAULT_CFG", "max", 4.5, 4, group_sizes=(16,), default_group_size=16,
                algorithms=NVFP4_SEARCHES,
@@ -243,29 +249,31 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
                # llm-compressor's W8A8: per-channel weights, activations per token at run time (dynamic)
                llmcompressor=LlmCompressorMapping(("smoothquant", "gptq"), "W8A8"), rewrites_weights=True),
     FormatSpec("int8_wo", "INT8 weights (per channel), W8A16", Kernel.w8a16,
-               "INT8_WEIGHT_ONLY_CFG", "max", 8, 16, export_quant_algo="W8A16", trtllm=TrtllmMapping("W8A16")),
+               "INT8_WEIGHT_ONLY_CFG", "max", 8, 16, export_quant_algo="W8A16", trtllm=TrtllmMapping("W8A16"),
+               calibration_free=True),
     # The 2026 formats (measured on ModelOpt 0.47, CPU): none has an engine-flow checkpoint. fp8_pb_wo's TensorRT-LLM
     # export asserts on a one-block layer ("Mismatch in expected scale shape"), and TensorRT-LLM's QuantAlgo has no
     # W4A16_NVFP4 or MXFP8, so the HF checkpoint is what ships.
     FormatSpec("fp8_block", "FP8 E4M3 weights with an FP32 scale per 128 x 128 block (DeepSeek-V3's layout); the "
                "block-scaled GEMMs quantize activations per token in groups of 128", Kernel.fp8_block,
                "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "max", 8, 8, group_sizes=(128,), default_group_size=128,
-               export_quant_algo="fp8_pb_wo", trtllm=TrtllmMapping("FP8 block scaling", engine_checkpoint=False)),
+               export_quant_algo="fp8_pb_wo", trtllm=TrtllmMapping("FP8 block scaling", engine_checkpoint=False),
+               calibration_free=True),
     FormatSpec("mxfp8", "MXFP8: FP8 E4M3 weights and activations with a power-of-two (E8M0) scale per 32",
                Kernel.mxfp8, "MXFP8_DEFAULT_CFG", "none", 8.25, 8, group_sizes=(32,), default_group_size=32,
                modelopt_fake_quant_on_cpu=False, export_quant_algo="MXFP8",
-               trtllm=TrtllmMapping("MXFP8", engine_checkpoint=False)),
+               trtllm=TrtllmMapping("MXFP8", engine_checkpoint=False), calibration_free=True),
     FormatSpec("nvfp4_a16", "weight-only NVFP4 (NVFP4A16): FP4 E2M1 weights, E4M3 scale per 16 plus an FP32 global "
                "scale; 16-bit activations, so no FP4 tensor core is needed", Kernel.fp4_a16,
                "W4A16_NVFP4_CFG", "max", 4.5, 16, group_sizes=(16,), default_group_size=16,
                algorithms=NVFP4_SEARCHES, modelopt_fake_quant_on_cpu=False, export_quant_algo="W4A16_NVFP4",
-               trtllm=TrtllmMapping("W4A16 NVFP4", packing="fp4", engine_checkpoint=False)),
+               trtllm=TrtllmMapping("W4A16 NVFP4", packing="fp4", engine_checkpoint=False), calibration_free=True),
     # ModelOpt's TensorRT-LLM export writes these three, but trtllm-build has no GEMM for them (the engine flow's
     # precision matrix has no MX or FP4 x FP8 column): the HF checkpoint ships.
     FormatSpec("mxfp4", "MXFP4 (OCP MX): FP4 E2M1 weights and activations with a power-of-two (E8M0) scale per 32",
                Kernel.mxfp4, "MXFP4_DEFAULT_CFG", "none", 4.25, 4, group_sizes=(32,), default_group_size=32,
                modelopt_fake_quant_on_cpu=False, export_quant_algo="mxfp4",   # ModelOpt writes it in lower case
-               trtllm=TrtllmMapping("MXFP4", packing="fp4", engine_checkpoint=False)),
+               trtllm=TrtllmMapping("MXFP4", packing="fp4", engine_checkpoint=False), calibration_free=True),
     FormatSpec("w4a8_nvfp4_fp8", "NVFP4 weights in blocks of 32 (E4M3 scales plus an FP32 global scale); FP8 "
                "activations with a calibrated per-tensor scale", Kernel.w4a8_fp4, "W4A8_NVFP4_FP8_CFG", "max", 4.25, 8,
                group_sizes=(32,), default_group_size=32, modelopt_fake_quant_on_cpu=False,
@@ -275,7 +283,7 @@ FORMATS: dict[QuantFormat, FormatSpec] = {spec.name: spec for spec in (
                "at run time (no calibration)", Kernel.w4a8_fp4, "W4A8_MXFP4_FP8_CFG", "none", 4.25, 8,
                group_sizes=(32,), default_group_size=32, modelopt_fake_quant_on_cpu=False,
                export_quant_algo="W4A8_MXFP4_FP8",
-               trtllm=TrtllmMapping("W4A8 MXFP4 FP8", packing="fp4", engine_checkpoint=False)),
+               trtllm=TrtllmMapping("W4A8 MXFP4 FP8", packing="fp4", engine_checkpoint=False), calibration_free=True),
 )}
 
 KV_CACHE_FORMATS: dict[KVCacheFormat, KVCacheSpec] = {spec.name: spec for spec in (

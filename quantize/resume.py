@@ -29,6 +29,7 @@ from kiln.common.fsutil import atomic_write_text
 
 RECORD = "kiln-resume.json"
 RECORD_VERSION = 1
+DAY0_RECORD = "kiln-day0.json"   # quantize/day0.py's: the plan's digest and each finished output shard's
 MANIFEST = "manifest.json"          # ModelOpt's: {last_completed_layer, num_layers, save_every, calib_mutates_weights}
 NEXT_INPUTS = "next_inputs.pt"      # ModelOpt's capture of the next layer's inputs, in each layer's folder
 AMAX_ONLY = ("max", "mse", "local_hessian")   # ModelOpt's calibrations that change no weight (its whitelist)
@@ -52,11 +53,20 @@ class Resumed:
     layer: int
     layers: int
     state: dict = field(default_factory=dict)
+    unit: str = "layer"   # "shard": a day-0 build's finished output shards (quantize/day0.py)
+
+    def __str__(self) -> str:
+        if self.unit == "shard":
+            return f"resumable: {self.layer} of {self.layers} shards written"
+        return f"resumable from layer {self.layer} of {self.layers}"
 
 
 def resume_point(folder: Path | None) -> Resumed | None:
     """What a killed calibration left in `folder`, as recorded (for `kiln plan`, which hashes nothing; the build
     verifies every digest before it trusts a layer)."""
+    day0 = _read_json(Path(folder) / DAY0_RECORD) if folder is not None else None
+    if day0 and day0.get("shards"):
+        return Resumed(len(day0["shards"]), int(day0["total"]), unit="shard")
     record = _read_json(Path(folder) / RECORD) if folder is not None else None
     if not record or record.get("version") != RECORD_VERSION or not record.get("layers"):
         return None

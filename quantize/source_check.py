@@ -24,10 +24,26 @@ def refuse_nonfinite_weights(model_dir: Path) -> None:
     shards = tuple(sorted(Path(model_dir).glob("*.safetensors")))
     found = _first_nonfinite(shards, tuple(p.stat().st_mtime_ns for p in shards))
     if found is not None:
-        path, name, nans, infs = found
-        raise UserInputError(f"{path}: tensor {name} holds {nans} NaN and {infs} infinite value(s); kiln will not "
-                             "calibrate or measure a model whose weights are not finite (fix: repair or fetch the "
-                             "checkpoint again)")
+        raise _nonfinite(*found)
+
+
+def refuse_nonfinite_tensor(path: Path, name: str, tensor) -> None:
+    """The same refusal for one tensor already read (the day-0 path checks each as its worker reads it). Its minimum
+    and maximum say it in one pass without a mask (NaN propagates, an infinity is an extreme): 45x faster than
+    isfinite().all() on a 25M-element bf16 weight here."""
+    import torch
+
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor.reshape(-1))
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        raise _nonfinite(path, name, int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum()))
+
+
+def _nonfinite(path: Path, name: str, nans: int, infs: int) -> UserInputError:
+    return UserInputError(f"{path}: tensor {name} holds {nans} NaN and {infs} infinite value(s); kiln will not "
+                          "calibrate or measure a model whose weights are not finite (fix: repair or fetch the "
+                          "checkpoint again)")
 
 
 @functools.lru_cache(maxsize=4)   # once per source and process, however many variants it quantizes

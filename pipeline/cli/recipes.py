@@ -108,6 +108,8 @@ def plan(
         line = family_line(the_plan)
         if line:
             stdout_console.print(line, soft_wrap=True)
+        for name, path in the_plan.quantize_paths().items():
+            stdout_console.print(f"{name}: quantize by the {path['why']}", soft_wrap=True)
         for note in the_plan.notes():
             stdout_console.print(note, soft_wrap=True)
         if memory is not None:

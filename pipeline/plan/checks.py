@@ -19,7 +19,19 @@ def model_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
     the family table does not hold, then block sizes that do not divide some layer's input width."""
     problems = family_problems(loaded, model_dir)
     return problems or exclude_problems(loaded, model_dir) + width_problems(loaded, model_dir) + \
-        budget_problems(loaded, model_dir) + task_length_problems(loaded, model_dir)
+        budget_problems(loaded, model_dir) + task_length_problems(loaded, model_dir) + day0_problems(loaded, model_dir)
+
+
+def day0_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:
+    """quantize.path: day0 on a model it cannot read (the recipe's own facts were checked as it loaded)."""
+    if loaded.recipe.quantize.path is not quantize.QuantizePath.day0:
+        return []
+    family = quantize.family_of(json.loads((Path(model_dir) / "config.json").read_text()))
+    problem = quantize.day0_model_problem(family) or (
+        None if any(Path(model_dir).glob("*.safetensors")) else "the model has no *.safetensors files")
+    if problem is None:
+        return []
+    return [f"{loaded.path}: quantize.path: day0 cannot quantize {model_dir}: {problem} (fix: quantize.path: auto)"]
 
 
 def budget_problems(loaded: LoadedRecipe, model_dir: Path) -> list[str]:

@@ -34,7 +34,7 @@ from kiln.pipeline.recipe.schema import Variant
 from kiln.pipeline.recipe.loader import LoadedRecipe
 from kiln.pipeline.plan.checks import model_problems
 from kiln.pipeline.plan.requests import (
-    compile_request, quantize_key_config, quantize_request, quantize_tools, resumable,
+    compile_request, quantize_key_config, quantize_path, quantize_request, quantize_tools, resumable,
 )
 from kiln.pipeline.plan.runtimes import installed_checks, runtime_check_instances
 from kiln.pipeline.plan.stages import (
@@ -59,6 +59,16 @@ class Plan:
     instances: list[StageInstance] = field(default_factory=list)
     model_folder: Path | None = None   # where config.json is readable now (a local model, or the HF cache)
 
+    def source_config(self) -> dict | None:
+        """The source's config.json (None before it is at hand)."""
+        return json.loads((Path(self.model_folder) / "config.json").read_text()) if self.model_folder else None
+
+    def quantize_paths(self) -> dict[str, dict]:
+        """Each variant's quantize path (day0 | modelopt) and why."""
+        config = self.source_config()
+        return {name: dict(zip(("path", "why"), quantize_path(self.loaded, variant, config)))
+                for name, variant in self.loaded.recipe.variants.items()}
+
     def family_summary(self) -> dict | None:
         """The model's family row and what its variants publish (None before config.json is at hand)."""
         if self.model_folder is None:
@@ -82,6 +92,11 @@ class Plan:
         if family.trtllm and hf_only:
             publishes += (f"; {', '.join(hf_only)} variants publish hf/ only (ModelOpt writes no engine-flow "
                           "checkpoint for them)")
+        day0 = sorted(name for name, path in self.quantize_paths().items() if path["path"] == "day0"
+                      and quantize.FORMATS[self.loaded.recipe.variants[name].quant].trtllm.engine_checkpoint)
+        if family.trtllm and day0:
+            publishes += (f"; {', '.join(day0)} publish hf/ only (quantize.path: day0 writes no TensorRT-LLM "
+                          "checkpoint: trtllm-engine builds convert hf/ on the compile host)")
         return {"model_type": family.model_type, "title": family.title, "trtllm_checkpoint": bool(family.trtllm),
                 "publishes": publishes}
 
@@ -90,12 +105,18 @@ class Plan:
         a calibration saved a layer at a time)."""
         notes = [f"{name}: {note}" for name, variant in self.loaded.recipe.variants.items()
                  if (note := quantize.kv_calibration_note(variant.kv_cache))]
-        config = json.loads((Path(self.model_folder) / "config.json").read_text()) if self.model_folder else None
+        config = self.source_config()
         for name, variant in self.loaded.recipe.variants.items():
-            if config is not None and resumable(self.loaded, variant, config):
-                notes.append(f"{name}: calibration saves each decoder layer as it finishes "
+            if config is None or not resumable(self.loaded, variant, config):
+                continue
+            if quantize_request(self.loaded, variant, source_config=config).day0:
+                notes.append(f"{name}: the day-0 path records each output shard's digest as it finishes "
                              f"(calibration.resumable: {str(self.loaded.recipe.calibration.resumable).lower()}): a "
-                             "killed build resumes from the last one")
+                             "killed build keeps the shards it wrote")
+            else:
+                notes.append(f"{name}: calibration saves each decoder layer as it finishes "
+                             f"(calibration.resumable: {str(self.loaded.recipe.calibration.resumable).lower()}): "
+                             "a killed build resumes from the last one")
         return notes
 
     def memory(self):
@@ -228,10 +249,12 @@ def checkpoint_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
 def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Variant, fetch_key: str,
                          tasks: dict | None, bits: float | None) -> Candidate:
     loaded, source = plan.loaded, plan.loaded.recipe.model
+    request = quantize_request(loaded, variant, bits, plan.source_config())
     q_key, q_material = stage_key(
         "quantize", quantize.STAGE_VERSION,
-        {"request": quantize_key_config(quantize_request(loaded, variant, bits)),
-         "calibration": plan.calibration.key_config()},
+        {"request": quantize_key_config(request),
+         # the day-0 path reads no calibration data: other calibration text makes the same checkpoint
+         **({} if request.day0 else {"calibration": plan.calibration.key_config()})},
         {"model": plan.model_digest}, quantize_tools(variant.backend),
     )
     v_key, v_material = stage_key(
@@ -256,8 +279,7 @@ def _quantize_status(cache: StageCache, key: str) -> Status:
     verified when the build resumes, not here)."""
     status = Status.of_cache(cache.intact("quantize", key))
     resumed = quantize.resume_point(cache.resume_dir("quantize", key)) if status.will_run else None
-    return Status(status.state, detail=f"resumable from layer {resumed.layer} of {resumed.layers}") if resumed \
-        else status
+    return Status(status.state, detail=str(resumed)) if resumed else status
 
 
 def _selected_sm(loaded: LoadedRecipe, gpu: str | None) -> str | None:

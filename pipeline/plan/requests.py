@@ -4,6 +4,7 @@ for, each setting under the recipe's own name. Their fields are what the stages'
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from kiln import compile as compile_stage
 from kiln import quantize, validate
@@ -33,8 +34,41 @@ def compile_request(loaded: LoadedRecipe, sm: str) -> compile_stage.CompileReque
     )
 
 
-def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None = None) -> quantize.QuantizeRequest:
-    """What quantize is asked for; `bits`: the candidate budget of a quant-auto variant's size search."""
+def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None = None,
+                     source_config: dict | None = None) -> quantize.QuantizeRequest:
+    """What quantize is asked for; `bits`: the candidate budget of a quant-auto variant's size search;
+    `source_config`: the source's config.json where it is at hand (the day-0 path's choice reads its family)."""
+    request = _modelopt_request(loaded, variant, bits)
+    return replace(request, day0=_day0(loaded, request, source_config)[0])
+
+
+def quantize_path(loaded: LoadedRecipe, variant: Variant, source_config: dict | None) -> tuple[str, str]:
+    """The variant's quantize path (day0 | modelopt) and why, as `kiln plan` says it."""
+    day0, why = _day0(loaded, _modelopt_request(loaded, variant, None), source_config)
+    return ("day0" if day0 else "modelopt"), why
+
+
+def _day0(loaded: LoadedRecipe, request: quantize.QuantizeRequest, source_config: dict | None) -> tuple[bool, str]:
+    """Whether the day-0 path makes the request, and why. `auto` takes it where it makes everything the ModelOpt
+    path would: not for a format whose TensorRT-LLM checkpoint (trtllm/) ModelOpt also writes for the family."""
+    setting = loaded.recipe.quantize.path
+    if setting is quantize.QuantizePath.modelopt:
+        return False, "ModelOpt path (quantize.path: modelopt)"
+    family = quantize.family_of(source_config) if source_config else None
+    problem = quantize.day0_problem(request.quant, request.kv_cache, request.algorithm, request.backend, family)
+    if setting is quantize.QuantizePath.day0:   # the recipe check refused what it cannot make (checks.py)
+        return True, "day-0 path (quantize.path: day0): read from the safetensors shards, no model built"
+    if problem:
+        return False, f"ModelOpt path: {problem}"
+    offloaded = loaded.recipe.calibration.offload is quantize.Offload.disk
+    if request.engine_checkpoint and not offloaded and (family is None or family.trtllm is not None):
+        return False, (f"ModelOpt path: it also writes the TensorRT-LLM checkpoint (trtllm/) of {request.quant.value}, "
+                       "which the day-0 path does not (quantize.path: day0 publishes hf/ only)")
+    return True, (f"day-0 path: {request.quant.value} needs no calibration data, so each tensor is quantized from the "
+                  "safetensors shards by ModelOpt's own functions, no model built (the same hf/ byte for byte)")
+
+
+def _modelopt_request(loaded: LoadedRecipe, variant: Variant, bits: float | None) -> quantize.QuantizeRequest:
     model = loaded.recipe.model
     return quantize.QuantizeRequest(
         quant=variant.quant,
@@ -69,6 +103,8 @@ def resumable(loaded: LoadedRecipe, variant: Variant, source_config: dict) -> bo
     setting = loaded.recipe.calibration.resumable
     if variant.backend is not quantize.Backend.modelopt or variant.is_auto or setting is False:
         return False
+    if quantize_request(loaded, variant, source_config=source_config).day0:   # finished shards are kept
+        return setting is True or ModelShape.from_config(source_config).params >= RESUMABLE_FROM_PARAMS
     spec = quantize.FORMATS[variant.quant]
     searches = spec.rewrites_weights or variant.algorithm in spec.algorithms
     return setting is True or (searches and ModelShape.from_config(source_config).params >= RESUMABLE_FROM_PARAMS)
@@ -130,6 +166,8 @@ def quantize_key_config(request: quantize.QuantizeRequest) -> dict:
         del fields["all_experts"]   # and those that calibrate experts on their routed tokens, all_experts
     if request.algorithm is None:
         del fields["algorithm"]   # and those of a format's default algorithm, `algorithm`
+    if not request.day0:
+        del fields["day0"]      # and ModelOpt-path keys, the day-0 path
     if request.auto is None:
         del fields["auto"]      # and single-format keys predate auto precision
     else:

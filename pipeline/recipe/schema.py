@@ -15,6 +15,8 @@ from pydantic import Field, field_validator, model_validator
 from kiln.compile.targets import LORA_MODULES, SPECULATIVE_MODES, Target
 from kiln.pipeline.recipe.quant import (AUTO, AutoPrecision, Flag, HostBytes, NonNegativeInt, Number, PositiveInt,
                                        QuantName, Strict)
+from kiln.quantize.day0 import QuantizePath
+from kiln.quantize.day0 import problem as day0_problem
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Device, Offload
 from kiln.quantize.runtimes import Loads, Runtime, backend_makes, loading_runtimes, runtime_cells, runtime_problem
@@ -376,6 +378,20 @@ class BuildSizes(Strict):
         return self
 
 
+class QuantizeSpec(Strict):
+    """How the quantize stage runs (what it makes is the same either way)."""
+
+    path: QuantizePath = Field(default=QuantizePath.auto, description="auto | day0 | modelopt. day0 quantizes a "
+                               "calibration-free format (" + ", ".join(q.value for q, spec in FORMATS.items()
+                                                                       if spec.calibration_free) +
+                               ") tensor by tensor from the source's safetensors shards with ModelOpt's own "
+                               "functions: no model built, no calibration, the ModelOpt path's hf/ byte for byte, "
+                               "no trtllm/ (trtllm-engine builds convert hf/ on the compile host). auto: day0 where "
+                               "that loses nothing (not where ModelOpt also writes the family's TensorRT-LLM "
+                               "checkpoint); `kiln plan` says which path each variant takes and why")
+    workers: PositiveInt | None = Field(default=None, description="day-0 worker threads (default: the host's cores)")
+
+
 class Publish(Strict):
     aliases: tuple[Name, ...] = ()
 
@@ -389,6 +405,20 @@ class Recipe(Strict):
     variants: dict[Name, Variant] = Field(min_length=1)
     build: BuildSizes = BuildSizes()
     publish: Publish = Publish()
+    quantize: QuantizeSpec = Field(default=QuantizeSpec(), exclude_if=lambda spec: spec == QuantizeSpec())
+
+    @model_validator(mode="after")
+    def _day0_can_make(self) -> "Recipe":
+        if self.quantize.path is not QuantizePath.day0:
+            return self
+        for name, variant in self.variants.items():
+            algorithm = None if variant.is_auto or variant.algorithm not in FORMATS[variant.quant].algorithms \
+                else variant.algorithm
+            problem = day0_problem(variant.quant, variant.kv_cache, algorithm, variant.backend)
+            if problem:
+                raise ValueError(f"quantize.path: day0 cannot make variants.{name}: {problem} (fix: quantize.path: "
+                                 "auto, which takes the ModelOpt path where day-0 cannot)")
+        return self
 
     @model_validator(mode="after")
     def _offload_can_build(self) -> "Recipe":

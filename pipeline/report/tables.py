@@ -39,6 +39,7 @@ def plan_document(plan: Plan) -> dict:
         "stages": [instance.as_dict() for instance in plan.instances],
         "family": plan.family_summary(),
         "notes": plan.notes(),
+        "quantize_paths": plan.quantize_paths(),
     }
 
 

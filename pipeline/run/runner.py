@@ -42,23 +42,26 @@ class CheckpointStages:
 
     def quantize(self, name: str, instance: StageInstance, validate_instance: StageInstance) -> Path:
         context = self.context
+        variant = self.loaded.recipe.variants[name]
+        request = quantize_request(self.loaded, variant, instance.target.bits, self.plan.source_config())
         on_loaded = None
-        if validate_instance.status.will_run:
+        if validate_instance.status.will_run and not request.day0:
             # The baseline's hidden states from this very load, before calibration: one read of the weights for both.
             def compute_baseline(model):
                 context.baseline().compute_from(model, context.samples("evaluation"), self.progress)
 
             on_loaded = compute_baseline
 
-        variant = self.loaded.recipe.variants[name]
         resume_dir = self.cache.resume_dir(instance.stage, instance.key)
 
         def build(out: Path) -> None:
-            request = quantize_request(self.loaded, variant, instance.target.bits)
             model_dir = context.model_dir()
             source_config = json.loads((model_dir / "config.json").read_text())
-            quantize.run(request, model_dir, context.samples("calibration"), out, self.progress, context.placement(),
-                         on_loaded, resume_dir if resumable(self.loaded, variant, source_config) else None)
+            # the day-0 path reads no calibration data: it is not tokenized for it
+            calibration = None if request.day0 else context.samples("calibration")
+            quantize.run(request, model_dir, calibration, out, self.progress, context.placement(), on_loaded,
+                         resume_dir if resumable(self.loaded, variant, source_config) else None,
+                         workers=self.loaded.recipe.quantize.workers)
 
         entry = context.get_or_build(instance, build)
         shutil.rmtree(resume_dir, ignore_errors=True)   # the entry is written: its calibration is never resumed
