@@ -20,6 +20,8 @@ from kiln.common.digest import tree_digest
 from kiln.common.errors import UserInputError
 from kiln.common.progress import SILENT
 from kiln.quantize.safetensors_layout import ShardLayout, safetensors_dtype
+from kiln.pipeline.plan.requests import quantize_path
+from kiln.pipeline.recipe.loader import load_recipe
 from tests.conftest import run_kiln, write_recipe
 
 PYTORCH = {"target": "trtllm-pytorch"}   # Llama's engine flow takes none of the 2026 formats
@@ -182,6 +184,9 @@ def test_plan_says_which_path_each_variant_takes_and_a_recipe_forces_either(tmp_
 
     forced = planned(quantize={"path": "modelopt"})["quantize_paths"]
     assert {path["path"] for path in forced.values()} == {"modelopt"}
+    oneshot = load_recipe(write_recipe(tmp_path, str(test_model), {"v": {"quant": "int4_awq",
+                                                                          "backend": "llmcompressor"}}, build=PYTORCH))
+    assert quantize_path(oneshot, oneshot.recipe.variants["v"], None)[0] == "llmcompressor"
     del variants["awq"]
     forced = planned(quantize={"path": "day0", "workers": 1})
     assert {path["path"] for path in forced["quantize_paths"].values()} == {"day0"}

@@ -43,7 +43,9 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None 
 
 
 def quantize_path(loaded: LoadedRecipe, variant: Variant, source_config: dict | None) -> tuple[str, str]:
-    """The variant's quantize path (day0 | modelopt) and why, as `kiln plan` says it."""
+    """The variant's quantize path (day0 | modelopt | llmcompressor) and why, as `kiln plan` says it."""
+    if variant.backend is not quantize.Backend.modelopt:
+        return variant.backend.value, f"{variant.backend.value} backend (its own tool, in its own interpreter)"
     day0, why = _day0(loaded, _modelopt_request(loaded, variant, None), source_config)
     return ("day0" if day0 else "modelopt"), why
 
