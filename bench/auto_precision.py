@@ -1,6 +1,7 @@
 """Quant auto against the plain formats: is a per-layer NVFP4/FP8 mix worth its bits, and what does the search cost?
 
     python bench/auto_precision.py [--models demo,smollm2-135m] [--bits 4.5,5,6] [--random small] [--home DIR]
+    python bench/auto_precision.py --search-cost [--models smollm2-135m] [--before PYTHONPATH]
 
 For each model, kiln builds (one recipe, a private KILN_HOME) plain NVFP4, plain FP8 and `quant: auto` over
 [nvfp4, fp8] at each budget, with 8 calibration windows of 256 tokens (the first 8 also score the layers) and
@@ -14,6 +15,12 @@ For each model, kiln builds (one recipe, a private KILN_HOME) plain NVFP4, plain
 - where the time goes: the quantize stage's seconds (load, calibrate or search, export) of each auto build
   against the plain FP8 build's. `--random small` adds a random-initialised Llama (bench/scale.py's sizes)
   for time alone (its KL means nothing).
+
+--search-cost times, side by side in one run, what a size search costs against one budget: `kiln build` of a
+single-budget auto variant, then of a search over the --bits budgets whose gate no candidate passes (so every one is
+built), each in a fresh KILN_HOME; then a fourth budget added to the finished search (it must not score again).
+`--before` runs the same two builds with an older kiln (a PYTHONPATH whose `kiln` package is a snapshot), where
+every candidate calibrated and scored on its own.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from datetime import date
 from pathlib import Path
@@ -122,14 +131,79 @@ def model_folder(name: str, scratch: Path) -> Path:
     return ensure_real_model(name)
 
 
+def timed_build(recipe_text: dict, folder: Path, home: Path, pythonpath: str | None) -> tuple[float, list[str]]:
+    """Wall seconds of one `kiln build` (the installed kiln, or the one on `pythonpath`) and the stages it ran."""
+    path = folder / f"{recipe_text['name']}.yaml"
+    path.write_text(yaml.safe_dump(recipe_text, sort_keys=False))
+    command = [sys.executable, "-c", "from kiln.pipeline.cli.app import main; main()", "build", str(path), "--json"]
+    env = {**os.environ, "KILN_HOME": str(home), **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.monotonic() - started
+    if result.returncode not in (0, 3):   # 3: a gate failed, as the search recipe intends
+        raise SystemExit(f"kiln build failed:\n{result.stderr[-3000:]}")
+    return seconds, json.loads(result.stdout)["ran"]
+
+
+def search_cost(model: Path, bits: list[float], pythonpath: str | None, scratch: Path) -> dict:
+    def recipe(name: str, auto: dict, gates: dict) -> dict:
+        return {"kiln": 1, "name": name, "model": {"source": str(model)},
+                "calibration": {"builtin": "python-docs-train", "samples": SAMPLES, "seq_len": SEQ_LEN},
+                "evaluation": {"builtin": "python-docs-heldout", "samples": EVAL_SAMPLES, "seq_len": SEQ_LEN},
+                "variants": {"mix": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], **auto}, "gates": gates}}}
+
+    tag = "before" if pythonpath else "now"
+    folder = scratch / tag
+    folder.mkdir()
+    single, _ = timed_build(recipe("single", {"effective_bits": bits[len(bits) // 2]}, {}), folder,
+                            folder / "home-single", pythonpath)
+    unreachable = {"max_kl": 1e-12}   # every candidate fails: the search builds them all
+    searched, ran = timed_build(recipe("search", {"effective_bits": bits, "search": "smallest-passing"}, unreachable),
+                                folder, folder / "home-search", pythonpath)
+    row = {"single": single, "search": searched, "ran": ran}
+    if not pythonpath:
+        more = sorted({*bits, (bits[0] + bits[1]) / 2})
+        row["fourth"], row["fourth_ran"] = timed_build(
+            recipe("search", {"effective_bits": more, "search": "smallest-passing"}, unreachable), folder,
+            folder / "home-search", pythonpath)
+    return row
+
+
+def search_cost_table(name: str, bits: list[float], rows: dict) -> list[str]:
+    lines = [f"#### {name}: what a size search over {len(bits)} budgets ({', '.join(f'{b:g}' for b in bits)}) costs "
+             "against one budget", "",
+             "| kiln | one budget (s) | the search (s) | search / one | a 4th budget added (s) | stages the 4th ran |",
+             "|---|---|---|---|---|---|"]
+    for tag, row in rows.items():
+        fourth = f"{row['fourth']:.1f}" if "fourth" in row else "-"
+        ran = ", ".join(row.get("fourth_ran", [])) or "-"
+        lines.append(f"| {tag} | {row['single']:.1f} | {row['search']:.1f} | {row['search'] / row['single']:.2f}x | "
+                     f"{fourth} | {ran} |")
+    return lines + [""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo", help="demo and/or real models (bench/real_models.py)")
     parser.add_argument("--bits", default="4.5,5,6", help="auto budgets, comma-separated")
     parser.add_argument("--random", default="", help="also a random-initialised Llama for time: small|medium|large")
     parser.add_argument("--home", type=Path, help="KILN_HOME to build in (default: a temporary one)")
+    parser.add_argument("--search-cost", action="store_true", help="time a search against one budget, side by side")
+    parser.add_argument("--before", help="with --search-cost: a PYTHONPATH holding an older kiln to time too")
     args = parser.parse_args()
     bits = [float(b) for b in args.bits.split(",")]
+    if args.search_cost:
+        out = [f"Measured {date.today().isoformat()} on {os.cpu_count()} CPU cores; wall time of `kiln build` in a "
+               f"fresh KILN_HOME, {SAMPLES} x {SEQ_LEN} calibration tokens, {EVAL_SAMPLES} x {SEQ_LEN} evaluation.", ""]
+        for name in [n for n in args.models.split(",") if n]:
+            with tempfile.TemporaryDirectory(prefix="kiln-searchcost-") as scratch:
+                model = model_folder(name, Path(scratch))
+                rows = {"this kiln": search_cost(model, bits, None, Path(scratch))}
+                if args.before:
+                    rows["before (--before)"] = search_cost(model, bits, args.before, Path(scratch))
+            out += search_cost_table(name, bits, rows)
+            print("\n".join(out), flush=True)
+        return 0
     names = [n for n in args.models.split(",") if n] + ([f"random-{args.random}"] if args.random else [])
     out = [f"Measured {date.today().isoformat()} on {os.cpu_count()} CPU cores; {SAMPLES} x {SEQ_LEN} calibration "
            f"tokens (the first {SAMPLES} windows score the layers, method kl), {EVAL_SAMPLES} x {SEQ_LEN} evaluation.", ""]

@@ -6,6 +6,8 @@ Public entry points:
   day0_problem(quant, kv_cache, algorithm, backend, family) -> str | None   why the day-0 path cannot; QuantizePath
   resume_point(resume_dir) -> Resumed | None    where a killed calibration would resume (layer k of n)
       (request.auto set, quant "auto": ModelOpt's per-layer format search under a budget, auto_precision.py)
+  score(request, model_dir, calibration, out_dir, progress, placement, budgets) -> dict   a size search's scores,
+      once for every budget (SEARCH_STATE, SCORE_RECORD; read_score(entry)); run(..., search_state=) restores them
   layer_width_problems(model_dir, quant, group_size) -> list[str]
   plan_placement(device, gpus, gpu_memory_fraction, host_memory, offload, max_host_memory) -> Placement
                                                   (CPU, or GPUs + offload to host memory, then disk)
@@ -50,7 +52,8 @@ from kiln.quantize.placement import Device, Offload, Placement, VisibleGpu, plan
 from kiln.quantize.runtimes import (
     Loads, Quant, Runtime, loading_runtimes, runtime_cells, runtime_problem, vllm_device_problem,
 )
-from kiln.quantize.auto_precision import lowest_budget
+from kiln.quantize import auto_precision
+from kiln.quantize.auto_precision import SCORE_RECORD, SEARCH_STATE, lowest_budget
 from kiln.quantize.widths import layer_width_problems, unmatched_excludes
 
 STAGE_VERSION = 2   # 2: family fields filled in trtllm/config.json; kiln.json records the family
@@ -58,6 +61,7 @@ STAGE_VERSION = 2   # 2: family fields filled in trtllm/config.json; kiln.json r
 BACKENDS = {Backend.modelopt: modelopt_backend, Backend.llmcompressor: llmcompressor_backend}
 
 __all__ = [
+    "score", "read_score", "SEARCH_STATE", "SCORE_RECORD",
     "run", "require_backend", "tool_versions", "BACKENDS", "QuantizeRequest", "AutoRequest", "CheckpointRecord", "recorded_formats",
     "release_memory", "AUTO", "MIXED_PRECISION", "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
     "format_of_export", "kv_cache_of_export", "kv_calibration_note", "register_format", "unregister_format", "row_problems",
@@ -73,7 +77,8 @@ __all__ = [
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
         placement: Placement = Placement("cpu"), on_loaded: Callable[[object], None] | None = None,
-        resume_dir: Path | None = None, workers: int | None = None) -> CheckpointRecord:
+        resume_dir: Path | None = None, workers: int | None = None,
+        search_state: Path | None = None) -> CheckpointRecord:
     """Calibrate `model_dir` on `calibration` ([n, seq_len] token ids) and write hf/, trtllm/, kiln.json.
 
     `progress` is a pipeline progress reporter (task(description, total) -> context with advance()).
@@ -86,7 +91,8 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     and a run killed mid-way resumes from the last layer whose digests kiln recorded (quantize/resume.py).
     With `request.day0`, `calibration`, `placement` and `on_loaded` go unused: `workers` threads quantize the
     shards (quantize/day0.py), checking each tensor is finite as they read it, and `resume_dir` keeps the finished
-    output shards.
+    output shards. With `request.auto`, `search_state` is the score stage's saved search (score()): the candidate
+    restores every format's calibration and every layer's score from it and only solves its budget.
     """
     from kiln.common.progress import quiet_libraries
 
@@ -103,10 +109,41 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     refuse_nonfinite_weights(Path(model_dir))
     with quiet_libraries():
         try:
+            extra = {"search_state": search_state} if search_state is not None else {}
             return BACKENDS[request.backend].run(request, model_dir, calibration, Path(out_dir), progress, placement,
-                                                 on_loaded, family, source_config, resume_dir)
+                                                 on_loaded, family, source_config, resume_dir, **extra)
         finally:
             release_memory()
+
+
+def score(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
+          placement: Placement = Placement("cpu"), budgets: tuple[float, ...] = ()) -> dict:
+    """A size search's score stage (quant auto, ModelOpt): every format calibrated and every layer group scored once on
+    `calibration`, saved as out_dir/SEARCH_STATE for each candidate budget's `run(..., search_state=)` to restore,
+    and out_dir/SCORE_RECORD: what it cost and the frontier at `budgets` (auto_precision.frontier)."""
+    from kiln.common.progress import quiet_libraries
+    from kiln.quantize import modelopt_adapter
+
+    refuse_nonfinite_weights(Path(model_dir))
+    state = Path(out_dir) / SEARCH_STATE
+    with quiet_libraries():
+        try:
+            facts = modelopt_backend.score(request, Path(model_dir), calibration, state, progress, placement)
+            points = auto_precision.frontier(state, facts["weights"], request.auto.formats, budgets,
+                                             modelopt_adapter.modelopt_config)
+        finally:
+            release_memory()
+    record = {"formats": [q.value for q in request.auto.formats], "method": request.auto.method,
+              "score_samples": request.auto.score_samples, "exclude": list(request.exclude),
+              "calibration_samples": int(calibration.shape[0]), "calibration_seq_len": int(calibration.shape[1]),
+              "tools": modelopt_backend.tool_versions(), **facts, "frontier": points}
+    (Path(out_dir) / SCORE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def read_score(entry: Path) -> dict:
+    """A score stage's record (SCORE_RECORD), as score() wrote it."""
+    return json.loads((Path(entry) / SCORE_RECORD).read_text())
 
 
 def require_backend(backend: Backend) -> None:

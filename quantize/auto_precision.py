@@ -63,20 +63,29 @@ def disabled_layers(exclude: tuple[str, ...]) -> list[str]:
     return [p for pattern in (*ALWAYS_16_BIT, *exclude) for p in (pattern, f"{pattern}.*")]
 
 
-def modelopt_budget(model, bits: float, exclude: tuple[str, ...]) -> float:
-    """`bits` per decoder weight as ModelOpt's effective_bits: its weight count adds every other linear layer
-    (lm_head) at 16 bits."""
+def linear_weights(model) -> dict[str, int]:
+    """The linear layers' weights ModelOpt's effective_bits counts: the decoder's, and every other one (lm_head)."""
     from torch import nn
 
     decoder_layers = set(decoder_linear_layers(model))
-    decoder = others = 0
+    counts = {"decoder": 0, "others": 0}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            if name in decoder_layers:
-                decoder += module.weight.numel()
-            else:
-                others += module.weight.numel()
+            counts["decoder" if name in decoder_layers else "others"] += module.weight.numel()
+    return counts
+
+
+def modelopt_budget(weights: dict[str, int], bits: float) -> float:
+    """`bits` per decoder weight as ModelOpt's effective_bits: its weight count adds every other linear layer
+    (lm_head) at 16 bits. `weights`: linear_weights(model)."""
+    decoder, others = weights["decoder"], weights["others"]
     return (bits * decoder + 16.0 * others) / (decoder + others)
+
+
+def kiln_bits(weights: dict[str, int], modelopt_bits: float) -> float:
+    """ModelOpt's effective_bits back in bits per decoder weight (modelopt_budget's inverse)."""
+    decoder, others = weights["decoder"], weights["others"]
+    return (modelopt_bits * (decoder + others) - 16.0 * others) / decoder
 
 
 @contextlib.contextmanager
@@ -142,11 +151,19 @@ def quiet_search():
         algorithms.tqdm = bars
 
 
+SEARCH_STATE = "search_state.pth"   # the score stage's entry: ModelOpt's saved search (calibration and scores)
+SCORE_RECORD = "score.json"         # and kiln's record of it (quantize/auto_score.py)
+
+
 def search(model, request: AutoRequest, exclude: tuple[str, ...], batches: list, forward, on_forward,
-           modelopt_config) -> dict:
+           modelopt_config, search_state: Path | None = None, budget_bits: float | None = None) -> dict:
     """Run ModelOpt's auto_quantize over `batches` (token-id tensors) and leave `model` quantized with the
     chosen formats, each format's full config (GPTQ's method, not only its INT4 quantizers) from
-    `modelopt_config`. Returns the search's summary: ModelOpt's achieved effective bits, its budget, its score."""
+    `modelopt_config`. Returns the search's summary: ModelOpt's achieved effective bits, its budget, its score.
+
+    `search_state`: ModelOpt's checkpoint of the search. Where the file exists, every format's calibration and
+    every layer's scores are restored from it and only the budget is solved (no forward pass); where it does not,
+    ModelOpt writes it after calibrating and scoring. `budget_bits` overrides the request's budget."""
     import modelopt.torch.quantization as mtq
 
     def forward_step(m, batch):
@@ -159,7 +176,8 @@ def search(model, request: AutoRequest, exclude: tuple[str, ...], batches: list,
         logits = output.logits if hasattr(output, "logits") else output
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten().to(logits.device))
 
-    budget = modelopt_budget(model, request.effective_bits, exclude)
+    bits = request.effective_bits if budget_bits is None else budget_bits
+    budget = modelopt_budget(linear_weights(model), bits)
     with block_formats_on_cpu(), quiet_search():
         try:
             _, state = mtq.auto_quantize(
@@ -169,16 +187,53 @@ def search(model, request: AutoRequest, exclude: tuple[str, ...], batches: list,
                 loss_func=loss_func if request.method == "gradient" else None,
                 disabled_layers=disabled_layers(exclude), num_calib_steps=len(batches),
                 num_score_steps=request.score_samples, method=request.method, verbose=False,
+                checkpoint=str(search_state) if search_state is not None else None,
             )
         except ValueError as exc:
             if "infeasible" not in str(exc):   # "The effective_bits target ... is infeasible ...": anything else raises
                 raise
-            raise BudgetMissed(f"auto precision: effective_bits {request.effective_bits:g} cannot be met on this "
+            raise BudgetMissed(f"auto precision: effective_bits {bits:g} cannot be met on this "
                                f"model with {', '.join(q.value for q in request.formats)} (ModelOpt: {exc})") from None
     best = state.get("best", {})
     return {"modelopt_budget": round(budget, 4),
             "modelopt_effective_bits": round(float(best.get("constraints", {}).get("effective_bits", 0.0)), 4),
             "score": float(best.get("score", 0.0))}
+
+
+def frontier(search_state: Path, weights: dict[str, int], formats: tuple, budgets, modelopt_config) -> list[dict]:
+    """Each budget solved from a size search's saved scores, without the model: how many layer groups each format
+    takes, ModelOpt's effective bits back in kiln's bits per decoder weight, and the sum of the chosen formats'
+    scores: ModelOpt's estimate of what the mix costs (method kl: each group's KL from the 16-bit model's outputs
+    with that group alone quantized), which ranks candidates before any is built. validate measures the real KL."""
+    from modelopt.torch.quantization.algorithms import QuantRecipe, _resolve_best_recipe   # 0.47's re-solve
+    from modelopt.torch.utils.serialization import safe_load
+
+    state = safe_load(search_state)
+    names = {QuantRecipe(modelopt_config(q, KVCacheFormat.none, None), name=f"CUSTOM_{i}"): q.value
+             for i, q in enumerate(formats)}   # ModelOpt names a custom format by its index in the list
+    stats = state["candidate_stats"]
+    total = state.get("cost_denominator") or sum(s.get("uncompressed_cost", max(s["costs"])) for s in stats.values())
+    points = []
+    for bits in budgets:
+        try:
+            with quiet_search():
+                best = _resolve_best_recipe(state, {"effective_bits": modelopt_budget(weights, bits)})
+        except ValueError as exc:
+            if "infeasible" not in str(exc):
+                raise
+            points.append({"effective_bits": bits, "feasible": False})
+            continue
+        cost = score = 0.0
+        groups: dict[str, int] = {}
+        for name, recipe in best.items():
+            index = stats[name]["formats"].index(recipe)
+            cost += stats[name]["costs"][index]
+            score += stats[name]["scores"][index]
+            label = names.get(recipe, UNQUANTIZED)
+            groups[label] = groups.get(label, 0) + 1
+        points.append({"effective_bits": bits, "feasible": True, "estimated_score": round(score, 6),
+                       "estimated_bits": round(kiln_bits(weights, 16.0 * cost / total), 4), "groups": groups})
+    return points
 
 
 def layer_formats(hf_quant_config: dict, linear_layers: list[str], formats: tuple = ()) -> dict[str, str]:

@@ -175,8 +175,10 @@ def decoder_layers(model) -> int | None:
     return len(layers) if layers else None
 
 
-def auto_quantize(model, request, exclude: tuple[str, ...], samples, batch_size: int, on_forward) -> dict:
-    """Auto precision over the calibration windows (quantize/auto_precision.py): `model` leaves quantized."""
+def auto_quantize(model, request, exclude: tuple[str, ...], samples, batch_size: int, on_forward,
+                  search_state=None, budget_bits: float | None = None) -> dict:
+    """Auto precision over the calibration windows (quantize/auto_precision.py): `model` leaves quantized;
+    `search_state`: ModelOpt's search checkpoint, restored where it exists and written where it does not."""
     from kiln.quantize import auto_precision
 
     device = input_device(model)
@@ -184,7 +186,7 @@ def auto_quantize(model, request, exclude: tuple[str, ...], samples, batch_size:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return auto_precision.search(model, request, exclude, batches, lambda m, batch: m(input_ids=batch).logits,
-                                     on_forward, modelopt_config)
+                                     on_forward, modelopt_config, search_state, budget_bits)
 
 
 def calibrate_kv_cache(model, kv_cache: KVCacheFormat, samples, batch_size: int) -> None:

@@ -35,14 +35,44 @@ def require() -> None:
 
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
-        on_loaded, family: Family, source_config: dict, resume_dir: Path | None = None) -> CheckpointRecord:
-    """`resume_dir`: where calibration keeps per-layer checkpoints that a killed build resumes from."""
-    # Under disk offload: a folder of this process's scratch (KILN_HOME/tmp), removed when the stage ends, and by
-    # the next kiln if this process is killed (kiln.common.scratch).
+        on_loaded, family: Family, source_config: dict, resume_dir: Path | None = None,
+        search_state: Path | None = None) -> CheckpointRecord:
+    """`resume_dir`: where calibration keeps per-layer checkpoints that a killed build resumes from;
+    `search_state`: a size search's saved scores (the score stage's), which quant auto restores instead of
+    calibrating and scoring again."""
+    with _offload_scratch(placement) as offload_folder:
+        return _run(request, model_dir, calibration, out_dir, progress, placement, on_loaded, family, source_config,
+                    offload_folder, resume_dir, search_state)
+
+
+def score(request: QuantizeRequest, model_dir: Path, calibration, search_state: Path, progress,
+          placement: Placement) -> dict:
+    """A size search's score stage: every format of `request.auto` calibrated and every layer group scored once,
+    saved as ModelOpt's search checkpoint at `search_state` for each candidate budget to restore. Returns what
+    the frontier needs of the model (its linear weights, as ModelOpt counts them) and what it cost."""
+    from kiln.quantize import modelopt_adapter as adapter
+
+    with _offload_scratch(placement) as offload_folder:
+        facts = _Facts(f"auto {'+'.join(q.value for q in request.auto.formats)}")
+        model = _load(adapter, request, model_dir, placement, offload_folder, None, progress, facts)
+        started = time.monotonic()
+        facts.linear_layers = auto_precision.decoder_linear_layers(model)
+        # Any feasible budget: the score stage keeps the scores, each candidate solves its own.
+        search = _search(adapter, model, request, calibration, progress, facts, search_state, budget_bits=16.0)
+        facts.seconds["calibrate_and_score"] = time.monotonic() - started
+        weights = auto_precision.linear_weights(model)
+        del model
+    return {"weights": weights, "forwards": search["forwards"],
+            "seconds": {k: round(v, 3) for k, v in facts.seconds.items()}}
+
+
+@contextlib.contextmanager
+def _offload_scratch(placement: Placement):
+    """Under disk offload: a folder of this process's scratch (KILN_HOME/tmp), removed when the stage ends, and by
+    the next kiln if this process is killed (kiln.common.scratch); None otherwise."""
     offload_folder = Path(tempfile.mkdtemp(prefix="kiln-offload-")) if placement.to_disk else None
     try:
-        return _run(request, model_dir, calibration, out_dir, progress, placement, on_loaded, family, source_config,
-                    offload_folder, resume_dir)
+        yield offload_folder
     finally:
         if offload_folder is not None:
             shutil.rmtree(offload_folder, ignore_errors=True)
@@ -66,7 +96,7 @@ class _Facts:
 
 def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
          on_loaded, family: Family, source_config: dict, offload_folder: Path | None,
-         resume_dir: Path | None) -> CheckpointRecord:
+         resume_dir: Path | None, search_state: Path | None) -> CheckpointRecord:
     """load -> calibrate -> export -> record."""
     # ModelOpt and torch load here, when a variant is quantized: a cached build never imports them.
     from kiln.quantize import modelopt_adapter as adapter
@@ -75,7 +105,8 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     model = _load(adapter, request, model_dir, placement, offload_folder, on_loaded, progress, facts)
     started = time.monotonic()
     facts.linear_layers = auto_precision.decoder_linear_layers(model)
-    facts.search = _calibrate(adapter, model, request, calibration, progress, facts, bool(facts.on_disk), resume_dir)
+    facts.search = _calibrate(adapter, model, request, calibration, progress, facts, bool(facts.on_disk), resume_dir,
+                              search_state)
     facts.seconds["calibrate"] = time.monotonic() - started
     _export(adapter, model, request, model_dir, out_dir, family, placement, progress, facts)
     # Measured: a frame captured while ModelOpt first imports keeps this frame, and with it the model, alive
@@ -194,10 +225,11 @@ def _check_mixed_export(out_dir: Path, source_config: dict, family: Family | Non
 
 
 def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, facts: _Facts,
-               offloaded: bool, resume_dir: Path | None) -> dict:
+               offloaded: bool, resume_dir: Path | None, search_state: Path | None) -> dict:
     """Calibrate with one format's config (counting each MoE expert's tokens), or search the formats per layer
-    (quant auto) and then calibrate the KV cache; returns the search's summary (empty for one format)."""
-    label, linear_layers = facts.label, facts.linear_layers
+    (quant auto: from the score stage's `search_state` where given) and then calibrate the KV cache; returns the
+    search's summary (empty for one format)."""
+    label = facts.label
     batch_size = request.calibration_batch_size
     kv_note = kv_calibration_note(request.kv_cache)
     if kv_note:
@@ -222,23 +254,45 @@ def _calibrate(adapter, model, request: QuantizeRequest, calibration, progress, 
             tokens.close()
         facts.expert_tokens = tokens.table()
         return {}
-    batches, score_batches = -(-len(calibration) // batch_size), -(-request.auto.score_samples // batch_size)
-    forwards = auto_precision.search_forwards(linear_layers, request.exclude, len(request.auto.formats), batches,
-                                              score_batches, request.auto.method)
-    done = 0
-    formats = "+".join(q.value for q in request.auto.formats)
-    with progress.task(f"auto precision: calibrate {formats}, then score each layer", total=forwards) as task:
-        def on_forward():   # ModelOpt may run a few more forwards than counted: the bar stops at its end
-            nonlocal done
-            if done < forwards:
-                done += 1
-                task.advance()
-
-        search = adapter.auto_quantize(model, request.auto, request.exclude, calibration, batch_size, on_forward)
+    if search_state is None:
+        search = _search(adapter, model, request, calibration, progress, facts, None)
+    else:
+        # ModelOpt may write the checkpoint it restores from: it gets a copy, never the score stage's entry.
+        with tempfile.TemporaryDirectory(prefix="kiln-search-") as scratch:
+            state = Path(scratch) / auto_precision.SEARCH_STATE
+            shutil.copyfile(search_state, state)
+            search = _search(adapter, model, request, calibration, progress, facts, state)
     if request.kv_cache is not KVCacheFormat.none:
         with progress.task(f"{'set' if kv_note else 'calibrate'} the {request.kv_cache.value} KV cache", total=None):
             adapter.calibrate_kv_cache(model, request.kv_cache, calibration, batch_size)
     return search
+
+
+def _search(adapter, model, request: QuantizeRequest, calibration, progress, facts: _Facts,
+            search_state: Path | None, budget_bits: float | None = None) -> dict:
+    """ModelOpt's auto_quantize: calibrate every format and score each layer group, or (a `search_state` file that
+    exists) restore both and only solve the budget. Its summary says how many forward passes it ran."""
+    batch_size = request.calibration_batch_size
+    formats = "+".join(q.value for q in request.auto.formats)
+    restoring = search_state is not None and search_state.exists()
+    if restoring:
+        forwards, description = None, f"auto precision: solve {facts.label} from the saved scores"
+    else:
+        batches, score_batches = -(-len(calibration) // batch_size), -(-request.auto.score_samples // batch_size)
+        forwards = auto_precision.search_forwards(facts.linear_layers, request.exclude, len(request.auto.formats),
+                                                  batches, score_batches, request.auto.method)
+        description = f"auto precision: calibrate {formats}, then score each layer"
+    done = 0
+    with progress.task(description, total=forwards) as task:
+        def on_forward():   # ModelOpt may run a few more forwards than counted: the bar stops at its end
+            nonlocal done
+            done += 1
+            if forwards is not None and done <= forwards:
+                task.advance()
+
+        search = adapter.auto_quantize(model, request.auto, request.exclude, calibration, batch_size, on_forward,
+                                       search_state, budget_bits)
+    return {**search, "forwards": done, **({"restored": done == 0} if restoring else {})}
 
 
 def _calibrate_whole_model(adapter, model, config: dict, calibration, batch_size: int, label: str, progress) -> None:

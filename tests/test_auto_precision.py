@@ -77,8 +77,11 @@ def test_the_budget_is_translated_into_modelopts_count():
     model.layers = nn.ModuleList([nn.Sequential(layer) for layer in model.layers])   # names model.layers.i.0
     wrapper = nn.Module()
     wrapper.model = model
-    budget = auto_precision.modelopt_budget(wrapper, 6.0, ())
+    weights = auto_precision.linear_weights(wrapper)
+    assert weights == {"decoder": 3 * 4096, "others": 65536}
+    budget = auto_precision.modelopt_budget(weights, 6.0)
     assert budget == pytest.approx((6.0 * 3 * 4096 + 16.0 * 65536) / (3 * 4096 + 65536))
+    assert auto_precision.kiln_bits(weights, budget) == pytest.approx(6.0)   # the frontier reads ModelOpt's back
     assert auto_precision.decoder_linear_layers(wrapper) == [f"model.layers.{i}.0" for i in range(3)]
 
 
@@ -125,7 +128,11 @@ def test_a_size_search_plans_one_candidate_per_budget(tmp_path, kiln_home, test_
                     "one": {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": 5.0}}}
         result = run_kiln("plan", write_recipe(tmp_path, str(test_model), variants, name="p"), "--json")
         assert result.returncode == 0, result.stderr
-        return {(s["stage"], s["target"]): s["key"] for s in json.loads(result.stdout)["stages"]}
+        stages = json.loads(result.stdout)["stages"]
+        score = {s["target"]: s["key"] for s in stages if s["stage"] == "score"}
+        # every candidate restores its variant's scores, computed once by the score stage
+        assert all(s["depends_on"] == [score[s["target"].split("@")[0]]] for s in stages if s["stage"] == "quantize")
+        return {(s["stage"], s["target"]): s["key"] for s in stages}
 
     keys = plan({"max_kl": 0.01}, {"search": "smallest-passing"})
     budgets = ["4.5", "5", "5.5", "6", "6.5", "7", "7.5", "8"]
@@ -142,6 +149,12 @@ def test_a_size_search_plans_one_candidate_per_budget(tmp_path, kiln_home, test_
     listed = plan({"max_kl": 0.01}, {"effective_bits": [6.0, 5.0]})
     assert [t for s, t in listed if s == "quantize" and t.startswith("mix")] == ["mix@5b", "mix@6b"]
     assert listed[("quantize", "mix@5b")] == keys[("quantize", "mix@5b")] == listed[("quantize", "one")]
+    # The scores do not depend on the budgets or the gates: one search scores once, whatever budgets are added
+    # later, and a variant with the same formats, method and score windows shares them.
+    assert listed[("score", "mix")] == keys[("score", "mix")] == stricter[("score", "mix")] == keys[("score", "one")]
+    gradient = plan({"max_kl": 0.01}, {"effective_bits": [6.0, 5.0], "method": "gradient"})
+    assert gradient[("score", "mix")] != keys[("score", "mix")]
+    assert gradient[("quantize", "mix@5b")] != keys[("quantize", "mix@5b")]
 
 
 def test_the_figure_draws_failed_candidates_and_the_frontier():
@@ -160,6 +173,9 @@ def test_the_figure_draws_failed_candidates_and_the_frontier():
     labels = axes.get_legend_handles_labels()[1]
     assert "mix@4.5b: 4.50 bits, a search candidate that failed" in labels
     assert "frontier: the least KL each size bought" in labels
+    search = labels.index("mix: its size search, bits against KL for each budget built")
+    line = axes.get_legend_handles_labels()[0][search]
+    assert list(line.get_xdata()) == [4.5, 5.5] and list(line.get_ydata()) == [0.012, 0.0018]
     # Figures without candidates keep the digests they had: a rebuild does not redraw them.
     assert figure_digest("t", variants) == canonical_digest(
         {"title": "t", "points": [{k: v for k, v in asdict(p).items() if k != "candidate"} for p in variants],
@@ -334,6 +350,15 @@ def test_a_size_search_publishes_the_smallest_passing_candidate_and_pulls(tmp_pa
     assert tags["kiln.runtime.vllm"].startswith("yes")
     searched = [(c["effective_bits"], c["passed"]) for c in version_tags.search_candidates(tags)]
     assert searched == [(4.5, False), (6.0, True)]
+    # The scores were computed once (the score stage) and each candidate restored them: no forward pass of its own.
+    ran = json.loads(result.stdout)["ran"]
+    assert ran[:2] == ["score:mix", "quantize:mix@4.5b"], ran
+    assert record["auto"]["restored"] is True and record["auto"]["forwards"] == 0
+    frontier = json.loads(result.stdout)["variants"][0]["frontier"]
+    assert [p["effective_bits"] for p in frontier] == [4.5, 6.0]
+    assert frontier[0]["estimated_score"] > frontier[1]["estimated_score"] > 0   # more bits, less estimated loss
+    assert frontier[1]["estimated_score"] == pytest.approx(published["estimated_score"])
+    assert abs(frontier[1]["estimated_bits"] - published["size"]["bits_per_weight"]) < 0.05
     # A rebuild recomputes nothing.
     again = run_kiln("build", recipe, "--json")
     assert again.returncode == 0, again.stderr
@@ -342,7 +367,10 @@ def test_a_size_search_publishes_the_smallest_passing_candidate_and_pulls(tmp_pa
     # Another budget publishes version 2 with another mix; kiln diff names the layers whose format changed.
     variants["mix"]["auto"] = {"formats": ["nvfp4", "fp8"], "effective_bits": 5.0}
     variants["mix"]["gates"] = {"max_kl": 0.1}
-    assert run_kiln("build", write_recipe(tmp_path, str(test_model), variants, name="auto", samples=8)).returncode == 0
+    another = run_kiln("build", write_recipe(tmp_path, str(test_model), variants, name="auto", samples=8), "--json")
+    assert another.returncode == 0, another.stderr
+    # a budget added to a finished search solves from the saved scores: nothing is scored again
+    assert json.loads(another.stdout)["ran"][0] == "quantize:mix", another.stdout
     second = tmp_path / "second"
     assert run_kiln("pull", "auto-mix/2", "--out", second).returncode == 0
     layers_2 = json.loads((second / "kiln.json").read_text())["layer_formats"]

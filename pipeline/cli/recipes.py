@@ -150,7 +150,7 @@ def build(
         emit_json(build_document(result))
     else:
         stdout_console.print(build_table(result))
-        if any(v.candidates for v in result.variants):
+        if any(v.candidates or v.frontier for v in result.variants):
             stdout_console.print(candidates_table(result))
         if any(v.tasks for v in result.variants):
             stdout_console.print(tasks_table(result))

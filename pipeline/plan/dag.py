@@ -1,6 +1,6 @@
 """Planning: the DAG of stage instances for a recipe, each with its content key.
 
-fetch(model) -> quantize(variant) -> validate(variant) -> publish(variant)
+fetch(model) -> [score(variant): quant auto] -> quantize(variant) -> validate(variant) -> publish(variant)
                                   -> size(variant) -> publish(variant)
                                   -> compile(variant@sm) -> engine-check(variant@sm) -> publish(variant@sm)
                                   -> vllm-check(variant@vllm) -> publish(variant@vllm)   (plan/runtimes.py)
@@ -37,6 +37,7 @@ from kiln.pipeline.plan.requests import (
     compile_request, quantize_key_config, quantize_path, quantize_request, quantize_tools, resumable,
 )
 from kiln.pipeline.plan.runtimes import installed_checks, runtime_check_instances
+from kiln.pipeline.plan.score_stage import score_instance, settle_score_status
 from kiln.pipeline.plan.stages import (
     MODEL, NOT_PUBLISHED, PUBLISH_VERSION, StageInstance, Status, Target, registry_identity,
 )
@@ -129,6 +130,10 @@ class Plan:
         """The instance of `stage` for a target (a variant's name stands for its checkpoint stages)."""
         target = Target(target) if isinstance(target, str) else target
         return next(i for i in self.instances if i.stage == stage and i.target == target)
+
+    def score(self, variant: str) -> StageInstance | None:
+        """A quant-auto variant's score stage (plan/score_stage.py); None for any other variant."""
+        return next((i for i in self.instances if i.stage == "score" and i.target.variant == variant), None)
 
     def candidates(self, variant: str) -> list[tuple[StageInstance, StageInstance]]:
         """(quantize, validate) of each checkpoint the variant may publish: one, or a size search's candidates,
@@ -227,7 +232,9 @@ def checkpoint_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
     the gates, so the selection's key is their digest, known before anything runs."""
     loaded = plan.loaded
     budgets = variant.auto.candidates if variant.auto is not None and variant.auto.searches else (None,)
-    candidates = [_candidate_instances(plan, cache, name, variant, fetch_key, tasks, bits) for bits in budgets]
+    score = score_instance(plan, cache, name, variant, fetch_key)
+    candidates = [_candidate_instances(plan, cache, name, variant, fetch_key, tasks, bits, score)
+                  for bits in budgets]
     if len(candidates) == 1:
         (q, v), = candidates
         checkpoint_key, inputs = q.key, {"checkpoint": q.key, "report": v.key}
@@ -243,11 +250,14 @@ def checkpoint_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
     )
     p = StageInstance("publish", Target(name), p_key, p_material, depends_on=tuple(v.key for _, v in candidates))
     p.status = _publish_status(cache, candidates, p, variant)
+    if score is not None:
+        settle_score_status(score, cache, candidates)
+        plan.instances.append(score)
     return candidates, p, checkpoint_key
 
 
 def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Variant, fetch_key: str,
-                         tasks: dict | None, bits: float | None) -> Candidate:
+                         tasks: dict | None, bits: float | None, score: StageInstance | None) -> Candidate:
     loaded, source = plan.loaded, plan.loaded.recipe.model
     request = quantize_request(loaded, variant, bits, plan.source_config())
     q_key, q_material = stage_key(
@@ -255,7 +265,8 @@ def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
         {"request": quantize_key_config(request),
          # the day-0 path reads no calibration data: other calibration text makes the same checkpoint
          **({} if request.day0 else {"calibration": plan.calibration.key_config()})},
-        {"model": plan.model_digest}, quantize_tools(variant.backend),
+        # a candidate of a size search restores the score stage's search
+        {"model": plan.model_digest, **({"score": score.key} if score else {})}, quantize_tools(variant.backend),
     )
     v_key, v_material = stage_key(
         "validate", validate.STAGE_VERSION,
@@ -268,7 +279,8 @@ def _candidate_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
         tool_versions(validate.TOOLS + (validate.TASK_TOOLS if tasks else ())),
     )
     target = Target(name, bits=bits)
-    q = StageInstance("quantize", target, q_key, q_material, _quantize_status(cache, q_key), depends_on=(fetch_key,))
+    q = StageInstance("quantize", target, q_key, q_material, _quantize_status(cache, q_key),
+                      depends_on=(score.key,) if score else (fetch_key,))
     v = StageInstance("validate", target, v_key, v_material, Status.of_cache(cache.intact("validate", v_key)),
                       depends_on=(q_key,))
     return q, v

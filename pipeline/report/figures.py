@@ -56,6 +56,15 @@ def frontier(points: list[SizePoint]) -> list[SizePoint]:
     return best
 
 
+def _size_searches(points: list[SizePoint]) -> dict[str, list[SizePoint]]:
+    """Each quant-auto variant's candidates with the point it published (or failed with), smallest first: the
+    search's own frontier, for variants that built more than one budget."""
+    searched = {p.variant.split("@")[0] for p in points if p.candidate}
+    lines = {v: sorted((p for p in points if p.variant == v or (p.candidate and p.variant.split("@")[0] == v)),
+                       key=lambda p: p.bits_per_weight) for v in searched}
+    return {v: line for v, line in lines.items() if len(line) > 1}
+
+
 def _plain(text: str) -> str:
     """Text from recipes (names, paths, tags) drawn as written: matplotlib reads $...$ as math, and a `$` in a
     model path made every rebuild's figure fail after its version was published."""
@@ -82,9 +91,9 @@ def accuracy_size_figure(title: str, points: list[SizePoint]):
     """(figure, axes, {variant: the colour its marker is drawn in}).
     x: bits per weight of the decoder's linear layers; y: mean KL against the 16-bit model (log).
     Each KL gate is a dashed line; a variant that failed its gates is a red cross, a size search's candidate
-    that failed a small hollow one; the frontier joins the variants no other beats on both size and KL; the
-    unquantized model sits at 16 bits on the bottom edge (its KL is 0, which a log axis cannot show). Variants
-    are named in the legend, in order of size, so that formats of equal size stay readable."""
+    that failed a small hollow one, dotted to the others its search built; the frontier joins the variants no
+    other beats on both size and KL; the unquantized model sits at 16 bits on the bottom edge (its KL is 0, which
+    a log axis cannot show). Variants are named in the legend, in order of size, so that formats of equal size stay readable."""
     figure = _figure(9.0, 4.6)
     axes = figure.add_subplot()
     # A KL that could not be measured (NaN: a checkpoint the structure checks refused) has no place on the axes.
@@ -109,6 +118,10 @@ def accuracy_size_figure(title: str, points: list[SizePoint]):
         axes.scatter([point.bits_per_weight], [max(point.mean_kl, low)], s=45, zorder=3, marker="X",
                      facecolors="none", edgecolors=_FAIL, linewidths=1.0,
                      label=_plain(f"{point.variant}: {point.bits_per_weight:.2f} bits, a search candidate that failed"))
+    for variant, searched in _size_searches(everything).items():
+        axes.plot([p.bits_per_weight for p in searched], [max(p.mean_kl, low) for p in searched], color="#bdbdbd",
+                  linestyle=":", linewidth=1.2, zorder=2,
+                  label=_plain(f"{variant}: its size search, bits against KL for each budget built"))
     best = frontier(points)
     if len(best) > 1:
         axes.plot([p.bits_per_weight for p in best], [max(p.mean_kl, low) for p in best], color="#9e9e9e",

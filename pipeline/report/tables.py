@@ -116,18 +116,32 @@ def tasks_table(result: BuildResult) -> Table:
 
 
 def candidates_table(result: BuildResult) -> Table:
-    """A quant-auto size search: one row per candidate built, smallest budget first, and how far each that failed
-    was from its gates; the first that passed is the one published."""
-    table = Table(title="size search (quant auto): candidates built, smallest budget first", title_justify="left")
-    for column, justify in (("variant", "left"), ("effective_bits", "right"), ("measured bits", "right"),
-                            ("ppl change %", "right"), ("KL", "right"), ("top-1 agree", "right"), ("gate", "left")):
+    """A quant-auto size search's frontier: every candidate budget, smallest first, with ModelOpt's estimate from
+    the scores (solved for each budget without building it) and, for each candidate built, what validate measured
+    and how far it was from its gates; the first that passed is the one published."""
+    table = Table(title="size search (quant auto): the frontier, smallest budget first", title_justify="left")
+    for column, justify in (("variant", "left"), ("effective_bits", "right"), ("est. bits", "right"),
+                            ("est. score", "right"), ("measured bits", "right"), ("ppl change %", "right"),
+                            ("KL", "right"), ("top-1 agree", "right"), ("gate", "left")):
         table.add_column(column, justify=justify)
     for v in result.variants:
-        for c in v.candidates:
+        built = {c.bits: c for c in v.candidates}
+        estimates = {point["effective_bits"]: point for point in v.frontier}
+        passed = next((c.bits for c in v.candidates if c.gate.passed), None)
+        for bits in sorted(set(built) | set(estimates)):
+            point, c = estimates.get(bits, {}), built.get(bits)
+            score = c.estimated_score if c and c.estimated_score is not None else point.get("estimated_score")
+            estimate = (_fmt(point.get("estimated_bits"), ".3f"), _fmt(score, ".5f")) if point.get("feasible", True) \
+                else ("infeasible", "-")
+            if c is None:
+                reason = "not built" + (f": {bits:g}b is past {passed:g}b, which passed" if passed is not None else "")
+                table.add_row(v.variant, f"{bits:g}", *estimate, "-", "-", "-", "-", reason)
+                continue
             m = c.metrics
             verdict = "pass: published" if c.gate.passed and v.published else c.gate.summary()
-            table.add_row(v.variant, f"{c.bits:g}", _fmt(c.size.bits_per_weight, ".3f"), _fmt(m.ppl_increase_pct, "+.3f"),
-                          _fmt(m.mean_kl, ".5f"), _fmt(m.top1_agreement, ".4f"), verdict)
+            table.add_row(v.variant, f"{c.bits:g}", *estimate, _fmt(c.size.bits_per_weight, ".3f"),
+                          _fmt(m.ppl_increase_pct, "+.3f"), _fmt(m.mean_kl, ".5f"), _fmt(m.top1_agreement, ".4f"),
+                          verdict)
     return table
 
 

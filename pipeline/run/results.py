@@ -55,15 +55,17 @@ class CandidateResult:
     size: quantize.CheckpointSize
     metrics: validate.Metrics
     gate: validate.GateResult
+    estimated_score: float | None = None   # ModelOpt's sum of the chosen formats' layer scores (its kiln.json)
 
     def as_dict(self) -> dict:
         return {"effective_bits": self.bits, "size": self.size.as_dict(), "metrics": self.metrics.as_dict(),
-                "gate": self.gate.as_dict()}
+                "gate": self.gate.as_dict(), "estimated_score": self.estimated_score}
 
     def summary(self) -> dict:
         """What the published version records of it (registry tags), and the figure draws."""
         return {"effective_bits": self.bits, "bits_per_weight": self.size.bits_per_weight,
-                "mean_kl": self.metrics.mean_kl, "passed": self.gate.passed}
+                "mean_kl": self.metrics.mean_kl, "passed": self.gate.passed,
+                **({"estimated_score": self.estimated_score} if self.estimated_score is not None else {})}
 
 
 @dataclass
@@ -81,6 +83,8 @@ class VariantResult:
     size: quantize.CheckpointSize | None = None
     tasks: dict[str, validate.TaskDrop] | None = None   # evaluation.tasks' drops against the baseline
     candidates: list[CandidateResult] = field(default_factory=list)   # a size search's, smallest first
+    # quant auto: every budget the score stage solved (quantize.auto_precision.frontier), built or not
+    frontier: list[dict] = field(default_factory=list)
     auto_bits: float | None = None   # quant auto: the budget of the checkpoint it holds
     structure: validate.StructureReport | None = None   # the exported files' structure checks
 
@@ -105,6 +109,7 @@ class VariantResult:
             "engines": [e.as_dict() for e in self.engines],
             "runtime_checks": [c.as_dict() for c in self.runtime_checks],
             **({"candidates": [c.as_dict() for c in self.candidates]} if self.candidates else {}),
+            **({"frontier": self.frontier} if self.frontier else {}),
         }
 
 

@@ -53,19 +53,35 @@ class CheckpointStages:
             on_loaded = compute_baseline
 
         resume_dir = self.cache.resume_dir(instance.stage, instance.key)
+        score = self.plan.score(name)
 
         def build(out: Path) -> None:
+            # a size search's candidate restores the scores (run first, and once, where no candidate ran before)
+            search_state = self.score(name, score) / quantize.SEARCH_STATE if score is not None else None
             model_dir = context.model_dir()
             source_config = json.loads((model_dir / "config.json").read_text())
             # the day-0 path reads no calibration data: it is not tokenized for it
             calibration = None if request.day0 else context.samples("calibration")
             quantize.run(request, model_dir, calibration, out, self.progress, context.placement(), on_loaded,
                          resume_dir if resumable(self.loaded, variant, source_config) else None,
-                         workers=self.loaded.recipe.quantize.workers)
+                         workers=self.loaded.recipe.quantize.workers, search_state=search_state)
 
         entry = context.get_or_build(instance, build)
         shutil.rmtree(resume_dir, ignore_errors=True)   # the entry is written: its calibration is never resumed
         return entry
+
+    def score(self, name: str, instance: StageInstance) -> Path:
+        """A size search's scores (plan/score_stage.py): computed before its first candidate that runs, then read
+        by every other; `kiln build` prints the frontier they predict."""
+        context = self.context
+        variant = self.loaded.recipe.variants[name]
+        request = quantize_request(self.loaded, variant, None, self.plan.source_config())
+
+        def build(out: Path) -> None:
+            quantize.score(request, context.model_dir(), context.samples("calibration"), out, self.progress,
+                           context.placement(), variant.auto.candidates)
+
+        return context.get_or_build(instance, build)
 
     def checkpoint_to_publish(self, name: str, variant, result: VariantResult) -> tuple[Path, StageInstance]:
         """Quantize and validate the variant's checkpoint; a size search's candidates from the smallest budget up,
@@ -82,7 +98,8 @@ class CheckpointStages:
             result.size = self.measures.size(checkpoint)
             if q.target.bits is None:
                 break
-            result.candidates.append(CandidateResult(q.target.bits, result.size, result.metrics, result.gate))
+            result.candidates.append(CandidateResult(q.target.bits, result.size, result.metrics, result.gate,
+                                                     record.auto.get("score")))
             if result.gate.passed:
                 self.progress.log(f"{q.target}: passed the gates at {result.size.bits_per_weight} bits per weight; "
                                   "it is the one published")
@@ -90,6 +107,9 @@ class CheckpointStages:
             last = (q, v) == candidates[-1]
             self.progress.log(f"{q.target}: gate failed ({'; '.join(result.gate.failures)})"
                               + ("" if last else "; trying the next budget"))
+        score = self.plan.score(name)
+        if score is not None and self.cache.intact("score", score.key):
+            result.frontier = quantize.read_score(self.cache.entry_dir("score", score.key))["frontier"]
         return checkpoint, v
 
     def run_variants(self) -> BuildResult:
