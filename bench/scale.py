@@ -4,6 +4,7 @@ bare ModelOpt calls on the same model and calibration tokens.
     python bench/scale.py                 # three sizes, the largest about 1.1B parameters
     python bench/scale.py --sizes small   # one size (small | medium | large)
     python bench/scale.py --memory-cap    # kiln with disk offload, and the bare calls, under a hard memory limit
+    python bench/scale.py --awq [--before PYTHONPATH]   # INT4-AWQ in memory: peak RSS by step, against bf16
 
 For each size it prints parameters and bf16 bytes; kiln's wall time per stage and in total; the
 bare calls' wall time (load, calibrate, both exports) and the ratio; the peak RSS of each and RSS
@@ -18,16 +19,23 @@ bare run's, and kiln's peak RSS at most 1.5x bf16 bytes + 1.5 GB.
 limited to 0.6 x the model's bf16 bytes + 1 GB, so the kernel kills what does not fit (no RSS sampling).
 kiln builds with calibration.offload: disk; the bare calls load the whole model as before. kiln's metrics are
 compared with the same recipe built without offload and without the cap.
+
+--awq (large by default): kiln builds one INT4-AWQ variant in memory (no offload), its RSS sampled every 100 ms
+and attributed to the progress step running (load, calibrate, export, evaluate...); with --before, the same build
+by an older kiln (a PYTHONPATH whose `kiln` is a snapshot) first. Target: peak RSS at most 2 x the bf16 bytes, the
+exported files byte-identical to the older kiln's.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +93,85 @@ def measure(size: str, root: Path) -> dict:
                      "metrics": document["variants"][0]["metrics"]}}
 
 
+def run_sampled(command: list[str], env: dict) -> tuple[float, dict[str, dict[str, int]], str]:
+    """(wall seconds, {progress step: peak VmRSS / RssAnon / RssFile bytes}, stdout) of one process, sampled every
+    100 ms; a step is what the process's progress lines say started last."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    step, peaks, tail = ["load"], {}, []
+
+    def follow() -> None:
+        for line in process.stderr:
+            tail.append(line)
+            if line.rstrip().endswith(": started"):
+                step[0] = line.rstrip()[:-len(": started")].split(" (pass")[0]
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    out = []
+    threading.Thread(target=lambda: out.append(process.stdout.read()), daemon=True).start()
+    while process.poll() is None:
+        try:
+            with open(f"/proc/{process.pid}/status") as status:
+                fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status
+                          if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+        except (OSError, ValueError, IndexError):
+            break
+        peak = peaks.setdefault(step[0], {})
+        for name, value in fields.items():
+            peak[name] = max(peak.get(name, 0), value)
+        time.sleep(0.1)
+    code = process.wait()
+    reader.join(timeout=5)
+    if code != 0:
+        sys.exit(f"{' '.join(command)} failed ({code}):\n{''.join(tail)[-3000:]}")
+    time.sleep(0.2)
+    return time.perf_counter() - started, peaks, out[0] if out else ""
+
+
+def measure_awq(size: str, root: Path, before: str | None) -> dict:
+    model = root / f"llama-{size}"
+    params = make_model(model, size)
+    recipe = root / "awq.yaml"
+    recipe.write_text(
+        "kiln: 1\nname: awq\n"
+        f"model: {{source: {model}, dtype: bfloat16}}\n"
+        f"calibration: {{builtin: python-docs-train, samples: {SAMPLES}, seq_len: {SEQ_LEN}, device: cpu}}\n"
+        f"evaluation: {{builtin: python-docs-heldout, samples: {SAMPLES}, seq_len: {SEQ_LEN}}}\n"
+        "variants:\n  int4-awq: {quant: int4_awq}\n")
+    runs = {}
+    for label, pythonpath in ([("before (--before)", before)] if before else []) + [("this kiln", None)]:
+        home = root / f"home-awq-{len(runs)}"
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "KILN_HOME": str(home),
+               **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+        command = [sys.executable, "-c", "from kiln.pipeline.cli.app import main; main()", "build", str(recipe), "--json"]
+        seconds, peaks, out = run_sampled(command, env)
+        document = json.loads(out)
+        key = next(s["key"] for s in document["stages"] if s["stage"] == "quantize")
+        hf = home / "cache" / "quantize" / key / "hf"
+        digest = hashlib.sha256()
+        for file in sorted(hf.iterdir()):
+            digest.update(file.name.encode() + file.read_bytes())
+        runs[label] = {"seconds": seconds, "peaks": peaks, "hf_sha256": digest.hexdigest(),
+                       "kl": document["variants"][0]["metrics"]["mean_kl"]}
+    return {"size": size, "params": params, "bf16_bytes": params * 2, "runs": runs}
+
+
+def awq_table(row: dict) -> str:
+    bf16 = row["bf16_bytes"]
+    lines = [f"INT4-AWQ in memory, {row['params'] / 1e9:.2f}B parameters, bf16 {bf16 / GB:.2f} GB "
+             f"(target: peak RSS at most 2 x bf16 = {2 * bf16 / GB:.2f} GB)", "",
+             "| kiln | step | peak RSS GB (x bf16) | of it anonymous GB | of it file-backed GB |", "|---|---|---|---|---|"]
+    for label, run in row["runs"].items():
+        for step, peak in run["peaks"].items():
+            lines.append(f"| {label} | {step} | {peak.get('VmRSS', 0) / GB:.2f} ({peak.get('VmRSS', 0) / bf16:.2f}) "
+                         f"| {peak.get('RssAnon', 0) / GB:.2f} | {peak.get('RssFile', 0) / GB:.2f} |")
+        top = max(p.get("VmRSS", 0) for p in run["peaks"].values())
+        lines.append(f"| {label} | **whole build: {run['seconds']:.0f} s** | **{top / GB:.2f} ({top / bf16:.2f})** "
+                     f"| | hf/ sha256 {run['hf_sha256'][:16]}, KL {run['kl']:.5f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| size | parameters | bf16 GB | kiln quantize s (load / baseline / calibrate / export) | kiln validate s | kiln publish s "
@@ -116,10 +203,16 @@ def main() -> int:
     parser.add_argument("--caps", nargs="+", type=float, metavar="GB",
                         help="with --memory-cap: the limits to run under (default: 0.6 x bf16 + 1 GB)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--awq", action="store_true", help="INT4-AWQ in memory: peak RSS by step")
+    parser.add_argument("--before", help="with --awq: a PYTHONPATH holding an older kiln to measure first")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="kiln-scale-") as tmp:
-        if args.memory_cap:
+        if args.awq:
+            for size in args.sizes or ["large"]:
+                rows.append(measure_awq(size, Path(tmp), args.before))
+                print(awq_table(rows[-1]))
+        elif args.memory_cap:
             from capped import capped_table, measure_capped
 
             for size in args.sizes or ["large"]:

@@ -121,8 +121,10 @@ def plan(model_dir: Path, config: dict, dtype, trust_remote_code: bool, max_shar
                            f"{len(missing)} missing; transformers renames this model's weights as it loads them), "
                            "so the day-0 path cannot read it (fix: quantize.path: modelopt)")
 
-    outputs = _exported_tensors(skeleton, plain, linears, config, dtype, quantize_group)
-    by_module = {name: [k for k in outputs if k.rpartition(".")[0] == name] for name in linears}
+    outputs = _exported_tensors(plain, linears, config, dtype, quantize_group)
+    by_module: dict[str, list[str]] = {name: [] for name in linears}
+    for key in outputs:   # one pass, not one per linear: thousands of linears on a large model
+        by_module.setdefault(key.rpartition(".")[0], []).append(key)
     quantized_keys = {f"{name}.{leaf}" for name in linears for leaf in ("weight", "bias")}
     units, order, dtypes = [], {}, {}
     for group in shared_input_groups(linears):
@@ -151,7 +153,7 @@ def plan(model_dir: Path, config: dict, dtype, trust_remote_code: bool, max_shar
                     dtypes)
 
 
-def _exported_tensors(skeleton, plain: dict, linears: list[str], config: dict, dtype, quantize_group) -> dict:
+def _exported_tensors(plain: dict, linears: list[str], config: dict, dtype, quantize_group) -> dict:
     """Every quantized linear's exported tensors ({name: (dtype, shape)}), from one quantization per distinct shape."""
     import torch
 

@@ -18,6 +18,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.quantize.headers import header_and_data_start
+
 # safetensors' Dtype enum in declaration order: the library lays tensors out by this, descending.
 DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
                "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
@@ -63,11 +65,8 @@ class StoredTensor:
 
 def stored_tensors(path: Path) -> dict[str, StoredTensor]:
     """Every tensor of a safetensors file, from its header."""
-    with open(path, "rb") as handle:
-        length = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return {name: StoredTensor(Path(path), entry["dtype"], tuple(entry["shape"]), 8 + length + entry["data_offsets"][0],
+    header, start = header_and_data_start(path)
+    return {name: StoredTensor(Path(path), entry["dtype"], tuple(entry["shape"]), start + entry["data_offsets"][0],
                                entry["data_offsets"][1] - entry["data_offsets"][0]) for name, entry in header.items()}
 
 
