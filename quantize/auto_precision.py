@@ -152,7 +152,7 @@ def quiet_search():
 
 
 SEARCH_STATE = "search_state.pth"   # the score stage's entry: ModelOpt's saved search (calibration and scores)
-SCORE_RECORD = "score.json"         # and kiln's record of it (quantize/auto_score.py)
+SCORE_RECORD = "score.json"         # and kiln's record of it (quantize.score)
 
 
 def search(model, request: AutoRequest, exclude: tuple[str, ...], batches: list, forward, on_forward,

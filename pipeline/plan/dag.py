@@ -251,7 +251,7 @@ def checkpoint_instances(plan: Plan, cache: StageCache, name: str, variant: Vari
     p = StageInstance("publish", Target(name), p_key, p_material, depends_on=tuple(v.key for _, v in candidates))
     p.status = _publish_status(cache, candidates, p, variant)
     if score is not None:
-        settle_score_status(score, cache, candidates)
+        settle_score_status(score, candidates)
         plan.instances.append(score)
     return candidates, p, checkpoint_key
 

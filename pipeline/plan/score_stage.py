@@ -42,7 +42,7 @@ def score_instance(plan, cache: StageCache, name: str, variant: Variant, fetch_k
                          depends_on=(fetch_key,))
 
 
-def settle_score_status(score: StageInstance, cache: StageCache, candidates) -> None:
+def settle_score_status(score: StageInstance, candidates) -> None:
     """A score stage whose candidates are all cached (or need not run) has nothing to feed: it is not run."""
     if score.status.will_run and not any(q.status.will_run for q, _ in candidates):
         score.status = Status.skip("every candidate's checkpoint is cached or need not be built")
