@@ -42,7 +42,7 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
     """
     from kiln.compile import detect_host
     from kiln.pipeline.plan.memory import recipe_estimate
-    from kiln.pipeline.plan.dag import checkable_model_folder
+    from kiln.pipeline.data.fetch import checkable_model_folder
     from kiln.pipeline.plan.checks import data_problems, model_problems
     from kiln.pipeline.recipe.loader import load_recipe
 
@@ -52,7 +52,7 @@ def check(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files.", s
         try:
             loaded = load_recipe(path)
             problems += data_problems(loaded)
-            folder = checkable_model_folder(loaded)
+            folder = checkable_model_folder(loaded.recipe.model, loaded.resolve)
             if folder is not None:
                 problems += model_problems(loaded, folder)
                 memory = recipe_estimate(loaded, folder, host)
@@ -203,11 +203,12 @@ def doctor(
     from kiln.pipeline.report.tables import stdout_console
 
     from kiln.pipeline.plan.memory import memory_table, recipe_estimate
-    from kiln.pipeline.plan.dag import checkable_model_folder
+    from kiln.pipeline.data.fetch import checkable_model_folder
 
     host = detect_host()
     loaded = [load_recipe(path) for path in recipes or ()]
-    estimates = {str(r.path): recipe_estimate(r, checkable_model_folder(r), host) for r in loaded}
+    estimates = {str(r.path): recipe_estimate(r, checkable_model_folder(r.recipe.model, r.resolve), host)
+                 for r in loaded}
     document = doctor_document(host, loaded)
     document["memory"] = {path: e.as_dict() if e else None for path, e in estimates.items()}
     if as_json:

@@ -9,6 +9,7 @@ pickle weights, which can run code when loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,3 +147,29 @@ def hub_model(source: ModelSource, local_only: bool = False) -> FetchedModel:
     _refuse_pickle_only(folder, source, where)
     refuse_outside_links(folder)
     return FetchedModel(folder, hub_digest(source))
+
+
+def probe_hub_cache(source: ModelSource) -> tuple[Path | None, bool]:
+    """(folder for plan-time checks, whether the pinned snapshot is fully in the HF cache).
+
+    The folder is the cached snapshot, or the one holding a cached config.json alone,
+    or None; the network is never asked. Refusals (pickle-only weights) propagate.
+    """
+    try:
+        return hub_model(source, local_only=True).path, True
+    except UserInputError:
+        raise
+    except KilnError:
+        config = cached_hub_config(source)  # config.json alone is enough for the width check
+        return (config.parent if config else None), False
+
+
+def checkable_model_folder(source: ModelSource, resolve: Callable[[str], Path]) -> Path | None:
+    """A local folder with the model's config.json (and weights, if present) for plan-time checks.
+
+    Local sources (`resolve`d from the recipe's folder) always have one; hub sources only when the HF cache
+    does. Otherwise the runner checks right after fetching, before any stage runs.
+    """
+    if not source.is_hub:
+        return local_model(source, resolve(source.source)).path
+    return probe_hub_cache(source)[0]

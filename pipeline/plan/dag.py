@@ -29,7 +29,7 @@ from kiln.pipeline.data.documents import ResolvedData, resolve_data
 from kiln.common.digest import canonical_digest
 from kiln.common.errors import RecipeErrors
 from kiln.common.versions import tool_versions
-from kiln.pipeline.data.fetch import FetchedModel, hub_digest, local_model
+from kiln.pipeline.data.fetch import FetchedModel, hub_digest, local_model, probe_hub_cache
 from kiln.pipeline.recipe.schema import Variant
 from kiln.pipeline.recipe.loader import LoadedRecipe
 from kiln.pipeline.plan.checks import model_problems
@@ -168,7 +168,7 @@ def make_plan(loaded: LoadedRecipe, home: Path, cache: StageCache, registry_uri:
     else:
         local = local_model(source, loaded.resolve(source.source))
         model_digest = local.digest
-    folder, fetched = (local.path, True) if local else _probe_hub_cache(source)
+    folder, fetched = (local.path, True) if local else probe_hub_cache(source)
     problems = (model_problems(loaded, folder) if folder else []) + sandbox_problems(loaded)
     if problems:
         raise RecipeErrors(problems)
@@ -372,33 +372,3 @@ def _publish_status(cache: StageCache, candidates: list[Candidate], publish_inst
             return Status.of_cache(cache.intact("publish", publish_instance.key))
         failures.append(("" if len(candidates) == 1 else f"{q.target}: ") + "; ".join(gate.failures))
     return Status.skip(f"gate failed ({' | '.join(failures)})")
-
-
-def _probe_hub_cache(source) -> tuple[Path | None, bool]:
-    """(folder for plan-time checks, whether the pinned snapshot is fully in the HF cache).
-
-    The folder is the cached snapshot, or the one holding a cached config.json alone,
-    or None; the network is never asked. Refusals (pickle-only weights) propagate.
-    """
-    from kiln.common.errors import KilnError, UserInputError
-    from kiln.pipeline.data.fetch import cached_hub_config, hub_model
-
-    try:
-        return hub_model(source, local_only=True).path, True
-    except UserInputError:
-        raise
-    except KilnError:
-        config = cached_hub_config(source)  # config.json alone is enough for the width check
-        return (config.parent if config else None), False
-
-
-def checkable_model_folder(loaded: LoadedRecipe) -> Path | None:
-    """A local folder with the model's config.json (and weights, if present) for plan-time checks.
-
-    Local sources always have one; hub sources only when the HF cache does. Otherwise
-    the runner checks right after fetching, before any stage runs.
-    """
-    source = loaded.recipe.model
-    if not source.is_hub:
-        return local_model(source, loaded.resolve(source.source)).path
-    return _probe_hub_cache(source)[0]
