@@ -108,10 +108,11 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     facts.search = _calibrate(adapter, model, request, calibration, progress, facts, bool(facts.on_disk), resume_dir,
                               search_state)
     facts.seconds["calibrate"] = time.monotonic() - started
+    # Calibration's freed activations and fake-quantized weights stay with glibc otherwise, under the export's peak
+    # (measured on the 1.07B model after INT4-AWQ: 2.4 GB of 4.7 GB anonymous memory was free heap).
+    release_memory()
     _export(adapter, model, request, model_dir, out_dir, family, placement, progress, facts)
-    # Measured: a frame captured while ModelOpt first imports keeps this frame, and with it the model, alive
-    # after return; dropping the name here is what lets the next stage's memory replace this one's.
-    del model
+    del model   # before the record reads the exports back
     record = _record(request, model_dir, calibration, out_dir, placement, offload_folder, family, source_config, facts)
     record.write(out_dir, model_dir)
     return record
@@ -123,6 +124,7 @@ def _load(adapter, request: QuantizeRequest, model_dir: Path, placement: Placeme
     `on_loaded` sees it before calibration changes it."""
     started = time.monotonic()
     reset_gpu_peaks(placement)
+    adapter.import_modelopt()   # before the model exists: see there why
     model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle,
                                       placement, offload_folder)
     facts.seconds["load"] = time.monotonic() - started

@@ -107,3 +107,37 @@ def test_a_model_whose_logits_are_not_its_head_of_its_hidden_states_is_refused(t
     model.config.final_logit_softcapping = 0.5   # kiln applies it; LlamaForCausalLM does not
     with pytest.raises(ValueError, match="LlamaForCausalLM: its logits are not its output layer"):
         list(head_outputs(model, IDS[None]))
+
+
+QUANTIZE_THEN_COUNT_MODELS = """
+import gc, sys
+from pathlib import Path
+import torch
+from torch import nn
+from kiln import quantize
+from kiln.common.progress import SILENT
+model, out = sys.argv[1:3]
+request = quantize.QuantizeRequest(quant=quantize.QuantFormat("fp8"), kv_cache=quantize.KVCacheFormat.none,
+                                   group_size=None, dtype="bfloat16", tp_size=1, max_shard_size="5GB")
+samples = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+quantize.run(request, Path(model), samples, Path(out), SILENT)
+gc.collect()
+print(sum(isinstance(o, nn.Module) and type(o).__name__.endswith("ForCausalLM") for o in gc.get_objects()))
+"""
+
+
+@pytest.mark.slow   # a fresh interpreter imports ModelOpt (about 15 s)
+def test_the_quantized_model_is_gone_when_the_quantize_stage_returns(tmp_path, test_model):
+    """In a fresh interpreter, where ModelOpt is imported for the first time: once quantize.run returns, no model is
+    alive for validation to load beside. Measured before the fix: a frame kept by ModelOpt's first import, made while
+    the model was on the stack, held the calibrated model (2.7 GB on a 1.07B model) through validation."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([sys.executable, "-c", QUANTIZE_THEN_COUNT_MODELS, str(test_model), str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "0"
+    assert (out / "hf" / "hf_quant_config.json").is_file()
