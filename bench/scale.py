@@ -4,7 +4,7 @@ bare ModelOpt calls on the same model and calibration tokens.
     python bench/scale.py                 # three sizes, the largest about 1.1B parameters
     python bench/scale.py --sizes small   # one size (small | medium | large)
     python bench/scale.py --memory-cap    # kiln with disk offload, and the bare calls, under a hard memory limit
-    python bench/scale.py --awq [--before PYTHONPATH]   # INT4-AWQ in memory: peak RSS by step, against bf16
+    python bench/scale.py --awq [--before PYTHONPATH] [--calibration 2x64]   # INT4-AWQ in memory: peak RSS by step
 
 For each size it prints parameters and bf16 bytes; kiln's wall time per stage and in total; the
 bare calls' wall time (load, calibrate, both exports) and the ratio; the peak RSS of each and RSS
@@ -23,7 +23,8 @@ compared with the same recipe built without offload and without the cap.
 --awq (large by default): kiln builds one INT4-AWQ variant in memory (no offload), its RSS sampled every 100 ms
 and attributed to the progress step running (load, calibrate, export, evaluate...); with --before, the same build
 by an older kiln (a PYTHONPATH whose `kiln` is a snapshot) first. Target: peak RSS at most 2 x the bf16 bytes, the
-exported files byte-identical to the older kiln's.
+exported files byte-identical to the older kiln's. --calibration NxLEN shortens AWQ's calibration (8x256 by default;
+evaluation stays 8x256), whose time, not memory, grows with it.
 """
 
 from __future__ import annotations
@@ -129,14 +130,14 @@ def run_sampled(command: list[str], env: dict) -> tuple[float, dict[str, dict[st
     return time.perf_counter() - started, peaks, out[0] if out else ""
 
 
-def measure_awq(size: str, root: Path, before: str | None) -> dict:
+def measure_awq(size: str, root: Path, before: str | None, samples: int = SAMPLES, seq_len: int = SEQ_LEN) -> dict:
     model = root / f"llama-{size}"
     params = make_model(model, size)
     recipe = root / "awq.yaml"
     recipe.write_text(
         "kiln: 1\nname: awq\n"
         f"model: {{source: {model}, dtype: bfloat16}}\n"
-        f"calibration: {{builtin: python-docs-train, samples: {SAMPLES}, seq_len: {SEQ_LEN}, device: cpu}}\n"
+        f"calibration: {{builtin: python-docs-train, samples: {samples}, seq_len: {seq_len}, device: cpu}}\n"
         f"evaluation: {{builtin: python-docs-heldout, samples: {SAMPLES}, seq_len: {SEQ_LEN}}}\n"
         "variants:\n  int4-awq: {quant: int4_awq}\n")
     runs = {}
@@ -154,12 +155,14 @@ def measure_awq(size: str, root: Path, before: str | None) -> dict:
             digest.update(file.name.encode() + file.read_bytes())
         runs[label] = {"seconds": seconds, "peaks": peaks, "hf_sha256": digest.hexdigest(),
                        "kl": document["variants"][0]["metrics"]["mean_kl"]}
-    return {"size": size, "params": params, "bf16_bytes": params * 2, "runs": runs}
+    return {"size": size, "params": params, "bf16_bytes": params * 2, "runs": runs, "calibration": (samples, seq_len)}
 
 
 def awq_table(row: dict) -> str:
     bf16 = row["bf16_bytes"]
-    lines = [f"INT4-AWQ in memory, {row['params'] / 1e9:.2f}B parameters, bf16 {bf16 / GB:.2f} GB "
+    samples, seq_len = row["calibration"]
+    lines = [f"INT4-AWQ in memory, {row['params'] / 1e9:.2f}B parameters, bf16 {bf16 / GB:.2f} GB, calibration "
+             f"{samples} x {seq_len} tokens "
              f"(target: peak RSS at most 2 x bf16 = {2 * bf16 / GB:.2f} GB)", "",
              "| kiln | step | peak RSS GB (x bf16) | of it anonymous GB | of it file-backed GB |", "|---|---|---|---|---|"]
     for label, run in row["runs"].items():
@@ -205,12 +208,16 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--awq", action="store_true", help="INT4-AWQ in memory: peak RSS by step")
     parser.add_argument("--before", help="with --awq: a PYTHONPATH holding an older kiln to measure first")
+    parser.add_argument("--calibration", default=f"{SAMPLES}x{SEQ_LEN}", metavar="NxLEN",
+                        help="with --awq: calibration windows x tokens (AWQ's memory barely depends on them, its time "
+                             "does: on a CPU without bf16 units 8x256 calibrates the large model for about an hour)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="kiln-scale-") as tmp:
         if args.awq:
             for size in args.sizes or ["large"]:
-                rows.append(measure_awq(size, Path(tmp), args.before))
+                samples, seq_len = (int(n) for n in args.calibration.split("x"))
+                rows.append(measure_awq(size, Path(tmp), args.before, samples, seq_len))
                 print(awq_table(rows[-1]))
         elif args.memory_cap:
             from capped import capped_table, measure_capped
