@@ -15,7 +15,7 @@ from typing import Callable
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Placement, offload_device_map
 
-TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
+TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def import_modelopt() -> None:

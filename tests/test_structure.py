@@ -393,3 +393,17 @@ def test_verify_names_a_stored_version_it_cannot_read_instead_of_failing(tmp_pat
     elsewhere = StructureRecheck([], SILENT)({**tags, "kiln.revision": "f" * 64}, tmp_path)
     assert elsewhere["note"] == ("its source (a local folder with content digest ffffffffffffffff) is not among "
                                  "--source (none given) (fix: --source FOLDER)")
+
+
+def test_config_dtype_is_held_to_the_dtype_the_recipe_loaded(export, tmp_path, test_model):
+    """`model.dtype: float32` (CPUs without bf16 units) exports config.json in float32: that is what was asked for,
+    not a difference from the source; a dtype the recipe did not ask for still is."""
+    from dataclasses import replace
+
+    source, hf = _source_copy(tmp_path, test_model), export("fp8")
+    stored = json.loads((source / "config.json").read_text())["dtype"]
+    _edit_json(hf / "config.json", lambda d: d.update(dtype="float32"))
+    assert _problems(hf, source) == [f'hf/config.json: dtype is "float32", the source\'s is "{stored}"']
+    assert _problems(hf, source, replace(FP8, dtype="float32")) == []
+    assert _problems(hf, source, replace(FP8, dtype=stored)) == [
+        f'hf/config.json: dtype is "float32", the source\'s is "{stored}"']

@@ -151,7 +151,7 @@ def structure_expectation(record: quantize.CheckpointRecord, min_expert_tokens: 
         unquantized_by_default=quantize.UNQUANTIZED_BY_DEFAULT,
         norms_may_change=any(quantize.FORMATS[f].rewrites_weights for f in formats),
         trust_remote_code=trust_remote_code, expert_tokens=record.expert_tokens, min_expert_tokens=min_expert_tokens,
-        allowed_differences=tuple(allowed_differences))
+        allowed_differences=tuple(allowed_differences), dtype=record.dtype)
 
 
 def quantize_key_config(request: quantize.QuantizeRequest) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 from kiln.validate.structure.records import IGNORED_CONFIG_KEYS, PROBE_TEXT, StructureExpectation
 
 GENERATION_CONFIG = "generation_config.json"
+DTYPE_KEYS = ("dtype", "torch_dtype")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -39,6 +40,8 @@ def _differences(exported: dict, source: dict, ignored: tuple[str, ...] = ()) ->
 def _config(hf_dir: Path, source_dir: Path, expected: StructureExpectation) -> tuple[int, list[str]]:
     exported = json.loads((hf_dir / "config.json").read_text())
     source = json.loads((source_dir / "config.json").read_text())
+    if expected.dtype:   # a recipe may load the model in another dtype than stored: the export says that one
+        source.update({key: expected.dtype for key in DTYPE_KEYS if key in source})
     return 1, [f"hf/config.json: {key} is {_short_value(exported.get(key))}, the source's is "
                f"{_short_value(source.get(key))}" for key in _differences(exported, source, IGNORED_CONFIG_KEYS)]
 

@@ -36,6 +36,7 @@ class StructureExpectation:
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)   # MoE block -> calibration tokens per expert
     min_expert_tokens: int = 1
     allowed_differences: tuple[str, ...] = ()   # evaluation.allow_differences: files.DIFFERENCES listed, not refused
+    dtype: str | None = None   # model.dtype the export was made in: config.json's dtype is held to it, not the source's
 
 
 @dataclass(frozen=True)
