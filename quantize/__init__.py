@@ -29,7 +29,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from kiln.quantize import day0, llmcompressor_backend, modelopt_backend
+from kiln.quantize import day0, distributed, llmcompressor_backend, modelopt_backend
+from kiln.quantize.distributed import CalibrationRankError
 from kiln.quantize.day0 import DayZeroError, QuantizePath
 from kiln.quantize.day0 import model_problem as day0_model_problem
 from kiln.quantize.day0 import problem as day0_problem
@@ -70,7 +71,7 @@ __all__ = [
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
     "CheckpointSize", "checkpoint_size", "refuse_nonfinite_weights",
-    "DayZeroError", "QuantizePath", "day0_problem", "day0_model_problem",
+    "DayZeroError", "QuantizePath", "CalibrationRankError", "day0_problem", "day0_model_problem",
     "peak_memory", "exported_bytes", "min_weight_bits", "offload_folder_writes", "Resumed", "resume_point",
 ]
 
@@ -93,6 +94,8 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     shards (quantize/day0.py), checking each tensor is finite as they read it, and `resume_dir` keeps the finished
     output shards. With `request.auto`, `search_state` is the score stage's saved search (score()): the candidate
     restores every format's calibration and every layer's score from it and only solves its budget.
+    With `request.processes` > 1, that many ranks calibrate under torchrun, each on its share of `calibration`,
+    and rank 0 exports (quantize/distributed.py); `on_loaded` and `resume_dir` go unused.
     """
     from kiln.common.progress import quiet_libraries
 
@@ -107,6 +110,9 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
             finally:
                 release_memory()
     refuse_nonfinite_weights(Path(model_dir))
+    if request.processes > 1:   # the ranks are processes of their own: this one only launches and waits
+        return distributed.run(request, Path(model_dir), calibration, Path(out_dir), progress, placement,
+                               request.processes)
     with quiet_libraries():
         try:
             extra = {"search_state": search_state} if search_state is not None else {}

@@ -57,6 +57,8 @@ class QuantizeRequest:
     all_experts: bool = False
     # The day-0 path (quantize/day0.py): from the safetensors shards, no model built and no calibration.
     day0: bool = False
+    # Ranks that calibrate, each on its share of the windows (quantize/distributed.py); 1: this process alone.
+    processes: int = 1
 
     @property
     def formats(self) -> tuple[QuantFormat, ...]:
@@ -120,6 +122,8 @@ class CheckpointRecord:
     # The day-0 path (quantize/day0.py): {"workers", "shards", "kept_shards", "units", "bytes_read",
     # "bytes_written"}; None when ModelOpt built and calibrated the model.
     day0: dict | None = None
+    # Calibrated across processes (quantize/distributed.py): {"processes", "backend", "samples_per_rank"}.
+    distributed: dict | None = None
 
     @property
     def quant_formats(self) -> tuple[QuantFormat, ...]:

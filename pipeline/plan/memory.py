@@ -5,7 +5,7 @@ them up, says whether the largest fits this host's memory and GPUs (with CPU off
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kiln import quantize, validate
 from kiln.common.memory import GB, RUNTIME_BYTES, DiskOffload, ModelShape, StageMemory
@@ -82,13 +82,18 @@ class MemoryEstimate:
 
 def estimate(config: dict, dtype_bytes: int, formats, calibration_seq_len: int, evaluation_seq_len: int,
              host_total: int, host_available: int, gpu_caps: tuple[int, ...] = (),
-             offload: DiskOffload | None = None) -> MemoryEstimate:
+             offload: DiskOffload | None = None, processes: int = 1) -> MemoryEstimate:
     """Peak memory per stage for a model of this config.json, quantized to each of `formats` (QuantFormat).
 
-    `gpu_caps` are the GPUs' usable bytes when calibration runs on them (empty on the CPU).
+    `gpu_caps` are the GPUs' usable bytes when calibration runs on them (empty on the CPU); `processes`: the
+    calibrating ranks, each holding the model (on the CPU, all in this host's memory).
     """
     shape, caps = ModelShape.from_config(config), tuple(gpu_caps)
-    stages = (*quantize.peak_memory(shape, dtype_bytes, formats, calibration_seq_len, caps, offload),
+    calibrate, export = quantize.peak_memory(shape, dtype_bytes, formats, calibration_seq_len, caps, offload)
+    if processes > 1 and not caps:
+        calibrate = replace(calibrate, host_bytes=calibrate.host_bytes * processes,
+                            detail=f"{processes} ranks x ({calibrate.detail})")
+    stages = (calibrate, export,
               validate.peak_memory(shape, dtype_bytes, evaluation_seq_len, quantize.exported_bytes(shape, formats),
                                    quantize.min_weight_bits(formats), caps, offload))
     if offload is None:
@@ -125,9 +130,11 @@ def recipe_estimate(loaded, folder, host) -> MemoryEstimate | None:
         caps = tuple(int(g.memory_mib * 2**20 * fraction) for g in host.gpus if g.memory_mib)
     total, available = host_memory()
     # A calibration batch holds batch_size windows at once: its activations scale with their tokens.
-    return estimate(config, 2, [q for v in recipe.variants.values() for q in v.quant_formats],
+    return estimate(config, 4 if recipe.model.dtype == "float32" else 2,
+                    [q for v in recipe.variants.values() for q in v.quant_formats],
                     recipe.calibration.seq_len * recipe.calibration.batch_size,
-                    recipe.evaluation.seq_len, total, available, caps, disk_offload(recipe, Path(folder), config, available))
+                    recipe.evaluation.seq_len, total, available, caps,
+                    disk_offload(recipe, Path(folder), config, available), recipe.calibration.processes)
 
 
 def disk_offload(recipe, folder, config: dict, available: int) -> DiskOffload | None:

@@ -104,6 +104,10 @@ class CalibrationSpec(DataSpec):
         "resumes from the last one when run again (the same checkpoint, byte for byte; backend modelopt, one format "
         "per variant). auto: for sources of 1B parameters or more calibrated in several passes (AWQ, GPTQ, "
         "SmoothQuant, scale searches) | true | false")
+    processes: PositiveInt = Field(
+        default=1, description="ranks that calibrate, each on its share of the samples, under torchrun (gloo on CPUs, "
+        "NCCL with one GPU a rank); ModelOpt reduces their statistics and rank 0 exports. Max-calibrated formats come "
+        "out byte for byte as with 1; AWQ within a measured bound. Each rank holds the model")
 
     @field_validator("resumable", mode="before")
     @classmethod
@@ -118,6 +122,14 @@ class CalibrationSpec(DataSpec):
         if self.max_host_memory is not None and self.offload is not Offload.disk:
             raise ValueError(f"max_host_memory caps the weights in host memory under offload: disk, but offload is "
                              f"{self.offload.value} (fix: set offload: disk, or remove max_host_memory)")
+        if self.processes > 1:
+            problem = ("each rank needs at least one sample" if self.processes > self.samples else
+                       f"offload: {self.offload.value} is for one process (each rank holds the model)"
+                       if self.offload is not Offload.none else
+                       "resumable calibration saves layers from one process" if self.resumable is True else None)
+            if problem:
+                raise ValueError(f"processes: {self.processes} with samples: {self.samples}: {problem} (fix: "
+                                 "processes: 1, or fewer processes than samples, offload: none and resumable: auto)")
         return self
 
 
@@ -420,6 +432,18 @@ class Recipe(Strict):
             if problem:
                 raise ValueError(f"quantize.path: day0 cannot make variants.{name}: {problem} (fix: quantize.path: "
                                  "auto, which takes the ModelOpt path where day-0 cannot)")
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_can_calibrate(self) -> "Recipe":
+        if self.calibration.processes == 1:
+            return self
+        for name, variant in self.variants.items():
+            if variant.backend is not Backend.modelopt or variant.is_auto:
+                what = "quant auto's size search" if variant.is_auto else f"backend {variant.backend.value}"
+                raise ValueError(f"variants.{name}: {what} calibrates in one process, not across "
+                                 f"calibration.processes: {self.calibration.processes} (fix: processes: 1, or a "
+                                 "ModelOpt format)")
         return self
 
     @model_validator(mode="after")
