@@ -21,7 +21,8 @@ from tests.recipes import KILN, write_recipe
 WINDOWS = torch.randint(0, 2048, (8, 64), generator=torch.Generator().manual_seed(0))
 
 
-def _quantize(model: Path, out: Path, quant: str, kv: str, processes: int, windows=WINDOWS) -> quantize.CheckpointRecord:
+def _quantize(model: Path, out: Path, quant: str, kv: str, processes: int,
+              windows=WINDOWS) -> quantize.CheckpointRecord:
     request = quantize.QuantizeRequest(quant=quantize.QuantFormat(quant), kv_cache=quantize.KVCacheFormat(kv),
                                        group_size=None, dtype="bfloat16", tp_size=1, processes=processes)
     out.mkdir(parents=True)
