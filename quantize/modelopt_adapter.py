@@ -7,7 +7,6 @@ CLI's planning paths must not pay for it.
 from __future__ import annotations
 
 import copy
-import contextlib
 import threading
 import warnings
 from pathlib import Path
@@ -281,26 +280,6 @@ def fold_input_scales_layer_by_layer(model) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def streamed_safetensors():
-    """The exporters' safetensors writes (transformers' save_pretrained for hf/, ModelOpt's for trtllm/) go through
-    kiln's writer, a tensor at a time: the same bytes, without safetensors' copy of each whole file in memory."""
-    import modelopt.torch.export.model_config_export as trtllm_export
-    import transformers.modeling_utils as modeling_utils
-
-    from kiln.quantize.safetensors_layout import save_file_streamed
-
-    patched = [(modeling_utils, "safe_save_file"), (trtllm_export, "save_file")]
-    originals = [getattr(module, name) for module, name in patched]
-    for module, name in patched:
-        setattr(module, name, save_file_streamed)
-    try:
-        yield
-    finally:
-        for (module, name), original in zip(patched, originals):
-            setattr(module, name, original)
-
-
 def export_hf(model, export_dir: Path, max_shard_size: str = "5GB", offloaded: list[str] | bool = False) -> None:
     """The HF unified checkpoint; past `max_shard_size` it is sharded with model.safetensors.index.json.
     An `offloaded` model goes through ModelOpt's streaming exporter (one decoder layer resident at a time),
@@ -313,7 +292,7 @@ def export_hf(model, export_dir: Path, max_shard_size: str = "5GB", offloaded: l
         raise RuntimeError("the model was loaded with disk offload but carries no accelerate offload hooks: "
                            "ModelOpt's resident exporter would write meta tensors, so nothing is exported")
 
-    with warnings.catch_warnings(), streamed_safetensors():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_hf_checkpoint(model, export_dir=str(export_dir), max_shard_size=max_shard_size)
 
@@ -331,7 +310,7 @@ def export_trtllm(model, export_dir: Path, dtype: str, tp_size: int) -> None:
     decoder_type = get_model_type(model)
     if decoder_type is None:
         raise ValueError(f"ModelOpt has no TensorRT-LLM decoder type for {type(model).__name__}")
-    with warnings.catch_warnings(), streamed_safetensors():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # inference_tensor_parallel must be explicit: its default 0 raised ZeroDivisionError here.
         export_tensorrt_llm_checkpoint(

@@ -123,30 +123,3 @@ class ShardLayout:
                 handle.truncate(self.size)
             handle.write(self.header)
         return path
-
-
-def save_file_streamed(tensors: dict, filename, metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`'s bytes, written a tensor at a time into a file laid out first.
-
-    safetensors 0.8 assembles the whole file in memory before writing it: measured in ModelOpt's HF export of a
-    0.17B model, the peak came inside its serialize_file, about the file's size above the tensors themselves. Here
-    host memory holds one tensor's bytes beyond what the caller holds (tests/test_safetensors_layout.py: the same
-    bytes for every dtype, 0-d and empty tensors, with and without metadata)."""
-    import torch
-
-    path = Path(filename)
-    entries = [(name, safetensors_dtype(t.dtype), tuple(t.shape), t.numel() * t.element_size())
-               for name, t in tensors.items()]
-    layout = ShardLayout.of(path.name, entries, metadata)
-    layout.create(path.parent)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for name, slot in layout.slots.items():
-            if not slot.nbytes:
-                continue
-            data = memoryview(tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < slot.nbytes:
-                done += os.pwrite(fd, data[done:], slot.start + done)
-    finally:
-        os.close(fd)
