@@ -8,16 +8,21 @@ live. A fixed threshold keeps every block over 64 KiB in its own mapping, unmapp
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 THRESHOLD_BYTES = 64 << 10
+# Where glibc's dynamic thresholds settle once large blocks have been freed (its DEFAULT_MMAP_THRESHOLD_MAX on 64-bit,
+# trim at twice the mmap threshold): what a block of fixed thresholds hands back to the rest of the process.
+SETTLED_MMAP_BYTES = 32 << 20
+
+_fixed_for_process = False
 
 
-def return_freed_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process; False where the C library is not glibc."""
+def _set(mmap_bytes: int, trim_bytes: int) -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -26,4 +31,26 @@ def return_freed_memory() -> bool:
         return False
     if mallopt is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, trim_bytes))
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process; False where the C library is not glibc."""
+    global _fixed_for_process
+    _fixed_for_process = _set(THRESHOLD_BYTES, THRESHOLD_BYTES)
+    return _fixed_for_process
+
+
+@contextlib.contextmanager
+def freed_memory_returned():
+    """Fixed thresholds for the block only, then glibc's settled ones (unless the process fixed them for good).
+
+    For the quantize stage's export: measured on the 1.07B model after INT4-AWQ calibration, the export's peak fell
+    from 4.58 to 3.94 GB, because packing frees each 16-bit weight as it goes and that memory otherwise stays with
+    the process. Calibration itself ran 54 % slower with fixed thresholds, which is why they end with the block."""
+    applied = _fixed_for_process or _set(THRESHOLD_BYTES, THRESHOLD_BYTES)
+    try:
+        yield applied
+    finally:
+        if applied and not _fixed_for_process:
+            _set(SETTLED_MMAP_BYTES, 2 * SETTLED_MMAP_BYTES)
