@@ -72,12 +72,23 @@ def test_baseline_from_a_loaded_model_equals_its_own_load_and_is_read_back_from_
     samples = torch.stack([IDS, IDS.flip(0)])
     own = Baseline(test_model, tmp_path / "own")
     given = Baseline(test_model, tmp_path / "given")
-    given.compute_from(AutoModelForCausalLM.from_pretrained(test_model, dtype=torch.bfloat16).eval(), samples)
+    model = AutoModelForCausalLM.from_pretrained(test_model, dtype=torch.bfloat16).eval()
+    given.compute_from(model, samples)
     assert given.has(samples) and not own.has(samples)
+    # The borrowed model goes on to be quantized; the baseline's copy of its output head waits on disk, not in
+    # memory (it sat beside the export, the build's peak), and is the head as it was.
+    head = given._computed[samples.numpy().tobytes()][1]
+    assert head._module is None
+    vocab, hidden = model.get_output_embeddings().weight.shape
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
     for i in range(2):
         assert torch.equal(own.logits(samples)(i).materialise(), given.logits(samples)(i).materialise())
+    assert head.module.plain_rows.dtype == torch.bfloat16 and head.module.plain_rows.shape == (vocab, hidden)
     files = sorted(p.name for p in (tmp_path / "given").rglob("*.pt"))
     assert files == ["0.pt", "1.pt"]
+    stored = tmp_path / "given" / "baseline-0" / "output-head.safetensors"
+    assert vocab * hidden * 2 < stored.stat().st_size < vocab * hidden * 2 + 4096
 
 
 def test_the_baseline_stores_hidden_states_and_gives_the_full_logits_a_block_at_a_time(tmp_path, test_model,

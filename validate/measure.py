@@ -108,7 +108,7 @@ class Baseline:
                 torch.save(sample.hidden.clone(), folder / f"{i}.pt")
                 advance.sample()
         head = OutputHead.of(model)
-        head = head if loaded_here else head.detached()   # a borrowed model goes on to be quantized
+        head = head if loaded_here else head.detached(folder)   # a borrowed model goes on to be quantized
         if loaded_here:
             del model
             gc.collect()
