@@ -70,7 +70,7 @@ def _refuse_overlong(home: Path) -> None:
         raise UserInputError(f"KILN_HOME={shown}: longer than this system allows for the files kiln keeps in it "
                              f"(folder names up to {name_max} bytes, paths up to {path_max - _DEEPEST_INSIDE} bytes for "
                              "the home itself); nothing was written (fix: choose a shorter path)")
-_OWNER = re.compile(r"(?P<pid>\d+)-(?P<start>\d+)")
+_OWNER = re.compile(r"(?P<pid>\d+)-(?P<start>\d+)(?:-(?P<boot>[0-9a-f]{8}))?")
 
 
 def _start_time(pid: int) -> str | None:
@@ -84,22 +84,37 @@ def _start_time(pid: int) -> str | None:
 
 @lru_cache(maxsize=1)
 def owner_token() -> str:
-    """`<pid>-<start time>` of this process: unique for as long as the machine runs."""
-    return f"{os.getpid()}-{_start_time(os.getpid()) or 0}"
+    """`<pid>-<start time>-<boot>` of this process: unique across the hosts that share a KILN_HOME (the nodes of a
+    distributed calibration), each of which can judge only its own processes."""
+    return f"{os.getpid()}-{_start_time(os.getpid()) or 0}-{_this_boot()}"
 
 
 def owner_alive(token: str) -> bool:
+    """False only for a process of this host (this boot) that no longer runs: another host's may run still."""
     match = _OWNER.fullmatch(token)
-    if match is None:
+    if match is None or (match["boot"] or _this_boot()) != _this_boot():
         return True   # not ours to judge
     start = _start_time(int(match["pid"]))
     return start is not None and (match["start"] == "0" or start == match["start"])
 
 
 def owner_in(name: str) -> str | None:
-    """The owner token inside a temporary name such as `.tmp-<key>-<pid>-<start>-abc123`."""
-    found = re.search(r"-(\d+-\d+)-[^-]*$", name)
+    """The owner token inside a temporary name such as `.tmp-<key>-<pid>-<start>-<boot>-abc123` (older kilns:
+    no `-<boot>`)."""
+    found = (re.search(r"-(\d+-\d+-[0-9a-f]{8})-[^-]*$", name) or re.search(r"-(\d+-\d+)-[^-]*$", name))
     return found[1] if found else None
+
+
+@lru_cache(maxsize=1)
+def _this_boot() -> str:
+    """8 hex digits naming this host's current boot (its pids and start times mean nothing elsewhere)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+    except OSError:
+        import hashlib
+        import socket
+
+        return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def process_scratch(home: Path) -> Path:

@@ -160,7 +160,8 @@ class StageCache:
 
     def clean_stale_temporaries(self, older_than_s: float = 24 * 3600) -> int:
         """Remove partial entries of builds that no longer run (never mistaken for entries); those whose
-        writer cannot be told (older kiln versions) once they are a day old."""
+        writer cannot be told (older kiln versions) once they are a day old. A writer on another host sharing
+        this home (a node of a distributed calibration) may run still: kept while it is under a week old."""
         from kiln.common.scratch import owner_alive, owner_in
 
         removed = 0
@@ -168,7 +169,8 @@ class StageCache:
         for tmp in [*Path(self.root).glob("*/.tmp-*"), *Path(self.root, RESUME).glob("*/.tmp-*")]:
             owner = owner_in(tmp.name)
             with contextlib.suppress(OSError):
-                if (owner is not None and not owner_alive(owner)) or now - tmp.stat().st_mtime > older_than_s:
+                age = now - tmp.stat().st_mtime
+                if (not owner_alive(owner) if owner is not None else age > older_than_s) or age > 7 * older_than_s:
                     shutil.rmtree(tmp)
                     removed += 1
         return removed
