@@ -63,7 +63,7 @@ BACKENDS = {Backend.modelopt: modelopt_backend, Backend.llmcompressor: llmcompre
 
 __all__ = [
     "score", "read_score", "SEARCH_STATE", "SCORE_RECORD",
-    "run", "require_backend", "tool_versions", "BACKENDS", "QuantizeRequest", "AutoRequest", "CheckpointRecord", "recorded_formats",
+    "run", "writes_here", "require_backend", "tool_versions", "BACKENDS", "QuantizeRequest", "AutoRequest", "CheckpointRecord", "recorded_formats",
     "release_memory", "AUTO", "MIXED_PRECISION", "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
     "format_of_export", "kv_cache_of_export", "kv_calibration_note", "register_format", "unregister_format", "row_problems",
     "layer_width_problems", "unmatched_excludes", "lowest_budget", "Device", "Offload", "Placement", "VisibleGpu", "plan_placement",
@@ -95,7 +95,8 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     output shards. With `request.auto`, `search_state` is the score stage's saved search (score()): the candidate
     restores every format's calibration and every layer's score from it and only solves its budget.
     With `request.processes` > 1, that many ranks calibrate under torchrun, each on its share of `calibration`,
-    and rank 0 exports (quantize/distributed.py); `on_loaded` and `resume_dir` go unused.
+    and rank 0 exports (quantize/distributed.py); `on_loaded` and `resume_dir` go unused. With `request.nodes` > 1
+    this host is one of them: where it is not node 0 (writes_here), it writes nothing and returns None.
     """
     from kiln.common.progress import quiet_libraries
 
@@ -110,9 +111,8 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
             finally:
                 release_memory()
     refuse_nonfinite_weights(Path(model_dir))
-    if request.processes > 1:   # the ranks are processes of their own: this one only launches and waits
-        return distributed.run(request, Path(model_dir), calibration, Path(out_dir), progress, placement,
-                               request.processes)
+    if request.ranks > 1:   # the ranks are processes of their own: this one only launches and waits
+        return distributed.run(request, Path(model_dir), calibration, Path(out_dir), progress, placement)
     with quiet_libraries():
         try:
             extra = {"search_state": search_state} if search_state is not None else {}
@@ -120,6 +120,12 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
                                                  on_loaded, family, source_config, resume_dir, **extra)
         finally:
             release_memory()
+
+
+def writes_here(request: QuantizeRequest) -> bool:
+    """Whether this host writes the request's checkpoint: every host but nodes 1.. of a calibration across nodes
+    (which node this is comes from the environment: distributed.Node)."""
+    return request.nodes == 1 or distributed.Node.from_environment(request.nodes).writes
 
 
 def score(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,

@@ -59,6 +59,12 @@ class QuantizeRequest:
     day0: bool = False
     # Ranks that calibrate, each on its share of the windows (quantize/distributed.py); 1: this process alone.
     processes: int = 1
+    # Hosts that calibrate together, `processes` ranks each (quantize/distributed.py); node 0 writes.
+    nodes: int = 1
+
+    @property
+    def ranks(self) -> int:
+        return self.processes * self.nodes
 
     @property
     def formats(self) -> tuple[QuantFormat, ...]:

@@ -8,12 +8,17 @@ ranks itself whenever torch.distributed is initialized: max calibration all-redu
 then exports and writes kiln.json; the others exit. A max-calibrated format comes out byte for byte as one process
 makes it: the largest of the ranks' maxima is the maximum over every window (tests/test_distributed.py).
 
+With `calibration.nodes: M`, each of M hosts runs the quantize stage (`kiln build --stage quantize`) with
+KILN_NODE_RANK (0..M-1) and KILN_RENDEZVOUS (node 0's host:port) set, as `kiln plan --launcher` writes them; torchrun
+meets the other nodes there (its static rendezvous: node 0 holds rank 0, which writes), within
+KILN_RENDEZVOUS_TIMEOUT_S. A node other than 0 calibrates its share and writes nothing: `run` returns None there.
+
 The launcher runs with --max-restarts 0: a rank that dies ends the group (torchrun stops the others at its next
 monitor tick), and `run` raises one line naming the rank and how it ended. The stage's output folder is a temporary
 one until the stage succeeds, so nothing reaches the cache.
 
-Public: run(request, model_dir, calibration, out_dir, progress, placement, family, source_config) -> CheckpointRecord,
-RankGroup (what modelopt_backend asks of the rank it runs in), CalibrationRankError.
+Public: run(request, model_dir, calibration, out_dir, progress, placement) -> CheckpointRecord | None, Node (which
+host this is), RankGroup (what modelopt_backend asks of the rank it runs in), CalibrationRankError.
 Run as `python -m kiln.quantize.distributed JOB_DIR`, this module is one rank.
 """
 
@@ -30,7 +35,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kiln.common.errors import KilnError
+from kiln.common.errors import KilnError, UserInputError
 from kiln.quantize.checkpoint import AutoRequest, CheckpointRecord, QuantizeRequest
 from kiln.quantize.formats import AUTO, Backend, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Placement, VisibleGpu
@@ -39,6 +44,53 @@ JOB = "job.json"
 CALIBRATION = "calibration.pt"
 PROGRESS = "kiln-progress "     # rank 0's stdout lines the launching process turns into progress
 MONITOR_INTERVAL_S = 1          # how often torchrun looks for a dead rank (its default is 0.1-5 s by version)
+NODE_RANK, RENDEZVOUS, RENDEZVOUS_TIMEOUT = "KILN_NODE_RANK", "KILN_RENDEZVOUS", "KILN_RENDEZVOUS_TIMEOUT_S"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 900   # nodes a scheduler starts minutes apart (pods pulling an image) still meet
+
+
+@dataclass(frozen=True)
+class Node:
+    """This host among the `count` that calibrate together; `endpoint`: node 0's host:port (None on one host)."""
+
+    rank: int = 0
+    count: int = 1
+    endpoint: str | None = None
+    timeout_s: int = DEFAULT_RENDEZVOUS_TIMEOUT_S
+
+    @classmethod
+    def from_environment(cls, nodes: int) -> "Node":
+        """Where `nodes` > 1, from KILN_NODE_RANK and KILN_RENDEZVOUS; one line naming the fix when they are wrong."""
+        if nodes == 1:
+            return cls()
+        fix = (f"(fix: run `kiln build --stage quantize` on each of the {nodes} nodes with {NODE_RANK}=0..{nodes - 1} "
+               f"and {RENDEZVOUS}=<node 0's host>:<port>, as the files of `kiln plan --launcher slurm|kubernetes` do)")
+        rank, endpoint = os.environ.get(NODE_RANK), os.environ.get(RENDEZVOUS)
+        if rank is None or not endpoint:
+            missing = " and ".join(name for name, value in ((NODE_RANK, rank), (RENDEZVOUS, endpoint)) if not value)
+            raise UserInputError(f"calibration.nodes: {nodes}: {missing} not set on this host {fix}")
+        if not rank.isdigit() or int(rank) >= nodes:
+            raise UserInputError(f"{NODE_RANK}={rank}: not a node of calibration.nodes: {nodes} {fix}")
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserInputError(f"{RENDEZVOUS}={endpoint}: not <host>:<port> {fix}")
+        timeout = os.environ.get(RENDEZVOUS_TIMEOUT, str(DEFAULT_RENDEZVOUS_TIMEOUT_S))
+        if not timeout.isdigit() or int(timeout) == 0:
+            raise UserInputError(f"{RENDEZVOUS_TIMEOUT}={timeout}: not a whole number of seconds (fix: unset it, "
+                                 f"for {DEFAULT_RENDEZVOUS_TIMEOUT_S})")
+        return cls(int(rank), nodes, endpoint, int(timeout))
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+    def launcher_arguments(self, processes: int) -> list[str]:
+        """torchrun's: the standalone rendezvous on one host, the static one at node 0 across hosts (node ranks
+        as given, so global rank 0, which writes, is on node 0)."""
+        if self.count == 1:
+            return ["--standalone", f"--nproc-per-node={processes}"]
+        host, _, port = self.endpoint.rpartition(":")
+        return [f"--nnodes={self.count}", f"--node-rank={self.rank}", f"--master-addr={host}",
+                f"--master-port={port}", f"--rdzv-conf=timeout={self.timeout_s}", f"--nproc-per-node={processes}"]
 
 
 class CalibrationRankError(KilnError):
@@ -79,33 +131,40 @@ class RankGroup:
         """What kiln.json keeps of the run."""
         import torch
 
-        return {"processes": self.world, "backend": self.backend,
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))   # torchrun's count of nodes
+        return {"processes": self.world, "backend": self.backend, **({"nodes": nodes} if nodes > 1 else {}),
                 "samples_per_rank": [len(s) for s in torch.tensor_split(calibration, self.world)]}
 
 
-def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
-        processes: int) -> CheckpointRecord:
-    """Calibrate on `processes` ranks of this host and export from rank 0; returns rank 0's record."""
+def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
+        placement: Placement) -> CheckpointRecord | None:
+    """Calibrate on `request.processes` ranks of this host (of each of `request.nodes` hosts) and export from rank 0;
+    returns rank 0's record, or None on a node other than 0 (which writes nothing)."""
     import torch
 
+    node = Node.from_environment(request.nodes)
+    processes = request.processes
     with tempfile.TemporaryDirectory(prefix="kiln-ranks-") as job:
         job = Path(job)
         torch.save(calibration.contiguous(), job / CALIBRATION)
         (job / JOB).write_text(json.dumps({"request": _encode(request), "model_dir": str(model_dir),
                                            "out_dir": str(out_dir), "placement": placement.as_dict()}))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+        command = [sys.executable, "-m", "torch.distributed.run", *node.launcher_arguments(processes),
                    "--max-restarts=0", f"--monitor-interval={MONITOR_INTERVAL_S}",
                    "-m", "kiln.quantize.distributed", str(job)]
         # Each rank's math threads: the host's cores shared out (torchrun's own default is one thread a rank).
         threads = max(1, (os.cpu_count() or 1) // processes) if placement.device == "cpu" else 1
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
         label = request.label
-        with progress.task(f"calibrate {label} on {processes} processes (rank 0's share)",
-                           total=len(torch.tensor_split(calibration, processes)[0])) as task:
+        where = f"on {processes} processes" + (f" x {node.count} nodes" if node.count > 1 else "")
+        title = (f"calibrate {label} {where} (rank 0's share)" if node.writes else
+                 f"calibrate {label} {where}: node {node.rank}'s share (node 0 shows progress)")
+        with progress.task(title, total=len(torch.tensor_split(calibration, request.ranks)[0]) if node.writes
+                           else None) as task:
             returncode, stderr = _supervise(command, env, task)
     if returncode != 0:
-        raise CalibrationRankError(_failure_line(label, processes, returncode, stderr))
-    return CheckpointRecord.load(out_dir)
+        raise CalibrationRankError(_failure_line(label, node, processes, returncode, stderr))
+    return CheckpointRecord.load(out_dir) if node.writes else None
 
 
 def _supervise(command: list[str], env: dict, task) -> tuple[int, list[str]]:
@@ -137,9 +196,17 @@ def _supervise(command: list[str], env: dict, task) -> tuple[int, list[str]]:
     return process.returncode, list(tail)
 
 
-def _failure_line(label: str, processes: int, returncode: int, stderr: list[str]) -> str:
-    """One line from torchrun's failure summary: which rank ended, and how (a signal's name, or its exit code)."""
+def _failure_line(label: str, node: Node, processes: int, returncode: int, stderr: list[str]) -> str:
+    """One line from torchrun's failure summary: which rank ended, and how (a signal's name, or its exit code);
+    or which node found no rendezvous."""
     text = "\n".join(stderr)
+    ranks_total = processes * node.count
+    if node.count > 1 and not re.search(r"rank\s*:\s*\d+", text) and re.search(
+            r"timed out|Timed out|TimeoutError|DistNetworkError|Connection refused|Name or service not known", text):
+        peers = "every other node" if node.writes else "node 0"
+        return (f"{label}: node {node.rank} of {node.count} did not meet {peers} at the rendezvous {node.endpoint} "
+                f"within {node.timeout_s} s; nothing was cached (fix: start `kiln build --stage quantize` on all "
+                f"{node.count} nodes, with {RENDEZVOUS} naming node 0's host and a port open between them)")
     ranks = re.findall(r"rank\s*:\s*(\d+)", text)
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", text)
     how = ""
@@ -150,8 +217,8 @@ def _failure_line(label: str, processes: int, returncode: int, stderr: list[str]
     errors = [line.strip() for line in stderr if re.search(r"(Error|Exception):", line) and "torch.distributed" not in
               line and "ChildFailedError" not in line]
     cause = f": {errors[-1][:240]}" if errors and not how.startswith("killed") else ""
-    who = f"rank {ranks[0]} of {processes}" if ranks else f"the launcher of {processes} ranks"
-    return (f"{label}: calibration across {processes} processes failed: {who} ended ({how or f'exit {returncode}'})"
+    who = f"rank {ranks[0]} of {ranks_total}" if ranks else f"the launcher of {ranks_total} ranks"
+    return (f"{label}: calibration across {ranks_total} processes failed: {who} ended ({how or f'exit {returncode}'})"
             f"{cause}; nothing was cached (run kiln build again; KILN_DEBUG=1 shows every rank's output)")
 
 

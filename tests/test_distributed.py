@@ -1,6 +1,7 @@
 """Calibration across processes (issue 41): `calibration.processes: 2` runs the quantize stage as two gloo ranks
-under torchrun on this host. A max-calibrated format comes out byte for byte as one process makes it; AWQ within a
-bound measured here; a rank that dies ends the build in one line, within seconds, with nothing cached."""
+under torchrun on this host, `nodes: 2` on two hosts (played here by two kiln processes meeting over TCP). A
+max-calibrated format comes out byte for byte as one process makes it; AWQ within a bound measured here; a rank that
+dies ends the build in one line, within seconds, with nothing cached; a node with no rendezvous says so."""
 
 from __future__ import annotations
 
@@ -31,17 +32,6 @@ def _quantize(model: Path, out: Path, quant: str, kv: str, processes: int,
 
 def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
-
-
-@pytest.mark.slow
-def test_two_ranks_make_the_one_process_fp8_checkpoint_byte_for_byte(tmp_path, test_model):
-    one = _quantize(test_model, tmp_path / "one", "fp8", "fp8", 1, WINDOWS[:4, :32])
-    two = _quantize(test_model, tmp_path / "two", "fp8", "fp8", 2, WINDOWS[:4, :32])
-    assert one.distributed is None
-    assert two.distributed == {"processes": 2, "backend": "gloo", "samples_per_rank": [2, 2]}
-    assert two.calibration_samples == 4   # every window, though each rank saw half
-    for part in (quantize.HF_DIR, quantize.TRTLLM_DIR):
-        assert _digests(tmp_path / "two" / part) == _digests(tmp_path / "one" / part) != {}
 
 
 @pytest.mark.slow
@@ -108,18 +98,101 @@ def test_a_killed_rank_ends_the_build_in_one_line_and_caches_nothing(tmp_path, t
     assert _rank_process(0) is None and _rank_process(1) is None   # no rank outlives the build
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(recipe: Path, home: Path, rank: int | None, endpoint: str | None, **extra) -> subprocess.Popen:
+    """`kiln build --stage quantize --json` as one node runs it (`kiln plan --launcher` sets these variables)."""
+    env = {**os.environ, "KILN_HOME": str(home), **extra}
+    for name, value in (("KILN_NODE_RANK", rank), ("KILN_RENDEZVOUS", endpoint)):
+        env.pop(name, None)
+        if value is not None:
+            env[name] = str(value)
+    return subprocess.Popen([str(KILN), "build", str(recipe), "--stage", "quantize", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_nodes_sharing_a_home_make_the_one_process_checkpoint_and_only_node_0_writes(tmp_path, test_model):
+    """Two hosts, played by two `kiln build --stage quantize` on this one (torchrun's static rendezvous over TCP, as
+    across machines): node 1 calibrates its share and writes nothing; node 0 writes the entry to the home they
+    share, byte for byte the one a single process makes. `--stage quantize` runs no validation or publishing."""
+    import json
+
+    calibration = {"builtin": "python-docs-train", "samples": 4, "seq_len": 32}
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "alone").mkdir()
+    nodes = write_recipe(tmp_path / "nodes", str(test_model), {"fp8": {"quant": "fp8", "kv_cache": "fp8"}},
+                         calibration={**calibration, "nodes": 2})
+    alone = write_recipe(tmp_path / "alone", str(test_model), {"fp8": {"quant": "fp8", "kv_cache": "fp8"}},
+                         calibration=calibration)
+    home, endpoint = tmp_path / "shared-home", f"127.0.0.1:{_free_port()}"
+    runs = [_node(nodes, home, rank, endpoint) for rank in (1, 0)]   # node 1 first: it waits for node 0
+    (out1, err1), (out0, err0) = (run.communicate(timeout=300) for run in runs)
+    assert runs[0].returncode == 0 and runs[1].returncode == 0, (err0[-2000:], err1[-2000:])
+    follower, writer = json.loads(out1)["variants"][0], json.loads(out0)["variants"][0]
+    assert follower["status"] == "node" and follower["entry"] is None
+    assert writer["status"] == "ran" and writer["key"] == follower["key"]
+    record = json.loads((Path(writer["entry"]) / "kiln.json").read_text())
+    assert record["distributed"] == {"processes": 2, "backend": "gloo", "nodes": 2, "samples_per_rank": [2, 2]}
+    single = _node(alone, home, None, None)
+    out, err = single.communicate(timeout=300)
+    assert single.returncode == 0, err[-2000:]
+    reference = Path(json.loads(out)["variants"][0]["entry"])
+    alone_record = json.loads((reference / "kiln.json").read_text())
+    assert alone_record["distributed"] is None and record["calibration_samples"] == alone_record[
+        "calibration_samples"] == 4   # every window, though each rank saw half
+    for part in (quantize.HF_DIR, quantize.TRTLLM_DIR):
+        assert _digests(Path(writer["entry"]) / part) == _digests(reference / part) != {}
+    assert not list((home / "cache").rglob("report.json"))   # nothing validated
+    assert not list((home / "cache").glob("*/.tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_node_that_finds_no_rendezvous_says_so_in_one_line(tmp_path, test_model):
+    """Node 1 started where node 0 never comes: one line naming the rendezvous and the wait, nothing cached; a node
+    without its variables is refused before any work (exit 2)."""
+    recipe = write_recipe(tmp_path, str(test_model), {"fp8": {"quant": "fp8"}},
+                          calibration={"builtin": "python-docs-train", "samples": 4, "seq_len": 32, "nodes": 2})
+    home, endpoint = tmp_path / "home", f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    lone = _node(recipe, home, 1, endpoint, KILN_RENDEZVOUS_TIMEOUT_S="3")
+    _, err = lone.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert lone.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[-1] == (f"kiln: fp8: node 1 of 2 did not meet node 0 at the rendezvous {endpoint} within 3 s; "
+                         "nothing was cached (fix: start `kiln build --stage quantize` on all 2 nodes, with "
+                         "KILN_RENDEZVOUS naming node 0's host and a port open between them)"), lines[-3:]
+    assert time.monotonic() - started < 120
+    assert not list((home / "cache").rglob("kiln.json"))
+    unnamed = _node(recipe, home, None, None)
+    _, err = unnamed.communicate(timeout=300)
+    assert unnamed.returncode == 2 and err.strip().splitlines()[-1].startswith(
+        "kiln: calibration.nodes: 2: KILN_NODE_RANK and KILN_RENDEZVOUS not set on this host (fix: run `kiln build "
+        "--stage quantize` on each of the 2 nodes"), err[-2000:]
+
+
 @pytest.mark.parametrize("calibration, variant, message", [
     ({"processes": 3, "samples": 2}, {"quant": "fp8"}, "processes: 3 with samples: 2: each rank needs at least one "
-     "sample (fix: processes: 1, or fewer processes than samples, offload: none and resumable: auto)"),
+     "sample (fix: processes: 1, or fewer ranks than samples, offload: none and resumable: auto)"),
     ({"processes": 2, "offload": "disk"}, {"quant": "fp8"}, "offload: disk is for one process (each rank holds the "
      "model)"),
     ({"processes": 2, "resumable": True}, {"quant": "int4_awq"}, "resumable calibration saves layers from one process"),
     ({"processes": 2}, {"quant": "auto", "auto": {"formats": ["nvfp4", "fp8"], "effective_bits": 6}},
      "variants.v: quant auto's size search calibrates in one process, not across calibration.processes: 2 (fix: "
-     "processes: 1, or a ModelOpt format)"),
+     "processes: 1 and nodes: 1, or a ModelOpt format)"),
     ({"processes": 2}, {"quant": "int4_awq", "backend": "llmcompressor"}, "variants.v: backend llmcompressor "
      "calibrates in one process"),
     ({"processes": 0}, {"quant": "fp8"}, "calibration.processes"),
+    ({"processes": 2, "nodes": 3, "samples": 4}, {"quant": "fp8"}, "processes: 2 on nodes: 3 with samples: 4: each "
+     "rank needs at least one sample"),
+    ({"nodes": 2}, {"quant": "int4_gptq", "backend": "llmcompressor"}, "variants.v: backend llmcompressor calibrates "
+     "in one process, not across calibration.processes: 1 on nodes: 2"),
 ])
 def test_recipes_ranks_cannot_calibrate_are_refused_in_one_line(tmp_path, calibration, variant, message):
     import yaml

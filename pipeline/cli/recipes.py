@@ -76,6 +76,15 @@ def plan(
     changed_since: str = typer.Option(None, "--changed-since", show_default=False,
                                       help="A git commit, branch or tag: list only what changed since it (recipe "
                                            "edits, kiln version, tool pins), with a recipe x GPU matrix for CI."),
+    launcher: str = typer.Option(None, "--launcher", show_default=False,
+                                 help="slurm | kubernetes: print what runs the recipe's calibration.nodes on a "
+                                      "cluster instead of the plan (an sbatch script; a ConfigMap, headless Service "
+                                      "and indexed Job): `kiln build --stage quantize` on every node against a "
+                                      "shared KILN_HOME, then `kiln build` on node 0."),
+    image: str = typer.Option("kiln:latest", "--image", help="--launcher kubernetes: the container image, with kiln "
+                                                             "installed."),
+    claim: str = typer.Option("kiln-home", "--claim", help="--launcher kubernetes: the ReadWriteMany volume claim "
+                                                           "every pod mounts as KILN_HOME."),
     as_json: bool = json_option(),
 ) -> None:
     """List every stage instance with its key and status (cached, will run, skipped: reason), and each
@@ -84,6 +93,7 @@ def plan(
     GPU stages (compile, engine-check and their publish, one per variant and SM) show
     `skipped: needs an sm90 GPU host with tensorrt_llm` where this host cannot run them.
     With --changed-since REF: the recipes and stage instances a merge since REF invalidates.
+    With --launcher slurm|kubernetes: the file that runs it across calibration.nodes hosts, on stdout.
     """
     from kiln.common.errors import UserInputError
     from kiln.pipeline.report.tables import changes_table, family_line, plan_document, plan_table, stdout_console
@@ -100,6 +110,14 @@ def plan(
     if not recipes or len(recipes) != 1:
         raise UserInputError("plan takes one recipe (fix: kiln plan RECIPE, or --changed-since REF for many)")
     the_plan, _ = _plan_for(recipes[0], gpu=gpu)
+    if launcher is not None:
+        from kiln.pipeline.plan.launchers import LAUNCHERS, launch_spec
+
+        if launcher not in LAUNCHERS:
+            raise UserInputError(f"--launcher {launcher}: kiln writes {' and '.join(LAUNCHERS)} files (fix: "
+                                 f"--launcher {' or --launcher '.join(LAUNCHERS)})")
+        sys.stdout.write(LAUNCHERS[launcher](launch_spec(the_plan, image, claim)))
+        return
     memory = the_plan.memory()
     if as_json:
         emit_json({**plan_document(the_plan), "memory": memory.as_dict() if memory else None})
@@ -128,12 +146,17 @@ def build(
     share_registry_name: bool = typer.Option(False, "--share-registry-name",
                                              help="Publish even where another recipe/variant already owns the "
                                                   "registry name <recipe>-<variant> (refused by default)."),
+    stage: str = typer.Option(None, "--stage", show_default=False,
+                              help="quantize: run each variant's quantize stage into the cache and stop. What every "
+                                   "node of calibration.nodes runs; a later `kiln build` validates and publishes "
+                                   "from the cache."),
 ) -> None:
     """Run what the plan needs (quantize, validate, publish; on a GPU host also compile and the
     engine check per SM), then print the summary.
 
     Exits 3 when a variant or an engine fails its gate (it is then not published, unless
-    --publish-failed).
+    --publish-failed). On a node other than 0 of calibration.nodes (KILN_NODE_RANK), it runs the
+    quantize stage alone, as --stage quantize does.
     """
     from kiln.common.progress import ProgressReporter
     from kiln.pipeline.report.tables import (
@@ -141,10 +164,18 @@ def build(
     )
     from kiln.pipeline.run.runner import run_plan
 
+    from kiln.common.errors import UserInputError
+
+    if stage not in (None, "quantize"):
+        raise UserInputError(f"--stage {stage}: kiln builds the quantize stage alone or everything (fix: --stage "
+                             "quantize, or leave --stage out)")
     progress = ProgressReporter(enabled=True)
     the_plan, cache = _plan_for(recipe, progress, gpu)
     _refuse_what_cannot_fit(the_plan)
     private_tempdir()
+    if stage == "quantize" or not _this_node_writes(the_plan):
+        _build_quantize_stage(the_plan, cache, progress, as_json)
+        return
     result = run_plan(the_plan, cache, progress, publish_failed=publish_failed, share_names=share_registry_name)
     if as_json:
         emit_json(build_document(result))
@@ -160,6 +191,33 @@ def build(
             stdout_console.print(runtime_checks_table(result))
         _report_corrections(result, progress)
     raise typer.Exit(result.exit_code)
+
+
+def _this_node_writes(the_plan) -> bool:
+    """False on a node other than 0 of a calibration across nodes that has a quantize stage to run (one line, exit
+    2, where KILN_NODE_RANK or KILN_RENDEZVOUS is missing or wrong)."""
+    from kiln.quantize.distributed import Node
+
+    nodes = the_plan.loaded.recipe.calibration.nodes
+    if nodes == 1 or not any(i.status.will_run for i in the_plan.instances if i.stage == "quantize"):
+        return True
+    return Node.from_environment(nodes).writes
+
+
+def _build_quantize_stage(the_plan, cache, progress, as_json: bool) -> None:
+    from kiln.pipeline.run.runner import run_quantize_stage
+
+    done = run_quantize_stage(the_plan, cache, progress)
+    if as_json:
+        emit_json({"stage": "quantize", "variants": [
+            {"variant": d.variant, "key": d.key, "status": d.status, "seconds": d.seconds,
+             "entry": str(d.entry) if d.entry else None} for d in done]})
+        return
+    for d in done:
+        said = {"ran": f"quantized in {d.seconds:.1f} s", "cached": "cached",
+                "node": "calibrated this node's share; node 0 writes the checkpoint"}[d.status]
+        where = f" ({d.entry})" if d.entry else ""
+        print(f"{d.variant}: quantize {d.key[:12]} {said}{where}")
 
 
 def _refuse_what_cannot_fit(the_plan) -> None:

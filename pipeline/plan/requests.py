@@ -40,7 +40,9 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None 
     `source_config`: the source's config.json where it is at hand (the day-0 path's choice reads its family)."""
     request = _modelopt_request(loaded, variant, bits)
     day0 = _day0(loaded, request, source_config)[0]
-    return replace(request, day0=day0, processes=1 if day0 else request.processes)   # day-0 calibrates nothing
+    if day0:   # day-0 calibrates nothing
+        request = replace(request, processes=1, nodes=1)
+    return replace(request, day0=day0)
 
 
 def quantize_path(loaded: LoadedRecipe, variant: Variant, source_config: dict | None) -> tuple[str, str]:
@@ -48,9 +50,11 @@ def quantize_path(loaded: LoadedRecipe, variant: Variant, source_config: dict | 
     if variant.backend is not quantize.Backend.modelopt:
         return variant.backend.value, f"{variant.backend.value} backend (its own tool, in its own interpreter)"
     day0, why = _day0(loaded, _modelopt_request(loaded, variant, None), source_config)
-    processes = loaded.recipe.calibration.processes
-    if not day0 and processes > 1:
-        why += f"; calibrated by {processes} ranks under torchrun, each on its share of the samples, rank 0 exports"
+    calibration = loaded.recipe.calibration
+    if not day0 and calibration.ranks > 1:
+        hosts = f" on each of {calibration.nodes} nodes" if calibration.nodes > 1 else ""
+        why += (f"; calibrated by {calibration.processes} ranks{hosts} under torchrun, each on its share of the "
+                "samples, rank 0 exports")
     return ("day0" if day0 else "modelopt"), why
 
 
@@ -96,6 +100,7 @@ def _modelopt_request(loaded: LoadedRecipe, variant: Variant, bits: float | None
         auto=auto_request(loaded, variant, bits),
         all_experts=loaded.recipe.calibration.all_experts,
         processes=loaded.recipe.calibration.processes,
+        nodes=loaded.recipe.calibration.nodes,
     )
 
 
@@ -110,7 +115,7 @@ def resumable(loaded: LoadedRecipe, variant: Variant, source_config: dict) -> bo
     setting = loaded.recipe.calibration.resumable
     if variant.backend is not quantize.Backend.modelopt or variant.is_auto or setting is False:
         return False
-    if loaded.recipe.calibration.processes > 1:   # ranks calibrate the whole model at once
+    if loaded.recipe.calibration.ranks > 1:   # ranks calibrate the whole model at once
         return False
     if quantize_request(loaded, variant, source_config=source_config).day0:   # finished shards are kept
         return setting is True or ModelShape.from_config(source_config).params >= RESUMABLE_FROM_PARAMS
@@ -179,6 +184,8 @@ def quantize_key_config(request: quantize.QuantizeRequest) -> dict:
         del fields["day0"]      # and ModelOpt-path keys, the day-0 path
     if request.processes == 1:
         del fields["processes"]   # and one-process keys, calibration across processes
+    if request.nodes == 1:
+        del fields["nodes"]       # and one-host keys, calibration across nodes
     if request.auto is None:
         del fields["auto"]      # and single-format keys predate auto precision
     else:

@@ -108,6 +108,15 @@ class CalibrationSpec(DataSpec):
         default=1, description="ranks that calibrate, each on its share of the samples, under torchrun (gloo on CPUs, "
         "NCCL with one GPU a rank); ModelOpt reduces their statistics and rank 0 exports. Max-calibrated formats come "
         "out byte for byte as with 1; AWQ within a measured bound. Each rank holds the model")
+    nodes: PositiveInt = Field(
+        default=1, description="hosts that calibrate together, `processes` ranks each, every one running `kiln build "
+        "--stage quantize` against a shared KILN_HOME with KILN_NODE_RANK and KILN_RENDEZVOUS set (`kiln plan "
+        "--launcher slurm|kubernetes` writes what does that); node 0 writes the checkpoint")
+
+    @property
+    def ranks(self) -> int:
+        """Every rank that calibrates, over all the nodes."""
+        return self.processes * self.nodes
 
     @field_validator("resumable", mode="before")
     @classmethod
@@ -122,14 +131,15 @@ class CalibrationSpec(DataSpec):
         if self.max_host_memory is not None and self.offload is not Offload.disk:
             raise ValueError(f"max_host_memory caps the weights in host memory under offload: disk, but offload is "
                              f"{self.offload.value} (fix: set offload: disk, or remove max_host_memory)")
-        if self.processes > 1:
-            problem = ("each rank needs at least one sample" if self.processes > self.samples else
+        if self.ranks > 1:
+            problem = ("each rank needs at least one sample" if self.ranks > self.samples else
                        f"offload: {self.offload.value} is for one process (each rank holds the model)"
                        if self.offload is not Offload.none else
                        "resumable calibration saves layers from one process" if self.resumable is True else None)
             if problem:
-                raise ValueError(f"processes: {self.processes} with samples: {self.samples}: {problem} (fix: "
-                                 "processes: 1, or fewer processes than samples, offload: none and resumable: auto)")
+                ranks = f"processes: {self.processes}" + (f" on nodes: {self.nodes}" if self.nodes > 1 else "")
+                raise ValueError(f"{ranks} with samples: {self.samples}: {problem} (fix: "
+                                 "processes: 1, or fewer ranks than samples, offload: none and resumable: auto)")
         return self
 
 
@@ -436,14 +446,16 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _ranks_can_calibrate(self) -> "Recipe":
-        if self.calibration.processes == 1:
+        calibration = self.calibration
+        if calibration.ranks == 1:
             return self
+        across = f"calibration.processes: {calibration.processes}" + (
+            f" on nodes: {calibration.nodes}" if calibration.nodes > 1 else "")
         for name, variant in self.variants.items():
             if variant.backend is not Backend.modelopt or variant.is_auto:
                 what = "quant auto's size search" if variant.is_auto else f"backend {variant.backend.value}"
-                raise ValueError(f"variants.{name}: {what} calibrates in one process, not across "
-                                 f"calibration.processes: {self.calibration.processes} (fix: processes: 1, or a "
-                                 "ModelOpt format)")
+                raise ValueError(f"variants.{name}: {what} calibrates in one process, not across {across} (fix: "
+                                 "processes: 1 and nodes: 1, or a ModelOpt format)")
         return self
 
     @model_validator(mode="after")

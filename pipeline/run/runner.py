@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from kiln import quantize, registry, validate
@@ -29,6 +31,18 @@ from kiln.pipeline.run.targets import TargetStages
 from kiln.pipeline.run.validation import MeasureStages
 
 
+@dataclass(frozen=True)
+class QuantizeOnly:
+    """One variant's quantize stage under `kiln build --stage quantize`. status: ran | cached | node (a node
+    other than 0 calibrated its share; node 0 writes the entry)."""
+
+    variant: str
+    key: str
+    status: str
+    seconds: float | None
+    entry: Path | None
+
+
 class CheckpointStages:
     """quantize -> validate (and size, task-baseline: MeasureStages) -> publish (PublishStage) of each variant's
     checkpoint, then its SMs and runtimes (TargetStages)."""
@@ -40,15 +54,19 @@ class CheckpointStages:
         self.publishing = PublishStage(context, self.measures.size)
         self.targets = TargetStages(context)
 
-    def quantize(self, name: str, instance: StageInstance, validate_instance: StageInstance) -> Path:
+    def quantize(self, name: str, instance: StageInstance, validate_instance: StageInstance,
+                 baseline: bool = True) -> Path | None:
+        """The checkpoint's cache entry; None on a node other than 0 of a calibration across nodes, which
+        calibrates its share and writes nothing (node 0 writes the entry to the KILN_HOME they share)."""
         context = self.context
         variant = self.loaded.recipe.variants[name]
         request = quantize_request(self.loaded, variant, instance.target.bits, self.plan.source_config())
         on_loaded = None
-        if validate_instance.status.will_run and not request.day0:
+        if baseline and validate_instance.status.will_run and not request.day0:
             # The baseline's hidden states from this very load, before calibration: one read of the weights for both.
             def compute_baseline(model):
                 context.baseline().compute_from(model, context.samples("evaluation"), self.progress)
+                quantize.release_memory()   # the forwards' freed activations, before calibration and export
 
             on_loaded = compute_baseline
 
@@ -66,9 +84,27 @@ class CheckpointStages:
                          resume_dir if resumable(self.loaded, variant, source_config) else None,
                          workers=self.loaded.recipe.quantize.workers, search_state=search_state)
 
+        if not quantize.writes_here(request):
+            if self.cache.lookup(instance.stage, instance.key) is None:   # node 0 finds it cached too, and skips
+                with tempfile.TemporaryDirectory(prefix="kiln-node-") as out:
+                    build(Path(out))
+                context.record_ran(instance)
+            return None
         entry = context.get_or_build(instance, build)
         shutil.rmtree(resume_dir, ignore_errors=True)   # the entry is written: its calibration is never resumed
         return entry
+
+    def quantize_only(self) -> list[QuantizeOnly]:
+        """`kiln build --stage quantize`: each variant's checkpoint (a size search's first budget) into the cache,
+        and nothing after it: what every node of a calibration across nodes runs before node 0 builds the rest."""
+        done = []
+        for name in self.loaded.recipe.variants:
+            q, v = self.plan.candidates(name)[0]
+            cached = not q.status.will_run
+            entry = self.quantize(name, q, v, baseline=False)
+            done.append(QuantizeOnly(name, q.key, "cached" if cached else "ran" if entry else "node",
+                                     q.seconds, entry))
+        return done
 
     def score(self, name: str, instance: StageInstance) -> Path:
         """A size search's scores (plan/score_stage.py): computed before its first candidate that runs, then read
@@ -150,5 +186,22 @@ def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_
     try:
         with cache.hold(i.key for i in plan.instances):   # kiln cache prune leaves what this build reads
             return CheckpointStages(context).run_variants()
+    finally:
+        context.close()
+
+
+def run_quantize_stage(plan: Plan, cache: StageCache, progress: ProgressReporter) -> list[QuantizeOnly]:
+    """`kiln build --stage quantize`: each variant's quantize stage into the cache, no validation or publishing."""
+    context = BuildContext(plan, cache, progress, False, False)
+    cache.clean_stale_temporaries()
+    try:
+        with cache.hold(i.key for i in plan.instances):
+            stages = CheckpointStages(context)
+            if any(i.status.will_run for i in plan.instances if i.stage == "quantize"):
+                context.model_dir()
+            for name, variant in plan.loaded.recipe.variants.items():
+                if plan.candidates(name)[0][0].status.will_run:
+                    quantize.require_backend(variant.backend)
+            return stages.quantize_only()
     finally:
         context.close()
