@@ -114,6 +114,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256, choices=range(8, 257), metavar="8..256")
     parser.add_argument("--root", type=Path, help="where the model and the exports go (default: a temporary folder)")
     args = parser.parse_args()
+    if args.root is not None:
+        args.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kiln-distributed-", dir=args.root) as root:
         root = Path(root)
         model = root / f"llama-{args.size}"

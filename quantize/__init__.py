@@ -35,7 +35,7 @@ from kiln.quantize.day0 import DayZeroError, QuantizePath
 from kiln.quantize.day0 import model_problem as day0_model_problem
 from kiln.quantize.day0 import problem as day0_problem
 from kiln.quantize.checkpoint import (
-    HF_DIR, SOURCE_CONFIG, TRTLLM_DIR, UNQUANTIZED_BY_DEFAULT, AutoRequest, CheckpointRecord, QuantizeRequest,
+    HF_DIR, MODEL_DTYPE_BYTES, SOURCE_CONFIG, TRTLLM_DIR, UNQUANTIZED_BY_DEFAULT, AutoRequest, CheckpointRecord, QuantizeRequest,
     recorded_formats, release_memory,
 )
 from kiln.quantize.families import FAMILIES, Family, family_of, family_problems, trtllm_values_agree
@@ -67,7 +67,7 @@ __all__ = [
     "release_memory", "AUTO", "MIXED_PRECISION", "FORMATS", "KV_CACHE_FORMATS", "Backend", "FormatSpec", "Kernel", "KVCacheFormat", "QuantFormat",
     "format_of_export", "kv_cache_of_export", "kv_calibration_note", "register_format", "unregister_format", "row_problems",
     "layer_width_problems", "unmatched_excludes", "lowest_budget", "Device", "Offload", "Placement", "VisibleGpu", "plan_placement",
-    "HF_DIR", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS", "UNQUANTIZED_BY_DEFAULT",
+    "HF_DIR", "MODEL_DTYPE_BYTES", "TRTLLM_DIR", "SOURCE_CONFIG", "STAGE_VERSION", "TOOLS", "UNQUANTIZED_BY_DEFAULT",
     "FAMILIES", "Family", "family_of", "family_problems", "trtllm_values_agree",
     "Loads", "Quant", "Runtime", "loading_runtimes", "runtime_cells", "runtime_problem", "vllm_device_problem",
     "CheckpointSize", "checkpoint_size", "refuse_nonfinite_weights",

@@ -13,6 +13,8 @@ from kiln.quantize.formats import AUTO, FORMATS, Backend, KVCacheFormat, QuantFo
 CHECKPOINT_RECORD = "kiln.json"
 SOURCE_CONFIG = "source-config.json"   # the source model's config.json, verbatim: compile hands it to TensorRT-LLM
 HF_DIR = "hf"
+# model.dtype: the bytes of one weight as the model is loaded (what the plan's memory estimate counts).
+MODEL_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 TRTLLM_DIR = "trtllm"
 # The module-name patterns ModelOpt 0.47 leaves 16-bit whatever the format (its _default_disabled_quantizer_cfg,
 # matched against "<module>.weight_quantizer"; tests/test_structure.py holds it equal): routers, output heads,

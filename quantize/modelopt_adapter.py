@@ -12,10 +12,11 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from kiln.quantize.checkpoint import MODEL_DTYPE_BYTES
 from kiln.quantize.formats import FORMATS, KV_CACHE_FORMATS, KVCacheFormat, QuantFormat
 from kiln.quantize.placement import Placement, offload_device_map
 
-TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+TORCH_DTYPES = {name: name for name in MODEL_DTYPE_BYTES}   # model.dtype -> the torch attribute
 
 
 def import_modelopt() -> None:

@@ -108,8 +108,9 @@ def _run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, 
     model = _load(adapter, request, model_dir, placement, offload_folder, on_loaded, progress, facts)
     started = time.monotonic()
     facts.linear_layers = auto_precision.decoder_linear_layers(model)
-    facts.search = _calibrate(adapter, model, request, ranks.share(calibration) if ranks else calibration, progress,
-                              facts, bool(facts.on_disk), resume_dir, search_state)
+    with ranks.gptq_hessians_shared() if ranks else contextlib.nullcontext():
+        facts.search = _calibrate(adapter, model, request, ranks.share(calibration) if ranks else calibration,
+                                  progress, facts, bool(facts.on_disk), resume_dir, search_state)
     facts.seconds["calibrate"] = time.monotonic() - started
     if ranks is not None:
         facts.expert_tokens = ranks.leave(facts.expert_tokens)

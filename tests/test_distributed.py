@@ -35,23 +35,33 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_awq_on_two_ranks_stays_within_the_measured_bound(tmp_path, test_model):
-    """AWQ-lite searches its scales on each rank's own windows (ModelOpt averages only the activation statistics),
-    so rank 0's choice may differ from one process's: the fewer windows a rank has, the more. Measured on the test
-    model with 4 windows of 64 tokens a rank: scales within 2 %, at most 3.2 % of any layer's packed weight bytes
-    differ (with 2 windows of 32: 10 % and 21 %); the bound asserted is 2.5x the former."""
+@pytest.mark.parametrize("quant, scale_bound, codes_bound", [
+    # AWQ-lite searches its scales on each rank's own windows (ModelOpt averages only the activation statistics), so
+    # rank 0's choice may differ from one process's: the fewer windows a rank has, the more. Measured with 4 windows
+    # of 64 tokens a rank: scales within 2 %, at most 3.2 % of a layer's packed bytes differ (2 windows of 32: 10 %
+    # and 21 %); the bounds are 2.5x the former.
+    ("int4_awq", 0.05, 0.10),
+    # SmoothQuant: per-channel activation maxima, synced with MAX like any amax: byte for byte.
+    ("int8_sq", 0.0, 0.0),
+    # GPTQ: the scales are max-calibrated (identical); each layer's Hessian is summed over the ranks before its
+    # update (RankGroup.gptq_hessians_shared), so the codes differ only by float summation order: measured 0.29 % of
+    # a layer's packed bytes at most (40 % with each rank's own Hessian, ModelOpt's behaviour on its own).
+    ("int4_gptq", 0.0, 0.01),
+])
+def test_searched_formats_on_two_ranks_stay_within_the_measured_bound(tmp_path, test_model, quant, scale_bound,
+                                                                       codes_bound):
     from safetensors.torch import load_file
 
-    _quantize(test_model, tmp_path / "one", "int4_awq", "none", 1)
-    _quantize(test_model, tmp_path / "two", "int4_awq", "none", 2)
+    _quantize(test_model, tmp_path / "one", quant, "none", 1)
+    _quantize(test_model, tmp_path / "two", quant, "none", 2)
     one = load_file(tmp_path / "one" / quantize.HF_DIR / "model.safetensors")
     two = load_file(tmp_path / "two" / quantize.HF_DIR / "model.safetensors")
     assert one.keys() == two.keys()
     scales = [((one[k].float() - two[k].float()).abs().max() / one[k].float().abs().max()).item()
-              for k in one if k.endswith("weight_scale")]
-    packed = [(one[k] != two[k]).float().mean().item() for k in one if one[k].dtype == torch.uint8]
-    assert scales and packed
-    assert max(scales) < 0.05 and max(packed) < 0.10, (max(scales), max(packed))
+              for k in one if k.endswith(("weight_scale", "input_scale", "pre_quant_scale"))]
+    codes = [(one[k] != two[k]).float().mean().item() for k in one if one[k].dtype in (torch.uint8, torch.int8)]
+    assert scales and codes
+    assert max(scales) <= scale_bound and max(codes) <= codes_bound, (max(scales), max(codes))
 
 
 def _rank_process(rank: int) -> int | None:
@@ -207,3 +217,19 @@ def test_recipes_ranks_cannot_calibrate_are_refused_in_one_line(tmp_path, calibr
     with pytest.raises(RecipeErrors) as refused:
         load_recipe(recipe)
     assert len(refused.value.problems) == 1 and message in refused.value.problems[0], refused.value.problems
+
+
+def test_more_ranks_than_gpus_is_refused_before_any_rank_starts(tmp_path, test_model):
+    """One GPU a rank (NCCL): a host that shows fewer GPUs than `processes` is refused in one line, nothing launched."""
+    from kiln.common.errors import UserInputError
+    from kiln.quantize.distributed import run
+    from kiln.quantize.placement import Placement, VisibleGpu
+
+    request = quantize.QuantizeRequest(quant=quantize.QuantFormat("fp8"), kv_cache=quantize.KVCacheFormat.none,
+                                       group_size=None, dtype="bfloat16", tp_size=1, processes=2)
+    one_gpu = Placement("cuda", (VisibleGpu(0, "NVIDIA H100 80GB HBM3", 80 << 30),), {0: 70 << 30})
+    with pytest.raises(UserInputError) as refused:
+        run(request, test_model, WINDOWS, tmp_path / "out", SILENT, one_gpu)
+    assert str(refused.value) == ("calibration.processes: 2 on GPUs: each rank calibrates on a GPU of its own and "
+                                  "this host shows 1 (fix: processes: 1, or device: cpu)")
+    assert not (tmp_path / "out").exists() and _rank_process(0) is None

@@ -130,7 +130,7 @@ def recipe_estimate(loaded, folder, host) -> MemoryEstimate | None:
         caps = tuple(int(g.memory_mib * 2**20 * fraction) for g in host.gpus if g.memory_mib)
     total, available = host_memory()
     # A calibration batch holds batch_size windows at once: its activations scale with their tokens.
-    return estimate(config, 4 if recipe.model.dtype == "float32" else 2,
+    return estimate(config, quantize.MODEL_DTYPE_BYTES[recipe.model.dtype],
                     [q for v in recipe.variants.values() for q in v.quant_formats],
                     recipe.calibration.seq_len * recipe.calibration.batch_size,
                     recipe.evaluation.seq_len, total, available, caps,
