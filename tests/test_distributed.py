@@ -136,11 +136,8 @@ def test_two_nodes_sharing_a_home_make_the_one_process_checkpoint_and_only_node_
 
     calibration = {"builtin": "python-docs-train", "samples": 4, "seq_len": 32}
     (tmp_path / "nodes").mkdir()
-    (tmp_path / "alone").mkdir()
     nodes = write_recipe(tmp_path / "nodes", str(test_model), {"fp8": {"quant": "fp8", "kv_cache": "fp8"}},
                          calibration={**calibration, "nodes": 2})
-    alone = write_recipe(tmp_path / "alone", str(test_model), {"fp8": {"quant": "fp8", "kv_cache": "fp8"}},
-                         calibration=calibration)
     home, endpoint = tmp_path / "shared-home", f"127.0.0.1:{_free_port()}"
     runs = [_node(nodes, home, rank, endpoint) for rank in (1, 0)]   # node 1 first: it waits for node 0
     (out1, err1), (out0, err0) = (run.communicate(timeout=300) for run in runs)
@@ -150,13 +147,18 @@ def test_two_nodes_sharing_a_home_make_the_one_process_checkpoint_and_only_node_
     assert writer["status"] == "ran" and writer["key"] == follower["key"]
     record = json.loads((Path(writer["entry"]) / "kiln.json").read_text())
     assert record["distributed"] == {"processes": 2, "backend": "gloo", "nodes": 2, "samples_per_rank": [2, 2]}
-    single = _node(alone, home, None, None)
-    out, err = single.communicate(timeout=300)
-    assert single.returncode == 0, err[-2000:]
-    reference = Path(json.loads(out)["variants"][0]["entry"])
-    alone_record = json.loads((reference / "kiln.json").read_text())
-    assert alone_record["distributed"] is None and record["calibration_samples"] == alone_record[
-        "calibration_samples"] == 4   # every window, though each rank saw half
+    # One process on the same windows, as the recipe's calibration data and the model's tokenizer make them.
+    from transformers import AutoTokenizer
+
+    from kiln.pipeline.data.documents import resolve_data, token_samples
+    from kiln.pipeline.recipe.loader import load_recipe
+
+    spec = load_recipe(nodes).recipe.calibration
+    windows = token_samples(resolve_data(spec, None, "calibration").documents(),
+                            AutoTokenizer.from_pretrained(test_model), spec.samples, spec.seq_len)
+    reference = tmp_path / "alone"
+    alone_record = _quantize(test_model, reference, "fp8", "fp8", 1, windows)
+    assert alone_record.distributed is None and record["calibration_samples"] == alone_record.calibration_samples == 4
     for part in (quantize.HF_DIR, quantize.TRTLLM_DIR):
         assert _digests(Path(writer["entry"]) / part) == _digests(reference / part) != {}
     assert not list((home / "cache").rglob("report.json"))   # nothing validated
