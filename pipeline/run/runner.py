@@ -11,11 +11,13 @@ every published variant's run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from kiln import quantize, registry, validate
 from kiln.common.progress import ProgressReporter
@@ -148,13 +150,19 @@ class CheckpointStages:
             result.frontier = quantize.read_score(self.cache.entry_dir("score", score.key))["frontier"]
         return checkpoint, v
 
-    def run_variants(self) -> BuildResult:
-        plan, cache = self.plan, self.cache
-        if any(i.status.will_run for i in plan.instances if i.stage in ("quantize", "validate", "engine-check")):
-            self.context.model_dir()  # fetch (and refuse) before any stage starts writing
+    def before_any_stage(self, stages: tuple[str, ...]) -> None:
+        """Fetch (and refuse) the model before any of `stages` starts writing; a missing quantize tool stops the
+        build before any calibration."""
+        plan = self.plan
+        if any(i.status.will_run for i in plan.instances if i.stage in stages):
+            self.context.model_dir()
         for name, variant in plan.loaded.recipe.variants.items():
             if any(q.status.will_run for q, _ in plan.candidates(name)):
-                quantize.require_backend(variant.backend)   # a missing tool stops the build before any calibration
+                quantize.require_backend(variant.backend)
+
+    def run_variants(self) -> BuildResult:
+        plan, cache = self.plan, self.cache
+        self.before_any_stage(("quantize", "validate", "engine-check"))
         results = []
         for name, variant in plan.loaded.recipe.variants.items():
             result = VariantResult(name, variant.quant_label, variant.kv_cache.value, variant.backend.value)
@@ -177,31 +185,29 @@ class CheckpointStages:
 
 def run_plan(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,
              share_names: bool = False) -> BuildResult:
-    context = BuildContext(plan, cache, progress, publish_failed, share_names)
-    cache.clean_stale_temporaries()
     if not share_names:   # before hours of calibration, not at the end
         for name in plan.loaded.recipe.variants:
             if plan.instance("publish", name).status.will_run:
                 registry.check_owner(plan.home, plan.registered_name(name), plan.loaded.recipe.name, name)
-    try:
-        with cache.hold(i.key for i in plan.instances):   # kiln cache prune leaves what this build reads
-            return CheckpointStages(context).run_variants()
-    finally:
-        context.close()
+    with _stages(plan, cache, progress, publish_failed, share_names) as stages:
+        return stages.run_variants()
 
 
 def run_quantize_stage(plan: Plan, cache: StageCache, progress: ProgressReporter) -> list[QuantizeOnly]:
     """`kiln build --stage quantize`: each variant's quantize stage into the cache, no validation or publishing."""
-    context = BuildContext(plan, cache, progress, False, False)
+    with _stages(plan, cache, progress) as stages:
+        stages.before_any_stage(("quantize",))
+        return stages.quantize_only()
+
+
+@contextlib.contextmanager
+def _stages(plan: Plan, cache: StageCache, progress: ProgressReporter, publish_failed: bool = False,
+            share_names: bool = False) -> Iterator[CheckpointStages]:
+    """A build's stages, with the partial entries of dead builds cleared and the plan's entries held."""
+    context = BuildContext(plan, cache, progress, publish_failed, share_names)
     cache.clean_stale_temporaries()
     try:
-        with cache.hold(i.key for i in plan.instances):
-            stages = CheckpointStages(context)
-            if any(i.status.will_run for i in plan.instances if i.stage == "quantize"):
-                context.model_dir()
-            for name, variant in plan.loaded.recipe.variants.items():
-                if plan.candidates(name)[0][0].status.will_run:
-                    quantize.require_backend(variant.backend)
-            return stages.quantize_only()
+        with cache.hold(i.key for i in plan.instances):   # kiln cache prune leaves what this build reads
+            yield CheckpointStages(context)
     finally:
         context.close()
