@@ -235,3 +235,38 @@ def test_more_ranks_than_gpus_is_refused_before_any_rank_starts(tmp_path, test_m
     assert str(refused.value) == ("calibration.processes: 2 on GPUs: each rank calibrates on a GPU of its own and "
                                   "this host shows 1 (fix: processes: 1, or device: cpu)")
     assert not (tmp_path / "out").exists() and _rank_process(0) is None
+
+
+@pytest.mark.parametrize("environment, message", [
+    ({"KILN_NODE_RANK": "2", "KILN_RENDEZVOUS": "node0:29500"}, "KILN_NODE_RANK=2: not a node of calibration.nodes: 2"),
+    ({"KILN_NODE_RANK": "-1", "KILN_RENDEZVOUS": "node0:29500"}, "KILN_NODE_RANK=-1: not a node of calibration.nodes"),
+    ({"KILN_NODE_RANK": "1", "KILN_RENDEZVOUS": "node0"}, "KILN_RENDEZVOUS=node0: not <host>:<port>"),
+    ({"KILN_NODE_RANK": "1", "KILN_RENDEZVOUS": "node0:70000"}, "KILN_RENDEZVOUS=node0:70000: not <host>:<port>"),
+    ({"KILN_NODE_RANK": "1", "KILN_RENDEZVOUS": "node0:29500", "KILN_RENDEZVOUS_TIMEOUT_S": "nan"},
+     "KILN_RENDEZVOUS_TIMEOUT_S=nan: not a whole number of seconds"),
+    ({"KILN_RENDEZVOUS": "node0:29500"}, "calibration.nodes: 2: KILN_NODE_RANK not set on this host"),
+])
+def test_a_node_given_wrong_variables_is_refused_in_one_line(monkeypatch, environment, message):
+    from kiln.common.errors import UserInputError
+    from kiln.quantize.distributed import Node
+
+    for name in ("KILN_NODE_RANK", "KILN_RENDEZVOUS", "KILN_RENDEZVOUS_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserInputError) as refused:
+        Node.from_environment(2)
+    assert str(refused.value).startswith(message) and "(fix: " in str(refused.value), str(refused.value)
+
+
+def test_a_node_reads_its_place_and_hands_torchrun_the_static_rendezvous(monkeypatch):
+    from kiln.quantize.distributed import Node
+
+    monkeypatch.setenv("KILN_NODE_RANK", "1")
+    monkeypatch.setenv("KILN_RENDEZVOUS", "node0.cluster:29500")
+    monkeypatch.setenv("KILN_RENDEZVOUS_TIMEOUT_S", "60")
+    node = Node.from_environment(2)
+    assert not node.writes and Node.from_environment(1).writes
+    assert node.launcher_arguments(4) == ["--nnodes=2", "--node-rank=1", "--master-addr=node0.cluster",
+                                          "--master-port=29500", "--rdzv-conf=timeout=60", "--nproc-per-node=4"]
+    assert Node().launcher_arguments(2) == ["--standalone", "--nproc-per-node=2"]

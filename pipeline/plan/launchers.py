@@ -35,7 +35,7 @@ class LaunchSpec:
     nodes: int
     processes: int               # ranks a node
     gpus_per_node: int           # 0 when calibration.device is cpu
-    memory_gib: int | None       # a node's estimated peak host memory, rounded up (None: config.json not at hand)
+    memory_gib: int | None       # a node's estimated peak host memory x 1.25, rounded up (None: no config.json)
     image: str = "kiln:latest"
     claim: str = "kiln-home"
 
@@ -52,11 +52,12 @@ def launch_spec(plan, image: str, claim: str) -> LaunchSpec:
     recipe = plan.loaded.recipe
     calibration = recipe.calibration
     memory = plan.memory()
-    calibrate = memory.stages[0].host_bytes if memory is not None else None   # processes x one rank's, on the CPU
+    # Node 0 runs every stage (its ranks' calibration, the export, then validation): the largest host peak of them.
+    peak = max(s.host_bytes for s in memory.stages) if memory is not None else None
     return LaunchSpec(recipe.name, Path(plan.loaded.path).resolve(), Path(plan.loaded.path).read_text(),
                       calibration.nodes, calibration.processes,
                       0 if calibration.device is Device.cpu else calibration.processes,
-                      None if calibrate is None else -(-int(calibrate * 1.25) // GIB), image, claim)
+                      None if peak is None else -(-int(peak * 1.25) // GIB), image, claim)
 
 
 def _slurm(spec: LaunchSpec) -> str:
