@@ -95,7 +95,8 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
     output shards. With `request.auto`, `search_state` is the score stage's saved search (score()): the candidate
     restores every format's calibration and every layer's score from it and only solves its budget.
     With `request.processes` > 1, that many ranks calibrate under torchrun, each on its share of `calibration`,
-    and rank 0 exports (quantize/distributed.py); `on_loaded` and `resume_dir` go unused. With `request.nodes` > 1
+    and rank 0 exports (quantize/distributed.py; llm-compressor's own ranks for backend llmcompressor); `on_loaded`
+    and `resume_dir` go unused. With `request.nodes` > 1
     this host is one of them: where it is not node 0 (writes_here), it writes nothing and returns None.
     """
     from kiln.common.progress import quiet_libraries
@@ -111,8 +112,8 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
             finally:
                 release_memory()
     refuse_nonfinite_weights(Path(model_dir))
-    if request.ranks > 1:   # the ranks are processes of their own: this one only launches and waits
-        return distributed.run(request, Path(model_dir), calibration, Path(out_dir), progress, placement)
+    if request.ranks > 1 and request.backend is Backend.modelopt:   # the ranks are processes of their own: this one
+        return distributed.run(request, Path(model_dir), calibration, Path(out_dir), progress, placement)  # waits
     with quiet_libraries():
         try:
             extra = {"search_state": search_state} if search_state is not None else {}

@@ -1,4 +1,4 @@
-"""Calibration across processes (issue 41): the quantize stage under torchrun, with ModelOpt's own data-parallel sync.
+"""Calibration across processes (issue 41): the quantize stage under torchrun, with the backend's own data-parallel sync.
 
 `calibration.processes: N` starts N ranks with torch's elastic launcher (`python -m torch.distributed.run
 --standalone`: the rendezvous on this host). Each rank loads the source model and calibrates on its share of the
@@ -17,8 +17,9 @@ The launcher runs with --max-restarts 0: a rank that dies ends the group (torchr
 monitor tick), and `run` raises one line naming the rank and how it ended. The stage's output folder is a temporary
 one until the stage succeeds, so nothing reaches the cache.
 
-Public: run(request, model_dir, calibration, out_dir, progress, placement) -> CheckpointRecord | None, Node (which
-host this is), RankGroup (what modelopt_backend asks of the rank it runs in), CalibrationRankError.
+Public: run(request, model_dir, calibration, out_dir, progress, placement) -> CheckpointRecord | None (ModelOpt's
+ranks), launch(...) (any backend's ranks under torchrun: llm-compressor's are quantize/llmcompressor_worker.py), Node
+(which host this is), RankGroup (what modelopt_backend asks of the rank it runs in), CalibrationRankError.
 Run as `python -m kiln.quantize.distributed JOB_DIR`, this module is one rank.
 """
 
@@ -168,37 +169,45 @@ class RankGroup:
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress,
         placement: Placement) -> CheckpointRecord | None:
-    """Calibrate on `request.processes` ranks of this host (of each of `request.nodes` hosts) and export from rank 0;
+    """ModelOpt on `request.processes` ranks of this host (of each of `request.nodes` hosts), rank 0 exporting;
     returns rank 0's record, or None on a node other than 0 (which writes nothing)."""
     import torch
 
-    node = Node.from_environment(request.nodes)
-    processes = request.processes
-    if placement.on_gpu and len(placement.gpus) < processes:
-        raise UserInputError(f"calibration.processes: {processes} on GPUs: each rank calibrates on a GPU of its own and "
-                             f"this host shows {len(placement.gpus)} (fix: processes: {len(placement.gpus) or 1}, or "
-                             "device: cpu)")
     with tempfile.TemporaryDirectory(prefix="kiln-ranks-") as job:
         job = Path(job)
         torch.save(calibration.contiguous(), job / CALIBRATION)
         (job / JOB).write_text(json.dumps({"request": _encode(request), "model_dir": str(model_dir),
                                            "out_dir": str(out_dir), "placement": placement.as_dict()}))
-        command = [sys.executable, "-m", "torch.distributed.run", *node.launcher_arguments(processes),
-                   "--max-restarts=0", f"--monitor-interval={MONITOR_INTERVAL_S}",
-                   "-m", "kiln.quantize.distributed", str(job)]
-        # Each rank's math threads: the host's cores shared out (torchrun's own default is one thread a rank).
-        threads = max(1, (os.cpu_count() or 1) // processes) if placement.device == "cpu" else 1
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        label = request.label
-        where = f"on {processes} processes" + (f" x {node.count} nodes" if node.count > 1 else "")
-        title = (f"calibrate {label} {where} (rank 0's share)" if node.writes else
-                 f"calibrate {label} {where}: node {node.rank}'s share (node 0 shows progress)")
-        with progress.task(title, total=len(torch.tensor_split(calibration, request.ranks)[0]) if node.writes
-                           else None) as task:
-            returncode, stderr = _supervise(command, env, task)
+        writes = launch(request, sys.executable, ["kiln.quantize.distributed", str(job)], os.environ, progress,
+                        placement, len(torch.tensor_split(calibration, request.ranks)[0]))
+    return CheckpointRecord.load(out_dir) if writes else None
+
+
+def launch(request: QuantizeRequest, python: str, rank_module: list[str], env: dict, progress, placement: Placement,
+           rank_windows: int | None = None) -> bool:
+    """torchrun in `python`, `python -m RANK_MODULE...` as each of `request.processes` ranks on this host (one node of
+    `request.nodes`), supervised: raises CalibrationRankError when a rank fails, and returns whether this host's
+    node writes (node 0). `rank_windows`: rank 0's share, which its progress lines count (None: it sends none)."""
+    node = Node.from_environment(request.nodes)
+    processes = request.processes
+    if placement.on_gpu and len(placement.gpus) < processes:
+        shown = len(placement.gpus)
+        raise UserInputError(f"calibration.processes: {processes} on GPUs: each rank calibrates on a GPU of its own "
+                             f"and this host shows {shown} (fix: processes: {shown or 1}, or device: cpu)")
+    command = [python, "-m", "torch.distributed.run", *node.launcher_arguments(processes), "--max-restarts=0",
+               f"--monitor-interval={MONITOR_INTERVAL_S}", "-m", *rank_module]
+    # Each rank's math threads: the host's cores shared out (torchrun's own default is one thread a rank).
+    threads = max(1, (os.cpu_count() or 1) // processes) if placement.device == "cpu" else 1
+    env = {**env, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    label = request.label
+    where = f"on {processes} processes" + (f" x {node.count} nodes" if node.count > 1 else "")
+    title = (f"calibrate {label} {where}" + (" (rank 0's share)" if rank_windows else "") if node.writes else
+             f"calibrate {label} {where}: node {node.rank}'s share (node 0 shows progress)")
+    with progress.task(title, total=rank_windows if node.writes else None) as task:
+        returncode, stderr = _supervise(command, env, task)
     if returncode != 0:
         raise CalibrationRankError(_failure_line(label, node, processes, returncode, stderr))
-    return CheckpointRecord.load(out_dir) if node.writes else None
+    return node.writes
 
 
 def _supervise(command: list[str], env: dict, task) -> tuple[int, list[str]]:

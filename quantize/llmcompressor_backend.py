@@ -16,8 +16,9 @@ from fnmatch import translate
 from pathlib import Path
 
 from kiln.common.errors import UserInputError
-from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, run_logged, tool_python
+from kiln.common.foreign_python import LLMCOMPRESSOR_PYTHON_ENV, env_for, run_logged, tool_python
 from kiln.common.versions import ABSENT, installed_versions
+from kiln.quantize import distributed
 from kiln.quantize.checkpoint import HF_DIR, CheckpointRecord, QuantizeRequest, save_tokenizer
 from kiln.quantize.families import Family
 from kiln.quantize.formats import FORMATS, Backend
@@ -52,10 +53,11 @@ def require() -> None:
 
 
 def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, progress, placement: Placement,
-        on_loaded, family: Family, source_config: dict, resume_dir: Path | None = None) -> CheckpointRecord:
-    """oneshot in llm-compressor's interpreter; `placement`, `on_loaded` and `resume_dir` are ModelOpt's (that
-    interpreter loads the model itself, so the baseline is computed by validate from its own load, and its
-    calibration is not resumable)."""
+        on_loaded, family: Family, source_config: dict, resume_dir: Path | None = None) -> CheckpointRecord | None:
+    """oneshot in llm-compressor's interpreter; `on_loaded` and `resume_dir` are ModelOpt's (that interpreter loads
+    the model itself, so the baseline is computed by validate from its own load, and its calibration is not
+    resumable). With `request.ranks` > 1, its ranks under torchrun (quantize/distributed.launch; `placement` says
+    whether they are GPUs); None on a node other than 0."""
     from safetensors.torch import save_file
 
     spec = FORMATS[request.quant]
@@ -72,9 +74,14 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
                          trust_remote_code=request.trust_remote_code)
         job.write(scratch / "job.json")
         started = time.monotonic()
-        with progress.task(f"calibrate and export {label}", total=None):
-            run_logged([python, "-m", "kiln.quantize.llmcompressor_worker", str(scratch / "job.json")], python,
-                       scratch / "llmcompressor.log", f"llm-compressor for {request.quant.value}")
+        worker = ["kiln.quantize.llmcompressor_worker", str(scratch / "job.json")]
+        if request.ranks > 1:   # llm-compressor's own data-parallel oneshot, a rank a process
+            if not distributed.launch(request, python, worker, env_for(python), progress, placement):
+                return None   # a node other than 0: it calibrated its share, node 0 writes
+        else:
+            with progress.task(f"calibrate and export {label}", total=None):
+                run_logged([python, "-m", *worker], python, scratch / "llmcompressor.log",
+                           f"llm-compressor for {request.quant.value}")
         result = json.loads((scratch / "result.json").read_text())
     save_tokenizer(model_dir, out_dir / HF_DIR, request.trust_remote_code)
     (out_dir / HF_DIR / "recipe.yaml").unlink(missing_ok=True)  # llm-compressor's own; kiln.json says what ran
@@ -86,7 +93,7 @@ def run(request: QuantizeRequest, model_dir: Path, calibration, out_dir: Path, p
                                         "total": round(time.monotonic() - started, 3)},
         export_quant_algo=mapping.export_label, alpha=request.alpha, exclude=list(request.exclude),
         placement={"device": result["device"]}, family=family.model_type, trtllm_checkpoint=False,
-        backend=Backend.llmcompressor.value,
+        backend=Backend.llmcompressor.value, distributed=result.get("distributed"),
     )
     record.write(out_dir, model_dir)
     return record

@@ -78,6 +78,13 @@ def tool_python(target: str) -> Path:
     return Path(made.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="session")
+def llmcompressor_python() -> Path:
+    """llm-compressor 0.14 in its own venv, made once per machine by `make llmcompressor-env` (about 3 min) in a
+    cache outside the clone keyed by its pins; the command's last line is the interpreter."""
+    return tool_python("llmcompressor-env")
+
+
 # The spine's two variants at write_recipe's default 16 x 128 samples: what most end-to-end modules build first.
 SPINE_VARIANTS = {"fp8": {"quant": "fp8", "kv_cache": "fp8"}, "int4-awq": {"quant": "int4_awq"}}
 CPU_STAGES = ("fetch", "quantize", "validate", "size", "task-baseline")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_kiln, tool_python, write_recipe
+from tests.conftest import REPO, run_kiln, write_recipe
 
 
 
@@ -85,13 +85,6 @@ def test_without_llm_compressor_the_build_stops_with_the_fix(tmp_path, test_mode
     assert "backend llmcompressor needs llm-compressor" in line and "make llmcompressor-env" in line
     assert "Traceback" not in result.stderr
     assert not list((kiln_home / "cache").glob("quantize/*"))
-
-
-@pytest.fixture(scope="session")
-def llmcompressor_python() -> Path:
-    """llm-compressor 0.14 in its own venv, made once per machine by `make llmcompressor-env` (about 3 min) in a
-    cache outside the clone keyed by its pins; the command's last line is the interpreter."""
-    return tool_python("llmcompressor-env")
 
 
 @pytest.mark.slow

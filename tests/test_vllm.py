@@ -10,7 +10,6 @@ import subprocess
 import pytest
 
 from tests.conftest import run_kiln, tool_python, write_recipe
-from tests.test_llmcompressor import llmcompressor_python  # noqa: F401  (fixture)
 
 DEMO_PROMPT = "def parse_args(argv):"   # what `make demo` asks
 

@@ -106,8 +106,9 @@ class CalibrationSpec(DataSpec):
         "SmoothQuant, scale searches) | true | false")
     processes: PositiveInt = Field(
         default=1, description="ranks that calibrate, each on its share of the samples, under torchrun (gloo on CPUs, "
-        "NCCL with one GPU a rank); ModelOpt reduces their statistics and rank 0 exports. Max-calibrated formats come "
-        "out byte for byte as with 1; AWQ within a measured bound. Each rank holds the model")
+        "NCCL with one GPU a rank); the backend (ModelOpt, llm-compressor) reduces their statistics and rank 0 "
+        "exports. Max-calibrated formats come out byte for byte as with 1; AWQ, SmoothQuant and GPTQ within measured "
+        "bounds. Each rank holds the model")
     nodes: PositiveInt = Field(
         default=1, description="hosts that calibrate together, `processes` ranks each, every one running `kiln build "
         "--stage quantize` against a shared KILN_HOME with KILN_NODE_RANK and KILN_RENDEZVOUS set (`kiln plan "
@@ -452,10 +453,9 @@ class Recipe(Strict):
         across = f"calibration.processes: {calibration.processes}" + (
             f" on nodes: {calibration.nodes}" if calibration.nodes > 1 else "")
         for name, variant in self.variants.items():
-            if variant.backend is not Backend.modelopt or variant.is_auto:
-                what = "quant auto's size search" if variant.is_auto else f"backend {variant.backend.value}"
-                raise ValueError(f"variants.{name}: {what} calibrates in one process, not across {across} (fix: "
-                                 "processes: 1 and nodes: 1, or a ModelOpt format)")
+            if variant.is_auto:
+                raise ValueError(f"variants.{name}: quant auto's size search calibrates in one process, not across "
+                                 f"{across} (fix: processes: 1 and nodes: 1, or a format of its own)")
         return self
 
     @model_validator(mode="after")
