@@ -271,6 +271,24 @@ def test_recipes_ranks_cannot_calibrate_are_refused_in_one_line(tmp_path, calibr
     assert len(refused.value.problems) == 1 and message in refused.value.problems[0], refused.value.problems
 
 
+def test_plan_says_each_backends_variant_is_calibrated_across_ranks(tmp_path):
+    import yaml
+
+    from kiln.pipeline.plan.requests import quantize_path
+    from kiln.pipeline.recipe.loader import load_recipe
+
+    recipe = write_recipe(tmp_path, "/nonexistent/model", {"fp8": {"quant": "fp8"},
+                                                           "w8a8": {"quant": "int8_sq", "backend": "llmcompressor"}})
+    text = yaml.safe_load(recipe.read_text())
+    text["calibration"].update({"processes": 2})
+    recipe.write_text(yaml.safe_dump(text))
+    loaded = load_recipe(recipe)
+    paths = {name: quantize_path(loaded, variant, None) for name, variant in loaded.recipe.variants.items()}
+    assert [path for path, _ in paths.values()] == ["modelopt", "llmcompressor"]
+    assert all(why.endswith("; calibrated by 2 ranks under torchrun, each on its share of the samples, rank 0 "
+                            "exports") for _, why in paths.values()), paths
+
+
 def test_more_ranks_than_gpus_is_refused_before_any_rank_starts(tmp_path, test_model):
     """One GPU a rank (NCCL): a host that shows fewer GPUs than `processes` is refused in one line, nothing launched."""
     from kiln.common.errors import UserInputError

@@ -13,11 +13,20 @@ from tests.conftest import REPO, repo_recipe_beside_model, run_kiln
 pytestmark = pytest.mark.slow
 
 
+# The matrix's variants less int4-awq-g64: a group size, not a format (tests/test_families.py builds INT4-AWQ g64 for
+# every family), and AWQ's search is a fifth of this build's time.
+SETTINGS_NOT_FORMATS = ("int4-awq-g64",)
+
+
 def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
-    result = run_kiln("build", repo_recipe_beside_model(tmp_path, test_model, "demo-matrix.yaml"), "--json")
+    recipe = repo_recipe_beside_model(tmp_path, test_model, "demo-matrix.yaml")
+    text = yaml.safe_load(recipe.read_text())
+    text["variants"] = {name: v for name, v in text["variants"].items() if name not in SETTINGS_NOT_FORMATS}
+    recipe.write_text(yaml.safe_dump(text, sort_keys=False))
+    result = run_kiln("build", recipe, "--json")
     assert result.returncode == 0, result.stderr
     variants = {v["variant"]: v for v in json.loads(result.stdout)["variants"]}
-    assert len(variants) == 12
+    assert len(variants) == 11
     for name, v in variants.items():
         assert v["registry"]["version"] == "1", name
         # No structure check cries wolf on any format (issue 39): every check looked, none found a fault.
@@ -29,7 +38,7 @@ def test_every_format_builds_on_cpu(tmp_path, test_model, kiln_home):
     assert variants["nvfp4-kv-nvfp4"]["metrics"]["mean_kl"] > variants["nvfp4"]["metrics"]["mean_kl"]
     _same_metrics_as_before(variants)
     _same_metrics_one_layer_at_a_time(kiln_home, test_model)
-    _same_checkpoints_from_disk(tmp_path, kiln_home, variants)
+    _same_checkpoints_from_disk(tmp_path, kiln_home)
 
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     from mlflow.tracking import MlflowClient
@@ -61,7 +70,7 @@ def _same_metrics_one_layer_at_a_time(kiln_home, test_model) -> None:
 
     baseline = validate.Baseline(test_model, kiln_home / "streamed-baseline", validate.ValidateRequest(offload=Offload.disk))
     entries = [json.loads(p.read_text()) for p in (kiln_home / "cache" / "validate").glob("*/kiln-entry.json")]
-    assert len(entries) == 12
+    assert len(entries) == 11
     for entry in entries:
         checkpoint = kiln_home / "cache" / "quantize" / entry["material"]["input_digests"]["checkpoint"] / "hf"
         built = validate.load_metrics(kiln_home / "cache" / "validate" / entry["key"]).as_dict()
@@ -76,11 +85,13 @@ def _same_metrics_one_layer_at_a_time(kiln_home, test_model) -> None:
 REWRITING = ("int4-gptq", "w4a8-awq")
 
 
-def _same_checkpoints_from_disk(tmp_path, kiln_home, variants: dict) -> None:
-    """GPTQ (run a decoder layer at a time under offload) and W4A8-AWQ built with all but one
+def _same_checkpoints_from_disk(tmp_path, kiln_home) -> None:
+    """GPTQ (run a decoder layer at a time under offload) and W4A8-AWQ quantized with all but one
     decoder layer read from disk and their rewritten layers written back there: the matrix's in-memory
-    checkpoints, tensor for tensor, and the same metrics. The offload is not in the quantize key, so each
-    offloaded checkpoint has the in-memory one's name."""
+    checkpoints, tensor for tensor. The offload is not in the quantize key, so each offloaded checkpoint
+    has the in-memory one's name. Only the quantize stage runs (--stage quantize): the same tensors
+    measure the same, and validation under offload (streamed a layer at a time) is compared with the
+    in-memory build's for every format above."""
     import torch
     from safetensors.torch import load_file
 
@@ -91,12 +102,9 @@ def _same_checkpoints_from_disk(tmp_path, kiln_home, variants: dict) -> None:
     path = tmp_path / "recipes" / "demo-matrix-from-disk.yaml"
     path.write_text(yaml.safe_dump(recipe))
     home = tmp_path / "from-disk"
-    result = run_kiln("build", path, "--json", env={"KILN_HOME": str(home)})
+    result = run_kiln("build", path, "--stage", "quantize", "--json", env={"KILN_HOME": str(home)})
     assert result.returncode == 0, result.stderr
-    for v in json.loads(result.stdout)["variants"]:
-        for field in FIELDS:
-            built = variants[v["variant"]]["metrics"][field]
-            assert abs(v["metrics"][field] - built) <= 1e-4 * abs(built) + 1e-9, (v["variant"], field)
+    assert sorted(v["status"] for v in json.loads(result.stdout)["variants"]) == ["ran", "ran"]
     for checkpoint in (home / "cache" / "quantize").iterdir():
         record = json.loads((checkpoint / "kiln.json").read_text())
         assert record["placement"]["on_disk"] and record["placement"]["written_back_bytes"] > 0, record["quant"]
@@ -121,7 +129,7 @@ def _same_metrics_as_before(variants: dict) -> None:
     ppl_increase_pct also passes within 0.002 percentage points."""
     models = json.loads(PINNED.read_text())["models"]
     for model in models:
-        assert set(model["variants"]) == set(variants), model["cpu"]
+        assert set(model["variants"]) == set(variants) | set(SETTINGS_NOT_FORMATS), model["cpu"]
     baseline = variants["fp8"]["metrics"]["baseline_ppl"]
     known = [m for m in models if abs(m["variants"]["fp8"]["baseline_ppl"] / baseline - 1) < 1e-3]
     for name in variants:

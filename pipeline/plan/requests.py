@@ -47,15 +47,16 @@ def quantize_request(loaded: LoadedRecipe, variant: Variant, bits: float | None 
 
 def quantize_path(loaded: LoadedRecipe, variant: Variant, source_config: dict | None) -> tuple[str, str]:
     """The variant's quantize path (day0 | modelopt | llmcompressor) and why, as `kiln plan` says it."""
-    if variant.backend is not quantize.Backend.modelopt:
-        return variant.backend.value, f"{variant.backend.value} backend (its own tool, in its own interpreter)"
-    day0, why = _day0(loaded, _modelopt_request(loaded, variant, None), source_config)
     calibration = loaded.recipe.calibration
-    if not day0 and calibration.ranks > 1:
+    across = ""
+    if calibration.ranks > 1:
         hosts = f" on each of {calibration.nodes} nodes" if calibration.nodes > 1 else ""
-        why += (f"; calibrated by {calibration.processes} ranks{hosts} under torchrun, each on its share of the "
-                "samples, rank 0 exports")
-    return ("day0" if day0 else "modelopt"), why
+        across = (f"; calibrated by {calibration.processes} ranks{hosts} under torchrun, each on its share of the "
+                  "samples, rank 0 exports")
+    if variant.backend is not quantize.Backend.modelopt:
+        return variant.backend.value, f"{variant.backend.value} backend (its own tool, in its own interpreter){across}"
+    day0, why = _day0(loaded, _modelopt_request(loaded, variant, None), source_config)
+    return ("day0" if day0 else "modelopt"), why + ("" if day0 else across)
 
 
 def _day0(loaded: LoadedRecipe, request: quantize.QuantizeRequest, source_config: dict | None) -> tuple[bool, str]:
