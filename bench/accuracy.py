@@ -12,7 +12,9 @@ next-line on all of them and, where the model writes code, HumanEval in kiln's s
 model also gets llm-compressor's variants ("(llmc) ...") where its interpreter is at hand
 (KILN_LLMCOMPRESSOR_PYTHON, or `make llmcompressor-env`). The bench adds two rows itself: the
 unquantized model and plain round-to-nearest INT4 (no AWQ, no GPTQ). It prints the tables and checks
-three expectations from the literature per model; a contradiction is printed, not hidden.
+three expectations from the literature per model; a contradiction is printed, not hidden. Each built
+row also prints its quantize stage's wall seconds (load, calibration or scale search, export; "cached"
+when an earlier build in --home made it): the cost side of a scale search.
 
 `--sets 2026` builds the 2026 formats instead (FORMATS_2026: block FP8, MXFP8, weight-only NVFP4), with
 `build.target: trtllm-pytorch`, the target that publishes their HF checkpoints; `--sets nvfp4-search` NVFP4 with
@@ -184,14 +186,17 @@ def _rows(home: Path, model: Path, builds: list[tuple[str, dict]], evaluation: d
 
     rows = []
     for prefix, build in builds:
-        keys = {s["target"]: s["key"] for s in build["stages"] if s["stage"] == "quantize"}
+        quantized = [s for s in build["stages"] if s["stage"] == "quantize"]
+        keys = {s["target"]: s["key"] for s in quantized}
+        seconds = {s["target"]: s.get("seconds") for s in quantized}   # None where the cache held it
         for v in build["variants"]:
             checkpoint = home / "cache" / "quantize" / keys[v["variant"]]
             record = json.loads((checkpoint / "kiln.json").read_text())
             size = (checkpoint / "hf" / "model.safetensors").stat().st_size
             rows.append({"variant": prefix + v["variant"], "format": v["quant"], "kv": v["kv_cache"],
                          "group": record["group_size"], "bits": checkpoint_size(checkpoint / "hf", model).bits_per_weight,
-                         "size": size, "tasks": v.get("tasks") or {}, **v["metrics"]})
+                         "size": size, "seconds": seconds[v["variant"]], "tasks": v.get("tasks") or {},
+                         **v["metrics"]})
     group = _rtn_group(model)
     samples = token_samples(python_docs("heldout"), AutoTokenizer.from_pretrained(model), **evaluation)
     with tempfile.TemporaryDirectory() as scratch:
@@ -205,13 +210,15 @@ def _rows(home: Path, model: Path, builds: list[tuple[str, dict]], evaluation: d
 
 
 def _table(title: str, rows: list[dict], refused: dict[str, str]) -> list[str]:
-    lines = [f"### {title}", "", "| variant | format | KV | bits/w | size MB | ppl % | KL | top-1 |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"### {title}", "", "| variant | format | KV | bits/w | size MB | ppl % | KL | top-1 | quantize s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         size = f"{r['size'] / 1e6:.2f}" if r["size"] else "-"
+        # The quantize stage's wall time (load, calibration or search, export); "cached" when an earlier build made it.
+        seconds = f"{r['seconds']:.0f}" if r.get("seconds") is not None else ("cached" if "seconds" in r else "-")
         lines.append(f"| {r['variant']} | {r['format']} | {r['kv']} | {r['bits']:.2f} | {size} | "
-                     f"{r['ppl_increase_pct']:+.3f} | {r['mean_kl']:.5f} | {r['top1_agreement']:.4f} |")
-    lines += [f"| {name} | not built: {reason} |||||||" for name, reason in sorted(refused.items())]
+                     f"{r['ppl_increase_pct']:+.3f} | {r['mean_kl']:.5f} | {r['top1_agreement']:.4f} | {seconds} |")
+    lines += [f"| {name} | not built: {reason} ||||||||" for name, reason in sorted(refused.items())]
     tasks = sorted({t for r in rows for t in r["tasks"]})
     if tasks:
         lines += ["", "| variant | " + " | ".join(f"{t} (points, drop ± se)" for t in tasks) + " |",
