@@ -15,9 +15,8 @@ from typing import Iterable, Iterator
 
 from kiln.common.digest import canonical_digest, file_sha256
 from kiln.common.errors import UserInputError
+from kiln.pipeline.data.corpus import BUILTIN_CORPUS_VERSION
 from kiln.pipeline.recipe.schema import DataSpec
-
-_BUILTIN_CORPUS_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class ResolvedData:
 def resolve_data(spec: DataSpec, resolve_path, field: str) -> ResolvedData:
     """`resolve_path` turns a recipe-relative path into an absolute one; `field` names it in errors."""
     if spec.builtin:
-        identity = {"builtin": spec.builtin, "version": _BUILTIN_CORPUS_VERSION, "python": sys.version}
+        identity = {"builtin": spec.builtin, "version": BUILTIN_CORPUS_VERSION, "python": sys.version}
         return ResolvedData(spec, None, canonical_digest(identity))
     path = resolve_path(spec.file)
     if not path.is_file():
