@@ -29,10 +29,12 @@ def pytest_sessionstart(session):
     _SESSION_STARTED.append(time.monotonic())
 
 
-# The modules that take longest (seconds, one worker, 2026-12-04) go first, so that the two workers of `make test`
-# (each taking whole modules) finish together instead of one waiting on a long module started last.
-LONGEST_MODULES = {"test_vllm.py": 430, "test_matrix.py": 315, "test_families.py": 315, "test_compile_e2e.py": 290,
-                   "test_end_to_end.py": 195, "test_serve_cpu.py": 130}
+# The modules that take longest (seconds beside another worker, CI of 2026-12-06; test_vllm after its check got
+# faster) go first, so that the two workers of `make test` (each taking whole modules) finish together instead of one
+# waiting on a long module started last.
+LONGEST_MODULES = {"test_compile_e2e.py": 470, "test_families.py": 380, "test_distributed.py": 320,
+                   "test_matrix.py": 310, "test_vllm.py": 250, "test_offload.py": 240, "test_faults_registry.py": 215,
+                   "test_structure.py": 175, "test_end_to_end.py": 150, "test_serve_cpu.py": 150}
 
 
 def pytest_collection_modifyitems(session, config, items):

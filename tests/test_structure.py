@@ -261,6 +261,7 @@ def test_the_default_unquantized_patterns_are_modelopts():
     assert quantize.UNQUANTIZED_BY_DEFAULT == theirs
 
 
+@pytest.mark.slow   # two builds and publishes (56 s in CI): make test-fast keeps the checks on planted files above
 def test_a_planted_fault_fails_the_build_and_is_not_published(tmp_path, spine_cache, test_model, kiln_home):
     """A checkpoint the quantize stage left with a NaN scale (its cache entry resealed, as a faulty exporter would
     leave it): the build refuses it in one line, publishes nothing for it, and `--publish-failed` publishes it
