@@ -40,7 +40,7 @@ def _reference_completion(name: str, out) -> str:
 
 @pytest.mark.slow
 def test_vllm_loads_checks_and_serves_what_kiln_published(tmp_path, test_model, kiln_home, vllm_python,
-                                                          llmcompressor_python):  # noqa: F811
+                                                          llmcompressor_python):
     variants = {
         "pcpt": {"quant": "fp8_pc_pt", "runtimes": ["vllm"], "gates": {"max_kl": 0.01}},
         "w8a8": {"quant": "int8_sq", "backend": "llmcompressor", "runtimes": ["vllm"], "gates": {"max_kl": 0.01}},
