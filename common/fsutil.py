@@ -109,6 +109,11 @@ def require_empty_folder(path: Path, option: str = "--out") -> Path:
     return path
 
 
+def user_cache(*parts: str) -> Path:
+    """$XDG_CACHE_HOME/kiln/... (~/.cache/kiln/...): what kiln derives once per user and can always derive again."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").joinpath("kiln", *parts)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace a regular file (or create one) atomically. A link is followed to the file it names; a
     character device or a pipe (/dev/stdout, /dev/null, a FIFO) is written through, as a stream; any other

@@ -6,7 +6,6 @@ MLFLOW_TRACKING_URI points kiln at a team server instead.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -104,44 +103,13 @@ def client(home: Path):
     if not is_embedded(uri):
         require_reachable(uri)
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if uri in _initialised:
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    # Create, migrate and rebase the SQLite database under a file lock: two first-time publishers would
-    # otherwise run MLflow's migrations at once and one fails. Later writes rely on SQLite's own locking.
-    import fcntl
+    if uri not in _initialised:
+        from kiln.registry.embedded import open_database
 
-    database = Path(uri[len("sqlite:///"):])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with database.with_name(database.name + ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not database.exists():
-            _create_database(database)
-        _require_intact(database)
-        _migrate(uri)
-        if home_registry(home):
-            _rebase_moved_home(database, artifact_root(home))
-    _initialised.add(uri)
+        open_database(Path(uri[len("sqlite:///"):]), _migrate, _empty_database(), EXPERIMENT,
+                      home_root=artifact_root(home) if home_registry(home) else None)
+        _initialised.add(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-class RegistryDamaged(KilnError):
-    exit_code = 1
-
-
-def _require_intact(database: Path) -> None:
-    """SQLite's own consistency check, read-only, before MLflow opens (and would migrate) the database: a
-    damaged one gave a traceback from every command."""
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)) as db:
-            problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
-    except sqlite3.DatabaseError as exc:
-        problems = [str(exc)]
-    if problems != ["ok"]:
-        raise RegistryDamaged(f"{database}: the registry database is damaged ({'; '.join(problems)[:200]}); kiln did "
-                              "not change it (fix: restore it from a backup, or set MLFLOW_TRACKING_URI to another "
-                              "registry; move it aside to start an empty one)")
 
 
 def _migrate(uri: str) -> None:
@@ -152,44 +120,18 @@ def _migrate(uri: str) -> None:
     mlflow_client.search_registered_models(max_results=1)    # and so does the model registry
 
 
-def _create_database(database: Path) -> None:
-    """Migrate a new database beside its final name, then rename it into place: a full disk or a kill
-    midway leaves no half-migrated database that every later command would trip over."""
-    fd, scratch = tempfile.mkstemp(prefix=f".tmp-{database.name}-", dir=database.parent)
-    os.close(fd)
-    os.unlink(scratch)   # SQLite creates it
-    try:
-        _migrate(f"sqlite:///{scratch}")
-        # MLflow's pooled connections to the scratch name stay open on the same inode and are never used
-        # again (the pool is keyed by URI); renaming under them is safe.
-        os.replace(scratch, database)
-    finally:
-        for leftover in (scratch, scratch + "-journal", scratch + "-wal", scratch + "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
+def _empty_database() -> Path:
+    """Where this MLflow's migrated empty database is kept (kiln.registry.embedded): its version and migration
+    scripts name it."""
+    import hashlib
 
+    import mlflow
 
-def _rebase_moved_home(database: Path, root: str) -> None:
-    """Point a moved or copied embedded registry at its new place.
+    from kiln.common.fsutil import user_cache
 
-    MLflow records absolute artifact locations. After `mv ~/.kiln /elsewhere` they would still name the
-    old folder: pulls would fail and new runs would write outside $KILN_HOME. kiln's own layout puts every
-    file under <home>/registry/artifacts, so the recorded prefix is replaced by the current one.
-    """
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(database, timeout=30)) as db, db:
-        row = db.execute("SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
-        if row is None or row[0] == root or not str(row[0]).endswith("/registry/artifacts"):
-            return
-        old = row[0]
-        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
-                              ("model_versions", "source"), ("model_versions", "storage_location")):
-            if column not in {info[1] for info in db.execute(f"PRAGMA table_info({table})")}:
-                continue
-            db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                       f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
-                       (root, len(old) + 1, old, len(old) + 1, old + "/"))
+    migrations = sorted(p.name for p in (Path(mlflow.__file__).parent / "store" / "db_migrations").rglob("*.py"))
+    key = hashlib.sha256(json.dumps([mlflow.__version__, migrations]).encode()).hexdigest()[:16]
+    return user_cache("registry", f"empty-mlflow-{mlflow.__version__}-{key}.db")
 
 
 def require_reachable(uri: str, timeout_s: float = 5.0) -> None:

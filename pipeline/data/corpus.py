@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import sys
 import sysconfig
 from functools import lru_cache
@@ -51,8 +50,9 @@ def _python_docs() -> tuple[tuple[str, str], ...]:
 def _corpus_cache_file() -> Path:
     """$XDG_CACHE_HOME/kiln/corpus (~/.cache/kiln/corpus), one file per interpreter and stdlib location."""
     identity = json.dumps([BUILTIN_CORPUS_VERSION, sys.version, sysconfig.get_paths()["stdlib"]]).encode()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "kiln" / "corpus" / f"python-docs-{hashlib.sha256(identity).hexdigest()[:16]}.json"
+    from kiln.common.fsutil import user_cache
+
+    return user_cache("corpus", f"python-docs-{hashlib.sha256(identity).hexdigest()[:16]}.json")
 
 
 def _parse_python_docs() -> tuple[tuple[str, str], ...]:
