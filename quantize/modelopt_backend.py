@@ -15,7 +15,9 @@ from kiln.common.allocator import freed_memory_returned
 from kiln.common.versions import installed_versions
 from kiln.quantize import auto_precision
 from kiln.quantize.expert_tokens import ExpertTokens, every_expert_calibrated
-from kiln.quantize.checkpoint import HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory, save_tokenizer
+from kiln.quantize.checkpoint import (
+    HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, freeze_imported_objects, release_memory, save_tokenizer,
+)
 from kiln.quantize.families import Family
 from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat, kv_calibration_note
 from kiln.quantize.offload_writeback import write_back_to_disk
@@ -135,6 +137,7 @@ def _load(adapter, request: QuantizeRequest, model_dir: Path, placement: Placeme
     started = time.monotonic()
     reset_gpu_peaks(placement)
     adapter.import_modelopt()   # before the model exists: see there why
+    freeze_imported_objects()
     model = adapter.load_source_model(model_dir, request.dtype, request.trust_remote_code, request.allow_pickle,
                                       placement, offload_folder)
     facts.seconds["load"] = time.monotonic() - started
