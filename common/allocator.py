@@ -1,4 +1,5 @@
-"""Make the C allocator give freed tensors back to the system at once, for builds that must stay under a budget.
+"""Make the C allocator give freed tensors back to the system at once, for builds that must stay under a budget,
+and keep the garbage collector's full walks to what a model made (freeze_imported_objects).
 
 glibc raises its mmap threshold after large blocks are freed (up to 32 MiB), after which tensors come from the heap and
 their memory stays with the process when they are freed: measured under disk offload, ModelOpt's streaming export of
@@ -54,3 +55,22 @@ def freed_memory_returned():
     finally:
         if applied and not _fixed_for_process:
             _set(SETTLED_MMAP_BYTES, 2 * SETTLED_MMAP_BYTES)
+
+
+_imports_frozen = False
+
+
+def freeze_imported_objects() -> None:
+    """Once per process, with the heavy libraries imported and before a model loads (callers say when): collect,
+    then move what is left (modules, classes, the plan: about 700k objects after torch, transformers and ModelOpt)
+    to the collector's permanent generation. Each later full collection (kiln.quantize.release_memory, five a
+    build) walks only what came after, a model's objects, instead of 0.5 s of import-time ones. No model is alive
+    then, so nothing large is frozen (a frozen object is never collected as part of a cycle; reference counting
+    still frees it)."""
+    import gc
+
+    global _imports_frozen
+    if not _imports_frozen:
+        gc.collect()
+        gc.freeze()
+        _imports_frozen = True

@@ -161,24 +161,6 @@ def save_tokenizer(model_dir: Path, dest: Path, trust_remote_code: bool) -> None
     AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(dest)
 
 
-_imports_frozen = False
-
-
-def freeze_imported_objects() -> None:
-    """Once per process, with torch, transformers and ModelOpt imported and before any model exists: collect, then
-    move what is left (modules, classes, the plan: about 700k objects) to the collector's permanent generation.
-    Each full collection (release_memory, five a build) then walks only what came later, a model's objects,
-    instead of 0.5 s of import-time objects. Nothing that holds a model is alive yet, so nothing large is frozen
-    (a frozen object is never collected as part of a cycle; reference counting still frees it)."""
-    import gc
-
-    global _imports_frozen
-    if not _imports_frozen:
-        gc.collect()
-        gc.freeze()
-        _imports_frozen = True
-
-
 def release_memory() -> None:
     """Collect the finished model and hand freed heap pages back to the OS, so the next model's peak
     does not sit on top of this one's (glibc keeps freed arenas otherwise)."""

@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.common.allocator import freed_memory_returned
+from kiln.common.allocator import freed_memory_returned, freeze_imported_objects
 from kiln.common.versions import installed_versions
 from kiln.quantize import auto_precision
 from kiln.quantize.expert_tokens import ExpertTokens, every_expert_calibrated
 from kiln.quantize.checkpoint import (
-    HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, freeze_imported_objects, release_memory, save_tokenizer,
+    HF_DIR, TRTLLM_DIR, CheckpointRecord, QuantizeRequest, release_memory, save_tokenizer,
 )
 from kiln.quantize.families import Family
 from kiln.quantize.formats import FORMATS, MIXED_PRECISION, KVCacheFormat, kv_calibration_note

@@ -83,6 +83,7 @@ class Baseline:
 
         import torch
 
+        from kiln.common.allocator import freeze_imported_objects
         from kiln.common.progress import quiet_libraries
         from kiln.validate.heads import OutputHead, head_outputs
         from kiln.validate.layerwise import streamed_head_outputs
@@ -98,6 +99,7 @@ class Baseline:
                 streamed = stream_baseline_model(self.model_dir, self.request.trust_remote_code)
                 model = streamed.model
             elif loaded_here:
+                freeze_imported_objects()
                 model = load_baseline_model(self.model_dir, self.request.trust_remote_code, self.request.allow_pickle)
                 if self.placement is not None:
                     model = place(model, self.placement)
@@ -121,6 +123,7 @@ def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", pl
     `placement` (kiln.quantize.Placement, or None for the CPU) says where the models run; the baseline's
     request says how (under `offload: disk` one decoder layer at a time from the files, on the CPU).
     """
+    from kiln.common.allocator import freeze_imported_objects
     from kiln.common.progress import quiet_libraries
     from kiln.validate.layerwise import streamed_head_outputs
     from kiln.validate.metrics import compare
@@ -128,6 +131,7 @@ def run(hf_dir: Path, baseline: Baseline, samples, progress, label: str = "", pl
     from kiln.validate.runtime import place
 
     reference = baseline.logits(samples, progress)  # before the variant loads: one model at a time
+    freeze_imported_objects()   # the baseline's model is gone, the variant's not loaded yet
     with quiet_libraries():
         request = baseline.request
         streamed = stream_reference_model(hf_dir, request.trust_remote_code) if request.layer_by_layer else None
