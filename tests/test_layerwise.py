@@ -86,9 +86,12 @@ def test_a_large_output_head_decodes_a_slice_of_vocabulary_rows_at_a_time(monkey
 def test_a_128k_vocabulary_validates_in_bounded_memory(tmp_path):
     """16 x 512 evaluation tokens of a 131,072-token vocabulary: their float32 logits are 4.3 GB, for the
     baseline and again for the checkpoint. Validated one layer at a time, as a build with disk offload runs it
-    (freed memory given back, kiln.common.allocator), the whole process peaks under 2 GB: logits only ever exist
-    a 128 MB block at a time, with the KL's few temporaries beside it. Measured 1.17 GB alone, 1.75 GB once
-    beside another test worker; torch and transformers themselves are about 0.5 GB."""
+    (freed memory given back, kiln.common.allocator), the whole process peaks far under one copy of the logits:
+    they only ever exist a 128 MB block at a time, with the KL's few temporaries beside it. Measured 1.16-1.20 GB
+    alone (also beside a CPU-bound process, and with one thread); beside other test workers its peak RSS has read
+    1.75 GB and, once in CI (2026-12-08), 2.02 GB, for reasons outside the process that did not reproduce. The
+    bound is therefore 3 GB: 70 % of one copy, which a build holding whole logits would exceed (4.3 GB plus torch
+    and transformers, about 0.5 GB)."""
     script = textwrap.dedent(f"""
         import json, resource, sys, torch
         from pathlib import Path
@@ -115,7 +118,7 @@ def test_a_128k_vocabulary_validates_in_bounded_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     full_logits = 16 * 512 * 131072 * 4
-    assert result["peak"] < 2e9 < full_logits / 2, result["peak"]
+    assert result["peak"] < 3e9 < 0.7 * full_logits, result["peak"]
     metrics = result["metrics"]
     assert metrics["tokens"] == 16 * 511
     # The same files on both sides: nothing lost, and a near-uniform random model's perplexity near the vocabulary.
